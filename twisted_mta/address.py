@@ -1,0 +1,147 @@
+"""
+Parse the paths and parameters of MAIL FROM and RCPT TO (RFC 5321 4.1.2).
+
+SECURITY: the input is a command line from an untrusted peer.  Parsing is
+strict about structure (angle brackets, one mailbox, ASCII only, no control
+characters) so that nothing ambiguous reaches the envelope, and bounded by
+the RFC's size limits.  Source routes are accepted and dropped (RFC 5321
+appendix C); quoted local parts are kept as written.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+import attrs
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_DOT_STRING = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
+_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
+_LITERAL = r"\[[^\[\]\\\s]+\]"
+_MAILBOX = re.compile(rf"^(?P<local>{_DOT_STRING}|{_QUOTED})@(?P<domain>{_DOMAIN}|{_LITERAL})$")
+_ROUTE = re.compile(rf"^@{_DOMAIN}(?:,@{_DOMAIN})*:")
+_PARAM = re.compile(r"^(?P<key>[A-Za-z0-9][A-Za-z0-9-]*)(?:=(?P<value>[\x21-\x3c\x3e-\x7e]+))?$")
+
+MAX_LOCAL_PART = 64
+MAX_DOMAIN = 255
+MAX_PATH = 256
+
+
+class AddressError(ValueError):
+    """
+    The path is not an acceptable address; C{str()} says why, for the reply.
+    """
+
+
+@attrs.frozen
+class Address:
+    local: str
+    domain: str  # lower-cased; empty only for the bare "postmaster" recipient
+
+    def __str__(self) -> str:
+        return f"{self.local}@{self.domain}" if self.domain else self.local
+
+    @property
+    def is_postmaster(self) -> bool:
+        return self.local.lower() == "postmaster"
+
+
+NULL_SENDER = None
+
+
+@attrs.frozen
+class ParsedCommand:
+    address: Address | None  # None is the null reverse-path <>
+    params: dict[str, str | None]
+
+
+def _split_path(arg: str, keyword: str) -> tuple[str, str]:
+    """
+    Split C{FROM:<path> params} into the path (without brackets) and the rest.
+    """
+    if arg[: len(keyword)].upper() != keyword:
+        raise AddressError(f"syntax: expected {keyword}<address>")
+    rest = arg[len(keyword):].lstrip(" ")
+    if not rest.startswith("<"):
+        raise AddressError("address must be enclosed in <>")
+    end = _closing_bracket(rest)
+    if end < 0:
+        raise AddressError("missing closing >")
+    return rest[1:end], rest[end + 1:]
+
+
+def _closing_bracket(text: str) -> int:
+    in_quote = False
+    i = 1
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and in_quote:
+            i += 2
+            continue
+        if c == '"':
+            in_quote = not in_quote
+        elif c == ">" and not in_quote:
+            return i
+        i += 1
+    return -1
+
+
+def _parse_params(text: str) -> dict[str, str | None]:
+    params: dict[str, str | None] = {}
+    if text and not text.startswith(" "):
+        raise AddressError("garbage after address")
+    for word in text.split():
+        m = _PARAM.match(word)
+        if not m:
+            raise AddressError(f"bad parameter {word[:40]!r}")
+        params[m.group("key").upper()] = m.group("value")
+    return params
+
+
+def parse_mailbox(path: str) -> Address:
+    if len(path) + 2 > MAX_PATH:
+        raise AddressError("path too long")
+    m = _ROUTE.match(path)
+    if m:
+        path = path[m.end():]
+    m = _MAILBOX.match(path)
+    if not m:
+        raise AddressError("bad address syntax")
+    local, domain = m.group("local"), m.group("domain")
+    if len(local) > MAX_LOCAL_PART:
+        raise AddressError("local part longer than 64 octets")
+    if len(domain) > MAX_DOMAIN:
+        raise AddressError("domain longer than 255 octets")
+    if domain.startswith("["):
+        _check_literal(domain)
+    return Address(local=local, domain=domain.lower())
+
+
+def _check_literal(literal: str) -> None:
+    inner = literal[1:-1]
+    try:
+        if inner[:5].lower() == "ipv6:":
+            ipaddress.IPv6Address(inner[5:])
+        else:
+            ipaddress.IPv4Address(inner)
+    except ValueError:
+        raise AddressError("bad address literal")
+
+
+def parse_mail_from(arg: str) -> ParsedCommand:
+    path, rest = _split_path(arg, "FROM:")
+    params = _parse_params(rest)
+    if path == "":
+        return ParsedCommand(address=None, params=params)
+    return ParsedCommand(address=parse_mailbox(path), params=params)
+
+
+def parse_rcpt_to(arg: str) -> ParsedCommand:
+    path, rest = _split_path(arg, "TO:")
+    params = _parse_params(rest)
+    if path.lower() == "postmaster":
+        return ParsedCommand(address=Address(local=path, domain=""), params=params)
+    return ParsedCommand(address=parse_mailbox(path), params=params)

@@ -1,0 +1,440 @@
+"""
+Parse the one TOML configuration file into a frozen L{Config}.
+
+Everything the MTA reads from the operator passes through here once, at
+start-up.  Unknown keys, wrong types, bad values and missing files are
+L{ConfigError}s that name the file and the dotted key, so C{twistd mta} and
+C{twisted-mta config check} can print one line instead of a traceback.
+
+Relative paths in the file are relative to the directory holding the file, so
+the shipped example works from any working directory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from typing import Any, Iterable, Mapping
+
+import attrs
+
+ROLES = ("mx", "submission", "submissions")
+BARE_NEWLINE_POLICIES = ("normalize", "reject")
+LOG_FORMATS = ("text", "json")
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+_LOCAL_PART = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$")
+
+
+class ConfigError(Exception):
+    """
+    The configuration cannot be used; C{str()} is the whole message.
+    """
+
+    def __init__(self, path: str, key: str, message: str) -> None:
+        self.path = path
+        self.key = key
+        self.message = message
+        where = f"{path}: {key}: " if key else f"{path}: "
+        super().__init__(where + message)
+
+
+@attrs.frozen
+class Listener:
+    role: str
+    endpoint: str
+
+
+@attrs.frozen
+class TLSServerSettings:
+    certificate: str | None = None
+    key: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.certificate is not None
+
+
+@attrs.frozen
+class LocalSettings:
+    domains: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()
+    mailbox: str = "mail/{user}/Maildir"
+    aliases: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
+    postmaster: str = "postmaster"
+
+
+@attrs.frozen
+class RelaySettings:
+    trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+
+
+@attrs.frozen
+class Limits:
+    message_size: int = 25 * 1024 * 1024
+    recipients: int = 100
+    command_line_length: int = 2048
+    data_line_length: int = 8192
+    connections_per_ip: int = 20
+    connections: int = 500
+    command_timeout: int = 300
+    data_timeout: int = 600
+    received_headers: int = 100
+
+
+@attrs.frozen
+class InboundSettings:
+    bare_newline: str = "normalize"
+    banner: str = "ESMTP"
+
+
+@attrs.frozen
+class QueueSettings:
+    retry_schedule: tuple[int, ...] = (300, 600, 1200, 2400, 3600, 7200, 14400)
+    lifetime: int = 5 * 86400
+    delivery_concurrency: int = 8
+    jitter: float = 0.1
+
+
+@attrs.frozen
+class LoggingSettings:
+    format: str = "text"
+    file: str | None = None
+
+
+@attrs.frozen
+class Config:
+    path: str
+    hostname: str
+    spool: str
+    listeners: tuple[Listener, ...]
+    tls: TLSServerSettings = TLSServerSettings()
+    local: LocalSettings = LocalSettings()
+    relay: RelaySettings = RelaySettings()
+    limits: Limits = Limits()
+    inbound: InboundSettings = InboundSettings()
+    queue: QueueSettings = QueueSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    def to_dict(self) -> dict[str, Any]:
+        """
+        The effective configuration, defaults filled in, in the file's shape.
+        """
+        d = attrs.asdict(self, recurse=True)
+        d.pop("path")
+        server = {"hostname": d.pop("hostname"), "spool": d.pop("spool")}
+        out: dict[str, Any] = {"server": server}
+        out["listeners"] = d.pop("listeners")
+        out.update(d)
+        out["local"]["aliases"] = {k: list(v) for k, v in self.local.aliases.items()}
+        return out
+
+
+class _Table:
+    """
+    One TOML table being read; remembers which keys were used so the rest
+    can be reported as unknown.
+    """
+
+    def __init__(self, path: str, prefix: str, data: Any) -> None:
+        self.path = path
+        self.prefix = prefix
+        if not isinstance(data, dict):
+            raise ConfigError(path, prefix, "must be a table")
+        self.data = data
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, message: str) -> ConfigError:
+        return ConfigError(self.path, self.key(name), message)
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        self.used.add(name)
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        if kind is int and isinstance(value, bool):
+            raise self.error(name, f"must be an integer, not {value!r}")
+        if not isinstance(value, kind):
+            raise self.error(name, f"must be {_kind_name(kind)}, not {value!r}")
+        return value
+
+    def require(self, name: str, kind: type) -> Any:
+        if name not in self.data:
+            self.used.add(name)
+            raise self.error(name, "is required")
+        return self.get(name, kind, None)
+
+    def table(self, name: str) -> "_Table":
+        self.used.add(name)
+        return _Table(self.path, self.key(name), self.data.get(name, {}))
+
+    def strings(self, name: str, default: Iterable[str]) -> tuple[str, ...]:
+        value = self.get(name, list, None)
+        if value is None:
+            return tuple(default)
+        for item in value:
+            if not isinstance(item, str):
+                raise self.error(name, f"must be a list of strings, not {value!r}")
+        return tuple(value)
+
+    def positive(self, name: str, default: int, minimum: int = 1) -> int:
+        value = self.get(name, int, default)
+        if value < minimum:
+            raise self.error(name, f"must be at least {minimum}, not {value}")
+        return value
+
+    def duration(self, name: str, default: int) -> int:
+        return _duration(self, name, self.get(name, (int, str), default))
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", list: "a list", dict: "a table",
+             bool: "true or false", float: "a number"}
+    if isinstance(kind, tuple):
+        return " or ".join(names.get(k, k.__name__) for k in kind)
+    return names.get(kind, kind.__name__)
+
+
+def _duration(table: _Table, name: str, value: int | str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        seconds = value
+    else:
+        m = _DURATION.match(str(value))
+        if not m:
+            raise table.error(name, f"must be a duration like 30s, 5m, 4h or 5d, not {value!r}")
+        seconds = int(m.group(1)) * _UNITS[m.group(2)]
+    if seconds <= 0:
+        raise table.error(name, f"must be a positive duration, not {value!r}")
+    return seconds
+
+
+def _resolve(base: str, value: str) -> str:
+    return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+
+
+def load_config(path: str) -> Config:
+    """
+    Read and validate C{path}; raise L{ConfigError} for anything wrong.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, "", "no such file")
+    except IsADirectoryError:
+        raise ConfigError(path, "", "is a directory, not a configuration file")
+    except PermissionError:
+        raise ConfigError(path, "", "permission denied")
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "", f"not valid TOML: {e}")
+    return parse_config(raw, path)
+
+
+def parse_config(raw: dict[str, Any], path: str) -> Config:
+    base = os.path.dirname(os.path.abspath(path))
+    top = _Table(path, "", raw)
+
+    server = top.table("server")
+    hostname = server.require("hostname", str)
+    if not _HOSTNAME.match(hostname):
+        raise server.error("hostname", f"is not a valid host name: {hostname!r}")
+    spool = _resolve(base, server.require("spool", str))
+    server.finish()
+
+    listeners = _listeners(top)
+    tls = _tls(top.table("tls"), base)
+    for listener in listeners:
+        if listener.role == "submissions" and not tls.enabled:
+            raise ConfigError(path, "tls.certificate",
+                              "is required by the 'submissions' listener (implicit TLS)")
+    local = _local(top.table("local"), base)
+    relay = _relay(top.table("relay"))
+    limits = _limits(top.table("limits"))
+    inbound = _inbound(top.table("inbound"))
+    queue = _queue(top.table("queue"))
+    logging = _logging(top.table("logging"), base)
+    top.finish()
+    return Config(path=path, hostname=hostname.lower(), spool=spool, listeners=listeners,
+                  tls=tls, local=local, relay=relay, limits=limits, inbound=inbound,
+                  queue=queue, logging=logging)
+
+
+def _listeners(top: _Table) -> tuple[Listener, ...]:
+    top.used.add("listeners")
+    items = top.data.get("listeners")
+    if items is None:
+        raise top.error("listeners", "is required: add at least one [[listeners]] entry")
+    if not isinstance(items, list) or not items:
+        raise top.error("listeners", "must be a non-empty array of tables ([[listeners]])")
+    result = []
+    for i, item in enumerate(items):
+        t = _Table(top.path, f"listeners[{i}]", item)
+        role = t.require("role", str)
+        if role not in ROLES:
+            raise t.error("role", f"must be one of {', '.join(ROLES)}, not {role!r}")
+        endpoint = t.require("endpoint", str)
+        _check_endpoint(t, endpoint)
+        t.finish()
+        result.append(Listener(role=role, endpoint=endpoint))
+    return tuple(result)
+
+
+def _check_endpoint(t: _Table, description: str) -> None:
+    from twisted.internet import endpoints
+
+    class _NoReactor:
+        pass
+
+    try:
+        endpoints.serverFromString(_NoReactor(), description)
+    except Exception as e:  # Twisted raises several kinds for bad strings.
+        raise t.error("endpoint", f"is not a valid Twisted endpoint ({description!r}): {e}")
+
+
+def _tls(t: _Table, base: str) -> TLSServerSettings:
+    cert = t.get("certificate", str, None)
+    key = t.get("key", str, None)
+    t.finish()
+    if (cert is None) != (key is None):
+        missing = "key" if key is None else "certificate"
+        raise t.error(missing, "is required when the other of certificate/key is set")
+    if cert is None:
+        return TLSServerSettings()
+    cert, key = _resolve(base, cert), _resolve(base, key)
+    for name, value in (("certificate", cert), ("key", key)):
+        if not os.path.isfile(value):
+            raise t.error(name, f"file not found: {value}")
+        if not os.access(value, os.R_OK):
+            raise t.error(name, f"file not readable: {value}")
+    return TLSServerSettings(certificate=cert, key=key)
+
+
+def _domain(t: _Table, name: str, value: str) -> str:
+    if not _HOSTNAME.match(value):
+        raise t.error(name, f"is not a valid domain: {value!r}")
+    return value.lower()
+
+
+def _local(t: _Table, base: str) -> LocalSettings:
+    domains = tuple(_domain(t, "domains", d) for d in t.strings("domains", ()))
+    users = t.strings("users", ())
+    for user in users:
+        if not _LOCAL_PART.match(user) or user.startswith(".") or "/" in user:
+            raise t.error("users", f"is not a valid mailbox name: {user!r}")
+    mailbox = t.get("mailbox", str, LocalSettings().mailbox)
+    if "{user}" not in mailbox:
+        raise t.error("mailbox", "must contain {user}, e.g. \"mail/{user}/Maildir\"")
+    try:
+        mailbox.format(user="u", domain="d")
+    except (KeyError, IndexError, ValueError) as e:
+        raise t.error("mailbox", f"has a bad placeholder ({e}); use {{user}} and {{domain}}")
+    postmaster = t.get("postmaster", str, "postmaster")
+    aliases_t = t.table("aliases")
+    aliases: dict[str, tuple[str, ...]] = {}
+    for name, targets in aliases_t.data.items():
+        aliases_t.used.add(name)
+        if isinstance(targets, str):
+            targets = [targets]
+        if not isinstance(targets, list) or not all(isinstance(x, str) for x in targets) or not targets:
+            raise aliases_t.error(name, "must be an address or a non-empty list of addresses")
+        aliases[name.lower()] = tuple(targets)
+    aliases_t.finish()
+    t.finish()
+    if domains and not users and not aliases:
+        raise t.error("users", "is empty: list the local mailboxes of the local domains")
+    settings = LocalSettings(domains=domains, users=users,
+                             mailbox=_resolve(base, mailbox), aliases=aliases,
+                             postmaster=postmaster)
+    pm = postmaster.lower()
+    known = {u.lower() for u in users} | set(aliases)
+    if domains and "@" not in postmaster and pm not in known:
+        raise t.error("postmaster", f"names {postmaster!r}, which is neither a local user nor an alias")
+    return settings
+
+
+def _relay(t: _Table) -> RelaySettings:
+    nets = t.strings("trusted_networks", RelaySettings().trusted_networks)
+    for net in nets:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise t.error("trusted_networks", f"is not a network: {net!r}")
+    t.finish()
+    return RelaySettings(trusted_networks=nets)
+
+
+def _limits(t: _Table) -> Limits:
+    d = Limits()
+    limits = Limits(
+        message_size=t.positive("message_size", d.message_size, 1024),
+        recipients=t.positive("recipients", d.recipients, 1),
+        command_line_length=t.positive("command_line_length", d.command_line_length, 512),
+        data_line_length=t.positive("data_line_length", d.data_line_length, 1000),
+        connections_per_ip=t.positive("connections_per_ip", d.connections_per_ip),
+        connections=t.positive("connections", d.connections),
+        command_timeout=t.duration("command_timeout", d.command_timeout),
+        data_timeout=t.duration("data_timeout", d.data_timeout),
+        received_headers=t.positive("received_headers", d.received_headers, 10),
+    )
+    t.finish()
+    return limits
+
+
+def _inbound(t: _Table) -> InboundSettings:
+    bare = t.get("bare_newline", str, InboundSettings().bare_newline)
+    if bare not in BARE_NEWLINE_POLICIES:
+        raise t.error("bare_newline", f"must be one of {', '.join(BARE_NEWLINE_POLICIES)}, not {bare!r}")
+    banner = t.get("banner", str, InboundSettings().banner)
+    if "\r" in banner or "\n" in banner:
+        raise t.error("banner", "must be one line")
+    t.finish()
+    return InboundSettings(bare_newline=bare, banner=banner)
+
+
+def _queue(t: _Table) -> QueueSettings:
+    d = QueueSettings()
+    raw = t.get("retry_schedule", list, None)
+    if raw is None:
+        schedule = d.retry_schedule
+    else:
+        if not raw:
+            raise t.error("retry_schedule", "must list at least one interval")
+        schedule = tuple(_duration(t, "retry_schedule", v) for v in raw)
+    jitter = t.get("jitter", (int, float), d.jitter)
+    if not 0 <= jitter <= 0.5:
+        raise t.error("jitter", f"must be between 0 and 0.5, not {jitter}")
+    q = QueueSettings(
+        retry_schedule=schedule,
+        lifetime=t.duration("lifetime", d.lifetime),
+        delivery_concurrency=t.positive("delivery_concurrency", d.delivery_concurrency),
+        jitter=float(jitter),
+    )
+    t.finish()
+    return q
+
+
+def _logging(t: _Table, base: str) -> LoggingSettings:
+    fmt = t.get("format", str, "text")
+    if fmt not in LOG_FORMATS:
+        raise t.error("format", f"must be one of {', '.join(LOG_FORMATS)}, not {fmt!r}")
+    file = t.get("file", str, None)
+    t.finish()
+    if fmt == "json" and file is None:
+        raise t.error("file", "is required when format is \"json\"")
+    return LoggingSettings(format=fmt, file=_resolve(base, file) if file else None)
+

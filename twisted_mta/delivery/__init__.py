@@ -1,0 +1,3 @@
+"""
+Delivery stage: final delivery into local Maildirs.
+"""

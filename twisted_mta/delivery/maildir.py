@@ -1,0 +1,102 @@
+"""
+Deliver a queued message into local Maildirs (maildir(5)).
+
+Each copy is written to the Maildir's tmp/, fsync'd, hard-linked into new/
+(the moment of delivery) and the new/ directory fsync'd.  The file name is
+derived from the queue entry and the recipient's position, so delivering
+the same recipient twice (after a crash between delivery and the envelope
+update) finds the name taken and counts as already delivered: delivery is
+idempotent and the envelope update need not be synchronous.
+
+Blocking: run through the queue's thread pool.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Iterable
+
+import attrs
+
+from twisted_mta.queue.envelope import Envelope, Outcome
+from twisted_mta.queue.spool import fsync_dir, write_file_durably
+
+DELIVERED = Outcome(250, "2.0.0", "Delivered to Maildir")
+
+
+@attrs.frozen
+class LocalTarget:
+    index: int  # the recipient's position in the envelope
+    address: str
+    maildir: str
+
+
+def maildir_name(envelope: Envelope, index: int, hostname: str) -> str:
+    """
+    A unique, stable Maildir file name for one recipient of one entry.
+    """
+    host = hostname.replace("/", "\\057").replace(":", "\\072")
+    secs = int(envelope.arrival)
+    usec = int((envelope.arrival - secs) * 1e6)
+    return f"{secs}.M{usec}Q{envelope.queue_id}R{index}.{host}"
+
+
+def ensure_maildir(path: str) -> None:
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(os.path.join(path, sub), 0o700, exist_ok=True)
+
+
+def _already_in_cur(maildir: str, name: str) -> bool:
+    try:
+        with os.scandir(os.path.join(maildir, "cur")) as it:
+            return any(e.name == name or e.name.startswith(name + ":") for e in it)
+    except FileNotFoundError:
+        return False
+
+
+def classify_os_error(e: OSError) -> Outcome:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return Outcome(452, "4.2.2", f"Mailbox full or disk full ({e.strerror})")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return Outcome(451, "4.3.0", f"Cannot write to the mailbox ({e.strerror})")
+    return Outcome(451, "4.3.0", f"Local delivery error ({e.strerror or e})")
+
+
+def deliver(message_path: str, envelope: Envelope, targets: Iterable[LocalTarget],
+            hostname: str, recovering: bool = False) -> dict[str, Outcome]:
+    """
+    Deliver to every target; return an outcome per address.
+
+    @param recovering: the entry was loaded at start-up, so a copy may
+        already have been delivered and read (moved to cur/) by the user.
+    """
+    with open(message_path, "rb") as f:
+        body = f.read().replace(b"\r\n", b"\n")
+    sender = envelope.sender
+    results: dict[str, Outcome] = {}
+    for target in targets:
+        name = maildir_name(envelope, target.index, hostname)
+        try:
+            ensure_maildir(target.maildir)
+            new_path = os.path.join(target.maildir, "new", name)
+            if recovering and (os.path.exists(new_path) or _already_in_cur(target.maildir, name)):
+                results[target.address] = DELIVERED
+                continue
+            head = f"Return-Path: <{sender}>\nDelivered-To: {target.address}\n".encode("utf-8")
+            tmp_path = os.path.join(target.maildir, "tmp", name)
+            try:
+                os.unlink(tmp_path)
+            except FileNotFoundError:
+                pass
+            write_file_durably(tmp_path, head + body)
+            try:
+                os.link(tmp_path, new_path)
+            except FileExistsError:
+                pass  # delivered before a crash: idempotent
+            os.unlink(tmp_path)
+            fsync_dir(os.path.join(target.maildir, "new"))
+            results[target.address] = DELIVERED
+        except OSError as e:
+            results[target.address] = classify_os_error(e)
+    return results

@@ -1,0 +1,121 @@
+"""
+Read the DATA phase of one message, chunk by chunk.
+
+SECURITY: the input is the body of a message from an untrusted peer.  The
+end of data is recognised only on CR LF . CR LF (RFC 5321 4.1.1.4): bare LF
+or bare CR never end it, which defeats the SMTP smuggling forms
+(LF.LF, LF.CRLF, CRLF.LF, CR.CR).  A bare CR or LF inside a line is either
+rewritten as CRLF ("normalize", as Postfix does) or makes the message fail
+("reject"); either way nothing with a bare newline is stored.  Memory is
+bounded: the reader keeps at most one partial line, and lines over the limit
+are counted but not kept.  Errors do not stop the reading: the reader keeps
+going to the real end of data so the session stays in step with the client.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted_mta import reply
+from twisted_mta.reply import Reply
+
+_RECEIVED = b"received:"
+
+
+class DataReader:
+    """
+    Feed it bytes with L{feed}; it writes the unstuffed, CRLF-normalised
+    message through C{write} and reports when the terminating dot came.
+    """
+
+    def __init__(self, write: Callable[[bytes], None], *, max_size: int, max_line: int,
+                 max_received: int, bare_newline: str) -> None:
+        self._write = write
+        self._max_size = max_size
+        self._max_line = max_line  # octets, including CRLF
+        self._max_received = max_received
+        self._normalize = bare_newline == "normalize"
+        self._skipping_tail = False  # inside the rest of an over-long line
+        self._in_headers = True
+        self.size = 0
+        self.received_count = 0
+        self.error: Reply | None = None
+
+    def _fail(self, error: Reply) -> None:
+        if self.error is None:
+            self.error = error
+
+    def feed(self, buf: bytes) -> tuple[int, bool]:
+        """
+        Consume complete lines from C{buf}.
+
+        @return: how many bytes were consumed, and whether the end of data
+            was among them.  Unconsumed bytes are a partial line (or what
+            follows the end of data) and must be offered again.
+        """
+        pos = 0
+        out: list[bytes] = []
+        find = buf.find
+        done = False
+        while True:
+            idx = find(b"\r\n", pos)
+            if idx < 0:
+                remaining = len(buf) - pos
+                if remaining >= self._max_line:
+                    # Keep a trailing CR: its LF may start the next chunk.
+                    keep = 1 if buf.endswith(b"\r") else 0
+                    self._note_long_line(remaining - keep)
+                    pos = len(buf) - keep
+                break
+            line = buf[pos:idx]
+            pos = idx + 2
+            if self._skipping_tail:
+                self._skipping_tail = False
+                self.size += len(line) + 2
+                continue
+            if line == b".":
+                done = True
+                break
+            if line[:1] == b".":
+                line = line[1:]
+            self._line(line, out)
+        if out and self.error is None:
+            out.append(b"")
+            self._write(b"\r\n".join(out))
+        return pos, done
+
+    def _note_long_line(self, length: int) -> None:
+        self._fail(reply.DATA_LINE_TOO_LONG.with_text(
+            f"Message contains a line longer than {self._max_line} octets"))
+        self.size += length
+        self._skipping_tail = True
+
+    def _line(self, line: bytes, out: list[bytes]) -> None:
+        size = len(line) + 2
+        self.size += size
+        if size > self._max_line:
+            self._fail(reply.DATA_LINE_TOO_LONG.with_text(
+                f"Message contains a line longer than {self._max_line} octets"))
+            return
+        if self.size > self._max_size:
+            self._fail(reply.MESSAGE_TOO_BIG.with_text(
+                f"Message exceeds the size limit of {self._max_size} octets"))
+            return
+        if b"\r" in line or b"\n" in line:
+            if not self._normalize:
+                self._fail(reply.BARE_NEWLINE_DATA)
+                return
+            line = line.replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+        if b"\x00" in line:
+            self._fail(reply.NUL_IN_DATA)
+            return
+        if self._in_headers:
+            if not line:
+                self._in_headers = False
+            elif line[:9].lower() == _RECEIVED:
+                self.received_count += 1
+                if self.received_count > self._max_received:
+                    self._fail(reply.TOO_MANY_HOPS)
+                    return
+        if self.error is None:
+            out.append(line)

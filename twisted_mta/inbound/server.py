@@ -1,0 +1,529 @@
+"""
+The inbound ESMTP server: Twisted's C{ESMTP} with our own input loop.
+
+SECURITY: everything here reads from untrusted peers.  The stock server's
+defects (see docs/architecture.md) are fixed by owning the input loop:
+
+  - one command at a time: while a command waits (the queue's fsync after
+    DATA), later pipelined input stays buffered, so replies keep their order;
+  - STARTTLS discards whatever was pipelined after it in cleartext
+    (CVE-2011-0411 class) and resets the session (RFC 3207 4.2);
+  - only CRLF ends a line; a bare CR or LF in a command is refused, and the
+    DATA reader (L{twisted_mta.inbound.data}) ends data only on CRLF.CRLF;
+  - over-long lines are refused and skipped, with memory bounded;
+  - every reply carries an enhanced status code, and an internal error is a
+    451 to the peer and a traceback in our log, never on the wire.
+
+The 250 after DATA is sent only when the queue says the entry is durable.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+from collections import Counter
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, ITLSTransport
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twisted_mta import reply
+from twisted_mta.address import Address, AddressError, parse_mail_from, parse_rcpt_to
+from twisted_mta.config import Config
+from twisted_mta.inbound.data import DataReader
+from twisted_mta.local import AliasLoop, LocalDirectory, UnknownRecipient
+from twisted_mta.queue.envelope import Envelope, Recipient
+from twisted_mta.queue.spool import Spool
+from twisted_mta.reply import Reply
+
+log = Logger()
+
+_NOT_SET = object()
+# Control characters (but TAB) and 8-bit octets: commands are ASCII (RFC 5321 2.4).
+_FORBIDDEN_COMMAND_BYTES = bytes(b for b in range(256) if b < 32 and b != 9 or b >= 127)
+
+
+class InboundFactory(smtp.SMTPFactory):
+    """
+    Builds one L{InboundESMTP} per connection for one listener, and counts
+    connections for the per-address and total limits.
+    """
+
+    def __init__(self, config: Config, role: str, spool: Spool, clock: Any,
+                 on_queued: Callable[[Envelope], None], tls_context: Any = None) -> None:
+        smtp.SMTPFactory.__init__(self)
+        self.config = config
+        self.role = role
+        self.spool = spool
+        self.clock = clock
+        self.on_queued = on_queued
+        self.tls_context = tls_context
+        self.directory = LocalDirectory(config.local)
+        self.trusted = tuple(ipaddress.ip_network(n, strict=False)
+                             for n in config.relay.trusted_networks)
+        self.per_ip: Counter[str] = Counter()
+        self.total = 0
+
+    def buildProtocol(self, addr):
+        p = InboundESMTP(self)
+        p.factory = self
+        p.callLater = self.clock.callLater
+        return p
+
+    def is_trusted(self, ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in net for net in self.trusted)
+
+
+@implementer(IHandshakeListener)
+class InboundESMTP(smtp.ESMTP):
+    """
+    One inbound SMTP session.
+    """
+
+    def __init__(self, factory: InboundFactory) -> None:
+        smtp.ESMTP.__init__(self, chal={}, contextFactory=factory.tls_context)
+        config = factory.config
+        self.config = config
+        self.limits = config.limits
+        self.host = config.hostname
+        self.timeout = self.limits.command_timeout
+        self._inbuf = b""
+        self._busy = False
+        self._skipping_line = False
+        self._closing = False
+        self._counted = False
+        self._reader: DataReader | None = None
+        self._writer = None
+        self.peer_ip = "unknown"
+        self.helo_name: str | None = None
+        self.esmtp = False
+        self.tls_active = False
+        self.tls_info: dict[str, str] | None = None
+        self._reset_transaction()
+
+    # -- connection -------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.peer_ip = getattr(peer, "host", None) or str(peer)
+        self.tls_active = ISSLTransport.providedBy(self.transport)  # implicit TLS
+        self.canStartTLS = (ITLSTransport.providedBy(self.transport)
+                            and self.ctx is not None and not self.tls_active)
+        f = self.factory
+        if f.total >= self.limits.connections:
+            self._refuse(reply.TOO_MANY_CONNECTIONS, "total")
+            return
+        if f.per_ip[self.peer_ip] >= self.limits.connections_per_ip:
+            self._refuse(reply.TOO_MANY_CONNECTIONS_IP, "per-ip")
+            return
+        self._counted = True
+        f.total += 1
+        f.per_ip[self.peer_ip] += 1
+        log.info("connect from {peer} to {role} listener", event="inbound.connect",
+                 peer=self.peer_ip, role=f.role)
+        self.send(Reply(220, None, f"{self.host.decode()} {self.config.inbound.banner}"))
+        self.setTimeout(self.timeout)
+
+    def _refuse(self, r: Reply, which: str) -> None:
+        log.info("refused connection from {peer}: {limit} connection limit",
+                 event="inbound.refused", peer=self.peer_ip, limit=which)
+        self.send(r)
+        self._closing = True
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason=None) -> None:
+        self.setTimeout(None)
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+            log.info("connection from {peer} lost during DATA; message discarded",
+                     event="inbound.data-aborted", peer=self.peer_ip)
+        if self._counted:
+            self._counted = False
+            f = self.factory
+            f.total -= 1
+            f.per_ip[self.peer_ip] -= 1
+            if f.per_ip[self.peer_ip] <= 0:
+                del f.per_ip[self.peer_ip]
+            log.info("disconnect from {peer}", event="inbound.disconnect", peer=self.peer_ip)
+
+    def timeoutConnection(self) -> None:
+        log.info("timeout for {peer}", event="inbound.timeout", peer=self.peer_ip)
+        self.send(reply.TIMEOUT)
+        self._close()
+
+    def handshakeCompleted(self) -> None:
+        conn = self.transport.getHandle()
+        self.tls_active = True
+        self.tls_info = {
+            "version": conn.get_protocol_version_name(),
+            "cipher": conn.get_cipher_name(),
+            "bits": str(conn.get_cipher_bits()),
+        }
+        log.info("TLS with {peer}: {version} {cipher}", event="inbound.tls",
+                 peer=self.peer_ip, **self.tls_info)
+
+    def send(self, r: Reply) -> None:
+        self.transport.write(b"".join(line + b"\r\n" for line in r.lines()))
+
+    def _close(self) -> None:
+        self._closing = True
+        self._inbuf = b""
+        self.transport.loseConnection()
+
+    # -- input loop ---------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._inbuf += data
+        if self._reader is not None:
+            self.resetTimeout()
+        self._process()
+
+    def _process(self) -> None:
+        while self._inbuf and not self._busy and not self._closing:
+            if self._reader is not None:
+                consumed, done = self._reader.feed(self._inbuf)
+                self._inbuf = self._inbuf[consumed:]
+                if not done:
+                    return
+                self._end_of_data()
+                continue
+            idx = self._inbuf.find(b"\r\n")
+            limit = self.limits.command_line_length
+            if idx < 0:
+                if len(self._inbuf) >= limit:
+                    keep = 1 if self._inbuf.endswith(b"\r") else 0
+                    if not self._skipping_line:
+                        self.send(reply.LINE_TOO_LONG)
+                    self._skipping_line = True
+                    self._inbuf = self._inbuf[len(self._inbuf) - keep:]
+                return
+            line, self._inbuf = self._inbuf[:idx], self._inbuf[idx + 2:]
+            if self._skipping_line:
+                self._skipping_line = False
+                continue
+            if idx + 2 > limit:
+                self.send(reply.LINE_TOO_LONG)
+                continue
+            self.resetTimeout()
+            try:
+                self._command(line)
+            except Exception:
+                log.failure("internal error handling a command from {peer}",
+                            event="inbound.error", peer=self.peer_ip)
+                self._reset_transaction()
+                self.send(reply.LOCAL_ERROR)
+
+    def _command(self, line: bytes) -> None:
+        if b"\r" in line or b"\n" in line:
+            self.send(reply.BARE_NEWLINE_COMMAND)
+            return
+        if len(line.translate(None, _FORBIDDEN_COMMAND_BYTES)) != len(line):
+            self.send(reply.INVALID_CHARS)
+            return
+        text = line.decode("ascii").strip(" \t")
+        if not text:
+            self.send(reply.BAD_SYNTAX)
+            return
+        verb, _, arg = text.partition(" ")
+        handler = getattr(self, "smtp_" + verb.upper(), None)
+        if handler is None:
+            self.send(reply.UNKNOWN_COMMAND)
+            return
+        handler(arg.strip(" \t"))
+
+    # -- session state --------------------------------------------------------
+
+    def _reset_transaction(self) -> None:
+        self.sender: Any = _NOT_SET
+        self.mail_params: dict[str, str | None] = {}
+        self.recipients: list[Recipient] = []
+
+    @property
+    def protocol_name(self) -> str:
+        name = "ESMTP" if self.esmtp else "SMTP"
+        if self.tls_active:
+            name += "S"
+        return name
+
+    # -- commands -----------------------------------------------------------
+
+    def smtp_EHLO(self, arg: str) -> None:
+        if not arg:
+            self.send(reply.HELO_REQUIRED)
+            return
+        self.helo_name = arg.split()[0]
+        self.esmtp = True
+        self._reset_transaction()
+        lines = [f"{self.host.decode()} Hello [{self.peer_ip}]"]
+        lines += [k.decode() + (" " + b" ".join(v).decode() if v else "")
+                  for k, v in self.extensions().items()]
+        self.send(Reply(250, None, "\n".join(lines)))
+
+    def smtp_HELO(self, arg: str) -> None:
+        if not arg:
+            self.send(reply.HELO_REQUIRED.with_text("Syntax: HELO hostname"))
+            return
+        self.helo_name = arg.split()[0]
+        self.esmtp = False
+        self._reset_transaction()
+        self.send(Reply(250, None, f"{self.host.decode()} Hello [{self.peer_ip}]"))
+
+    def extensions(self) -> dict[bytes, list[bytes] | None]:
+        ext: dict[bytes, list[bytes] | None] = {
+            b"PIPELINING": None,
+            b"SIZE": [str(self.limits.message_size).encode()],
+            b"8BITMIME": None,
+            b"ENHANCEDSTATUSCODES": None,
+        }
+        if self.canStartTLS and not self.tls_active:
+            ext[b"STARTTLS"] = None
+        return ext
+
+    def smtp_STARTTLS(self, arg: str) -> None:
+        if arg:
+            self.send(reply.NO_PARAMETERS)
+            return
+        if self.tls_active:
+            self.send(reply.TLS_ALREADY)
+            return
+        if not self.canStartTLS:
+            self.send(reply.TLS_NOT_AVAILABLE)
+            return
+        # Anything pipelined after STARTTLS arrived in cleartext: discard it.
+        self._inbuf = b""
+        self.send(reply.READY_TLS)
+        self.helo_name = None
+        self.esmtp = False
+        self._reset_transaction()
+        self.transport.startTLS(self.ctx)
+        self.startedTLS = True
+        self.tls_active = True
+
+    def _tls_required(self) -> bool:
+        return (self.factory.role == "submission" and self.ctx is not None
+                and not self.tls_active)
+
+    def smtp_MAIL(self, arg: str) -> None:
+        if self.helo_name is None:
+            self.send(reply.NEED_EHLO)
+            return
+        if self._tls_required():
+            self.send(reply.TLS_REQUIRED)
+            return
+        if self.sender is not _NOT_SET:
+            self.send(reply.NESTED_MAIL)
+            return
+        try:
+            parsed = parse_mail_from(arg)
+        except AddressError as e:
+            if not arg.upper().startswith("FROM:"):
+                self.send(reply.BAD_MAIL_SYNTAX)
+            else:
+                self.send(reply.BAD_SENDER_ADDRESS.with_text(f"Bad sender address: {e}"))
+            return
+        problem = self._check_mail_params(parsed.params)
+        if problem is not None:
+            self.send(problem)
+            return
+        self.sender = parsed.address
+        self.mail_params = parsed.params
+        self.send(reply.SENDER_OK)
+
+    def _check_mail_params(self, params: dict[str, str | None]) -> Reply | None:
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit():
+                    return reply.BAD_MAIL_SYNTAX.with_text("Syntax: SIZE=<octets>")
+                if int(value) > self.limits.message_size:
+                    return reply.MESSAGE_TOO_BIG.with_text(
+                        f"Message size exceeds the limit of {self.limits.message_size} octets")
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    return reply.PARAM_UNKNOWN.with_text("BODY must be 7BIT or 8BITMIME")
+            elif key == "AUTH":
+                continue  # RFC 4954 5: ignored from unauthenticated clients
+            else:
+                return reply.PARAM_UNKNOWN.with_text(f"Unsupported MAIL parameter {key}")
+        return None
+
+    def smtp_RCPT(self, arg: str) -> None:
+        if self.sender is _NOT_SET:
+            self.send(reply.NEED_MAIL)
+            return
+        try:
+            parsed = parse_rcpt_to(arg)
+        except AddressError as e:
+            if not arg.upper().startswith("TO:"):
+                self.send(reply.BAD_RCPT_SYNTAX)
+            else:
+                self.send(reply.BAD_ADDRESS.with_text(f"Bad recipient address: {e}"))
+            return
+        if parsed.params:
+            key = next(iter(parsed.params))
+            self.send(reply.PARAM_UNKNOWN.with_text(f"Unsupported RCPT parameter {key}"))
+            return
+        if len(self.recipients) >= self.limits.recipients:
+            self.send(reply.TOO_MANY_RECIPIENTS)
+            return
+        verdict, finals = self._route_recipient(parsed.address)
+        if verdict is not reply.RECIPIENT_OK:
+            log.info("recipient {rcpt} from {peer} refused: {reply}", event="inbound.rcpt-refused",
+                     rcpt=str(parsed.address), peer=self.peer_ip, reply=verdict.text)
+            self.send(verdict)
+            return
+        given = str(parsed.address)
+        known = {r.address for r in self.recipients}
+        for final in finals:
+            if final not in known:
+                original = given if final != given else None
+                self.recipients.append(Recipient(address=final, original=original))
+        self.send(reply.RECIPIENT_OK)
+
+    def _route_recipient(self, address: Address) -> tuple[Reply, tuple[str, ...]]:
+        directory = self.factory.directory
+        if not address.domain or directory.is_local_domain(address.domain):
+            try:
+                return reply.RECIPIENT_OK, directory.expand(str(address))
+            except UnknownRecipient:
+                return reply.NO_SUCH_USER.with_text(f"<{address}>: no such user here"), ()
+            except AliasLoop:
+                log.error("alias loop expanding {rcpt}", event="inbound.alias-loop",
+                          rcpt=str(address))
+                return reply.LOCAL_ERROR.with_text("Alias loop in local configuration"), ()
+        if self.factory.is_trusted(self.peer_ip):
+            return reply.RECIPIENT_OK, (str(address),)
+        return reply.RELAY_DENIED.with_text(f"<{address}>: relay access denied"), ()
+
+    def smtp_DATA(self, arg: str) -> None:
+        if arg:
+            self.send(reply.NO_PARAMETERS)
+            return
+        if self.sender is _NOT_SET:
+            self.send(reply.NEED_MAIL)
+            return
+        if not self.recipients:
+            self.send(reply.NO_VALID_RECIPIENTS)
+            return
+        try:
+            self._writer = self.factory.spool.new_message()
+        except OSError as e:
+            log.error("cannot open a queue file: {error}", event="inbound.queue-error",
+                      error=str(e))
+            self.send(reply.QUEUE_WRITE_ERROR)
+            return
+        self._writer.write(self._received_header(self._writer.queue_id))
+        self._reader = DataReader(
+            self._writer.write,
+            max_size=self.limits.message_size,
+            max_line=self.limits.data_line_length,
+            max_received=self.limits.received_headers,
+            bare_newline=self.config.inbound.bare_newline,
+        )
+        self.setTimeout(self.limits.data_timeout)
+        self.send(reply.START_INPUT)
+
+    def _received_header(self, queue_id: str) -> bytes:
+        helo = self.helo_name or "unknown"
+        parts = [f"Received: from {helo} ([{self.peer_ip}])",
+                 f"\tby {self.host.decode()} (twisted-mta) with {self.protocol_name} id {queue_id}"]
+        if self.tls_info:
+            t = self.tls_info
+            parts.append(f"\t(using {t['version']} with cipher {t['cipher']} ({t['bits']} bits))")
+        if len(self.recipients) == 1:
+            parts.append(f"\tfor <{self.recipients[0].address}>")
+        parts[-1] += ";"
+        parts.append("\t" + email.utils.formatdate(self.factory.clock.seconds(), localtime=True))
+        return ("\r\n".join(parts) + "\r\n").encode("utf-8", "replace")
+
+    def _end_of_data(self) -> None:
+        reader, writer = self._reader, self._writer
+        self._reader = None
+        self.setTimeout(self.timeout)
+        if reader.error is not None:
+            self._writer = None
+            writer.abort()
+            log.info("message from {peer} refused: {reply}", event="inbound.data-refused",
+                     peer=self.peer_ip, reply=str(reader.error.text))
+            self._reset_transaction()
+            self.send(reader.error)
+            return
+        now = self.factory.clock.seconds()
+        client = {"helo": self.helo_name or "", "ip": self.peer_ip,
+                  "protocol": self.protocol_name, "listener": self.factory.role}
+        if self.tls_info:
+            client["tls"] = f"{self.tls_info['version']} {self.tls_info['cipher']}"
+        envelope = Envelope(
+            queue_id=writer.queue_id,
+            sender=str(self.sender) if self.sender is not None else "",
+            recipients=tuple(self.recipients),
+            arrival=now,
+            size=writer.size,
+            client=client,
+            next_attempt=now,
+        )
+        self._busy = True
+        d = writer.commit(envelope)
+        d.addCallbacks(self._queued, self._queue_failed)
+        d.addBoth(self._resume)
+
+    def _queued(self, envelope: Envelope) -> None:
+        self._writer = None
+        log.info("queued {queue_id} from <{sender}> for {count} recipient(s), {size} octets",
+                 event="inbound.queued", queue_id=envelope.queue_id, sender=envelope.sender,
+                 count=len(envelope.recipients),
+                 recipients=[r.address for r in envelope.recipients],
+                 size=envelope.size, peer=self.peer_ip)
+        self._reset_transaction()
+        self.send(reply.OK.with_text(f"Ok: queued as {envelope.queue_id}"))
+        try:
+            self.factory.on_queued(envelope)
+        except Exception:
+            log.failure("queue manager did not take {queue_id}", queue_id=envelope.queue_id)
+
+    def _queue_failed(self, failure: Failure) -> None:
+        self._writer = None
+        log.failure("could not store a message from {peer}", failure,
+                    event="inbound.queue-error", peer=self.peer_ip)
+        self._reset_transaction()
+        self.send(reply.QUEUE_WRITE_ERROR)
+
+    def _resume(self, _: object) -> None:
+        self._busy = False
+        if self.transport is not None and not self._closing:
+            self._process()
+
+    def smtp_RSET(self, arg: str) -> None:
+        if arg:
+            self.send(reply.NO_PARAMETERS)
+            return
+        self._reset_transaction()
+        self.send(reply.RESET_OK)
+
+    def smtp_NOOP(self, arg: str) -> None:
+        self.send(reply.NOOP_OK)
+
+    def smtp_VRFY(self, arg: str) -> None:
+        self.send(reply.VRFY_CANNOT)
+
+    def smtp_EXPN(self, arg: str) -> None:
+        self.send(reply.NOT_IMPLEMENTED)
+
+    def smtp_HELP(self, arg: str) -> None:
+        self.send(reply.HELP)
+
+    def smtp_QUIT(self, arg: str) -> None:
+        self.send(reply.BYE)
+        self._close()

@@ -1,0 +1,170 @@
+"""
+The queue envelope: sender, recipients with per-recipient state, and the
+retry bookkeeping, stored as versioned JSON beside the message.
+
+JSON (never pickle) so an operator can read it and a future version can
+migrate it; C{version} says which layout a file has.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+
+ENVELOPE_VERSION = 1
+
+PENDING = "pending"
+DELIVERED = "delivered"
+FAILED = "failed"
+STATES = (PENDING, DELIVERED, FAILED)
+
+
+class EnvelopeError(ValueError):
+    """
+    An envelope file cannot be understood.
+    """
+
+
+@attrs.frozen
+class Outcome:
+    """
+    The result of one delivery attempt for one recipient, in the words we
+    would give a person and the codes a machine wants.
+    """
+
+    code: int
+    enhanced: str
+    text: str
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}"
+
+
+@attrs.frozen
+class Recipient:
+    address: str
+    original: str | None = None  # the address the client gave, when an alias expanded it
+    state: str = PENDING
+    outcome: Outcome | None = None
+    done_at: float | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self.state == PENDING
+
+
+@attrs.frozen
+class Envelope:
+    queue_id: str
+    sender: str  # "" is the null reverse-path
+    recipients: tuple[Recipient, ...]
+    arrival: float
+    size: int = 0
+    client: dict[str, str] = attrs.field(factory=dict)
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_outcome: Outcome | None = None
+
+    def pending(self) -> tuple[Recipient, ...]:
+        return tuple(r for r in self.recipients if r.pending)
+
+    @property
+    def finished(self) -> bool:
+        return not any(r.pending for r in self.recipients)
+
+    def with_results(self, results: dict[str, Recipient]) -> "Envelope":
+        """
+        Replace the recipients named in C{results} (by address).
+        """
+        return attrs.evolve(
+            self, recipients=tuple(results.get(r.address, r) for r in self.recipients)
+        )
+
+    def to_json(self) -> bytes:
+        return json.dumps(_dump(self), sort_keys=True, indent=1).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Envelope":
+        try:
+            raw = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise EnvelopeError(f"not JSON: {e}")
+        if not isinstance(raw, dict):
+            raise EnvelopeError("not a JSON object")
+        version = raw.get("version")
+        if version != ENVELOPE_VERSION:
+            raise EnvelopeError(f"unsupported envelope version {version!r}")
+        try:
+            return _load(raw)
+        except (KeyError, TypeError, ValueError) as e:
+            raise EnvelopeError(f"malformed envelope: {e!r}")
+
+
+def _dump_outcome(o: Outcome | None) -> dict[str, Any] | None:
+    return None if o is None else {"code": o.code, "enhanced": o.enhanced, "text": o.text}
+
+
+def _load_outcome(raw: Any) -> Outcome | None:
+    if raw is None:
+        return None
+    return Outcome(code=int(raw["code"]), enhanced=str(raw["enhanced"]), text=str(raw["text"]))
+
+
+def _dump(env: Envelope) -> dict[str, Any]:
+    return {
+        "version": ENVELOPE_VERSION,
+        "queue_id": env.queue_id,
+        "sender": env.sender,
+        "arrival": env.arrival,
+        "size": env.size,
+        "client": dict(env.client),
+        "attempts": env.attempts,
+        "next_attempt": env.next_attempt,
+        "last_outcome": _dump_outcome(env.last_outcome),
+        "recipients": [
+            {
+                "address": r.address,
+                "original": r.original,
+                "state": r.state,
+                "outcome": _dump_outcome(r.outcome),
+                "done_at": r.done_at,
+            }
+            for r in env.recipients
+        ],
+    }
+
+
+def _load(raw: dict[str, Any]) -> Envelope:
+    recipients = []
+    for r in raw["recipients"]:
+        state = r["state"]
+        if state not in STATES:
+            raise ValueError(f"unknown recipient state {state!r}")
+        recipients.append(
+            Recipient(
+                address=str(r["address"]),
+                original=r.get("original"),
+                state=state,
+                outcome=_load_outcome(r.get("outcome")),
+                done_at=r.get("done_at"),
+            )
+        )
+    if not recipients:
+        raise ValueError("no recipients")
+    return Envelope(
+        queue_id=str(raw["queue_id"]),
+        sender=str(raw["sender"]),
+        recipients=tuple(recipients),
+        arrival=float(raw["arrival"]),
+        size=int(raw.get("size", 0)),
+        client={str(k): str(v) for k, v in raw.get("client", {}).items()},
+        attempts=int(raw.get("attempts", 0)),
+        next_attempt=float(raw.get("next_attempt", 0.0)),
+        last_outcome=_load_outcome(raw.get("last_outcome")),
+    )

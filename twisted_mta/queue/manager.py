@@ -1,0 +1,216 @@
+"""
+The queue manager: picks up due entries (at start and as they arrive),
+hands them to delivery, records per-recipient results and schedules retries.
+
+State lives on disk (the spool); the timers here are derived from it, so a
+restart rebuilds them from each envelope's C{next_attempt}.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+import attrs
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from twisted_mta.config import Config
+from twisted_mta.delivery import maildir
+from twisted_mta.local import LocalDirectory
+from twisted_mta.outbound.router import route
+from twisted_mta.queue.envelope import DELIVERED, FAILED, Envelope, Outcome, Recipient
+from twisted_mta.queue.spool import RunBlocking, Spool
+
+log = Logger()
+
+
+def retry_delay(schedule: tuple[int, ...], attempts: int, jitter: float,
+                rand: Callable[[], float] = random.random) -> float:
+    """
+    Seconds until the next attempt after C{attempts} attempts (>= 1).
+    """
+    base = schedule[min(attempts, len(schedule)) - 1]
+    return base * (1 + jitter * (2 * rand() - 1))
+
+
+def expired_outcome(last: Outcome | None) -> Outcome:
+    why = f"; last error: {last}" if last else ""
+    return Outcome(554, "5.4.7", "Delivery time expired" + why)
+
+
+class QueueManager(service.Service):
+    name = "queue-manager"
+
+    def __init__(self, config: Config, spool: Spool, clock, run_blocking: RunBlocking,
+                 rand: Callable[[], float] = random.random) -> None:
+        self.config = config
+        self.spool = spool
+        self.clock = clock
+        self.run_blocking = run_blocking
+        self.rand = rand
+        self.directory = LocalDirectory(config.local)
+        self.entries: dict[str, Envelope] = {}
+        self.states: dict[str, str] = {}
+        self._timers: dict[str, object] = {}
+        self._recovering: set[str] = set()
+        self._active: dict[str, defer.Deferred] = {}
+        self._semaphore = defer.DeferredSemaphore(config.queue.delivery_concurrency)
+        self._stopping = False
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        self._stopping = False
+        report = self.spool.recover()
+        log.info("queue: {count} entries in {spool} ({debris} debris and {orphans} orphan "
+                 "envelopes removed, {quarantined} quarantined)", event="queue.recovered",
+                 count=len(report.entries), spool=self.spool.path,
+                 debris=report.removed_debris, orphans=report.removed_orphans,
+                 quarantined=len(report.quarantined))
+        for envelope, state in report.entries:
+            self.entries[envelope.queue_id] = envelope
+            self.states[envelope.queue_id] = state
+            if state == "hold":
+                continue
+            self._recovering.add(envelope.queue_id)
+            self._schedule(envelope.queue_id, envelope.next_attempt)
+
+    def stopService(self) -> defer.Deferred:
+        service.Service.stopService(self)
+        self._stopping = True
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+        return defer.DeferredList(list(self._active.values()))
+
+    # -- scheduling -----------------------------------------------------------
+
+    def enqueue(self, envelope: Envelope) -> None:
+        """
+        A new entry was committed to new/; attempt it at once.
+        """
+        self.entries[envelope.queue_id] = envelope
+        self.states[envelope.queue_id] = "new"
+        self._schedule(envelope.queue_id, self.clock.seconds())
+
+    def flush(self) -> None:
+        now = self.clock.seconds()
+        for qid, state in self.states.items():
+            if state != "hold":
+                self._schedule(qid, now)
+
+    def _schedule(self, qid: str, when: float) -> None:
+        if self._stopping:
+            return
+        old = self._timers.pop(qid, None)
+        if old is not None and old.active():
+            old.cancel()
+        delay = max(0.0, when - self.clock.seconds())
+        self._timers[qid] = self.clock.callLater(delay, self._due, qid)
+
+    def _due(self, qid: str) -> None:
+        self._timers.pop(qid, None)
+        if qid in self._active or qid not in self.entries:
+            return
+        d = self._semaphore.run(self._attempt, qid)
+        self._active[qid] = d
+        d.addErrback(lambda f: log.failure("queue: attempt for {queue_id} crashed", f,
+                                           queue_id=qid, event="queue.error"))
+        d.addBoth(lambda _: self._active.pop(qid, None))
+
+    # -- one attempt ------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _attempt(self, qid: str):
+        envelope = self.entries[qid]
+        message_path = self.spool.message_path(qid)
+        if message_path is None:
+            log.error("queue: message file of {queue_id} vanished", queue_id=qid,
+                      event="queue.error")
+            self._forget(qid)
+            return
+        routes = route(envelope, self.directory)
+        results = dict(routes.decided)
+        if routes.local:
+            recovering = qid in self._recovering
+            try:
+                local = yield self.run_blocking(
+                    maildir.deliver, message_path, envelope, routes.local,
+                    self.config.hostname, recovering)
+            except Exception as e:
+                outcome = Outcome(451, "4.3.0", f"Local delivery error: {e}")
+                local = {t.address: outcome for t in routes.local}
+            results.update(local)
+        self._recovering.discard(qid)
+        now = self.clock.seconds()
+        updated = self._apply(envelope, results, routes, now)
+        yield self._store(updated)
+
+    def _apply(self, envelope: Envelope, results: dict[str, Outcome], routes, now: float
+               ) -> Envelope:
+        maildirs = {t.address: t.maildir for t in routes.local}
+        changed: dict[str, Recipient] = {}
+        last = None
+        for rcpt in envelope.pending():
+            outcome = results.get(rcpt.address)
+            if outcome is None:
+                continue
+            fields = dict(queue_id=envelope.queue_id, rcpt=rcpt.address,
+                          reply=str(outcome), sender=envelope.sender)
+            if outcome.code < 400:
+                changed[rcpt.address] = attrs.evolve(rcpt, state=DELIVERED, outcome=outcome,
+                                                     done_at=now)
+                log.info("{queue_id}: delivered to <{rcpt}> in {maildir}",
+                         event="delivery.delivered", maildir=maildirs.get(rcpt.address),
+                         **fields)
+            elif outcome.is_permanent:
+                changed[rcpt.address] = attrs.evolve(rcpt, state=FAILED, outcome=outcome,
+                                                     done_at=now)
+                log.warn("{queue_id}: delivery to <{rcpt}> failed: {reply}",
+                         event="delivery.failed", **fields)
+            else:
+                changed[rcpt.address] = attrs.evolve(rcpt, outcome=outcome)
+                last = outcome
+                log.info("{queue_id}: delivery to <{rcpt}> deferred: {reply}",
+                         event="delivery.deferred", **fields)
+        attempts = envelope.attempts + 1
+        updated = attrs.evolve(envelope.with_results(changed), attempts=attempts,
+                               last_outcome=last or envelope.last_outcome)
+        if updated.finished:
+            return updated
+        q = self.config.queue
+        if now - envelope.arrival >= q.lifetime:
+            expired = {}
+            for rcpt in updated.pending():
+                expired[rcpt.address] = attrs.evolve(
+                    rcpt, state=FAILED, outcome=expired_outcome(rcpt.outcome), done_at=now)
+                log.warn("{queue_id}: delivery to <{rcpt}> expired", event="delivery.expired",
+                         queue_id=envelope.queue_id, rcpt=rcpt.address)
+            return updated.with_results(expired)
+        delay = retry_delay(q.retry_schedule, attempts, q.jitter, self.rand)
+        return attrs.evolve(updated, next_attempt=now + delay)
+
+    @defer.inlineCallbacks
+    def _store(self, envelope: Envelope):
+        qid = envelope.queue_id
+        if envelope.finished:
+            yield self.run_blocking(self.spool.remove, qid)
+            self._forget(qid)
+            log.info("{queue_id}: removed from queue ({delivered} delivered, {failed} failed)",
+                     event="queue.removed", queue_id=qid,
+                     delivered=sum(r.state == DELIVERED for r in envelope.recipients),
+                     failed=sum(r.state == FAILED for r in envelope.recipients))
+            return
+        yield self.run_blocking(self.spool.update, envelope)
+        if self.states.get(qid) == "new":
+            yield self.run_blocking(self.spool.move, qid, "new", "cur")
+            self.states[qid] = "cur"
+        self.entries[qid] = envelope
+        self._schedule(qid, envelope.next_attempt)
+
+    def _forget(self, qid: str) -> None:
+        self.entries.pop(qid, None)
+        self.states.pop(qid, None)
+        self._recovering.discard(qid)

@@ -1,0 +1,370 @@
+"""
+The Maildir-backed spool: where a message lives between the 250 and its
+last delivery.
+
+Layout under the spool directory::
+
+    tmp/        being written; anything here at start-up is debris
+    new/        accepted, not yet attempted       (a real Maildir: tmp/new/cur)
+    cur/        attempted at least once, deferred
+    hold/       held by the operator
+    corrupt/    quarantined: unreadable envelope or a message without one
+    envelopes/  <queue id>.json, the envelope of every entry above
+    lock        held (flock) by the one process that owns the spool
+
+Store before 250: L{MessageWriter.commit} fires only after the message and
+its envelope were fsync'd, renamed into place and both directories fsync'd.
+The envelope is renamed first, so a crash leaves either a complete entry, an
+envelope without a message (never acknowledged: removed at start), or debris
+in tmp/ (removed at start).  A message without an envelope cannot come from
+a commit and is quarantined, never deleted.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import itertools
+import os
+import time
+from typing import Callable, Iterator
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from twisted_mta.queue.envelope import Envelope, EnvelopeError
+
+log = Logger()
+
+STATE_DIRS = ("new", "cur", "hold")
+ALL_DIRS = ("tmp", "new", "cur", "hold", "corrupt", "envelopes")
+
+RunBlocking = Callable[..., defer.Deferred]
+
+
+class SpoolError(Exception):
+    """
+    The spool cannot be used (permissions, already owned by another process).
+    """
+
+
+def run_inline(f: Callable, *args: object) -> defer.Deferred:
+    """
+    Run blocking work in the calling thread; for tests and the CLI.
+    """
+    return defer.maybeDeferred(f, *args)
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_durably(path: str, data: bytes) -> None:
+    """
+    Create C{path} (which must not exist), write C{data} and fsync it.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _GroupSync:
+    """
+    Coalesce directory fsyncs: every caller waits for one fsync that started
+    after its own rename, and concurrent callers share it.
+    """
+
+    def __init__(self, run_blocking: RunBlocking, dirs: tuple[str, ...]) -> None:
+        self._run = run_blocking
+        self._dirs = dirs
+        self._running = False
+        self._waiting: list[defer.Deferred] = []
+
+    def sync(self) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self._waiting.append(d)
+        if not self._running:
+            self._start()
+        return d
+
+    def _start(self) -> None:
+        batch, self._waiting = self._waiting, []
+        self._running = True
+
+        def sync_all() -> None:
+            for path in self._dirs:
+                fsync_dir(path)
+
+        def finished(result: object) -> None:
+            self._running = False
+            for d in batch:
+                d.callback(None) if not isinstance(result, Failure) else d.errback(result)
+            if self._waiting:
+                self._start()
+
+        self._run(sync_all).addBoth(finished)
+
+
+class QueueIdGenerator:
+    """
+    Queue ids that are unique within one spool and valid Maildir names:
+    time, microseconds, pid and a counter (the spool lock makes the pid
+    unique among writers).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._counter = itertools.count(1)
+        self._pid = os.getpid()
+
+    def __call__(self) -> str:
+        now = self._clock()
+        return f"{int(now):x}{int((now % 1) * 1e6):05x}{self._pid:x}{next(self._counter):x}".upper()
+
+
+@attrs.define
+class MessageWriter:
+    """
+    A message being received into tmp/; L{commit} makes it a queue entry.
+    """
+
+    spool: "Spool"
+    queue_id: str
+    path: str
+    _file: object
+    size: int = 0
+    closed: bool = False
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+        self.size += len(data)
+
+    def commit(self, envelope: Envelope) -> defer.Deferred:
+        """
+        Make the message and C{envelope} durable; fires with the envelope.
+        """
+        self.closed = True
+        spool = self.spool
+        qid = self.queue_id
+        fh = self._file
+
+        def durable() -> None:
+            try:
+                fh.flush()
+                os.fsync(fh.fileno())
+            finally:
+                fh.close()
+            env_tmp = os.path.join(spool.path, "tmp", qid + ".json")
+            write_file_durably(env_tmp, envelope.to_json())
+            os.rename(env_tmp, spool.envelope_path(qid))
+            os.rename(self.path, os.path.join(spool.path, "new", qid))
+
+        d = spool.run_blocking(durable)
+        d.addCallback(lambda _: spool.group_sync.sync())
+        d.addCallback(lambda _: envelope)
+        d.addErrback(self._failed)
+        return d
+
+    def _failed(self, failure):
+        self.spool.discard_debris(self.queue_id)
+        return failure
+
+    def abort(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._file.close()
+        finally:
+            self.spool.discard_debris(self.queue_id)
+
+
+@attrs.frozen
+class RecoveryReport:
+    entries: tuple[tuple[Envelope, str], ...]  # (envelope, state dir)
+    removed_debris: int
+    removed_orphans: int
+    quarantined: tuple[str, ...]
+
+
+class Spool:
+    """
+    One spool directory, owned by this process while L{lock} is held.
+    """
+
+    def __init__(self, path: str, run_blocking: RunBlocking = run_inline,
+                 new_queue_id: Callable[[], str] | None = None) -> None:
+        self.path = os.path.abspath(path)
+        self.run_blocking = run_blocking
+        self.new_queue_id = new_queue_id or QueueIdGenerator()
+        self.group_sync = _GroupSync(run_blocking, (self._dir("envelopes"), self._dir("new")))
+        self._lock_fd: int | None = None
+
+    def _dir(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def envelope_path(self, queue_id: str) -> str:
+        return os.path.join(self.path, "envelopes", queue_id + ".json")
+
+    def create(self) -> None:
+        try:
+            os.makedirs(self.path, 0o700, exist_ok=True)
+            for name in ALL_DIRS:
+                os.makedirs(self._dir(name), 0o700, exist_ok=True)
+        except OSError as e:
+            raise SpoolError(f"cannot create spool {self.path}: {e.strerror}")
+
+    def lock(self) -> None:
+        """
+        Take the spool's lock or raise L{SpoolError} naming the holder.
+        """
+        self.create()
+        lock_path = self._dir("lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise SpoolError(f"spool {self.path} is in use by another process (pid {holder})")
+            raise SpoolError(f"cannot lock spool {self.path}: {e.strerror}")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- writing ----------------------------------------------------------
+
+    def new_message(self) -> MessageWriter:
+        qid = self.new_queue_id()
+        path = os.path.join(self.path, "tmp", qid)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        return MessageWriter(self, qid, path, os.fdopen(fd, "wb", buffering=65536))
+
+    def discard_debris(self, queue_id: str) -> None:
+        for name in (queue_id, queue_id + ".json"):
+            try:
+                os.unlink(os.path.join(self.path, "tmp", name))
+            except FileNotFoundError:
+                pass
+
+    def update(self, envelope: Envelope) -> None:
+        """
+        Replace an entry's envelope atomically (blocking; call via run_blocking).
+
+        The directory is not fsync'd: losing an update only repeats work
+        that delivery makes idempotent.
+        """
+        qid = envelope.queue_id
+        tmp = os.path.join(self.path, "tmp", qid + ".json")
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        write_file_durably(tmp, envelope.to_json())
+        os.rename(tmp, self.envelope_path(qid))
+
+    def remove(self, queue_id: str) -> None:
+        """
+        Delete a finished entry: message first, so a crash leaves an orphan
+        envelope (cleaned at start) rather than an unexplained message.
+        """
+        for state in STATE_DIRS:
+            try:
+                os.unlink(os.path.join(self.path, state, queue_id))
+            except FileNotFoundError:
+                continue
+        try:
+            os.unlink(self.envelope_path(queue_id))
+        except FileNotFoundError:
+            pass
+
+    def move(self, queue_id: str, src: str, dst: str) -> None:
+        os.rename(os.path.join(self.path, src, queue_id), os.path.join(self.path, dst, queue_id))
+
+    # -- reading ----------------------------------------------------------
+
+    def message_path(self, queue_id: str) -> str | None:
+        for state in STATE_DIRS:
+            p = os.path.join(self.path, state, queue_id)
+            if os.path.exists(p):
+                return p
+        return None
+
+    def state_of(self, queue_id: str) -> str | None:
+        for state in STATE_DIRS:
+            if os.path.exists(os.path.join(self.path, state, queue_id)):
+                return state
+        return None
+
+    def load(self, queue_id: str) -> Envelope:
+        with open(self.envelope_path(queue_id), "rb") as f:
+            return Envelope.from_json(f.read())
+
+    def _names(self, name: str) -> Iterator[str]:
+        with os.scandir(self._dir(name)) as it:
+            for entry in it:
+                if not entry.name.startswith("."):
+                    yield entry.name
+
+    def recover(self) -> RecoveryReport:
+        """
+        Bring the spool to a consistent state after any kind of stop and
+        return every live entry.  Needs the lock.
+        """
+        debris = 0
+        for name in list(self._names("tmp")):
+            os.unlink(os.path.join(self.path, "tmp", name))
+            debris += 1
+
+        messages = {}
+        for state in STATE_DIRS:
+            for name in self._names(state):
+                messages[name] = state
+        envelope_ids = {n[:-5] for n in self._names("envelopes") if n.endswith(".json")}
+
+        orphans = 0
+        for qid in envelope_ids - set(messages):
+            os.unlink(self.envelope_path(qid))
+            orphans += 1
+
+        quarantined = []
+        entries = []
+        for qid, state in sorted(messages.items()):
+            if qid not in envelope_ids:
+                self.move(qid, state, "corrupt")
+                quarantined.append(qid)
+                log.warn("spool: message {queue_id} has no envelope; moved to corrupt/",
+                         queue_id=qid, log_system="queue")
+                continue
+            try:
+                env = self.load(qid)
+            except (EnvelopeError, OSError) as e:
+                self.move(qid, state, "corrupt")
+                os.rename(self.envelope_path(qid), os.path.join(self.path, "corrupt", qid + ".json"))
+                quarantined.append(qid)
+                log.warn("spool: envelope of {queue_id} is unreadable ({error}); moved to corrupt/",
+                         queue_id=qid, error=str(e), log_system="queue")
+                continue
+            entries.append((env, state))
+        if debris or orphans or quarantined:
+            for d in ("corrupt", "envelopes"):
+                fsync_dir(self._dir(d))
+        return RecoveryReport(entries=tuple(entries), removed_debris=debris,
+                              removed_orphans=orphans, quarantined=tuple(quarantined))

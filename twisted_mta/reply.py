@@ -1,0 +1,96 @@
+"""
+SMTP replies as values, and the table of the replies the server sends.
+
+Keeping every reply in one table lets a test check that each carries an
+enhanced status code whose class matches its basic code (RFC 2034/3463).
+"""
+
+from __future__ import annotations
+
+import attrs
+
+
+@attrs.frozen
+class Reply:
+    code: int
+    enhanced: str | None
+    text: str
+
+    def lines(self) -> list[bytes]:
+        """
+        The reply as wire lines without CRLF; every line carries the code.
+        """
+        texts = self.text.split("\n") or [""]
+        out = []
+        for i, text in enumerate(texts):
+            sep = " " if i == len(texts) - 1 else "-"
+            prefix = f"{self.enhanced} " if self.enhanced else ""
+            out.append(f"{self.code}{sep}{prefix}{text}".encode("utf-8", "replace"))
+        return out
+
+    def with_text(self, text: str) -> "Reply":
+        return attrs.evolve(self, text=text)
+
+    @property
+    def is_temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+
+def R(code: int, enhanced: str | None, text: str) -> Reply:
+    return Reply(code, enhanced, text)
+
+
+# Named replies; the server uses these and nothing else (greeting, EHLO and
+# HELO, 354 and 334 carry no enhanced code by definition).
+OK = R(250, "2.0.0", "Ok")
+RESET_OK = R(250, "2.0.0", "Reset state")
+NOOP_OK = R(250, "2.0.0", "Ok")
+SENDER_OK = R(250, "2.1.0", "Sender ok")
+RECIPIENT_OK = R(250, "2.1.5", "Recipient ok")
+VRFY_CANNOT = R(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+HELP = R(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS")
+START_INPUT = R(354, None, "End data with <CR><LF>.<CR><LF>")
+READY_TLS = R(220, "2.0.0", "Ready to start TLS")
+BYE = R(221, "2.0.0", "Bye")
+
+TIMEOUT = R(421, "4.4.2", "Timeout exceeded, closing connection")
+TOO_MANY_CONNECTIONS_IP = R(421, "4.7.0", "Too many connections from your address, try again later")
+TOO_MANY_CONNECTIONS = R(421, "4.3.2", "Too many connections, try again later")
+SHUTTING_DOWN = R(421, "4.3.2", "Service shutting down, try again later")
+LOCAL_ERROR = R(451, "4.3.0", "Local error in processing, try again later")
+QUEUE_WRITE_ERROR = R(451, "4.3.0", "Could not store the message, try again later")
+TOO_MANY_RECIPIENTS = R(452, "4.5.3", "Too many recipients")
+TLS_NOT_AVAILABLE = R(454, "4.7.0", "TLS not available")
+TLS_FAILED = R(454, "4.7.0", "TLS handshake failed")
+
+LINE_TOO_LONG = R(500, "5.5.2", "Line too long")
+UNKNOWN_COMMAND = R(500, "5.5.1", "Command unrecognized")
+BAD_SYNTAX = R(500, "5.5.2", "Syntax error")
+BARE_NEWLINE_COMMAND = R(500, "5.5.2", "Bare CR or LF in command line is not allowed")
+INVALID_CHARS = R(500, "5.5.2", "Invalid character in command")
+NO_PARAMETERS = R(501, "5.5.4", "Syntax error: no parameters allowed")
+BAD_MAIL_SYNTAX = R(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+BAD_RCPT_SYNTAX = R(501, "5.5.4", "Syntax: RCPT TO:<address>")
+BAD_ADDRESS = R(501, "5.1.3", "Bad address syntax")
+BAD_SENDER_ADDRESS = R(501, "5.1.7", "Bad sender address syntax")
+HELO_REQUIRED = R(501, "5.5.4", "Syntax: EHLO hostname")
+NOT_IMPLEMENTED = R(502, "5.5.1", "Command not implemented")
+NEED_MAIL = R(503, "5.5.1", "Need MAIL command first")
+NESTED_MAIL = R(503, "5.5.1", "Sender already specified")
+NEED_RCPT = R(503, "5.5.1", "Need RCPT command first")
+TLS_ALREADY = R(503, "5.5.1", "TLS already active")
+NEED_EHLO = R(503, "5.5.1", "Send EHLO or HELO first")
+PARAM_UNKNOWN = R(555, "5.5.4", "Unsupported parameter")
+TLS_REQUIRED = R(530, "5.7.0", "Must issue a STARTTLS command first")
+NO_SUCH_USER = R(550, "5.1.1", "No such user here")
+RELAY_DENIED = R(550, "5.7.1", "Relaying denied")
+MESSAGE_TOO_BIG = R(552, "5.3.4", "Message size exceeds the limit")
+DATA_LINE_TOO_LONG = R(554, "5.6.0", "Message contains a line longer than the limit")
+BARE_NEWLINE_DATA = R(554, "5.6.0", "Message contains a bare CR or LF; lines must end with CRLF")
+NUL_IN_DATA = R(554, "5.6.0", "Message contains NUL characters")
+TOO_MANY_HOPS = R(554, "5.4.6", "Too many hops (Received headers), possible mail loop")
+NO_VALID_RECIPIENTS = R(554, "5.5.1", "No valid recipients")

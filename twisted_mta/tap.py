@@ -1,0 +1,111 @@
+"""
+C{twistd mta}: options and the service tree.
+
+    twistd -n mta --config conf/example.toml
+
+A bad configuration, certificate or spool stops start-up with one line
+naming the problem (a L{usage.UsageError}), not a traceback.
+"""
+
+from __future__ import annotations
+
+from twisted.application import service
+from twisted.internet import endpoints
+from twisted.python import threadpool, usage
+
+from twisted_mta.config import ConfigError, load_config
+from twisted_mta.inbound.server import InboundFactory
+from twisted_mta.logsetup import install_json_log
+from twisted_mta.queue.manager import QueueManager
+from twisted_mta.queue.spool import Spool, SpoolError
+from twisted_mta.tlsserver import TLSSetupError, server_context
+
+
+class Options(usage.Options):
+    optParameters = [["config", "c", None, "Path to the TOML configuration file."]]
+
+    def postOptions(self) -> None:
+        if not self["config"]:
+            raise usage.UsageError("--config FILE is required")
+        try:
+            self["parsed"] = load_config(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e))
+
+
+class ThreadPoolService(service.Service):
+    """
+    The pool that runs blocking file work (fsync) off the reactor thread.
+    """
+
+    def __init__(self, pool: threadpool.ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        self.pool.start()
+
+    def stopService(self) -> None:
+        service.Service.stopService(self)
+        self.pool.stop()
+
+
+class SpoolLockService(service.Service):
+    """
+    Holds the spool lock for the life of the process: one owner per spool.
+    """
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+
+    def stopService(self) -> None:
+        service.Service.stopService(self)
+        self.spool.unlock()
+
+
+def make_service(config, reactor) -> service.MultiService:
+    from twisted.internet.threads import deferToThreadPool
+
+    top = service.MultiService()
+    pool = threadpool.ThreadPool(minthreads=2, maxthreads=16, name="mta-io")
+    ThreadPoolService(pool).setServiceParent(top)
+
+    def run_blocking(f, *args):
+        return deferToThreadPool(reactor, pool, f, *args)
+
+    spool = Spool(config.spool, run_blocking=run_blocking)
+    spool.lock()
+    SpoolLockService(spool).setServiceParent(top)
+    if config.logging.format == "json":
+        install_json_log(config.logging.file)
+
+    manager = QueueManager(config, spool, reactor, run_blocking)
+    manager.setServiceParent(top)
+    ctx = server_context(config.tls)
+    for listener in config.listeners:
+        factory = InboundFactory(config, listener.role, spool, reactor,
+                                 on_queued=manager.enqueue, tls_context=ctx)
+        endpoint = endpoints.serverFromString(reactor, listener.endpoint)
+        if listener.role == "submissions":
+            endpoint = endpoints.wrapServerTLS(ctx, endpoint)
+        svc = _endpoint_service(endpoint, factory)
+        svc.setName(f"listener-{listener.role}-{listener.endpoint}")
+        svc.setServiceParent(top)
+    return top
+
+
+def _endpoint_service(endpoint, factory):
+    from twisted.application.internet import StreamServerEndpointService
+
+    svc = StreamServerEndpointService(endpoint, factory)
+    svc._raiseSynchronously = True
+    return svc
+
+
+def makeService(options: Options) -> service.IService:
+    from twisted.internet import reactor
+
+    try:
+        return make_service(options["parsed"], reactor)
+    except (SpoolError, TLSSetupError) as e:
+        raise usage.UsageError(str(e))
