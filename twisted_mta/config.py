@@ -125,16 +125,23 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """
-        The effective configuration, defaults filled in, in the file's shape.
+        The effective configuration, defaults filled in, in the file's shape
+        (unset optional keys are left out, as TOML has no null).
         """
-        d = attrs.asdict(self, recurse=True)
+        d = _plain(attrs.asdict(self, recurse=True))
         d.pop("path")
-        server = {"hostname": d.pop("hostname"), "spool": d.pop("spool")}
-        out: dict[str, Any] = {"server": server}
-        out["listeners"] = d.pop("listeners")
+        out: dict[str, Any] = {"server": {"hostname": d.pop("hostname"),
+                                          "spool": d.pop("spool")}}
         out.update(d)
-        out["local"]["aliases"] = {k: list(v) for k, v in self.local.aliases.items()}
         return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 class _Table:

@@ -1,0 +1,176 @@
+"""
+Tests for configuration parsing: defaults, validation, error messages.
+"""
+
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_mta.config import ConfigError, load_config, parse_config
+from tests.support import make_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONF = os.path.join(os.path.dirname(HERE), "conf")
+
+
+class ConfigTests(SynchronousTestCase):
+    def write(self, text: str) -> str:
+        path = self.mktemp() + ".toml"
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def error(self, text: str) -> ConfigError:
+        path = self.write(text)
+        with self.assertRaises(ConfigError) as cm:
+            load_config(path)
+        self.assertTrue(str(cm.exception).startswith(path + ": "), str(cm.exception))
+        return cm.exception
+
+    MINIMAL = ('[server]\nhostname = "mx.example.test"\nspool = "spool"\n'
+               '[[listeners]]\nrole = "mx"\nendpoint = "tcp:2525"\n')
+
+    def test_shipped_examples_load(self):
+        """Every file in conf/ is a valid configuration."""
+        names = [n for n in os.listdir(CONF) if n.endswith(".toml")]
+        self.assertIn("example.toml", names)
+        for name in names:
+            if name == "production.toml":
+                continue  # needs certificate files that exist only on a real server
+            load_config(os.path.join(CONF, name))
+
+    def test_production_example_only_lacks_certificates(self):
+        """The production example is valid except that its certificate files do not exist here."""
+        with self.assertRaises(ConfigError) as cm:
+            load_config(os.path.join(CONF, "production.toml"))
+        self.assertEqual(cm.exception.key, "tls.certificate")
+        self.assertIn("file not found", cm.exception.message)
+
+    def test_minimal_defaults(self):
+        """A minimal file gets the documented defaults, with paths relative to the file."""
+        path = self.write(self.MINIMAL)
+        config = load_config(path)
+        self.assertEqual(config.spool, os.path.join(os.path.dirname(os.path.abspath(path)), "spool"))
+        self.assertEqual(config.limits.message_size, 25 * 1024 * 1024)
+        self.assertEqual(config.limits.recipients, 100)
+        self.assertEqual(config.inbound.bare_newline, "normalize")
+        self.assertEqual(config.queue.lifetime, 5 * 86400)
+
+    def test_missing_file(self):
+        """A missing file is an error naming the file."""
+        with self.assertRaises(ConfigError) as cm:
+            load_config("/nonexistent/mta.toml")
+        self.assertEqual(str(cm.exception), "/nonexistent/mta.toml: no such file")
+
+    def test_bad_toml(self):
+        """A syntax error is reported as not valid TOML."""
+        self.assertIn("not valid TOML", str(self.error("[server\n")))
+
+    def test_unknown_top_level_key(self):
+        """An unknown table is named."""
+        e = self.error(self.MINIMAL + "[frobnicate]\nx = 1\n")
+        self.assertEqual(e.key, "frobnicate")
+        self.assertEqual(e.message, "unknown key")
+
+    def test_unknown_nested_key(self):
+        """An unknown key inside a table is named with its dotted path."""
+        e = self.error(self.MINIMAL + "[limits]\nmessage_sise = 10\n")
+        self.assertEqual(e.key, "limits.message_sise")
+
+    def test_unknown_listener_key(self):
+        """An unknown key in a listener names the listener's index."""
+        e = self.error(self.MINIMAL.replace('endpoint = "tcp:2525"', 'endpoint = "tcp:2525"\nport = 1'))
+        self.assertEqual(e.key, "listeners[0].port")
+
+    def test_wrong_type(self):
+        """A value of the wrong type says what was expected."""
+        e = self.error(self.MINIMAL + '[limits]\nrecipients = "many"\n')
+        self.assertEqual(e.key, "limits.recipients")
+        self.assertEqual(e.message, "must be an integer, not 'many'")
+
+    def test_bad_role(self):
+        """An unknown listener role lists the valid ones."""
+        e = self.error(self.MINIMAL.replace('role = "mx"', 'role = "relay"'))
+        self.assertEqual(e.message, "must be one of mx, submission, submissions, not 'relay'")
+
+    def test_bad_endpoint(self):
+        """A malformed endpoint string is refused at parse time."""
+        e = self.error(self.MINIMAL.replace('"tcp:2525"', '"tcp:notaport"'))
+        self.assertEqual(e.key, "listeners[0].endpoint")
+
+    def test_no_listeners(self):
+        """At least one listener is required."""
+        e = self.error('[server]\nhostname = "mx.example.test"\nspool = "s"\n')
+        self.assertEqual(e.key, "listeners")
+
+    def test_missing_hostname(self):
+        """server.hostname is required."""
+        e = self.error('[server]\nspool = "s"\n[[listeners]]\nrole = "mx"\nendpoint = "tcp:25"\n')
+        self.assertEqual((e.key, e.message), ("server.hostname", "is required"))
+
+    def test_bad_hostname(self):
+        """A host name with invalid characters is refused."""
+        e = self.error(self.MINIMAL.replace("mx.example.test", "mx_1.example"))
+        self.assertEqual(e.key, "server.hostname")
+
+    def test_missing_certificate_file(self):
+        """A configured certificate that does not exist names the key and the path."""
+        e = self.error(self.MINIMAL + '[tls]\ncertificate = "nope.pem"\nkey = "nope.key"\n')
+        self.assertEqual(e.key, "tls.certificate")
+        self.assertIn("file not found", e.message)
+
+    def test_certificate_without_key(self):
+        """certificate and key come together."""
+        e = self.error(self.MINIMAL + '[tls]\ncertificate = "x.pem"\n')
+        self.assertEqual(e.key, "tls.key")
+
+    def test_submissions_needs_certificate(self):
+        """An implicit-TLS listener without a certificate is an error."""
+        e = self.error(self.MINIMAL.replace('role = "mx"', 'role = "submissions"'))
+        self.assertEqual(e.key, "tls.certificate")
+
+    def test_bad_network(self):
+        """A trusted network that is not a network is named."""
+        e = self.error(self.MINIMAL + '[relay]\ntrusted_networks = ["10.0.0.0/33"]\n')
+        self.assertEqual(e.key, "relay.trusted_networks")
+
+    def test_durations(self):
+        """Durations accept seconds or 30s/5m/4h/5d."""
+        path = self.write(self.MINIMAL + '[queue]\nretry_schedule = ["30s", "5m", 3600]\n'
+                          'lifetime = "5d"\n[limits]\ncommand_timeout = "2m"\n')
+        config = load_config(path)
+        self.assertEqual(config.queue.retry_schedule, (30, 300, 3600))
+        self.assertEqual(config.queue.lifetime, 432000)
+        self.assertEqual(config.limits.command_timeout, 120)
+
+    def test_bad_duration(self):
+        """A malformed duration is named."""
+        e = self.error(self.MINIMAL + '[queue]\nlifetime = "soon"\n')
+        self.assertEqual(e.key, "queue.lifetime")
+
+    def test_limit_minimums(self):
+        """Limits below what RFC 5321 requires are refused."""
+        e = self.error(self.MINIMAL + '[limits]\ncommand_line_length = 100\n')
+        self.assertEqual(e.message, "must be at least 512, not 100")
+
+    def test_mailbox_template_needs_user(self):
+        """The mailbox template must contain {user}."""
+        e = self.error(self.MINIMAL + '[local]\ndomains = ["example.test"]\nusers = ["a", "postmaster"]\n'
+                       'mailbox = "mail/Maildir"\n')
+        self.assertEqual(e.key, "local.mailbox")
+
+    def test_postmaster_must_exist(self):
+        """With local domains, postmaster must name a user or alias."""
+        e = self.error(self.MINIMAL + '[local]\ndomains = ["example.test"]\nusers = ["a"]\n')
+        self.assertEqual(e.key, "local.postmaster")
+
+    def test_json_logging_needs_file(self):
+        """JSON logging needs a file."""
+        e = self.error(self.MINIMAL + '[logging]\nformat = "json"\n')
+        self.assertEqual(e.key, "logging.file")
+
+    def test_to_dict_round_trips(self):
+        """The effective configuration, fed back to the parser, gives the same configuration."""
+        config = make_config(self.mktemp())
+        again = parse_config(config.to_dict(), config.path)
+        self.assertEqual(again, config)
