@@ -1,0 +1,104 @@
+"""
+Tests for local Maildir delivery.
+"""
+
+import errno
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_mta.delivery import maildir
+from twisted_mta.delivery.maildir import LocalTarget, deliver, maildir_name
+from twisted_mta.queue.envelope import Envelope, Recipient
+
+
+class MaildirTests(SynchronousTestCase):
+    def setUp(self):
+        self.base = self.mktemp()
+        os.makedirs(self.base)
+        self.msg = os.path.join(self.base, "queued")
+        with open(self.msg, "wb") as f:
+            f.write(b"Received: from x\r\n\tby y; date\r\nSubject: hi\r\n\r\nbody\r\n")
+        self.env = Envelope(queue_id="Q1", sender="s@remote.test",
+                            recipients=(Recipient("alice@example.test"), Recipient("bob@example.test")),
+                            arrival=1_800_000_000.25)
+
+    def target(self, index, user):
+        return LocalTarget(index=index, address=f"{user}@example.test",
+                           maildir=os.path.join(self.base, user, "Maildir"))
+
+    def files(self, user, sub="new"):
+        return os.listdir(os.path.join(self.base, user, "Maildir", sub))
+
+    def test_delivers_with_return_path_and_delivered_to(self):
+        """The copy starts with Return-Path and Delivered-To, uses LF line ends, and sits in new/."""
+        result = deliver(self.msg, self.env, [self.target(0, "alice")], "mx.example.test")
+        self.assertEqual(result["alice@example.test"].code, 250)
+        [name] = self.files("alice")
+        with open(os.path.join(self.base, "alice", "Maildir", "new", name), "rb") as f:
+            self.assertEqual(f.read(),
+                             b"Return-Path: <s@remote.test>\nDelivered-To: alice@example.test\n"
+                             b"Received: from x\n\tby y; date\nSubject: hi\n\nbody\n")
+        self.assertEqual(self.files("alice", "tmp"), [])
+        self.assertEqual(self.files("alice", "cur"), [])
+
+    def test_null_sender_return_path(self):
+        """A bounce (null sender) gets Return-Path: <>."""
+        import attrs
+        env = attrs.evolve(self.env, sender="")
+        deliver(self.msg, env, [self.target(0, "alice")], "mx.example.test")
+        [name] = self.files("alice")
+        with open(os.path.join(self.base, "alice", "Maildir", "new", name), "rb") as f:
+            self.assertTrue(f.read().startswith(b"Return-Path: <>\n"))
+
+    def test_name_follows_maildir_rules(self):
+        """Names are time.unique.host, without ':' or '/', and escape them in the host."""
+        name = maildir_name(self.env, 3, "mx/odd:host")
+        self.assertEqual(name, "1800000000.M250000Q Q1R3.mx\\057odd\\072host".replace(" ", ""))
+        self.assertEqual(name.count("/"), 0)
+        self.assertEqual(name.count(":"), 0)
+
+    def test_each_recipient_gets_a_copy(self):
+        """Two recipients get one copy each, with distinct names."""
+        deliver(self.msg, self.env, [self.target(0, "alice"), self.target(1, "bob")], "h")
+        self.assertEqual(len(self.files("alice")), 1)
+        self.assertEqual(len(self.files("bob")), 1)
+        self.assertNotEqual(self.files("alice"), self.files("bob"))
+
+    def test_redelivery_is_idempotent(self):
+        """Delivering the same recipient of the same entry twice leaves one copy."""
+        deliver(self.msg, self.env, [self.target(0, "alice")], "h")
+        result = deliver(self.msg, self.env, [self.target(0, "alice")], "h")
+        self.assertEqual(result["alice@example.test"].code, 250)
+        self.assertEqual(len(self.files("alice")), 1)
+
+    def test_recovery_sees_copy_already_read(self):
+        """On recovery, a copy the user already moved to cur/ counts as delivered."""
+        deliver(self.msg, self.env, [self.target(0, "alice")], "h")
+        [name] = self.files("alice")
+        md = os.path.join(self.base, "alice", "Maildir")
+        os.rename(os.path.join(md, "new", name), os.path.join(md, "cur", name + ":2,S"))
+        deliver(self.msg, self.env, [self.target(0, "alice")], "h", recovering=True)
+        self.assertEqual(self.files("alice"), [])
+        self.assertEqual(len(self.files("alice", "cur")), 1)
+
+    def test_unwritable_maildir_is_temporary(self):
+        """A Maildir that cannot be written gives a 4xx outcome and leaves no partial file."""
+        md = os.path.join(self.base, "alice", "Maildir")
+        maildir.ensure_maildir(md)
+        real = maildir.write_file_durably
+
+        def fail(path, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(maildir, "write_file_durably", fail)
+        result = deliver(self.msg, self.env, [self.target(0, "alice")], "h")
+        self.assertEqual((result["alice@example.test"].code, result["alice@example.test"].enhanced),
+                         (452, "4.2.2"))
+        self.assertEqual(self.files("alice"), [])
+        self.patch(maildir, "write_file_durably", real)
+
+    def test_permission_error_is_temporary(self):
+        """EACCES is a temporary 451 4.3.0, not a bounce."""
+        outcome = maildir.classify_os_error(OSError(errno.EACCES, "Permission denied"))
+        self.assertEqual((outcome.code, outcome.enhanced), (451, "4.3.0"))

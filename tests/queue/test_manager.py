@@ -1,0 +1,183 @@
+"""
+Tests for the queue manager: pick-up, local delivery, deferral, retries,
+expiry and restart.
+"""
+
+import os
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_mta.queue.envelope import Envelope, Recipient
+from twisted_mta.queue.manager import QueueManager, retry_delay
+from twisted_mta.queue.spool import Spool
+from tests.support import make_config
+
+T0 = 1_800_000_000.0
+
+
+class ManagerTests(SynchronousTestCase):
+    def setUp(self):
+        self.base = self.mktemp()
+        self.config = make_config(self.base, queue={"retry_schedule": [60, 600], "jitter": 0,
+                                                    "lifetime": 3600})
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.spool = Spool(self.config.spool)
+        self.spool.lock()
+        self.addCleanup(self.spool.unlock)
+
+    def manager(self):
+        m = QueueManager(self.config, self.spool, self.clock, run_blocking=self.run_blocking)
+        m.startService()
+        self.addCleanup(m.stopService)
+        return m
+
+    def run_blocking(self, f, *args):
+        from twisted.internet import defer
+        return defer.maybeDeferred(f, *args)
+
+    def queue(self, rcpts, body=b"Subject: t\r\n\r\nhello\r\n", sender="s@remote.test"):
+        w = self.spool.new_message()
+        w.write(body)
+        env = Envelope(queue_id=w.queue_id, sender=sender,
+                       recipients=tuple(Recipient(address=r) for r in rcpts),
+                       arrival=self.clock.seconds(), next_attempt=self.clock.seconds())
+        return self.successResultOf(w.commit(env))
+
+    def maildir_files(self, user):
+        d = os.path.join(self.base, "mail", user, "Maildir", "new")
+        return [os.path.join(d, n) for n in os.listdir(d)] if os.path.isdir(d) else []
+
+    def test_new_entry_delivered_once_to_each_local_recipient(self):
+        """A queued message for two local users is delivered to each and removed from the spool."""
+        m = self.manager()
+        env = self.queue(["alice@example.test", "bob@example.test"])
+        m.enqueue(env)
+        self.clock.advance(0)
+        self.assertEqual(len(self.maildir_files("alice")), 1)
+        self.assertEqual(len(self.maildir_files("bob")), 1)
+        self.assertIsNone(self.spool.message_path(env.queue_id))
+        self.assertFalse(os.path.exists(self.spool.envelope_path(env.queue_id)))
+        self.assertEqual(m.entries, {})
+
+    def test_remote_recipient_deferred_local_delivered(self):
+        """Local recipients are delivered while a remote one stays pending with the reason and a next attempt."""
+        m = self.manager()
+        env = self.queue(["alice@example.test", "x@elsewhere.test"])
+        m.enqueue(env)
+        self.clock.advance(0)
+        self.assertEqual(len(self.maildir_files("alice")), 1)
+        stored = self.spool.load(env.queue_id)
+        states = {r.address: r.state for r in stored.recipients}
+        self.assertEqual(states, {"alice@example.test": "delivered", "x@elsewhere.test": "pending"})
+        self.assertEqual(stored.attempts, 1)
+        self.assertEqual(stored.next_attempt, T0 + 60)
+        self.assertIn("Remote delivery is not available", stored.recipients[1].outcome.text)
+        self.assertEqual(self.spool.state_of(env.queue_id), "cur")
+
+    def test_retry_only_pending_and_on_schedule(self):
+        """Retries follow the schedule and never redeliver a delivered recipient."""
+        m = self.manager()
+        env = self.queue(["alice@example.test", "x@elsewhere.test"])
+        m.enqueue(env)
+        self.clock.advance(0)
+        self.clock.advance(59)
+        self.assertEqual(self.spool.load(env.queue_id).attempts, 1)
+        self.clock.advance(1)
+        stored = self.spool.load(env.queue_id)
+        self.assertEqual(stored.attempts, 2)
+        self.assertEqual(stored.next_attempt, T0 + 60 + 600)
+        self.assertEqual(len(self.maildir_files("alice")), 1)
+
+    def test_expiry_fails_pending_recipients(self):
+        """After the queue lifetime the pending recipient fails with 5.4.7 and the entry is removed."""
+        m = self.manager()
+        env = self.queue(["x@elsewhere.test"])
+        m.enqueue(env)
+        self.clock.advance(0)
+        for _ in range(10):
+            self.clock.advance(600)
+        self.assertIsNone(self.spool.message_path(env.queue_id))
+        self.assertEqual(m.entries, {})
+
+    def test_restart_keeps_attempts_and_next_attempt(self):
+        """A restart rebuilds the schedule from the envelopes: attempts and next attempt are kept."""
+        m = self.manager()
+        env = self.queue(["x@elsewhere.test"])
+        m.enqueue(env)
+        self.clock.advance(0)
+        m.stopService()
+        m2 = QueueManager(self.config, self.spool, self.clock, run_blocking=self.run_blocking)
+        m2.startService()
+        self.addCleanup(m2.stopService)
+        self.assertEqual(m2.entries[env.queue_id].attempts, 1)
+        self.clock.advance(59)
+        self.assertEqual(self.spool.load(env.queue_id).attempts, 1)
+        self.clock.advance(1)
+        self.assertEqual(self.spool.load(env.queue_id).attempts, 2)
+
+    def test_entries_on_disk_picked_up_at_start(self):
+        """Entries already in the spool at start are delivered without any new arrival."""
+        env = self.queue(["bob@example.test"])
+        self.manager()
+        self.clock.advance(0)
+        self.assertEqual(len(self.maildir_files("bob")), 1)
+        self.assertIsNone(self.spool.message_path(env.queue_id))
+
+    def test_restart_after_delivery_before_envelope_update_delivers_once(self):
+        """If delivery happened but the envelope still says pending (crash), the restart does not deliver again."""
+        from twisted_mta.delivery import maildir
+        env = self.queue(["alice@example.test"])
+        target = maildir.LocalTarget(0, "alice@example.test",
+                                     os.path.join(self.base, "mail", "alice", "Maildir"))
+        maildir.deliver(self.spool.message_path(env.queue_id), env, [target], self.config.hostname)
+        self.manager()
+        self.clock.advance(0)
+        self.assertEqual(len(self.maildir_files("alice")), 1)
+        self.assertIsNone(self.spool.message_path(env.queue_id))
+
+    def test_held_entries_not_attempted(self):
+        """An entry in hold/ is not attempted at start."""
+        env = self.queue(["alice@example.test"])
+        self.spool.move(env.queue_id, "new", "hold")
+        self.manager()
+        self.clock.advance(3600)
+        self.assertEqual(self.maildir_files("alice"), [])
+        self.assertEqual(self.spool.state_of(env.queue_id), "hold")
+
+    def test_unknown_local_user_fails_permanently(self):
+        """A local recipient whose mailbox no longer exists fails with 5.1.1 and is not retried."""
+        m = self.manager()
+        env = self.queue(["carol@example.test", "alice@example.test"])
+        m.enqueue(env)
+        self.clock.advance(0)
+        self.assertIsNone(self.spool.message_path(env.queue_id))
+        self.assertEqual(len(self.maildir_files("alice")), 1)
+
+    def test_delivery_events_logged(self):
+        """Each delivery is logged with its queue id and recipient."""
+        from twisted.logger import globalLogPublisher
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        m = self.manager()
+        env = self.queue(["alice@example.test"])
+        m.enqueue(env)
+        self.clock.advance(0)
+        delivered = [e for e in events if e.get("event") == "delivery.delivered"]
+        self.assertEqual([(e["queue_id"], e["rcpt"]) for e in delivered],
+                         [(env.queue_id, "alice@example.test")])
+
+
+class RetryDelayTests(SynchronousTestCase):
+    def test_schedule_is_data(self):
+        """The n-th retry uses the n-th interval, then the last one forever."""
+        schedule = (60, 600, 3600)
+        self.assertEqual([retry_delay(schedule, n, 0) for n in (1, 2, 3, 4, 10)],
+                         [60, 600, 3600, 3600, 3600])
+
+    def test_jitter_bounds(self):
+        """Jitter stays within +/- the configured fraction."""
+        self.assertEqual(retry_delay((100,), 1, 0.1, rand=lambda: 0.0), 90)
+        self.assertAlmostEqual(retry_delay((100,), 1, 0.1, rand=lambda: 1.0), 110)

@@ -1,0 +1,174 @@
+"""
+Tests for the Maildir-backed spool: durable commit, recovery, lock.
+"""
+
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_mta.queue.envelope import Envelope, EnvelopeError, Recipient
+from twisted_mta.queue.spool import Spool, SpoolError
+
+
+def envelope(qid, rcpts=("alice@example.test",)):
+    return Envelope(queue_id=qid, sender="s@remote.test",
+                    recipients=tuple(Recipient(address=r) for r in rcpts),
+                    arrival=1_800_000_000.5, next_attempt=1_800_000_000.5)
+
+
+class SpoolTests(SynchronousTestCase):
+    def setUp(self):
+        self.spool = Spool(self.mktemp())
+        self.spool.lock()
+        self.addCleanup(self.spool.unlock)
+
+    def listing(self):
+        return {d: sorted(os.listdir(os.path.join(self.spool.path, d)))
+                for d in ("tmp", "new", "cur", "hold", "corrupt", "envelopes")}
+
+    def commit(self, body=b"Subject: x\r\n\r\nbody\r\n"):
+        w = self.spool.new_message()
+        w.write(body)
+        env = envelope(w.queue_id)
+        self.assertEqual(self.successResultOf(w.commit(env)), env)
+        return w.queue_id
+
+    def test_layout_is_a_maildir(self):
+        """The spool has Maildir's tmp/new/cur plus hold/, corrupt/ and envelopes/."""
+        for d in ("tmp", "new", "cur", "hold", "corrupt", "envelopes"):
+            self.assertTrue(os.path.isdir(os.path.join(self.spool.path, d)), d)
+
+    def test_commit_moves_message_and_envelope_into_place(self):
+        """After commit the message is in new/, its envelope in envelopes/, tmp/ is empty."""
+        qid = self.commit()
+        self.assertEqual(self.listing()["new"], [qid])
+        self.assertEqual(self.listing()["envelopes"], [qid + ".json"])
+        self.assertEqual(self.listing()["tmp"], [])
+        with open(os.path.join(self.spool.path, "new", qid), "rb") as f:
+            self.assertEqual(f.read(), b"Subject: x\r\n\r\nbody\r\n")
+        self.assertEqual(self.spool.load(qid).recipients[0].address, "alice@example.test")
+
+    def test_commit_fsyncs_before_firing(self):
+        """The commit's Deferred fires only after file and directory fsyncs happened."""
+        calls = []
+        real_fsync = os.fsync
+        self.patch(os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd)))
+        w = self.spool.new_message()
+        w.write(b"x\r\n")
+        d = w.commit(envelope(w.queue_id))
+        self.successResultOf(d)
+        # message file, envelope file, envelopes/ and new/ directories
+        self.assertEqual(len(calls), 4)
+
+    def test_abort_leaves_nothing(self):
+        """An aborted message leaves no file behind."""
+        w = self.spool.new_message()
+        w.write(b"partial")
+        w.abort()
+        self.assertEqual(self.listing()["tmp"], [])
+
+    def test_queue_ids_unique(self):
+        """Queue ids do not repeat and contain no '/', ':' or leading dot."""
+        ids = {self.spool.new_queue_id() for _ in range(1000)}
+        self.assertEqual(len(ids), 1000)
+        for qid in ids:
+            self.assertNotIn("/", qid)
+            self.assertNotIn(":", qid)
+            self.assertFalse(qid.startswith("."))
+
+    def test_second_owner_refused(self):
+        """A second Spool on the same directory cannot take the lock, and says who holds it."""
+        other = Spool(self.spool.path)
+        with self.assertRaises(SpoolError) as cm:
+            other.lock()
+        self.assertIn("is in use by another process (pid %d)" % os.getpid(), str(cm.exception))
+
+    def test_lock_released(self):
+        """After unlock another owner may take the spool."""
+        self.spool.unlock()
+        other = Spool(self.spool.path)
+        other.lock()
+        other.unlock()
+
+    def test_recover_removes_debris(self):
+        """Files in tmp/ at start are debris of unacknowledged messages and are removed."""
+        w = self.spool.new_message()
+        w.write(b"half a message")
+        report = self.spool.recover()
+        self.assertEqual(report.removed_debris, 1)
+        self.assertEqual(self.listing()["tmp"], [])
+
+    def test_recover_removes_orphan_envelope(self):
+        """An envelope without a message (crash between the two renames) is removed."""
+        qid = self.commit()
+        os.unlink(os.path.join(self.spool.path, "new", qid))
+        report = self.spool.recover()
+        self.assertEqual(report.removed_orphans, 1)
+        self.assertEqual(self.listing()["envelopes"], [])
+
+    def test_recover_quarantines_message_without_envelope(self):
+        """A message without an envelope is moved to corrupt/, never deleted."""
+        qid = self.commit()
+        os.unlink(self.spool.envelope_path(qid))
+        report = self.spool.recover()
+        self.assertEqual(report.quarantined, (qid,))
+        self.assertEqual(self.listing()["corrupt"], [qid])
+        self.assertEqual(self.listing()["new"], [])
+
+    def test_recover_quarantines_bad_envelope(self):
+        """An unreadable envelope moves message and envelope to corrupt/."""
+        qid = self.commit()
+        with open(self.spool.envelope_path(qid), "wb") as f:
+            f.write(b"{not json")
+        report = self.spool.recover()
+        self.assertEqual(report.quarantined, (qid,))
+        self.assertEqual(self.listing()["corrupt"], sorted([qid, qid + ".json"]))
+        self.assertEqual(self.listing()["envelopes"], [])
+
+    def test_recover_returns_live_entries_with_state(self):
+        """Complete entries in new/, cur/ and hold/ are returned with their state."""
+        a, b, c = self.commit(), self.commit(), self.commit()
+        self.spool.move(b, "new", "cur")
+        self.spool.move(c, "new", "hold")
+        report = self.spool.recover()
+        self.assertEqual(sorted((e.queue_id, s) for e, s in report.entries),
+                         sorted([(a, "new"), (b, "cur"), (c, "hold")]))
+
+    def test_update_replaces_envelope(self):
+        """update() replaces the envelope atomically."""
+        qid = self.commit()
+        env = self.spool.load(qid)
+        import attrs
+        self.spool.update(attrs.evolve(env, attempts=3))
+        self.assertEqual(self.spool.load(qid).attempts, 3)
+        self.assertEqual(self.listing()["tmp"], [])
+
+    def test_remove(self):
+        """remove() deletes message and envelope."""
+        qid = self.commit()
+        self.spool.remove(qid)
+        listing = self.listing()
+        self.assertEqual(listing["new"] + listing["envelopes"], [])
+
+
+class EnvelopeTests(SynchronousTestCase):
+    def test_round_trip(self):
+        """An envelope survives JSON and back unchanged."""
+        from twisted_mta.queue.envelope import Outcome
+        env = envelope("Q1", ("a@x.test", "b@y.test"))
+        env = env.with_results({"a@x.test": Recipient(address="a@x.test", state="delivered",
+                                                      outcome=Outcome(250, "2.0.0", "ok"),
+                                                      done_at=5.0)})
+        self.assertEqual(Envelope.from_json(env.to_json()), env)
+
+    def test_version_checked(self):
+        """An envelope of an unknown version is refused."""
+        with self.assertRaises(EnvelopeError):
+            Envelope.from_json(b'{"version": 99}')
+
+    def test_malformed(self):
+        """A structurally wrong envelope is an EnvelopeError, not a KeyError."""
+        with self.assertRaises(EnvelopeError):
+            Envelope.from_json(b'{"version": 1, "queue_id": "x"}')
+        with self.assertRaises(EnvelopeError):
+            Envelope.from_json(b'[]')
