@@ -1,0 +1,119 @@
+"""
+Tests for the twisted-mta command line, the twistd plugin and start-up.
+"""
+
+import io
+import json
+import os
+from contextlib import redirect_stderr, redirect_stdout
+
+from twisted.application.service import IServiceMaker
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_mta import cli, tap
+from tests.support import make_config
+
+CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+EXAMPLE = os.path.join(CONF, "example.toml")
+
+
+def run_cli(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = cli.main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+class ConfigCommandTests(SynchronousTestCase):
+    def test_check_ok(self):
+        """config check on the example exits 0 and says ok."""
+        code, out, err = run_cli("config", "check", EXAMPLE)
+        self.assertEqual(code, 0)
+        self.assertIn(": ok (1 listener(s), 1 local domain(s))", out)
+
+    def test_check_bad(self):
+        """config check on a bad file exits 1 with the file and key on stderr."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('[server]\nhostname = "h.test"\nspool = "s"\nbogus = 1\n')
+        code, out, err = run_cli("config", "check", path)
+        self.assertEqual(code, 1)
+        self.assertEqual(err, f"twisted-mta: {path}: server.bogus: unknown key\n")
+
+    def test_show_fills_defaults(self):
+        """config show prints every effective key, defaults included."""
+        code, out, err = run_cli("config", "show", EXAMPLE)
+        self.assertEqual(code, 0)
+        self.assertIn('server.hostname = "mx.example.test"', out)
+        self.assertIn("limits.command_timeout = 300", out)
+        self.assertIn('listeners[0].role = "mx"', out)
+
+    def test_show_json(self):
+        """config show --json prints JSON with the same keys."""
+        code, out, err = run_cli("config", "show", "--json", EXAMPLE)
+        data = json.loads(out)
+        self.assertEqual(data["server"]["hostname"], "mx.example.test")
+        self.assertEqual(data["queue"]["lifetime"], 432000)
+
+
+class PluginTests(SynchronousTestCase):
+    def test_twistd_finds_mta(self):
+        """twistd's plugin scan finds the 'mta' service maker."""
+        makers = {m.tapname: m for m in getPlugins(IServiceMaker)}
+        self.assertIn("mta", makers)
+        self.assertIs(makers["mta"].options, tap.Options)
+
+    def test_options_require_config(self):
+        """twistd mta without --config is a usage error."""
+        with self.assertRaises(usage.UsageError) as cm:
+            tap.Options().parseOptions([])
+        self.assertEqual(str(cm.exception), "--config FILE is required")
+
+    def test_options_report_config_error(self):
+        """A bad configuration is a one-line usage error naming the file."""
+        with self.assertRaises(usage.UsageError) as cm:
+            tap.Options().parseOptions(["--config", "/nonexistent.toml"])
+        self.assertEqual(str(cm.exception), "/nonexistent.toml: no such file")
+
+    def test_service_tree(self):
+        """make_service builds the thread pool, spool lock, queue manager and one service per listener."""
+        config = make_config(self.mktemp(), listeners=[
+            {"role": "mx", "endpoint": "tcp:2525"}, {"role": "submission", "endpoint": "tcp:2587"}])
+        svc = tap.make_service(config, MemoryReactorClock())
+        lock = [s for s in svc if isinstance(s, tap.SpoolLockService)][0]
+        self.addCleanup(lock.spool.unlock)
+        names = sorted(s.name for s in svc if s.name)
+        self.assertEqual(names, ["listener-mx-tcp:2525", "listener-submission-tcp:2587",
+                                 "queue-manager"])
+
+    def test_second_instance_on_same_spool(self):
+        """A second instance on the same spool fails with a usage error saying it is in use."""
+        config = make_config(self.mktemp())
+        svc = tap.make_service(config, MemoryReactorClock())
+        lock = [s for s in svc if isinstance(s, tap.SpoolLockService)][0]
+        self.addCleanup(lock.spool.unlock)
+        options = tap.Options()
+        options["parsed"] = config
+        with self.assertRaises(usage.UsageError) as cm:
+            tap.makeService(options)
+        self.assertIn("is in use by another process", str(cm.exception))
+
+
+class JSONLogTests(SynchronousTestCase):
+    def test_events_written_as_json_lines(self):
+        """With JSON logging each event is one JSON object per line, with its fields."""
+        from twisted.logger import Logger, globalLogPublisher
+        from twisted_mta.logsetup import install_json_log
+        path = self.mktemp()
+        observer = install_json_log(path)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        Logger().info("queued {queue_id}", event="inbound.queued", queue_id="Q123")
+        globalLogPublisher.removeObserver(observer)
+        with open(path) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+        mine = [e for e in lines if e.get("queue_id") == "Q123"]
+        self.assertEqual(len(mine), 1)
+        self.assertEqual(mine[0]["event"], "inbound.queued")
