@@ -1,0 +1,129 @@
+"""
+Tests for the DATA reader: end-of-data recognition, unstuffing, limits, and
+that the fast path and the line path agree on any input and any split.
+"""
+
+import random
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_mta.inbound.data import DataReader
+
+
+def read(stream: bytes, chunks, **kw):
+    """
+    Feed C{stream} split at C{chunks} boundaries; return (stored, rest, reader).
+    """
+    out = []
+    options = dict(max_size=10_000_000, max_line=1000, max_received=100, bare_newline="normalize")
+    options.update(kw)
+    reader = DataReader(out.append, **options)
+    buf = b""
+    done = False
+    pieces = [stream[a:b] for a, b in zip([0] + chunks, chunks + [len(stream)])]
+    for piece in pieces:
+        buf += piece
+        if done:
+            continue
+        consumed, done = reader.feed(buf)
+        buf = buf[consumed:]
+    return b"".join(out), buf, reader, done
+
+
+def reference(stream: bytes, normalize=True):
+    """
+    The obvious, slow decoder: split on CRLF, stop at '.', unstuff, normalise.
+    """
+    lines = []
+    pos = 0
+    size = 0
+    while True:
+        idx = stream.find(b"\r\n", pos)
+        if idx < 0:
+            return None, None, None
+        line = stream[pos:idx]
+        pos = idx + 2
+        if line == b".":
+            return b"".join(lines), stream[pos:], size
+        if line.startswith(b"."):
+            line = line[1:]
+        size += len(line) + 2
+        if normalize:
+            line = line.replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+        lines.append(line + b"\r\n")
+
+
+class DataReaderTests(SynchronousTestCase):
+    def test_end_of_data_only_on_crlf_dot_crlf(self):
+        """Only CRLF.CRLF ends data; what follows is left for the command parser."""
+        stored, rest, reader, done = read(b"a\r\nb\n.\nc\r\n.\r\nQUIT\r\n", [])
+        self.assertTrue(done)
+        self.assertEqual(stored, b"a\r\nb\r\n.\r\nc\r\n")
+        self.assertEqual(rest, b"QUIT\r\n")
+
+    def test_dot_at_very_start(self):
+        """A dot line right after 354 ends an empty message."""
+        stored, rest, reader, done = read(b".\r\n", [])
+        self.assertEqual((stored, done), (b"", True))
+
+    def test_stuffed_first_line(self):
+        """A stuffed dot on the very first line is removed."""
+        stored, rest, reader, done = read(b"..x\r\n.\r\n", [])
+        self.assertEqual(stored, b".x\r\n")
+
+    def test_not_done_without_terminator(self):
+        """Data without the terminator is not finished and keeps the partial line."""
+        stored, rest, reader, done = read(b"Subject: a\r\n\r\nbody\r\npartial", [])
+        self.assertFalse(done)
+        self.assertEqual(rest, b"partial")
+
+    def test_size_counted(self):
+        """The size counts the unstuffed octets with CRLF."""
+        stored, rest, reader, done = read(b"Subject: a\r\n\r\n" + b"x" * 100 + b"\r\n.\r\n", [])
+        self.assertEqual(reader.size, len(stored))
+
+    def test_fast_and_slow_paths_agree(self):
+        """For random messages split at random points the output equals the reference decoder's."""
+        rnd = random.Random(1234)
+        atoms = [b"a", b"bc", b" ", b"\r\n", b".", b"..", b"\r", b"\n", b"\r\n.", b"x" * 50,
+                 b"\r\n\r\n", b"Received: x\r\n"]
+        for trial in range(400):
+            body = b"".join(rnd.choice(atoms) for _ in range(rnd.randint(0, 60)))
+            stream = b"Subject: s\r\n\r\n" + body + b"\r\n.\r\nNOOP\r\n"
+            expected, expected_rest, expected_size = reference(stream)
+            cuts = sorted(rnd.sample(range(1, len(stream)), min(len(stream) - 1, rnd.randint(0, 6))))
+            stored, rest, reader, done = read(stream, cuts)
+            self.assertTrue(done, stream)
+            self.assertIsNone(reader.error, stream)
+            self.assertEqual(stored, expected, (stream, cuts))
+            self.assertEqual(rest, expected_rest)
+            self.assertEqual(reader.size, expected_size, stream)
+
+    def test_long_line_detected_by_fast_path_input(self):
+        """A long body line among ordinary lines is caught (the fast path defers to the line path)."""
+        body = b"ok\r\n" * 10 + b"y" * 1500 + b"\r\n" + b"ok\r\n" * 10
+        stored, rest, reader, done = read(b"Subject: a\r\n\r\n" + body + b".\r\n", [])
+        self.assertTrue(done)
+        self.assertEqual(reader.error.code, 554)
+
+    def test_line_at_limit_accepted(self):
+        """A line of exactly max_line octets with CRLF is accepted; one more octet is not."""
+        ok = b"Subject: a\r\n\r\n" + b"y" * 998 + b"\r\n.\r\n"
+        self.assertIsNone(read(ok, [])[2].error)
+        bad = b"Subject: a\r\n\r\n" + b"y" * 999 + b"\r\n.\r\n"
+        self.assertEqual(read(bad, [])[2].error.code, 554)
+
+    def test_size_limit_in_fast_path(self):
+        """The size limit holds for bodies taken by the fast path."""
+        stream = b"Subject: a\r\n\r\n" + b"x" * 60 + b"\r\n" * 1 + (b"y" * 60 + b"\r\n") * 100 + b".\r\n"
+        reader = read(stream, [], max_size=2000)[2]
+        self.assertEqual(reader.error.code, 552)
+
+    def test_hostile_input_linear(self):
+        """A body of bare LFs is processed in linear time (the fast path is not retried per line)."""
+        import time
+        stream = b"Subject: a\r\n\r\n" + (b"a\nb\r\n" * 50000) + b".\r\n"
+        start = time.process_time()
+        stored, rest, reader, done = read(stream, [])
+        self.assertTrue(done)
+        self.assertLess(time.process_time() - start, 5.0)
