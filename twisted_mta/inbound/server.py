@@ -491,7 +491,8 @@ class InboundESMTP(smtp.ESMTP):
         try:
             self.factory.on_queued(envelope)
         except Exception:
-            log.failure("queue manager did not take {queue_id}", queue_id=envelope.queue_id)
+            log.failure("queue manager did not take {queue_id}", queue_id=envelope.queue_id,
+                        event="queue.error")
 
     def _queue_failed(self, failure: Failure) -> None:
         self._writer = None

@@ -351,7 +351,7 @@ class Spool:
                 self.move(qid, state, "corrupt")
                 quarantined.append(qid)
                 log.warn("spool: message {queue_id} has no envelope; moved to corrupt/",
-                         queue_id=qid, log_system="queue")
+                         queue_id=qid, event="queue.quarantined")
                 continue
             try:
                 env = self.load(qid)
@@ -360,7 +360,7 @@ class Spool:
                 os.rename(self.envelope_path(qid), os.path.join(self.path, "corrupt", qid + ".json"))
                 quarantined.append(qid)
                 log.warn("spool: envelope of {queue_id} is unreadable ({error}); moved to corrupt/",
-                         queue_id=qid, error=str(e), log_system="queue")
+                         queue_id=qid, error=str(e), event="queue.quarantined")
                 continue
             entries.append((env, state))
         if debris or orphans or quarantined:
