@@ -117,3 +117,35 @@ class JSONLogTests(SynchronousTestCase):
         mine = [e for e in lines if e.get("queue_id") == "Q123"]
         self.assertEqual(len(mine), 1)
         self.assertEqual(mine[0]["event"], "inbound.queued")
+
+
+class StopOrderTests(SynchronousTestCase):
+    def test_children_stop_in_reverse_one_after_another(self):
+        """The next child stops only after the previous one's stop has finished."""
+        from twisted.application import service
+        from twisted.internet import defer
+        events = []
+        gates = {}
+
+        class Child(service.Service):
+            def __init__(self, name):
+                self.setName(name)
+
+            def stopService(self):
+                service.Service.stopService(self)
+                events.append(self.name)
+                gates[self.name] = defer.Deferred()
+                return gates[self.name]
+
+        top = tap.OrderedMultiService()
+        for name in ("pool", "manager", "listener"):
+            Child(name).setServiceParent(top)
+        top.startService()
+        d = top.stopService()
+        self.assertEqual(events, ["listener"])
+        gates["listener"].callback(None)
+        self.assertEqual(events, ["listener", "manager"])
+        gates["manager"].callback(None)
+        gates["pool"].callback(None)
+        self.assertEqual(events, ["listener", "manager", "pool"])
+        self.successResultOf(d)

@@ -10,7 +10,7 @@ naming the problem (a L{usage.UsageError}), not a traceback.
 from __future__ import annotations
 
 from twisted.application import service
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints
 from twisted.python import threadpool, usage
 
 from twisted_mta.config import ConfigError, load_config
@@ -63,10 +63,24 @@ class SpoolLockService(service.Service):
         self.spool.unlock()
 
 
+class OrderedMultiService(service.MultiService):
+    """
+    Stops its children one after another, last started first, waiting for
+    each: listeners close before the queue manager finishes its attempts,
+    and the thread pool those attempts run in stops last.
+    """
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        service.Service.stopService(self)
+        for child in reversed(list(self)):
+            yield defer.maybeDeferred(child.stopService)
+
+
 def make_service(config, reactor) -> service.MultiService:
     from twisted.internet.threads import deferToThreadPool
 
-    top = service.MultiService()
+    top = OrderedMultiService()
     pool = threadpool.ThreadPool(minthreads=2, maxthreads=16, name="mta-io")
     ThreadPoolService(pool).setServiceParent(top)
 
