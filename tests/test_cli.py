@@ -90,16 +90,19 @@ class PluginTests(SynchronousTestCase):
                                  "queue-manager"])
 
     def test_second_instance_on_same_spool(self):
-        """A second instance on the same spool fails with a usage error saying it is in use."""
+        """A second instance on the same spool exits 1 with one line saying the spool is in use."""
         config = make_config(self.mktemp())
         svc = tap.make_service(config, MemoryReactorClock())
         lock = [s for s in svc if isinstance(s, tap.SpoolLockService)][0]
         self.addCleanup(lock.spool.unlock)
         options = tap.Options()
         options["parsed"] = config
-        with self.assertRaises(usage.UsageError) as cm:
+        err = io.StringIO()
+        with redirect_stderr(err), self.assertRaises(SystemExit) as cm:
             tap.makeService(options)
-        self.assertIn("is in use by another process", str(cm.exception))
+        self.assertEqual(cm.exception.code, 1)
+        self.assertIn("is in use by another process", err.getvalue())
+        self.assertEqual(err.getvalue().count("\n"), 1)
 
 
 class JSONLogTests(SynchronousTestCase):

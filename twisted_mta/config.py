@@ -87,6 +87,7 @@ class Limits:
     command_timeout: int = 300
     data_timeout: int = 600
     received_headers: int = 100
+    errors: int = 20
 
 
 @attrs.frozen
@@ -397,6 +398,7 @@ def _limits(t: _Table) -> Limits:
         command_timeout=t.duration("command_timeout", d.command_timeout),
         data_timeout=t.duration("data_timeout", d.data_timeout),
         received_headers=t.positive("received_headers", d.received_headers, 10),
+        errors=t.positive("errors", d.errors, 1),
     )
     t.finish()
     return limits

@@ -4,10 +4,12 @@ C{twistd mta}: options and the service tree.
     twistd -n mta --config conf/example.toml
 
 A bad configuration, certificate or spool stops start-up with one line
-naming the problem (a L{usage.UsageError}), not a traceback.
+naming the problem and a non-zero exit, not a traceback.
 """
 
 from __future__ import annotations
+
+import sys
 
 from twisted.application import service
 from twisted.internet import defer, endpoints
@@ -122,4 +124,7 @@ def makeService(options: Options) -> service.IService:
     try:
         return make_service(options["parsed"], reactor)
     except (SpoolError, TLSSetupError) as e:
-        raise usage.UsageError(str(e))
+        # twistd reports a UsageError from here with a traceback; this is
+        # an operator's mistake, so one line and a non-zero exit instead.
+        sys.stderr.write(f"twistd: {e}\n")
+        raise SystemExit(1)

@@ -576,6 +576,28 @@ class BadInputTests(SynchronousTestCase):
         self.assertEqual(h.queued, [])
         self.assertEqual(h.spool_entries(), [])
 
+    def test_error_limit_disconnects(self):
+        """After the configured number of error replies the client gets 421 4.7.0 and is disconnected."""
+        h = ServerHarness(self, limits={"errors": 3})
+        self.assertEqual(h.send("FOO\r\nFOO\r\n"), ["500 5.5.1 Command unrecognized"] * 2)
+        self.assertFalse(h.transport.disconnecting)
+        self.assertEqual(h.send("FOO\r\nNOOP\r\n"), [
+            "500 5.5.1 Command unrecognized", "421 4.7.0 Too many errors, closing connection"])
+        self.assertTrue(h.transport.disconnecting)
+
+    def test_internal_error_is_451_not_traceback(self):
+        """An unexpected exception in a handler gives the peer 451 4.3.0 (no traceback) and is logged."""
+        h = ServerHarness(self)
+        h.ehlo()
+
+        def broken(arg):
+            raise RuntimeError("boom")
+
+        h.protocol.smtp_NOOP = broken
+        lines = h.send("NOOP\r\n")
+        self.assertEqual(lines, ["451 4.3.0 Local error in processing, try again later"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_queue_write_failure_is_451(self):
         """If the spool cannot store the message, the reply after the dot is 451 4.3.0 and nothing is queued."""
         h = ServerHarness(self)

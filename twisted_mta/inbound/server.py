@@ -102,6 +102,7 @@ class InboundESMTP(smtp.ESMTP):
         self._skipping_line = False
         self._closing = False
         self._counted = False
+        self._errors = 0
         self._reader: DataReader | None = None
         self._writer = None
         self.peer_ip = "unknown"
@@ -175,6 +176,14 @@ class InboundESMTP(smtp.ESMTP):
 
     def send(self, r: Reply) -> None:
         self.transport.write(b"".join(line + b"\r\n" for line in r.lines()))
+        if r.code >= 400 and r.code != 421 and not self._closing:
+            self._errors += 1
+            if self._errors >= self.limits.errors:
+                log.info("too many errors from {peer}; disconnecting", event="inbound.error-limit",
+                         peer=self.peer_ip)
+                self.transport.write(b"".join(
+                    line + b"\r\n" for line in reply.TOO_MANY_ERRORS.lines()))
+                self._close()
 
     def _close(self) -> None:
         self._closing = True
@@ -192,6 +201,21 @@ class InboundESMTP(smtp.ESMTP):
         self._process()
 
     def _process(self) -> None:
+        try:
+            self._consume()
+        except Exception:
+            log.failure("internal error in the session with {peer}",
+                        event="inbound.error", peer=self.peer_ip)
+            if self._writer is not None:
+                self._writer.abort()
+                self._writer = None
+            self._reader = None
+            self._busy = False
+            self._reset_transaction()
+            self.send(reply.LOCAL_ERROR)
+            self._close()
+
+    def _consume(self) -> None:
         while self._inbuf and not self._busy and not self._closing:
             if self._reader is not None:
                 consumed, done = self._reader.feed(self._inbuf)
@@ -218,13 +242,7 @@ class InboundESMTP(smtp.ESMTP):
                 self.send(reply.LINE_TOO_LONG)
                 continue
             self.resetTimeout()
-            try:
-                self._command(line)
-            except Exception:
-                log.failure("internal error handling a command from {peer}",
-                            event="inbound.error", peer=self.peer_ip)
-                self._reset_transaction()
-                self.send(reply.LOCAL_ERROR)
+            self._command(line)
 
     def _command(self, line: bytes) -> None:
         if b"\r" in line or b"\n" in line:
