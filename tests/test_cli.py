@@ -73,10 +73,12 @@ class PluginTests(SynchronousTestCase):
         self.assertEqual(str(cm.exception), "--config FILE is required")
 
     def test_options_report_config_error(self):
-        """A bad configuration is a one-line usage error naming the file."""
-        with self.assertRaises(usage.UsageError) as cm:
+        """A bad configuration exits 1 with one line naming the file, without the usage text."""
+        err = io.StringIO()
+        with redirect_stderr(err), self.assertRaises(SystemExit) as cm:
             tap.Options().parseOptions(["--config", "/nonexistent.toml"])
-        self.assertEqual(str(cm.exception), "/nonexistent.toml: no such file")
+        self.assertEqual(cm.exception.code, 1)
+        self.assertEqual(err.getvalue(), "twistd: /nonexistent.toml: no such file\n")
 
     def test_service_tree(self):
         """make_service builds the thread pool, spool lock, queue manager and one service per listener."""

@@ -32,7 +32,9 @@ class Options(usage.Options):
         try:
             self["parsed"] = load_config(self["config"])
         except ConfigError as e:
-            raise usage.UsageError(str(e))
+            # Not a usage mistake: one line, without twistd's usage text.
+            sys.stderr.write(f"twistd: {e}\n")
+            raise SystemExit(1)
 
 
 class ThreadPoolService(service.Service):

@@ -1,0 +1,3 @@
+"""
+Interop and crash-safety tests: real processes (twistd, Postfix) on loopback.
+"""

@@ -1,0 +1,100 @@
+"""
+STARTTLS interop with Python's smtplib and ssl, certificates from trustme.
+"""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import ssl
+import uuid
+
+import trustme
+from twisted.trial import unittest
+
+from tests.interop.support import (
+    LOCAL_DOMAIN, LOOPBACK, MTA_HOSTNAME, files_containing, make_message, make_tempdir,
+    parse_message, start_mta, wait_for,
+)
+
+SENDER = "sender@client.example.test"
+ALICE = f"alice@{LOCAL_DOMAIN}"
+
+
+def write_server_cert(tmpdir: str) -> trustme.CA:
+    """
+    Write cert.pem (leaf and chain) and key.pem for 127.0.0.1 and the MTA's
+    host name into C{tmpdir}; return the CA that signed them.
+    """
+    ca = trustme.CA()
+    cert = ca.issue_cert(LOOPBACK, MTA_HOSTNAME)
+    with open(os.path.join(tmpdir, "cert.pem"), "wb") as f:
+        for blob in cert.cert_chain_pems:
+            f.write(blob.bytes())
+    cert.private_key_pem.write_to_path(os.path.join(tmpdir, "key.pem"))
+    return ca
+
+
+TLS_CONFIG = '[tls]\ncertificate = "cert.pem"\nkey = "key.pem"\n'
+
+
+class StartTLSTests(unittest.TestCase):
+
+    def test_starttls_with_smtplib(self) -> None:
+        """smtplib upgrades with STARTTLS (certificate verified against the trustme CA), STARTTLS is offered only before TLS, and the delivered Received header says ESMTPS and the negotiated TLS version."""
+        tmp = make_tempdir(self, "mta")
+        ca = write_server_cert(tmp)
+        mta = start_mta(self, tmp, TLS_CONFIG)
+
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        token = uuid.uuid4().hex
+        with smtplib.SMTP(LOOPBACK, mta.port, local_hostname="client.example.test",
+                          timeout=10) as client:
+            code, _ = client.ehlo()
+            self.assertEqual(code, 250)
+            self.assertTrue(client.has_extn("starttls"), client.esmtp_features)
+            code, _ = client.starttls(context=ctx)
+            self.assertEqual(code, 220)
+            version = client.sock.version()
+            self.assertIn(version, ("TLSv1.2", "TLSv1.3"))
+            code, _ = client.ehlo()
+            self.assertEqual(code, 250)
+            self.assertFalse(client.has_extn("starttls"), client.esmtp_features)
+            self.assertTrue(client.has_extn("pipelining"), client.esmtp_features)
+            refused = client.sendmail(SENDER, [ALICE], make_message(token))
+        self.assertEqual(refused, {})
+
+        maildir = mta.maildir("alice")
+        paths = wait_for(lambda: files_containing(maildir, token.encode()), 10,
+                         lambda: f"message not delivered to {maildir}; {mta.describe()}")
+        self.assertEqual(len(paths), 1, paths)
+        received = parse_message(paths[0]).get_all("Received") or []
+        self.assertEqual(len(received), 1, received)
+        self.assertIn(f"by {MTA_HOSTNAME} (twisted-mta) with ESMTPS id", received[0])
+        self.assertIn(f"(using {version} with cipher ", received[0])
+        self.assertIn("from client.example.test ([127.0.0.1])", received[0])
+
+    def test_starttls_refused_by_untrusting_client(self) -> None:
+        """A client that does not trust our CA fails the handshake, and the MTA keeps serving a trusting client afterwards."""
+        tmp = make_tempdir(self, "mta")
+        ca = write_server_cert(tmp)
+        mta = start_mta(self, tmp, TLS_CONFIG)
+
+        client = smtplib.SMTP(LOOPBACK, mta.port, timeout=10)
+        try:
+            client.ehlo()
+            with self.assertRaises(ssl.SSLCertVerificationError):
+                client.starttls(context=ssl.create_default_context())
+        finally:
+            client.close()
+
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        with smtplib.SMTP(LOOPBACK, mta.port, timeout=10) as client:
+            client.ehlo()
+            code, _ = client.starttls(context=ctx)
+            self.assertEqual(code, 220)
+            code, _ = client.noop()
+            self.assertEqual(code, 250)
+        self.assertTrue(mta.running, mta.describe())
