@@ -84,7 +84,7 @@ class CrashDuringDataTests(unittest.TestCase):
         mta = start_mta(self)
         maildir = mta.maildir("alice")
         token = f"crash-b-{uuid.uuid4().hex}"
-        filler = ["x" * 76 for _ in range(1500)]  # ~117 KB: more than the writer's buffer
+        filler = ["x" * 76 for _ in range(4000)]  # ~310 KB: more than the writer keeps in memory
         client = RawSMTP(mta.port)
         try:
             client.start_transaction(SENDER, [ALICE])

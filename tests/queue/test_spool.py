@@ -67,6 +67,32 @@ class SpoolTests(SynchronousTestCase):
         w.abort()
         self.assertEqual(self.listing()["tmp"], [])
 
+    def test_small_message_touches_no_disk_before_commit(self):
+        """Receiving a message below the spill size creates no file (nothing blocks the reactor)."""
+        w = self.spool.new_message()
+        w.write(b"Subject: x\r\n\r\n" + b"y" * 1000)
+        self.assertEqual(self.listing()["tmp"], [])
+
+    def test_large_message_spills_in_order(self):
+        """A message larger than the spill size is written to tmp/ as it arrives and stored intact."""
+        w = self.spool.new_message()
+        pieces = [bytes([65 + i % 26]) * 50000 for i in range(10)]
+        for i, piece in enumerate(pieces):
+            w.write(piece)
+            if i == 3:
+                self.assertEqual(self.listing()["tmp"], [w.queue_id])
+        self.successResultOf(w.commit(envelope(w.queue_id)))
+        with open(os.path.join(self.spool.path, "new", w.queue_id), "rb") as f:
+            self.assertEqual(f.read(), b"".join(pieces))
+
+    def test_abort_after_spill_removes_file(self):
+        """Aborting a message that already spilled to tmp/ removes the file."""
+        w = self.spool.new_message()
+        w.write(b"z" * (w.SPILL * 2))
+        self.assertEqual(len(self.listing()["tmp"]), 1)
+        self.successResultOf(w.abort())
+        self.assertEqual(self.listing()["tmp"], [])
+
     def test_queue_ids_unique(self):
         """Queue ids do not repeat and contain no '/', ':' or leading dot."""
         ids = {self.spool.new_queue_id() for _ in range(1000)}
@@ -93,7 +119,8 @@ class SpoolTests(SynchronousTestCase):
     def test_recover_removes_debris(self):
         """Files in tmp/ at start are debris of unacknowledged messages and are removed."""
         w = self.spool.new_message()
-        w.write(b"half a message")
+        w.write(b"x" * (w.SPILL + 1))
+        self.assertEqual(len(self.listing()["tmp"]), 1)
         report = self.spool.recover()
         self.assertEqual(report.removed_debris, 1)
         self.assertEqual(self.listing()["tmp"], [])

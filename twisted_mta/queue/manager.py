@@ -125,12 +125,8 @@ class QueueManager(service.Service):
     @defer.inlineCallbacks
     def _attempt(self, qid: str):
         envelope = self.entries[qid]
-        message_path = self.spool.message_path(qid)
-        if message_path is None:
-            log.error("queue: message file of {queue_id} vanished", queue_id=qid,
-                      event="queue.error")
-            self._forget(qid)
-            return
+        # The state is known here: no stat() on the reactor thread.
+        message_path = self.spool.path_in(self.states[qid], qid)
         routes = route(envelope, self.directory)
         results = dict(routes.decided)
         if routes.local:
@@ -139,6 +135,11 @@ class QueueManager(service.Service):
                 local = yield self.run_blocking(
                     maildir.deliver, message_path, envelope, routes.local,
                     self.config.hostname, recovering)
+            except FileNotFoundError:
+                log.error("queue: message file of {queue_id} vanished", queue_id=qid,
+                          event="queue.error")
+                self._forget(qid)
+                return
             except Exception as e:
                 outcome = Outcome(451, "4.3.0", f"Local delivery error: {e}")
                 local = {t.address: outcome for t in routes.local}
@@ -203,10 +204,10 @@ class QueueManager(service.Service):
                      delivered=sum(r.state == DELIVERED for r in envelope.recipients),
                      failed=sum(r.state == FAILED for r in envelope.recipients))
             return
-        yield self.run_blocking(self.spool.update, envelope)
-        if self.states.get(qid) == "new":
-            yield self.run_blocking(self.spool.move, qid, "new", "cur")
-            self.states[qid] = "cur"
+        state = self.states.get(qid, "cur")
+        target = "cur" if state == "new" else state
+        yield self.run_blocking(self.spool.update_and_move, envelope, state, target)
+        self.states[qid] = target
         self.entries[qid] = envelope
         self._schedule(qid, envelope.next_attempt)
 

@@ -133,22 +133,60 @@ class QueueIdGenerator:
         return f"{int(now):x}{int((now % 1) * 1e6):05x}{self._pid:x}{next(self._counter):x}".upper()
 
 
-@attrs.define
 class MessageWriter:
     """
-    A message being received into tmp/; L{commit} makes it a queue entry.
+    A message being received; L{commit} makes it a queue entry.
+
+    No file-system call happens on the reactor thread: data is collected in
+    memory and written to C{tmp/} by the I/O threads, in order, whenever
+    more than L{SPILL} octets are waiting, and at commit.  Creating a file
+    under load can block for milliseconds on the directory lock, which would
+    stall every other session.
     """
 
-    spool: "Spool"
-    queue_id: str
-    path: str
-    _file: object
-    size: int = 0
-    closed: bool = False
+    SPILL = 128 * 1024
+
+    def __init__(self, spool: "Spool", queue_id: str) -> None:
+        self.spool = spool
+        self.queue_id = queue_id
+        self.path = os.path.join(spool.path, "tmp", queue_id)
+        self.size = 0
+        self.closed = False
+        self._chunks: list[bytes] = []
+        self._waiting = 0
+        self._fd: int | None = None
+        # Every disk operation of this message runs after the previous one.
+        self._tail: defer.Deferred = defer.succeed(None)
 
     def write(self, data: bytes) -> None:
-        self._file.write(data)
+        self._chunks.append(data)
+        self._waiting += len(data)
         self.size += len(data)
+        if self._waiting > self.SPILL:
+            self._then(self._append, self._take())
+
+    def _take(self) -> bytes:
+        data = b"".join(self._chunks)
+        self._chunks = []
+        self._waiting = 0
+        return data
+
+    def _then(self, f, *args) -> defer.Deferred:
+        run = self.spool.run_blocking
+        self._tail = self._tail.addCallback(lambda _: run(f, *args))
+        return self._tail
+
+    def _append(self, data: bytes) -> None:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def commit(self, envelope: Envelope) -> defer.Deferred:
         """
@@ -157,37 +195,48 @@ class MessageWriter:
         self.closed = True
         spool = self.spool
         qid = self.queue_id
-        fh = self._file
+        rest = self._take()
 
         def durable() -> None:
             try:
-                fh.flush()
-                os.fsync(fh.fileno())
+                self._append(rest)
+                os.fsync(self._fd)
             finally:
-                fh.close()
+                self._close_fd()
             env_tmp = os.path.join(spool.path, "tmp", qid + ".json")
             write_file_durably(env_tmp, envelope.to_json())
             os.rename(env_tmp, spool.envelope_path(qid))
             os.rename(self.path, os.path.join(spool.path, "new", qid))
 
-        d = spool.run_blocking(durable)
+        d = self._then(durable)
         d.addCallback(lambda _: spool.group_sync.sync())
         d.addCallback(lambda _: envelope)
         d.addErrback(self._failed)
         return d
 
     def _failed(self, failure):
-        self.spool.discard_debris(self.queue_id)
-        return failure
+        d = self.spool.run_blocking(self._discard)
+        d.addBoth(lambda _: failure)
+        return d
 
-    def abort(self) -> None:
+    def _discard(self) -> None:
+        self._close_fd()
+        self.spool.discard_debris(self.queue_id)
+
+    def abort(self) -> defer.Deferred:
+        """
+        Drop the message; its partial file (if any) is removed off-thread.
+        """
         if self.closed:
-            return
+            return defer.succeed(None)
         self.closed = True
-        try:
-            self._file.close()
-        finally:
-            self.spool.discard_debris(self.queue_id)
+        self._chunks = []
+        # Run even if an earlier write failed.
+        self._tail.addErrback(lambda f: None)
+        d = self._then(self._discard)
+        d.addErrback(lambda f: log.failure("spool: could not remove the partial message {queue_id}",
+                                           f, queue_id=self.queue_id, event="queue.error"))
+        return d
 
 
 @attrs.frozen
@@ -252,10 +301,7 @@ class Spool:
     # -- writing ----------------------------------------------------------
 
     def new_message(self) -> MessageWriter:
-        qid = self.new_queue_id()
-        path = os.path.join(self.path, "tmp", qid)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        return MessageWriter(self, qid, path, os.fdopen(fd, "wb", buffering=65536))
+        return MessageWriter(self, self.new_queue_id())
 
     def discard_debris(self, queue_id: str) -> None:
         for name in (queue_id, queue_id + ".json"):
@@ -297,6 +343,18 @@ class Spool:
 
     def move(self, queue_id: str, src: str, dst: str) -> None:
         os.rename(os.path.join(self.path, src, queue_id), os.path.join(self.path, dst, queue_id))
+
+    def path_in(self, state: str, queue_id: str) -> str:
+        return os.path.join(self.path, state, queue_id)
+
+    def update_and_move(self, envelope: Envelope, src: str, dst: str) -> None:
+        """
+        L{update}, then move the message between state directories, in one
+        blocking job (one trip through the thread pool).
+        """
+        self.update(envelope)
+        if src != dst:
+            self.move(envelope.queue_id, src, dst)
 
     # -- reading ----------------------------------------------------------
 
