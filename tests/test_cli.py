@@ -124,6 +124,26 @@ class JSONLogTests(SynchronousTestCase):
         self.assertEqual(mine[0]["event"], "inbound.queued")
 
 
+class BacklogTests(SynchronousTestCase):
+    def test_default_backlog_added(self):
+        """TCP listeners get a listen backlog of 1024 unless the endpoint sets one."""
+        self.assertEqual(tap.with_backlog("tcp:25"), "tcp:25:backlog=1024")
+        self.assertEqual(tap.with_backlog("tcp6:25:interface=\\:\\:"),
+                         "tcp6:25:interface=\\:\\::backlog=1024")
+        self.assertEqual(tap.with_backlog("tcp:25:backlog=10"), "tcp:25:backlog=10")
+        self.assertEqual(tap.with_backlog("unix:/run/mta.sock"), "unix:/run/mta.sock")
+
+    def test_backlog_reaches_listen(self):
+        """The listener is opened with that backlog."""
+        reactor = MemoryReactorClock()
+        config = make_config(self.mktemp(), listeners=[{"role": "mx", "endpoint": "tcp:2525"}])
+        svc = tap.make_service(config, reactor)
+        lock = [s for s in svc if isinstance(s, tap.SpoolLockService)][0]
+        self.addCleanup(lock.spool.unlock)
+        svc.getServiceNamed("listener-mx-tcp:2525").startService()
+        self.assertEqual(reactor.tcpServers[0][2], 1024)
+
+
 class StopOrderTests(SynchronousTestCase):
     def test_children_stop_in_reverse_one_after_another(self):
         """The next child stops only after the previous one's stop has finished."""

@@ -103,13 +103,29 @@ def make_service(config, reactor) -> service.MultiService:
     for listener in config.listeners:
         factory = InboundFactory(config, listener.role, spool, reactor,
                                  on_queued=manager.enqueue, tls_context=ctx)
-        endpoint = endpoints.serverFromString(reactor, listener.endpoint)
+        endpoint = endpoints.serverFromString(reactor, with_backlog(listener.endpoint))
         if listener.role == "submissions":
             endpoint = endpoints.wrapServerTLS(ctx, endpoint)
         svc = _endpoint_service(endpoint, factory)
         svc.setName(f"listener-{listener.role}-{listener.endpoint}")
         svc.setServiceParent(top)
     return top
+
+
+DEFAULT_BACKLOG = 1024
+
+
+def with_backlog(description: str) -> str:
+    """
+    Add a listen backlog to TCP endpoint strings that set none.
+
+    Twisted's default of 50 drops connection attempts when many clients
+    connect at once; each dropped SYN costs the client a one-second retry.
+    """
+    kind = description.split(":", 1)[0].lower()
+    if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in description:
+        return description + f":backlog={DEFAULT_BACKLOG}"
+    return description
 
 
 def _endpoint_service(endpoint, factory):
