@@ -129,11 +129,7 @@ class ServerHarness:
         assert self.send(b"DATA\r\n") == ["354 End data with <CR><LF>.<CR><LF>"]
 
     def queued_messages(self) -> list[bytes]:
-        out = []
-        for env in self.queued:
-            with open(self.spool.message_path(env.queue_id), "rb") as f:
-                out.append(f.read())
-        return out
+        return [self.spool.read_message(env.queue_id) for env in self.queued]
 
     def spool_entries(self) -> list[str]:
         names = []

@@ -17,11 +17,12 @@ class MaildirTests(SynchronousTestCase):
         self.base = self.mktemp()
         os.makedirs(self.base)
         self.msg = os.path.join(self.base, "queued")
-        with open(self.msg, "wb") as f:
-            f.write(b"Received: from x\r\n\tby y; date\r\nSubject: hi\r\n\r\nbody\r\n")
         self.env = Envelope(queue_id="Q1", sender="s@remote.test",
                             recipients=(Recipient("alice@example.test"), Recipient("bob@example.test")),
                             arrival=1_800_000_000.25)
+        with open(self.msg, "wb") as f:
+            f.write(self.env.to_header())
+            f.write(b"Received: from x\r\n\tby y; date\r\nSubject: hi\r\n\r\nbody\r\n")
 
     def target(self, index, user):
         return LocalTarget(index=index, address=f"{user}@example.test",
@@ -31,7 +32,7 @@ class MaildirTests(SynchronousTestCase):
         return os.listdir(os.path.join(self.base, user, "Maildir", sub))
 
     def test_delivers_with_return_path_and_delivered_to(self):
-        """The copy starts with Return-Path and Delivered-To, uses LF line ends, and sits in new/."""
+        """The copy starts with Return-Path and Delivered-To, has no envelope header, uses LF line ends, and sits in new/."""
         result = deliver(self.msg, self.env, [self.target(0, "alice")], "mx.example.test")
         self.assertEqual(result["alice@example.test"].code, 250)
         [name] = self.files("alice")

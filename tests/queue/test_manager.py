@@ -39,10 +39,11 @@ class ManagerTests(SynchronousTestCase):
 
     def queue(self, rcpts, body=b"Subject: t\r\n\r\nhello\r\n", sender="s@remote.test"):
         w = self.spool.new_message()
-        w.write(body)
         env = Envelope(queue_id=w.queue_id, sender=sender,
                        recipients=tuple(Recipient(address=r) for r in rcpts),
                        arrival=self.clock.seconds(), next_attempt=self.clock.seconds())
+        w.write(env.to_header())
+        w.write(body)
         return self.successResultOf(w.commit(env))
 
     def maildir_files(self, user):

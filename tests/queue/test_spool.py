@@ -28,8 +28,9 @@ class SpoolTests(SynchronousTestCase):
 
     def commit(self, body=b"Subject: x\r\n\r\nbody\r\n"):
         w = self.spool.new_message()
-        w.write(body)
         env = envelope(w.queue_id)
+        w.write(env.to_header())
+        w.write(body)
         self.assertEqual(self.successResultOf(w.commit(env)), env)
         return w.queue_id
 
@@ -39,26 +40,34 @@ class SpoolTests(SynchronousTestCase):
             self.assertTrue(os.path.isdir(os.path.join(self.spool.path, d)), d)
 
     def test_commit_moves_message_and_envelope_into_place(self):
-        """After commit the message is in new/, its envelope in envelopes/, tmp/ is empty."""
+        """After commit the entry is one file in new/: envelope header, then the message; tmp/ is empty."""
         qid = self.commit()
         self.assertEqual(self.listing()["new"], [qid])
-        self.assertEqual(self.listing()["envelopes"], [qid + ".json"])
+        self.assertEqual(self.listing()["envelopes"], [])
         self.assertEqual(self.listing()["tmp"], [])
         with open(os.path.join(self.spool.path, "new", qid), "rb") as f:
-            self.assertEqual(f.read(), b"Subject: x\r\n\r\nbody\r\n")
-        self.assertEqual(self.spool.load(qid).recipients[0].address, "alice@example.test")
+            self.assertTrue(f.read().startswith(b"X-Twisted-MTA-Envelope: "))
+        self.assertEqual(self.spool.read_message(qid), b"Subject: x\r\n\r\nbody\r\n")
+        self.assertEqual(self.spool.load(qid), envelope(qid))
 
     def test_commit_fsyncs_before_firing(self):
-        """The commit's Deferred fires only after file and directory fsyncs happened."""
+        """The commit's Deferred fires only after the file and new/ were fsync'd."""
         calls = []
         real_fsync = os.fsync
         self.patch(os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd)))
         w = self.spool.new_message()
-        w.write(b"x\r\n")
+        w.write(envelope(w.queue_id).to_header())
         d = w.commit(envelope(w.queue_id))
         self.successResultOf(d)
-        # message file, envelope file, envelopes/ and new/ directories
-        self.assertEqual(len(calls), 4)
+        self.assertEqual(len(calls), 2)
+
+    def test_state_file_overrides_header(self):
+        """After update() the entry's envelope is the state file's, not the header's."""
+        qid = self.commit()
+        import attrs
+        self.spool.update(attrs.evolve(self.spool.load(qid), attempts=2))
+        self.assertEqual(self.spool.load(qid).attempts, 2)
+        self.assertEqual(self.listing()["envelopes"], [qid + ".json"])
 
     def test_abort_leaves_nothing(self):
         """An aborted message leaves no file behind."""
@@ -81,7 +90,7 @@ class SpoolTests(SynchronousTestCase):
             w.write(piece)
             if i == 3:
                 self.assertEqual(self.listing()["tmp"], [w.queue_id])
-        self.successResultOf(w.commit(envelope(w.queue_id)))
+        self.successResultOf(w.commit(envelope(w.queue_id)))  # raw body: no header parsing here
         with open(os.path.join(self.spool.path, "new", w.queue_id), "rb") as f:
             self.assertEqual(f.read(), b"".join(pieces))
 
@@ -125,31 +134,45 @@ class SpoolTests(SynchronousTestCase):
         self.assertEqual(report.removed_debris, 1)
         self.assertEqual(self.listing()["tmp"], [])
 
-    def test_recover_removes_orphan_envelope(self):
-        """An envelope without a message (crash between the two renames) is removed."""
+    def test_recover_removes_orphan_state_file(self):
+        """A state file without its queue file (crash during removal) is removed."""
         qid = self.commit()
+        self.spool.update(self.spool.load(qid))
         os.unlink(os.path.join(self.spool.path, "new", qid))
         report = self.spool.recover()
         self.assertEqual(report.removed_orphans, 1)
         self.assertEqual(self.listing()["envelopes"], [])
 
-    def test_recover_quarantines_message_without_envelope(self):
-        """A message without an envelope is moved to corrupt/, never deleted."""
-        qid = self.commit()
-        os.unlink(self.spool.envelope_path(qid))
+    def test_recover_quarantines_file_without_envelope(self):
+        """A queue file without a readable envelope header is moved to corrupt/, never deleted."""
+        path = os.path.join(self.spool.path, "new", "STRAY")
+        with open(path, "wb") as f:
+            f.write(b"Subject: no envelope\r\n\r\n")
         report = self.spool.recover()
-        self.assertEqual(report.quarantined, (qid,))
-        self.assertEqual(self.listing()["corrupt"], [qid])
+        self.assertEqual(report.quarantined, ("STRAY",))
+        self.assertEqual(self.listing()["corrupt"], ["STRAY"])
         self.assertEqual(self.listing()["new"], [])
 
-    def test_recover_quarantines_bad_envelope(self):
-        """An unreadable envelope moves message and envelope to corrupt/."""
+    def test_recover_quarantines_damaged_header(self):
+        """A queue file whose envelope header does not decode is quarantined with its state file."""
         qid = self.commit()
-        with open(self.spool.envelope_path(qid), "wb") as f:
-            f.write(b"{not json")
+        self.spool.update(self.spool.load(qid))
+        path = os.path.join(self.spool.path, "new", qid)
+        with open(path, "r+b") as f:
+            f.seek(30)
+            f.write(b"!!!!")
         report = self.spool.recover()
         self.assertEqual(report.quarantined, (qid,))
         self.assertEqual(self.listing()["corrupt"], sorted([qid, qid + ".json"]))
+
+    def test_recover_unreadable_state_falls_back_to_header(self):
+        """A torn state file (not fsync'd before a crash) falls back to the envelope in the queue file."""
+        qid = self.commit()
+        with open(self.spool.envelope_path(qid), "wb") as f:
+            f.write(b"")
+        report = self.spool.recover()
+        self.assertEqual(report.quarantined, ())
+        self.assertEqual([e for e, _ in report.entries], [envelope(qid)])
         self.assertEqual(self.listing()["envelopes"], [])
 
     def test_recover_returns_live_entries_with_state(self):
@@ -162,12 +185,13 @@ class SpoolTests(SynchronousTestCase):
                          sorted([(a, "new"), (b, "cur"), (c, "hold")]))
 
     def test_update_replaces_envelope(self):
-        """update() replaces the envelope atomically."""
+        """update() replaces the state atomically and leaves nothing in tmp/."""
         qid = self.commit()
         env = self.spool.load(qid)
         import attrs
         self.spool.update(attrs.evolve(env, attempts=3))
-        self.assertEqual(self.spool.load(qid).attempts, 3)
+        self.spool.update(attrs.evolve(env, attempts=4))
+        self.assertEqual(self.spool.load(qid).attempts, 4)
         self.assertEqual(self.listing()["tmp"], [])
 
     def test_remove(self):
@@ -187,6 +211,17 @@ class EnvelopeTests(SynchronousTestCase):
                                                       outcome=Outcome(250, "2.0.0", "ok"),
                                                       done_at=5.0)})
         self.assertEqual(Envelope.from_json(env.to_json()), env)
+
+    def test_header_round_trip(self):
+        """The envelope header decodes to the same envelope and gives the message offset."""
+        from twisted_mta.queue.envelope import from_header, header_end
+        env = envelope("Q2", tuple(f"user{i}@example.test" for i in range(100)))
+        data = env.to_header() + b"Subject: x\r\n\r\nbody\r\n"
+        self.assertTrue(all(len(line) <= 998 for line in data.split(b"\r\n")))
+        decoded, offset = from_header(data)
+        self.assertEqual(decoded, env)
+        self.assertEqual(data[offset:], b"Subject: x\r\n\r\nbody\r\n")
+        self.assertEqual(header_end(data[:100]), -1)
 
     def test_version_checked(self):
         """An envelope of an unknown version is refused."""

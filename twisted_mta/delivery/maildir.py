@@ -19,7 +19,7 @@ from typing import Iterable
 
 import attrs
 
-from twisted_mta.queue.envelope import Envelope, Outcome
+from twisted_mta.queue.envelope import Envelope, Outcome, from_header
 from twisted_mta.queue.spool import fsync_dir, write_file_durably
 
 DELIVERED = Outcome(250, "2.0.0", "Delivered to Maildir")
@@ -72,7 +72,8 @@ def deliver(message_path: str, envelope: Envelope, targets: Iterable[LocalTarget
         already have been delivered and read (moved to cur/) by the user.
     """
     with open(message_path, "rb") as f:
-        body = f.read().replace(b"\r\n", b"\n")
+        data = f.read()
+    body = data[from_header(data)[1]:].replace(b"\r\n", b"\n")
     sender = envelope.sender
     results: dict[str, Outcome] = {}
     for target in targets:

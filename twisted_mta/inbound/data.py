@@ -14,7 +14,6 @@ going to the real end of data so the session stays in step with the client.
 
 from __future__ import annotations
 
-import re
 from typing import Callable
 
 from twisted_mta import reply
@@ -42,8 +41,6 @@ class DataReader:
         self._skipping_tail = False  # inside the rest of an over-long line
         self._in_headers = True
         self._fast_until = 0  # buffer offset below which the fast path failed
-        # A line is too long when its octets before LF reach max_line.
-        self._long_line = re.compile(rb"[^\n]{%d}" % max_line)
         self.size = 0
         self.received_count = 0
         self.error: Reply | None = None
@@ -112,7 +109,8 @@ class DataReader:
         seg = buf[pos:end]
         crlf = seg.count(b"\r\n")
         if (seg.count(b"\r") != crlf or seg.count(b"\n") != crlf or b"\x00" in seg
-                or self._long_line.search(seg) is not None
+                or (len(seg) > self._max_line
+                    and max(map(len, seg.split(b"\r\n"))) + 2 > self._max_line)
                 or self.size + len(seg) > self._max_size):
             self._fast_until = end
             return pos

@@ -24,6 +24,7 @@ import ipaddress
 from collections import Counter
 from typing import Any, Callable
 
+import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, ITLSTransport
 from twisted.logger import Logger
@@ -105,6 +106,7 @@ class InboundESMTP(smtp.ESMTP):
         self._errors = 0
         self._reader: DataReader | None = None
         self._writer = None
+        self._envelope: Envelope | None = None
         self.peer_ip = "unknown"
         self.helo_name: str | None = None
         self.esmtp = False
@@ -435,13 +437,9 @@ class InboundESMTP(smtp.ESMTP):
         if not self.recipients:
             self.send(reply.NO_VALID_RECIPIENTS)
             return
-        try:
-            self._writer = self.factory.spool.new_message()
-        except OSError as e:
-            log.error("cannot open a queue file: {error}", event="inbound.queue-error",
-                      error=str(e))
-            self.send(reply.QUEUE_WRITE_ERROR)
-            return
+        self._writer = self.factory.spool.new_message()
+        self._envelope = self._make_envelope(self._writer.queue_id)
+        self._writer.write(self._envelope.to_header())
         self._writer.write(self._received_header(self._writer.queue_id))
         self._reader = DataReader(
             self._writer.write,
@@ -452,6 +450,21 @@ class InboundESMTP(smtp.ESMTP):
         )
         self.setTimeout(self.limits.data_timeout)
         self.send(reply.START_INPUT)
+
+    def _make_envelope(self, queue_id: str) -> Envelope:
+        now = self.factory.clock.seconds()
+        client = {"helo": self.helo_name or "", "ip": self.peer_ip,
+                  "protocol": self.protocol_name, "listener": self.factory.role}
+        if self.tls_info:
+            client["tls"] = f"{self.tls_info['version']} {self.tls_info['cipher']}"
+        return Envelope(
+            queue_id=queue_id,
+            sender=str(self.sender) if self.sender is not None else "",
+            recipients=tuple(self.recipients),
+            arrival=now,
+            client=client,
+            next_attempt=now,
+        )
 
     def _received_header(self, queue_id: str) -> bytes:
         helo = self.helo_name or "unknown"
@@ -478,20 +491,7 @@ class InboundESMTP(smtp.ESMTP):
             self._reset_transaction()
             self.send(reader.error)
             return
-        now = self.factory.clock.seconds()
-        client = {"helo": self.helo_name or "", "ip": self.peer_ip,
-                  "protocol": self.protocol_name, "listener": self.factory.role}
-        if self.tls_info:
-            client["tls"] = f"{self.tls_info['version']} {self.tls_info['cipher']}"
-        envelope = Envelope(
-            queue_id=writer.queue_id,
-            sender=str(self.sender) if self.sender is not None else "",
-            recipients=tuple(self.recipients),
-            arrival=now,
-            size=writer.size,
-            client=client,
-            next_attempt=now,
-        )
+        envelope = attrs.evolve(self._envelope, size=reader.size)
         self._busy = True
         d = writer.commit(envelope)
         d.addCallbacks(self._queued, self._queue_failed)

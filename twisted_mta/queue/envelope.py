@@ -1,13 +1,18 @@
 """
 The queue envelope: sender, recipients with per-recipient state, and the
-retry bookkeeping, stored as versioned JSON beside the message.
+retry bookkeeping, as versioned JSON.
 
 JSON (never pickle) so an operator can read it and a future version can
-migrate it; C{version} says which layout a file has.
+migrate it; C{version} says which layout it has.  The envelope as accepted
+travels inside the queue file as its first header field (L{to_header}), so
+one file and one fsync make an entry durable; later states are written to
+C{envelopes/<id>.json} beside it (see L{twisted_mta.queue.spool}).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from typing import Any
 
@@ -21,10 +26,49 @@ FAILED = "failed"
 STATES = (PENDING, DELIVERED, FAILED)
 
 
+HEADER_NAME = b"X-Twisted-MTA-Envelope"
+
+
 class EnvelopeError(ValueError):
     """
-    An envelope file cannot be understood.
+    An envelope cannot be understood.
     """
+
+
+def header_end(data: bytes) -> int:
+    """
+    The offset just past the envelope header field at the start of a queue
+    file, or -1 when C{data} does not yet hold all of it.  Raise
+    L{EnvelopeError} when the file does not start with one.
+    """
+    if not data.startswith(HEADER_NAME + b": "):
+        if len(data) < len(HEADER_NAME) + 2 and (HEADER_NAME + b": ").startswith(data):
+            return -1
+        raise EnvelopeError("the queue file does not start with its envelope")
+    pos = 0
+    while True:
+        idx = data.find(b"\r\n", pos)
+        if idx < 0 or idx + 2 >= len(data):
+            return -1
+        if data[idx + 2:idx + 3] != b"\t":
+            return idx + 2
+        pos = idx + 2
+
+
+def from_header(data: bytes) -> tuple["Envelope", int]:
+    """
+    Parse the envelope header at the start of C{data} (which must hold all
+    of it); return the envelope and the offset where the message starts.
+    """
+    end = header_end(data)
+    if end < 0:
+        raise EnvelopeError("the envelope header is incomplete")
+    value = data[len(HEADER_NAME) + 2:end]
+    try:
+        raw = base64.b64decode(b"".join(value.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise EnvelopeError(f"envelope header is not base64: {e}")
+    return Envelope.from_json(raw), end
 
 
 @attrs.frozen
@@ -88,6 +132,17 @@ class Envelope:
 
     def to_json(self) -> bytes:
         return json.dumps(_dump(self), sort_keys=True, indent=1).encode("utf-8")
+
+    def to_header(self) -> bytes:
+        """
+        The envelope as a folded header field, to start the queue file:
+        base64 of compact JSON in lines of 76, so the file stays a valid
+        RFC 5322 message that any Maildir reader can open.
+        """
+        raw = json.dumps(_dump(self), sort_keys=True, separators=(",", ":")).encode("utf-8")
+        b64 = base64.b64encode(raw)
+        lines = [b64[i:i + 76] for i in range(0, len(b64), 76)]
+        return HEADER_NAME + b": " + b"\r\n\t".join(lines) + b"\r\n"
 
     @classmethod
     def from_json(cls, data: bytes) -> "Envelope":

@@ -64,7 +64,7 @@ class QueueManager(service.Service):
         self._stopping = False
         report = self.spool.recover()
         log.info("queue: {count} entries in {spool} ({debris} debris and {orphans} orphan "
-                 "envelopes removed, {quarantined} quarantined)", event="queue.recovered",
+                 "state files removed, {quarantined} quarantined)", event="queue.recovered",
                  count=len(report.entries), spool=self.spool.path,
                  debris=report.removed_debris, orphans=report.removed_orphans,
                  quarantined=len(report.quarantined))

@@ -8,16 +8,22 @@ Layout under the spool directory::
     new/        accepted, not yet attempted       (a real Maildir: tmp/new/cur)
     cur/        attempted at least once, deferred
     hold/       held by the operator
-    corrupt/    quarantined: unreadable envelope or a message without one
-    envelopes/  <queue id>.json, the envelope of every entry above
+    corrupt/    quarantined: a queue file whose envelope cannot be read
+    envelopes/  <queue id>.json: the entry's current state, once it changed
     lock        held (flock) by the one process that owns the spool
 
-Store before 250: L{MessageWriter.commit} fires only after the message and
-its envelope were fsync'd, renamed into place and both directories fsync'd.
-The envelope is renamed first, so a crash leaves either a complete entry, an
-envelope without a message (never acknowledged: removed at start), or debris
-in tmp/ (removed at start).  A message without an envelope cannot come from
-a commit and is quarantined, never deleted.
+A queue file is the message as received, preceded by one header field,
+C{X-Twisted-MTA-Envelope}, holding the envelope as accepted (sender,
+recipients, arrival, client).  So an entry is one file, and store before
+250 costs one file fsync: L{MessageWriter.commit} fires only after the file
+was fsync'd, renamed into new/ and new/ fsync'd (shared by every commit
+waiting at that moment).  A crash leaves a complete entry or debris in tmp/.
+
+Later states (delivered and failed recipients, attempts, next attempt) go
+to C{envelopes/<id>.json}, written to tmp/ and renamed over the old one,
+without fsync: losing or tearing one after a crash falls back to the
+envelope in the queue file, which only repeats attempts, and local delivery
+is idempotent (see L{twisted_mta.delivery.maildir}).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_mta.queue.envelope import Envelope, EnvelopeError
+from twisted_mta.queue.envelope import Envelope, EnvelopeError, from_header, header_end
 
 log = Logger()
 
@@ -77,6 +83,21 @@ def write_file_durably(path: str, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_envelope_header(path: str) -> Envelope:
+    """
+    The envelope a queue file was accepted with, reading only its head.
+    """
+    with open(path, "rb") as f:
+        data = b""
+        while True:
+            more = f.read(65536)
+            data += more
+            if header_end(data) >= 0:
+                return from_header(data)[0]
+            if not more:
+                raise EnvelopeError("the envelope header is incomplete")
 
 
 class _GroupSync:
@@ -190,7 +211,10 @@ class MessageWriter:
 
     def commit(self, envelope: Envelope) -> defer.Deferred:
         """
-        Make the message and C{envelope} durable; fires with the envelope.
+        Make the entry durable; fires with C{envelope}, the in-memory state.
+
+        The envelope the entry will be recovered with is the header written
+        first (L{Envelope.to_header}), not this argument.
         """
         self.closed = True
         spool = self.spool
@@ -203,9 +227,6 @@ class MessageWriter:
                 os.fsync(self._fd)
             finally:
                 self._close_fd()
-            env_tmp = os.path.join(spool.path, "tmp", qid + ".json")
-            write_file_durably(env_tmp, envelope.to_json())
-            os.rename(env_tmp, spool.envelope_path(qid))
             os.rename(self.path, os.path.join(spool.path, "new", qid))
 
         d = self._then(durable)
@@ -257,7 +278,7 @@ class Spool:
         self.path = os.path.abspath(path)
         self.run_blocking = run_blocking
         self.new_queue_id = new_queue_id or QueueIdGenerator()
-        self.group_sync = _GroupSync(run_blocking, (self._dir("envelopes"), self._dir("new")))
+        self.group_sync = _GroupSync(run_blocking, (self._dir("new"),))
         self._lock_fd: int | None = None
 
     def _dir(self, name: str) -> str:
@@ -312,24 +333,22 @@ class Spool:
 
     def update(self, envelope: Envelope) -> None:
         """
-        Replace an entry's envelope atomically (blocking; call via run_blocking).
+        Record an entry's new state (blocking; call via run_blocking).
 
-        The directory is not fsync'd: losing an update only repeats work
-        that delivery makes idempotent.
+        Written to tmp/ and renamed into envelopes/, so readers see the old
+        or the new state, never half of one; not fsync'd (see the module
+        docstring for why that is safe).
         """
         qid = envelope.queue_id
         tmp = os.path.join(self.path, "tmp", qid + ".json")
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        write_file_durably(tmp, envelope.to_json())
+        with open(tmp, "wb") as f:
+            f.write(envelope.to_json())
         os.rename(tmp, self.envelope_path(qid))
 
     def remove(self, queue_id: str) -> None:
         """
-        Delete a finished entry: message first, so a crash leaves an orphan
-        envelope (cleaned at start) rather than an unexplained message.
+        Delete a finished entry: the queue file first, so a crash leaves at
+        most an orphan state file (removed at start).
         """
         for state in STATE_DIRS:
             try:
@@ -372,8 +391,30 @@ class Spool:
         return None
 
     def load(self, queue_id: str) -> Envelope:
-        with open(self.envelope_path(queue_id), "rb") as f:
-            return Envelope.from_json(f.read())
+        """
+        The entry's current envelope: its state file when there is a
+        readable one, else the envelope in its queue file.
+        """
+        try:
+            with open(self.envelope_path(queue_id), "rb") as f:
+                return Envelope.from_json(f.read())
+        except (FileNotFoundError, EnvelopeError):
+            pass
+        path = self.message_path(queue_id)
+        if path is None:
+            raise FileNotFoundError(f"no queue entry {queue_id}")
+        return read_envelope_header(path)
+
+    def read_message(self, queue_id: str) -> bytes:
+        """
+        The message of an entry, without the envelope header.
+        """
+        path = self.message_path(queue_id)
+        if path is None:
+            raise FileNotFoundError(f"no queue entry {queue_id}")
+        with open(path, "rb") as f:
+            data = f.read()
+        return data[from_header(data)[1]:]
 
     def _names(self, name: str) -> Iterator[str]:
         with os.scandir(self._dir(name)) as it:
@@ -405,24 +446,30 @@ class Spool:
         quarantined = []
         entries = []
         for qid, state in sorted(messages.items()):
-            if qid not in envelope_ids:
-                self.move(qid, state, "corrupt")
-                quarantined.append(qid)
-                log.warn("spool: message {queue_id} has no envelope; moved to corrupt/",
-                         queue_id=qid, event="queue.quarantined")
-                continue
             try:
-                env = self.load(qid)
+                baseline = read_envelope_header(os.path.join(self.path, state, qid))
             except (EnvelopeError, OSError) as e:
                 self.move(qid, state, "corrupt")
-                os.rename(self.envelope_path(qid), os.path.join(self.path, "corrupt", qid + ".json"))
+                if qid in envelope_ids:
+                    os.rename(self.envelope_path(qid),
+                              os.path.join(self.path, "corrupt", qid + ".json"))
                 quarantined.append(qid)
-                log.warn("spool: envelope of {queue_id} is unreadable ({error}); moved to corrupt/",
-                         queue_id=qid, error=str(e), event="queue.quarantined")
+                log.warn("spool: queue file {queue_id} has no readable envelope ({error}); "
+                         "moved to corrupt/", queue_id=qid, error=str(e),
+                         event="queue.quarantined")
                 continue
+            env = baseline
+            if qid in envelope_ids:
+                try:
+                    with open(self.envelope_path(qid), "rb") as f:
+                        env = Envelope.from_json(f.read())
+                except (EnvelopeError, OSError) as e:
+                    os.unlink(self.envelope_path(qid))
+                    log.warn("spool: state of {queue_id} is unreadable ({error}); starting "
+                             "again from the envelope it was accepted with",
+                             queue_id=qid, error=str(e), event="queue.state-lost")
             entries.append((env, state))
-        if debris or orphans or quarantined:
-            for d in ("corrupt", "envelopes"):
-                fsync_dir(self._dir(d))
+        if quarantined:
+            fsync_dir(self._dir("corrupt"))
         return RecoveryReport(entries=tuple(entries), removed_debris=debris,
                               removed_orphans=orphans, quarantined=tuple(quarantined))
