@@ -86,9 +86,11 @@ class ManagerTests(SynchronousTestCase):
         self.clock.advance(59)
         self.assertEqual(self.spool.load(env.queue_id).attempts, 1)
         self.clock.advance(1)
-        stored = self.spool.load(env.queue_id)
-        self.assertEqual(stored.attempts, 2)
-        self.assertEqual(stored.next_attempt, T0 + 60 + 600)
+        current = m.entries[env.queue_id]
+        self.assertEqual(current.attempts, 2)
+        self.assertEqual(current.next_attempt, T0 + 60 + 600)
+        # A pure deferral records the next attempt in the queue file's mtime.
+        self.assertEqual(os.stat(self.spool.message_path(env.queue_id)).st_mtime, T0 + 660)
         self.assertEqual(len(self.maildir_files("alice")), 1)
 
     def test_expiry_fails_pending_recipients(self):
@@ -102,21 +104,51 @@ class ManagerTests(SynchronousTestCase):
         self.assertIsNone(self.spool.message_path(env.queue_id))
         self.assertEqual(m.entries, {})
 
+    def restart(self, m):
+        self.successResultOf(m.stopService())
+        m2 = QueueManager(self.config, self.spool, self.clock, run_blocking=self.run_blocking)
+        m2.startService()
+        self.addCleanup(m2.stopService)
+        return m2
+
     def test_restart_keeps_attempts_and_next_attempt(self):
-        """A restart rebuilds the schedule from the envelopes: attempts and next attempt are kept."""
+        """A clean restart keeps each entry's attempts and next attempt (written at stop)."""
         m = self.manager()
         env = self.queue(["x@elsewhere.test"])
         m.enqueue(env)
         self.clock.advance(0)
-        m.stopService()
-        m2 = QueueManager(self.config, self.spool, self.clock, run_blocking=self.run_blocking)
-        m2.startService()
-        self.addCleanup(m2.stopService)
-        self.assertEqual(m2.entries[env.queue_id].attempts, 1)
-        self.clock.advance(59)
-        self.assertEqual(self.spool.load(env.queue_id).attempts, 1)
+        self.clock.advance(60)
+        m2 = self.restart(m)
+        self.assertEqual(m2.entries[env.queue_id].attempts, 2)
+        self.assertEqual(m2.entries[env.queue_id].next_attempt, T0 + 660)
+        self.clock.advance(599)
+        self.assertEqual(m2.entries[env.queue_id].attempts, 2)
         self.clock.advance(1)
-        self.assertEqual(self.spool.load(env.queue_id).attempts, 2)
+        self.assertEqual(m2.entries[env.queue_id].attempts, 3)
+
+    def test_crash_keeps_next_attempt(self):
+        """Without a clean stop, the next attempt time still survives, from the queue file's mtime."""
+        m = self.manager()
+        env = self.queue(["x@elsewhere.test"])
+        m.enqueue(env)
+        self.clock.advance(0)
+        m._dirty.clear()  # as if the process died: nothing written at stop
+        m2 = self.restart(m)
+        self.assertEqual(m2.entries[env.queue_id].next_attempt, T0 + 60)
+        self.clock.advance(59)
+        self.assertEqual(m2.entries[env.queue_id].attempts, 0)
+        self.clock.advance(1)
+        self.assertEqual(m2.entries[env.queue_id].attempts, 1)
+
+    def test_recipient_outcome_written_at_once(self):
+        """When a recipient is delivered while another is deferred, the state file says so immediately."""
+        m = self.manager()
+        env = self.queue(["alice@example.test", "x@elsewhere.test"])
+        m.enqueue(env)
+        self.clock.advance(0)
+        self.assertNotIn(env.queue_id, m._dirty)
+        states = [r.state for r in self.spool.load(env.queue_id).recipients]
+        self.assertEqual(states, ["delivered", "pending"])
 
     def test_entries_on_disk_picked_up_at_start(self):
         """Entries already in the spool at start are delivered without any new arrival."""

@@ -366,6 +366,15 @@ class Spool:
     def path_in(self, state: str, queue_id: str) -> str:
         return os.path.join(self.path, state, queue_id)
 
+    def defer(self, queue_id: str, src: str, dst: str, next_attempt: float) -> None:
+        """
+        Move an entry between state directories and set its file's mtime to
+        the next attempt time; no file is created.
+        """
+        if src != dst:
+            self.move(queue_id, src, dst)
+        os.utime(os.path.join(self.path, dst, queue_id), (next_attempt, next_attempt))
+
     def update_and_move(self, envelope: Envelope, src: str, dst: str) -> None:
         """
         L{update}, then move the message between state directories, in one
@@ -459,10 +468,16 @@ class Spool:
                          event="queue.quarantined")
                 continue
             env = baseline
+            if state == "cur":
+                # The next attempt time of an entry that was only deferred.
+                mtime = os.stat(os.path.join(self.path, state, qid)).st_mtime
+                env = attrs.evolve(env, next_attempt=max(env.next_attempt, mtime))
             if qid in envelope_ids:
                 try:
                     with open(self.envelope_path(qid), "rb") as f:
-                        env = Envelope.from_json(f.read())
+                        stored = Envelope.from_json(f.read())
+                    env = attrs.evolve(stored, next_attempt=max(stored.next_attempt,
+                                                                env.next_attempt))
                 except (EnvelopeError, OSError) as e:
                     os.unlink(self.envelope_path(qid))
                     log.warn("spool: state of {queue_id} is unreadable ({error}); starting "
