@@ -49,8 +49,6 @@ class Address:
         return self.local.lower() == "postmaster"
 
 
-NULL_SENDER = None
-
 
 @attrs.frozen
 class ParsedCommand:

@@ -14,7 +14,7 @@ import uuid
 from twisted.trial import unittest
 
 from tests.interop.support import (
-    LOCAL_DOMAIN, MTAProcess, RawSMTP, files_containing, make_message, make_tempdir,
+    LOCAL_DOMAIN, MTAProcess, RawSMTP, files_containing, make_message,
     start_mta, wait_for,
 )
 

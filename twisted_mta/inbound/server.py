@@ -25,7 +25,6 @@ from collections import Counter
 from typing import Any, Callable
 
 import attrs
-from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import smtp

@@ -386,18 +386,15 @@ class Spool:
 
     # -- reading ----------------------------------------------------------
 
-    def message_path(self, queue_id: str) -> str | None:
-        for state in STATE_DIRS:
-            p = os.path.join(self.path, state, queue_id)
-            if os.path.exists(p):
-                return p
-        return None
-
     def state_of(self, queue_id: str) -> str | None:
         for state in STATE_DIRS:
             if os.path.exists(os.path.join(self.path, state, queue_id)):
                 return state
         return None
+
+    def message_path(self, queue_id: str) -> str | None:
+        state = self.state_of(queue_id)
+        return None if state is None else os.path.join(self.path, state, queue_id)
 
     def load(self, queue_id: str) -> Envelope:
         """
