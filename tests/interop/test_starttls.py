@@ -98,3 +98,43 @@ class StartTLSTests(unittest.TestCase):
             code, _ = client.noop()
             self.assertEqual(code, 250)
         self.assertTrue(mta.running, mta.describe())
+
+
+class StartTLSInjectionTests(unittest.TestCase):
+
+    def test_starttls_command_injection_over_real_tls(self) -> None:
+        """'STARTTLS\\r\\nMAIL FROM:...' in one write: after a real TLS handshake no reply to the injected command arrives, and MAIL still needs a new EHLO (CVE-2011-0411 class)."""
+        import socket
+        tmp = make_tempdir(self, "mta")
+        ca = write_server_cert(tmp)
+        mta = start_mta(self, tmp, TLS_CONFIG)
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        raw = socket.create_connection((LOOPBACK, mta.port), timeout=10)
+        self.addCleanup(raw.close)
+        f = raw.makefile("rb")
+
+        def reply(stream):
+            lines = []
+            while True:
+                line = stream.readline()
+                self.assertTrue(line, f"connection closed; {mta.describe()}")
+                lines.append(line.decode().rstrip("\r\n"))
+                if line[3:4] == b" ":
+                    return lines
+
+        self.assertTrue(reply(f)[0].startswith("220 "))
+        raw.sendall(b"EHLO client.example.test\r\n")
+        reply(f)
+        raw.sendall(b"STARTTLS\r\nMAIL FROM:<injected@evil.test>\r\n")
+        self.assertEqual(reply(f), ["220 2.0.0 Ready to start TLS"])
+        tls = ctx.wrap_socket(raw, server_hostname=MTA_HOSTNAME)
+        self.addCleanup(tls.close)
+        tf = tls.makefile("rb")
+        tls.sendall(b"NOOP\r\n")
+        # The first reply inside TLS answers our NOOP, not the injected MAIL.
+        self.assertEqual(reply(tf), ["250 2.0.0 Ok"])
+        tls.sendall(b"MAIL FROM:<a@client.example.test>\r\n")
+        self.assertEqual(reply(tf), ["503 5.5.1 Send EHLO or HELO first"])
+        tls.sendall(b"QUIT\r\n")
+        self.assertEqual(reply(tf), ["221 2.0.0 Bye"])
