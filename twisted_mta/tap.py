@@ -9,6 +9,7 @@ naming the problem and a non-zero exit, not a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from twisted.application import service
@@ -81,7 +82,14 @@ class OrderedMultiService(service.MultiService):
             yield defer.maybeDeferred(child.stopService)
 
 
-def make_service(config, reactor) -> service.MultiService:
+def make_service(config, reactor, owner: tuple[int, int] | None = None) -> service.MultiService:
+    """
+    The service tree for C{config}.
+
+    @param owner: the uid and gid twistd will switch to (C{--uid}/C{--gid})
+        after binding the ports; the spool, created and locked here while
+        still root, is handed to them.
+    """
     from twisted.internet.threads import deferToThreadPool
 
     top = OrderedMultiService()
@@ -93,6 +101,8 @@ def make_service(config, reactor) -> service.MultiService:
 
     spool = Spool(config.spool, run_blocking=run_blocking)
     spool.lock()
+    if owner is not None:
+        spool.chown(*owner)
     SpoolLockService(spool).setServiceParent(top)
     if config.logging.format == "json":
         install_json_log(config.logging.file)
@@ -139,8 +149,13 @@ def _endpoint_service(endpoint, factory):
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
+    parent = getattr(options, "parent", None) or {}
+    uid, gid = parent.get("uid"), parent.get("gid")
+    owner = None
+    if uid is not None and os.getuid() == 0:
+        owner = (uid, gid if gid is not None else -1)
     try:
-        return make_service(options["parsed"], reactor)
+        return make_service(options["parsed"], reactor, owner)
     except (SpoolError, TLSSetupError) as e:
         # twistd reports a UsageError from here with a traceback; this is
         # an operator's mistake, so one line and a non-zero exit instead.

@@ -4,7 +4,7 @@ Tests for the Maildir-backed spool: durable commit, recovery, lock.
 
 import os
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from twisted_mta.queue.envelope import Envelope, EnvelopeError, Recipient
 from twisted_mta.queue.spool import Spool, SpoolError
@@ -101,6 +101,18 @@ class SpoolTests(SynchronousTestCase):
         self.assertEqual(len(self.listing()["tmp"]), 1)
         self.successResultOf(w.abort())
         self.assertEqual(self.listing()["tmp"], [])
+
+    def test_chown_hands_spool_to_service_user(self):
+        """chown() gives the spool's directories, lock and entries to the user twistd switches to."""
+        if os.getuid() != 0:
+            raise SkipTest("needs root to change ownership")
+        qid = self.commit()
+        self.spool.chown(65534, 65534)
+        for path in (self.spool.path, os.path.join(self.spool.path, "tmp"),
+                     os.path.join(self.spool.path, "lock"),
+                     os.path.join(self.spool.path, "new", qid)):
+            st = os.stat(path)
+            self.assertEqual((st.st_uid, st.st_gid), (65534, 65534), path)
 
     def test_queue_ids_unique(self):
         """Queue ids do not repeat and contain no '/', ':' or leading dot."""

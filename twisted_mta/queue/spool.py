@@ -314,6 +314,19 @@ class Spool:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
 
+    def chown(self, uid: int, gid: int) -> None:
+        """
+        Give the spool to the user the process will run as (twistd --uid),
+        entries included when the spool belonged to someone else.
+        """
+        top = os.stat(self.path)
+        if top.st_uid == uid and (gid == -1 or top.st_gid == gid):
+            return
+        for root, dirs, files in os.walk(self.path):
+            os.chown(root, uid, gid)
+            for name in files:
+                os.chown(os.path.join(root, name), uid, gid)
+
     def unlock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
