@@ -58,7 +58,7 @@ class DataReaderTests(SynchronousTestCase):
         """Only CRLF.CRLF ends data; what follows is left for the command parser."""
         stored, rest, reader, done = read(b"a\r\nb\n.\nc\r\n.\r\nQUIT\r\n", [])
         self.assertTrue(done)
-        self.assertEqual(stored, b"a\r\nb\r\n.\r\nc\r\n")
+        self.assertEqual(stored, b"\r\na\r\nb\r\n.\r\nc\r\n")  # headerless: separator added
         self.assertEqual(rest, b"QUIT\r\n")
 
     def test_dot_at_very_start(self):
@@ -69,7 +69,17 @@ class DataReaderTests(SynchronousTestCase):
     def test_stuffed_first_line(self):
         """A stuffed dot on the very first line is removed."""
         stored, rest, reader, done = read(b"..x\r\n.\r\n", [])
-        self.assertEqual(stored, b".x\r\n")
+        self.assertEqual(stored, b"\r\n.x\r\n")  # headerless: separator added
+
+    def test_headerless_message_gets_separator(self):
+        """A message that starts with body text gets an empty line first, so it cannot read as a header."""
+        stored, rest, reader, done = read(b"hello world\r\nsecond\r\n.\r\n", [])
+        self.assertEqual(stored, b"\r\nhello world\r\nsecond\r\n")
+
+    def test_body_line_inside_headers_ends_them(self):
+        """A non-header line in the header section ends it with an inserted empty line."""
+        stored, rest, reader, done = read(b"Subject: a\r\n folded\r\nnot a header\r\nx: y\r\n.\r\n", [])
+        self.assertEqual(stored, b"Subject: a\r\n folded\r\n\r\nnot a header\r\nx: y\r\n")
 
     def test_not_done_without_terminator(self):
         """Data without the terminator is not finished and keeps the partial line."""

@@ -14,12 +14,14 @@ going to the real end of data so the session stays in step with the client.
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 from twisted_mta import reply
 from twisted_mta.reply import Reply
 
 _RECEIVED = b"received:"
+_HEADER = re.compile(rb"[!-9;-~]+:")
 
 
 class DataReader:
@@ -40,6 +42,7 @@ class DataReader:
         self._normalize = bare_newline == "normalize"
         self._skipping_tail = False  # inside the rest of an over-long line
         self._in_headers = True
+        self._seen_header = False
         self._fast_until = 0  # buffer offset below which the fast path failed
         self.size = 0
         self.received_count = 0
@@ -146,10 +149,19 @@ class DataReader:
         if self._in_headers:
             if not line:
                 self._in_headers = False
-            elif line[:9].lower() == _RECEIVED:
-                self.received_count += 1
-                if self.received_count > self._max_received:
-                    self._fail(reply.TOO_MANY_HOPS)
-                    return
+            elif _HEADER.match(line) or (self._seen_header and line[:1] in (b" ", b"\t")):
+                self._seen_header = True
+                if line[:9].lower() == _RECEIVED:
+                    self.received_count += 1
+                    if self.received_count > self._max_received:
+                        self._fail(reply.TOO_MANY_HOPS)
+                        return
+            else:
+                # Body text where a header field was expected: close the
+                # header section with an empty line (as Postfix's cleanup
+                # does), or readers would take it for a broken header
+                # following our Received field.
+                self._in_headers = False
+                out.append(b"\r\n")
         if self.error is None:
             out.append(line + b"\r\n")
