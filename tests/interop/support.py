@@ -24,6 +24,8 @@ import tempfile
 import time
 from typing import Callable, Iterable, TypeVar
 
+import trustme
+
 import twisted_mta
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(twisted_mta.__file__)))
@@ -579,3 +581,17 @@ def start_postfix(testcase, relay_port: int, main: dict[str, str] | None = None)
     postfix = PostfixInstance(base, relay_port, main)
     testcase.addCleanup(postfix.stop)
     return postfix.start()
+
+
+def write_server_cert(tmpdir: str) -> trustme.CA:
+    """
+    Write cert.pem (leaf and chain) and key.pem for 127.0.0.1 and the MTA's
+    host name into C{tmpdir}; return the CA that signed them.
+    """
+    ca = trustme.CA()
+    cert = ca.issue_cert(LOOPBACK, MTA_HOSTNAME)
+    with open(os.path.join(tmpdir, "cert.pem"), "wb") as f:
+        for blob in cert.cert_chain_pems:
+            f.write(blob.bytes())
+    cert.private_key_pem.write_to_path(os.path.join(tmpdir, "key.pem"))
+    return ca

@@ -8,12 +8,12 @@ import os
 import smtplib
 import uuid
 
-import trustme
 from twisted.trial import unittest
 
 from tests.interop.support import (
     LOCAL_DOMAIN, LOOPBACK, MTA_HOSTNAME, MTAProcess, files_containing, make_message,
     make_tempdir, parse_message, postfix_unavailable, start_postfix, wait_for,
+    write_server_cert,
 )
 
 SENDER = "sender@client.example.test"
@@ -97,12 +97,7 @@ class PostfixToUsTests(unittest.TestCase):
     def test_postfix_relays_to_us_over_starttls(self) -> None:
         """Postfix's smtp client (TLS level encrypt) negotiates STARTTLS with us and the delivered copy says ESMTPS."""
         tmp = make_tempdir(self, "mta")
-        ca = trustme.CA()
-        cert = ca.issue_cert(LOOPBACK, MTA_HOSTNAME)
-        with open(os.path.join(tmp, "cert.pem"), "wb") as f:
-            for blob in cert.cert_chain_pems:
-                f.write(blob.bytes())
-        cert.private_key_pem.write_to_path(os.path.join(tmp, "key.pem"))
+        ca = write_server_cert(tmp)
         ca_path = os.path.join(tmp, "ca.pem")
         ca.cert_pem.write_to_path(ca_path)
         os.chmod(tmp, 0o755)  # Postfix's smtp client (user postfix) reads ca.pem

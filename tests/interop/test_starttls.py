@@ -14,25 +14,11 @@ from twisted.trial import unittest
 
 from tests.interop.support import (
     LOCAL_DOMAIN, LOOPBACK, MTA_HOSTNAME, files_containing, make_message, make_tempdir,
-    parse_message, start_mta, wait_for,
+    parse_message, start_mta, wait_for, write_server_cert,
 )
 
 SENDER = "sender@client.example.test"
 ALICE = f"alice@{LOCAL_DOMAIN}"
-
-
-def write_server_cert(tmpdir: str) -> trustme.CA:
-    """
-    Write cert.pem (leaf and chain) and key.pem for 127.0.0.1 and the MTA's
-    host name into C{tmpdir}; return the CA that signed them.
-    """
-    ca = trustme.CA()
-    cert = ca.issue_cert(LOOPBACK, MTA_HOSTNAME)
-    with open(os.path.join(tmpdir, "cert.pem"), "wb") as f:
-        for blob in cert.cert_chain_pems:
-            f.write(blob.bytes())
-    cert.private_key_pem.write_to_path(os.path.join(tmpdir, "key.pem"))
-    return ca
 
 
 TLS_CONFIG = '[tls]\ncertificate = "cert.pem"\nkey = "key.pem"\n'
