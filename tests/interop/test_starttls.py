@@ -4,12 +4,10 @@ STARTTLS interop with Python's smtplib and ssl, certificates from trustme.
 
 from __future__ import annotations
 
-import os
 import smtplib
 import ssl
 import uuid
 
-import trustme
 from twisted.trial import unittest
 
 from tests.interop.support import (
