@@ -94,7 +94,7 @@ class ManagerTests(SynchronousTestCase):
         self.assertEqual(len(self.maildir_files("alice")), 1)
 
     def test_expiry_fails_pending_recipients(self):
-        """After the queue lifetime the pending recipient fails with 5.4.7 and the entry is removed."""
+        """After the queue lifetime the pending recipient fails with 5.4.7, the entry is removed and a DSN is queued for the sender."""
         m = self.manager()
         env = self.queue(["x@elsewhere.test"])
         m.enqueue(env)
@@ -102,7 +102,56 @@ class ManagerTests(SynchronousTestCase):
         for _ in range(10):
             self.clock.advance(600)
         self.assertIsNone(self.spool.message_path(env.queue_id))
+        [dsn] = m.entries.values()
+        self.assertEqual((dsn.sender, [r.address for r in dsn.recipients]), ("", ["s@remote.test"]))
+        report = self.parse(self.spool.read_message(dsn.queue_id))
+        status = report.get_payload()[1].get_payload()[1]
+        self.assertEqual(status["Status"], "5.4.7")
+        self.assertEqual(status["Final-Recipient"], "rfc822; x@elsewhere.test")
+
+    def parse(self, data: bytes):
+        import email
+        from email import policy
+        msg = email.message_from_bytes(data, policy=policy.compat32)
+        self.assertEqual(msg.get_content_type(), "multipart/report")
+        self.assertEqual(msg.get_param("report-type"), "delivery-status")
+        return msg
+
+    def test_failed_local_recipient_bounces_to_local_sender(self):
+        """A recipient that fails permanently gets a DSN delivered to the (local) sender, from <>."""
+        m = self.manager()
+        env = self.queue(["carol@example.test", "bob@example.test"], sender="alice@example.test",
+                         body=b"Subject: lunch?\r\n\r\nhello\r\n")
+        m.enqueue(env)
+        self.clock.advance(0)
+        self.clock.advance(0)
+        self.assertEqual(len(self.maildir_files("bob")), 1)
+        [path] = self.maildir_files("alice")
+        with open(path, "rb") as f:
+            data = f.read()
+        self.assertTrue(data.startswith(b"Return-Path: <>\n"))
+        report = self.parse(data.split(b"\n", 2)[2].replace(b"\n", b"\r\n"))
+        human, status, headers = report.get_payload()
+        self.assertIn("<carol@example.test>", human.get_payload())
+        self.assertIn("550 5.1.1 No such local mailbox", human.get_payload())
+        blocks = status.get_payload()
+        self.assertEqual(blocks[0]["Reporting-MTA"], "dns; mx.example.test")
+        self.assertEqual((blocks[1]["Final-Recipient"], blocks[1]["Action"], blocks[1]["Status"]),
+                         ("rfc822; carol@example.test", "failed", "5.1.1"))
+        self.assertEqual(len(blocks), 2)  # bob was delivered: not in the report
+        self.assertIn("Subject: lunch?", headers.get_payload())
         self.assertEqual(m.entries, {})
+
+    def test_no_dsn_for_a_bounce(self):
+        """A failing message from <> (a bounce) causes no DSN."""
+        m = self.manager()
+        env = self.queue(["carol@example.test"], sender="")
+        m.enqueue(env)
+        self.clock.advance(0)
+        self.clock.advance(0)
+        self.assertEqual(m.entries, {})
+        self.assertEqual(self.maildir_files("postmaster"), [])
+        self.assertEqual(os.listdir(os.path.join(self.spool.path, "new")), [])
 
     def restart(self, m):
         self.successResultOf(m.stopService())

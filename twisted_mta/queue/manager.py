@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from twisted_mta.config import Config
 from twisted_mta.delivery import maildir
+from twisted_mta.dsn.report import FailedRecipient, failure_report, header_section
 from twisted_mta.local import LocalDirectory
 from twisted_mta.outbound.router import route
 from twisted_mta.queue.envelope import DELIVERED, FAILED, Envelope, Outcome, Recipient
@@ -168,7 +169,49 @@ class QueueManager(service.Service):
         self._recovering.discard(qid)
         now = self.clock.seconds()
         updated = self._apply(envelope, results, routes, now)
+        failed = [r for before, r in zip(envelope.recipients, updated.recipients)
+                  if before.pending and r.state == FAILED]
+        if failed:
+            # Queue the bounce before recording the failure: a crash in
+            # between repeats the bounce rather than losing it.
+            yield self._bounce(updated, failed)
         yield self._store(updated)
+
+    @defer.inlineCallbacks
+    def _bounce(self, envelope: Envelope, failed: list[Recipient]):
+        """
+        Tell the sender, in a DSN queued as a new entry from <>, which
+        recipients failed; never for a message that is itself a bounce.
+        """
+        qid = envelope.queue_id
+        if not envelope.sender:
+            log.warn("{queue_id}: {count} recipient(s) of a bounce failed; no DSN for a DSN",
+                     event="dsn.suppressed", queue_id=qid, count=len(failed))
+            return
+        try:
+            message = yield self.run_blocking(self.spool.read_message, qid)
+            now = self.clock.seconds()
+            report = failure_report(
+                hostname=self.config.hostname, envelope=envelope,
+                failed=[FailedRecipient(r) for r in failed],
+                original_headers=header_section(message), now=now)
+            writer = self.spool.new_message()
+            dsn = Envelope(queue_id=writer.queue_id, sender="",
+                           recipients=(Recipient(address=envelope.sender),),
+                           arrival=now, next_attempt=now, size=len(report),
+                           client={"protocol": "local", "dsn_for": qid})
+            writer.write(dsn.to_header())
+            writer.write(report)
+            yield writer.commit(dsn)
+        except Exception:
+            log.failure("{queue_id}: could not queue a DSN for <{sender}>", queue_id=qid,
+                        sender=envelope.sender, event="dsn.error")
+            return
+        log.info("{queue_id}: DSN {dsn_id} queued for <{sender}> ({count} failed recipient(s))",
+                 event="dsn.queued", queue_id=qid, dsn_id=dsn.queue_id,
+                 sender=envelope.sender, count=len(failed),
+                 recipients=[r.address for r in failed])
+        self.enqueue(dsn)
 
     def _apply(self, envelope: Envelope, results: dict[str, Outcome], routes, now: float
                ) -> Envelope:

@@ -1,0 +1,117 @@
+"""
+Build delivery status notifications (RFC 3464, RFC 6522): a
+C{multipart/report} with a text part written for the sender, the
+C{message/delivery-status} part for programs, and the original headers.
+
+Pure: no I/O, the time is passed in, so the output is testable byte for
+byte.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from datetime import datetime, timezone
+from email.message import Message
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.policy import SMTP
+from typing import Iterable
+
+import attrs
+
+from twisted_mta.queue.envelope import Envelope, Recipient
+
+
+@attrs.frozen
+class FailedRecipient:
+    recipient: Recipient
+    remote_mta: str | None = None  # the host that gave the diagnostic, if remote
+
+
+def _date(t: float) -> str:
+    return email.utils.format_datetime(datetime.fromtimestamp(t, timezone.utc))
+
+
+def _human(hostname: str, envelope: Envelope, failed: Iterable[FailedRecipient]) -> str:
+    lines = [
+        f"This is the mail server {hostname}.",
+        "",
+        f"Your message of {_date(envelope.arrival)} could not be delivered to the",
+        "recipients below. This is a permanent failure: we will not try again.",
+        "",
+    ]
+    for f in failed:
+        r = f.recipient
+        outcome = r.outcome
+        lines.append(f"  <{r.original or r.address}>")
+        if r.original and r.original != r.address:
+            lines.append(f"    (an alias; the address that failed was <{r.address}>)")
+        if outcome is not None:
+            where = f" {f.remote_mta} said" if f.remote_mta else " the reason"
+            lines.append(f"   {where}: {outcome.code} {outcome.enhanced} {outcome.text}")
+        lines.append("")
+    lines += [
+        "The headers of your message are attached. If you need help, forward this",
+        f"notification to the postmaster of {hostname}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _status_fields(hostname: str, envelope: Envelope, failed: Iterable[FailedRecipient],
+                   now: float) -> list[Message]:
+    per_message = Message()
+    per_message["Reporting-MTA"] = f"dns; {hostname}"
+    per_message["X-Twisted-MTA-Queue-ID"] = envelope.queue_id
+    per_message["Arrival-Date"] = _date(envelope.arrival)
+    blocks = [per_message]
+    for f in failed:
+        r = f.recipient
+        block = Message()
+        if r.original:
+            block["Original-Recipient"] = f"rfc822; {r.original}"
+        block["Final-Recipient"] = f"rfc822; {r.address}"
+        block["Action"] = "failed"
+        outcome = r.outcome
+        block["Status"] = outcome.enhanced if outcome else "5.0.0"
+        if f.remote_mta:
+            block["Remote-MTA"] = f"dns; {f.remote_mta}"
+        if outcome is not None:
+            block["Diagnostic-Code"] = f"smtp; {outcome.code} {outcome.enhanced} {outcome.text}"
+        block["Last-Attempt-Date"] = _date(r.done_at if r.done_at is not None else now)
+        blocks.append(block)
+    return blocks
+
+
+def failure_report(*, hostname: str, envelope: Envelope, failed: list[FailedRecipient],
+                   original_headers: bytes, now: float, boundary: str | None = None) -> bytes:
+    """
+    The complete DSN message (headers and body, CRLF line ends) telling
+    C{envelope.sender} that the C{failed} recipients will not get the message.
+    """
+    report = MIMEMultipart("report", report_type="delivery-status", boundary=boundary)
+    report["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
+    report["To"] = f"<{envelope.sender}>"
+    report["Subject"] = "Undelivered Mail Returned to Sender"
+    report["Date"] = _date(now)
+    report["Message-ID"] = f"<{envelope.queue_id}.dsn.{int(now)}@{hostname}>"
+    report["Auto-Submitted"] = "auto-replied"
+    text = _human(hostname, envelope, failed)
+    report.attach(MIMEText(text, "plain", "us-ascii" if text.isascii() else "utf-8"))
+    status = Message()
+    status["Content-Type"] = "message/delivery-status"
+    status.set_payload(_status_fields(hostname, envelope, failed, now))
+    report.attach(status)
+    headers = Message()
+    headers["Content-Type"] = "text/rfc822-headers"
+    headers["Content-Transfer-Encoding"] = "8bit"
+    headers.set_payload(original_headers.decode("utf-8", "replace"))
+    report.attach(headers)
+    return report.as_bytes(policy=SMTP)
+
+
+def header_section(message: bytes) -> bytes:
+    """
+    The header section of a stored message (up to the empty line).
+    """
+    end = message.find(b"\r\n\r\n")
+    return message if end < 0 else message[:end + 2]
