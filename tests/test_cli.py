@@ -174,3 +174,69 @@ class StopOrderTests(SynchronousTestCase):
         gates["pool"].callback(None)
         self.assertEqual(events, ["listener", "manager", "pool"])
         self.successResultOf(d)
+
+
+class QueueCommandTests(SynchronousTestCase):
+    def setUp(self):
+        from twisted_mta.queue.envelope import Envelope, Outcome, Recipient
+        from twisted_mta.queue.spool import Spool
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        self.conf = os.path.join(base, "mta.toml")
+        with open(self.conf, "w") as f:
+            f.write('[server]\nhostname = "mx.example.test"\nspool = "spool"\n'
+                    '[[listeners]]\nrole = "mx"\nendpoint = "tcp:2525"\n')
+        spool = Spool(os.path.join(base, "spool"))
+        spool.create()
+        w = spool.new_message()
+        now = __import__("time").time()
+        env = Envelope(queue_id=w.queue_id, sender="a@remote.test",
+                       recipients=(Recipient("bob@example.test"), Recipient("x@elsewhere.test")),
+                       arrival=now - 7200, next_attempt=now + 300, client={"ip": "192.0.2.1"})
+        w.write(env.to_header() + b"Subject: hi\r\n\r\nbody\r\n")
+        self.successResultOf(w.commit(env))
+        import attrs
+        spool.update(attrs.evolve(env, attempts=3, last_outcome=Outcome(451, "4.4.0", "try later"),
+                                  recipients=(Recipient("bob@example.test", state="delivered"),
+                                              Recipient("x@elsewhere.test",
+                                                        outcome=Outcome(451, "4.4.0", "try later")))))
+        spool.move(env.queue_id, "new", "cur")
+        self.qid = env.queue_id
+
+    def test_list(self):
+        """queue list shows id, state, age, sender, recipients, next attempt and last error."""
+        code, out, err = run_cli("queue", "list", "-c", self.conf)
+        self.assertEqual(code, 0, err)
+        header, row = out.splitlines()[:2]
+        self.assertTrue(header.startswith("QUEUE ID"))
+        self.assertIn(self.qid, row)
+        for text in ("cur", "2h", "<a@remote.test>", "2 (1 pending)", "in 4m", "451 4.4.0 try later"):
+            self.assertIn(text, row)
+        self.assertIn("1 entry", out)
+
+    def test_list_json(self):
+        """queue list --json gives the envelopes with state and age."""
+        code, out, err = run_cli("queue", "list", "-c", self.conf, "--json")
+        [entry] = json.loads(out)
+        self.assertEqual((entry["queue_id"], entry["state"], entry["attempts"]), (self.qid, "cur", 3))
+        self.assertGreater(entry["age_seconds"], 7000)
+
+    def test_show(self):
+        """queue show lists each recipient with its state and outcome."""
+        code, out, err = run_cli("queue", "show", self.qid, "-c", self.conf)
+        self.assertEqual(code, 0)
+        self.assertIn("delivered <bob@example.test>", out)
+        self.assertIn("pending   <x@elsewhere.test>: 451 4.4.0 try later", out)
+        self.assertIn("Attempts:      3", out)
+
+    def test_show_unknown(self):
+        """queue show of an unknown id exits 1 with a one-line reason."""
+        code, out, err = run_cli("queue", "show", "NOPE", "-c", self.conf)
+        self.assertEqual((code, err), (1, "twisted-mta: no queue entry NOPE\n"))
+
+    def test_empty(self):
+        """An empty queue says so."""
+        import shutil
+        shutil.rmtree(os.path.join(os.path.dirname(self.conf), "spool", "cur"))
+        os.makedirs(os.path.join(os.path.dirname(self.conf), "spool", "cur"))
+        self.assertEqual(run_cli("queue", "list", "-c", self.conf)[1], "The queue is empty.\n")

@@ -1,8 +1,12 @@
 """
-The operator's command line: C{twisted-mta config check|show FILE}.
+The operator's command line::
 
-Exit status 0 on success, 1 when the configuration is bad (the reason on
-stderr, one line), 2 on usage errors.
+    twisted-mta config check|show FILE
+    twisted-mta queue list|show ... --config FILE
+
+Exit status 0 on success, 1 when the configuration is bad or an entry is
+not found (the reason on stderr, one line), 2 on usage errors.  The queue
+commands only read the spool, so they are safe while the MTA runs.
 """
 
 from __future__ import annotations
@@ -10,9 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 from twisted_mta.config import ConfigError, load_config
+from twisted_mta.queue.envelope import Envelope
+from twisted_mta.queue.spool import Spool
 from twisted_mta.tlsserver import TLSSetupError, server_context
 
 
@@ -56,6 +63,116 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(abs(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            rest = seconds % size
+            sub = {"d": 3600, "h": 60, "m": 1}[unit]
+            small = {"d": "h", "h": "m", "m": "s"}[unit]
+            return f"{seconds // size}{unit}{rest // sub}{small}" if rest // sub else f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _entry_json(qid: str, state: str, env: Envelope | None, problem: str | None,
+                now: float) -> dict[str, Any]:
+    if env is None:
+        return {"queue_id": qid, "state": state, "problem": problem}
+    out = json.loads(env.to_json())
+    out.pop("version")
+    out["state"] = state
+    out["age_seconds"] = round(now - env.arrival, 3)
+    if problem:
+        out["problem"] = problem
+    return out
+
+
+def _open_spool(args: argparse.Namespace) -> Spool | None:
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"twisted-mta: {e}", file=sys.stderr)
+        return None
+    return Spool(config.spool)
+
+
+def cmd_queue_list(args: argparse.Namespace) -> int:
+    spool = _open_spool(args)
+    if spool is None:
+        return 1
+    now = time.time()
+    entries = spool.scan()
+    if args.json:
+        print(json.dumps([_entry_json(*e, now) for e in entries], indent=2))
+        return 0
+    if not entries:
+        print("The queue is empty.")
+        return 0
+    rows = [("QUEUE ID", "STATE", "AGE", "SENDER", "RECIPIENTS", "NEXT ATTEMPT", "LAST ERROR")]
+    for qid, state, env, problem in entries:
+        if env is None:
+            rows.append((qid, state, "?", "?", "?", "-", f"unreadable: {problem}"))
+            continue
+        pending = len(env.pending())
+        rcpts = f"{len(env.recipients)} ({pending} pending)" if pending != len(env.recipients) \
+            else str(len(env.recipients))
+        if state == "hold":
+            nxt = "held"
+        elif env.next_attempt <= now:
+            nxt = "due now"
+        else:
+            nxt = "in " + _duration(env.next_attempt - now)
+        last = env.last_outcome
+        rows.append((qid, state, _duration(now - env.arrival), f"<{env.sender}>", rcpts, nxt,
+                     str(last) if last else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[6])
+    total = len(entries)
+    print(f"\n{total} entr{'y' if total == 1 else 'ies'}")
+    return 0
+
+
+def cmd_queue_show(args: argparse.Namespace) -> int:
+    spool = _open_spool(args)
+    if spool is None:
+        return 1
+    now = time.time()
+    for qid, state, env, problem in spool.scan():
+        if qid != args.queue_id:
+            continue
+        if args.json:
+            print(json.dumps(_entry_json(qid, state, env, problem, now), indent=2))
+            return 0
+        if env is None:
+            print(f"{qid}: in {state}/, envelope unreadable: {problem}")
+            return 0
+        print(f"Queue ID:      {qid} ({state}/)")
+        print(f"Sender:        <{env.sender}>")
+        print(f"Arrived:       {time.strftime('%Y-%m-%d %H:%M:%S %z', time.localtime(env.arrival))}"
+              f" ({_duration(now - env.arrival)} ago)")
+        client = env.client
+        if client:
+            print(f"From:          {client.get('helo', '')} [{client.get('ip', '')}] via "
+                  f"{client.get('protocol', '')}" + (f", {client['tls']}" if client.get("tls") else ""))
+        print(f"Size:          {env.size} octets")
+        print(f"Attempts:      {env.attempts}")
+        if state == "hold":
+            print("Next attempt:  none (held)")
+        else:
+            print(f"Next attempt:  {time.strftime('%Y-%m-%d %H:%M:%S %z', time.localtime(env.next_attempt))}")
+        print("Recipients:")
+        for r in env.recipients:
+            via = f" (for <{r.original}>)" if r.original else ""
+            outcome = f": {r.outcome}" if r.outcome else ""
+            print(f"  {r.state:9s} <{r.address}>{via}{outcome}")
+        if problem:
+            print(f"Note: {problem}")
+        return 0
+    print(f"twisted-mta: no queue entry {args.queue_id}", file=sys.stderr)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="twisted-mta", description="twisted-mta operator tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("file")
     show.add_argument("--json", action="store_true", help="print JSON instead of key = value")
     show.set_defaults(func=cmd_config_show)
+
+    queue = sub.add_parser("queue", help="inspect the queue (read-only)")
+    queue_sub = queue.add_subparsers(dest="action", required=True)
+    qlist = queue_sub.add_parser("list", help="one line per queue entry")
+    qshow = queue_sub.add_parser("show", help="everything about one entry")
+    qshow.add_argument("queue_id")
+    for p, func in ((qlist, cmd_queue_list), (qshow, cmd_queue_show)):
+        p.add_argument("-c", "--config", required=True, help="the MTA's configuration file")
+        p.add_argument("--json", action="store_true", help="print JSON for scripts")
+        p.set_defaults(func=func)
     return parser
 
 

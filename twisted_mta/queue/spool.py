@@ -411,18 +411,12 @@ class Spool:
 
     def load(self, queue_id: str) -> Envelope:
         """
-        The entry's current envelope: its state file when there is a
-        readable one, else the envelope in its queue file.
+        The entry's current envelope (see L{read_entry}).
         """
-        try:
-            with open(self.envelope_path(queue_id), "rb") as f:
-                return Envelope.from_json(f.read())
-        except (FileNotFoundError, EnvelopeError):
-            pass
-        path = self.message_path(queue_id)
-        if path is None:
+        state = self.state_of(queue_id)
+        if state is None:
             raise FileNotFoundError(f"no queue entry {queue_id}")
-        return read_envelope_header(path)
+        return self.read_entry(queue_id, state, os.path.exists(self.envelope_path(queue_id)))[0]
 
     def read_message(self, queue_id: str) -> bytes:
         """
@@ -440,6 +434,50 @@ class Spool:
             for entry in it:
                 if not entry.name.startswith("."):
                     yield entry.name
+
+    def read_entry(self, queue_id: str, state: str, has_state_file: bool
+                   ) -> tuple[Envelope, str | None]:
+        """
+        An entry's current envelope, read-only: the state file if readable,
+        else the queue file's header; the next attempt is the later of the
+        recorded one and, in cur/, the file's mtime.  Returns the envelope
+        and why the state file was unreadable (or C{None}); raises
+        L{EnvelopeError} or L{OSError} when the queue file has no envelope.
+        """
+        path = os.path.join(self.path, state, queue_id)
+        env = read_envelope_header(path)
+        if state == "cur":
+            # The next attempt time of an entry that was only deferred.
+            env = attrs.evolve(env, next_attempt=max(env.next_attempt,
+                                                     os.stat(path).st_mtime))
+        state_error = None
+        if has_state_file:
+            try:
+                with open(self.envelope_path(queue_id), "rb") as f:
+                    stored = Envelope.from_json(f.read())
+                env = attrs.evolve(stored, next_attempt=max(stored.next_attempt,
+                                                            env.next_attempt))
+            except (EnvelopeError, OSError) as e:
+                state_error = str(e)
+        return env, state_error
+
+    def scan(self) -> list[tuple[str, str, Envelope | None, str | None]]:
+        """
+        Every entry as (queue id, state, envelope or None, problem or None),
+        without changing anything: for operator tools, lock not needed.
+        """
+        state_ids = {n[:-5] for n in self._names("envelopes") if n.endswith(".json")}
+        out = []
+        for state in STATE_DIRS:
+            for qid in sorted(self._names(state)):
+                try:
+                    env, problem = self.read_entry(qid, state, qid in state_ids)
+                except FileNotFoundError:
+                    continue  # finished while we looked
+                except (EnvelopeError, OSError) as e:
+                    env, problem = None, str(e)
+                out.append((qid, state, env, problem))
+        return out
 
     def recover(self) -> RecoveryReport:
         """
@@ -466,7 +504,7 @@ class Spool:
         entries = []
         for qid, state in sorted(messages.items()):
             try:
-                baseline = read_envelope_header(os.path.join(self.path, state, qid))
+                env, state_error = self.read_entry(qid, state, qid in envelope_ids)
             except (EnvelopeError, OSError) as e:
                 self.move(qid, state, "corrupt")
                 if qid in envelope_ids:
@@ -477,22 +515,11 @@ class Spool:
                          "moved to corrupt/", queue_id=qid, error=str(e),
                          event="queue.quarantined")
                 continue
-            env = baseline
-            if state == "cur":
-                # The next attempt time of an entry that was only deferred.
-                mtime = os.stat(os.path.join(self.path, state, qid)).st_mtime
-                env = attrs.evolve(env, next_attempt=max(env.next_attempt, mtime))
-            if qid in envelope_ids:
-                try:
-                    with open(self.envelope_path(qid), "rb") as f:
-                        stored = Envelope.from_json(f.read())
-                    env = attrs.evolve(stored, next_attempt=max(stored.next_attempt,
-                                                                env.next_attempt))
-                except (EnvelopeError, OSError) as e:
-                    os.unlink(self.envelope_path(qid))
-                    log.warn("spool: state of {queue_id} is unreadable ({error}); starting "
-                             "again from the envelope it was accepted with",
-                             queue_id=qid, error=str(e), event="queue.state-lost")
+            if state_error is not None:
+                os.unlink(self.envelope_path(qid))
+                log.warn("spool: state of {queue_id} is unreadable ({error}); starting "
+                         "again from the envelope it was accepted with",
+                         queue_id=qid, error=state_error, event="queue.state-lost")
             entries.append((env, state))
         if quarantined:
             fsync_dir(self._dir("corrupt"))
