@@ -196,11 +196,11 @@ class QueueCommandTests(SynchronousTestCase):
         w.write(env.to_header() + b"Subject: hi\r\n\r\nbody\r\n")
         self.successResultOf(w.commit(env))
         import attrs
-        spool.update(attrs.evolve(env, attempts=3, last_outcome=Outcome(451, "4.4.0", "try later"),
-                                  recipients=(Recipient("bob@example.test", state="delivered"),
-                                              Recipient("x@elsewhere.test",
-                                                        outcome=Outcome(451, "4.4.0", "try later")))))
-        spool.move(env.queue_id, "new", "cur")
+        spool.update_and_move(attrs.evolve(
+            env, attempts=3, last_outcome=Outcome(451, "4.4.0", "try later"),
+            recipients=(Recipient("bob@example.test", state="delivered"),
+                        Recipient("x@elsewhere.test", outcome=Outcome(451, "4.4.0", "try later")))),
+            "new", "cur")
         self.qid = env.queue_id
 
     def test_list(self):

@@ -61,13 +61,46 @@ class SpoolTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(len(calls), 2)
 
-    def test_state_file_overrides_header(self):
-        """After update() the entry's envelope is the state file's, not the header's."""
+    def test_state_overrides_header(self):
+        """After update() the entry's envelope is the recorded state, kept in an xattr: no file is created."""
         qid = self.commit()
         import attrs
-        self.spool.update(attrs.evolve(self.spool.load(qid), attempts=2))
+        self.spool.update(attrs.evolve(self.spool.load(qid), attempts=2), "new")
         self.assertEqual(self.spool.load(qid).attempts, 2)
+        self.assertEqual(self.listing()["envelopes"], [])
+        self.assertEqual(self.listing()["tmp"], [])
+
+    def test_large_state_goes_to_a_file(self):
+        """A state too large for an xattr goes to envelopes/<id>.json, and the xattr is dropped."""
+        qid = self.commit()
+        import attrs
+        from twisted_mta.queue.spool import XATTR
+        self.spool.update(attrs.evolve(self.spool.load(qid), attempts=1), "new")
+        big = attrs.evolve(self.spool.load(qid), attempts=2, recipients=tuple(
+            Recipient(f"user{i}@example.test") for i in range(200)))
+        self.spool.update(big, "new")
         self.assertEqual(self.listing()["envelopes"], [qid + ".json"])
+        self.assertEqual(self.spool.load(qid), big)
+        with self.assertRaises(OSError):
+            os.getxattr(os.path.join(self.spool.path, "new", qid), XATTR)
+        small = attrs.evolve(big, attempts=3, recipients=big.recipients[:1])
+        self.spool.update(small, "new")
+        self.assertEqual(self.listing()["envelopes"], [])
+        self.assertEqual(self.spool.load(qid), small)
+
+    def test_without_xattr_support_uses_a_file(self):
+        """On a file system without user xattrs the state goes to a file."""
+        import errno
+        qid = self.commit()
+
+        def unsupported(*a):
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+        self.patch(os, "setxattr", unsupported)
+        import attrs
+        self.spool.update(attrs.evolve(self.spool.load(qid), attempts=5), "new")
+        self.assertEqual(self.listing()["envelopes"], [qid + ".json"])
+        self.assertEqual(self.spool.load(qid).attempts, 5)
 
     def test_abort_leaves_nothing(self):
         """An aborted message leaves no file behind."""
@@ -149,7 +182,8 @@ class SpoolTests(SynchronousTestCase):
     def test_recover_removes_orphan_state_file(self):
         """A state file without its queue file (crash during removal) is removed."""
         qid = self.commit()
-        self.spool.update(self.spool.load(qid))
+        with open(self.spool.envelope_path(qid), "wb") as f:
+            f.write(self.spool.load(qid).to_json())
         os.unlink(os.path.join(self.spool.path, "new", qid))
         report = self.spool.recover()
         self.assertEqual(report.removed_orphans, 1)
@@ -168,7 +202,8 @@ class SpoolTests(SynchronousTestCase):
     def test_recover_quarantines_damaged_header(self):
         """A queue file whose envelope header does not decode is quarantined with its state file."""
         qid = self.commit()
-        self.spool.update(self.spool.load(qid))
+        with open(self.spool.envelope_path(qid), "wb") as f:
+            f.write(self.spool.load(qid).to_json())
         path = os.path.join(self.spool.path, "new", qid)
         with open(path, "r+b") as f:
             f.seek(30)
@@ -197,12 +232,12 @@ class SpoolTests(SynchronousTestCase):
                          sorted([(a, "new"), (b, "cur"), (c, "hold")]))
 
     def test_update_replaces_envelope(self):
-        """update() replaces the state atomically and leaves nothing in tmp/."""
+        """update() replaces the state and leaves nothing in tmp/."""
         qid = self.commit()
         env = self.spool.load(qid)
         import attrs
-        self.spool.update(attrs.evolve(env, attempts=3))
-        self.spool.update(attrs.evolve(env, attempts=4))
+        self.spool.update(attrs.evolve(env, attempts=3), "new")
+        self.spool.update(attrs.evolve(env, attempts=4), "new")
         self.assertEqual(self.spool.load(qid).attempts, 4)
         self.assertEqual(self.listing()["tmp"], [])
 

@@ -130,7 +130,9 @@ class Envelope:
             self, recipients=tuple(results.get(r.address, r) for r in self.recipients)
         )
 
-    def to_json(self) -> bytes:
+    def to_json(self, compact: bool = False) -> bytes:
+        if compact:
+            return json.dumps(_dump(self), sort_keys=True, separators=(",", ":")).encode("utf-8")
         return json.dumps(_dump(self), sort_keys=True, indent=1).encode("utf-8")
 
     def to_header(self) -> bytes:

@@ -3,11 +3,7 @@ The queue manager: picks up due entries (at start and as they arrive),
 hands them to delivery, records per-recipient results and schedules retries.
 
 State lives on disk (the spool); the timers here are derived from it, so a
-restart rebuilds them from each envelope's C{next_attempt}.  A recipient's
-change of state (delivered, failed) is written at once; an attempt that only
-deferred updates the queue file's mtime (the next attempt time) and keeps
-the counters in memory until the service stops, so a crash can at worst
-forget attempt counts and the last error, never a recipient's outcome.
+restart rebuilds them from each envelope's C{next_attempt}.
 """
 
 from __future__ import annotations
@@ -40,10 +36,6 @@ def retry_delay(schedule: tuple[int, ...], attempts: int, jitter: float,
     return base * (1 + jitter * (2 * rand() - 1))
 
 
-def _same_recipient_states(a: Envelope, b: Envelope) -> bool:
-    return [r.state for r in a.recipients] == [r.state for r in b.recipients]
-
-
 def expired_outcome(last: Outcome | None) -> Outcome:
     why = f"; last error: {last}" if last else ""
     return Outcome(554, "5.4.7", "Delivery time expired" + why)
@@ -64,7 +56,6 @@ class QueueManager(service.Service):
         self.states: dict[str, str] = {}
         self._timers: dict[str, object] = {}
         self._recovering: set[str] = set()
-        self._dirty: set[str] = set()  # entries whose latest state is only in memory
         self._active: dict[str, defer.Deferred] = {}
         self._semaphore = defer.DeferredSemaphore(config.queue.delivery_concurrency)
         self._stopping = False
@@ -86,23 +77,14 @@ class QueueManager(service.Service):
             self._recovering.add(envelope.queue_id)
             self._schedule(envelope.queue_id, envelope.next_attempt)
 
-    @defer.inlineCallbacks
-    def stopService(self):
+    def stopService(self) -> defer.Deferred:
         service.Service.stopService(self)
         self._stopping = True
         for timer in self._timers.values():
             if timer.active():
                 timer.cancel()
         self._timers.clear()
-        yield defer.DeferredList(list(self._active.values()))
-        dirty = [self.entries[qid] for qid in sorted(self._dirty) if qid in self.entries]
-        self._dirty.clear()
-        if dirty:
-            yield self.run_blocking(self._write_states, dirty)
-
-    def _write_states(self, envelopes: list[Envelope]) -> None:
-        for envelope in envelopes:
-            self.spool.update(envelope)
+        return defer.DeferredList(list(self._active.values()))
 
     # -- scheduling -----------------------------------------------------------
 
@@ -270,22 +252,12 @@ class QueueManager(service.Service):
             return
         state = self.states.get(qid, "cur")
         target = "cur" if state == "new" else state
-        previous = self.entries.get(qid)
-        if previous is not None and _same_recipient_states(previous, envelope):
-            # Only the retry bookkeeping changed: keep it in memory (written
-            # at stop) and put the next attempt in the file's mtime, as
-            # Postfix does; no file is created.
-            yield self.run_blocking(self.spool.defer, qid, state, target, envelope.next_attempt)
-            self._dirty.add(qid)
-        else:
-            yield self.run_blocking(self.spool.update_and_move, envelope, state, target)
-            self._dirty.discard(qid)
+        yield self.run_blocking(self.spool.update_and_move, envelope, state, target)
         self.states[qid] = target
         self.entries[qid] = envelope
         self._schedule(qid, envelope.next_attempt)
 
     def _forget(self, qid: str) -> None:
-        self._dirty.discard(qid)
         self.entries.pop(qid, None)
         self.states.pop(qid, None)
         self._recovering.discard(qid)

@@ -9,7 +9,7 @@ Layout under the spool directory::
     cur/        attempted at least once, deferred
     hold/       held by the operator
     corrupt/    quarantined: a queue file whose envelope cannot be read
-    envelopes/  <queue id>.json: the entry's current state, once it changed
+    envelopes/  <queue id>.json: the current state of an entry too large for an xattr
     lock        held (flock) by the one process that owns the spool
 
 A queue file is the message as received, preceded by one header field,
@@ -19,11 +19,12 @@ recipients, arrival, client).  So an entry is one file, and store before
 was fsync'd, renamed into new/ and new/ fsync'd (shared by every commit
 waiting at that moment).  A crash leaves a complete entry or debris in tmp/.
 
-Later states (delivered and failed recipients, attempts, next attempt) go
-to C{envelopes/<id>.json}, written to tmp/ and renamed over the old one,
-without fsync: losing or tearing one after a crash falls back to the
-envelope in the queue file, which only repeats attempts, and local delivery
-is idempotent (see L{twisted_mta.delivery.maildir}).
+Later states (delivered and failed recipients, attempts, next attempt,
+last error) go to an extended attribute of the queue file, or, when large,
+to C{envelopes/<id>.json} (see L{Spool.update}), without fsync: losing or
+tearing one after a crash falls back to the envelope in the queue file,
+which only repeats attempts, and local delivery is idempotent (see
+L{twisted_mta.delivery.maildir}).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ from twisted_mta.queue.envelope import Envelope, EnvelopeError, from_header, hea
 log = Logger()
 
 STATE_DIRS = ("new", "cur", "hold")
+XATTR = "user.twisted_mta.state"
+XATTR_MAX = 3500  # fits the inode's or one block's xattr space on ext4
 ALL_DIRS = ("tmp", "new", "cur", "hold", "corrupt", "envelopes")
 
 RunBlocking = Callable[..., defer.Deferred]
@@ -280,6 +283,7 @@ class Spool:
         self.new_queue_id = new_queue_id or QueueIdGenerator()
         self.group_sync = _GroupSync(run_blocking, (self._dir("new"),))
         self._lock_fd: int | None = None
+        self._xattrs = True  # until the file system says otherwise
 
     def _dir(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -344,19 +348,43 @@ class Spool:
             except FileNotFoundError:
                 pass
 
-    def update(self, envelope: Envelope) -> None:
+    def update(self, envelope: Envelope, state: str) -> None:
         """
-        Record an entry's new state (blocking; call via run_blocking).
+        Record the new state of an entry in C{state}/ (blocking; call via
+        run_blocking).
 
-        Written to tmp/ and renamed into envelopes/, so readers see the old
-        or the new state, never half of one; not fsync'd (see the module
-        docstring for why that is safe).
+        A small state goes into an extended attribute of the queue file
+        (C{user.twisted_mta.state}): no file is created, which matters on
+        file systems where creating one is slow.  A large one, or one on a
+        file system without user xattrs, goes to envelopes/<id>.json,
+        written to tmp/ and renamed into place.  Neither is fsync'd (see
+        the module docstring for why that is safe).
         """
         qid = envelope.queue_id
+        data = envelope.to_json(compact=True)
+        path = os.path.join(self.path, state, qid)
+        if self._xattrs and len(data) <= XATTR_MAX:
+            try:
+                os.setxattr(path, XATTR, data)
+            except OSError as e:
+                if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSPC, errno.E2BIG):
+                    raise
+                if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                    self._xattrs = False
+            else:
+                try:
+                    os.unlink(self.envelope_path(qid))
+                except FileNotFoundError:
+                    pass
+                return
         tmp = os.path.join(self.path, "tmp", qid + ".json")
         with open(tmp, "wb") as f:
-            f.write(envelope.to_json())
+            f.write(data)
         os.rename(tmp, self.envelope_path(qid))
+        try:
+            os.removexattr(path, XATTR)
+        except OSError:
+            pass
 
     def remove(self, queue_id: str) -> None:
         """
@@ -379,23 +407,14 @@ class Spool:
     def path_in(self, state: str, queue_id: str) -> str:
         return os.path.join(self.path, state, queue_id)
 
-    def defer(self, queue_id: str, src: str, dst: str, next_attempt: float) -> None:
-        """
-        Move an entry between state directories and set its file's mtime to
-        the next attempt time; no file is created.
-        """
-        if src != dst:
-            self.move(queue_id, src, dst)
-        os.utime(os.path.join(self.path, dst, queue_id), (next_attempt, next_attempt))
-
     def update_and_move(self, envelope: Envelope, src: str, dst: str) -> None:
         """
-        L{update}, then move the message between state directories, in one
+        Move the entry between state directories, then L{update} it, in one
         blocking job (one trip through the thread pool).
         """
-        self.update(envelope)
         if src != dst:
             self.move(envelope.queue_id, src, dst)
+        self.update(envelope, dst)
 
     # -- reading ----------------------------------------------------------
 
@@ -438,28 +457,32 @@ class Spool:
     def read_entry(self, queue_id: str, state: str, has_state_file: bool
                    ) -> tuple[Envelope, str | None]:
         """
-        An entry's current envelope, read-only: the state file if readable,
-        else the queue file's header; the next attempt is the later of the
-        recorded one and, in cur/, the file's mtime.  Returns the envelope
-        and why the state file was unreadable (or C{None}); raises
-        L{EnvelopeError} or L{OSError} when the queue file has no envelope.
+        An entry's current envelope, read-only: its recorded state (the
+        xattr or the state file; if a crash left both, the one with more
+        attempts), else the envelope in the queue file's header.  Returns
+        the envelope and why a recorded state was unreadable (or C{None});
+        raises L{EnvelopeError} or L{OSError} when the queue file has no
+        envelope.
         """
         path = os.path.join(self.path, state, queue_id)
         env = read_envelope_header(path)
-        if state == "cur":
-            # The next attempt time of an entry that was only deferred.
-            env = attrs.evolve(env, next_attempt=max(env.next_attempt,
-                                                     os.stat(path).st_mtime))
-        state_error = None
+        candidates = []
+        problem = None
+        try:
+            candidates.append(Envelope.from_json(os.getxattr(path, XATTR)))
+        except OSError:
+            pass  # no xattr (or none supported)
+        except EnvelopeError as e:
+            problem = f"state attribute: {e}"
         if has_state_file:
             try:
                 with open(self.envelope_path(queue_id), "rb") as f:
-                    stored = Envelope.from_json(f.read())
-                env = attrs.evolve(stored, next_attempt=max(stored.next_attempt,
-                                                            env.next_attempt))
+                    candidates.append(Envelope.from_json(f.read()))
             except (EnvelopeError, OSError) as e:
-                state_error = str(e)
-        return env, state_error
+                problem = str(e)
+        if candidates:
+            env = max(candidates, key=lambda c: c.attempts)
+        return env, problem
 
     def scan(self) -> list[tuple[str, str, Envelope | None, str | None]]:
         """
