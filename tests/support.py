@@ -82,7 +82,7 @@ class ServerHarness:
 
     def __init__(self, testcase, role: str = "mx", peer: str = "192.0.2.10",
                  tls_context: Any = None, transport_factory=StringTransport,
-                 **sections: dict[str, Any]) -> None:
+                 users: Any = None, **sections: dict[str, Any]) -> None:
         base = testcase.mktemp()
         self.config = make_config(base, **sections)
         self.spool = Spool(self.config.spool)
@@ -92,7 +92,8 @@ class ServerHarness:
         self.clock = Clock()
         self.clock.advance(1_800_000_000)
         self.factory = InboundFactory(self.config, role, self.spool, self.clock,
-                                      on_queued=self.queued.append, tls_context=tls_context)
+                                      on_queued=self.queued.append, tls_context=tls_context,
+                                      users=users)
         self.transport_factory = transport_factory
         self.peer = peer
         self.protocol, self.transport = self.connect()

@@ -3,6 +3,7 @@ The operator's command line::
 
     twisted-mta config check|show FILE
     twisted-mta queue list|show ... --config FILE
+    twisted-mta user add|delete|list USERS-FILE ...
 
 Exit status 0 on success, 1 when the configuration is bad or an entry is
 not found (the reason on stderr, one line), 2 on usage errors.  The queue
@@ -21,6 +22,7 @@ from twisted_mta.config import ConfigError, load_config
 from twisted_mta.queue.envelope import Envelope
 from twisted_mta.queue.spool import Spool
 from twisted_mta.tlsserver import TLSSetupError, server_context
+from twisted_mta.users import UsersFileError, read_users_file, write_user
 
 
 def _flatten(prefix: str, value: Any, out: list[str]) -> None:
@@ -173,6 +175,55 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
     return 1
 
 
+def _read_password(args: argparse.Namespace) -> str | None:
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        import getpass
+        password = getpass.getpass(f"Password for {args.name}: ")
+        if getpass.getpass("Again: ") != password:
+            print("twisted-mta: the passwords differ", file=sys.stderr)
+            return None
+    if not password:
+        print("twisted-mta: empty password", file=sys.stderr)
+        return None
+    return password
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    password = _read_password(args)
+    if password is None:
+        return 1
+    try:
+        write_user(args.file, args.name, password)
+    except UsersFileError as e:
+        print(f"twisted-mta: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: {args.name.lower()} set")
+    return 0
+
+
+def cmd_user_delete(args: argparse.Namespace) -> int:
+    try:
+        write_user(args.file, args.name, None)
+    except UsersFileError as e:
+        print(f"twisted-mta: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: {args.name.lower()} removed")
+    return 0
+
+
+def cmd_user_list(args: argparse.Namespace) -> int:
+    try:
+        users = read_users_file(args.file)
+    except UsersFileError as e:
+        print(f"twisted-mta: {e}", file=sys.stderr)
+        return 1
+    for name in sorted(users):
+        print(name)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="twisted-mta", description="twisted-mta operator tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -195,6 +246,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-c", "--config", required=True, help="the MTA's configuration file")
         p.add_argument("--json", action="store_true", help="print JSON for scripts")
         p.set_defaults(func=func)
+
+    user = sub.add_parser("user", help="manage the AUTH users file (scrypt hashes)")
+    user_sub = user.add_subparsers(dest="action", required=True)
+    add = user_sub.add_parser("add", help="add a user or change a password")
+    add.add_argument("file")
+    add.add_argument("name")
+    add.add_argument("--password-stdin", action="store_true",
+                     help="read the password from one line of standard input")
+    add.set_defaults(func=cmd_user_add)
+    delete = user_sub.add_parser("delete", help="remove a user")
+    delete.add_argument("file")
+    delete.add_argument("name")
+    delete.set_defaults(func=cmd_user_delete)
+    ulist = user_sub.add_parser("list", help="list the users")
+    ulist.add_argument("file")
+    ulist.set_defaults(func=cmd_user_list)
     return parser
 
 

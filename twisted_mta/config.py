@@ -105,6 +105,18 @@ class QueueSettings:
 
 
 @attrs.frozen
+class AuthSettings:
+    users_file: str | None = None
+    sender_login_match: bool = False
+    max_failures: int = 5
+    failure_window: int = 600
+
+    @property
+    def enabled(self) -> bool:
+        return self.users_file is not None
+
+
+@attrs.frozen
 class LoggingSettings:
     format: str = "text"
     file: str | None = None
@@ -122,6 +134,7 @@ class Config:
     limits: Limits = Limits()
     inbound: InboundSettings = InboundSettings()
     queue: QueueSettings = QueueSettings()
+    auth: AuthSettings = AuthSettings()
     logging: LoggingSettings = LoggingSettings()
 
     def to_dict(self) -> dict[str, Any]:
@@ -275,11 +288,17 @@ def parse_config(raw: dict[str, Any], path: str) -> Config:
     limits = _limits(top.table("limits"))
     inbound = _inbound(top.table("inbound"))
     queue = _queue(top.table("queue"))
+    auth = _auth(top.table("auth"), base)
     logging = _logging(top.table("logging"), base)
     top.finish()
+    for i, listener in enumerate(listeners):
+        if listener.role != "mx" and auth.enabled and not tls.enabled:
+            raise ConfigError(path, "tls.certificate",
+                              f"is required by listeners[{i}] ({listener.role}) with [auth]: "
+                              "credentials never cross cleartext")
     return Config(path=path, hostname=hostname.lower(), spool=spool, listeners=listeners,
                   tls=tls, local=local, relay=relay, limits=limits, inbound=inbound,
-                  queue=queue, logging=logging)
+                  queue=queue, auth=auth, logging=logging)
 
 
 def _listeners(top: _Table) -> tuple[Listener, ...]:
@@ -435,6 +454,25 @@ def _queue(t: _Table) -> QueueSettings:
     )
     t.finish()
     return q
+
+
+def _auth(t: _Table, base: str) -> AuthSettings:
+    d = AuthSettings()
+    users_file = t.get("users_file", str, None)
+    settings = AuthSettings(
+        users_file=_resolve(base, users_file) if users_file else None,
+        sender_login_match=t.get("sender_login_match", bool, d.sender_login_match),
+        max_failures=t.positive("max_failures", d.max_failures),
+        failure_window=t.duration("failure_window", d.failure_window),
+    )
+    t.finish()
+    if settings.users_file is not None:
+        from twisted_mta.users import UsersFileError, read_users_file
+        try:
+            read_users_file(settings.users_file)
+        except UsersFileError as e:
+            raise t.error("users_file", str(e))
+    return settings
 
 
 def _logging(t: _Table, base: str) -> LoggingSettings:

@@ -22,6 +22,7 @@ from twisted_mta.logsetup import install_json_log
 from twisted_mta.queue.manager import QueueManager
 from twisted_mta.queue.spool import Spool, SpoolError
 from twisted_mta.tlsserver import TLSSetupError, server_context
+from twisted_mta.users import UserDatabase, UsersFileError
 
 
 class Options(usage.Options):
@@ -110,9 +111,11 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None) -> servi
     manager = QueueManager(config, spool, reactor, run_blocking)
     manager.setServiceParent(top)
     ctx = server_context(config.tls)
+    users = UserDatabase.load(config.auth.users_file) if config.auth.enabled else None
     for listener in config.listeners:
         factory = InboundFactory(config, listener.role, spool, reactor,
-                                 on_queued=manager.enqueue, tls_context=ctx)
+                                 on_queued=manager.enqueue, tls_context=ctx,
+                                 users=users, run_blocking=run_blocking)
         endpoint = endpoints.serverFromString(reactor, with_backlog(listener.endpoint))
         if listener.role == "submissions":
             endpoint = endpoints.wrapServerTLS(ctx, endpoint)
@@ -156,7 +159,7 @@ def makeService(options: Options) -> service.IService:
         owner = (uid, gid if gid is not None else -1)
     try:
         return make_service(options["parsed"], reactor, owner)
-    except (SpoolError, TLSSetupError) as e:
+    except (SpoolError, TLSSetupError, UsersFileError) as e:
         # twistd reports a UsageError from here with a traceback; this is
         # an operator's mistake, so one line and a non-zero exit instead.
         sys.stderr.write(f"twistd: {e}\n")

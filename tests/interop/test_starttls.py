@@ -4,6 +4,7 @@ STARTTLS interop with Python's smtplib and ssl, certificates from trustme.
 
 from __future__ import annotations
 
+import os
 import smtplib
 import ssl
 import uuid
@@ -122,3 +123,34 @@ class StartTLSInjectionTests(unittest.TestCase):
         self.assertEqual(reply(tf), ["503 5.5.1 Send EHLO or HELO first"])
         tls.sendall(b"QUIT\r\n")
         self.assertEqual(reply(tf), ["221 2.0.0 Bye"])
+
+
+class SubmissionAuthTests(unittest.TestCase):
+
+    def test_smtplib_login_over_starttls(self) -> None:
+        """smtplib: STARTTLS, then AUTH (PLAIN/LOGIN) with a password from the users file, then a message: delivered, Received says ESMTPSA; a wrong password gets 535."""
+        from twisted_mta.users import write_user
+        tmp = make_tempdir(self, "mta")
+        ca = write_server_cert(tmp)
+        write_user(os.path.join(tmp, "users"), "alice", "s3cret")
+        mta = start_mta(self, tmp, TLS_CONFIG + '[auth]\nusers_file = "users"\n')
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        token = uuid.uuid4().hex
+        with smtplib.SMTP(LOOPBACK, mta.port, local_hostname="client.example.test",
+                          timeout=10) as client:
+            client.ehlo()
+            self.assertFalse(client.has_extn("auth"))
+            client.starttls(context=ctx)
+            client.ehlo()
+            self.assertEqual(client.esmtp_features["auth"].split(), ["PLAIN", "LOGIN"])
+            with self.assertRaises(smtplib.SMTPAuthenticationError) as cm:
+                client.login("alice", "wrong")
+            self.assertEqual(cm.exception.smtp_code, 535)
+            code, _ = client.login("alice", "s3cret")
+            self.assertEqual(code, 235)
+            client.sendmail(SENDER, [ALICE], make_message(token))
+        maildir = mta.maildir("alice")
+        [path] = wait_for(lambda: files_containing(maildir, token.encode()), 10, mta.describe)
+        with open(path, "rb") as f:
+            self.assertIn(b"with ESMTPSA id", f.read())

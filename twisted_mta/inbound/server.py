@@ -19,6 +19,8 @@ The 250 after DATA is sent only when the queue says the entry is durable.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import email.utils
 import ipaddress
 from collections import Counter
@@ -37,7 +39,8 @@ from twisted_mta.config import Config
 from twisted_mta.inbound.data import DataReader
 from twisted_mta.local import AliasLoop, LocalDirectory, UnknownRecipient
 from twisted_mta.queue.envelope import Envelope, Recipient
-from twisted_mta.queue.spool import Spool
+from twisted_mta.queue.spool import RunBlocking, Spool, run_inline
+from twisted_mta.users import UserDatabase
 from twisted_mta.reply import Reply
 
 log = Logger()
@@ -54,8 +57,13 @@ class InboundFactory(smtp.SMTPFactory):
     """
 
     def __init__(self, config: Config, role: str, spool: Spool, clock: Any,
-                 on_queued: Callable[[Envelope], None], tls_context: Any = None) -> None:
+                 on_queued: Callable[[Envelope], None], tls_context: Any = None,
+                 users: UserDatabase | None = None, run_blocking: RunBlocking = run_inline
+                 ) -> None:
         smtp.SMTPFactory.__init__(self)
+        self.users = users
+        self.run_blocking = run_blocking
+        self.auth_failures: dict[str, list[float]] = {}
         self.config = config
         self.role = role
         self.spool = spool
@@ -73,6 +81,22 @@ class InboundFactory(smtp.SMTPFactory):
         p.factory = self
         p.callLater = self.clock.callLater
         return p
+
+    def auth_blocked(self, ip: str) -> bool:
+        """
+        Whether C{ip} used up its failed AUTH attempts for the window.
+        """
+        window = self.config.auth.failure_window
+        now = self.clock.seconds()
+        recent = [t for t in self.auth_failures.get(ip, ()) if now - t < window]
+        if recent:
+            self.auth_failures[ip] = recent
+        else:
+            self.auth_failures.pop(ip, None)
+        return len(recent) >= self.config.auth.max_failures
+
+    def note_auth_failure(self, ip: str) -> None:
+        self.auth_failures.setdefault(ip, []).append(self.clock.seconds())
 
     def is_trusted(self, ip: str) -> bool:
         try:
@@ -111,6 +135,8 @@ class InboundESMTP(smtp.ESMTP):
         self.esmtp = False
         self.tls_active = False
         self.tls_info: dict[str, str] | None = None
+        self.user: str | None = None  # the authenticated user
+        self._continuation: Callable[[bytes], None] | None = None  # AUTH's next line
         self._reset_transaction()
 
     # -- connection -------------------------------------------------------
@@ -243,7 +269,11 @@ class InboundESMTP(smtp.ESMTP):
                 self.send(reply.LINE_TOO_LONG)
                 continue
             self.resetTimeout()
-            self._command(line)
+            if self._continuation is not None:
+                handler, self._continuation = self._continuation, None
+                handler(line)
+            else:
+                self._command(line)
 
     def _command(self, line: bytes) -> None:
         if b"\r" in line or b"\n" in line:
@@ -275,6 +305,8 @@ class InboundESMTP(smtp.ESMTP):
         name = "ESMTP" if self.esmtp else "SMTP"
         if self.tls_active:
             name += "S"
+        if self.user is not None:
+            name += "A"
         return name
 
     # -- commands -----------------------------------------------------------
@@ -309,7 +341,13 @@ class InboundESMTP(smtp.ESMTP):
         }
         if self.canStartTLS and not self.tls_active:
             ext[b"STARTTLS"] = None
+        if self._auth_offered():
+            ext[b"AUTH"] = [b"PLAIN", b"LOGIN"]
         return ext
+
+    def _auth_offered(self) -> bool:
+        # Credentials never cross cleartext: AUTH exists only inside TLS.
+        return self.factory.users is not None and self.tls_active and self.user is None
 
     def smtp_STARTTLS(self, arg: str) -> None:
         if arg:
@@ -326,6 +364,7 @@ class InboundESMTP(smtp.ESMTP):
         self.send(reply.READY_TLS)
         self.helo_name = None
         self.esmtp = False
+        self.user = None
         self._reset_transaction()
         self.transport.startTLS(self.ctx)
         self.startedTLS = True
@@ -342,6 +381,10 @@ class InboundESMTP(smtp.ESMTP):
         if self._tls_required():
             self.send(reply.TLS_REQUIRED)
             return
+        if (self.factory.role != "mx" and self.factory.users is not None
+                and self.user is None and not self.factory.is_trusted(self.peer_ip)):
+            self.send(reply.AUTH_REQUIRED)
+            return
         if self.sender is not _NOT_SET:
             self.send(reply.NESTED_MAIL)
             return
@@ -354,12 +397,25 @@ class InboundESMTP(smtp.ESMTP):
                 self.send(reply.BAD_SENDER_ADDRESS.with_text(f"Bad sender address: {e}"))
             return
         problem = self._check_mail_params(parsed.params)
+        if problem is None and not self._may_send_as(parsed.address):
+            problem = reply.SENDER_NOT_OWNED.with_text(
+                f"<{parsed.address or ''}>: sender address not owned by user {self.user}")
         if problem is not None:
             self.send(problem)
             return
         self.sender = parsed.address
         self.mail_params = parsed.params
         self.send(reply.SENDER_OK)
+
+    def _may_send_as(self, address: Address | None) -> bool:
+        if self.user is None or not self.config.auth.sender_login_match:
+            return True
+        if address is None:
+            return False
+        if "@" in self.user:
+            return str(address).lower() == self.user
+        return (address.local.lower() == self.user
+                and self.factory.directory.is_local_domain(address.domain))
 
     def _check_mail_params(self, params: dict[str, str | None]) -> Reply | None:
         for key, value in params.items():
@@ -422,7 +478,7 @@ class InboundESMTP(smtp.ESMTP):
                 log.error("alias loop expanding {rcpt}", event="inbound.alias-loop",
                           rcpt=str(address))
                 return reply.LOCAL_ERROR.with_text("Alias loop in local configuration"), ()
-        if self.factory.is_trusted(self.peer_ip):
+        if self.user is not None or self.factory.is_trusted(self.peer_ip):
             return reply.RECIPIENT_OK, (str(address),)
         return reply.RELAY_DENIED.with_text(f"<{address}>: relay access denied"), ()
 
@@ -522,6 +578,123 @@ class InboundESMTP(smtp.ESMTP):
         self._busy = False
         if self.transport is not None and not self._closing:
             self._process()
+
+    # -- AUTH (RFC 4954; PLAIN, RFC 4616; LOGIN) --------------------------------
+
+    def smtp_AUTH(self, arg: str) -> None:
+        if self.factory.users is None:
+            self.send(reply.UNKNOWN_COMMAND)
+            return
+        if not self.tls_active:
+            self.send(reply.AUTH_NEEDS_TLS)
+            return
+        if self.user is not None:
+            self.send(reply.AUTH_ALREADY)
+            return
+        if self.sender is not _NOT_SET:
+            self.send(reply.AUTH_IN_TRANSACTION)
+            return
+        if self.factory.auth_blocked(self.peer_ip):
+            self._auth_locked_out()
+            return
+        mechanism, _, initial = arg.partition(" ")
+        mechanism = mechanism.upper()
+        initial = initial.strip()
+        if mechanism == "PLAIN":
+            if initial:
+                self._auth_plain(initial.encode())
+            else:
+                self.send(Reply(334, None, ""))
+                self._continuation = self._auth_plain
+        elif mechanism == "LOGIN":
+            if initial:
+                self._auth_login_user(initial.encode())
+            else:
+                self.send(Reply(334, None, "VXNlcm5hbWU6"))
+                self._continuation = self._auth_login_user
+        elif not mechanism:
+            self.send(reply.AUTH_SYNTAX)
+        else:
+            self.send(reply.AUTH_MECHANISM)
+
+    def _decode(self, line: bytes) -> bytes | None:
+        if line.strip() == b"*":
+            self.send(reply.AUTH_CANCELLED)
+            return None
+        if line.strip() == b"=":
+            return b""  # RFC 4954 4: "=" is an empty initial response
+        try:
+            return base64.b64decode(line.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            self.send(reply.AUTH_BAD_BASE64)
+            return None
+
+    def _auth_plain(self, line: bytes) -> None:
+        decoded = self._decode(line)
+        if decoded is None:
+            return
+        parts = decoded.split(b"\x00")
+        if len(parts) != 3 or not parts[1]:
+            self._auth_failed("malformed PLAIN response")
+            return
+        authzid, authcid, password = parts
+        if authzid and authzid.lower() != authcid.lower():
+            self._auth_failed("authorization identity differs from the user")
+            return
+        self._auth_check(authcid, password)
+
+    def _auth_login_user(self, line: bytes) -> None:
+        decoded = self._decode(line)
+        if decoded is None:
+            return
+        self.send(Reply(334, None, "UGFzc3dvcmQ6"))
+        self._continuation = lambda l: self._auth_login_password(decoded, l)
+
+    def _auth_login_password(self, user: bytes, line: bytes) -> None:
+        decoded = self._decode(line)
+        if decoded is not None:
+            self._auth_check(user, decoded)
+
+    def _auth_check(self, user: bytes, password: bytes) -> None:
+        try:
+            name, secret = user.decode("utf-8"), password.decode("utf-8")
+        except UnicodeDecodeError:
+            self._auth_failed("not UTF-8")
+            return
+        self._busy = True
+        d = self.factory.run_blocking(self.factory.users.check, name, secret)
+
+        def checked(canonical):
+            if self.transport is None or self._closing:
+                return
+            if canonical is None:
+                self._auth_failed(f"wrong password or unknown user {name!r}")
+            else:
+                self.user = canonical
+                log.info("{peer} authenticated as {user}", event="inbound.auth",
+                         peer=self.peer_ip, user=canonical)
+                self.send(reply.AUTH_OK)
+
+        def broken(failure):
+            log.failure("password check failed", failure, event="inbound.error")
+            self.send(reply.LOCAL_ERROR)
+
+        d.addCallbacks(checked, broken)
+        d.addBoth(self._resume)
+
+    def _auth_failed(self, why: str) -> None:
+        self.factory.note_auth_failure(self.peer_ip)
+        log.info("AUTH failed for {peer}: {why}", event="inbound.auth-failed",
+                 peer=self.peer_ip, why=why)
+        self.send(reply.AUTH_FAILED)
+        if self.factory.auth_blocked(self.peer_ip):
+            self._auth_locked_out()
+
+    def _auth_locked_out(self) -> None:
+        log.info("{peer}: too many failed AUTH attempts", event="inbound.auth-blocked",
+                 peer=self.peer_ip)
+        self.send(reply.AUTH_TOO_MANY)
+        self._close()
 
     def smtp_RSET(self, arg: str) -> None:
         if arg:
