@@ -240,3 +240,33 @@ class QueueCommandTests(SynchronousTestCase):
         shutil.rmtree(os.path.join(os.path.dirname(self.conf), "spool", "cur"))
         os.makedirs(os.path.join(os.path.dirname(self.conf), "spool", "cur"))
         self.assertEqual(run_cli("queue", "list", "-c", self.conf)[1], "The queue is empty.\n")
+
+
+class QueueActionTests(QueueCommandTests):
+    def test_offline_hold_release_delete(self):
+        """With no MTA running, hold/release/delete act on the spool directly."""
+        code, out, err = run_cli("queue", "hold", self.qid, "-c", self.conf)
+        self.assertEqual((code, out), (0, f"{self.qid} held\n"))
+        self.assertIn("hold", run_cli("queue", "list", "-c", self.conf)[1])
+        self.assertEqual(run_cli("queue", "release", self.qid, "-c", self.conf)[1],
+                         f"{self.qid} released; it will be attempted when the MTA starts\n")
+        self.assertEqual(run_cli("queue", "delete", self.qid, "-c", self.conf)[1],
+                         f"{self.qid} deleted\n")
+        self.assertEqual(run_cli("queue", "list", "-c", self.conf)[1], "The queue is empty.\n")
+
+    def test_running_mta_gets_a_request(self):
+        """With the spool locked by a running MTA, the command leaves a request in control/."""
+        from twisted_mta.queue.spool import Spool
+        spool = Spool(os.path.join(os.path.dirname(self.conf), "spool"))
+        spool.lock()
+        self.addCleanup(spool.unlock)
+        code, out, err = run_cli("queue", "hold", self.qid, "-c", self.conf)
+        self.assertEqual(code, 0)
+        self.assertIn("requested", out)
+        [name] = os.listdir(os.path.join(spool.path, "control"))
+        self.assertTrue(name.endswith(f"-hold-{self.qid}"))
+
+    def test_unknown_entry(self):
+        """An unknown id is refused before anything is requested."""
+        self.assertEqual(run_cli("queue", "hold", "NOPE", "-c", self.conf)[:3:2],
+                         (1, "twisted-mta: no queue entry NOPE\n"))

@@ -2,12 +2,13 @@
 The operator's command line::
 
     twisted-mta config check|show FILE
-    twisted-mta queue list|show ... --config FILE
+    twisted-mta queue list|show|flush|hold|release|delete ... --config FILE
     twisted-mta user add|delete|list USERS-FILE ...
 
 Exit status 0 on success, 1 when the configuration is bad or an entry is
 not found (the reason on stderr, one line), 2 on usage errors.  The queue
-commands only read the spool, so they are safe while the MTA runs.
+commands that change something ask the running MTA (see
+L{twisted_mta.queue.control}); list and show only read.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import time
 from typing import Any
 
 from twisted_mta.config import ConfigError, load_config
+from twisted_mta.queue import control
 from twisted_mta.queue.envelope import Envelope
-from twisted_mta.queue.spool import Spool
+from twisted_mta.queue.spool import Spool, SpoolError
 from twisted_mta.tlsserver import TLSSetupError, server_context
 from twisted_mta.users import UsersFileError, read_users_file, write_user
 
@@ -175,6 +177,34 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_queue_action(args: argparse.Namespace) -> int:
+    spool = _open_spool(args)
+    if spool is None:
+        return 1
+    qid = getattr(args, "queue_id", None) or control.ALL
+    if qid != control.ALL and spool.state_of(qid) is None:
+        print(f"twisted-mta: no queue entry {qid}", file=sys.stderr)
+        return 1
+    try:
+        spool.lock()
+    except SpoolError:
+        # A running MTA owns the spool: ask it.
+        control.request(spool, args.action, qid)
+        print(f"{args.action} {qid}: requested; the running MTA acts on it within a second")
+        return 0
+    try:
+        if qid == control.ALL:
+            print("no MTA is running: all entries will be attempted when it starts")
+        else:
+            print(control.apply_offline(spool, args.action, qid))
+    except control.ControlError as e:
+        print(f"twisted-mta: {e}", file=sys.stderr)
+        return 1
+    finally:
+        spool.unlock()
+    return 0
+
+
 def _read_password(args: argparse.Namespace) -> str | None:
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\n")
@@ -246,6 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-c", "--config", required=True, help="the MTA's configuration file")
         p.add_argument("--json", action="store_true", help="print JSON for scripts")
         p.set_defaults(func=func)
+    helps = {"flush": "attempt one entry (or all) now",
+             "hold": "keep an entry without attempting it",
+             "release": "let a held entry be attempted again, now",
+             "delete": "remove an entry without telling anyone"}
+    for action in control.ACTIONS:
+        p = queue_sub.add_parser(action, help=helps[action])
+        if action == "flush":
+            p.add_argument("queue_id", nargs="?")
+        else:
+            p.add_argument("queue_id")
+        p.add_argument("-c", "--config", required=True, help="the MTA's configuration file")
+        p.set_defaults(func=cmd_queue_action)
 
     user = sub.add_parser("user", help="manage the AUTH users file (scrypt hashes)")
     user_sub = user.add_subparsers(dest="action", required=True)

@@ -16,7 +16,7 @@ from tests.support import make_config
 T0 = 1_800_000_000.0
 
 
-class ManagerTests(SynchronousTestCase):
+class ManagerTestBase(SynchronousTestCase):
     def setUp(self):
         self.base = self.mktemp()
         self.config = make_config(self.base, queue={"retry_schedule": [60, 600], "jitter": 0,
@@ -50,6 +50,8 @@ class ManagerTests(SynchronousTestCase):
         d = os.path.join(self.base, "mail", user, "Maildir", "new")
         return [os.path.join(d, n) for n in os.listdir(d)] if os.path.isdir(d) else []
 
+
+class ManagerTests(ManagerTestBase):
     def test_new_entry_delivered_once_to_each_local_recipient(self):
         """A queued message for two local users is delivered to each and removed from the spool."""
         m = self.manager()
@@ -248,3 +250,57 @@ class RetryDelayTests(SynchronousTestCase):
         """Jitter stays within +/- the configured fraction."""
         self.assertEqual(retry_delay((100,), 1, 0.1, rand=lambda: 0.0), 90)
         self.assertAlmostEqual(retry_delay((100,), 1, 0.1, rand=lambda: 1.0), 110)
+
+
+class ControlTests(ManagerTestBase):
+    """
+    Operator requests through spool/control/, picked up by the running manager.
+    """
+
+    def deferred_entry(self):
+        m = self.manager()
+        env = self.queue(["x@elsewhere.test"])
+        m.enqueue(env)
+        self.clock.advance(0)
+        return m, env.queue_id
+
+    def ask(self, action, qid=None):
+        from twisted_mta.queue import control
+        control.request(self.spool, action, qid or control.ALL)
+        self.clock.advance(1)
+
+    def test_hold_and_release(self):
+        """hold moves the entry to hold/ and stops its attempts; release makes it due at once."""
+        m, qid = self.deferred_entry()
+        self.ask("hold", qid)
+        self.assertEqual(self.spool.state_of(qid), "hold")
+        self.clock.advance(1000)  # past the next attempt (60 s), within the lifetime
+        self.assertEqual(self.spool.load(qid).attempts, 1)
+        self.ask("release", qid)  # due at once: attempted within this same second
+        self.assertEqual(self.spool.state_of(qid), "cur")
+        self.assertEqual(self.spool.load(qid).attempts, 2)
+        self.assertEqual(os.listdir(os.path.join(self.spool.path, "control")), [])
+
+    def test_flush(self):
+        """flush makes an entry (or all) due now instead of at its next attempt."""
+        m, qid = self.deferred_entry()
+        self.ask("flush", qid)
+        self.clock.advance(0)
+        self.assertEqual(self.spool.load(qid).attempts, 2)
+        self.ask("flush")
+        self.clock.advance(0)
+        self.assertEqual(self.spool.load(qid).attempts, 3)
+
+    def test_delete(self):
+        """delete removes the entry and its timer."""
+        m, qid = self.deferred_entry()
+        self.ask("delete", qid)
+        self.assertIsNone(self.spool.state_of(qid))
+        self.assertEqual(m.entries, {})
+        self.clock.advance(3600)
+
+    def test_unknown_entry_request_dropped(self):
+        """A request for an unknown entry is logged and removed."""
+        self.manager()
+        self.ask("hold", "NOPE")
+        self.assertEqual(os.listdir(os.path.join(self.spool.path, "control")), [])

@@ -13,7 +13,7 @@ from typing import Callable
 
 import attrs
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from twisted_mta.config import Config
@@ -21,10 +21,13 @@ from twisted_mta.delivery import maildir
 from twisted_mta.dsn.report import FailedRecipient, failure_report, header_section
 from twisted_mta.local import LocalDirectory
 from twisted_mta.outbound.router import route
+from twisted_mta.queue import control
 from twisted_mta.queue.envelope import DELIVERED, FAILED, Envelope, Outcome, Recipient
 from twisted_mta.queue.spool import RunBlocking, Spool
 
 log = Logger()
+
+CONTROL_INTERVAL = 1.0  # seconds between looks into spool/control/
 
 
 def retry_delay(schedule: tuple[int, ...], attempts: int, jitter: float,
@@ -59,6 +62,8 @@ class QueueManager(service.Service):
         self._active: dict[str, defer.Deferred] = {}
         self._semaphore = defer.DeferredSemaphore(config.queue.delivery_concurrency)
         self._stopping = False
+        self._control: task.LoopingCall | None = None
+        self._polling = False
 
     def startService(self) -> None:
         service.Service.startService(self)
@@ -76,15 +81,90 @@ class QueueManager(service.Service):
                 continue
             self._recovering.add(envelope.queue_id)
             self._schedule(envelope.queue_id, envelope.next_attempt)
+        self._control = task.LoopingCall(self._poll_control)
+        self._control.clock = self.clock
+        self._control.start(CONTROL_INTERVAL, now=False)
 
     def stopService(self) -> defer.Deferred:
         service.Service.stopService(self)
         self._stopping = True
+        if self._control is not None and self._control.running:
+            self._control.stop()
         for timer in self._timers.values():
             if timer.active():
                 timer.cancel()
         self._timers.clear()
         return defer.DeferredList(list(self._active.values()))
+
+    # -- operator requests ---------------------------------------------------------
+
+    def _poll_control(self) -> defer.Deferred | None:
+        if self._polling:
+            return None
+        self._polling = True
+        d = self.run_blocking(control.read_requests, self.spool)
+        d.addCallback(self._handle_requests)
+        d.addErrback(lambda f: log.failure("queue: reading control requests failed", f,
+                                           event="queue.error"))
+
+        def finished(_):
+            self._polling = False
+        d.addBoth(finished)
+        return None
+
+    @defer.inlineCallbacks
+    def _handle_requests(self, requests):
+        for name, action, qid in requests:
+            if qid != control.ALL and qid in self._active:
+                continue  # busy with an attempt: try again at the next poll
+            try:
+                outcome = yield self._carry_out(action, qid)
+            except Exception:
+                log.failure("queue: {action} {queue_id} failed", action=action, queue_id=qid,
+                            event="queue.error")
+                outcome = "failed"
+            log.info("queue: operator {action} {queue_id}: {outcome}", event="queue.operator",
+                     action=action, queue_id=qid, outcome=outcome)
+            yield self.run_blocking(control.done, self.spool, name)
+
+    @defer.inlineCallbacks
+    def _carry_out(self, action: str, qid: str):
+        if action == "flush" and qid == control.ALL:
+            self.flush()
+            return "all entries due now"
+        state = self.states.get(qid)
+        if state is None:
+            return "no such entry"
+        if action == "flush":
+            if state == "hold":
+                return "held; release it first"
+            self._schedule(qid, self.clock.seconds())
+            return "due now"
+        if action == "hold":
+            if state == "hold":
+                return "already held"
+            self._unschedule(qid)
+            yield self.run_blocking(self.spool.move, qid, state, "hold")
+            self.states[qid] = "hold"
+            return "held"
+        if action == "release":
+            if state != "hold":
+                return "not held"
+            yield self.run_blocking(self.spool.move, qid, "hold", "cur")
+            self.states[qid] = "cur"
+            self._schedule(qid, self.clock.seconds())
+            return "released, due now"
+        if action == "delete":
+            self._unschedule(qid)
+            yield self.run_blocking(self.spool.remove, qid)
+            self._forget(qid)
+            return "deleted"
+        return "unknown action"
+
+    def _unschedule(self, qid: str) -> None:
+        timer = self._timers.pop(qid, None)
+        if timer is not None and timer.active():
+            timer.cancel()
 
     # -- scheduling -----------------------------------------------------------
 

@@ -10,6 +10,7 @@ Layout under the spool directory::
     hold/       held by the operator
     corrupt/    quarantined: a queue file whose envelope cannot be read
     envelopes/  <queue id>.json: the current state of an entry too large for an xattr
+    control/    operator requests (flush, hold, release, delete) for the manager
     lock        held (flock) by the one process that owns the spool
 
 A queue file is the message as received, preceded by one header field,
@@ -48,7 +49,7 @@ log = Logger()
 STATE_DIRS = ("new", "cur", "hold")
 XATTR = "user.twisted_mta.state"
 XATTR_MAX = 3500  # fits the inode's or one block's xattr space on ext4
-ALL_DIRS = ("tmp", "new", "cur", "hold", "corrupt", "envelopes")
+ALL_DIRS = ("tmp", "new", "cur", "hold", "corrupt", "envelopes", "control")
 
 RunBlocking = Callable[..., defer.Deferred]
 

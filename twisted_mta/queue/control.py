@@ -1,0 +1,98 @@
+"""
+Operator requests to the queue: flush, hold, release, delete.
+
+The running MTA owns the spool, so the command line does not move its files
+behind its back: it drops a request file into C{spool/control/}, which the
+queue manager picks up within a second (L{QueueManager}) and carries out
+between attempts.  When no MTA owns the spool, the command line takes the
+lock and acts on the files itself (L{apply_offline}).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from twisted_mta.queue.spool import Spool
+
+ACTIONS = ("flush", "hold", "release", "delete")
+ALL = "ALL"
+
+
+class ControlError(Exception):
+    """
+    A request cannot be made; C{str()} says why.
+    """
+
+
+def control_dir(spool: Spool) -> str:
+    return os.path.join(spool.path, "control")
+
+
+def request(spool: Spool, action: str, queue_id: str = ALL) -> str:
+    """
+    Leave a request for the running MTA; return the request file's path.
+    """
+    if action not in ACTIONS:
+        raise ControlError(f"unknown action {action!r}")
+    if "/" in queue_id or queue_id.startswith("."):
+        raise ControlError(f"bad queue id {queue_id!r}")
+    directory = control_dir(spool)
+    os.makedirs(directory, 0o700, exist_ok=True)
+    name = f"{time.time():.6f}-{os.getpid()}-{action}-{queue_id}"
+    path = os.path.join(directory, name)
+    with open(path + ".tmp", "w"):
+        pass
+    os.rename(path + ".tmp", path)
+    return path
+
+
+def read_requests(spool: Spool) -> list[tuple[str, str, str]]:
+    """
+    Pending requests, oldest first, as (file name, action, queue id).
+    Blocking; malformed names are removed.
+    """
+    directory = control_dir(spool)
+    try:
+        names = sorted(n for n in os.listdir(directory) if not n.endswith(".tmp"))
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        parts = name.split("-", 3)
+        if len(parts) != 4 or parts[2] not in ACTIONS:
+            os.unlink(os.path.join(directory, name))
+            continue
+        out.append((name, parts[2], parts[3]))
+    return out
+
+
+def done(spool: Spool, name: str) -> None:
+    try:
+        os.unlink(os.path.join(control_dir(spool), name))
+    except FileNotFoundError:
+        pass
+
+
+def apply_offline(spool: Spool, action: str, queue_id: str) -> str:
+    """
+    Carry out a request on a spool that no MTA owns (the caller holds the
+    lock); return what happened, in words.
+    """
+    state = spool.state_of(queue_id)
+    if state is None:
+        raise ControlError(f"no queue entry {queue_id}")
+    if action == "hold":
+        if state == "hold":
+            return f"{queue_id} is already held"
+        spool.move(queue_id, state, "hold")
+        return f"{queue_id} held"
+    if action == "release":
+        if state != "hold":
+            return f"{queue_id} is not held"
+        spool.move(queue_id, "hold", "cur")
+        return f"{queue_id} released; it will be attempted when the MTA starts"
+    if action == "delete":
+        spool.remove(queue_id)
+        return f"{queue_id} deleted"
+    return f"{queue_id} will be attempted when the MTA starts"
