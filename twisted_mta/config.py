@@ -100,6 +100,7 @@ class InboundSettings:
 class QueueSettings:
     retry_schedule: tuple[int, ...] = (300, 600, 1200, 2400, 3600, 7200, 14400)
     lifetime: int = 5 * 86400
+    delay_warning: int | None = 4 * 3600  # None: no delay warnings
     delivery_concurrency: int = 8
     jitter: float = 0.1
 
@@ -242,6 +243,15 @@ def _duration(table: _Table, name: str, value: int | str) -> int:
     if seconds <= 0:
         raise table.error(name, f"must be a positive duration, not {value!r}")
     return seconds
+
+
+def _optional_duration(t: _Table, name: str, default: int | None) -> int | None:
+    value = t.get(name, (int, str, bool), default)
+    if value is False or value == 0:
+        return None
+    if value is True:
+        raise t.error(name, "must be a duration, or false (or 0) to turn it off")
+    return _duration(t, name, value)
 
 
 def _resolve(base: str, value: str) -> str:
@@ -449,6 +459,7 @@ def _queue(t: _Table) -> QueueSettings:
     q = QueueSettings(
         retry_schedule=schedule,
         lifetime=t.duration("lifetime", d.lifetime),
+        delay_warning=_optional_duration(t, "delay_warning", d.delay_warning),
         delivery_concurrency=t.positive("delivery_concurrency", d.delivery_concurrency),
         jitter=float(jitter),
     )

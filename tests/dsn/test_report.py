@@ -71,3 +71,32 @@ class FailureReportTests(SynchronousTestCase):
         self.assertEqual(msg["Auto-Submitted"], "auto-replied")
         self.assertIn("Subject: lunch?", msg.get_payload()[2].get_payload())
         self.assertNotIn("body", msg.get_payload()[2].get_payload())
+
+
+def delay_sample() -> bytes:
+    from twisted_mta.dsn.report import delay_report
+    env = Envelope(queue_id="6B0A87D251AE92AA51", sender="alice@example.test",
+                   recipients=(Recipient("dave@example.org"),), arrival=1_800_000_000)
+    delayed = [FailedRecipient(Recipient("dave@example.org", done_at=None,
+                                         outcome=Outcome(451, "4.4.0", "Remote delivery is not available")))]
+    return delay_report(hostname="mx.example.test", envelope=env, delayed=delayed,
+                        original_headers=b"Subject: lunch?\r\n", now=1_800_014_400,
+                        until=1_800_432_000, boundary="=====DSN=====")
+
+
+class DelayReportTests(SynchronousTestCase):
+    def test_golden(self):
+        """The delay warning matches the reviewed golden file byte for byte."""
+        with open(os.path.join(GOLDEN, "delay.eml"), "rb") as f:
+            self.assertEqual(delay_sample(), f.read())
+
+    def test_fields(self):
+        """A delay warning says Action: delayed with Will-Retry-Until, and tells when we give up."""
+        msg = email.message_from_bytes(delay_sample(), policy=policy.compat32)
+        self.assertEqual(msg.get_param("report-type"), "delivery-status")
+        human, status, _ = msg.get_payload()
+        block = status.get_payload()[1]
+        self.assertEqual((block["Action"], block["Status"]), ("delayed", "4.4.0"))
+        self.assertEqual(block["Will-Retry-Until"], "Wed, 20 Jan 2027 08:00:00 +0000")
+        self.assertIn("we keep trying until Wed, 20 Jan 2027 08:00:00 +0000",
+                      " ".join(human.get_payload().split()))

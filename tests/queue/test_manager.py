@@ -304,3 +304,41 @@ class ControlTests(ManagerTestBase):
         self.manager()
         self.ask("hold", "NOPE")
         self.assertEqual(os.listdir(os.path.join(self.spool.path, "control")), [])
+
+
+class DelayWarningTests(ManagerTestBase):
+    def setUp(self):
+        ManagerTestBase.setUp(self)
+        self.config = make_config(self.base, queue={"retry_schedule": [60, 600], "jitter": 0,
+                                                    "lifetime": 3600, "delay_warning": 300})
+
+    def test_one_delay_warning_after_the_configured_time(self):
+        """Once a message has waited past delay_warning, the sender gets one 'delayed' DSN, not one per attempt."""
+        m = self.manager()
+        env = self.queue(["x@elsewhere.test"], sender="alice@example.test")
+        m.enqueue(env)
+        self.clock.advance(0)
+        self.clock.advance(60)  # second attempt, 60 s old: no warning yet
+        self.assertEqual(self.maildir_files("alice"), [])
+        self.clock.advance(600)  # third attempt, 660 s old: warning
+        self.clock.advance(0)
+        [path] = self.maildir_files("alice")
+        with open(path, "rb") as f:
+            data = f.read()
+        self.assertIn(b"Action: delayed", data)
+        self.assertIn(b"Will-Retry-Until: ", data)
+        self.assertTrue(self.spool.load(env.queue_id).warned)
+        self.clock.advance(600)
+        self.clock.advance(0)
+        self.assertEqual(len(self.maildir_files("alice")), 1)
+
+    def test_no_warning_when_turned_off(self):
+        """delay_warning = false sends none."""
+        self.config = make_config(self.base, queue={"retry_schedule": [60], "jitter": 0,
+                                                    "lifetime": 3600, "delay_warning": False})
+        m = self.manager()
+        env = self.queue(["x@elsewhere.test"], sender="alice@example.test")
+        m.enqueue(env)
+        for _ in range(20):
+            self.clock.advance(60)
+        self.assertEqual(self.maildir_files("alice"), [])

@@ -1,7 +1,8 @@
 """
-Build delivery status notifications (RFC 3464, RFC 6522): a
-C{multipart/report} with a text part written for the sender, the
-C{message/delivery-status} part for programs, and the original headers.
+Build delivery status notifications (RFC 3464, RFC 6522), failures and
+delay warnings: a C{multipart/report} with a text part written for the
+sender, the C{message/delivery-status} part for programs, and the original
+headers.
 
 Pure: no I/O, the time is passed in, so the output is testable byte for
 byte.
@@ -32,23 +33,31 @@ def _date(t: float) -> str:
     return email.utils.format_datetime(datetime.fromtimestamp(t, timezone.utc))
 
 
-def _human(hostname: str, envelope: Envelope, failed: Iterable[FailedRecipient]) -> str:
-    lines = [
-        f"This is the mail server {hostname}.",
-        "",
-        f"Your message of {_date(envelope.arrival)} could not be delivered to the",
-        "recipients below. This is a permanent failure: we will not try again.",
-        "",
-    ]
+def _human(hostname: str, envelope: Envelope, failed: Iterable[FailedRecipient],
+           until: float | None) -> str:
+    if until is None:
+        opening = [
+            f"Your message of {_date(envelope.arrival)} could not be delivered to the",
+            "recipients below. This is a permanent failure: we will not try again.",
+        ]
+    else:
+        opening = [
+            f"Your message of {_date(envelope.arrival)} has not been delivered yet to the",
+            "recipients below. There is nothing you need to do: we keep trying",
+            f"until {_date(until)}, and you will hear from us again only if",
+            "we give up.",
+        ]
+    lines = [f"This is the mail server {hostname}.", ""] + opening + [""]
     for f in failed:
         r = f.recipient
         outcome = r.outcome
         lines.append(f"  <{r.original or r.address}>")
         if r.original and r.original != r.address:
-            lines.append(f"    (an alias; the address that failed was <{r.address}>)")
+            label = "the address that failed was" if until is None else "we are trying"
+            lines.append(f"    (an alias; {label} <{r.address}>)")
         if outcome is not None:
-            where = f" {f.remote_mta} said" if f.remote_mta else " the reason"
-            lines.append(f"   {where}: {outcome.code} {outcome.enhanced} {outcome.text}")
+            where = f"{f.remote_mta} said" if f.remote_mta else "the reason"
+            lines.append(f"    {where}: {outcome.code} {outcome.enhanced} {outcome.text}")
         lines.append("")
     lines += [
         "The headers of your message are attached. If you need help, forward this",
@@ -58,7 +67,7 @@ def _human(hostname: str, envelope: Envelope, failed: Iterable[FailedRecipient])
 
 
 def _status_fields(hostname: str, envelope: Envelope, failed: Iterable[FailedRecipient],
-                   now: float) -> list[Message]:
+                   now: float, until: float | None) -> list[Message]:
     per_message = Message()
     per_message["Reporting-MTA"] = f"dns; {hostname}"
     per_message["X-Twisted-MTA-Queue-ID"] = envelope.queue_id
@@ -70,14 +79,16 @@ def _status_fields(hostname: str, envelope: Envelope, failed: Iterable[FailedRec
         if r.original:
             block["Original-Recipient"] = f"rfc822; {r.original}"
         block["Final-Recipient"] = f"rfc822; {r.address}"
-        block["Action"] = "failed"
+        block["Action"] = "failed" if until is None else "delayed"
         outcome = r.outcome
-        block["Status"] = outcome.enhanced if outcome else "5.0.0"
+        block["Status"] = outcome.enhanced if outcome else ("5.0.0" if until is None else "4.0.0")
         if f.remote_mta:
             block["Remote-MTA"] = f"dns; {f.remote_mta}"
         if outcome is not None:
             block["Diagnostic-Code"] = f"smtp; {outcome.code} {outcome.enhanced} {outcome.text}"
         block["Last-Attempt-Date"] = _date(r.done_at if r.done_at is not None else now)
+        if until is not None:
+            block["Will-Retry-Until"] = _date(until)
         blocks.append(block)
     return blocks
 
@@ -88,18 +99,37 @@ def failure_report(*, hostname: str, envelope: Envelope, failed: list[FailedReci
     The complete DSN message (headers and body, CRLF line ends) telling
     C{envelope.sender} that the C{failed} recipients will not get the message.
     """
+    return _report(hostname, envelope, failed, original_headers, now, boundary, None,
+                   "Undelivered Mail Returned to Sender")
+
+
+def delay_report(*, hostname: str, envelope: Envelope, delayed: list[FailedRecipient],
+                 original_headers: bytes, now: float, until: float,
+                 boundary: str | None = None) -> bytes:
+    """
+    A delay warning: the C{delayed} recipients have not had the message
+    yet, and we keep trying until C{until}.
+    """
+    return _report(hostname, envelope, delayed, original_headers, now, boundary, until,
+                   "Delayed Mail (still being retried)")
+
+
+def _report(hostname: str, envelope: Envelope, recipients: list[FailedRecipient],
+            original_headers: bytes, now: float, boundary: str | None, until: float | None,
+            subject: str) -> bytes:
     report = MIMEMultipart("report", report_type="delivery-status", boundary=boundary)
     report["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
     report["To"] = f"<{envelope.sender}>"
-    report["Subject"] = "Undelivered Mail Returned to Sender"
+    report["Subject"] = subject
     report["Date"] = _date(now)
-    report["Message-ID"] = f"<{envelope.queue_id}.dsn.{int(now)}@{hostname}>"
+    kind = "dsn" if until is None else "delay"
+    report["Message-ID"] = f"<{envelope.queue_id}.{kind}.{int(now)}@{hostname}>"
     report["Auto-Submitted"] = "auto-replied"
-    text = _human(hostname, envelope, failed)
+    text = _human(hostname, envelope, recipients, until)
     report.attach(MIMEText(text, "plain", "us-ascii" if text.isascii() else "utf-8"))
     status = Message()
     status["Content-Type"] = "message/delivery-status"
-    status.set_payload(_status_fields(hostname, envelope, failed, now))
+    status.set_payload(_status_fields(hostname, envelope, recipients, now, until))
     report.attach(status)
     headers = Message()
     headers["Content-Type"] = "text/rfc822-headers"

@@ -114,6 +114,7 @@ class Envelope:
     attempts: int = 0
     next_attempt: float = 0.0
     last_outcome: Outcome | None = None
+    warned: bool = False  # a delay warning was sent
 
     def pending(self) -> tuple[Recipient, ...]:
         return tuple(r for r in self.recipients if r.pending)
@@ -184,6 +185,7 @@ def _dump(env: Envelope) -> dict[str, Any]:
         "attempts": env.attempts,
         "next_attempt": env.next_attempt,
         "last_outcome": _dump_outcome(env.last_outcome),
+        "warned": env.warned,
         "recipients": [
             {
                 "address": r.address,
@@ -224,4 +226,5 @@ def _load(raw: dict[str, Any]) -> Envelope:
         attempts=int(raw.get("attempts", 0)),
         next_attempt=float(raw.get("next_attempt", 0.0)),
         last_outcome=_load_outcome(raw.get("last_outcome")),
+        warned=bool(raw.get("warned", False)),
     )

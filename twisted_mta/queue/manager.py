@@ -18,7 +18,9 @@ from twisted.logger import Logger
 
 from twisted_mta.config import Config
 from twisted_mta.delivery import maildir
-from twisted_mta.dsn.report import FailedRecipient, failure_report, header_section
+from twisted_mta.dsn.report import (
+    FailedRecipient, delay_report, failure_report, header_section,
+)
 from twisted_mta.local import LocalDirectory
 from twisted_mta.outbound.router import route
 from twisted_mta.queue import control
@@ -237,26 +239,43 @@ class QueueManager(service.Service):
             # Queue the bounce before recording the failure: a crash in
             # between repeats the bounce rather than losing it.
             yield self._bounce(updated, failed)
+        if self._due_for_warning(updated, now):
+            sent = yield self._bounce(updated, list(updated.pending()),
+                                      until=updated.arrival + self.config.queue.lifetime)
+            if sent:
+                updated = attrs.evolve(updated, warned=True)
         yield self._store(updated)
 
+    def _due_for_warning(self, envelope: Envelope, now: float) -> bool:
+        after = self.config.queue.delay_warning
+        return (after is not None and not envelope.warned and not envelope.finished
+                and bool(envelope.sender) and now - envelope.arrival >= after)
+
     @defer.inlineCallbacks
-    def _bounce(self, envelope: Envelope, failed: list[Recipient]):
+    def _bounce(self, envelope: Envelope, failed: list[Recipient], until: float | None = None):
         """
         Tell the sender, in a DSN queued as a new entry from <>, which
-        recipients failed; never for a message that is itself a bounce.
+        recipients failed (or, with C{until}, are delayed and retried until
+        then); never for a message that is itself a bounce.  Fires with
+        whether a DSN was queued.
         """
         qid = envelope.queue_id
         if not envelope.sender:
             log.warn("{queue_id}: {count} recipient(s) of a bounce failed; no DSN for a DSN",
                      event="dsn.suppressed", queue_id=qid, count=len(failed))
-            return
+            return False
         try:
             message = yield self.run_blocking(self.spool.read_message, qid)
             now = self.clock.seconds()
-            report = failure_report(
-                hostname=self.config.hostname, envelope=envelope,
-                failed=[FailedRecipient(r) for r in failed],
-                original_headers=header_section(message), now=now)
+            listed = [FailedRecipient(r) for r in failed]
+            if until is None:
+                report = failure_report(
+                    hostname=self.config.hostname, envelope=envelope, failed=listed,
+                    original_headers=header_section(message), now=now)
+            else:
+                report = delay_report(
+                    hostname=self.config.hostname, envelope=envelope, delayed=listed,
+                    original_headers=header_section(message), now=now, until=until)
             writer = self.spool.new_message()
             dsn = Envelope(queue_id=writer.queue_id, sender="",
                            recipients=(Recipient(address=envelope.sender),),
@@ -268,12 +287,14 @@ class QueueManager(service.Service):
         except Exception:
             log.failure("{queue_id}: could not queue a DSN for <{sender}>", queue_id=qid,
                         sender=envelope.sender, event="dsn.error")
-            return
-        log.info("{queue_id}: DSN {dsn_id} queued for <{sender}> ({count} failed recipient(s))",
-                 event="dsn.queued", queue_id=qid, dsn_id=dsn.queue_id,
+            return False
+        kind = "failed" if until is None else "delayed"
+        log.info("{queue_id}: DSN {dsn_id} queued for <{sender}> ({count} {kind} recipient(s))",
+                 event="dsn.queued", queue_id=qid, dsn_id=dsn.queue_id, kind=kind,
                  sender=envelope.sender, count=len(failed),
                  recipients=[r.address for r in failed])
         self.enqueue(dsn)
+        return True
 
     def _apply(self, envelope: Envelope, results: dict[str, Outcome], routes, now: float
                ) -> Envelope:
