@@ -142,15 +142,36 @@ class ManagerTests(ManagerTestBase):
         self.assertIn("Subject: lunch?", headers.get_payload())
         self.assertEqual(m.entries, {})
 
-    def test_no_dsn_for_a_bounce(self):
-        """A failing message from <> (a bounce) causes no DSN."""
+    def test_failed_bounce_goes_to_postmaster_once(self):
+        """A bounce (from <>) that fails is reported to the postmaster, and a failing report to the postmaster is only logged."""
         m = self.manager()
         env = self.queue(["carol@example.test"], sender="")
         m.enqueue(env)
         self.clock.advance(0)
         self.clock.advance(0)
         self.assertEqual(m.entries, {})
-        self.assertEqual(self.maildir_files("postmaster"), [])
+        [path] = self.maildir_files("postmaster")
+        with open(path, "rb") as f:
+            data = f.read()
+        self.assertIn(b"To: <postmaster@example.test>", data)
+        self.assertIn(b"Final-Recipient: rfc822; carol@example.test", data)
+
+    def test_double_bounce_failure_is_dropped(self):
+        """A report to the postmaster that fails itself (here: expires) causes nothing further."""
+        self.config = make_config(self.base, queue={"retry_schedule": [600], "jitter": 0,
+                                                    "lifetime": 3600},
+                                  local={"users": ["alice", "bob"], "postmaster": "pm@remote.test"})
+        m = self.manager()
+        env = self.queue(["carol@example.test"], sender="")
+        m.enqueue(env)
+        self.clock.advance(0)
+        self.clock.advance(0)
+        [report] = m.entries.values()
+        self.assertEqual([r.address for r in report.recipients], ["pm@remote.test"])
+        self.assertEqual(report.client.get("double_bounce"), "yes")
+        for _ in range(8):
+            self.clock.advance(600)
+        self.assertEqual(m.entries, {})
         self.assertEqual(os.listdir(os.path.join(self.spool.path, "new")), [])
 
     def restart(self, m):

@@ -94,13 +94,15 @@ def _status_fields(hostname: str, envelope: Envelope, failed: Iterable[FailedRec
 
 
 def failure_report(*, hostname: str, envelope: Envelope, failed: list[FailedRecipient],
-                   original_headers: bytes, now: float, boundary: str | None = None) -> bytes:
+                   original_headers: bytes, now: float, boundary: str | None = None,
+                   to: str | None = None) -> bytes:
     """
     The complete DSN message (headers and body, CRLF line ends) telling
-    C{envelope.sender} that the C{failed} recipients will not get the message.
+    C{envelope.sender} (or C{to}: the postmaster, for a bounce that could
+    not be delivered) that the C{failed} recipients will not get the message.
     """
     return _report(hostname, envelope, failed, original_headers, now, boundary, None,
-                   "Undelivered Mail Returned to Sender")
+                   "Undelivered Mail Returned to Sender", to or envelope.sender)
 
 
 def delay_report(*, hostname: str, envelope: Envelope, delayed: list[FailedRecipient],
@@ -111,15 +113,15 @@ def delay_report(*, hostname: str, envelope: Envelope, delayed: list[FailedRecip
     yet, and we keep trying until C{until}.
     """
     return _report(hostname, envelope, delayed, original_headers, now, boundary, until,
-                   "Delayed Mail (still being retried)")
+                   "Delayed Mail (still being retried)", envelope.sender)
 
 
 def _report(hostname: str, envelope: Envelope, recipients: list[FailedRecipient],
             original_headers: bytes, now: float, boundary: str | None, until: float | None,
-            subject: str) -> bytes:
+            subject: str, to: str) -> bytes:
     report = MIMEMultipart("report", report_type="delivery-status", boundary=boundary)
     report["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
-    report["To"] = f"<{envelope.sender}>"
+    report["To"] = f"<{to}>"
     report["Subject"] = subject
     report["Date"] = _date(now)
     kind = "dsn" if until is None else "delay"

@@ -246,6 +246,17 @@ class QueueManager(service.Service):
                 updated = attrs.evolve(updated, warned=True)
         yield self._store(updated)
 
+    def _postmaster(self) -> str | None:
+        """
+        The final address of the postmaster, or None without local domains.
+        """
+        if not self.config.local.domains:
+            return None
+        try:
+            return self.directory.expand(f"postmaster@{self.directory.primary_domain}")[0]
+        except Exception:
+            return None
+
     def _due_for_warning(self, envelope: Envelope, now: float) -> bool:
         after = self.config.queue.delay_warning
         return (after is not None and not envelope.warned and not envelope.finished
@@ -256,14 +267,22 @@ class QueueManager(service.Service):
         """
         Tell the sender, in a DSN queued as a new entry from <>, which
         recipients failed (or, with C{until}, are delayed and retried until
-        then); never for a message that is itself a bounce.  Fires with
-        whether a DSN was queued.
+        then).  A bounce is never answered with a bounce: when one fails,
+        the postmaster gets the report instead, and when that fails,
+        nobody.  Fires with whether a DSN was queued.
         """
         qid = envelope.queue_id
-        if not envelope.sender:
-            log.warn("{queue_id}: {count} recipient(s) of a bounce failed; no DSN for a DSN",
-                     event="dsn.suppressed", queue_id=qid, count=len(failed))
-            return False
+        to = envelope.sender
+        client = {"protocol": "local", "dsn_for": qid}
+        if not to:
+            # A bounce that cannot be delivered goes to the postmaster, once:
+            # a failing report to the postmaster is only logged.
+            postmaster = self._postmaster()
+            if until is not None or envelope.client.get("double_bounce") or not postmaster:
+                log.warn("{queue_id}: {count} recipient(s) of a bounce failed; no DSN for a DSN",
+                         event="dsn.suppressed", queue_id=qid, count=len(failed))
+                return False
+            to, client["double_bounce"] = postmaster, "yes"
         try:
             message = yield self.run_blocking(self.spool.read_message, qid)
             now = self.clock.seconds()
@@ -271,27 +290,26 @@ class QueueManager(service.Service):
             if until is None:
                 report = failure_report(
                     hostname=self.config.hostname, envelope=envelope, failed=listed,
-                    original_headers=header_section(message), now=now)
+                    original_headers=header_section(message), now=now, to=to)
             else:
                 report = delay_report(
                     hostname=self.config.hostname, envelope=envelope, delayed=listed,
                     original_headers=header_section(message), now=now, until=until)
             writer = self.spool.new_message()
             dsn = Envelope(queue_id=writer.queue_id, sender="",
-                           recipients=(Recipient(address=envelope.sender),),
-                           arrival=now, next_attempt=now, size=len(report),
-                           client={"protocol": "local", "dsn_for": qid})
+                           recipients=(Recipient(address=to),),
+                           arrival=now, next_attempt=now, size=len(report), client=client)
             writer.write(dsn.to_header())
             writer.write(report)
             yield writer.commit(dsn)
         except Exception:
             log.failure("{queue_id}: could not queue a DSN for <{sender}>", queue_id=qid,
-                        sender=envelope.sender, event="dsn.error")
+                        sender=to, event="dsn.error")
             return False
         kind = "failed" if until is None else "delayed"
         log.info("{queue_id}: DSN {dsn_id} queued for <{sender}> ({count} {kind} recipient(s))",
                  event="dsn.queued", queue_id=qid, dsn_id=dsn.queue_id, kind=kind,
-                 sender=envelope.sender, count=len(failed),
+                 sender=to, count=len(failed),
                  recipients=[r.address for r in failed])
         self.enqueue(dsn)
         return True
