@@ -1,0 +1,130 @@
+"""
+Find where mail for a domain goes: MX records (RFC 5321 5.1), null MX
+(RFC 7505), implicit MX, and the addresses of each host.
+
+Blocking (dnspython's stub resolver): run through the I/O thread pool.  The
+resolver is built from the configuration: with C{[dns] nameservers} it never
+reads /etc/resolv.conf (C{configure=False}), so tests and operators can pin
+it to a server of their choice.
+
+Every failure is an L{Outcome} with the temporary/permanent decision made
+here: NXDOMAIN and null MX are permanent, SERVFAIL and timeouts temporary.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+import attrs
+import dns.exception
+import dns.name
+import dns.rdatatype
+import dns.resolver
+
+from twisted_mta.queue.envelope import Outcome
+
+
+@attrs.frozen
+class MXHost:
+    preference: int
+    name: str  # without the trailing dot, lower-cased
+
+
+class MXError(Exception):
+    """
+    The domain has no usable mail exchanger; C{outcome} says why.
+    """
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(str(outcome))
+        self.outcome = outcome
+
+
+def make_resolver(nameservers: tuple[str, ...] | None, timeout: float) -> dns.resolver.Resolver:
+    """
+    A resolver for C{nameservers} (C{"host"} or C{"host:port"}), or the
+    system's configuration when C{None}.
+    """
+    if not nameservers:
+        resolver = dns.resolver.Resolver()
+    else:
+        resolver = dns.resolver.Resolver(configure=False)
+        hosts, ports = [], set()
+        for server in nameservers:
+            host, port = _split_server(server)
+            hosts.append(host)
+            ports.add(port)
+        resolver.nameservers = hosts
+        resolver.port = ports.pop() if len(ports) == 1 else 53
+    resolver.lifetime = timeout
+    resolver.timeout = min(timeout, 5.0)
+    return resolver
+
+
+def _split_server(server: str) -> tuple[str, int]:
+    if server.startswith("["):  # [::1]:53
+        host, _, port = server[1:].partition("]")
+        return host, int(port.lstrip(":") or 53)
+    if server.count(":") == 1:
+        host, port = server.split(":")
+        return host, int(port)
+    return server, 53
+
+
+def _temporary(domain: str, why: str) -> MXError:
+    return MXError(Outcome(451, "4.4.3", f"DNS lookup for {domain} failed temporarily ({why})"))
+
+
+def lookup_mx(resolver: dns.resolver.Resolver, domain: str,
+              shuffle: Callable[[list], None] = random.shuffle) -> list[MXHost]:
+    """
+    The mail exchangers of C{domain}, most preferred first, equal
+    preferences in random order; the domain itself when it has no MX.
+    """
+    try:
+        answer = resolver.resolve(domain, "MX")
+    except dns.resolver.NXDOMAIN:
+        raise MXError(Outcome(550, "5.1.2", f"The domain {domain} does not exist (NXDOMAIN)"))
+    except dns.resolver.NoAnswer:
+        return [MXHost(0, domain.lower().rstrip("."))]  # implicit MX (RFC 5321 5.1)
+    except dns.resolver.NoNameservers as e:
+        raise _temporary(domain, f"no name server answered: {e}")
+    except dns.exception.Timeout:
+        raise _temporary(domain, "timeout")
+    except dns.exception.DNSException as e:
+        raise _temporary(domain, str(e) or type(e).__name__)
+    records = [(r.preference, r.exchange) for r in answer]
+    if any(exchange == dns.name.root for _, exchange in records):
+        if len(records) == 1:
+            raise MXError(Outcome(556, "5.1.10",
+                                  f"The domain {domain} accepts no mail (null MX, RFC 7505)"))
+        records = [(p, x) for p, x in records if x != dns.name.root]
+    by_preference: dict[int, list[MXHost]] = {}
+    for preference, exchange in records:
+        host = exchange.to_text(omit_final_dot=True).lower()
+        by_preference.setdefault(preference, []).append(MXHost(preference, host))
+    result = []
+    for preference in sorted(by_preference):
+        group = by_preference[preference]
+        shuffle(group)
+        result.extend(group)
+    return result
+
+
+def lookup_addresses(resolver: dns.resolver.Resolver, host: str) -> list[str]:
+    """
+    The IPv4 and IPv6 addresses of C{host} (IPv4 first); an empty list
+    when it has none.  Temporary DNS failures raise L{MXError}.
+    """
+    addresses: list[str] = []
+    for rdtype in ("A", "AAAA"):
+        try:
+            addresses.extend(r.address for r in resolver.resolve(host, rdtype))
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            continue
+        except dns.exception.Timeout:
+            raise _temporary(host, "timeout")
+        except dns.exception.DNSException as e:
+            raise _temporary(host, str(e) or type(e).__name__)
+    return addresses
