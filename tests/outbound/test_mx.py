@@ -37,8 +37,10 @@ class MXTests(SynchronousTestCase):
 
     def test_sorted_by_preference_equal_ones_shuffled(self):
         """MX hosts come most preferred first; equal preferences are shuffled."""
-        reversed_shuffle = lambda group: group.reverse()  # noqa: E731
-        hosts = lookup_mx(self.resolver, "multi.test", shuffle=reversed_shuffle)
+        def by_name_descending(group):
+            group.sort(key=lambda h: h.name, reverse=True)
+
+        hosts = lookup_mx(self.resolver, "multi.test", shuffle=by_name_descending)
         self.assertEqual(hosts, [MXHost(10, "b.multi.test"), MXHost(10, "a.multi.test"),
                                  MXHost(20, "c.multi.test")])
         seen = {tuple(h.name for h in lookup_mx(self.resolver, "multi.test")[:2])
