@@ -87,17 +87,28 @@ class MaildirTests(SynchronousTestCase):
         """A Maildir that cannot be written gives a 4xx outcome and leaves no partial file."""
         md = os.path.join(self.base, "alice", "Maildir")
         maildir.ensure_maildir(md)
-        real = maildir.write_file_durably
 
-        def fail(path, data):
+        def fail(*args):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        self.patch(maildir, "write_file_durably", fail)
+        self.patch(maildir, "_copy", fail)
         result = deliver(self.msg, self.env, [self.target(0, "alice")], "h")
         self.assertEqual((result["alice@example.test"].code, result["alice@example.test"].enhanced),
                          (452, "4.2.2"))
         self.assertEqual(self.files("alice"), [])
-        self.patch(maildir, "write_file_durably", real)
+
+    def test_large_message_copied_in_chunks(self):
+        """A message copied in small chunks, with CRLFs split across chunk edges, comes out byte-exact with LF ends."""
+        body = b"".join(b"line %d %s\r\n" % (i, b"y" * (i % 13)) for i in range(500))
+        with open(self.msg, "wb") as f:
+            f.write(self.env.to_header() + b"Subject: big\r\n\r\n" + body)
+        self.patch(maildir, "CHUNK", 7)
+        deliver(self.msg, self.env, [self.target(0, "alice")], "h")
+        [name] = self.files("alice")
+        with open(os.path.join(self.base, "alice", "Maildir", "new", name), "rb") as f:
+            data = f.read()
+        self.assertEqual(data, b"Return-Path: <s@remote.test>\nDelivered-To: alice@example.test\n"
+                               b"Subject: big\n\n" + body.replace(b"\r\n", b"\n"))
 
     def test_permission_error_is_temporary(self):
         """EACCES is a temporary 451 4.3.0, not a bounce."""

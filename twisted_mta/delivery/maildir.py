@@ -19,8 +19,8 @@ from typing import Iterable
 
 import attrs
 
-from twisted_mta.queue.envelope import Envelope, Outcome, from_header
-from twisted_mta.queue.spool import fsync_dir, write_file_durably
+from twisted_mta.queue.envelope import Envelope, EnvelopeError, Outcome, header_end
+from twisted_mta.queue.spool import fsync_dir
 
 DELIVERED = Outcome(250, "2.0.0", "Delivered to Maildir")
 
@@ -63,6 +63,58 @@ def classify_os_error(e: OSError) -> Outcome:
     return Outcome(451, "4.3.0", f"Local delivery error ({e.strerror or e})")
 
 
+CHUNK = 1024 * 1024
+
+
+def _message_offset(message_path: str) -> int:
+    with open(message_path, "rb") as f:
+        data = b""
+        while True:
+            more = f.read(65536)
+            data += more
+            end = header_end(data)
+            if end >= 0:
+                return end
+            if not more:
+                raise EnvelopeError("the envelope header is incomplete")
+
+
+def _copy(message_path: str, offset: int, head: bytes, tmp_path: str) -> None:
+    """
+    Write C{head} and the message from C{offset}, with LF line ends, to a
+    new file, in chunks (memory stays flat for large messages); fsync it.
+    """
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with open(message_path, "rb") as src:
+            src.seek(offset)
+            pending = head
+            carry = b""
+            while True:
+                chunk = src.read(CHUNK)
+                if not chunk:
+                    pending += carry
+                    break
+                chunk = carry + chunk
+                # A CR at the end may be the first half of a CRLF.
+                carry = b"\r" if chunk.endswith(b"\r") else b""
+                if carry:
+                    chunk = chunk[:-1]
+                pending += chunk.replace(b"\r\n", b"\n")
+                _write_all(fd, pending)
+                pending = b""
+            _write_all(fd, pending)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def deliver(message_path: str, envelope: Envelope, targets: Iterable[LocalTarget],
             hostname: str, recovering: bool = False) -> dict[str, Outcome]:
     """
@@ -71,9 +123,7 @@ def deliver(message_path: str, envelope: Envelope, targets: Iterable[LocalTarget
     @param recovering: the entry was loaded at start-up, so a copy may
         already have been delivered and read (moved to cur/) by the user.
     """
-    with open(message_path, "rb") as f:
-        data = f.read()
-    body = data[from_header(data)[1]:].replace(b"\r\n", b"\n")
+    offset = _message_offset(message_path)
     sender = envelope.sender
     results: dict[str, Outcome] = {}
     for target in targets:
@@ -90,7 +140,7 @@ def deliver(message_path: str, envelope: Envelope, targets: Iterable[LocalTarget
                 os.unlink(tmp_path)
             except FileNotFoundError:
                 pass
-            write_file_durably(tmp_path, head + body)
+            _copy(message_path, offset, head, tmp_path)
             try:
                 os.link(tmp_path, new_path)
             except FileExistsError:
