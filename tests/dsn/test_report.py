@@ -9,7 +9,7 @@ from email import policy
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_mta.dsn.report import FailedRecipient, failure_report, header_section
+from twisted_mta.dsn.report import FailedRecipient, failure_report
 from twisted_mta.queue.envelope import Envelope, Outcome, Recipient
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
@@ -28,8 +28,7 @@ def sample() -> bytes:
                                   outcome=Outcome(550, "5.7.1", "relay denied")),
                         remote_mta="mx.example.org"),
     ]
-    headers = header_section(b"Received: from c ([192.0.2.1])\r\n\tby mx.example.test; date\r\n"
-                             b"Subject: lunch?\r\n\r\nbody\r\n")
+    headers = b"Received: from c ([192.0.2.1])\r\n\tby mx.example.test; date\r\nSubject: lunch?\r\n"
     return failure_report(hostname="mx.example.test", envelope=env, failed=failed,
                           original_headers=headers, now=1_800_000_100, boundary="=====DSN=====")
 

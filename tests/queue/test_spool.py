@@ -61,6 +61,11 @@ class SpoolTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(len(calls), 2)
 
+    def test_read_headers_only(self):
+        """read_headers returns the message's header section, without the envelope or the body."""
+        qid = self.commit(b"Subject: x\r\nX-A: 1\r\n\r\n" + b"body\r\n" * 100000)
+        self.assertEqual(self.spool.read_headers(qid), b"Subject: x\r\nX-A: 1\r\n")
+
     def test_state_overrides_header(self):
         """After update() the entry's envelope is the recorded state, kept in an xattr: no file is created."""
         qid = self.commit()

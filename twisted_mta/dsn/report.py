@@ -139,11 +139,3 @@ def _report(hostname: str, envelope: Envelope, recipients: list[FailedRecipient]
     headers.set_payload(original_headers.decode("utf-8", "replace"))
     report.attach(headers)
     return report.as_bytes(policy=SMTP)
-
-
-def header_section(message: bytes) -> bytes:
-    """
-    The header section of a stored message (up to the empty line).
-    """
-    end = message.find(b"\r\n\r\n")
-    return message if end < 0 else message[:end + 2]

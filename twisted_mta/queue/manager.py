@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted_mta.config import Config
 from twisted_mta.delivery import maildir
 from twisted_mta.dsn.report import (
-    FailedRecipient, delay_report, failure_report, header_section,
+    FailedRecipient, delay_report, failure_report,
 )
 from twisted_mta.local import LocalDirectory
 from twisted_mta.outbound.router import route
@@ -284,17 +284,17 @@ class QueueManager(service.Service):
                 return False
             to, client["double_bounce"] = postmaster, "yes"
         try:
-            message = yield self.run_blocking(self.spool.read_message, qid)
+            headers = yield self.run_blocking(self.spool.read_headers, qid)
             now = self.clock.seconds()
             listed = [FailedRecipient(r) for r in failed]
             if until is None:
                 report = failure_report(
                     hostname=self.config.hostname, envelope=envelope, failed=listed,
-                    original_headers=header_section(message), now=now, to=to)
+                    original_headers=headers, now=now, to=to)
             else:
                 report = delay_report(
                     hostname=self.config.hostname, envelope=envelope, delayed=listed,
-                    original_headers=header_section(message), now=now, until=until)
+                    original_headers=headers, now=now, until=until)
             writer = self.spool.new_message()
             dsn = Envelope(queue_id=writer.queue_id, sender="",
                            recipients=(Recipient(address=to),),

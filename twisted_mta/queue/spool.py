@@ -438,6 +438,31 @@ class Spool:
             raise FileNotFoundError(f"no queue entry {queue_id}")
         return self.read_entry(queue_id, state, os.path.exists(self.envelope_path(queue_id)))[0]
 
+    def read_headers(self, queue_id: str, limit: int = 1024 * 1024) -> bytes:
+        """
+        The header section of an entry's message (without the envelope
+        header), reading no more than needed (at most C{limit} octets).
+        """
+        path = self.message_path(queue_id)
+        if path is None:
+            raise FileNotFoundError(f"no queue entry {queue_id}")
+        data = b""
+        with open(path, "rb") as f:
+            while len(data) < limit:
+                more = f.read(65536)
+                data += more
+                start = header_end(data)
+                if start >= 0 and (data.find(b"\r\n\r\n", start) >= 0 or not more):
+                    break
+                if not more:
+                    break
+        start = header_end(data)
+        if start < 0:
+            raise EnvelopeError("the envelope header is incomplete")
+        body = data[start:]
+        end = body.find(b"\r\n\r\n")
+        return body if end < 0 else body[:end + 2]
+
     def read_message(self, queue_id: str) -> bytes:
         """
         The message of an entry, without the envelope header.
