@@ -220,36 +220,39 @@ def _read_password(args: argparse.Namespace) -> str | None:
     return password
 
 
+def _users_command(action):
+    """
+    Run C{action(args)} and report a L{UsersFileError} as one line, exit 1.
+    """
+    def command(args: argparse.Namespace) -> int:
+        try:
+            return action(args)
+        except UsersFileError as e:
+            print(f"twisted-mta: {e}", file=sys.stderr)
+            return 1
+    return command
+
+
+@_users_command
 def cmd_user_add(args: argparse.Namespace) -> int:
     password = _read_password(args)
     if password is None:
         return 1
-    try:
-        write_user(args.file, args.name, password)
-    except UsersFileError as e:
-        print(f"twisted-mta: {e}", file=sys.stderr)
-        return 1
+    write_user(args.file, args.name, password)
     print(f"{args.file}: {args.name.lower()} set")
     return 0
 
 
+@_users_command
 def cmd_user_delete(args: argparse.Namespace) -> int:
-    try:
-        write_user(args.file, args.name, None)
-    except UsersFileError as e:
-        print(f"twisted-mta: {e}", file=sys.stderr)
-        return 1
+    write_user(args.file, args.name, None)
     print(f"{args.file}: {args.name.lower()} removed")
     return 0
 
 
+@_users_command
 def cmd_user_list(args: argparse.Namespace) -> int:
-    try:
-        users = read_users_file(args.file)
-    except UsersFileError as e:
-        print(f"twisted-mta: {e}", file=sys.stderr)
-        return 1
-    for name in sorted(users):
+    for name in sorted(read_users_file(args.file)):
         print(name)
     return 0
 

@@ -115,22 +115,20 @@ class AuthTests(SynchronousTestCase):
             "535 5.7.8 Authentication credentials invalid",
             "421 4.7.0 Too many failed authentication attempts, try again later"])
         self.assertTrue(h.transport.disconnecting)
-        p2, t2 = h.connect()
-        h.read(t2)
-        p2.dataReceived(b"EHLO c\r\nSTARTTLS\r\n")
-        p2.handshakeCompleted()
-        h.read(t2)
-        p2.dataReceived(f"EHLO c\r\nAUTH PLAIN {PLAIN_OK}\r\n".encode())
         self.assertIn("421 4.7.0 Too many failed authentication attempts, try again later",
-                      h.read(t2))
+                      self.auth_on_new_connection(h))
         h.clock.advance(601)
-        p3, t3 = h.connect()
-        h.read(t3)
-        p3.dataReceived(b"EHLO c\r\nSTARTTLS\r\n")
-        p3.handshakeCompleted()
-        h.read(t3)
-        p3.dataReceived(f"EHLO c\r\nAUTH PLAIN {PLAIN_OK}\r\n".encode())
-        self.assertIn("235 2.7.0 Authentication successful", h.read(t3))
+        self.assertIn("235 2.7.0 Authentication successful", self.auth_on_new_connection(h))
+
+    def auth_on_new_connection(self, h):
+        """A new session from the same address: EHLO, STARTTLS, EHLO, AUTH; its replies."""
+        proto, transport = h.connect()
+        h.read(transport)
+        proto.dataReceived(b"EHLO c\r\nSTARTTLS\r\n")
+        proto.handshakeCompleted()
+        h.read(transport)
+        proto.dataReceived(f"EHLO c\r\nAUTH PLAIN {PLAIN_OK}\r\n".encode())
+        return h.read(transport)
 
     def test_submission_requires_auth(self):
         """On submission, MAIL without AUTH is 530 5.7.0; after AUTH the user may relay."""

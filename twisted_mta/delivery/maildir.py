@@ -19,8 +19,8 @@ from typing import Iterable
 
 import attrs
 
-from twisted_mta.queue.envelope import Envelope, EnvelopeError, Outcome, header_end
-from twisted_mta.queue.spool import fsync_dir
+from twisted_mta.queue.envelope import Envelope, Outcome
+from twisted_mta.queue.spool import fsync_dir, read_head
 
 DELIVERED = Outcome(250, "2.0.0", "Delivered to Maildir")
 
@@ -64,19 +64,6 @@ def classify_os_error(e: OSError) -> Outcome:
 
 
 CHUNK = 1024 * 1024
-
-
-def _message_offset(message_path: str) -> int:
-    with open(message_path, "rb") as f:
-        data = b""
-        while True:
-            more = f.read(65536)
-            data += more
-            end = header_end(data)
-            if end >= 0:
-                return end
-            if not more:
-                raise EnvelopeError("the envelope header is incomplete")
 
 
 def _copy(message_path: str, offset: int, head: bytes, tmp_path: str) -> None:
@@ -123,7 +110,7 @@ def deliver(message_path: str, envelope: Envelope, targets: Iterable[LocalTarget
     @param recovering: the entry was loaded at start-up, so a copy may
         already have been delivered and read (moved to cur/) by the user.
     """
-    offset = _message_offset(message_path)
+    offset = read_head(message_path)[1]
     sender = envelope.sender
     results: dict[str, Outcome] = {}
     for target in targets:

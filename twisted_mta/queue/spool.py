@@ -89,9 +89,10 @@ def write_file_durably(path: str, data: bytes) -> None:
         os.close(fd)
 
 
-def read_envelope_header(path: str) -> Envelope:
+def read_head(path: str) -> tuple[Envelope, int]:
     """
-    The envelope a queue file was accepted with, reading only its head.
+    The envelope a queue file was accepted with, and the offset where the
+    message starts, reading only the file's head.
     """
     with open(path, "rb") as f:
         data = b""
@@ -99,9 +100,13 @@ def read_envelope_header(path: str) -> Envelope:
             more = f.read(65536)
             data += more
             if header_end(data) >= 0:
-                return from_header(data)[0]
+                return from_header(data)
             if not more:
                 raise EnvelopeError("the envelope header is incomplete")
+
+
+def read_envelope_header(path: str) -> Envelope:
+    return read_head(path)[0]
 
 
 class _GroupSync:
