@@ -174,3 +174,72 @@ class ConfigTests(SynchronousTestCase):
         config = make_config(self.mktemp())
         again = parse_config(config.to_dict(), config.path)
         self.assertEqual(again, config)
+
+
+class OutboundConfigTests(SynchronousTestCase):
+    MINIMAL = ConfigTests.MINIMAL
+
+    def load(self, text: str):
+        path = os.path.join(self.mktemp())
+        os.makedirs(path)
+        with open(os.path.join(path, "secret"), "w") as f:
+            f.write("hunter2\n")
+        path = os.path.join(path, "c.toml")
+        with open(path, "w") as f:
+            f.write(self.MINIMAL + text)
+        return load_config(path)
+
+    def error(self, text: str) -> str:
+        with self.assertRaises(ConfigError) as cm:
+            self.load(text)
+        return str(cm.exception)
+
+    def test_defaults(self):
+        c = self.load("")
+        self.assertEqual((c.outbound.port, c.outbound.smarthost, c.dns.nameservers),
+                         (25, None, ()))
+        self.assertIsNone(c.outbound.smarthost_for("example.com"))
+
+    def test_smarthost_forms(self):
+        """host, host:port and [host]:port (and an IPv6 literal) all parse."""
+        for value, host, port in [("relay.test", "relay.test", 25),
+                                  ("relay.test:587", "relay.test", 587),
+                                  ("[relay.test]:465", "relay.test", 465),
+                                  ("[2001:db8::1]:2525", "2001:db8::1", 2525)]:
+            c = self.load(f'[outbound.smarthost]\nhost = "{value}"\n')
+            self.assertEqual((c.outbound.smarthost.host, c.outbound.smarthost.port),
+                             (host, port))
+
+    def test_routes_exact_parent_default(self):
+        """An exact route wins, then the nearest .parent route, then the default smarthost."""
+        c = self.load('[outbound.smarthost]\nhost = "default.test"\n'
+                      '[outbound.routes."example.org"]\nhost = "exact.test:2525"\n'
+                      '[outbound.routes.".example.org"]\nhost = "sub.test"\ntls = "implicit"\n'
+                      'port = 465\n')
+        o = c.outbound
+        self.assertEqual(o.smarthost_for("EXAMPLE.org").host, "exact.test")
+        self.assertEqual(o.smarthost_for("a.b.example.org").destination, "[sub.test]:465")
+        self.assertEqual(o.smarthost_for("elsewhere.test").host, "default.test")
+
+    def test_credentials_need_both(self):
+        self.assertIn("outbound.smarthost.password_file: is required with username",
+                      self.error('[outbound.smarthost]\nhost = "r.test"\nusername = "u"\n'))
+        c = self.load('[outbound.smarthost]\nhost = "r.test"\nusername = "u"\n'
+                      'password_file = "secret"\n')
+        self.assertTrue(c.outbound.smarthost.password_file.endswith("/secret"))
+
+    def test_bad_values(self):
+        self.assertIn("outbound.smarthost.tls: must be one of starttls, implicit",
+                      self.error('[outbound.smarthost]\nhost = "r.test"\ntls = "yes"\n'))
+        self.assertIn("outbound.port: must be a TCP port",
+                      self.error('[outbound]\nport = 0\n'))
+        self.assertIn("dns.nameservers: must list IP addresses",
+                      self.error('[dns]\nnameservers = ["ns.example"]\n'))
+        self.assertIn("outbound.routes.bad domain!: must be a domain",
+                      self.error('[outbound.routes."bad domain!"]\nhost = "r.test"\n'))
+        self.assertIn("unknown key", self.error('[outbound]\nsmarthosts = 1\n'))
+
+    def test_dns_nameservers(self):
+        c = self.load('[dns]\nnameservers = ["127.0.0.1:5353", "[::1]:53", "192.0.2.1"]\n'
+                      'timeout = "5s"\n')
+        self.assertEqual((c.dns.nameservers[0], c.dns.timeout), ("127.0.0.1:5353", 5))

@@ -101,7 +101,7 @@ class QueueSettings:
     retry_schedule: tuple[int, ...] = (300, 600, 1200, 2400, 3600, 7200, 14400)
     lifetime: int = 5 * 86400
     delay_warning: int | None = 4 * 3600  # None: no delay warnings
-    delivery_concurrency: int = 8
+    delivery_concurrency: int = 100  # queue entries being attempted at once
     jitter: float = 0.1
 
 
@@ -115,6 +115,64 @@ class AuthSettings:
     @property
     def enabled(self) -> bool:
         return self.users_file is not None
+
+
+@attrs.frozen
+class DNSSettings:
+    nameservers: tuple[str, ...] = ()  # empty: the system's resolver configuration
+    timeout: int = 10
+
+
+TLS_MODES = ("starttls", "implicit")
+
+
+@attrs.frozen
+class Smarthost:
+    """
+    A next hop that replaces MX lookup for some or all remote domains.
+    """
+
+    host: str  # a name (looked up as A/AAAA, never MX) or an IP address
+    port: int = 25
+    tls: str = "starttls"  # "starttls" (opportunistic unless credentials) or "implicit"
+    username: str | None = None
+    password_file: str | None = None
+
+    @property
+    def destination(self) -> str:
+        return f"[{self.host}]:{self.port}"
+
+
+@attrs.frozen
+class OutboundSettings:
+    port: int = 25
+    helo_name: str | None = None  # None: server.hostname
+    connect_timeout: int = 30
+    greeting_timeout: int = 300  # RFC 5321 4.5.3.2
+    command_timeout: int = 300
+    data_timeout: int = 600
+    connections: int = 100  # all destinations together
+    connections_per_destination: int = 20
+    idle_time: int = 5  # an idle connection waits this long for another message
+    messages_per_connection: int = 100
+    smarthost: Smarthost | None = None
+    routes: tuple[tuple[str, Smarthost], ...] = ()  # (domain or .parent, smarthost)
+
+    def smarthost_for(self, domain: str) -> Smarthost | None:
+        """
+        The smarthost for C{domain}: an exact route, then the nearest
+        C{.parent} route, then the default; None means deliver by MX.
+        """
+        domain = domain.lower()
+        routes = dict(self.routes)
+        if domain in routes:
+            return routes[domain]
+        labels = domain.split(".")
+        for i in range(1, len(labels)):
+            parent = "." + ".".join(labels[i:])
+            if parent in routes:
+                return routes[parent]
+        return self.smarthost
 
 
 @attrs.frozen
@@ -137,6 +195,8 @@ class Config:
     queue: QueueSettings = QueueSettings()
     auth: AuthSettings = AuthSettings()
     logging: LoggingSettings = LoggingSettings()
+    dns: DNSSettings = DNSSettings()
+    outbound: OutboundSettings = OutboundSettings()
 
     def to_dict(self) -> dict[str, Any]:
         """
@@ -147,6 +207,9 @@ class Config:
         d.pop("path")
         out: dict[str, Any] = {"server": {"hostname": d.pop("hostname"),
                                           "spool": d.pop("spool")}}
+        routes = d["outbound"].pop("routes")
+        if routes:
+            d["outbound"]["routes"] = {domain: host for domain, host in routes}
         out.update(d)
         return out
 
@@ -300,6 +363,8 @@ def parse_config(raw: dict[str, Any], path: str) -> Config:
     queue = _queue(top.table("queue"))
     auth = _auth(top.table("auth"), base)
     logging = _logging(top.table("logging"), base)
+    dns = _dns(top.table("dns"))
+    outbound = _outbound(top.table("outbound"), base)
     top.finish()
     for i, listener in enumerate(listeners):
         if listener.role != "mx" and auth.enabled and not tls.enabled:
@@ -308,7 +373,7 @@ def parse_config(raw: dict[str, Any], path: str) -> Config:
                               "credentials never cross cleartext")
     return Config(path=path, hostname=hostname.lower(), spool=spool, listeners=listeners,
                   tls=tls, local=local, relay=relay, limits=limits, inbound=inbound,
-                  queue=queue, auth=auth, logging=logging)
+                  queue=queue, auth=auth, logging=logging, dns=dns, outbound=outbound)
 
 
 def _listeners(top: _Table) -> tuple[Listener, ...]:
@@ -496,3 +561,112 @@ def _logging(t: _Table, base: str) -> LoggingSettings:
         raise t.error("file", "is required when format is \"json\"")
     return LoggingSettings(format=fmt, file=_resolve(base, file) if file else None)
 
+
+
+def _dns(t: _Table) -> DNSSettings:
+    servers = t.strings("nameservers", ())
+    for server in servers:
+        host = server[1:].partition("]")[0] if server.startswith("[") else (
+            server.rpartition(":")[0] if server.count(":") == 1 else server)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise t.error("nameservers", f"must list IP addresses (with an optional :port), "
+                          f"not {server!r}")
+    settings = DNSSettings(nameservers=servers, timeout=t.duration("timeout", 10))
+    t.finish()
+    return settings
+
+
+def _port(t: _Table, name: str, default: int) -> int:
+    port = t.get(name, int, default)
+    if not 0 < port < 65536:
+        raise t.error(name, f"must be a TCP port (1-65535), not {port}")
+    return port
+
+
+def _smarthost(t: _Table, base: str) -> Smarthost:
+    host = t.require("host", str)
+    port = 25
+    if host.startswith("["):  # [2001:db8::1]:587 or [relay.example]:587
+        inner, _, rest = host[1:].partition("]")
+        host = inner
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit():
+                raise t.error("host", f"must be host, host:port or [host]:port, not {rest!r}")
+            port = int(rest[1:])
+    elif host.count(":") == 1:
+        host, _, number = host.partition(":")
+        if not number.isdigit():
+            raise t.error("host", f"has a port that is not a number: {number!r}")
+        port = int(number)
+    if not (_HOSTNAME.match(host) or _is_ip(host)):
+        raise t.error("host", f"is not a host name or IP address: {host!r}")
+    if "port" in t.data:
+        port = _port(t, "port", port)
+    if not 0 < port < 65536:
+        raise t.error("host", f"has a port out of range: {port}")
+    tls = t.get("tls", str, "starttls")
+    if tls not in TLS_MODES:
+        raise t.error("tls", f"must be one of {', '.join(TLS_MODES)}, not {tls!r}")
+    username = t.get("username", str, None)
+    password_file = t.get("password_file", str, None)
+    t.finish()
+    if (username is None) != (password_file is None):
+        raise t.error("username" if username is None else "password_file",
+                      "is required with " + ("password_file" if username is None
+                                             else "username"))
+    if password_file is not None:
+        password_file = _resolve(base, password_file)
+        try:
+            with open(password_file, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            raise t.error("password_file", f"cannot be read: {e.strerror}")
+    return Smarthost(host=host.lower(), port=port, tls=tls, username=username,
+                     password_file=password_file)
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _outbound(t: _Table, base: str) -> OutboundSettings:
+    d = OutboundSettings()
+    helo = t.get("helo_name", str, None)
+    if helo is not None and not _HOSTNAME.match(helo):
+        raise t.error("helo_name", f"is not a valid host name: {helo!r}")
+    smarthost = None
+    if "smarthost" in t.data:
+        smarthost = _smarthost(t.table("smarthost"), base)
+    routes = []
+    if "routes" in t.data:
+        table = t.table("routes")
+        for domain in table.data:
+            table.used.add(domain)
+            name = domain.lower()
+            if not _HOSTNAME.match(name.lstrip(".")):
+                raise table.error(domain, "must be a domain, or .domain for its subdomains")
+            routes.append((name, _smarthost(table.table(domain), base)))
+    settings = OutboundSettings(
+        port=_port(t, "port", d.port),
+        helo_name=helo.lower() if helo else None,
+        connect_timeout=t.duration("connect_timeout", d.connect_timeout),
+        greeting_timeout=t.duration("greeting_timeout", d.greeting_timeout),
+        command_timeout=t.duration("command_timeout", d.command_timeout),
+        data_timeout=t.duration("data_timeout", d.data_timeout),
+        connections=t.positive("connections", d.connections),
+        connections_per_destination=t.positive("connections_per_destination",
+                                               d.connections_per_destination),
+        idle_time=t.duration("idle_time", d.idle_time),
+        messages_per_connection=t.positive("messages_per_connection",
+                                           d.messages_per_connection),
+        smarthost=smarthost,
+        routes=tuple(routes),
+    )
+    t.finish()
+    return settings

@@ -108,7 +108,12 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None) -> servi
     if config.logging.format == "json":
         install_json_log(config.logging.file)
 
-    manager = QueueManager(config, spool, reactor, run_blocking)
+    from twisted_mta.outbound.pool import DNSResolver, OutboundPool, tcp_connector
+    outbound = OutboundPool(
+        settings=config.outbound, hostname=config.hostname, clock=reactor,
+        run_blocking=run_blocking, resolver=DNSResolver(config.dns),
+        connect=tcp_connector(reactor, config.outbound.connect_timeout))
+    manager = QueueManager(config, spool, reactor, run_blocking, outbound=outbound)
     manager.setServiceParent(top)
     ctx = server_context(config.tls)
     users = UserDatabase.load(config.auth.users_file) if config.auth.enabled else None

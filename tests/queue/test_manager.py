@@ -8,12 +8,32 @@ import os
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_mta.queue.envelope import Envelope, Recipient
+from twisted.internet import defer
+
+from twisted_mta.queue.envelope import Envelope, Outcome, Recipient
 from twisted_mta.queue.manager import QueueManager, retry_delay
 from twisted_mta.queue.spool import Spool
 from tests.support import make_config
 
 T0 = 1_800_000_000.0
+
+UNREACHABLE = Outcome(451, "4.4.1", "connect to mx.elsewhere.test[192.0.2.1]:25 failed: "
+                      "connection refused", remote_mta="mx.elsewhere.test")
+
+
+class FakeOutbound:
+    """
+    The outbound pool's interface, answering from a table: recipient ->
+    outcome (default: unreachable).  Records every transaction.
+    """
+
+    def __init__(self):
+        self.outcomes: dict[str, Outcome] = {}
+        self.sent: list = []
+
+    def deliver(self, hop, txn):
+        self.sent.append((hop, txn))
+        return defer.succeed({r: self.outcomes.get(r, UNREACHABLE) for r in txn.recipients})
 
 
 class ManagerTestBase(SynchronousTestCase):
@@ -26,9 +46,11 @@ class ManagerTestBase(SynchronousTestCase):
         self.spool = Spool(self.config.spool)
         self.spool.lock()
         self.addCleanup(self.spool.unlock)
+        self.outbound = FakeOutbound()
 
     def manager(self):
-        m = QueueManager(self.config, self.spool, self.clock, run_blocking=self.run_blocking)
+        m = QueueManager(self.config, self.spool, self.clock, run_blocking=self.run_blocking,
+                         outbound=self.outbound)
         m.startService()
         self.addCleanup(m.stopService)
         return m
@@ -76,8 +98,52 @@ class ManagerTests(ManagerTestBase):
         self.assertEqual(states, {"alice@example.test": "delivered", "x@elsewhere.test": "pending"})
         self.assertEqual(stored.attempts, 1)
         self.assertEqual(stored.next_attempt, T0 + 60)
-        self.assertIn("Remote delivery is not available", stored.recipients[1].outcome.text)
+        self.assertEqual(stored.recipients[1].outcome, UNREACHABLE)
+        [(hop, txn)] = self.outbound.sent
+        self.assertEqual((hop.key, txn.sender, txn.recipients),
+                         ("elsewhere.test", "s@remote.test", ("x@elsewhere.test",)))
         self.assertEqual(self.spool.state_of(env.queue_id), "cur")
+
+    def test_mixed_remote_results_in_one_transaction(self):
+        """250, 4xx and 5xx for recipients of one message: delivered, retried later, bounced with the server's words (only the pending one is retried)."""
+        m = self.manager()
+        self.outbound.outcomes = {
+            "ok@elsewhere.test": Outcome(250, "2.0.0", "mx said: 250 2.0.0 Ok", "mx"),
+            "bad@elsewhere.test": Outcome(550, "5.1.1", "mx said: 550 5.1.1 no such user", "mx"),
+        }
+        env = self.queue(["ok@elsewhere.test", "bad@elsewhere.test", "later@elsewhere.test"],
+                         sender="alice@example.test")
+        m.enqueue(env)
+        self.clock.advance(0)
+        self.clock.advance(0)
+        [(hop, txn)] = self.outbound.sent
+        self.assertEqual(len(txn.recipients), 3)
+        stored = self.spool.load(env.queue_id)
+        self.assertEqual([r.state for r in stored.recipients], ["delivered", "failed", "pending"])
+        [path] = self.maildir_files("alice")
+        with open(path, "rb") as f:
+            dsn = f.read()
+        self.assertIn(b"Final-Recipient: rfc822; bad@elsewhere.test", dsn)
+        self.assertIn(b"Remote-MTA: dns; mx", dsn)
+        self.assertIn(b"550 5.1.1 mx said: 550 5.1.1 no such user", dsn)
+        self.assertNotIn(b"later@elsewhere.test\n", dsn)
+        self.clock.advance(60)
+        self.assertEqual(self.outbound.sent[-1][1].recipients, ("later@elsewhere.test",))
+
+    def test_recipients_grouped_by_next_hop(self):
+        """One transaction per destination domain; a smarthost route takes its domain's recipients."""
+        self.config = make_config(self.base, outbound={"routes": {
+            ".partner.test": {"host": "[relay.partner.test]:2525"}}})
+        m = self.manager()
+        env = self.queue(["a@one.test", "b@one.test", "c@two.test", "d@mail.partner.test"])
+        m.enqueue(env)
+        self.clock.advance(0)
+        groups = sorted((hop.key, txn.recipients) for hop, txn in self.outbound.sent)
+        self.assertEqual(groups, [("[relay.partner.test]:2525", ("d@mail.partner.test",)),
+                                  ("one.test", ("a@one.test", "b@one.test")),
+                                  ("two.test", ("c@two.test",))])
+        txn = self.outbound.sent[0][1]
+        self.assertEqual(txn.message.data, b"Subject: t\r\n\r\nhello\r\n.\r\n")
 
     def test_retry_only_pending_and_on_schedule(self):
         """Retries follow the schedule and never redeliver a delivered recipient."""
@@ -176,7 +242,8 @@ class ManagerTests(ManagerTestBase):
 
     def restart(self, m):
         self.successResultOf(m.stopService())
-        m2 = QueueManager(self.config, self.spool, self.clock, run_blocking=self.run_blocking)
+        m2 = QueueManager(self.config, self.spool, self.clock, run_blocking=self.run_blocking,
+                          outbound=self.outbound)
         m2.startService()
         self.addCleanup(m2.stopService)
         return m2
@@ -192,7 +259,7 @@ class ManagerTests(ManagerTestBase):
         m2 = self.restart(m)
         entry = m2.entries[env.queue_id]
         self.assertEqual((entry.attempts, entry.next_attempt), (2, T0 + 660))
-        self.assertIn("Remote delivery is not available", entry.last_outcome.text)
+        self.assertEqual(entry.last_outcome, UNREACHABLE)
         self.clock.advance(599)
         self.assertEqual(m2.entries[env.queue_id].attempts, 2)
         self.clock.advance(1)

@@ -1,32 +1,44 @@
 """
-Decide where each recipient goes: a local Maildir, or a remote next hop.
-
-Remote delivery (MX, smarthost) is not built yet; remote recipients get a
-temporary outcome that says so, and stay queued until it is or they expire.
+Decide where each recipient goes: a local Maildir, a smarthost (per domain
+or the default), or the recipient domain's MX hosts.
 """
 
 from __future__ import annotations
 
 import attrs
 
+from twisted_mta.config import OutboundSettings, Smarthost
 from twisted_mta.delivery.maildir import LocalTarget
 from twisted_mta.local import LocalDirectory, UnknownRecipient
 from twisted_mta.queue.envelope import Envelope, Outcome
 
-NO_REMOTE_TRANSPORT = Outcome(
-    451, "4.4.0", "Remote delivery is not available in this version of twisted-mta; "
-    "the message stays queued")
+@attrs.frozen
+class NextHop:
+    """
+    Where a group of remote recipients goes: the MX hosts of C{domain}, or
+    a smarthost.  Messages to one next hop share connections.
+    """
+
+    domain: str
+    smarthost: Smarthost | None = None
+
+    @property
+    def key(self) -> str:
+        return self.smarthost.destination if self.smarthost else self.domain
 
 
 @attrs.frozen
 class Routes:
     local: tuple[LocalTarget, ...]
     decided: dict[str, Outcome]  # recipients with an outcome already (no route)
+    remote: dict[NextHop, tuple[str, ...]] = attrs.field(factory=dict)
 
 
-def route(envelope: Envelope, directory: LocalDirectory) -> Routes:
+def route(envelope: Envelope, directory: LocalDirectory,
+          outbound: OutboundSettings = OutboundSettings()) -> Routes:
     local = []
     decided: dict[str, Outcome] = {}
+    remote: dict[NextHop, list[str]] = {}
     for index, rcpt in enumerate(envelope.recipients):
         if not rcpt.pending:
             continue
@@ -40,5 +52,8 @@ def route(envelope: Envelope, directory: LocalDirectory) -> Routes:
                 continue
             local.append(LocalTarget(index=index, address=rcpt.address, maildir=maildir))
         else:
-            decided[rcpt.address] = NO_REMOTE_TRANSPORT
-    return Routes(local=tuple(local), decided=decided)
+            smarthost = outbound.smarthost_for(domain)
+            hop = NextHop(domain=domain.lower() if smarthost is None else "", smarthost=smarthost)
+            remote.setdefault(hop, []).append(rcpt.address)
+    return Routes(local=tuple(local), decided=decided,
+                  remote={hop: tuple(addrs) for hop, addrs in remote.items()})

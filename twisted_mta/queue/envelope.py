@@ -81,6 +81,7 @@ class Outcome:
     code: int
     enhanced: str
     text: str
+    remote_mta: str | None = None  # the host whose reply this is, when remote
 
     @property
     def is_permanent(self) -> bool:
@@ -165,13 +166,20 @@ class Envelope:
 
 
 def _dump_outcome(o: Outcome | None) -> dict[str, Any] | None:
-    return None if o is None else {"code": o.code, "enhanced": o.enhanced, "text": o.text}
+    if o is None:
+        return None
+    out: dict[str, Any] = {"code": o.code, "enhanced": o.enhanced, "text": o.text}
+    if o.remote_mta is not None:
+        out["remote_mta"] = o.remote_mta
+    return out
 
 
 def _load_outcome(raw: Any) -> Outcome | None:
     if raw is None:
         return None
-    return Outcome(code=int(raw["code"]), enhanced=str(raw["enhanced"]), text=str(raw["text"]))
+    remote = raw.get("remote_mta")
+    return Outcome(code=int(raw["code"]), enhanced=str(raw["enhanced"]), text=str(raw["text"]),
+                   remote_mta=None if remote is None else str(remote))
 
 
 def _dump(env: Envelope) -> dict[str, Any]:

@@ -22,6 +22,8 @@ from twisted_mta.dsn.report import (
     FailedRecipient, delay_report, failure_report,
 )
 from twisted_mta.local import LocalDirectory
+from twisted_mta.outbound import message as outgoing
+from twisted_mta.outbound.client import Transaction
 from twisted_mta.outbound.router import route
 from twisted_mta.queue import control
 from twisted_mta.queue.envelope import DELIVERED, FAILED, Envelope, Outcome, Recipient
@@ -50,12 +52,13 @@ class QueueManager(service.Service):
     name = "queue-manager"
 
     def __init__(self, config: Config, spool: Spool, clock, run_blocking: RunBlocking,
-                 rand: Callable[[], float] = random.random) -> None:
+                 rand: Callable[[], float] = random.random, outbound=None) -> None:
         self.config = config
         self.spool = spool
         self.clock = clock
         self.run_blocking = run_blocking
         self.rand = rand
+        self.outbound = outbound  # an OutboundPool (or a test double): deliver(hop, txn)
         self.directory = LocalDirectory(config.local)
         self.entries: dict[str, Envelope] = {}
         self.states: dict[str, str] = {}
@@ -96,6 +99,8 @@ class QueueManager(service.Service):
             if timer.active():
                 timer.cancel()
         self._timers.clear()
+        if self.outbound is not None and hasattr(self.outbound, "stop"):
+            self.outbound.stop()
         return defer.DeferredList(list(self._active.values()))
 
     # -- operator requests ---------------------------------------------------------
@@ -213,8 +218,9 @@ class QueueManager(service.Service):
         envelope = self.entries[qid]
         # The state is known here: no stat() on the reactor thread.
         message_path = self.spool.path_in(self.states[qid], qid)
-        routes = route(envelope, self.directory)
+        routes = route(envelope, self.directory, self.config.outbound)
         results = dict(routes.decided)
+        remote = self._send_remote(envelope, message_path, routes.remote)
         if routes.local:
             recovering = qid in self._recovering
             try:
@@ -230,6 +236,12 @@ class QueueManager(service.Service):
                 outcome = Outcome(451, "4.3.0", f"Local delivery error: {e}")
                 local = {t.address: outcome for t in routes.local}
             results.update(local)
+        if remote is not None:
+            sent = yield remote
+            if sent is None:  # the queue file vanished
+                self._forget(qid)
+                return
+            results.update(sent)
         self._recovering.discard(qid)
         now = self.clock.seconds()
         updated = self._apply(envelope, results, routes, now)
@@ -245,6 +257,31 @@ class QueueManager(service.Service):
             if sent:
                 updated = attrs.evolve(updated, warned=True)
         yield self._store(updated)
+
+    @defer.inlineCallbacks
+    def _send_remote(self, envelope: Envelope, path: str, remote: dict):
+        """
+        Hand the remote recipients to the outbound pool, one transaction per
+        next hop; fires with an outcome for each (None: no queue file).
+        """
+        if not remote:
+            return {}
+        if self.outbound is None:
+            outcome = Outcome(451, "4.3.5", "remote delivery is not configured")
+            return {a: outcome for addrs in remote.values() for a in addrs}
+        try:
+            message = yield self.run_blocking(outgoing.load, path)
+        except FileNotFoundError:
+            return None
+        except Exception as e:
+            outcome = Outcome(451, "4.3.0", f"could not read the queued message: {e}")
+            return {a: outcome for addrs in remote.values() for a in addrs}
+        sent = [self.outbound.deliver(hop, Transaction(envelope.sender, addrs, message))
+                for hop, addrs in remote.items()]
+        results: dict[str, Outcome] = {}
+        for part in (yield defer.gatherResults(sent, consumeErrors=True)):
+            results.update(part)
+        return results
 
     def _postmaster(self) -> str | None:
         """
@@ -286,7 +323,8 @@ class QueueManager(service.Service):
         try:
             headers = yield self.run_blocking(self.spool.read_headers, qid)
             now = self.clock.seconds()
-            listed = [FailedRecipient(r) for r in failed]
+            listed = [FailedRecipient(r, r.outcome.remote_mta if r.outcome else None)
+                      for r in failed]
             if until is None:
                 report = failure_report(
                     hostname=self.config.hostname, envelope=envelope, failed=listed,
@@ -328,9 +366,13 @@ class QueueManager(service.Service):
             if outcome.code < 400:
                 changed[rcpt.address] = attrs.evolve(rcpt, state=DELIVERED, outcome=outcome,
                                                      done_at=now)
-                log.info("{queue_id}: delivered to <{rcpt}> in {maildir}",
-                         event="delivery.delivered", maildir=maildirs.get(rcpt.address),
-                         **fields)
+                if rcpt.address in maildirs:
+                    log.info("{queue_id}: delivered to <{rcpt}> in {maildir}",
+                             event="delivery.delivered", maildir=maildirs[rcpt.address],
+                             **fields)
+                else:
+                    log.info("{queue_id}: delivered to <{rcpt}>: {reply}",
+                             event="delivery.delivered", relay=outcome.remote_mta, **fields)
             elif outcome.is_permanent:
                 changed[rcpt.address] = attrs.evolve(rcpt, state=FAILED, outcome=outcome,
                                                      done_at=now)

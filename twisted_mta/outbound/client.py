@@ -1,0 +1,575 @@
+"""
+The outbound ESMTP client: one connection to one server, carrying one or
+more mail transactions.
+
+A subclass of Twisted's C{ESMTPClient}: Twisted reads the replies, says
+EHLO (falling back to HELO), starts TLS and authenticates.  We take over
+where Twisted's single-message model stops fitting an MTA:
+
+ - the EHLO capabilities are kept (Twisted throws them away), so MAIL can
+   carry SIZE= and BODY=, and RCPTs can be pipelined (RFC 2920);
+ - after STARTTLS's 220 the line buffer is emptied, so cleartext injected
+   behind the 220 is never read as the encrypted server's reply;
+ - the body is dot-stuffed statefully (L{twisted_mta.outbound.message});
+ - each recipient gets its own outcome, and a connection stays open for
+   the next message instead of RSET + QUIT;
+ - every failure, before or during a transaction, becomes an L{Outcome}
+   that names the server and quotes its words; credentials are never
+   logged (C{debug} is off, so Twisted keeps no transcript).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from typing import Callable
+
+import attrs
+from twisted.internet import defer, error, interfaces
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twisted_mta.outbound.message import OutgoingMessage
+from twisted_mta.outbound.tls import TLSRecord
+from twisted_mta.queue.envelope import Outcome
+
+_ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
+
+
+@attrs.frozen
+class Timeouts:
+    greeting: float = 300
+    command: float = 300
+    data: float = 600
+
+
+@attrs.frozen
+class Transaction:
+    sender: str
+    recipients: tuple[str, ...]
+    message: OutgoingMessage
+
+
+class SessionFailed(Exception):
+    """
+    The session could not be set up (or broke before a transaction);
+    C{outcome} says why, for every recipient that was waiting for it.
+    C{tls_failed} marks a failed TLS handshake, after which a cleartext
+    connection may be tried; C{next_host} says whether another address or
+    MX host may do better.
+    """
+
+    def __init__(self, outcome: Outcome, *, tls_failed: bool = False,
+                 next_host: bool = True) -> None:
+        super().__init__(str(outcome))
+        self.outcome = outcome
+        self.tls_failed = tls_failed
+        self.next_host = next_host
+
+
+def reply_outcome(peer: str, command: str, code: int, resp: bytes) -> Outcome:
+    """
+    An outcome quoting the server: its code, enhanced code and words.
+    """
+    lines = resp.splitlines() or [b""]
+    m = _ENHANCED.match(lines[0])
+    if m and m.group(1) == str(code)[0].encode():
+        enhanced = m.group(0).strip().decode()
+        lines = [line[m.end():] if _ENHANCED.match(line) else line for line in lines]
+    else:
+        enhanced = {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "4.0.0")
+        if not 200 <= code < 600 or code // 100 == 3:
+            code, enhanced = 451, "4.5.0"
+    words = " ".join(line.decode("utf-8", "replace").strip() for line in lines).strip()
+    said = f"{code_text(code, resp)}{words}".strip()
+    return Outcome(code, enhanced, f"{peer} said: {said} (in reply to {command})",
+                   remote_mta=peer.split("[")[0])
+
+
+def code_text(code: int, resp: bytes) -> str:
+    first = resp.splitlines()[0] if resp else b""
+    m = _ENHANCED.match(first)
+    return f"{code} {m.group(0).strip().decode()} " if m else f"{code} "
+
+
+@implementer(interfaces.IHandshakeListener)
+class OutboundClient(smtp.ESMTPClient):
+    debug = False  # no transcript: it would hold the AUTH secret
+    heloFallback = True
+
+    def __init__(self, *, helo: str, peer: str, tls_creator=None, tls_record: TLSRecord | None
+                 = None, require_tls: bool = False, credentials: tuple[str, str] | None = None,
+                 own_names: frozenset[str] = frozenset(), timeouts: Timeouts = Timeouts(),
+                 run_blocking: Callable | None = None) -> None:
+        secret = credentials[1].encode("utf-8") if credentials else None
+        smtp.ESMTPClient.__init__(self, secret, tls_creator, helo)
+        if credentials:
+            user = credentials[0].encode("utf-8")
+            self.registerAuthenticator(smtp.PLAINAuthenticator(user))
+            self.registerAuthenticator(smtp.LOGINAuthenticator(user))
+            self.requireAuthentication = True
+        self.peer = peer  # "host[ip]:port", for messages
+        self.tls_record = tls_record
+        self.requireTransportSecurity = require_tls or credentials is not None
+        self.own_names = own_names
+        self.timeouts = timeouts
+        self.run_blocking = run_blocking
+        self.capabilities: dict[str, str] = {}
+        self.established: defer.Deferred = defer.Deferred()
+        self.closed: defer.Deferred = defer.Deferred()
+        self.ready = False
+        self.tls_started = False  # STARTTLS accepted or implicit TLS
+        self.tls_done = False  # handshake completed
+        self.starttls_refused: Outcome | None = None
+        self.messages = 0
+        self._failure: SessionFailed | None = None
+        self._txn: _TransactionState | None = None
+        self._needs_rset = False
+        self._quitting = False
+        self._lost = False
+
+    # -- session set-up (Twisted drives; we watch) --------------------------------
+
+    def connectionMade(self) -> None:
+        smtp.ESMTPClient.connectionMade(self)
+        self.tls_started = self._tlsMode
+        self._failresponse = self._greeting_failed
+        self.setTimeout(self.timeouts.greeting)
+
+    def _greeting_failed(self, code: int, resp: bytes) -> None:
+        self._fail(SessionFailed(reply_outcome(self.peer, "the initial greeting", code, resp)))
+
+    def esmtpState_ehlo(self, code, resp):
+        self.setTimeout(self.timeouts.command)
+        return smtp.ESMTPClient.esmtpState_ehlo(self, code, resp)
+
+    def esmtpEHLORequired(self, code=-1, resp=None):
+        self._fail(SessionFailed(Outcome(
+            451, "4.7.0", f"{self.peer} does not speak ESMTP, which is needed for "
+            "encryption or authentication", remote_mta=self._remote())))
+
+    def esmtpState_serverConfig(self, code, resp):
+        lines = resp.splitlines()
+        caps: dict[str, str] = {}
+        for line in lines[1:]:
+            name, _, value = line.decode("ascii", "replace").partition(" ")
+            caps[name.upper()] = value.strip()
+        self.capabilities = caps
+        if self._loops_back(lines[0] if lines else b""):
+            return
+        items = {k.encode(): (v.encode() or None) for k, v in caps.items()}
+        return self.tryTLS(code, resp, items)
+
+    def smtpState_helo(self, code, resp):
+        # HELO fallback: the server has no extensions.
+        self.capabilities = {}
+        smtp.SMTPClient.smtpState_helo(self, code, resp)
+        self._failresponse = self._helo_failed
+
+    def _helo_failed(self, code: int, resp: bytes) -> None:
+        self._fail(SessionFailed(reply_outcome(self.peer, "HELO", code, resp)))
+
+    def _loops_back(self, greeting: bytes) -> bool:
+        name = greeting.split(b" ", 1)[0].decode("ascii", "replace").lower().rstrip(".")
+        if name and name in self.own_names:
+            self._fail(SessionFailed(Outcome(
+                554, "5.4.6", f"mail loops back to myself: {self.peer} greeted us with our own "
+                f"name {name}", remote_mta=self._remote()), next_host=False))
+            return True
+        return False
+
+    def tryTLS(self, code, resp, items):
+        if self._tlsMode or b"STARTTLS" in items and self.context:
+            return smtp.ESMTPClient.tryTLS(self, code, resp, items)
+        if self.requireTransportSecurity:
+            self._fail(SessionFailed(Outcome(
+                451, "4.7.4", f"{self.peer} does not offer STARTTLS, and this connection "
+                "requires encryption (it carries our login)", remote_mta=self._remote())))
+            return
+        return self.authenticate(code, resp, items)
+
+    def esmtpTLSFailed(self, code=-1, resp=None):
+        outcome = reply_outcome(self.peer, "STARTTLS", code, resp or b"")
+        if self.requireTransportSecurity:
+            self._fail(SessionFailed(attrs.evolve(outcome, code=451, enhanced="4.7.4")))
+            return
+        # Refused STARTTLS leaves the session as it was: go on in cleartext.
+        self.starttls_refused = outcome
+        self.authenticate(code, resp, {k.encode(): (v.encode() or None)
+                                       for k, v in self.capabilities.items()})
+
+    def esmtpState_starttls(self, code, resp):
+        # Anything behind the 220 was sent before encryption: never read it.
+        self.clearLineBuffer()
+        try:
+            self.transport.startTLS(self.context)
+        except Exception as e:
+            self._fail(SessionFailed(Outcome(451, "4.7.5", f"could not start TLS with "
+                                             f"{self.peer}: {e}"), tls_failed=True))
+            return
+        self._tlsMode = True
+        self.tls_started = True
+        self.esmtpState_ehlo(code, resp)
+
+    def handshakeCompleted(self) -> None:
+        self.tls_done = True
+        if self.tls_record is not None:
+            handle = self.transport.getHandle()
+            self.tls_record.version = handle.get_protocol_version_name()
+            self.tls_record.cipher = handle.get_cipher_name()
+
+    def esmtpAUTHRequired(self, code=-1, resp=None):
+        self._fail(SessionFailed(Outcome(
+            451, "4.7.0", f"{self.peer} offers no authentication method we can use "
+            "(we have credentials for it and send mail there only logged in)",
+            remote_mta=self._remote())))
+
+    def esmtpAUTHDeclined(self, code=-1, resp=None):
+        outcome = reply_outcome(self.peer, "AUTH", code, resp or b"")
+        self._fail(SessionFailed(attrs.evolve(
+            outcome, text="our login was refused: " + outcome.text)))
+
+    esmtpAUTHServerError = esmtpAUTHDeclined
+
+    def smtpState_from(self, code, resp):
+        """
+        Twisted calls this when the session is set up; we are ready for
+        transactions.
+        """
+        self._expected = range(0, 1000)
+        self._okresponse = self._failresponse = self._reply
+        if self._failure is not None:
+            return
+        self.ready = True
+        self.setTimeout(None)
+        self.established.callback(self)
+
+    def sendError(self, exc):
+        # Twisted's own errors (timeouts, unparsable replies, AUTH trouble).
+        if isinstance(exc, smtp.SMTPTimeoutError):
+            outcome = Outcome(451, "4.4.2", f"{self.peer} did not answer in time "
+                              f"({self._stage()})", remote_mta=self._remote())
+        elif isinstance(exc, smtp.SMTPClientError) and exc.code > 0:
+            outcome = reply_outcome(self.peer, self._stage(), exc.code,
+                                    exc.resp if isinstance(exc.resp, bytes)
+                                    else str(exc.resp).encode())
+        else:
+            outcome = Outcome(451, "4.5.0", f"{self.peer}: {exc}", remote_mta=self._remote())
+        self._fail(SessionFailed(outcome), close=True)
+
+    # -- failure handling ---------------------------------------------------------
+
+    def _remote(self) -> str:
+        return self.peer.split("[")[0]
+
+    def _stage(self) -> str:
+        if self._txn is not None:
+            return self._txn.stage
+        return "the session set-up" if not self.ready else "an idle connection"
+
+    def _fail(self, failure: SessionFailed, close: bool = False) -> None:
+        if self._failure is None:
+            self._failure = failure
+        if self._txn is not None:
+            self._txn.abort(failure.outcome)
+            self._txn = None
+        if not self.established.called:
+            self.established.errback(failure)
+        if close or self._lost:
+            self.transport.abortConnection() if hasattr(self.transport, "abortConnection") \
+                else self.transport.loseConnection()
+        else:
+            self.quit()
+
+    def quit(self) -> None:
+        if self._quitting or self._lost:
+            return
+        self._quitting = True
+        self.ready = False
+        self._expected = range(0, 1000)
+        self._okresponse = self._failresponse = self.smtpState_disconnect
+        self.setTimeout(self.timeouts.command)
+        self.sendLine(b"QUIT")
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:
+        smtp.ESMTPClient.connectionLost(self, reason)
+        self.ready = False
+        self._lost = True
+        if self.tls_started and not self.tls_done and self._failure is None:
+            self._failure = SessionFailed(Outcome(
+                451, "4.7.5", f"TLS handshake with {self.peer} failed: {_tls_reason(reason)}",
+                remote_mta=self._remote()), tls_failed=True)
+        if self._failure is None and not self._quitting:
+            stage = self._stage()
+            self._failure = SessionFailed(Outcome(
+                451, "4.4.2", f"lost connection with {self.peer} during {stage}",
+                remote_mta=self._remote()))
+        if self._txn is not None:
+            self._txn.abort(self._failure.outcome)
+            self._txn = None
+        if not self.established.called:
+            self.established.errback(self._failure or SessionFailed(Outcome(
+                451, "4.4.2", f"{self.peer} closed the connection", remote_mta=self._remote())))
+        if not self.closed.called:
+            self.closed.callback(None)
+
+    # -- transactions -------------------------------------------------------------
+
+    @property
+    def pipelining(self) -> bool:
+        return "PIPELINING" in self.capabilities
+
+    def send(self, txn: Transaction) -> defer.Deferred:
+        """
+        Run one mail transaction; fires with C{{recipient: Outcome}}, one
+        entry per recipient, whatever happens (a broken connection gives
+        the recipients still open a temporary outcome).
+        """
+        assert self.ready and self._txn is None
+        self.messages += 1
+        state = _TransactionState(self, txn)
+        self._txn = state
+        refusal = self._refuse(txn)
+        if refusal is not None:
+            state.abort(refusal)
+            self._txn = None
+            return state.done
+        params = []
+        if "SIZE" in self.capabilities:
+            params.append(f"SIZE={txn.message.size}")
+        if txn.message.eight_bit:
+            params.append("BODY=8BITMIME")
+        mail = ("MAIL FROM:<%s>" % txn.sender + "".join(" " + p for p in params)).encode()
+        commands: list[tuple[str, bytes, str | None]] = []
+        if self._needs_rset:
+            commands.append(("RSET", b"RSET", None))
+            self._needs_rset = False
+        commands.append(("MAIL", mail, None))
+        for rcpt in txn.recipients:
+            commands.append(("RCPT", b"RCPT TO:<%s>" % rcpt.encode(), rcpt))
+        commands.append(("DATA", b"DATA", None))
+        state.start(commands, self.pipelining)
+        return state.done
+
+    def _refuse(self, txn: Transaction) -> Outcome | None:
+        """
+        What we know before MAIL that makes sending pointless.
+        """
+        limit = self.capabilities.get("SIZE", "")
+        if limit.isdigit() and int(limit) > 0 and txn.message.size > int(limit):
+            return Outcome(552, "5.3.4", f"the message ({txn.message.size} bytes) is larger "
+                           f"than {self.peer} accepts ({limit} bytes)",
+                           remote_mta=self._remote())
+        if txn.message.eight_bit and "8BITMIME" not in self.capabilities:
+            return Outcome(554, "5.6.3", f"the message contains 8-bit characters and "
+                           f"{self.peer} does not accept 8-bit mail (no 8BITMIME); this "
+                           "server does not convert messages to 7 bits (RFC 6152)",
+                           remote_mta=self._remote())
+        return None
+
+    def _reply(self, code: int, resp: bytes) -> None:
+        if self._txn is None:
+            # A reply nobody asked for: the server is confused.
+            self._fail(SessionFailed(Outcome(
+                451, "4.5.0", f"{self.peer} sent an unexpected reply: {code} "
+                f"{resp[:100].decode('ascii', 'replace')}", remote_mta=self._remote())))
+            return
+        self._txn.reply(code, resp)
+
+    def _transaction_done(self, needs_rset: bool) -> None:
+        self._txn = None
+        self._needs_rset = needs_rset
+        self.setTimeout(None)
+
+
+class _TransactionState:
+    """
+    Replies of one transaction, matched to the commands in order (with or
+    without pipelining).
+    """
+
+    def __init__(self, client: OutboundClient, txn: Transaction) -> None:
+        self.client = client
+        self.txn = txn
+        self.done: defer.Deferred = defer.Deferred()
+        self.results: dict[str, Outcome] = {}
+        self.accepted: list[str] = []
+        self.mail_failed: Outcome | None = None
+        self.awaiting: deque = deque()
+        self.unsent: deque = deque()
+        self.stage = "MAIL FROM"
+        self.pipelined = False
+        self.finished = False
+
+    def start(self, commands, pipelined: bool) -> None:
+        self.pipelined = pipelined
+        c = self.client
+        c.setTimeout(c.timeouts.command)
+        if pipelined:
+            self.awaiting.extend(commands)
+            c.transport.write(b"".join(line + b"\r\n" for _, line, _ in commands))
+        else:
+            self.unsent.extend(commands)
+            self._send_next()
+
+    def _send_next(self) -> None:
+        command = self.unsent.popleft()
+        self.awaiting.append(command)
+        self.client.sendLine(command[1])
+
+    def reply(self, code: int, resp: bytes) -> None:
+        kind, line, rcpt = self.awaiting.popleft()
+        c = self.client
+        peer = c.peer
+        if kind == "RSET":
+            if code >= 400:
+                self.abort(reply_outcome(peer, "RSET", code, resp))
+                c.quit()
+            return
+        if kind == "MAIL":
+            self.stage = "RCPT TO"
+            if code >= 300:
+                self.mail_failed = reply_outcome(peer, "MAIL FROM", code, resp)
+                if not self.pipelined:
+                    self._finish(self.mail_failed, needs_rset=True)
+                return
+        elif kind == "RCPT":
+            if self.mail_failed is None:
+                if 200 <= code < 300:
+                    self.accepted.append(rcpt)
+                else:
+                    self.results[rcpt] = reply_outcome(peer, f"RCPT TO:<{rcpt}>", code, resp)
+            if not self.pipelined and not self.unsent[0][0] == "RCPT" and not self.accepted:
+                self._finish(None, needs_rset=True)
+                return
+        elif kind == "DATA":
+            self.stage = "DATA"
+            if code == 354:
+                self.stage = "the message body"
+                self.awaiting.append(("END", b".", None))
+                if self.accepted and self.mail_failed is None:
+                    self._send_body()
+                else:
+                    c.transport.write(b".\r\n")  # nobody to send it to: end it empty
+                return
+            if self.mail_failed is not None or not self.accepted:
+                self._finish(self.mail_failed, needs_rset=True)
+                return
+            outcome = reply_outcome(peer, "DATA", code, resp)
+            if code < 400:
+                outcome = Outcome(451, "4.5.0", f"{peer} answered DATA with {code} instead of "
+                                  "354; the message was not sent", remote_mta=c._remote())
+            self._finish(outcome, needs_rset=True)
+            return
+        elif kind == "END":
+            if self.mail_failed is not None or not self.accepted:
+                self._finish(self.mail_failed, needs_rset=False)
+                return
+            self._finish(reply_outcome(peer, "end of data", code, resp), needs_rset=False)
+            return
+        if not self.pipelined and self.unsent:
+            self._send_next()
+
+    @defer.inlineCallbacks
+    def _send_body(self):
+        c = self.client
+        message = self.txn.message
+        try:
+            if message.data is not None:
+                c.transport.write(message.data)
+            else:
+                pacer = _Pacer(c.transport)
+                chunks = message.chunks()
+                try:
+                    while True:
+                        chunk = yield c.run_blocking(next, chunks, None)
+                        if chunk is None or self.finished:
+                            break
+                        c.resetTimeout()
+                        c.transport.write(chunk)
+                        yield pacer.wait()
+                finally:
+                    pacer.stop()
+                    chunks.close()
+        except Exception as e:
+            self.abort(Outcome(451, "4.3.0", f"could not read the queued message: {e}"))
+            c._fail(SessionFailed(Outcome(451, "4.3.0", str(e))), close=True)
+            return
+        if not self.finished:
+            self.stage = "the end of data"
+            c.setTimeout(c.timeouts.data)
+
+    def _finish(self, outcome: Outcome | None, needs_rset: bool) -> None:
+        """
+        The transaction is over: C{outcome} applies to every recipient that
+        has none yet.
+        """
+        if self.finished:
+            return
+        self.finished = True
+        for rcpt in self.txn.recipients:
+            if rcpt not in self.results:
+                self.results[rcpt] = outcome or Outcome(
+                    451, "4.5.0", f"{self.client.peer}: transaction ended without a result")
+        self.client._transaction_done(needs_rset)
+        if self.awaiting and self.client.ready:
+            # Replies still due for commands of an aborted transaction would
+            # be taken for the next one's: this connection is done.
+            self.client.quit()
+        self.done.callback(self.results)
+
+    def abort(self, outcome: Outcome) -> None:
+        self._finish(outcome, needs_rset=True)
+
+
+class _Pacer:
+    """
+    Wait while the transport's buffer is full (a streaming producer that
+    only records pause/resume).
+    """
+
+    def __init__(self, transport) -> None:
+        self.transport = transport
+        self.paused = False
+        self._waiting: defer.Deferred | None = None
+        transport.registerProducer(self, True)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self._waiting is not None:
+            d, self._waiting = self._waiting, None
+            d.callback(None)
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
+
+    def wait(self) -> defer.Deferred:
+        if not self.paused:
+            return defer.succeed(None)
+        self._waiting = defer.Deferred()
+        return self._waiting
+
+    def stop(self) -> None:
+        try:
+            self.transport.unregisterProducer()
+        except Exception:
+            pass
+
+
+def _tls_reason(reason: Failure | None) -> str:
+    if reason is None:
+        return "the connection closed"
+    value = reason.value
+    try:
+        from OpenSSL import SSL
+        if isinstance(value, SSL.Error) and value.args and isinstance(value.args[0], list):
+            return ", ".join(str(r[2]) for r in value.args[0] if len(r) > 2) or str(value)
+    except Exception:
+        pass
+    if isinstance(value, (error.ConnectionLost, error.ConnectionDone)):
+        return "the server closed the connection during the handshake"
+    return str(value) or type(value).__name__

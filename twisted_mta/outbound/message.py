@@ -1,0 +1,106 @@
+"""
+A queued message made ready for the SMTP DATA phase: dot-stuffed, CRLF
+terminated, read from the spool in the I/O pool.
+
+The spool holds the message with CRLF line ends and without stuffing (as
+the inbound DATA reader left it).  Stuffing is done here, statefully across
+chunks, so that a line starting with "." is stuffed wherever a chunk
+boundary falls; Twisted's own C{transformChunk} misses both the first line
+and chunk boundaries (ARCHITECTURE.md, "Twisted pitfalls").
+"""
+
+from __future__ import annotations
+
+import os
+
+import attrs
+
+from twisted_mta.queue.envelope import header_end
+
+WHOLE_LIMIT = 1024 * 1024  # messages up to this size are sent from memory
+CHUNK = 1024 * 1024
+
+
+class Stuffer:
+    """
+    Dot-stuff a stream of chunks (RFC 5321 4.5.2) and end it with CRLF.CRLF.
+    """
+
+    def __init__(self) -> None:
+        self._line_start = True
+        self._last = b"\n"
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return b""
+        out = chunk.replace(b"\n.", b"\n..")
+        if self._line_start and out[:1] == b".":
+            out = b"." + out
+        self._line_start = out[-1:] == b"\n"
+        self._last = out[-2:] if len(out) >= 2 else self._last[-1:] + out
+        return out
+
+    def end(self) -> bytes:
+        if self._last.endswith(b"\r\n"):
+            return b".\r\n"
+        if self._last.endswith(b"\r"):
+            return b"\n.\r\n"
+        return b"\r\n.\r\n"
+
+
+def stuff(data: bytes) -> bytes:
+    s = Stuffer()
+    return s.feed(data) + s.end()
+
+
+@attrs.frozen
+class OutgoingMessage:
+    """
+    The part of a queue file that goes on the wire, and what the MAIL
+    command must say about it.
+    """
+
+    path: str
+    offset: int  # where the message starts in the queue file
+    size: int  # octets of the message, before stuffing (the SIZE= value)
+    eight_bit: bool  # contains octets above 127 (needs 8BITMIME)
+    data: bytes | None  # the stuffed message with its final ".", when small enough
+
+    def chunks(self):
+        """
+        Yield the stuffed message in chunks, blocking: run from the I/O pool
+        one chunk at a time (used for messages too big for L{data}).
+        """
+        stuffer = Stuffer()
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            while True:
+                chunk = f.read(CHUNK)
+                if not chunk:
+                    break
+                yield stuffer.feed(chunk)
+        yield stuffer.end()
+
+
+def load(path: str) -> OutgoingMessage:
+    """
+    Read (blocking) what is needed to send the queue file at C{path}.
+    """
+    with open(path, "rb") as f:
+        head = f.read(WHOLE_LIMIT + 65536)
+        start = header_end(head)
+        if start < 0:
+            raise ValueError(f"{path}: the queue file has no complete envelope header")
+        total = os.fstat(f.fileno()).st_size
+        size = total - start
+        if size <= WHOLE_LIMIT and len(head) == total:
+            body = head[start:]
+            return OutgoingMessage(path=path, offset=start, size=size,
+                                   eight_bit=not body.isascii(), data=stuff(body))
+        eight_bit = not head[start:].isascii()
+        while not eight_bit:
+            chunk = f.read(CHUNK)
+            if not chunk:
+                break
+            eight_bit = not chunk.isascii()
+    return OutgoingMessage(path=path, offset=start, size=size, eight_bit=eight_bit, data=None)

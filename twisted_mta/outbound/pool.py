@@ -1,0 +1,355 @@
+"""
+Outbound connections: find a server for a next hop, set up a session, and
+run transactions on it, reusing each connection for further messages to
+the same next hop, within global and per-destination limits.
+
+For an MX next hop the hosts are tried in preference order and each
+host's addresses in turn; the first session that is set up carries the
+waiting messages.  When every host fails, the messages waiting for that
+next hop share the last failure (a dead destination costs one round of
+connection attempts, not one per message).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable
+
+import attrs
+from twisted.internet import defer, endpoints, error
+from twisted.logger import Logger
+
+from twisted_mta.config import DNSSettings, OutboundSettings
+from twisted_mta.outbound import mx
+from twisted_mta.outbound.client import OutboundClient, SessionFailed, Timeouts, Transaction
+from twisted_mta.outbound.router import NextHop
+from twisted_mta.outbound.tls import OpportunisticCreator, _is_ip
+from twisted_mta.queue.envelope import Outcome
+
+log = Logger()
+
+
+class DNSResolver:
+    """
+    Blocking MX and address look-ups (call through the I/O pool).
+    """
+
+    def __init__(self, settings: DNSSettings) -> None:
+        self._resolver = mx.make_resolver(settings.nameservers or None, settings.timeout)
+
+    def mx(self, domain: str) -> list[mx.MXHost]:
+        return mx.lookup_mx(self._resolver, domain)
+
+    def addresses(self, host: str) -> list[str]:
+        return mx.lookup_addresses(self._resolver, host)
+
+
+def tcp_connector(reactor, timeout: float) -> Callable:
+    """
+    Connect C{protocol} to C{address}:C{port}, through TLS from the first
+    byte when C{creator} is given (implicit TLS).
+    """
+    def connect(address: str, port: int, protocol, creator) -> defer.Deferred:
+        if ":" in address:
+            ep = endpoints.TCP6ClientEndpoint(reactor, address, port, timeout=timeout)
+        else:
+            ep = endpoints.TCP4ClientEndpoint(reactor, address, port, timeout=timeout)
+        if creator is not None:
+            ep = endpoints.wrapClientTLS(creator, ep)
+        return endpoints.connectProtocol(ep, protocol)
+    return connect
+
+
+@attrs.define(eq=False)
+class _Destination:
+    hop: NextHop
+    waiting: deque = attrs.field(factory=deque)  # (Transaction, Deferred)
+    idle: list = attrs.field(factory=list)  # (client, timer)
+    connections: int = 0  # open or being opened
+    opening: int = 0
+
+
+class OutboundPool:
+    def __init__(self, *, settings: OutboundSettings, hostname: str, clock, run_blocking,
+                 resolver, connect: Callable) -> None:
+        self.settings = settings
+        self.hostname = hostname
+        self.helo = settings.helo_name or hostname
+        self.own_names = frozenset({hostname, self.helo})
+        self.clock = clock
+        self.run_blocking = run_blocking
+        self.resolver = resolver
+        self.connect = connect
+        self.timeouts = Timeouts(greeting=settings.greeting_timeout,
+                                 command=settings.command_timeout, data=settings.data_timeout)
+        self._destinations: dict[str, _Destination] = {}
+        self.total = 0
+        self._stopping = False
+
+    # -- the interface the queue manager uses ---------------------------------------
+
+    def deliver(self, hop: NextHop, txn: Transaction) -> defer.Deferred:
+        """
+        Send C{txn} to C{hop}; fires with an outcome for every recipient.
+        """
+        if self._stopping:
+            return defer.succeed(_all(txn, Outcome(451, "4.3.2", "shutting down")))
+        dest = self._destinations.get(hop.key)
+        if dest is None:
+            dest = self._destinations[hop.key] = _Destination(hop)
+        d: defer.Deferred = defer.Deferred()
+        dest.waiting.append((txn, d))
+        self._pump(dest)
+        return d
+
+    def stop(self) -> None:
+        """
+        Close idle connections; busy ones finish their transaction first.
+        """
+        self._stopping = True
+        for dest in self._destinations.values():
+            for client, timer in dest.idle:
+                if timer.active():
+                    timer.cancel()
+                client.quit()
+            dest.idle.clear()
+
+    # -- scheduling ---------------------------------------------------------------
+
+    def _pump(self, dest: _Destination) -> None:
+        while dest.waiting and dest.idle:
+            client, timer = dest.idle.pop()
+            if timer.active():
+                timer.cancel()
+            self._run(dest, client, *dest.waiting.popleft())
+        s = self.settings
+        while (len(dest.waiting) > dest.opening
+               and dest.connections < s.connections_per_destination):
+            if self.total >= s.connections:
+                self._close_idle_elsewhere(dest)
+                break
+            dest.connections += 1
+            dest.opening += 1
+            self.total += 1
+            self._open(dest)
+
+    def _pump_all(self) -> None:
+        for dest in list(self._destinations.values()):
+            if dest.waiting:
+                self._pump(dest)
+                if self.total >= self.settings.connections:
+                    return
+            elif not dest.connections:
+                del self._destinations[dest.hop.key]
+
+    def _close_idle_elsewhere(self, needy: _Destination) -> None:
+        """
+        At the global limit, an idle connection to another destination
+        gives its place to one that has mail waiting.
+        """
+        for dest in self._destinations.values():
+            if dest is not needy and dest.idle:
+                client, timer = dest.idle.pop(0)
+                if timer.active():
+                    timer.cancel()
+                client.quit()
+                return
+
+    @defer.inlineCallbacks
+    def _open(self, dest: _Destination):
+        try:
+            client = yield self._establish(dest.hop)
+        except SessionFailed as e:
+            dest.opening -= 1
+            self._released(dest)
+            log.info("outbound: no session with {destination}: {reply}",
+                     event="outbound.failed", destination=dest.hop.key, reply=str(e.outcome))
+            if dest.connections == 0:
+                waiting, dest.waiting = list(dest.waiting), deque()
+                for txn, d in waiting:
+                    d.callback(_all(txn, e.outcome))
+            self._pump_all()
+            return
+        except Exception as e:  # a bug; do not leave messages hanging
+            log.failure("outbound: setting up a session with {destination} crashed",
+                        destination=dest.hop.key, event="outbound.error")
+            dest.opening -= 1
+            self._released(dest)
+            outcome = Outcome(451, "4.3.0", f"internal error: {e}")
+            if dest.connections == 0:
+                waiting, dest.waiting = list(dest.waiting), deque()
+                for txn, d in waiting:
+                    d.callback(_all(txn, outcome))
+            self._pump_all()
+            return
+        dest.opening -= 1
+        client.closed.addCallback(lambda _: self._closed(dest, client))
+        self._next(dest, client)
+
+    def _released(self, dest: _Destination) -> None:
+        dest.connections -= 1
+        self.total -= 1
+
+    def _closed(self, dest: _Destination, client: OutboundClient) -> None:
+        for i, (c, timer) in enumerate(dest.idle):
+            if c is client:
+                if timer.active():
+                    timer.cancel()
+                del dest.idle[i]
+                break
+        self._released(dest)
+        self._pump_all()
+
+    def _next(self, dest: _Destination, client: OutboundClient) -> None:
+        if not client.ready:
+            return
+        if client.messages >= self.settings.messages_per_connection or self._stopping:
+            client.quit()
+            return
+        if dest.waiting:
+            self._run(dest, client, *dest.waiting.popleft())
+            return
+        if self.total >= self.settings.connections and any(
+                d.waiting for d in self._destinations.values()):
+            client.quit()  # someone else needs the slot
+            return
+        timer = self.clock.callLater(self.settings.idle_time, self._idle_expired, dest, client)
+        dest.idle.append((client, timer))
+
+    def _idle_expired(self, dest: _Destination, client: OutboundClient) -> None:
+        dest.idle = [(c, t) for c, t in dest.idle if c is not client]
+        client.quit()
+
+    def _run(self, dest: _Destination, client: OutboundClient, txn: Transaction,
+             d: defer.Deferred) -> None:
+        def done(results):
+            d.callback(results)
+            self._next(dest, client)
+
+        def crashed(f):
+            log.failure("outbound: transaction crashed", f, event="outbound.error")
+            d.callback(_all(txn, Outcome(451, "4.3.0", "internal error while sending")))
+            client.quit()
+        client.send(txn).addCallbacks(done, crashed)
+
+    # -- finding a server -----------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _establish(self, hop: NextHop):
+        if hop.smarthost is not None:
+            hosts = [hop.smarthost.host]
+            port = hop.smarthost.port
+        else:
+            port = self.settings.port
+            try:
+                records = yield self.run_blocking(self.resolver.mx, hop.domain)
+            except mx.MXError as e:
+                raise SessionFailed(e.outcome, next_host=False)
+            hosts = self._without_self(hop.domain, records)
+        last: Outcome | None = None
+        for host in hosts:
+            if _is_ip(host):
+                addresses = [host]
+            else:
+                try:
+                    addresses = yield self.run_blocking(self.resolver.addresses, host)
+                except mx.MXError as e:
+                    last = e.outcome
+                    continue
+            if not addresses:
+                last = Outcome(451, "4.4.4", f"the mail server {host} has no address "
+                               "(no A or AAAA record)")
+                continue
+            for address in addresses:
+                try:
+                    client = yield self._session(hop, host, address, port, tls=True)
+                except SessionFailed as e:
+                    if e.tls_failed and self._may_retry_in_cleartext(hop):
+                        log.warn("outbound: TLS with {host}[{address}] failed ({reply}); "
+                                 "trying again without TLS", event="outbound.tls_fallback",
+                                 host=host, address=address, reply=str(e.outcome))
+                        try:
+                            client = yield self._session(hop, host, address, port, tls=False)
+                        except SessionFailed as e2:
+                            e = e2
+                        else:
+                            return client
+                    last = e.outcome
+                    if not e.next_host:
+                        raise
+                    continue
+                return client
+        raise SessionFailed(last or Outcome(451, "4.4.4", f"no mail server found for {hop.key}"))
+
+    def _may_retry_in_cleartext(self, hop: NextHop) -> bool:
+        # Implicit TLS never falls back; credentials never go in cleartext.
+        sh = hop.smarthost
+        return sh is None or (sh.tls == "starttls" and sh.username is None)
+
+    def _without_self(self, domain: str, records: list[mx.MXHost]) -> list[str]:
+        """
+        The MX hosts to try: those more preferred than ourselves, when we
+        are one of them (RFC 5321 5.1); a loop when we are the best.
+        """
+        ours = [r.preference for r in records if r.name in self.own_names]
+        if ours:
+            records = [r for r in records if r.preference < min(ours)]
+            if not records:
+                raise SessionFailed(Outcome(
+                    554, "5.4.6", f"mail for {domain} loops back to myself: its best MX "
+                    f"host is this server ({self.hostname})"), next_host=False)
+        return [r.name for r in records]
+
+    @defer.inlineCallbacks
+    def _session(self, hop: NextHop, host: str, address: str, port: int, tls: bool):
+        sh = hop.smarthost
+        implicit = sh is not None and sh.tls == "implicit"
+        credentials = None
+        if sh is not None and sh.username is not None:
+            try:
+                password = yield self.run_blocking(_read_secret, sh.password_file)
+            except OSError as e:
+                raise SessionFailed(Outcome(451, "4.3.5", f"cannot read the password for "
+                                            f"{sh.destination}: {e.strerror}"), next_host=False)
+            credentials = (sh.username, password)
+        creator = OpportunisticCreator(host) if (tls or implicit) else None
+        bracket = f"[{address}]" if ":" not in address else f"[{address}]"
+        peer = f"{host}{bracket}:{port}"
+        client = OutboundClient(
+            helo=self.helo, peer=peer, tls_creator=None if implicit else creator,
+            tls_record=creator.record if creator else None,
+            require_tls=credentials is not None or implicit, credentials=credentials,
+            own_names=self.own_names, timeouts=self.timeouts, run_blocking=self.run_blocking)
+        client.callLater = self.clock.callLater
+        try:
+            yield self.connect(address, port, client, creator if implicit else None)
+        except (error.ConnectError, error.TimeoutError, OSError) as e:
+            raise SessionFailed(Outcome(451, "4.4.1", f"connect to {peer} failed: "
+                                        f"{_connect_reason(e)}", remote_mta=host))
+        client = yield client.established
+        tls_text = client.tls_record.describe() if client.tls_record and client.tls_done \
+            else "no TLS"
+        if client.starttls_refused is not None:
+            tls_text = f"no TLS (STARTTLS refused: {client.starttls_refused})"
+        log.info("outbound: session with {peer} ({tls})", event="outbound.connected",
+                 peer=peer, tls=tls_text, destination=hop.key)
+        return client
+
+
+def _all(txn: Transaction, outcome: Outcome) -> dict[str, Outcome]:
+    return {r: outcome for r in txn.recipients}
+
+
+def _read_secret(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip("\r\n")
+
+
+def _connect_reason(e: Exception) -> str:
+    if isinstance(e, error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, error.TimeoutError):
+        return "timed out"
+    if isinstance(e, error.NoRouteError):
+        return "no route to host"
+    return str(e) or type(e).__name__
