@@ -18,14 +18,15 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual(h.greeting, ["220 mx.example.test ESMTP"])
 
     def test_ehlo_advertises_exactly_our_extensions(self):
-        """EHLO lists PIPELINING, SIZE, 8BITMIME, ENHANCEDSTATUSCODES; no STARTTLS or AUTH without TLS."""
+        """EHLO lists PIPELINING, SIZE, 8BITMIME, ENHANCEDSTATUSCODES, DSN; no STARTTLS or AUTH without TLS."""
         h = ServerHarness(self)
         self.assertEqual(h.ehlo(), [
             "250-mx.example.test Hello [192.0.2.10]",
             "250-PIPELINING",
             "250-SIZE 26214400",
             "250-8BITMIME",
-            "250 ENHANCEDSTATUSCODES",
+            "250-ENHANCEDSTATUSCODES",
+            "250 DSN",
         ])
 
     def test_ehlo_advertises_starttls_with_certificate(self):
@@ -123,7 +124,7 @@ class SessionTests(SynchronousTestCase):
         for i in range(len(data)):
             lines += h.send(data[i:i + 1])
         self.assertEqual([line[:3] for line in lines],
-                         ["250"] * 5 + ["250", "250", "354", "250", "221"])
+                         ["250"] * 6 + ["250", "250", "354", "250", "221"])
         self.assertTrue(h.queued_messages()[0].endswith(b"\r\n.x\r\n" + b"y" * 500 + b"\r\n"))
 
     def test_rset_clears_transaction(self):
@@ -328,10 +329,41 @@ class SyntaxTests(SynchronousTestCase):
                          ["555 5.5.4 Unsupported MAIL parameter SMTPUTF8"])
 
     def test_unknown_rcpt_parameter(self):
-        """An unsupported RCPT parameter is 555 (DSN is not advertised)."""
+        """An unsupported RCPT parameter is 555."""
         self.h.send("MAIL FROM:<a@remote.test>\r\n")
-        self.assertEqual(self.h.send("RCPT TO:<alice@example.test> NOTIFY=NEVER\r\n"),
-                         ["555 5.5.4 Unsupported RCPT parameter NOTIFY"])
+        self.assertEqual(self.h.send("RCPT TO:<alice@example.test> XFOO=1\r\n"),
+                         ["555 5.5.4 Unsupported RCPT parameter XFOO"])
+
+    def test_dsn_parameters_recorded(self):
+        """RET, ENVID, NOTIFY and ORCPT (xtext) are kept in the envelope, per recipient, through alias expansion."""
+        self.h.send("MAIL FROM:<a@remote.test> RET=HDRS ENVID=QQ+2B1\r\n")
+        self.assertEqual(self.h.send("RCPT TO:<info@example.test> NOTIFY=SUCCESS,FAILURE "
+                                     "ORCPT=rfc822;info+2Bx@example.test\r\n"),
+                         ["250 2.1.5 Recipient ok"])
+        self.h.send("RCPT TO:<alice@example.org> NOTIFY=NEVER\r\n")
+        self.h.send("DATA\r\n")
+        self.h.send("Subject: x\r\n\r\nx\r\n.\r\n")
+        [env] = self.h.queued
+        self.assertEqual((env.ret, env.envid), ("HDRS", "QQ+1"))
+        notify = {r.address: (r.notify, r.orcpt) for r in env.recipients}
+        self.assertEqual(notify["alice@example.test"],
+                         (("SUCCESS", "FAILURE"), "rfc822;info+x@example.test"))
+        self.assertEqual(notify["bob@example.test"],
+                         (("SUCCESS", "FAILURE"), "rfc822;info+x@example.test"))
+
+    def test_bad_dsn_parameters(self):
+        """Malformed DSN parameters get 501 with the reason."""
+        self.assertEqual(self.h.send("MAIL FROM:<a@remote.test> RET=SOME\r\n"),
+                         ["501 5.5.4 RET must be FULL or HDRS"])
+        self.assertEqual(self.h.send("MAIL FROM:<a@remote.test> ENVID=" + "x" * 101 + "\r\n"),
+                         ["501 5.5.4 ENVID is longer than 100 characters"])
+        self.h.send("MAIL FROM:<a@remote.test>\r\n")
+        self.assertEqual(self.h.send("RCPT TO:<alice@example.test> NOTIFY=NEVER,DELAY\r\n"),
+                         ["501 5.5.4 NOTIFY=NEVER cannot be combined with other values"])
+        self.assertEqual(self.h.send("RCPT TO:<alice@example.test> ORCPT=foo\r\n"),
+                         ["501 5.5.4 ORCPT must be addr-type;address, e.g. rfc822;user@example.com"])
+        self.assertEqual(self.h.send("RCPT TO:<alice@example.test> ORCPT=rfc822;a+zz\r\n"),
+                         ["501 5.5.4 bad xtext: '+' must be followed by two upper-case hex digits"])
 
     def test_body_and_auth_parameters(self):
         """BODY=8BITMIME and AUTH=<> are accepted on MAIL."""

@@ -339,6 +339,31 @@ class TransactionTests(SynchronousTestCase):
         self.send(s, Transaction("a@x.test", ("x@peer.test",), message("\u00e9\r\n".encode())))
         self.assertEqual(s.sent()[0], b"MAIL FROM:<a@x.test> SIZE=4 BODY=8BITMIME")
 
+    def test_dsn_requests_passed_on(self):
+        """With DSN advertised, RET/ENVID and NOTIFY/ORCPT go on (xtext) and success is marked as passed on."""
+        s = Session(self)
+        s.establish(b"250-mx.peer.test\r\n250-PIPELINING\r\n250 DSN\r\n")
+        results = self.send(s, Transaction(
+            "a@x.test", ("x@peer.test", "y@peer.test"), message(),
+            dsn=((("SUCCESS", "FAILURE"), "rfc822;X+1@peer.test"), ((), None)),
+            ret="HDRS", envid="id 1"))
+        self.assertEqual(s.sent()[:3], [
+            b"MAIL FROM:<a@x.test> RET=HDRS ENVID=id+201",
+            b"RCPT TO:<x@peer.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;X+2B1@peer.test",
+            b"RCPT TO:<y@peer.test> NOTIFY=NEVER"])
+        s.feed(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n")
+        self.assertTrue(results[0]["x@peer.test"].dsn_passed)
+
+    def test_dsn_requests_not_sent_without_dsn(self):
+        s = Session(self)
+        s.establish()
+        results = self.send(s, Transaction("a@x.test", ("x@peer.test",), message(),
+                                           dsn=((("SUCCESS",), None),), ret="FULL"))
+        self.assertEqual(s.sent()[:2], [b"MAIL FROM:<a@x.test> SIZE=18",
+                                         b"RCPT TO:<x@peer.test>"])
+        s.feed(b"250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n")
+        self.assertFalse(results[0]["x@peer.test"].dsn_passed)
+
     def test_too_big_for_server(self):
         """A message over the server's SIZE limit fails 5.3.4 without being sent."""
         s = Session(self)

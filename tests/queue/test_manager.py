@@ -59,11 +59,13 @@ class ManagerTestBase(SynchronousTestCase):
         from twisted.internet import defer
         return defer.maybeDeferred(f, *args)
 
-    def queue(self, rcpts, body=b"Subject: t\r\n\r\nhello\r\n", sender="s@remote.test"):
+    def queue(self, rcpts, body=b"Subject: t\r\n\r\nhello\r\n", sender="s@remote.test",
+              notify=None, **fields):
         w = self.spool.new_message()
         env = Envelope(queue_id=w.queue_id, sender=sender,
-                       recipients=tuple(Recipient(address=r) for r in rcpts),
-                       arrival=self.clock.seconds(), next_attempt=self.clock.seconds())
+                       recipients=tuple(Recipient(address=r, notify=notify) for r in rcpts),
+                       arrival=self.clock.seconds(), next_attempt=self.clock.seconds(),
+                       size=len(body), **fields)
         w.write(env.to_header())
         w.write(body)
         return self.successResultOf(w.commit(env))
@@ -325,6 +327,84 @@ class ManagerTests(ManagerTestBase):
         delivered = [e for e in events if e.get("event") == "delivery.delivered"]
         self.assertEqual([(e["queue_id"], e["rcpt"]) for e in delivered],
                          [(env.queue_id, "alice@example.test")])
+
+
+class DSNRequestTests(ManagerTestBase):
+    """
+    The sender's DSN requests (RFC 3461): NOTIFY, RET, ENVID.
+    """
+
+    def read_dsn(self, user="alice"):
+        [path] = self.maildir_files(user)
+        with open(path, "rb") as f:
+            data = f.read()
+        import email
+        return data, email.message_from_bytes(data.split(b"\n", 1)[1])
+
+    def test_notify_never_no_bounce(self):
+        m = self.manager()
+        env = self.queue(["carol@example.test"], sender="alice@example.test", notify=())
+        m.enqueue(env)
+        self.clock.advance(0)
+        self.clock.advance(0)
+        self.assertEqual(self.maildir_files("alice"), [])
+        self.assertEqual(m.entries, {})
+
+    def test_notify_success_local_delivery(self):
+        """NOTIFY=SUCCESS gets a positive DSN with Action: delivered for a local mailbox."""
+        m = self.manager()
+        env = self.queue(["bob@example.test"], sender="alice@example.test",
+                         notify=("SUCCESS",), envid="ENV-42")
+        m.enqueue(env)
+        self.clock.advance(0)
+        self.clock.advance(0)
+        data, msg = self.read_dsn()
+        self.assertIn(b"Subject: Successful Mail Delivery Report", data)
+        status = msg.get_payload()[1].get_payload()
+        self.assertEqual(status[0]["Original-Envelope-Id"], "ENV-42")
+        self.assertEqual((status[1]["Action"], status[1]["Status"]), ("delivered", "2.0.0"))
+
+    def test_notify_success_relayed_unless_passed_on(self):
+        """Remote success: "relayed" when the server was not asked to confirm, nothing when the request went on."""
+        m = self.manager()
+        self.outbound.outcomes = {
+            "x@elsewhere.test": Outcome(250, "2.0.0", "ok", "mx.elsewhere.test"),
+            "y@elsewhere.test": Outcome(250, "2.0.0", "ok", "mx.elsewhere.test",
+                                        dsn_passed=True)}
+        env = self.queue(["x@elsewhere.test", "y@elsewhere.test"], sender="alice@example.test",
+                         notify=("SUCCESS", "FAILURE"))
+        m.enqueue(env)
+        self.clock.advance(0)
+        self.clock.advance(0)
+        data, msg = self.read_dsn()
+        blocks = msg.get_payload()[1].get_payload()
+        self.assertEqual([(b["Final-Recipient"], b["Action"]) for b in blocks[1:]],
+                         [("rfc822; x@elsewhere.test", "relayed")])
+        [(hop, txn)] = self.outbound.sent
+        self.assertEqual(txn.dsn, ((("SUCCESS", "FAILURE"), None),) * 2)
+
+    def test_ret_full_returns_the_message(self):
+        m = self.manager()
+        env = self.queue(["carol@example.test"], sender="alice@example.test", ret="FULL",
+                         body=b"Subject: t\r\n\r\nthe body text\r\n")
+        m.enqueue(env)
+        self.clock.advance(0)
+        self.clock.advance(0)
+        data, msg = self.read_dsn()
+        returned = msg.get_payload()[2]
+        self.assertEqual(returned.get_content_type(), "message/rfc822")
+        self.assertIn(b"the body text", data)
+
+    def test_default_returns_headers_only(self):
+        m = self.manager()
+        env = self.queue(["carol@example.test"], sender="alice@example.test",
+                         body=b"Subject: t\r\n\r\nthe body text\r\n")
+        m.enqueue(env)
+        self.clock.advance(0)
+        self.clock.advance(0)
+        data, msg = self.read_dsn()
+        self.assertEqual(msg.get_payload()[2].get_content_type(), "text/rfc822-headers")
+        self.assertNotIn(b"the body text", data)
 
 
 class RetryDelayTests(SynchronousTestCase):

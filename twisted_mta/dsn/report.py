@@ -27,6 +27,7 @@ from twisted_mta.queue.envelope import Envelope, Recipient
 class FailedRecipient:
     recipient: Recipient
     remote_mta: str | None = None  # the host that gave the diagnostic, if remote
+    action: str | None = None  # for success reports: "delivered" or "relayed"
 
 
 def _date(t: float) -> str:
@@ -34,8 +35,14 @@ def _date(t: float) -> str:
 
 
 def _human(hostname: str, envelope: Envelope, failed: Iterable[FailedRecipient],
-           until: float | None) -> str:
-    if until is None:
+           until: float | None, success: bool = False, full: bool = False) -> str:
+    if success:
+        opening = [
+            f"Your message of {_date(envelope.arrival)} was delivered to the recipients",
+            "below, as you asked to be told. \"Relayed\" means it was passed on to a",
+            "server that will not confirm delivery itself.",
+        ]
+    elif until is None:
         opening = [
             f"Your message of {_date(envelope.arrival)} could not be delivered to the",
             "recipients below. This is a permanent failure: we will not try again.",
@@ -55,12 +62,16 @@ def _human(hostname: str, envelope: Envelope, failed: Iterable[FailedRecipient],
         if r.original and r.original != r.address:
             label = "the address that failed was" if until is None else "we are trying"
             lines.append(f"    (an alias; {label} <{r.address}>)")
-        if outcome is not None:
+        if success:
+            lines.append("    delivered" if f.action == "delivered" else
+                         f"    relayed to {f.remote_mta or 'another server'}")
+        elif outcome is not None:
             where = f"{f.remote_mta} said" if f.remote_mta else "the reason"
             lines.append(f"    {where}: {outcome.code} {outcome.enhanced} {outcome.text}")
         lines.append("")
+    attached = "Your message is" if full else "The headers of your message are"
     lines += [
-        "The headers of your message are attached. If you need help, forward this",
+        f"{attached} attached. If you need help, forward this",
         f"notification to the postmaster of {hostname}.",
     ]
     return "\n".join(lines) + "\n"
@@ -70,18 +81,27 @@ def _status_fields(hostname: str, envelope: Envelope, failed: Iterable[FailedRec
                    now: float, until: float | None) -> list[Message]:
     per_message = Message()
     per_message["Reporting-MTA"] = f"dns; {hostname}"
+    if envelope.envid is not None:
+        per_message["Original-Envelope-Id"] = envelope.envid
     per_message["X-Twisted-MTA-Queue-ID"] = envelope.queue_id
     per_message["Arrival-Date"] = _date(envelope.arrival)
     blocks = [per_message]
     for f in failed:
         r = f.recipient
         block = Message()
-        if r.original:
+        if r.orcpt:
+            kind, _, address = r.orcpt.partition(";")
+            block["Original-Recipient"] = f"{kind}; {address}"
+        elif r.original:
             block["Original-Recipient"] = f"rfc822; {r.original}"
         block["Final-Recipient"] = f"rfc822; {r.address}"
-        block["Action"] = "failed" if until is None else "delayed"
+        block["Action"] = f.action or ("failed" if until is None else "delayed")
         outcome = r.outcome
-        block["Status"] = outcome.enhanced if outcome else ("5.0.0" if until is None else "4.0.0")
+        if f.action:
+            block["Status"] = outcome.enhanced if outcome and outcome.code < 300 else "2.0.0"
+        else:
+            block["Status"] = outcome.enhanced if outcome else (
+                "5.0.0" if until is None else "4.0.0")
         if f.remote_mta:
             block["Remote-MTA"] = f"dns; {f.remote_mta}"
         if outcome is not None:
@@ -105,6 +125,17 @@ def failure_report(*, hostname: str, envelope: Envelope, failed: list[FailedReci
                    "Undelivered Mail Returned to Sender", to or envelope.sender)
 
 
+def success_report(*, hostname: str, envelope: Envelope, delivered: list[FailedRecipient],
+                   original_headers: bytes, now: float, boundary: str | None = None) -> bytes:
+    """
+    A positive DSN (NOTIFY=SUCCESS): the C{delivered} recipients, each with
+    C{action} "delivered" (to a local mailbox) or "relayed" (to a server
+    that does not do DSNs).
+    """
+    return _report(hostname, envelope, delivered, original_headers, now, boundary, None,
+                   "Successful Mail Delivery Report", envelope.sender, success=True)
+
+
 def delay_report(*, hostname: str, envelope: Envelope, delayed: list[FailedRecipient],
                  original_headers: bytes, now: float, until: float,
                  boundary: str | None = None) -> bytes:
@@ -118,24 +149,42 @@ def delay_report(*, hostname: str, envelope: Envelope, delayed: list[FailedRecip
 
 def _report(hostname: str, envelope: Envelope, recipients: list[FailedRecipient],
             original_headers: bytes, now: float, boundary: str | None, until: float | None,
-            subject: str, to: str) -> bytes:
+            subject: str, to: str, success: bool = False) -> bytes:
+    """
+    C{original_headers} is the header section, or the whole message when
+    the sender asked for it (RET=FULL): then it is attached as such.
+    """
+    full = envelope.ret == "FULL" and not success and _has_body(original_headers)
     report = MIMEMultipart("report", report_type="delivery-status", boundary=boundary)
     report["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
     report["To"] = f"<{to}>"
     report["Subject"] = subject
     report["Date"] = _date(now)
-    kind = "dsn" if until is None else "delay"
+    kind = "success" if success else ("dsn" if until is None else "delay")
     report["Message-ID"] = f"<{envelope.queue_id}.{kind}.{int(now)}@{hostname}>"
     report["Auto-Submitted"] = "auto-replied"
-    text = _human(hostname, envelope, recipients, until)
+    text = _human(hostname, envelope, recipients, until, success, full)
     report.attach(MIMEText(text, "plain", "us-ascii" if text.isascii() else "utf-8"))
     status = Message()
     status["Content-Type"] = "message/delivery-status"
     status.set_payload(_status_fields(hostname, envelope, recipients, now, until))
     report.attach(status)
     headers = Message()
-    headers["Content-Type"] = "text/rfc822-headers"
+    if full:
+        headers["Content-Type"] = "message/rfc822"
+    else:
+        headers["Content-Type"] = "text/rfc822-headers"
+        original_headers = _header_section(original_headers)
     headers["Content-Transfer-Encoding"] = "8bit"
     headers.set_payload(original_headers.decode("utf-8", "replace"))
     report.attach(headers)
     return report.as_bytes(policy=SMTP)
+
+
+def _header_section(message: bytes) -> bytes:
+    end = message.find(b"\r\n\r\n")
+    return message if end < 0 else message[:end + 2]
+
+
+def _has_body(message: bytes) -> bool:
+    return b"\r\n\r\n" in message

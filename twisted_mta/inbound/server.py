@@ -36,6 +36,7 @@ from zope.interface import implementer
 from twisted_mta import reply
 from twisted_mta.address import Address, AddressError, parse_mail_from, parse_rcpt_to
 from twisted_mta.config import Config
+from twisted_mta.dsn import params as dsn_params
 from twisted_mta.inbound.data import DataReader
 from twisted_mta.local import AliasLoop, LocalDirectory, UnknownRecipient
 from twisted_mta.queue.envelope import Envelope, Recipient
@@ -338,6 +339,7 @@ class InboundESMTP(smtp.ESMTP):
             b"SIZE": [str(self.limits.message_size).encode()],
             b"8BITMIME": None,
             b"ENHANCEDSTATUSCODES": None,
+            b"DSN": None,
         }
         if self.canStartTLS and not self.tls_active:
             ext[b"STARTTLS"] = None
@@ -430,6 +432,11 @@ class InboundESMTP(smtp.ESMTP):
                     return reply.PARAM_UNKNOWN.with_text("BODY must be 7BIT or 8BITMIME")
             elif key == "AUTH":
                 continue  # RFC 4954 5: ignored from unauthenticated clients
+            elif key in ("RET", "ENVID"):
+                try:
+                    (dsn_params.parse_ret if key == "RET" else dsn_params.parse_envid)(value)
+                except dsn_params.DSNParamError as e:
+                    return reply.BAD_MAIL_SYNTAX.with_text(str(e))
             else:
                 return reply.PARAM_UNKNOWN.with_text(f"Unsupported MAIL parameter {key}")
         return None
@@ -446,10 +453,19 @@ class InboundESMTP(smtp.ESMTP):
             else:
                 self.send(reply.BAD_ADDRESS.with_text(f"Bad recipient address: {e}"))
             return
-        if parsed.params:
-            key = next(iter(parsed.params))
-            self.send(reply.PARAM_UNKNOWN.with_text(f"Unsupported RCPT parameter {key}"))
-            return
+        notify, orcpt = None, None
+        for key, value in parsed.params.items():
+            try:
+                if key == "NOTIFY":
+                    notify = dsn_params.parse_notify(value)
+                elif key == "ORCPT":
+                    orcpt = dsn_params.parse_orcpt(value)
+                else:
+                    self.send(reply.PARAM_UNKNOWN.with_text(f"Unsupported RCPT parameter {key}"))
+                    return
+            except dsn_params.DSNParamError as e:
+                self.send(reply.BAD_RCPT_SYNTAX.with_text(str(e)))
+                return
         if len(self.recipients) >= self.limits.recipients:
             self.send(reply.TOO_MANY_RECIPIENTS)
             return
@@ -464,7 +480,8 @@ class InboundESMTP(smtp.ESMTP):
         for final in finals:
             if final not in known:
                 original = given if final != given else None
-                self.recipients.append(Recipient(address=final, original=original))
+                self.recipients.append(Recipient(address=final, original=original,
+                                                 notify=notify, orcpt=orcpt))
         self.send(reply.RECIPIENT_OK)
 
     def _route_recipient(self, address: Address) -> tuple[Reply, tuple[str, ...]]:
@@ -519,6 +536,9 @@ class InboundESMTP(smtp.ESMTP):
             arrival=now,
             client=client,
             next_attempt=now,
+            ret=(self.mail_params.get("RET") or "").upper() or None,
+            envid=(dsn_params.xtext_decode(self.mail_params["ENVID"])
+                   if self.mail_params.get("ENVID") else None),
         )
 
     def _received_header(self, queue_id: str) -> bytes:

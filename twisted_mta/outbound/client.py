@@ -30,6 +30,7 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twisted_mta.dsn.params import xtext_encode
 from twisted_mta.outbound.message import OutgoingMessage
 from twisted_mta.outbound.tls import TLSRecord
 from twisted_mta.queue.envelope import Outcome
@@ -49,6 +50,10 @@ class Transaction:
     sender: str
     recipients: tuple[str, ...]
     message: OutgoingMessage
+    # DSN requests (RFC 3461), passed on when the server supports DSN:
+    dsn: tuple[tuple[tuple[str, ...] | None, str | None], ...] = ()  # (NOTIFY, ORCPT) each
+    ret: str | None = None
+    envid: str | None = None
 
 
 class SessionFailed(Exception):
@@ -340,14 +345,28 @@ class OutboundClient(smtp.ESMTPClient):
             params.append(f"SIZE={txn.message.size}")
         if txn.message.eight_bit:
             params.append("BODY=8BITMIME")
+        dsn = "DSN" in self.capabilities
+        if dsn and txn.ret:
+            params.append(f"RET={txn.ret}")
+        if dsn and txn.envid is not None:
+            params.append(f"ENVID={xtext_encode(txn.envid)}")
+        state.dsn_passed = dsn
         mail = ("MAIL FROM:<%s>" % txn.sender + "".join(" " + p for p in params)).encode()
         commands: list[tuple[str, bytes, str | None]] = []
         if self._needs_rset:
             commands.append(("RSET", b"RSET", None))
             self._needs_rset = False
         commands.append(("MAIL", mail, None))
+        requests = dict(zip(txn.recipients, txn.dsn))
         for rcpt in txn.recipients:
-            commands.append(("RCPT", b"RCPT TO:<%s>" % rcpt.encode(), rcpt))
+            line = f"RCPT TO:<{rcpt}>"
+            notify, orcpt = requests.get(rcpt, (None, None))
+            if dsn and notify is not None:
+                line += " NOTIFY=" + (",".join(notify) or "NEVER")
+            if dsn and orcpt:
+                kind, _, address = orcpt.partition(";")
+                line += f" ORCPT={kind};{xtext_encode(address)}"
+            commands.append(("RCPT", line.encode(), rcpt))
         commands.append(("DATA", b"DATA", None))
         state.start(commands, self.pipelining)
         return state.done
@@ -401,6 +420,7 @@ class _TransactionState:
         self.stage = "MAIL FROM"
         self.pipelined = False
         self.finished = False
+        self.dsn_passed = False
 
     def start(self, commands, pipelined: bool) -> None:
         self.pipelined = pipelined
@@ -466,7 +486,10 @@ class _TransactionState:
             if self.mail_failed is not None or not self.accepted:
                 self._finish(self.mail_failed, needs_rset=False)
                 return
-            self._finish(reply_outcome(peer, "end of data", code, resp), needs_rset=False)
+            outcome = reply_outcome(peer, "end of data", code, resp)
+            if self.dsn_passed and code < 300:
+                outcome = attrs.evolve(outcome, dsn_passed=True)
+            self._finish(outcome, needs_rset=False)
             return
         if not self.pipelined and self.unsent:
             self._send_next()

@@ -82,6 +82,7 @@ class Outcome:
     enhanced: str
     text: str
     remote_mta: str | None = None  # the host whose reply this is, when remote
+    dsn_passed: bool = False  # the DSN request went on with the message (RFC 3461 5.2.2)
 
     @property
     def is_permanent(self) -> bool:
@@ -98,6 +99,17 @@ class Recipient:
     state: str = PENDING
     outcome: Outcome | None = None
     done_at: float | None = None
+    notify: tuple[str, ...] | None = None  # DSN NOTIFY (RFC 3461); () is NEVER, None unset
+    orcpt: str | None = None  # DSN ORCPT as "addr-type;address"
+
+    def wants(self, condition: str) -> bool:
+        """
+        Whether the sender asked for (or, unset, gets by default) a DSN on
+        C{condition}: FAILURE and DELAY by default, SUCCESS only on request.
+        """
+        if self.notify is None:
+            return condition in ("FAILURE", "DELAY")
+        return condition in self.notify
 
     @property
     def pending(self) -> bool:
@@ -116,6 +128,8 @@ class Envelope:
     next_attempt: float = 0.0
     last_outcome: Outcome | None = None
     warned: bool = False  # a delay warning was sent
+    ret: str | None = None  # DSN RET: "FULL" or "HDRS" (RFC 3461)
+    envid: str | None = None  # DSN ENVID, decoded
 
     def pending(self) -> tuple[Recipient, ...]:
         return tuple(r for r in self.recipients if r.pending)
@@ -171,6 +185,8 @@ def _dump_outcome(o: Outcome | None) -> dict[str, Any] | None:
     out: dict[str, Any] = {"code": o.code, "enhanced": o.enhanced, "text": o.text}
     if o.remote_mta is not None:
         out["remote_mta"] = o.remote_mta
+    if o.dsn_passed:
+        out["dsn_passed"] = True
     return out
 
 
@@ -179,7 +195,8 @@ def _load_outcome(raw: Any) -> Outcome | None:
         return None
     remote = raw.get("remote_mta")
     return Outcome(code=int(raw["code"]), enhanced=str(raw["enhanced"]), text=str(raw["text"]),
-                   remote_mta=None if remote is None else str(remote))
+                   remote_mta=None if remote is None else str(remote),
+                   dsn_passed=bool(raw.get("dsn_passed", False)))
 
 
 def _dump(env: Envelope) -> dict[str, Any]:
@@ -194,6 +211,8 @@ def _dump(env: Envelope) -> dict[str, Any]:
         "next_attempt": env.next_attempt,
         "last_outcome": _dump_outcome(env.last_outcome),
         "warned": env.warned,
+        **({"ret": env.ret} if env.ret else {}),
+        **({"envid": env.envid} if env.envid is not None else {}),
         "recipients": [
             {
                 "address": r.address,
@@ -201,6 +220,8 @@ def _dump(env: Envelope) -> dict[str, Any]:
                 "state": r.state,
                 "outcome": _dump_outcome(r.outcome),
                 "done_at": r.done_at,
+                **({"notify": list(r.notify)} if r.notify is not None else {}),
+                **({"orcpt": r.orcpt} if r.orcpt is not None else {}),
             }
             for r in env.recipients
         ],
@@ -220,6 +241,8 @@ def _load(raw: dict[str, Any]) -> Envelope:
                 state=state,
                 outcome=_load_outcome(r.get("outcome")),
                 done_at=r.get("done_at"),
+                notify=None if r.get("notify") is None else tuple(str(v) for v in r["notify"]),
+                orcpt=r.get("orcpt"),
             )
         )
     if not recipients:
@@ -235,4 +258,6 @@ def _load(raw: dict[str, Any]) -> Envelope:
         next_attempt=float(raw.get("next_attempt", 0.0)),
         last_outcome=_load_outcome(raw.get("last_outcome")),
         warned=bool(raw.get("warned", False)),
+        ret=raw.get("ret"),
+        envid=raw.get("envid"),
     )

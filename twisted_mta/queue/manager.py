@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted_mta.config import Config
 from twisted_mta.delivery import maildir
 from twisted_mta.dsn.report import (
-    FailedRecipient, delay_report, failure_report,
+    FailedRecipient, delay_report, failure_report, success_report,
 )
 from twisted_mta.local import LocalDirectory
 from twisted_mta.outbound import message as outgoing
@@ -32,6 +32,14 @@ from twisted_mta.queue.spool import RunBlocking, Spool
 log = Logger()
 
 CONTROL_INTERVAL = 1.0  # seconds between looks into spool/control/
+FULL_RETURN_LIMIT = 1024 * 1024  # RET=FULL returns messages up to this size, else headers
+
+
+def _success_action(r: Recipient) -> str:
+    # Delivered here, or handed to a server that was not asked to confirm.
+    if r.outcome is not None and r.outcome.remote_mta:
+        return "relayed"
+    return "delivered"
 
 
 def retry_delay(schedule: tuple[int, ...], attempts: int, jitter: float,
@@ -245,15 +253,23 @@ class QueueManager(service.Service):
         self._recovering.discard(qid)
         now = self.clock.seconds()
         updated = self._apply(envelope, results, routes, now)
-        failed = [r for before, r in zip(envelope.recipients, updated.recipients)
-                  if before.pending and r.state == FAILED]
+        changed = [(before, r) for before, r in zip(envelope.recipients, updated.recipients)
+                   if before.pending and not r.pending]
+        failed = [r for _, r in changed if r.state == FAILED]
         if failed:
             # Queue the bounce before recording the failure: a crash in
             # between repeats the bounce rather than losing it.
             yield self._bounce(updated, failed)
+        delivered = [r for _, r in changed if r.state == DELIVERED and r.wants("SUCCESS")
+                     and not (r.outcome and r.outcome.dsn_passed)]
+        if delivered and updated.sender:
+            yield self._bounce(updated, delivered, success=True)
         if self._due_for_warning(updated, now):
-            sent = yield self._bounce(updated, list(updated.pending()),
-                                      until=updated.arrival + self.config.queue.lifetime)
+            delayed = [r for r in updated.pending() if r.wants("DELAY")]
+            sent = True
+            if delayed:
+                sent = yield self._bounce(updated, delayed,
+                                          until=updated.arrival + self.config.queue.lifetime)
             if sent:
                 updated = attrs.evolve(updated, warned=True)
         yield self._store(updated)
@@ -276,8 +292,13 @@ class QueueManager(service.Service):
         except Exception as e:
             outcome = Outcome(451, "4.3.0", f"could not read the queued message: {e}")
             return {a: outcome for addrs in remote.values() for a in addrs}
-        sent = [self.outbound.deliver(hop, Transaction(envelope.sender, addrs, message))
-                for hop, addrs in remote.items()]
+        by_address = {r.address: r for r in envelope.recipients}
+        sent = []
+        for hop, addrs in remote.items():
+            dsn = tuple((by_address[a].notify, by_address[a].orcpt) for a in addrs)
+            txn = Transaction(envelope.sender, addrs, message, dsn=dsn, ret=envelope.ret,
+                              envid=envelope.envid)
+            sent.append(self.outbound.deliver(hop, txn))
         results: dict[str, Outcome] = {}
         for part in (yield defer.gatherResults(sent, consumeErrors=True)):
             results.update(part)
@@ -300,7 +321,8 @@ class QueueManager(service.Service):
                 and bool(envelope.sender) and now - envelope.arrival >= after)
 
     @defer.inlineCallbacks
-    def _bounce(self, envelope: Envelope, failed: list[Recipient], until: float | None = None):
+    def _bounce(self, envelope: Envelope, failed: list[Recipient], until: float | None = None,
+                success: bool = False):
         """
         Tell the sender, in a DSN queued as a new entry from <>, which
         recipients failed (or, with C{until}, are delayed and retried until
@@ -311,6 +333,15 @@ class QueueManager(service.Service):
         qid = envelope.queue_id
         to = envelope.sender
         client = {"protocol": "local", "dsn_for": qid}
+        if not success and until is None:
+            # NOTIFY=NEVER (or without FAILURE): the sender asked for silence.
+            quiet = [r for r in failed if not r.wants("FAILURE")]
+            if quiet:
+                log.info("{queue_id}: no DSN for {count} failed recipient(s) (NOTIFY)",
+                         event="dsn.suppressed", queue_id=qid, count=len(quiet))
+                failed = [r for r in failed if r.wants("FAILURE")]
+                if not failed:
+                    return False
         if not to:
             # A bounce that cannot be delivered goes to the postmaster, once:
             # a failing report to the postmaster is only logged.
@@ -321,11 +352,19 @@ class QueueManager(service.Service):
                 return False
             to, client["double_bounce"] = postmaster, "yes"
         try:
-            headers = yield self.run_blocking(self.spool.read_headers, qid)
+            if envelope.ret == "FULL" and not success and envelope.size <= FULL_RETURN_LIMIT:
+                headers = yield self.run_blocking(self.spool.read_message, qid)
+            else:
+                headers = yield self.run_blocking(self.spool.read_headers, qid)
             now = self.clock.seconds()
-            listed = [FailedRecipient(r, r.outcome.remote_mta if r.outcome else None)
+            listed = [FailedRecipient(r, r.outcome.remote_mta if r.outcome else None,
+                                      _success_action(r) if success else None)
                       for r in failed]
-            if until is None:
+            if success:
+                report = success_report(
+                    hostname=self.config.hostname, envelope=envelope, delivered=listed,
+                    original_headers=headers, now=now)
+            elif until is None:
                 report = failure_report(
                     hostname=self.config.hostname, envelope=envelope, failed=listed,
                     original_headers=headers, now=now, to=to)
@@ -344,7 +383,7 @@ class QueueManager(service.Service):
             log.failure("{queue_id}: could not queue a DSN for <{sender}>", queue_id=qid,
                         sender=to, event="dsn.error")
             return False
-        kind = "failed" if until is None else "delayed"
+        kind = "delivered" if success else ("failed" if until is None else "delayed")
         log.info("{queue_id}: DSN {dsn_id} queued for <{sender}> ({count} {kind} recipient(s))",
                  event="dsn.queued", queue_id=qid, dsn_id=dsn.queue_id, kind=kind,
                  sender=to, count=len(failed),
