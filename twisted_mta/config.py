@@ -154,6 +154,7 @@ class OutboundSettings:
     connections: int = 100  # all destinations together
     connections_per_destination: int = 20
     idle_time: int = 5  # an idle connection waits this long for another message
+    dead_destination_time: int = 60  # after every host failed, fail fast this long
     messages_per_connection: int = 100
     smarthost: Smarthost | None = None
     routes: tuple[tuple[str, Smarthost], ...] = ()  # (domain or .parent, smarthost)
@@ -663,6 +664,7 @@ def _outbound(t: _Table, base: str) -> OutboundSettings:
         connections_per_destination=t.positive("connections_per_destination",
                                                d.connections_per_destination),
         idle_time=t.duration("idle_time", d.idle_time),
+        dead_destination_time=t.duration("dead_destination_time", d.dead_destination_time),
         messages_per_connection=t.positive("messages_per_connection",
                                            d.messages_per_connection),
         smarthost=smarthost,

@@ -184,6 +184,36 @@ class PoolTests(SynchronousTestCase):
         self.assertEqual(len(self.connects), 2)
         self.assertEqual(pool.total, 0)
 
+    def test_dead_destination_fails_fast_for_a_while(self):
+        """After every host failed, new mail for the destination fails at once (no connection storm) until dead_destination_time passes."""
+        self.refused.update({"192.0.2.1", "192.0.2.2"})
+        pool = self.pool(dead_destination_time=60)
+        self.deliver(pool, NextHop("peer.test"), self.txn("x@peer.test"))
+        self.flush()
+        self.assertEqual(len(self.connects), 2)
+        r = self.deliver(pool, NextHop("peer.test"), self.txn("y@peer.test"))
+        self.assertEqual(r[0]["y@peer.test"].enhanced, "4.4.1")
+        self.assertEqual(len(self.connects), 2)
+        self.clock.advance(60)
+        self.refused.clear()
+        r = self.deliver(pool, NextHop("peer.test"), self.txn("z@peer.test"))
+        self.flush()
+        self.assertEqual(r[0]["z@peer.test"].code, 250)
+
+    def test_refused_beside_live_connection_lowers_concurrency(self):
+        """A new connection that fails while another is live does not fail the waiting mail: the live one carries it."""
+        pool = self.pool(connections_per_destination=3)
+        first = self.deliver(pool, NextHop("peer.test"), self.txn("a@peer.test"))
+        self.flush()
+        self.assertEqual(first[0]["a@peer.test"].code, 250)  # one live, idle connection
+        self.refused.update({"192.0.2.1", "192.0.2.2"})
+        # Busy the idle connection, then queue more than it can take at once.
+        results = [self.deliver(pool, NextHop("peer.test"), self.txn(f"u{i}@peer.test"))
+                   for i in range(3)]
+        self.flush()
+        self.assertEqual([r[0][f"u{i}@peer.test"].code for i, r in enumerate(results)],
+                         [250, 250, 250])
+
     def test_null_mx(self):
         pool = self.pool()
         r = self.deliver(pool, NextHop("null.test"), self.txn("x@null.test"))

@@ -67,6 +67,9 @@ class _Destination:
     idle: list = attrs.field(factory=list)  # (client, timer)
     connections: int = 0  # open or being opened
     opening: int = 0
+    dead_until: float = 0.0  # every host failed: until then, fail at once
+    dead_outcome: Outcome | None = None
+    limit: int | None = None  # lowered while new connections fail beside live ones
 
 
 class OutboundPool:
@@ -97,6 +100,10 @@ class OutboundPool:
         dest = self._destinations.get(hop.key)
         if dest is None:
             dest = self._destinations[hop.key] = _Destination(hop)
+        if dest.dead_outcome is not None:
+            if self.clock.seconds() < dest.dead_until:
+                return defer.succeed(_all(txn, dest.dead_outcome))
+            dest.dead_outcome = None
         d: defer.Deferred = defer.Deferred()
         dest.waiting.append((txn, d))
         self._pump(dest)
@@ -123,8 +130,8 @@ class OutboundPool:
                 timer.cancel()
             self._run(dest, client, *dest.waiting.popleft())
         s = self.settings
-        while (len(dest.waiting) > dest.opening
-               and dest.connections < s.connections_per_destination):
+        limit = dest.limit or s.connections_per_destination
+        while len(dest.waiting) > dest.opening and dest.connections < limit:
             if self.total >= s.connections:
                 self._close_idle_elsewhere(dest)
                 break
@@ -139,7 +146,8 @@ class OutboundPool:
                 self._pump(dest)
                 if self.total >= self.settings.connections:
                     return
-            elif not dest.connections:
+            elif not dest.connections and (dest.dead_outcome is None
+                                           or self.clock.seconds() >= dest.dead_until):
                 del self._destinations[dest.hop.key]
 
     def _close_idle_elsewhere(self, needy: _Destination) -> None:
@@ -164,10 +172,20 @@ class OutboundPool:
             self._released(dest)
             log.info("outbound: no session with {destination}: {reply}",
                      event="outbound.failed", destination=dest.hop.key, reply=str(e.outcome))
-            if dest.connections == 0:
-                waiting, dest.waiting = list(dest.waiting), deque()
-                for txn, d in waiting:
-                    d.callback(_all(txn, e.outcome))
+            live = dest.connections - dest.opening
+            if live > 0:
+                # The server takes no more connections from us (421, limits):
+                # the live ones carry what waits, and no more are opened.
+                dest.limit = live
+                self._pump_all()
+                return
+            # Every host was tried: the destination is dead for a while, and
+            # whatever waits for it (or comes soon) shares the failure.
+            dest.dead_until = self.clock.seconds() + self.settings.dead_destination_time
+            dest.dead_outcome = e.outcome
+            waiting, dest.waiting = list(dest.waiting), deque()
+            for txn, d in waiting:
+                d.callback(_all(txn, e.outcome))
             self._pump_all()
             return
         except Exception as e:  # a bug; do not leave messages hanging
@@ -183,6 +201,9 @@ class OutboundPool:
             self._pump_all()
             return
         dest.opening -= 1
+        dest.dead_outcome = None
+        if dest.limit is not None:
+            dest.limit = min(dest.limit + 1, self.settings.connections_per_destination)
         client.closed.addCallback(lambda _: self._closed(dest, client))
         self._next(dest, client)
 

@@ -46,11 +46,10 @@ class OpportunisticCreator:
     Encrypt to any peer: send SNI, verify nothing, note chain errors.
     """
 
-    def __init__(self, server_name: str) -> None:
+    def __init__(self, server_name: str, context: SSL.Context | None = None) -> None:
         self.server_name = server_name
         self.record = TLSRecord(server_name)
-        self._context = ssl.CertificateOptions().getContext()
-        self._context.set_default_verify_paths()  # so the record says if the chain is good
+        self._context = context if context is not None else shared_context()
 
     def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         connection = SSL.Connection(self._context, None)
@@ -63,6 +62,23 @@ class OpportunisticCreator:
         if not ok:
             self.record.chain_errors.append((depth, errno, _verify_message(errno)))
         return True  # opportunistic: encryption without authentication
+
+
+_shared: SSL.Context | None = None
+
+
+def shared_context() -> SSL.Context:
+    """
+    One client context for all opportunistic connections: loading the
+    system's trust store costs tens of milliseconds and about a megabyte,
+    far too much to repeat per connection.
+    """
+    global _shared
+    if _shared is None:
+        context = ssl.CertificateOptions().getContext()
+        context.set_default_verify_paths()  # so the record says whether the chain is good
+        _shared = context
+    return _shared
 
 
 def _verify_message(errno: int) -> str:
