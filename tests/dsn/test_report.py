@@ -25,7 +25,10 @@ def sample() -> bytes:
                                   outcome=Outcome(550, "5.1.1",
                                                   "No such local mailbox: carol@example.test"))),
         FailedRecipient(Recipient("dave@example.org", state="failed", done_at=1_800_000_090,
-                                  outcome=Outcome(550, "5.7.1", "relay denied")),
+                                  outcome=Outcome(
+                                      550, "5.7.1", "mx.example.org[192.0.2.25]:25 said: 550 "
+                                      "5.7.1 relay denied (in reply to RCPT TO:<dave@example.org>)",
+                                      remote_mta="mx.example.org", kind="reply")),
                         remote_mta="mx.example.org"),
     ]
     headers = b"Received: from c ([192.0.2.1])\r\n\tby mx.example.test; date\r\nSubject: lunch?\r\n"
@@ -77,7 +80,12 @@ def delay_sample() -> bytes:
     env = Envelope(queue_id="6B0A87D251AE92AA51", sender="alice@example.test",
                    recipients=(Recipient("dave@example.org"),), arrival=1_800_000_000)
     delayed = [FailedRecipient(Recipient("dave@example.org", done_at=None,
-                                         outcome=Outcome(451, "4.4.0", "Remote delivery is not available")))]
+                                         outcome=Outcome(
+                                             451, "4.4.1", "connect to mx.example.org"
+                                             "[192.0.2.25]:25 failed: connection refused",
+                                             remote_mta="mx.example.org",
+                                             kind="connect-failed")),
+                               remote_mta="mx.example.org")]
     return delay_report(hostname="mx.example.test", envelope=env, delayed=delayed,
                         original_headers=b"Subject: lunch?\r\n", now=1_800_014_400,
                         until=1_800_432_000, boundary="=====DSN=====")
@@ -95,7 +103,7 @@ class DelayReportTests(SynchronousTestCase):
         self.assertEqual(msg.get_param("report-type"), "delivery-status")
         human, status, _ = msg.get_payload()
         block = status.get_payload()[1]
-        self.assertEqual((block["Action"], block["Status"]), ("delayed", "4.4.0"))
+        self.assertEqual((block["Action"], block["Status"]), ("delayed", "4.4.1"))
         self.assertEqual(block["Will-Retry-Until"], "Wed, 20 Jan 2027 08:00:00 +0000")
         self.assertIn("we keep trying until Wed, 20 Jan 2027 08:00:00 +0000",
                       " ".join(human.get_payload().split()))

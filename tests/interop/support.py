@@ -67,13 +67,13 @@ def wait_for(predicate: Callable[[], T], timeout: float, describe: Callable[[], 
         time.sleep(interval)
 
 
-def read_banner(port: int, timeout: float = 2.0) -> bytes | None:
+def read_banner(port: int, timeout: float = 2.0, host: str = LOOPBACK) -> bytes | None:
     """
-    Connect to C{port} on loopback and return the first line the server
-    sends, or C{None} if nobody answers.
+    Connect to C{port} on C{host} (loopback by default) and return the
+    first line the server sends, or C{None} if nobody answers.
     """
     try:
-        with socket.create_connection((LOOPBACK, port), timeout=timeout) as s:
+        with socket.create_connection((host, port), timeout=timeout) as s:
             with s.makefile("rb") as f:
                 return f.readline()
     except OSError:
@@ -425,6 +425,7 @@ lmtp      unix  -       -       n       -       -       lmtp
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
+virtual   unix  -       n       n       -       -       virtual
 """
 
 
@@ -443,9 +444,12 @@ class PostfixInstance:
     """
     A private Postfix: C{postfix -c <base>/conf start}, with its queue and
     data directories in C{<base>/queue} and C{<base>/data} (not under the
-    config directory), smtpd on C{127.0.0.1:smtpd_port}, relaying everything
-    to C{[127.0.0.1]:relay_port}, and no DNS anywhere.  C{main} overrides or
-    adds main.cf parameters.  The log goes to C{<base>/maillog}.
+    config directory), smtpd on C{127.0.0.1:smtpd_port} (or another
+    loopback address given as C{listen}), relaying everything to
+    C{[127.0.0.1]:relay_port} (nowhere when C{relay_port} is C{None}), and
+    no DNS anywhere.  C{main} overrides or adds main.cf parameters;
+    L{reconfigure} changes them on the running instance.  The log goes to
+    C{<base>/maillog}.
 
     C{postfix -c DIR} works as root without DIR being listed in
     C{alternate_config_directories} (there need not even be an
@@ -454,11 +458,12 @@ class PostfixInstance:
 
     hostname = "relay.example.test"
 
-    def __init__(self, base: str, relay_port: int, main: dict[str, str] | None = None,
-                 smtpd_port: int | None = None) -> None:
+    def __init__(self, base: str, relay_port: int | None, main: dict[str, str] | None = None,
+                 smtpd_port: int | None = None, listen: str = LOOPBACK) -> None:
         self.base = os.path.abspath(base)
         self.smtpd_port = smtpd_port if smtpd_port is not None else free_port()
         self.relay_port = relay_port
+        self.listen = listen
         self.conf = os.path.join(self.base, "conf")
         self.queue = os.path.join(self.base, "queue")
         self.data = os.path.join(self.base, "data")
@@ -487,10 +492,13 @@ class PostfixInstance:
             "local_transport": "error:5.1.1 local delivery is disabled",
             "alias_maps": "",
             "alias_database": "",
+            # Postfix wants addresses configured on an interface here: not
+            # 127.0.0.2 (lo has 127.0.0.1/8), though a master.cf service
+            # may still listen there (the listen argument).
             "inet_interfaces": LOOPBACK,
             "inet_protocols": "ipv4",
             "mynetworks": "127.0.0.0/8",
-            "relayhost": f"[{LOOPBACK}]:{relay_port}",
+            "relayhost": f"[{LOOPBACK}]:{relay_port}" if relay_port is not None else "",
             # No DNS, ever: IP-literal next hop, lookups disabled, no PTR.
             "smtp_dns_support_level": "disabled",
             "lmtp_dns_support_level": "disabled",
@@ -505,10 +513,31 @@ class PostfixInstance:
             "smtpd_tls_security_level": "none",
         }
         params.update(main or {})
-        with open(os.path.join(self.conf, "main.cf"), "w", encoding="utf-8") as f:
-            f.writelines(f"{k} = {v}\n" for k, v in params.items())
+        self.params = params
+        self._write_main()
         with open(os.path.join(self.conf, "master.cf"), "w", encoding="utf-8") as f:
-            f.write(_MASTER_CF.format(listen=f"{LOOPBACK}:{self.smtpd_port}"))
+            f.write(_MASTER_CF.format(listen=f"{listen}:{self.smtpd_port}"))
+
+    def _write_main(self) -> None:
+        with open(os.path.join(self.conf, "main.cf"), "w", encoding="utf-8") as f:
+            f.writelines(f"{k} = {v}\n" for k, v in self.params.items())
+
+    def reconfigure(self, main: dict[str, str | None]) -> None:
+        """
+        Change main.cf parameters (C{None} removes one, back to Postfix's
+        default) and C{postfix reload}.  Processes already serving a
+        connection finish it with the old settings.
+        """
+        for k, v in main.items():
+            if v is None:
+                self.params.pop(k, None)
+            else:
+                self.params[k] = v
+        self._write_main()
+        result = self._postfix("reload")
+        if result.returncode != 0:
+            raise AssertionError(f"postfix reload failed ({result.returncode}): "
+                                 f"{result.stdout}\n{self.describe()}")
 
     def maillog(self) -> str:
         try:
@@ -541,10 +570,11 @@ class PostfixInstance:
                                  f"{result.stdout}\n{self.describe()}")
 
         def ready() -> bool:
-            banner = read_banner(self.smtpd_port, timeout=1.0)
+            banner = read_banner(self.smtpd_port, timeout=1.0, host=self.listen)
             return bool(banner and banner.startswith(b"220 "))
 
-        wait_for(ready, timeout, lambda: f"Postfix smtpd not answering on {self.smtpd_port}; "
+        wait_for(ready, timeout, lambda: f"Postfix smtpd not answering on "
+                                         f"{self.listen}:{self.smtpd_port}; "
                                          f"{self.describe()}")
         return self
 
@@ -572,13 +602,16 @@ class PostfixInstance:
                 os.kill(pid, signal.SIGKILL)
 
 
-def start_postfix(testcase, relay_port: int, main: dict[str, str] | None = None) -> PostfixInstance:
+def start_postfix(testcase, relay_port: int | None, main: dict[str, str] | None = None,
+                  base: str | None = None, **kw) -> PostfixInstance:
     """
-    Make a L{PostfixInstance} in a fresh temp dir, register its stop on
-    C{testcase} and start it.
+    Make a L{PostfixInstance} (in a fresh temp dir unless C{base} is
+    given; C{kw} as for the class), register its stop on C{testcase} and
+    start it.
     """
-    base = make_tempdir(testcase, "postfix", 0o755)
-    postfix = PostfixInstance(base, relay_port, main)
+    if base is None:
+        base = make_tempdir(testcase, "postfix", 0o755)
+    postfix = PostfixInstance(base, relay_port, main, **kw)
     testcase.addCleanup(postfix.stop)
     return postfix.start()
 

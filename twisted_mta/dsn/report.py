@@ -11,6 +11,7 @@ byte.
 from __future__ import annotations
 
 import email.utils
+import re
 from datetime import datetime, timezone
 from email.message import Message
 from email.mime.multipart import MIMEMultipart
@@ -20,7 +21,7 @@ from typing import Iterable
 
 import attrs
 
-from twisted_mta.queue.envelope import Envelope, Recipient
+from twisted_mta.queue.envelope import Envelope, Outcome, Recipient
 
 
 @attrs.frozen
@@ -65,9 +66,10 @@ def _human(hostname: str, envelope: Envelope, failed: Iterable[FailedRecipient],
         if success:
             lines.append("    delivered" if f.action == "delivered" else
                          f"    relayed to {f.remote_mta or 'another server'}")
+        elif outcome is not None and outcome.kind == "reply":
+            lines.append(f"    {outcome.text}")  # "<host> said: <its words>"
         elif outcome is not None:
-            where = f"{f.remote_mta} said" if f.remote_mta else "the reason"
-            lines.append(f"    {where}: {outcome.code} {outcome.enhanced} {outcome.text}")
+            lines.append(f"    the reason: {outcome.code} {outcome.enhanced} {outcome.text}")
         lines.append("")
     attached = "Your message is" if full else "The headers of your message are"
     lines += [
@@ -105,12 +107,26 @@ def _status_fields(hostname: str, envelope: Envelope, failed: Iterable[FailedRec
         if f.remote_mta:
             block["Remote-MTA"] = f"dns; {f.remote_mta}"
         if outcome is not None:
-            block["Diagnostic-Code"] = f"smtp; {outcome.code} {outcome.enhanced} {outcome.text}"
+            # "smtp" is for a server's reply (RFC 3464 2.3.6); what we found
+            # ourselves gets our own diagnostic type.
+            block["Diagnostic-Code"] = _diagnostic(outcome)
         block["Last-Attempt-Date"] = _date(r.done_at if r.done_at is not None else now)
         if until is not None:
             block["Will-Retry-Until"] = _date(until)
         blocks.append(block)
     return blocks
+
+
+_SAID = re.compile(r" said: (.*) \(in reply to [^)]*\)$", re.S)
+
+
+def _diagnostic(outcome: Outcome) -> str:
+    if outcome.kind == "reply":
+        m = _SAID.search(outcome.text)
+        if m:  # the server's reply as it gave it
+            return f"smtp; {m.group(1)}"
+        return f"smtp; {outcome.code} {outcome.enhanced} {outcome.text}"
+    return f"X-Twisted-MTA; {outcome.code} {outcome.enhanced} {outcome.text}"
 
 
 def failure_report(*, hostname: str, envelope: Envelope, failed: list[FailedRecipient],
@@ -178,7 +194,9 @@ def _report(hostname: str, envelope: Envelope, recipients: list[FailedRecipient]
     headers["Content-Transfer-Encoding"] = "8bit"
     headers.set_payload(original_headers.decode("utf-8", "replace"))
     report.attach(headers)
-    return report.as_bytes(policy=SMTP)
+    # Long fields stay on one line (up to RFC 5322's 998): folding right
+    # after "Diagnostic-Code:" trips simple parsers.
+    return report.as_bytes(policy=SMTP.clone(max_line_length=998))
 
 
 def _header_section(message: bytes) -> bytes:

@@ -89,7 +89,7 @@ def reply_outcome(peer: str, command: str, code: int, resp: bytes) -> Outcome:
     words = " ".join(line.decode("utf-8", "replace").strip() for line in lines).strip()
     said = f"{code_text(code, resp)}{words}".strip()
     return Outcome(code, enhanced, f"{peer} said: {said} (in reply to {command})",
-                   remote_mta=peer.split("[")[0])
+                   remote_mta=peer.split("[")[0], kind="reply")
 
 
 def code_text(code: int, resp: bytes) -> str:
@@ -180,7 +180,7 @@ class OutboundClient(smtp.ESMTPClient):
         if name and name in self.own_names:
             self._fail(SessionFailed(Outcome(
                 554, "5.4.6", f"mail loops back to myself: {self.peer} greeted us with our own "
-                f"name {name}", remote_mta=self._remote()), next_host=False))
+                f"name {name}", kind="loop"), next_host=False))
             return True
         return False
 
@@ -190,14 +190,16 @@ class OutboundClient(smtp.ESMTPClient):
         if self.requireTransportSecurity:
             self._fail(SessionFailed(Outcome(
                 451, "4.7.4", f"{self.peer} does not offer STARTTLS, and this connection "
-                "requires encryption (it carries our login)", remote_mta=self._remote())))
+                "requires encryption (it carries our login)", remote_mta=self._remote(),
+                kind="starttls-not-offered")))
             return
         return self.authenticate(code, resp, items)
 
     def esmtpTLSFailed(self, code=-1, resp=None):
         outcome = reply_outcome(self.peer, "STARTTLS", code, resp or b"")
         if self.requireTransportSecurity:
-            self._fail(SessionFailed(attrs.evolve(outcome, code=451, enhanced="4.7.4")))
+            self._fail(SessionFailed(attrs.evolve(outcome, code=451, enhanced="4.7.4",
+                                                  kind="starttls-refused")))
             return
         # Refused STARTTLS leaves the session as it was: go on in cleartext.
         self.starttls_refused = outcome
@@ -254,7 +256,7 @@ class OutboundClient(smtp.ESMTPClient):
         # Twisted's own errors (timeouts, unparsable replies, AUTH trouble).
         if isinstance(exc, smtp.SMTPTimeoutError):
             outcome = Outcome(451, "4.4.2", f"{self.peer} did not answer in time "
-                              f"({self._stage()})", remote_mta=self._remote())
+                              f"({self._stage()})", remote_mta=self._remote(), kind="timeout")
         elif isinstance(exc, smtp.SMTPClientError) and exc.code > 0:
             outcome = reply_outcome(self.peer, self._stage(), exc.code,
                                     exc.resp if isinstance(exc.resp, bytes)
@@ -304,12 +306,12 @@ class OutboundClient(smtp.ESMTPClient):
         if self.tls_started and not self.tls_done and self._failure is None:
             self._failure = SessionFailed(Outcome(
                 451, "4.7.5", f"TLS handshake with {self.peer} failed: {_tls_reason(reason)}",
-                remote_mta=self._remote()), tls_failed=True)
+                remote_mta=self._remote(), kind="handshake-failed"), tls_failed=True)
         if self._failure is None and not self._quitting:
             stage = self._stage()
             self._failure = SessionFailed(Outcome(
                 451, "4.4.2", f"lost connection with {self.peer} during {stage}",
-                remote_mta=self._remote()))
+                remote_mta=self._remote(), kind="connection-lost"))
         if self._txn is not None:
             self._txn.abort(self._failure.outcome)
             self._txn = None

@@ -73,7 +73,8 @@ def _split_server(server: str) -> tuple[str, int]:
 
 
 def _temporary(domain: str, why: str) -> MXError:
-    return MXError(Outcome(451, "4.4.3", f"DNS lookup for {domain} failed temporarily ({why})"))
+    return MXError(Outcome(451, "4.4.3", f"DNS lookup for {domain} failed temporarily ({why})",
+                           kind="dns-temp"))
 
 
 def lookup_mx(resolver: dns.resolver.Resolver, domain: str,
@@ -85,7 +86,8 @@ def lookup_mx(resolver: dns.resolver.Resolver, domain: str,
     try:
         answer = resolver.resolve(domain, "MX")
     except dns.resolver.NXDOMAIN:
-        raise MXError(Outcome(550, "5.1.2", f"The domain {domain} does not exist (NXDOMAIN)"))
+        raise MXError(Outcome(550, "5.1.2", f"The domain {domain} does not exist (NXDOMAIN)",
+                              kind="dns-nxdomain"))
     except dns.resolver.NoAnswer:
         return [MXHost(0, domain.lower().rstrip("."))]  # implicit MX (RFC 5321 5.1)
     except dns.resolver.NoNameservers as e:
@@ -98,7 +100,8 @@ def lookup_mx(resolver: dns.resolver.Resolver, domain: str,
     if any(exchange == dns.name.root for _, exchange in records):
         if len(records) == 1:
             raise MXError(Outcome(556, "5.1.10",
-                                  f"The domain {domain} accepts no mail (null MX, RFC 7505)"))
+                                  f"The domain {domain} accepts no mail (null MX, RFC 7505)",
+                                  kind="null-mx"))
         records = [(p, x) for p, x in records if x != dns.name.root]
     by_preference: dict[int, list[MXHost]] = {}
     for preference, exchange in records:

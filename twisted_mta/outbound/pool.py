@@ -318,7 +318,7 @@ class OutboundPool:
             if not records:
                 raise SessionFailed(Outcome(
                     554, "5.4.6", f"mail for {domain} loops back to myself: its best MX "
-                    f"host is this server ({self.hostname})"), next_host=False)
+                    f"host is this server ({self.hostname})", kind="loop"), next_host=False)
         return [r.name for r in records]
 
     @defer.inlineCallbacks
@@ -346,7 +346,8 @@ class OutboundPool:
             yield self.connect(address, port, client, creator if implicit else None)
         except (error.ConnectError, error.TimeoutError, OSError) as e:
             raise SessionFailed(Outcome(451, "4.4.1", f"connect to {peer} failed: "
-                                        f"{_connect_reason(e)}", remote_mta=host))
+                                        f"{_connect_reason(e)}", remote_mta=host,
+                                        kind="connect-failed"))
         client = yield client.established
         tls_text = client.tls_record.describe() if client.tls_record and client.tls_done \
             else "no TLS"

@@ -83,6 +83,9 @@ class Outcome:
     text: str
     remote_mta: str | None = None  # the host whose reply this is, when remote
     dsn_passed: bool = False  # the DSN request went on with the message (RFC 3461 5.2.2)
+    # The failure class (ARCHITECTURE.md taxonomy): "reply" for a server's
+    # own reply, else what we found (e.g. "connect-failed", "null-mx").
+    kind: str | None = None
 
     @property
     def is_permanent(self) -> bool:
@@ -187,6 +190,8 @@ def _dump_outcome(o: Outcome | None) -> dict[str, Any] | None:
         out["remote_mta"] = o.remote_mta
     if o.dsn_passed:
         out["dsn_passed"] = True
+    if o.kind is not None:
+        out["kind"] = o.kind
     return out
 
 
@@ -196,7 +201,7 @@ def _load_outcome(raw: Any) -> Outcome | None:
     remote = raw.get("remote_mta")
     return Outcome(code=int(raw["code"]), enhanced=str(raw["enhanced"]), text=str(raw["text"]),
                    remote_mta=None if remote is None else str(remote),
-                   dsn_passed=bool(raw.get("dsn_passed", False)))
+                   dsn_passed=bool(raw.get("dsn_passed", False)), kind=raw.get("kind"))
 
 
 def _dump(env: Envelope) -> dict[str, Any]:
