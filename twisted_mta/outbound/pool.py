@@ -17,6 +17,7 @@ from typing import Callable
 
 import attrs
 from twisted.internet import defer, endpoints, error
+from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 
 from twisted_mta.config import DNSSettings, OutboundSettings
@@ -56,8 +57,23 @@ def tcp_connector(reactor, timeout: float) -> Callable:
             ep = endpoints.TCP4ClientEndpoint(reactor, address, port, timeout=timeout)
         if creator is not None:
             ep = endpoints.wrapClientTLS(creator, ep)
-        return endpoints.connectProtocol(ep, protocol)
+        return ep.connect(_OneProtocol(protocol))
     return connect
+
+
+class _OneProtocol(ClientFactory):
+    """
+    Hands out one prepared protocol, quietly (Twisted's own one-shot
+    factory logs two lines per connection).
+    """
+
+    noisy = False
+
+    def __init__(self, protocol) -> None:
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr):
+        return self.protocol_instance
 
 
 @attrs.define(eq=False)
