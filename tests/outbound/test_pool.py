@@ -200,6 +200,18 @@ class PoolTests(SynchronousTestCase):
         self.flush()
         self.assertEqual(r[0]["z@peer.test"].code, 250)
 
+    def test_revive_forgets_dead_destinations(self):
+        """An operator's flush (revive) makes the next message really try again."""
+        self.refused.update({"192.0.2.1", "192.0.2.2"})
+        pool = self.pool(dead_destination_time=60)
+        self.deliver(pool, NextHop("peer.test"), self.txn("x@peer.test"))
+        self.flush()
+        self.refused.clear()
+        pool.revive()
+        r = self.deliver(pool, NextHop("peer.test"), self.txn("y@peer.test"))
+        self.flush()
+        self.assertEqual(r[0]["y@peer.test"].code, 250)
+
     def test_refused_beside_live_connection_lowers_concurrency(self):
         """A new connection that fails while another is live does not fail the waiting mail: the live one carries it."""
         pool = self.pool(connections_per_destination=3)

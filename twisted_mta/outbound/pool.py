@@ -125,6 +125,15 @@ class OutboundPool:
         self._pump(dest)
         return d
 
+    def revive(self) -> None:
+        """
+        Forget which destinations are dead (an operator's flush means: try
+        now, really).
+        """
+        for dest in self._destinations.values():
+            dest.dead_outcome = None
+            dest.limit = None
+
     def stop(self) -> None:
         """
         Close idle connections; busy ones finish their transaction first.

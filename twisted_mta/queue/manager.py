@@ -144,6 +144,8 @@ class QueueManager(service.Service):
 
     @defer.inlineCallbacks
     def _carry_out(self, action: str, qid: str):
+        if action == "flush" and hasattr(self.outbound, "revive"):
+            self.outbound.revive()
         if action == "flush" and qid == control.ALL:
             self.flush()
             return "all entries due now"
