@@ -137,10 +137,35 @@ class Smarthost:
     tls: str = "starttls"  # "starttls" (opportunistic unless credentials) or "implicit"
     username: str | None = None
     password_file: str | None = None
+    tls_policy: str | None = None  # the TLS policy for this smarthost (else the map's)
+    tls_fallback: str | None = None
 
     @property
     def destination(self) -> str:
         return f"[{self.host}]:{self.port}"
+
+
+@attrs.frozen
+class TLSPolicyEntry:
+    policy: str
+    fallback: str | None = None
+    min_version: str | None = None
+    ciphers: str | None = None
+    ca_file: str | None = None
+    server_name: str | None = None
+
+
+@attrs.frozen
+class OutboundTLSSettings:
+    policy: str = "opportunistic"  # the default policy
+    fallback: str = "now"  # the default fallback decider
+    ca_file: str | None = None  # trust roots for verification (default: the system's)
+    domains: tuple[tuple[str, TLSPolicyEntry], ...] = ()  # "example.com" or ".example.com"
+    mx_hosts: tuple[tuple[str, TLSPolicyEntry], ...] = ()  # glob patterns on the MX name
+    relay: Smarthost | None = None  # for the via-relay decider
+    early_warning: tuple[str, ...] = ("strict",)  # policies that warn at the first failure
+    plugins: tuple[str, ...] = ()  # dotted paths of extra policies/deciders
+    explanation: str | None = None  # a file with the bounce wording for TLS failures
 
 
 @attrs.frozen
@@ -158,6 +183,7 @@ class OutboundSettings:
     messages_per_connection: int = 100
     smarthost: Smarthost | None = None
     routes: tuple[tuple[str, Smarthost], ...] = ()  # (domain or .parent, smarthost)
+    tls: OutboundTLSSettings = OutboundTLSSettings()
 
     def smarthost_for(self, domain: str) -> Smarthost | None:
         """
@@ -211,6 +237,11 @@ class Config:
         routes = d["outbound"].pop("routes")
         if routes:
             d["outbound"]["routes"] = {domain: host for domain, host in routes}
+        tls = d["outbound"]["tls"]
+        for key in ("domains", "mx_hosts"):
+            entries = tls.pop(key)
+            if entries:
+                tls[key] = {name: entry for name, entry in entries}
         out.update(d)
         return out
 
@@ -607,6 +638,8 @@ def _smarthost(t: _Table, base: str) -> Smarthost:
         port = _port(t, "port", port)
     if not 0 < port < 65536:
         raise t.error("host", f"has a port out of range: {port}")
+    tls_policy = t.get("tls_policy", str, None)
+    tls_fallback = t.get("tls_fallback", str, None)
     tls = t.get("tls", str, "starttls")
     if tls not in TLS_MODES:
         raise t.error("tls", f"must be one of {', '.join(TLS_MODES)}, not {tls!r}")
@@ -625,6 +658,7 @@ def _smarthost(t: _Table, base: str) -> Smarthost:
         except OSError as e:
             raise t.error("password_file", f"cannot be read: {e.strerror}")
     return Smarthost(host=host.lower(), port=port, tls=tls, username=username,
+                     tls_policy=tls_policy, tls_fallback=tls_fallback,
                      password_file=password_file)
 
 
@@ -669,6 +703,93 @@ def _outbound(t: _Table, base: str) -> OutboundSettings:
                                            d.messages_per_connection),
         smarthost=smarthost,
         routes=tuple(routes),
+        tls=_outbound_tls(t.table("tls"), base) if "tls" in t.data else OutboundTLSSettings(),
     )
     t.finish()
     return settings
+
+
+TLS_VERSION_NAMES = ("TLSv1.0", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+
+
+def _tls_entry(t: _Table, base: str, default_policy: str | None = None) -> TLSPolicyEntry:
+    policy = t.get("policy", str, default_policy)
+    if policy is None:
+        raise t.error("policy", "is required")
+    min_version = t.get("min_version", str, None)
+    if min_version is not None and min_version not in TLS_VERSION_NAMES:
+        raise t.error("min_version", f"must be one of {', '.join(TLS_VERSION_NAMES)}, "
+                      f"not {min_version!r}")
+    ca_file = t.get("ca_file", str, None)
+    entry = TLSPolicyEntry(
+        policy=policy, fallback=t.get("fallback", str, None), min_version=min_version,
+        ciphers=t.get("ciphers", str, None),
+        ca_file=_resolve(base, ca_file) if ca_file else None,
+        server_name=t.get("server_name", str, None))
+    if entry.ca_file and not os.path.isfile(entry.ca_file):
+        raise t.error("ca_file", f"no such file: {entry.ca_file}")
+    return entry
+
+
+def _outbound_tls(t: _Table, base: str) -> OutboundTLSSettings:
+    d = OutboundTLSSettings()
+    ca_file = t.get("ca_file", str, None)
+    if ca_file is not None:
+        ca_file = _resolve(base, ca_file)
+        if not os.path.isfile(ca_file):
+            raise t.error("ca_file", f"no such file: {ca_file}")
+    domains, mx_hosts = [], []
+    if "domains" in t.data:
+        table = t.table("domains")
+        for domain in table.data:
+            table.used.add(domain)
+            if not _HOSTNAME.match(domain.lower().lstrip(".")):
+                raise table.error(domain, "must be a domain, or .domain for its subdomains")
+            domains.append((domain.lower(), _tls_entry(table.table(domain), base)))
+    if "mx_hosts" in t.data:
+        table = t.table("mx_hosts")
+        for pattern in table.data:
+            table.used.add(pattern)
+            mx_hosts.append((pattern.lower(), _tls_entry(table.table(pattern), base)))
+    relay = _smarthost(t.table("relay"), base) if "relay" in t.data else None
+    explanation = t.get("explanation", str, None)
+    settings = OutboundTLSSettings(
+        policy=t.get("policy", str, d.policy),
+        fallback=t.get("fallback", str, d.fallback),
+        ca_file=ca_file,
+        domains=tuple(domains),
+        mx_hosts=tuple(mx_hosts),
+        relay=relay,
+        early_warning=t.strings("early_warning", d.early_warning),
+        plugins=t.strings("plugins", ()),
+        explanation=_resolve(base, explanation) if explanation else None,
+    )
+    t.finish()
+    if settings.explanation and not os.path.isfile(settings.explanation):
+        raise t.error("explanation", f"no such file: {settings.explanation}")
+    _check_tls_names(t, settings)
+    return settings
+
+
+def _check_tls_names(t: _Table, settings: OutboundTLSSettings) -> None:
+    """
+    Every policy and decider named must exist (built-in, plugin or dotted
+    path): a typo is an error at start-up, not a surprise at delivery.
+    """
+    from twisted_mta.outbound.tlsengine import TLSConfigError, load_registry
+    try:
+        registry = load_registry(settings.plugins)
+        names = [("policy", settings.policy, "policy"), ("fallback", settings.fallback,
+                                                        "fallback")]
+        for where, entries in (("domains", settings.domains), ("mx_hosts", settings.mx_hosts)):
+            for key, entry in entries:
+                names.append((f"{where}.{key}.policy", entry.policy, "policy"))
+                if entry.fallback:
+                    names.append((f"{where}.{key}.fallback", entry.fallback, "fallback"))
+        for key, value, kind in names:
+            try:
+                registry.policy(value) if kind == "policy" else registry.decider(value)
+            except TLSConfigError as e:
+                raise t.error(key, str(e))
+    except TLSConfigError as e:
+        raise t.error("plugins", str(e))

@@ -17,6 +17,7 @@ from twisted_mta.outbound.client import (
     OutboundClient, SessionFailed, Timeouts, Transaction, reply_outcome,
 )
 from twisted_mta.outbound.message import OutgoingMessage, Stuffer, stuff
+from twisted_mta.outbound.tlspolicy import TLSRequirements
 from tests.support import FakeTLSTransport
 
 EHLO = (b"250-mx.peer.test Hello\r\n250-PIPELINING\r\n250-SIZE 10000\r\n250-8BITMIME\r\n"
@@ -36,7 +37,10 @@ class Session:
     def __init__(self, testcase, **kw):
         self.clock = Clock()
         kw.setdefault("helo", "out.example.test")
-        kw.setdefault("peer", "mx.peer.test[192.0.2.5]:25")
+        kw.update(host="mx.peer.test", address="192.0.2.5", port=25)
+        if "tls_creator" in kw:  # STARTTLS when offered (the fake transport only pretends)
+            kw["tls"] = kw.pop("tls_creator")
+            kw.setdefault("requirements", TLSRequirements("opportunistic"))
         kw.setdefault("own_names", frozenset({"out.example.test"}))
         self.client = OutboundClient(**kw)
         self.client.callLater = self.clock.callLater
@@ -89,15 +93,30 @@ class SessionSetUpTests(SynchronousTestCase):
         self.assertEqual(s.ready, [s.client])
         self.assertEqual(set(s.client.capabilities), {"PIPELINING"})
 
-    def test_starttls_refused_goes_on_in_cleartext(self):
-        """A 454 to STARTTLS leaves the session usable: opportunistic TLS goes on in cleartext and says why."""
+    def test_starttls_refused_is_a_tls_failure(self):
+        """A 454 to STARTTLS is a typed TLS failure quoting the server (the fallback decider weighs it); we say QUIT."""
         s = Session(self, tls_creator=object())
         s.feed(b"220 mx.peer.test ESMTP\r\n")
         s.feed(EHLO)
-        s.feed(b"454 4.7.0 TLS not available due to local problem\r\n")
-        self.assertEqual(s.ready, [s.client])
-        self.assertFalse(s.client.tls_started)
-        self.assertIn("TLS not available", s.client.starttls_refused.text)
+        self.assertEqual(s.feed(b"454 4.7.0 TLS not available due to local problem\r\n"),
+                         [b"QUIT"])
+        [f] = s.failed
+        failure = f.value.tls_failure
+        self.assertEqual((failure.kind, failure.host, failure.address),
+                         ("starttls-refused", "mx.peer.test", "192.0.2.5"))
+        self.assertEqual(failure.reply, "454 4.7.0 TLS not available due to local problem")
+        self.assertEqual(f.value.outcome.enhanced, "4.7.4")
+
+    def test_starttls_not_offered_under_required_policy(self):
+        """A policy that requires TLS fails with starttls-not-offered when the server does not offer it."""
+        s = Session(self, tls_creator=object(),
+                    requirements=TLSRequirements("strict", starttls="required", verify=True))
+        s.feed(b"220 mx.peer.test ESMTP\r\n")
+        self.assertEqual(s.feed(b"250-mx.peer.test\r\n250 PIPELINING\r\n"), [b"QUIT"])
+        [f] = s.failed
+        self.assertEqual(f.value.tls_failure.kind, "starttls-not-offered")
+        self.assertEqual(f.value.outcome.text, "mx.peer.test does not offer encryption "
+                                               "(no STARTTLS)")
 
     def test_credentials_never_sent_without_tls(self):
         """With credentials and no STARTTLS offered, the session fails 4.7.4 and AUTH is never sent."""

@@ -158,7 +158,8 @@ class PoolTests(SynchronousTestCase):
         self.assertEqual(results["bad@peer.test"].enhanced, "5.1.1")
         self.assertEqual(self.connects, [("192.0.2.1", 25)])
         bodies = [e[2] for e in self.log if len(e) == 3]
-        self.assertEqual(bodies, [b"Subject: x\n\nhello"])
+        self.assertEqual(bodies, [b"X-Twisted-MTA-TLS: mx1.peer.test[192.0.2.1]:25 no TLS; "
+                                  b"policy opportunistic (default)\nSubject: x\n\nhello"])
 
     def test_next_mx_when_first_refuses_connection(self):
         """A refused connection moves on to the next MX host."""

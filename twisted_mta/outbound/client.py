@@ -32,7 +32,9 @@ from zope.interface import implementer
 
 from twisted_mta.dsn.params import xtext_encode
 from twisted_mta.outbound.message import OutgoingMessage
-from twisted_mta.outbound.tls import TLSRecord
+from twisted_mta.outbound.tls import PolicyCreator, evaluate
+from twisted_mta.outbound.tlsfailure import TLSFailure, classify_handshake_error
+from twisted_mta.outbound.tlspolicy import TLSRequirements
 from twisted_mta.queue.envelope import Outcome
 
 _ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
@@ -54,23 +56,32 @@ class Transaction:
     dsn: tuple[tuple[tuple[str, ...] | None, str | None], ...] = ()  # (NOTIFY, ORCPT) each
     ret: str | None = None
     envid: str | None = None
+    # What the fallback decider may weigh:
+    queue_id: str = ""
+    age: float = 0.0
+    attempts: int = 0
+    tls_failures: int = 0
 
 
 class SessionFailed(Exception):
     """
     The session could not be set up (or broke before a transaction);
     C{outcome} says why, for every recipient that was waiting for it.
-    C{tls_failed} marks a failed TLS handshake, after which a cleartext
-    connection may be tried; C{next_host} says whether another address or
-    MX host may do better.
+    C{tls_failure} is set when TLS was the problem (the fallback decider
+    then says what may happen next); C{next_host} says whether another
+    address or MX host may do better.
     """
 
-    def __init__(self, outcome: Outcome, *, tls_failed: bool = False,
+    def __init__(self, outcome: Outcome, *, tls_failure: TLSFailure | None = None,
                  next_host: bool = True) -> None:
         super().__init__(str(outcome))
         self.outcome = outcome
-        self.tls_failed = tls_failed
+        self.tls_failure = tls_failure
         self.next_host = next_host
+
+    @property
+    def tls_failed(self) -> bool:
+        return self.tls_failure is not None
 
 
 def reply_outcome(peer: str, command: str, code: int, resp: bytes) -> Outcome:
@@ -103,20 +114,26 @@ class OutboundClient(smtp.ESMTPClient):
     debug = False  # no transcript: it would hold the AUTH secret
     heloFallback = True
 
-    def __init__(self, *, helo: str, peer: str, tls_creator=None, tls_record: TLSRecord | None
-                 = None, require_tls: bool = False, credentials: tuple[str, str] | None = None,
+    def __init__(self, *, helo: str, host: str, address: str, port: int,
+                 tls: PolicyCreator | None = None,
+                 requirements: TLSRequirements = TLSRequirements("none", starttls="never"),
+                 credentials: tuple[str, str] | None = None,
                  own_names: frozenset[str] = frozenset(), timeouts: Timeouts = Timeouts(),
                  run_blocking: Callable | None = None) -> None:
         secret = credentials[1].encode("utf-8") if credentials else None
-        smtp.ESMTPClient.__init__(self, secret, tls_creator, helo)
+        starttls = tls if requirements.starttls != "never" else None
+        smtp.ESMTPClient.__init__(self, secret, starttls, helo)
         if credentials:
             user = credentials[0].encode("utf-8")
             self.registerAuthenticator(smtp.PLAINAuthenticator(user))
             self.registerAuthenticator(smtp.LOGINAuthenticator(user))
             self.requireAuthentication = True
-        self.peer = peer  # "host[ip]:port", for messages
-        self.tls_record = tls_record
-        self.requireTransportSecurity = require_tls or credentials is not None
+        self.host, self.address, self.port = host, address, port
+        self.peer = f"{host}[{address}]:{port}"  # for messages
+        self.tls = tls
+        self.requirements = requirements
+        self.requireTransportSecurity = requirements.requires_tls or credentials is not None
+        self.trace: str | None = None  # a header line to prepend to each message
         self.own_names = own_names
         self.timeouts = timeouts
         self.run_blocking = run_blocking
@@ -126,7 +143,6 @@ class OutboundClient(smtp.ESMTPClient):
         self.ready = False
         self.tls_started = False  # STARTTLS accepted or implicit TLS
         self.tls_done = False  # handshake completed
-        self.starttls_refused: Outcome | None = None
         self.messages = 0
         self._failure: SessionFailed | None = None
         self._txn: _TransactionState | None = None
@@ -188,23 +204,24 @@ class OutboundClient(smtp.ESMTPClient):
         if self._tlsMode or b"STARTTLS" in items and self.context:
             return smtp.ESMTPClient.tryTLS(self, code, resp, items)
         if self.requireTransportSecurity:
-            self._fail(SessionFailed(Outcome(
-                451, "4.7.4", f"{self.peer} does not offer STARTTLS, and this connection "
-                "requires encryption (it carries our login)", remote_mta=self._remote(),
-                kind="starttls-not-offered")))
+            self._tls_failed(self._tls_failure("starttls-not-offered"))
             return
         return self.authenticate(code, resp, items)
 
+    def _tls_failure(self, kind: str, **facts) -> TLSFailure:
+        return TLSFailure(kind, host=self.host, address=self.address, port=self.port, **facts)
+
+    def _tls_failed(self, failure: TLSFailure, close: bool = False) -> None:
+        self._fail(SessionFailed(Outcome(
+            451, failure.enhanced(), failure.describe(), remote_mta=self.host,
+            kind=failure.kind), tls_failure=failure), close=close)
+
     def esmtpTLSFailed(self, code=-1, resp=None):
-        outcome = reply_outcome(self.peer, "STARTTLS", code, resp or b"")
-        if self.requireTransportSecurity:
-            self._fail(SessionFailed(attrs.evolve(outcome, code=451, enhanced="4.7.4",
-                                                  kind="starttls-refused")))
-            return
-        # Refused STARTTLS leaves the session as it was: go on in cleartext.
-        self.starttls_refused = outcome
-        self.authenticate(code, resp, {k.encode(): (v.encode() or None)
-                                       for k, v in self.capabilities.items()})
+        # A refusal is a TLS failure like any other: the fallback decider
+        # says whether cleartext may follow (on a fresh connection).
+        words = reply_outcome(self.peer, "STARTTLS", code, resp or b"").text
+        said = words.partition(" said: ")[2].rpartition(" (in reply to")[0]
+        self._tls_failed(self._tls_failure("starttls-refused", reply=said))
 
     def esmtpState_starttls(self, code, resp):
         # Anything behind the 220 was sent before encryption: never read it.
@@ -212,8 +229,7 @@ class OutboundClient(smtp.ESMTPClient):
         try:
             self.transport.startTLS(self.context)
         except Exception as e:
-            self._fail(SessionFailed(Outcome(451, "4.7.5", f"could not start TLS with "
-                                             f"{self.peer}: {e}"), tls_failed=True))
+            self._tls_failed(self._tls_failure("handshake-failed", detail=str(e)), close=True)
             return
         self._tlsMode = True
         self.tls_started = True
@@ -221,10 +237,13 @@ class OutboundClient(smtp.ESMTPClient):
 
     def handshakeCompleted(self) -> None:
         self.tls_done = True
-        if self.tls_record is not None:
-            handle = self.transport.getHandle()
-            self.tls_record.version = handle.get_protocol_version_name()
-            self.tls_record.cipher = handle.get_cipher_name()
+        if self.tls is None:
+            return
+        self.tls.handshake_done(self.transport.getHandle())
+        failure = evaluate(self.requirements, self.tls, self.host, self.address, self.port)
+        if failure is not None:
+            # Nothing but EHLO went out under this handshake: end it here.
+            self._tls_failed(failure, close=True)
 
     def esmtpAUTHRequired(self, code=-1, resp=None):
         self._fail(SessionFailed(Outcome(
@@ -304,9 +323,13 @@ class OutboundClient(smtp.ESMTPClient):
         self.ready = False
         self._lost = True
         if self.tls_started and not self.tls_done and self._failure is None:
+            failure = self._tls_failure("handshake-failed",
+                                        detail=classify_handshake_error(reason),
+                                        versions=f"{self.requirements.min_version or 'TLSv1.2'}"
+                                                 "-TLSv1.3")
             self._failure = SessionFailed(Outcome(
-                451, "4.7.5", f"TLS handshake with {self.peer} failed: {_tls_reason(reason)}",
-                remote_mta=self._remote(), kind="handshake-failed"), tls_failed=True)
+                451, failure.enhanced(), failure.describe(), remote_mta=self.host,
+                kind=failure.kind), tls_failure=failure)
         if self._failure is None and not self._quitting:
             stage = self._stage()
             self._failure = SessionFailed(Outcome(
@@ -344,7 +367,8 @@ class OutboundClient(smtp.ESMTPClient):
             return state.done
         params = []
         if "SIZE" in self.capabilities:
-            params.append(f"SIZE={txn.message.size}")
+            extra = len(self.trace.encode("utf-8", "replace")) + 2 if self.trace else 0
+            params.append(f"SIZE={txn.message.size + extra}")
         if txn.message.eight_bit:
             params.append("BODY=8BITMIME")
         dsn = "DSN" in self.capabilities
@@ -501,6 +525,8 @@ class _TransactionState:
         c = self.client
         message = self.txn.message
         try:
+            if c.trace:
+                c.transport.write(c.trace.encode("utf-8", "replace") + b"\r\n")
             if message.data is not None:
                 c.transport.write(message.data)
             else:
@@ -583,18 +609,3 @@ class _Pacer:
             self.transport.unregisterProducer()
         except Exception:
             pass
-
-
-def _tls_reason(reason: Failure | None) -> str:
-    if reason is None:
-        return "the connection closed"
-    value = reason.value
-    try:
-        from OpenSSL import SSL
-        if isinstance(value, SSL.Error) and value.args and isinstance(value.args[0], list):
-            return ", ".join(str(r[2]) for r in value.args[0] if len(r) > 2) or str(value)
-    except Exception:
-        pass
-    if isinstance(value, (error.ConnectionLost, error.ConnectionDone)):
-        return "the server closed the connection during the handshake"
-    return str(value) or type(value).__name__

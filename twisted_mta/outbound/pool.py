@@ -24,7 +24,9 @@ from twisted_mta.config import DNSSettings, OutboundSettings
 from twisted_mta.outbound import mx
 from twisted_mta.outbound.client import OutboundClient, SessionFailed, Timeouts, Transaction
 from twisted_mta.outbound.router import NextHop
-from twisted_mta.outbound.tls import OpportunisticCreator, _is_ip
+from twisted_mta.outbound import fallback as fb
+from twisted_mta.outbound.tls import PolicyCreator, _is_ip
+from twisted_mta.outbound.tlsengine import TLSEngine
 from twisted_mta.queue.envelope import Outcome
 
 log = Logger()
@@ -85,13 +87,15 @@ class _Destination:
     opening: int = 0
     dead_until: float = 0.0  # every host failed: until then, fail at once
     dead_outcome: Outcome | None = None
+    dead_failure: SessionFailed | None = None  # when TLS was why: decide per message
     limit: int | None = None  # lowered while new connections fail beside live ones
 
 
 class OutboundPool:
     def __init__(self, *, settings: OutboundSettings, hostname: str, clock, run_blocking,
-                 resolver, connect: Callable) -> None:
+                 resolver, connect: Callable, tls: TLSEngine | None = None) -> None:
         self.settings = settings
+        self.tls = tls if tls is not None else TLSEngine(settings.tls)
         self.hostname = hostname
         self.helo = settings.helo_name or hostname
         self.own_names = frozenset({hostname, self.helo})
@@ -118,8 +122,12 @@ class OutboundPool:
             dest = self._destinations[hop.key] = _Destination(hop)
         if dest.dead_outcome is not None:
             if self.clock.seconds() < dest.dead_until:
+                if dest.dead_failure is not None:
+                    d = defer.Deferred()
+                    self._after_tls_failure(dest, dest.dead_failure, [(txn, d)])
+                    return d
                 return defer.succeed(_all(txn, dest.dead_outcome))
-            dest.dead_outcome = None
+            dest.dead_outcome = dest.dead_failure = None
         d: defer.Deferred = defer.Deferred()
         dest.waiting.append((txn, d))
         self._pump(dest)
@@ -131,7 +139,7 @@ class OutboundPool:
         now, really).
         """
         for dest in self._destinations.values():
-            dest.dead_outcome = None
+            dest.dead_outcome = dest.dead_failure = None
             dest.limit = None
 
     def stop(self) -> None:
@@ -208,9 +216,13 @@ class OutboundPool:
             # whatever waits for it (or comes soon) shares the failure.
             dest.dead_until = self.clock.seconds() + self.settings.dead_destination_time
             dest.dead_outcome = e.outcome
+            dest.dead_failure = e if e.tls_failure is not None else None
             waiting, dest.waiting = list(dest.waiting), deque()
-            for txn, d in waiting:
-                d.callback(_all(txn, e.outcome))
+            if e.tls_failure is not None:
+                self._after_tls_failure(dest, e, waiting)
+            else:
+                for txn, d in waiting:
+                    d.callback(_all(txn, e.outcome))
             self._pump_all()
             return
         except Exception as e:  # a bug; do not leave messages hanging
@@ -226,7 +238,7 @@ class OutboundPool:
             self._pump_all()
             return
         dest.opening -= 1
-        dest.dead_outcome = None
+        dest.dead_outcome = dest.dead_failure = None
         if dest.limit is not None:
             dest.limit = min(dest.limit + 1, self.settings.connections_per_destination)
         client.closed.addCallback(lambda _: self._closed(dest, client))
@@ -282,6 +294,11 @@ class OutboundPool:
 
     @defer.inlineCallbacks
     def _establish(self, hop: NextHop):
+        """
+        A ready session for C{hop}: each host in order, each address in
+        turn.  Fails with the most telling failure: a TLS failure (which
+        the fallback decider then weighs per message) over the rest.
+        """
         if hop.smarthost is not None:
             hosts = [hop.smarthost.host]
             port = hop.smarthost.port
@@ -293,6 +310,7 @@ class OutboundPool:
                 raise SessionFailed(e.outcome, next_host=False)
             hosts = self._without_self(hop.domain, records)
         last: Outcome | None = None
+        tls_failed: SessionFailed | None = None
         for host in hosts:
             if _is_ip(host):
                 addresses = [host]
@@ -306,31 +324,113 @@ class OutboundPool:
                 last = Outcome(451, "4.4.4", f"the mail server {host} has no address "
                                "(no A or AAAA record)")
                 continue
+            choice = self.tls.choose(hop.domain, host, hop.smarthost)
             for address in addresses:
                 try:
-                    client = yield self._session(hop, host, address, port, tls=True)
+                    client = yield self._session(hop, host, address, port, choice)
                 except SessionFailed as e:
-                    if e.tls_failed and self._may_retry_in_cleartext(hop):
-                        log.warn("outbound: TLS with {host}[{address}] failed ({reply}); "
-                                 "trying again without TLS", event="outbound.tls_fallback",
-                                 host=host, address=address, reply=str(e.outcome))
-                        try:
-                            client = yield self._session(hop, host, address, port, tls=False)
-                        except SessionFailed as e2:
-                            e = e2
-                        else:
-                            return client
                     last = e.outcome
+                    if e.tls_failure is not None:
+                        e.choice = choice
+                        tls_failed = e
                     if not e.next_host:
                         raise
                     continue
                 return client
+        if tls_failed is not None:
+            raise tls_failed
         raise SessionFailed(last or Outcome(451, "4.4.4", f"no mail server found for {hop.key}"))
 
-    def _may_retry_in_cleartext(self, hop: NextHop) -> bool:
-        # Implicit TLS never falls back; credentials never go in cleartext.
+    # -- after a TLS failure ----------------------------------------------------------
+
+    def _situation(self, hop: NextHop, failure, choice, txn: Transaction) -> fb.Situation:
         sh = hop.smarthost
-        return sh is None or (sh.tls == "starttls" and sh.username is None)
+        relay = self.settings.tls.relay
+        return fb.Situation(
+            destination=fb.Destination(hop.domain, failure.host, sh is not None),
+            requirements=choice.requirements, age=txn.age, attempts=txn.attempts,
+            tls_failures=txn.tls_failures,
+            implicit_tls=sh is not None and sh.tls == "implicit",
+            credentials=sh is not None and sh.username is not None,
+            requiretls=False, relay=relay.destination if relay else None)
+
+    def _after_tls_failure(self, dest: _Destination, e: SessionFailed, waiting: list) -> None:
+        """
+        Ask the fallback decider, message by message, what follows a TLS
+        failure: deferral (the mail gets the failure, explained), or one
+        fallback connection per kind of fallback for the messages allowed it.
+        """
+        hop, failure, choice = dest.hop, e.tls_failure, e.choice
+        decider = self.tls.decider(choice.fallback)
+        groups: dict[str, list] = {}
+        for txn, d in waiting:
+            decision = fb.decide(decider, failure, self._situation(hop, failure, choice, txn))
+            log.info("outbound: TLS to {host}[{address}] failed ({kind}); policy {policy} "
+                     "({why}), fallback {decider}: {action} ({reason})",
+                     event="outbound.tls_decision", destination=hop.key, host=failure.host,
+                     address=failure.address, kind=failure.kind, detail=failure.detail,
+                     policy=choice.requirements.policy, why=choice.reason,
+                     decider=decision.decider, action=decision.action,
+                     reason=decision.reason, queue_ids=txn.queue_id)
+            if decision.action == fb.DEFER:
+                d.callback(_all(txn, self._tls_outcome(hop, failure, choice, decision)))
+            else:
+                groups.setdefault(decision.action, []).append((txn, d, decision))
+        for action, group in groups.items():
+            self._fallback(hop, e, action, group)
+
+    def _tls_outcome(self, hop: NextHop, failure, choice, decision) -> Outcome:
+        text = self.tls.explain(failure, choice, hop.domain, decision)
+        return Outcome(451, failure.enhanced(), text, remote_mta=failure.host,
+                       kind=failure.kind, policy=choice.requirements.policy)
+
+    @defer.inlineCallbacks
+    def _fallback(self, hop: NextHop, e: SessionFailed, action: str, group: list):
+        failure, choice = e.tls_failure, e.choice
+        req = choice.requirements
+        decision = group[0][2]
+        note = f"fallback={decision.decider} reason={failure.kind}"
+        try:
+            if action == fb.VIA_RELAY:
+                relay = self.settings.tls.relay
+                relay_hop = NextHop(domain=hop.domain, smarthost=relay)
+                relay_choice = self.tls.choose(hop.domain, relay.host, relay)
+                host = relay.host
+                addresses = [host] if _is_ip(host) else (
+                    yield self.run_blocking(self.resolver.addresses, host))
+                if not addresses:
+                    raise SessionFailed(Outcome(451, "4.4.4", f"the relay {host} has no "
+                                                "address"))
+                client = yield self._session(relay_hop, host, addresses[0], relay.port,
+                                             relay_choice, note=note + " via-relay")
+            else:
+                changed = (attrs.evolve(req, starttls="never", verify=False)
+                           if action == fb.CLEARTEXT else attrs.evolve(req, verify=False))
+                client = yield self._session(hop, failure.host, failure.address,
+                                             failure.port, attrs.evolve(choice,
+                                                                        requirements=changed),
+                                             note=note)
+        except SessionFailed as e2:
+            for txn, d, _ in group:
+                d.callback(_all(txn, e2.outcome))
+            return
+        except Exception as e3:
+            log.failure("outbound: fallback to {host} crashed", host=failure.host,
+                        event="outbound.error")
+            for txn, d, _ in group:
+                d.callback(_all(txn, Outcome(451, "4.3.0", f"internal error: {e3}")))
+            return
+        log.warn("outbound: {action} fallback for {destination} after {kind} ({reason})",
+                 event="outbound.tls_fallback", action=action, destination=hop.key,
+                 kind=failure.kind, reason=decision.reason, peer=client.peer)
+        for txn, d, _ in group:
+            if not client.ready:
+                d.callback(_all(txn, Outcome(451, "4.4.2", f"lost connection with "
+                                             f"{client.peer}", remote_mta=client.host)))
+                continue
+            results = yield client.send(txn)
+            d.callback(results)
+        client.quit()
 
     def _without_self(self, domain: str, records: list[mx.MXHost]) -> list[str]:
         """
@@ -347,9 +447,11 @@ class OutboundPool:
         return [r.name for r in records]
 
     @defer.inlineCallbacks
-    def _session(self, hop: NextHop, host: str, address: str, port: int, tls: bool):
+    def _session(self, hop: NextHop, host: str, address: str, port: int, choice,
+                 note: str | None = None):
         sh = hop.smarthost
         implicit = sh is not None and sh.tls == "implicit"
+        req = choice.requirements
         credentials = None
         if sh is not None and sh.username is not None:
             try:
@@ -358,28 +460,30 @@ class OutboundPool:
                 raise SessionFailed(Outcome(451, "4.3.5", f"cannot read the password for "
                                             f"{sh.destination}: {e.strerror}"), next_host=False)
             credentials = (sh.username, password)
-        creator = OpportunisticCreator(host) if (tls or implicit) else None
-        bracket = f"[{address}]" if ":" not in address else f"[{address}]"
-        peer = f"{host}{bracket}:{port}"
+        if implicit and req.starttls == "never":
+            req = attrs.evolve(req, starttls="required")  # TLS from the first byte, always
+        creator = PolicyCreator(req, host) if req.starttls != "never" else None
         client = OutboundClient(
-            helo=self.helo, peer=peer, tls_creator=None if implicit else creator,
-            tls_record=creator.record if creator else None,
-            require_tls=credentials is not None or implicit, credentials=credentials,
+            helo=self.helo, host=host, address=address, port=port,
+            tls=creator, requirements=req, credentials=credentials,
             own_names=self.own_names, timeouts=self.timeouts, run_blocking=self.run_blocking)
         client.callLater = self.clock.callLater
         try:
             yield self.connect(address, port, client, creator if implicit else None)
         except (error.ConnectError, error.TimeoutError, OSError) as e:
-            raise SessionFailed(Outcome(451, "4.4.1", f"connect to {peer} failed: "
+            raise SessionFailed(Outcome(451, "4.4.1", f"connect to {client.peer} failed: "
                                         f"{_connect_reason(e)}", remote_mta=host,
                                         kind="connect-failed"))
         client = yield client.established
-        tls_text = client.tls_record.describe() if client.tls_record and client.tls_done \
-            else "no TLS"
-        if client.starttls_refused is not None:
-            tls_text = f"no TLS (STARTTLS refused: {client.starttls_refused})"
-        log.info("outbound: session with {peer} ({tls})", event="outbound.connected",
-                 peer=peer, tls=tls_text, destination=hop.key)
+        tls_text = creator.record.describe() if creator and client.tls_done else "no TLS"
+        client.trace = (f"X-Twisted-MTA-TLS: {client.peer} {tls_text}; policy {req.policy} "
+                        f"({choice.reason})" + (f"; {note}" if note else ""))
+        log.info("outbound: session with {peer} ({tls}; policy {policy} from {why}{note})",
+                 event="outbound.connected", peer=client.peer, tls=tls_text,
+                 policy=req.policy, why=choice.reason, note=f"; {note}" if note else "",
+                 destination=hop.key, verified=bool(creator and creator.record.verified),
+                 version=creator.record.version if creator else None,
+                 cipher=creator.record.cipher if creator else None)
         return client
 
 

@@ -86,6 +86,7 @@ class Outcome:
     # The failure class (ARCHITECTURE.md taxonomy): "reply" for a server's
     # own reply, else what we found (e.g. "connect-failed", "null-mx").
     kind: str | None = None
+    policy: str | None = None  # for a TLS failure: the TLS policy that was not met
 
     @property
     def is_permanent(self) -> bool:
@@ -133,6 +134,7 @@ class Envelope:
     warned: bool = False  # a delay warning was sent
     ret: str | None = None  # DSN RET: "FULL" or "HDRS" (RFC 3461)
     envid: str | None = None  # DSN ENVID, decoded
+    tls_failures: int = 0  # attempts that failed on TLS (the fallback decider weighs it)
 
     def pending(self) -> tuple[Recipient, ...]:
         return tuple(r for r in self.recipients if r.pending)
@@ -192,6 +194,8 @@ def _dump_outcome(o: Outcome | None) -> dict[str, Any] | None:
         out["dsn_passed"] = True
     if o.kind is not None:
         out["kind"] = o.kind
+    if o.policy is not None:
+        out["policy"] = o.policy
     return out
 
 
@@ -201,7 +205,8 @@ def _load_outcome(raw: Any) -> Outcome | None:
     remote = raw.get("remote_mta")
     return Outcome(code=int(raw["code"]), enhanced=str(raw["enhanced"]), text=str(raw["text"]),
                    remote_mta=None if remote is None else str(remote),
-                   dsn_passed=bool(raw.get("dsn_passed", False)), kind=raw.get("kind"))
+                   dsn_passed=bool(raw.get("dsn_passed", False)), kind=raw.get("kind"),
+                   policy=raw.get("policy"))
 
 
 def _dump(env: Envelope) -> dict[str, Any]:
@@ -218,6 +223,7 @@ def _dump(env: Envelope) -> dict[str, Any]:
         "warned": env.warned,
         **({"ret": env.ret} if env.ret else {}),
         **({"envid": env.envid} if env.envid is not None else {}),
+        **({"tls_failures": env.tls_failures} if env.tls_failures else {}),
         "recipients": [
             {
                 "address": r.address,
@@ -265,4 +271,5 @@ def _load(raw: dict[str, Any]) -> Envelope:
         warned=bool(raw.get("warned", False)),
         ret=raw.get("ret"),
         envid=raw.get("envid"),
+        tls_failures=int(raw.get("tls_failures", 0)),
     )

@@ -25,6 +25,7 @@ from twisted_mta.local import LocalDirectory
 from twisted_mta.outbound import message as outgoing
 from twisted_mta.outbound.client import Transaction
 from twisted_mta.outbound.router import route
+from twisted_mta.outbound.tlsfailure import TLS_KINDS
 from twisted_mta.queue import control
 from twisted_mta.queue.envelope import DELIVERED, FAILED, Envelope, Outcome, Recipient
 from twisted_mta.queue.spool import RunBlocking, Spool
@@ -299,7 +300,9 @@ class QueueManager(service.Service):
         for hop, addrs in remote.items():
             dsn = tuple((by_address[a].notify, by_address[a].orcpt) for a in addrs)
             txn = Transaction(envelope.sender, addrs, message, dsn=dsn, ret=envelope.ret,
-                              envid=envelope.envid)
+                              envid=envelope.envid, queue_id=envelope.queue_id,
+                              age=self.clock.seconds() - envelope.arrival,
+                              attempts=envelope.attempts, tls_failures=envelope.tls_failures)
             sent.append(self.outbound.deliver(hop, txn))
         results: dict[str, Outcome] = {}
         for part in (yield defer.gatherResults(sent, consumeErrors=True)):
@@ -318,9 +321,16 @@ class QueueManager(service.Service):
             return None
 
     def _due_for_warning(self, envelope: Envelope, now: float) -> bool:
+        if envelope.warned or envelope.finished or not envelope.sender:
+            return False
         after = self.config.queue.delay_warning
-        return (after is not None and not envelope.warned and not envelope.finished
-                and bool(envelope.sender) and now - envelope.arrival >= after)
+        if after is not None and now - envelope.arrival >= after:
+            return True
+        # A TLS failure under a policy the admin listed warns at once, so the
+        # sender can act (ask the recipient to fix their server) early.
+        early = self.config.outbound.tls.early_warning
+        return any(r.outcome is not None and r.outcome.kind in TLS_KINDS
+                   and r.outcome.policy in early for r in envelope.pending())
 
     @defer.inlineCallbacks
     def _bounce(self, envelope: Envelope, failed: list[Recipient], until: float | None = None,
@@ -425,8 +435,10 @@ class QueueManager(service.Service):
                 log.info("{queue_id}: delivery to <{rcpt}> deferred: {reply}",
                          event="delivery.deferred", **fields)
         attempts = envelope.attempts + 1
+        tls_failed = any(o.kind in TLS_KINDS for o in results.values())
         updated = attrs.evolve(envelope.with_results(changed), attempts=attempts,
-                               last_outcome=last or envelope.last_outcome)
+                               last_outcome=last or envelope.last_outcome,
+                               tls_failures=envelope.tls_failures + tls_failed)
         if updated.finished:
             return updated
         q = self.config.queue

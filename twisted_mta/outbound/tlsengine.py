@@ -1,0 +1,186 @@
+"""
+The TLS policy engine as the outbound pool uses it: which policies and
+deciders exist (built-ins, twisted.plugin dropins, dotted paths), the
+policy map built from the configuration, and the plain-words explanation
+of a TLS failure that ends up in logs and bounces.
+"""
+
+from __future__ import annotations
+
+import importlib
+from string import Formatter
+
+import attrs
+
+from twisted_mta.config import OutboundTLSSettings, Smarthost, TLSPolicyEntry
+from twisted_mta.interfaces import IFallbackDecider, ITLSPolicy
+from twisted_mta.outbound import fallback as fb
+from twisted_mta.outbound.tlsfailure import TLSFailure
+from twisted_mta.outbound.tlspolicy import (
+    BUILTIN as BUILTIN_POLICIES, Choice, Destination, PolicyEntry, PolicyMap,
+)
+
+
+class TLSConfigError(Exception):
+    """
+    A policy or decider cannot be found or loaded.
+    """
+
+
+@attrs.define
+class Registry:
+    policies: dict[str, object] = attrs.field(factory=dict)  # plugin policies by name
+    deciders: dict[str, object] = attrs.field(factory=dict)
+
+    def policy(self, name: str):
+        if name in BUILTIN_POLICIES:
+            return BUILTIN_POLICIES[name]
+        if name in self.policies:
+            return self.policies[name]
+        if "." in name:
+            obj = _load_dotted(name)
+            if not ITLSPolicy.providedBy(obj):
+                raise TLSConfigError(f"{name} does not provide ITLSPolicy")
+            self.policies[name] = obj
+            return obj
+        known = sorted(set(BUILTIN_POLICIES) | set(self.policies))
+        raise TLSConfigError(f"unknown TLS policy {name!r} (known: {', '.join(known)})")
+
+    def decider(self, spec: str):
+        if "." in spec and not spec.startswith("after:") and spec not in self.deciders:
+            obj = _load_dotted(spec)
+            if not IFallbackDecider.providedBy(obj):
+                raise TLSConfigError(f"{spec} does not provide IFallbackDecider")
+            self.deciders[spec] = obj
+        try:
+            return fb.parse_decider(spec, self.deciders)
+        except ValueError as e:
+            known = sorted(set(fb.BUILTIN) | set(self.deciders))
+            raise TLSConfigError(f"{e} (known: {', '.join(known)}, after:<N>m, "
+                                 "after:<N>-failures)")
+
+
+def _load_dotted(path: str):
+    module, _, attr = path.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise TLSConfigError(f"cannot load {path}: {e}")
+    return obj() if isinstance(obj, type) else obj
+
+
+def load_registry(dotted: tuple[str, ...] = ()) -> Registry:
+    """
+    Built-ins, every dropin in a C{twisted/plugins/} directory on the path
+    that provides L{ITLSPolicy} or L{IFallbackDecider}, and C{dotted}.
+    """
+    from twisted.plugin import getPlugins
+    import twisted.plugins
+    registry = Registry()
+    for plugin in getPlugins(ITLSPolicy, twisted.plugins):
+        if plugin.name not in BUILTIN_POLICIES:
+            registry.policies[plugin.name] = plugin
+    for plugin in getPlugins(IFallbackDecider, twisted.plugins):
+        if plugin.name not in fb.BUILTIN:
+            registry.deciders[plugin.name] = plugin
+    for path in dotted:
+        obj = _load_dotted(path)
+        if ITLSPolicy.providedBy(obj):
+            registry.policies[obj.name] = obj
+        if IFallbackDecider.providedBy(obj):
+            registry.deciders[obj.name] = obj
+        if not (ITLSPolicy.providedBy(obj) or IFallbackDecider.providedBy(obj)):
+            raise TLSConfigError(f"{path} provides neither ITLSPolicy nor IFallbackDecider")
+    return registry
+
+
+DEFAULT_EXPLANATION = (
+    "{problem}. This server's \"{policy}\" policy for {domain} requires {requirement}, "
+    "so the message was not sent that way. {decision} "
+    "The administrators of {domain} can fix this: {advice}."
+)
+
+REQUIREMENT = {
+    "strict": "encryption with a valid certificate for the server's name",
+    "relaxed": "encryption (the certificate is not checked)",
+    "opportunistic": "encryption whenever the server offers it",
+    "none": "nothing",
+}
+
+
+class TLSEngine:
+    def __init__(self, settings: OutboundTLSSettings, registry: Registry | None = None,
+                 explanation: str | None = None) -> None:
+        self.settings = settings
+        self.registry = registry if registry is not None else load_registry(settings.plugins)
+        self.map = PolicyMap(
+            default=PolicyEntry(settings.policy),
+            domains=[(k, _entry(e)) for k, e in settings.domains],
+            mx_hosts=[(k, _entry(e)) for k, e in settings.mx_hosts],
+            default_fallback=settings.fallback, ca_file=settings.ca_file,
+            plugins={n: self.registry.policy(n) for n in self._policy_names()})
+        self.explanation = explanation or DEFAULT_EXPLANATION
+
+    def _policy_names(self) -> set[str]:
+        names = {self.settings.policy} | {e.policy for _, e in self.settings.domains} | {
+            e.policy for _, e in self.settings.mx_hosts}
+        return {n for n in names if n not in BUILTIN_POLICIES} | set(self.registry.policies)
+
+    def choose(self, domain: str, host: str, smarthost: Smarthost | None) -> Choice:
+        entry = None
+        if smarthost is not None and smarthost.tls_policy:
+            entry = PolicyEntry(smarthost.tls_policy, smarthost.tls_fallback)
+            if smarthost.tls_policy not in self.map.plugins and \
+                    smarthost.tls_policy not in BUILTIN_POLICIES:
+                self.map.plugins[smarthost.tls_policy] = self.registry.policy(
+                    smarthost.tls_policy)
+        return self.map.choose(Destination(domain, host, smarthost is not None), entry)
+
+    def decider(self, spec: str):
+        return self.registry.decider(spec)
+
+    def explain(self, failure: TLSFailure, choice: Choice, domain: str,
+                decision: fb.Decision | None) -> str:
+        """
+        The plain-words account of a TLS failure for the sender (a template
+        the admin can replace: [outbound.tls] explanation).
+        """
+        fields = {
+            "problem": _sentence(failure.describe()),
+            "policy": choice.requirements.policy,
+            "why_policy": choice.reason,
+            "domain": domain or failure.host,
+            "host": failure.host,
+            "address": failure.address,
+            "requirement": REQUIREMENT.get(choice.requirements.policy,
+                                           "what its TLS policy asks for"),
+            "decision": _decision_words(decision),
+            "advice": failure.advice(),
+            "kind": failure.kind,
+        }
+        return _render(self.explanation, fields).strip()
+
+
+def _decision_words(decision: fb.Decision | None) -> str:
+    if decision is None or decision.action != fb.DEFER:
+        return ""
+    return (f"It was not sent without encryption either ({decision.reason}); "
+            "we will try again later.")
+
+
+def _entry(e: TLSPolicyEntry) -> PolicyEntry:
+    return PolicyEntry(e.policy, e.fallback, e.min_version, e.ciphers, e.ca_file,
+                       e.server_name)
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] if text else text
+
+
+def _render(template: str, fields: dict[str, str]) -> str:
+    out = []
+    for literal, name, spec, conv in Formatter().parse(template):
+        out.append(literal)
+        if name is not None:
+            out.append(str(fields.get(name, "{" + name + "}")))
+    return "".join(out)

@@ -1,0 +1,157 @@
+"""
+TLS policies: what a delivery to one destination requires, the built-in
+policies (none, opportunistic, relaxed, strict), and the policy map that
+picks one per destination and says why.
+
+What each built-in accepts, and why (docs/tls.md has the long version):
+
+ - C{opportunistic} takes whatever encryption the peer can do, down to
+   TLS 1.0 and OpenSSL security level 0 (old ciphers, even anonymous ones):
+   weak encryption still beats the cleartext it replaces.
+ - C{relaxed} and C{strict} keep a floor: TLS 1.2 and OpenSSL's default
+   ciphers.  C{relaxed} encrypts without checking the certificate; C{strict}
+   requires a chain to a trusted root and the MX host's name in it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Iterable
+
+import attrs
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from twisted_mta.interfaces import ITLSPolicy
+
+STARTTLS_MODES = ("never", "if-offered", "required")
+TLS_VERSIONS = ("TLSv1.0", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+LEGACY_CIPHERS = "ALL:@SECLEVEL=0"
+
+
+@attrs.frozen
+class Destination:
+    domain: str  # the recipient domain ("" for a smarthost route without one)
+    host: str  # the MX host or smarthost we are about to talk to
+    smarthost: bool = False
+
+
+@attrs.frozen
+class TLSRequirements:
+    """
+    The settings one connection runs under.  C{policy} names where they
+    came from (for logs and bounces).
+    """
+
+    policy: str
+    starttls: str = "if-offered"  # never | if-offered | required
+    verify: bool = False  # chain to a trusted root + host name
+    min_version: str | None = None  # None: the library's floor (TLS 1.2)
+    ciphers: str | None = None  # an OpenSSL cipher string; None: default
+    ca_file: str | None = None  # trust these roots instead of the system's
+    server_name: str | None = None  # SNI and the name to verify; None: the host
+
+    @property
+    def requires_tls(self) -> bool:
+        return self.starttls == "required"
+
+
+@implementer(ITLSPolicy, IPlugin)
+@attrs.frozen
+class FixedPolicy:
+    """
+    A policy that asks the same of every destination (all built-ins).
+    """
+
+    name: str
+    settings: TLSRequirements
+
+    def requirements(self, destination: Destination) -> TLSRequirements:
+        return self.settings
+
+
+NONE = FixedPolicy("none", TLSRequirements("none", starttls="never"))
+OPPORTUNISTIC = FixedPolicy("opportunistic", TLSRequirements(
+    "opportunistic", starttls="if-offered", min_version="TLSv1.0", ciphers=LEGACY_CIPHERS))
+RELAXED = FixedPolicy("relaxed", TLSRequirements(
+    "relaxed", starttls="required", min_version="TLSv1.2"))
+STRICT = FixedPolicy("strict", TLSRequirements(
+    "strict", starttls="required", verify=True, min_version="TLSv1.2"))
+BUILTIN = {p.name: p for p in (NONE, OPPORTUNISTIC, RELAXED, STRICT)}
+
+
+@attrs.frozen
+class PolicyEntry:
+    """
+    One line of the policy map: a policy name (or plugin), a fallback
+    decider name, and optional overrides of the policy's settings.
+    """
+
+    policy: str
+    fallback: str | None = None
+    min_version: str | None = None
+    ciphers: str | None = None
+    ca_file: str | None = None
+    server_name: str | None = None
+
+
+@attrs.frozen
+class Choice:
+    requirements: TLSRequirements
+    fallback: str
+    reason: str  # which map entry chose them
+
+
+class PolicyMap:
+    """
+    Chooses the policy for a destination: an exact recipient-domain entry,
+    then the nearest C{.parent} entry, then the first MX-host pattern that
+    matches, then the smarthost's own setting, then the default.
+    """
+
+    def __init__(self, default: PolicyEntry, domains: Iterable[tuple[str, PolicyEntry]] = (),
+                 mx_hosts: Iterable[tuple[str, PolicyEntry]] = (),
+                 default_fallback: str = "now", ca_file: str | None = None,
+                 plugins: dict[str, object] | None = None) -> None:
+        self.default = default
+        self.domains = dict(domains)
+        self.mx_hosts = list(mx_hosts)
+        self.default_fallback = default_fallback
+        self.ca_file = ca_file
+        self.plugins = plugins or {}
+
+    def choose(self, destination: Destination, smarthost_entry: PolicyEntry | None = None
+               ) -> Choice:
+        entry, reason = self._entry(destination, smarthost_entry)
+        policy = self.policy_named(entry.policy)
+        req = policy.requirements(destination)
+        changes = {k: v for k, v in (("min_version", entry.min_version),
+                                     ("ciphers", entry.ciphers),
+                                     ("server_name", entry.server_name),
+                                     ("ca_file", entry.ca_file or req.ca_file or self.ca_file))
+                   if v is not None}
+        req = attrs.evolve(req, **changes)
+        return Choice(req, entry.fallback or self.default_fallback, reason)
+
+    def _entry(self, destination: Destination, smarthost_entry: PolicyEntry | None
+               ) -> tuple[PolicyEntry, str]:
+        domain = destination.domain.lower()
+        if domain in self.domains:
+            return self.domains[domain], f"domain {domain}"
+        labels = domain.split(".")
+        for i in range(1, len(labels)):
+            parent = "." + ".".join(labels[i:])
+            if parent in self.domains:
+                return self.domains[parent], f"domain {parent}"
+        host = destination.host.lower()
+        for pattern, entry in self.mx_hosts:
+            if fnmatch.fnmatchcase(host, pattern):
+                return entry, f"mx host {pattern}"
+        if smarthost_entry is not None:
+            return smarthost_entry, f"smarthost {destination.host}"
+        return self.default, "default"
+
+    def policy_named(self, name: str):
+        if name in BUILTIN:
+            return BUILTIN[name]
+        return self.plugins[name]
