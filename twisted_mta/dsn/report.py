@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import email.utils
 import re
+import textwrap
 from datetime import datetime, timezone
 from email.message import Message
 from email.mime.multipart import MIMEMultipart
@@ -21,6 +22,7 @@ from typing import Iterable
 
 import attrs
 
+from twisted_mta.outbound.tlsfailure import TLS_KINDS
 from twisted_mta.queue.envelope import Envelope, Outcome, Recipient
 
 
@@ -48,6 +50,16 @@ def _human(hostname: str, envelope: Envelope, failed: Iterable[FailedRecipient],
             f"Your message of {_date(envelope.arrival)} could not be delivered to the",
             "recipients below. This is a permanent failure: we will not try again.",
         ]
+    elif any(f.recipient.outcome is not None and f.recipient.outcome.kind in TLS_KINDS
+             for f in failed):
+        opening = [
+            f"Your message of {_date(envelope.arrival)} has not been delivered yet to the",
+            "recipients below, because of a problem with the security of the",
+            "recipient's mail server, described below. If you know its",
+            "administrators, you may want to tell them. We keep trying",
+            f"until {_date(until)}, and you will hear from us again only if",
+            "we give up.",
+        ]
     else:
         opening = [
             f"Your message of {_date(envelope.arrival)} has not been delivered yet to the",
@@ -66,6 +78,10 @@ def _human(hostname: str, envelope: Envelope, failed: Iterable[FailedRecipient],
         if success:
             lines.append("    delivered" if f.action == "delivered" else
                          f"    relayed to {f.remote_mta or 'another server'}")
+        elif outcome is not None and outcome.kind in TLS_KINDS:
+            # Written for a person already (server, facts, policy, advice).
+            lines.extend(textwrap.wrap(outcome.text, 72, initial_indent="    ",
+                                       subsequent_indent="    ", break_on_hyphens=False))
         elif outcome is not None and outcome.kind == "reply":
             lines.append(f"    {outcome.text}")  # "<host> said: <its words>"
         elif outcome is not None:

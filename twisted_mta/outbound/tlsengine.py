@@ -96,7 +96,7 @@ def load_registry(dotted: tuple[str, ...] = ()) -> Registry:
 
 DEFAULT_EXPLANATION = (
     "{problem}. This server's \"{policy}\" policy for {domain} requires {requirement}, "
-    "so the message was not sent that way. {decision} "
+    "so the message was not sent{decision}. "
     "The administrators of {domain} can fix this: {advice}."
 )
 
@@ -146,7 +146,7 @@ class TLSEngine:
         the admin can replace: [outbound.tls] explanation).
         """
         fields = {
-            "problem": _sentence(failure.describe()),
+            "problem": failure.describe(),  # starts with a host name: no capital
             "policy": choice.requirements.policy,
             "why_policy": choice.reason,
             "domain": domain or failure.host,
@@ -161,11 +161,26 @@ class TLSEngine:
         return _render(self.explanation, fields).strip()
 
 
+_DEFER_WORDS = {
+    "never": "; it is never sent there without that",
+    "next-attempt": "; if the next attempt fails the same way, it will be sent without "
+                    "encryption",
+    "after": "; if this goes on, it will be sent without encryption later",
+}
+
+
 def _decision_words(decision: fb.Decision | None) -> str:
+    """
+    What the fallback decider's "not now" means, in words; for a plugin,
+    its own reason.
+    """
     if decision is None or decision.action != fb.DEFER:
         return ""
-    return (f"It was not sent without encryption either ({decision.reason}); "
-            "we will try again later.")
+    if decision.decider in _DEFER_WORDS:
+        return _DEFER_WORDS[decision.decider]
+    if decision.decider in fb.BUILTIN:
+        return ""
+    return f" ({decision.reason})"
 
 
 def _entry(e: TLSPolicyEntry) -> PolicyEntry:

@@ -56,6 +56,22 @@ class TLSRequirements:
         return self.starttls == "required"
 
 
+def fails_under(req: TLSRequirements, kind: str) -> bool:
+    """
+    Whether a failure of C{kind} counts as a failure under C{req} at all:
+    a policy that does not check certificates has no certificate
+    failures, and one that does not require STARTTLS sends in cleartext
+    when it is not offered.
+    """
+    if req.starttls == "never":
+        return False
+    if kind == "starttls-not-offered":
+        return req.starttls == "required"
+    if kind.startswith("certificate-"):
+        return req.verify
+    return True
+
+
 @implementer(ITLSPolicy, IPlugin)
 @attrs.frozen
 class FixedPolicy:
