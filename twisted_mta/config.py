@@ -706,6 +706,19 @@ def _outbound(t: _Table, base: str) -> OutboundSettings:
         tls=_outbound_tls(t.table("tls"), base) if "tls" in t.data else OutboundTLSSettings(),
     )
     t.finish()
+    hosts = ([("smarthost", settings.smarthost)] if settings.smarthost else []) + [
+        (f"routes.{d}", h) for d, h in settings.routes]
+    named = [(f"{where}.tls_policy", h.tls_policy, "policy") for where, h in hosts
+             if h.tls_policy] + [(f"{where}.tls_fallback", h.tls_fallback, "fallback")
+                                 for where, h in hosts if h.tls_fallback]
+    if named:
+        from twisted_mta.outbound.tlsengine import TLSConfigError, load_registry
+        registry = load_registry(settings.tls.plugins)
+        for key, value, kind in named:
+            try:
+                registry.policy(value) if kind == "policy" else registry.decider(value)
+            except TLSConfigError as e:
+                raise t.error(key, str(e))
     return settings
 
 
@@ -781,6 +794,8 @@ def _check_tls_names(t: _Table, settings: OutboundTLSSettings) -> None:
         registry = load_registry(settings.plugins)
         names = [("policy", settings.policy, "policy"), ("fallback", settings.fallback,
                                                         "fallback")]
+        if settings.relay is not None and settings.relay.tls_policy:
+            names.append(("relay.tls_policy", settings.relay.tls_policy, "policy"))
         for where, entries in (("domains", settings.domains), ("mx_hosts", settings.mx_hosts)):
             for key, entry in entries:
                 names.append((f"{where}.{key}.policy", entry.policy, "policy"))

@@ -119,6 +119,9 @@ class TLSEngine:
             mx_hosts=[(k, _entry(e)) for k, e in settings.mx_hosts],
             default_fallback=settings.fallback, ca_file=settings.ca_file,
             plugins={n: self.registry.policy(n) for n in self._policy_names()})
+        if explanation is None and settings.explanation:
+            with open(settings.explanation, encoding="utf-8") as f:
+                explanation = " ".join(f.read().split())
         self.explanation = explanation or DEFAULT_EXPLANATION
 
     def _policy_names(self) -> set[str]:
