@@ -159,8 +159,10 @@ def certificate_facts(cert) -> CertificateFacts:
             str(a) for a in ext.get_values_for_type(x509.IPAddress))
     except x509.ExtensionNotFound:
         sans = ()
+    has_cn = bool(c.subject.get_attributes_for_oid(NameOID.COMMON_NAME))
+    subject = name_of(c.subject) if has_cn or not sans else sans[0]
     return CertificateFacts(
-        subject=name_of(c.subject), sans=sans, issuer=name_of(c.issuer),
+        subject=subject, sans=sans, issuer=name_of(c.issuer),
         not_before=c.not_valid_before_utc.replace(tzinfo=timezone.utc).timestamp(),
         not_after=c.not_valid_after_utc.replace(tzinfo=timezone.utc).timestamp(),
         self_signed=c.subject == c.issuer)

@@ -183,13 +183,13 @@ def classify_chain(errors: list[tuple[int, int]]) -> tuple[str, str] | None:
         return "certificate-untrusted", "self-signed"
     if X509_SELF_SIGNED_IN_CHAIN in codes:
         return "certificate-untrusted", "unknown-ca"
-    if X509_UNABLE_TO_VERIFY_LEAF in codes or X509_NO_ISSUER in codes:
-        return "certificate-untrusted", "incomplete-chain"
     if X509_UNKNOWN_ISSUER in codes:
-        # The leaf's issuer is unknown: either an unknown CA, or a chain sent
-        # without its intermediates; at depth 0 with no chain, say the latter.
+        # The leaf's issuer is unknown here: an unknown CA, or a chain sent
+        # without its intermediates; OpenSSL cannot tell them apart.
         depths = [depth for depth, errno in errors if errno == X509_UNKNOWN_ISSUER]
         return "certificate-untrusted", "unknown-ca" if max(depths) > 0 else "unknown-issuer"
+    if X509_UNABLE_TO_VERIFY_LEAF in codes or X509_NO_ISSUER in codes:
+        return "certificate-untrusted", "incomplete-chain"
     return "certificate-untrusted", f"verify-error-{codes[0]}"
 
 
