@@ -14,7 +14,7 @@ from twisted.internet import error
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_mta.outbound.client import (
-    OutboundClient, SessionFailed, Timeouts, Transaction, reply_outcome,
+    OutboundClient, Timeouts, Transaction, reply_outcome,
 )
 from twisted_mta.outbound.message import OutgoingMessage, Stuffer, stuff
 from twisted_mta.outbound.tlspolicy import TLSRequirements

@@ -10,7 +10,6 @@ import datetime
 import os
 
 import trustme
-from OpenSSL import SSL
 from twisted.internet import protocol, ssl
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.protocols.tls import TLSMemoryBIOFactory
