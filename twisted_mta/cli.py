@@ -4,6 +4,7 @@ The operator's command line::
     twisted-mta config check|show FILE
     twisted-mta queue list|show|flush|hold|release|delete ... --config FILE
     twisted-mta user add|delete|list USERS-FILE ...
+    twisted-mta tls explain DOMAIN|--message QUEUE-ID --config FILE [--json]
 
 Exit status 0 on success, 1 when the configuration is bad or an entry is
 not found (the reason on stderr, one line), 2 on usage errors.  The queue
@@ -257,6 +258,54 @@ def cmd_user_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tls_explain(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"twisted-mta: {e}", file=sys.stderr)
+        return 1
+    domains: list[str] = []
+    message = None
+    if args.message:
+        spool = Spool(config.spool)
+        found = [env for qid, _, env, _ in spool.scan() if qid == args.message and env]
+        if not found:
+            print(f"twisted-mta: no queue entry {args.message}", file=sys.stderr)
+            return 1
+        env = found[0]
+        message = {"age": time.time() - env.arrival, "attempts": env.attempts,
+                   "tls_failures": env.tls_failures}
+        domains = sorted({r.address.rpartition("@")[2].lower() for r in env.pending()})
+    if args.domain:
+        domains.append(args.domain)
+    if not domains:
+        print("twisted-mta: name a DOMAIN or --message QUEUE-ID", file=sys.stderr)
+        return 2
+
+    from twisted.internet import defer, task
+    from twisted.internet.threads import deferToThread
+
+    from twisted_mta.outbound.probe import explain, format_report
+
+    reports = []
+
+    @defer.inlineCallbacks
+    def run(reactor):
+        for domain in domains:
+            reports.append((yield explain(config, domain, reactor, deferToThread,
+                                          message=message)))
+    try:
+        task.react(lambda reactor: run(reactor))
+    except SystemExit as e:
+        if e.code:
+            return int(e.code)
+    if args.json:
+        print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
+    else:
+        print("\n".join(format_report(r) for r in reports), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="twisted-mta", description="twisted-mta operator tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -291,6 +340,17 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("queue_id")
         p.add_argument("-c", "--config", required=True, help="the MTA's configuration file")
         p.set_defaults(func=cmd_queue_action)
+
+    tls = sub.add_parser("tls", help="outbound TLS: explain what would happen")
+    tls_sub = tls.add_subparsers(dest="action", required=True)
+    texplain = tls_sub.add_parser(
+        "explain", help="probe a domain's mail servers under our policy and explain the result")
+    texplain.add_argument("domain", nargs="?")
+    texplain.add_argument("--message", metavar="QUEUE-ID",
+                          help="explain for a queued message (its domains, age, attempts)")
+    texplain.add_argument("-c", "--config", required=True, help="the MTA's configuration file")
+    texplain.add_argument("--json", action="store_true", help="print JSON for scripts")
+    texplain.set_defaults(func=cmd_tls_explain)
 
     user = sub.add_parser("user", help="manage the AUTH users file (scrypt hashes)")
     user_sub = user.add_subparsers(dest="action", required=True)
