@@ -270,3 +270,36 @@ class QueueActionTests(QueueCommandTests):
         """An unknown id is refused before anything is requested."""
         self.assertEqual(run_cli("queue", "hold", "NOPE", "-c", self.conf)[:3:2],
                          (1, "twisted-mta: no queue entry NOPE\n"))
+
+
+class ShadowReportTests(SynchronousTestCase):
+    def test_report_groups_and_counts(self):
+        """tls shadow-report groups would-be failures by destination and class, most frequent first; --since filters."""
+        import time
+        from twisted_mta.outbound import shadow
+        base = self.mktemp()
+        config = make_config(base)
+        path = os.path.join(base, "test.toml")
+        with open(path, "w") as f:
+            f.write('[server]\nhostname = "mx.example.test"\nspool = "spool"\n'
+                    '[[listeners]]\nrole = "mx"\nendpoint = "tcp:2525"\n')
+        now = time.time()
+        event = {"domain": "expired.test", "host": "mx.expired.test", "address": "192.0.2.1",
+                 "port": 25, "policy": "opportunistic", "shadow": "strict", "why": "default",
+                 "kind": "certificate-expired", "detail": "expired",
+                 "reason": "mx.expired.test presented a certificate that expired on 3 March 2026"}
+        for t in (now - 7200, now - 60, now - 30):
+            shadow._append(shadow.report_path(config.spool), json.dumps({**event, "time": t}) + "\n")
+        other = {**event, "domain": "plain.test", "host": "mx.plain.test",
+                 "kind": "starttls-not-offered", "detail": "", "time": now - 10,
+                 "reason": "mx.plain.test does not offer encryption (no STARTTLS)"}
+        shadow._append(shadow.report_path(config.spool), json.dumps(other) + "\n")
+        code, out, err = run_cli("tls", "shadow-report", "-c", path, "--json")
+        self.assertEqual(code, 0, err)
+        rows = json.loads(out)
+        self.assertEqual([(r["domain"], r["kind"], r["count"]) for r in rows],
+                         [("expired.test", "certificate-expired", 3),
+                          ("plain.test", "starttls-not-offered", 1)])
+        code, out, _ = run_cli("tls", "shadow-report", "-c", path, "--since", "1h")
+        self.assertIn("    2  expired.test", out)
+        self.assertIn("expired on 3 March 2026", out)

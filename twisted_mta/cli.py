@@ -306,6 +306,46 @@ def cmd_tls_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def cmd_tls_shadow_report(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"twisted-mta: {e}", file=sys.stderr)
+        return 1
+    from twisted_mta.config import _DURATION, _UNITS
+    from twisted_mta.outbound import shadow
+    since = None
+    if args.since:
+        m = _DURATION.match(args.since)
+        if not m:
+            print(f"twisted-mta: --since must be a duration like 30m, 12h or 7d, "
+                  f"not {args.since!r}", file=sys.stderr)
+            return 2
+        since = time.time() - int(m.group(1)) * _UNITS[m.group(2)]
+    rows = shadow.summarize(shadow.read(shadow.report_path(config.spool)), since)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no shadow policy would have refused anything"
+              + (f" in the last {args.since}" if args.since else ""))
+        return 0
+    print(f"{'count':>5}  {'domain':<28} {'host':<28} {'shadow':<8} class")
+    for r in rows:
+        print(f"{r['count']:>5}  {r['domain']:<28} {r['host']:<28} {r['shadow']:<8} "
+              f"{r['kind']}" + (f" ({r['detail']})" if r["detail"] else ""))
+        print(f"       {r['reason']}; seen {_ago(time.time() - r['last'])} ago last")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="twisted-mta", description="twisted-mta operator tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -351,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     texplain.add_argument("-c", "--config", required=True, help="the MTA's configuration file")
     texplain.add_argument("--json", action="store_true", help="print JSON for scripts")
     texplain.set_defaults(func=cmd_tls_explain)
+    tshadow = tls_sub.add_parser(
+        "shadow-report", help="the destinations a report-only (shadow) policy would refuse")
+    tshadow.add_argument("-c", "--config", required=True, help="the MTA's configuration file")
+    tshadow.add_argument("--since", metavar="DURATION", help="only the last 30m, 12h, 7d, ...")
+    tshadow.add_argument("--json", action="store_true", help="print JSON for scripts")
+    tshadow.set_defaults(func=cmd_tls_shadow_report)
 
     user = sub.add_parser("user", help="manage the AUTH users file (scrypt hashes)")
     user_sub = user.add_subparsers(dest="action", required=True)

@@ -153,11 +153,13 @@ class TLSPolicyEntry:
     ciphers: str | None = None
     ca_file: str | None = None
     server_name: str | None = None
+    shadow: str | None = None  # a stricter policy evaluated on the same handshakes
 
 
 @attrs.frozen
 class OutboundTLSSettings:
     policy: str = "opportunistic"  # the default policy
+    shadow: str | None = None  # the default's shadow policy (report-only)
     fallback: str = "now"  # the default fallback decider
     ca_file: str | None = None  # trust roots for verification (default: the system's)
     domains: tuple[tuple[str, TLSPolicyEntry], ...] = ()  # "example.com" or ".example.com"
@@ -738,7 +740,8 @@ def _tls_entry(t: _Table, base: str, default_policy: str | None = None) -> TLSPo
         policy=policy, fallback=t.get("fallback", str, None), min_version=min_version,
         ciphers=t.get("ciphers", str, None),
         ca_file=_resolve(base, ca_file) if ca_file else None,
-        server_name=t.get("server_name", str, None))
+        server_name=t.get("server_name", str, None),
+        shadow=t.get("shadow", str, None))
     if entry.ca_file and not os.path.isfile(entry.ca_file):
         raise t.error("ca_file", f"no such file: {entry.ca_file}")
     return entry
@@ -768,6 +771,7 @@ def _outbound_tls(t: _Table, base: str) -> OutboundTLSSettings:
     explanation = t.get("explanation", str, None)
     settings = OutboundTLSSettings(
         policy=t.get("policy", str, d.policy),
+        shadow=t.get("shadow", str, None),
         fallback=t.get("fallback", str, d.fallback),
         ca_file=ca_file,
         domains=tuple(domains),
@@ -796,9 +800,13 @@ def _check_tls_names(t: _Table, settings: OutboundTLSSettings) -> None:
                                                         "fallback")]
         if settings.relay is not None and settings.relay.tls_policy:
             names.append(("relay.tls_policy", settings.relay.tls_policy, "policy"))
+        if settings.shadow:
+            names.append(("shadow", settings.shadow, "policy"))
         for where, entries in (("domains", settings.domains), ("mx_hosts", settings.mx_hosts)):
             for key, entry in entries:
                 names.append((f"{where}.{key}.policy", entry.policy, "policy"))
+                if entry.shadow:
+                    names.append((f"{where}.{key}.shadow", entry.shadow, "policy"))
                 if entry.fallback:
                     names.append((f"{where}.{key}.fallback", entry.fallback, "fallback"))
         for key, value, kind in names:

@@ -109,10 +109,12 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None) -> servi
         install_json_log(config.logging.file)
 
     from twisted_mta.outbound.pool import DNSResolver, OutboundPool, tcp_connector
+    from twisted_mta.outbound.shadow import ShadowLog
     outbound = OutboundPool(
         settings=config.outbound, hostname=config.hostname, clock=reactor,
         run_blocking=run_blocking, resolver=DNSResolver(config.dns),
-        connect=tcp_connector(reactor, config.outbound.connect_timeout))
+        connect=tcp_connector(reactor, config.outbound.connect_timeout),
+        observers=[ShadowLog(config.spool, run_blocking)])
     manager = QueueManager(config, spool, reactor, run_blocking, outbound=outbound)
     manager.setServiceParent(top)
     ctx = server_context(config.tls)

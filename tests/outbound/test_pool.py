@@ -227,6 +227,41 @@ class PoolTests(SynchronousTestCase):
         self.assertEqual([r[0][f"u{i}@peer.test"].code for i, r in enumerate(results)],
                          [250, 250, 250])
 
+    def test_shadow_strict_reports_while_mail_flows(self):
+        """With opportunistic in force and strict in shadow, a server without STARTTLS gets the mail, and the shadow verdict is reported."""
+        events = []
+        pool = self.pool(tls={"policy": "opportunistic", "shadow": "strict"})
+        pool.observers.append(lambda name, e: events.append((name, e)))
+        r = self.deliver(pool, NextHop("peer.test"), self.txn("x@peer.test"))
+        self.flush()
+        self.assertEqual(r[0]["x@peer.test"].code, 250)
+        [(name, event)] = events
+        self.assertEqual((name, event["kind"], event["shadow"], event["policy"],
+                          event["domain"], event["host"]),
+                         ("tls.shadow", "starttls-not-offered", "strict", "opportunistic",
+                          "peer.test", "mx1.peer.test"))
+
+    def test_strict_without_starttls_defers_with_explanation(self):
+        """Under strict with fallback never, a server without STARTTLS gets nothing; the outcome explains why in words."""
+        pool = self.pool(tls={"domains": {"peer.test": {"policy": "strict",
+                                                        "fallback": "never"}}})
+        r = self.deliver(pool, NextHop("peer.test"), self.txn("x@peer.test"))
+        self.flush()
+        o = r[0]["x@peer.test"]
+        self.assertEqual((o.code, o.enhanced, o.kind, o.policy),
+                         (451, "4.7.4", "starttls-not-offered", "strict"))
+        self.assertIn("mx2.peer.test does not offer encryption", o.text)
+        self.assertNotIn(b"MAIL FROM:<a@example.test>", self.commands())
+
+    def test_fallback_now_sends_in_cleartext_and_says_so(self):
+        """Under relaxed with fallback now, a server without STARTTLS gets the mail over a fresh cleartext connection, marked in the trace header."""
+        pool = self.pool(tls={"policy": "relaxed", "fallback": "now"})
+        r = self.deliver(pool, NextHop("peer.test"), self.txn("x@peer.test"))
+        self.flush()
+        self.assertEqual(r[0]["x@peer.test"].code, 250)
+        [body] = [e[2] for e in self.log if len(e) == 3]
+        self.assertIn(b"fallback=now reason=starttls-not-offered", body.split(b"\n")[0])
+
     def test_null_mx(self):
         pool = self.pool()
         r = self.deliver(pool, NextHop("null.test"), self.txn("x@null.test"))

@@ -25,7 +25,7 @@ from twisted_mta.outbound import mx
 from twisted_mta.outbound.client import OutboundClient, SessionFailed, Timeouts, Transaction
 from twisted_mta.outbound.router import NextHop
 from twisted_mta.outbound import fallback as fb
-from twisted_mta.outbound.tls import PolicyCreator, _is_ip
+from twisted_mta.outbound.tls import PolicyCreator, _is_ip, shadow_verdict
 from twisted_mta.outbound.tlsengine import TLSEngine
 from twisted_mta.queue.envelope import Outcome
 
@@ -93,8 +93,12 @@ class _Destination:
 
 class OutboundPool:
     def __init__(self, *, settings: OutboundSettings, hostname: str, clock, run_blocking,
-                 resolver, connect: Callable, tls: TLSEngine | None = None) -> None:
+                 resolver, connect: Callable, tls: TLSEngine | None = None,
+                 observers: list | None = None) -> None:
         self.settings = settings
+        # Called with (event name, dict) for shadow verdicts and TLS
+        # outcomes: the shadow report file, metrics.
+        self.observers = observers if observers is not None else []
         self.tls = tls if tls is not None else TLSEngine(settings.tls)
         self.hostname = hostname
         self.helo = settings.helo_name or hostname
@@ -476,6 +480,8 @@ class OutboundPool:
                                         kind="connect-failed"))
         client = yield client.established
         tls_text = creator.record.describe() if creator and client.tls_done else "no TLS"
+        if choice.shadow is not None and note is None:
+            self._shadow(hop, choice, creator, client)
         client.trace = (f"X-Twisted-MTA-TLS: {client.peer} {tls_text}; policy {req.policy} "
                         f"({choice.reason})" + (f"; {note}" if note else ""))
         log.info("outbound: session with {peer} ({tls}; policy {policy} from {why}{note})",
@@ -485,6 +491,29 @@ class OutboundPool:
                  version=creator.record.version if creator else None,
                  cipher=creator.record.cipher if creator else None)
         return client
+
+
+    def _shadow(self, hop: NextHop, choice, creator, client) -> None:
+        verdict = shadow_verdict(choice.shadow, creator, client.tls_done, client.capabilities,
+                                 client.host, client.address, client.port)
+        if verdict is None:
+            return
+        event = {"time": self.clock.seconds(), "domain": hop.domain or hop.key,
+                 "host": client.host, "address": client.address, "port": client.port,
+                 "policy": choice.requirements.policy, "shadow": choice.shadow.policy,
+                 "why": choice.reason, "kind": verdict.kind, "detail": verdict.detail,
+                 "reason": verdict.describe()}
+        log.info("outbound: {shadow} (shadow) would refuse {host}[{address}] for {domain}: "
+                 "{reason}", event="tls.shadow", **event)
+        self._notify("tls.shadow", event)
+
+    def _notify(self, name: str, event: dict) -> None:
+        for observer in self.observers:
+            try:
+                observer(name, event)
+            except Exception:
+                log.failure("outbound: an observer of {name} failed", name=name,
+                            event="outbound.error")
 
 
 def _all(txn: Transaction, outcome: Outcome) -> dict[str, Outcome]:

@@ -189,3 +189,25 @@ def _is_ip(value: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def shadow_verdict(shadow: TLSRequirements, creator: PolicyCreator | None, tls_done: bool,
+                   capabilities: dict, host: str, address: str, port: int
+                   ) -> TLSFailure | None:
+    """
+    What the report-only policy C{shadow} would have said about a session
+    that the active policy accepted: the same handshake, judged again.
+    """
+    facts = dict(host=host, address=address, port=port)
+    if shadow.starttls == "never":
+        return None
+    if creator is None or not tls_done:
+        if shadow.starttls == "required" and "STARTTLS" not in capabilities:
+            return TLSFailure("starttls-not-offered", **facts)
+        return None  # not tried under the active policy: unknown
+    record = creator.record
+    floor = shadow.min_version or "TLSv1.2"
+    if record.version in _VERSIONS and _VERSIONS[record.version] < _VERSIONS[floor]:
+        return TLSFailure("handshake-failed", detail="no-common-version",
+                          versions=f"{floor}-TLSv1.3", **facts)
+    return evaluate(shadow, creator, host, address, port)

@@ -114,7 +114,7 @@ class TLSEngine:
         self.settings = settings
         self.registry = registry if registry is not None else load_registry(settings.plugins)
         self.map = PolicyMap(
-            default=PolicyEntry(settings.policy),
+            default=PolicyEntry(settings.policy, shadow=settings.shadow),
             domains=[(k, _entry(e)) for k, e in settings.domains],
             mx_hosts=[(k, _entry(e)) for k, e in settings.mx_hosts],
             default_fallback=settings.fallback, ca_file=settings.ca_file,
@@ -125,8 +125,10 @@ class TLSEngine:
         self.explanation = explanation or DEFAULT_EXPLANATION
 
     def _policy_names(self) -> set[str]:
-        names = {self.settings.policy} | {e.policy for _, e in self.settings.domains} | {
-            e.policy for _, e in self.settings.mx_hosts}
+        entries = [e for _, e in self.settings.domains] + [e for _, e in self.settings.mx_hosts]
+        names = {self.settings.policy, self.settings.shadow} | {e.policy for e in entries} | {
+            e.shadow for e in entries}
+        names.discard(None)
         return {n for n in names if n not in BUILTIN_POLICIES} | set(self.registry.policies)
 
     def choose(self, domain: str, host: str, smarthost: Smarthost | None) -> Choice:
@@ -188,7 +190,7 @@ def _decision_words(decision: fb.Decision | None) -> str:
 
 def _entry(e: TLSPolicyEntry) -> PolicyEntry:
     return PolicyEntry(e.policy, e.fallback, e.min_version, e.ciphers, e.ca_file,
-                       e.server_name)
+                       e.server_name, e.shadow)
 
 
 def _sentence(text: str) -> str:

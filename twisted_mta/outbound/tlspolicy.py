@@ -109,6 +109,7 @@ class PolicyEntry:
     ciphers: str | None = None
     ca_file: str | None = None
     server_name: str | None = None
+    shadow: str | None = None
 
 
 @attrs.frozen
@@ -116,6 +117,7 @@ class Choice:
     requirements: TLSRequirements
     fallback: str
     reason: str  # which map entry chose them
+    shadow: TLSRequirements | None = None  # report-only: what a stricter policy would say
 
 
 class PolicyMap:
@@ -147,7 +149,12 @@ class PolicyMap:
                                      ("ca_file", entry.ca_file or req.ca_file or self.ca_file))
                    if v is not None}
         req = attrs.evolve(req, **changes)
-        return Choice(req, entry.fallback or self.default_fallback, reason)
+        shadow = None
+        if entry.shadow:
+            shadow = self.policy_named(entry.shadow).requirements(destination)
+            shadow = attrs.evolve(shadow, ca_file=shadow.ca_file or req.ca_file,
+                                  server_name=shadow.server_name or req.server_name)
+        return Choice(req, entry.fallback or self.default_fallback, reason, shadow)
 
     def _entry(self, destination: Destination, smarthost_entry: PolicyEntry | None
                ) -> tuple[PolicyEntry, str]:
