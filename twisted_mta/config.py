@@ -211,6 +211,11 @@ class LoggingSettings:
 
 
 @attrs.frozen
+class MetricsSettings:
+    endpoint: str | None = None  # a Twisted server endpoint for the Prometheus page
+
+
+@attrs.frozen
 class Config:
     path: str
     hostname: str
@@ -224,6 +229,7 @@ class Config:
     queue: QueueSettings = QueueSettings()
     auth: AuthSettings = AuthSettings()
     logging: LoggingSettings = LoggingSettings()
+    metrics: MetricsSettings = MetricsSettings()
     dns: DNSSettings = DNSSettings()
     outbound: OutboundSettings = OutboundSettings()
 
@@ -399,6 +405,7 @@ def parse_config(raw: dict[str, Any], path: str) -> Config:
     logging = _logging(top.table("logging"), base)
     dns = _dns(top.table("dns"))
     outbound = _outbound(top.table("outbound"), base)
+    metrics = _metrics(top.table("metrics"))
     top.finish()
     for i, listener in enumerate(listeners):
         if listener.role != "mx" and auth.enabled and not tls.enabled:
@@ -407,7 +414,8 @@ def parse_config(raw: dict[str, Any], path: str) -> Config:
                               "credentials never cross cleartext")
     return Config(path=path, hostname=hostname.lower(), spool=spool, listeners=listeners,
                   tls=tls, local=local, relay=relay, limits=limits, inbound=inbound,
-                  queue=queue, auth=auth, logging=logging, dns=dns, outbound=outbound)
+                  queue=queue, auth=auth, logging=logging, dns=dns, outbound=outbound,
+                  metrics=metrics)
 
 
 def _listeners(top: _Table) -> tuple[Listener, ...]:
@@ -816,3 +824,11 @@ def _check_tls_names(t: _Table, settings: OutboundTLSSettings) -> None:
                 raise t.error(key, str(e))
     except TLSConfigError as e:
         raise t.error("plugins", str(e))
+
+
+def _metrics(t: _Table) -> MetricsSettings:
+    endpoint = t.get("endpoint", str, None)
+    if endpoint is not None:
+        _check_endpoint(t, endpoint)
+    t.finish()
+    return MetricsSettings(endpoint=endpoint)

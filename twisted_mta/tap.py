@@ -109,13 +109,17 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None) -> servi
         install_json_log(config.logging.file)
 
     from twisted_mta.outbound.pool import DNSResolver, OutboundPool, tcp_connector
+    from twisted_mta.metrics import Metrics
     from twisted_mta.outbound.shadow import ShadowLog
+    metrics = Metrics()
     outbound = OutboundPool(
         settings=config.outbound, hostname=config.hostname, clock=reactor,
         run_blocking=run_blocking, resolver=DNSResolver(config.dns),
         connect=tcp_connector(reactor, config.outbound.connect_timeout),
-        observers=[ShadowLog(config.spool, run_blocking)])
-    manager = QueueManager(config, spool, reactor, run_blocking, outbound=outbound)
+        observers=[ShadowLog(config.spool, run_blocking), metrics])
+    manager = QueueManager(config, spool, reactor, run_blocking, outbound=outbound,
+                           observers=[metrics])
+    metrics.watch_queue(lambda: manager.states)
     manager.setServiceParent(top)
     ctx = server_context(config.tls)
     users = UserDatabase.load(config.auth.users_file) if config.auth.enabled else None
@@ -129,6 +133,15 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None) -> servi
         svc = _endpoint_service(endpoint, factory)
         svc.setName(f"listener-{listener.role}-{listener.endpoint}")
         svc.setServiceParent(top)
+    if config.metrics.endpoint:
+        from twisted.web.server import Site
+        site = Site(metrics.resource())
+        site.noisy = False
+        svc = _endpoint_service(endpoints.serverFromString(reactor, config.metrics.endpoint),
+                                site)
+        svc.setName(f"metrics-{config.metrics.endpoint}")
+        svc.setServiceParent(top)
+    top.metrics = metrics
     return top
 
 

@@ -376,6 +376,10 @@ class OutboundPool:
                      policy=choice.requirements.policy, why=choice.reason,
                      decider=decision.decider, action=decision.action,
                      reason=decision.reason, queue_ids=txn.queue_id)
+            self._notify("tls.decision", {
+                "kind": failure.kind, "domain": hop.domain or hop.key,
+                "policy": choice.requirements.policy, "action": decision.action,
+                "decider": decision.decider})
             if decision.action == fb.DEFER:
                 d.callback(_all(txn, self._tls_outcome(hop, failure, choice, decision)))
             else:
@@ -482,6 +486,10 @@ class OutboundPool:
         tls_text = creator.record.describe() if creator and client.tls_done else "no TLS"
         if choice.shadow is not None and note is None:
             self._shadow(hop, choice, creator, client)
+        self._notify("tls.session", {
+            "version": creator.record.version if creator and client.tls_done else None,
+            "verified": bool(creator and client.tls_done and creator.record.verified),
+            "policy": req.policy, "peer": client.peer})
         client.trace = (f"X-Twisted-MTA-TLS: {client.peer} {tls_text}; policy {req.policy} "
                         f"({choice.reason})" + (f"; {note}" if note else ""))
         log.info("outbound: session with {peer} ({tls}; policy {policy} from {why}{note})",

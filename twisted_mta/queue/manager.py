@@ -64,13 +64,15 @@ class QueueManager(service.Service):
     name = "queue-manager"
 
     def __init__(self, config: Config, spool: Spool, clock, run_blocking: RunBlocking,
-                 rand: Callable[[], float] = random.random, outbound=None) -> None:
+                 rand: Callable[[], float] = random.random, outbound=None,
+                 observers: list | None = None) -> None:
         self.config = config
         self.spool = spool
         self.clock = clock
         self.run_blocking = run_blocking
         self.rand = rand
         self.outbound = outbound  # an OutboundPool (or a test double): deliver(hop, txn)
+        self.observers = observers if observers is not None else []  # (name, event): metrics
         self.directory = LocalDirectory(config.local)
         self.entries: dict[str, Envelope] = {}
         self.states: dict[str, str] = {}
@@ -189,10 +191,20 @@ class QueueManager(service.Service):
 
     # -- scheduling -----------------------------------------------------------
 
+    def _notify(self, name: str, event: dict) -> None:
+        for observer in self.observers:
+            try:
+                observer(name, event)
+            except Exception:
+                log.failure("queue: an observer of {name} failed", name=name,
+                            event="queue.error")
+
     def enqueue(self, envelope: Envelope) -> None:
         """
         A new entry was committed to new/; attempt it at once.
         """
+        if envelope.client.get("protocol") != "local":
+            self._notify("inbound.queued", {"listener": envelope.client.get("listener", "")})
         self.entries[envelope.queue_id] = envelope
         self.states[envelope.queue_id] = "new"
         self._schedule(envelope.queue_id, self.clock.seconds())
@@ -399,6 +411,7 @@ class QueueManager(service.Service):
                         sender=to, event="dsn.error")
             return False
         kind = "delivered" if success else ("failed" if until is None else "delayed")
+        self._notify("dsn.queued", {"kind": kind})
         log.info("{queue_id}: DSN {dsn_id} queued for <{sender}> ({count} {kind} recipient(s))",
                  event="dsn.queued", queue_id=qid, dsn_id=dsn.queue_id, kind=kind,
                  sender=to, count=len(failed),
@@ -417,6 +430,11 @@ class QueueManager(service.Service):
                 continue
             fields = dict(queue_id=envelope.queue_id, rcpt=rcpt.address,
                           reply=str(outcome), sender=envelope.sender)
+            self._notify("delivery.result", {
+                "route": "local" if rcpt.address in maildirs else "remote",
+                "result": ("delivered" if outcome.code < 400 else
+                           "failed" if outcome.is_permanent else "deferred"),
+                "latency": now - envelope.arrival})
             if outcome.code < 400:
                 changed[rcpt.address] = attrs.evolve(rcpt, state=DELIVERED, outcome=outcome,
                                                      done_at=now)

@@ -1,0 +1,489 @@
+"""
+Fixtures for the outbound TLS interop matrix (L{tests.interop.test_tls_matrix}):
+a catalogue of TLS peers, each on its own loopback address with a
+certificate made at test time, served by one private Postfix (one smtpd
+service per peer in master.cf, with C{-o} overrides) plus one small
+scripted SMTP server for the one behaviour Postfix cannot play (dropping
+the connection right after its C{220} to STARTTLS).
+
+Blocking and reactor-free like the rest of C{tests.interop}.
+
+What each peer does is described by its L{Peer} attributes; the matrix
+test computes its expectations from those attributes (and the policies'
+documented rules), never from observed output.
+"""
+
+from __future__ import annotations
+
+import datetime
+import grp
+import os
+import pwd
+import shutil
+import socket
+import socketserver
+import threading
+
+import attrs
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tests.interop.dns import zone
+from tests.interop.support import PostfixInstance
+
+# -- the peers --------------------------------------------------------------------
+
+ZONE_ORIGIN = "test"
+RELAY_HOST = "relay.tls.test"
+RELAY_ADDRESS = "127.0.0.9"
+
+
+@attrs.frozen
+class Peer:
+    """
+    One server we deliver to.
+
+    C{starttls}: C{"offered"} (STARTTLS advertised and working),
+    C{"absent"} (not advertised), C{"refused"} (advertised, answered with
+    454), C{"dropped"} (advertised, the connection is closed after the
+    220), C{"implicit"} (TLS from the first byte; reached through an
+    C{[outbound.routes]} smarthost entry with C{tls = "implicit"}).
+
+    C{cert}: what is wrong with its certificate, if anything:
+    C{"valid"}, C{"expired"}, C{"not-yet-valid"}, C{"self-signed"},
+    C{"unknown-ca"} (its issuer, an untrusted root, is sent with it),
+    C{"unknown-issuer"} (signed by an unknown CA, the leaf alone is sent),
+    C{"wrong-name"}.
+
+    C{max_version}: the newest TLS version it speaks (its oldest is
+    TLS 1.0 when C{max_version} is TLS 1.0, else TLS 1.2).
+    C{legacy_cipher_only}: it accepts only a cipher outside OpenSSL's
+    default list (so only C{opportunistic}'s C{ALL:@SECLEVEL=0} has it).
+    """
+
+    name: str  # the label: mail for <cell>.<name>.test goes to it
+    address: str
+    what: str  # one line for people
+    starttls: str = "offered"
+    cert: str = "valid"
+    max_version: str = "TLSv1.3"
+    legacy_cipher_only: bool = False
+    scripted: bool = False  # the scripted server, not Postfix
+
+    @property
+    def domain(self) -> str:
+        return f"{self.name}.{ZONE_ORIGIN}"
+
+    @property
+    def mx_host(self) -> str:
+        return f"mx.{self.domain}"
+
+    @property
+    def implicit(self) -> bool:
+        return self.starttls == "implicit"
+
+    def smarthost_for(self, domain: str) -> str:
+        """
+        The smarthost name used for C{domain} (implicit-TLS peers only):
+        the recipient domain itself, so every matrix cell is its own next
+        hop (its own TLS policy), and a wildcard certificate names it.
+        """
+        return domain
+
+
+PEERS = (
+    Peer("valid", "127.0.0.10", "STARTTLS, TLS 1.2-1.3, certificate from the trusted CA"),
+    Peer("expired", "127.0.0.11", "certificate expired 30 days ago", cert="expired"),
+    Peer("notyetvalid", "127.0.0.12", "certificate valid from 30 days from now",
+         cert="not-yet-valid"),
+    Peer("selfsigned", "127.0.0.13", "self-signed certificate", cert="self-signed"),
+    Peer("unknownca", "127.0.0.14", "certificate from an unknown CA, that CA's root sent too",
+         cert="unknown-ca"),
+    Peer("unknownissuer", "127.0.0.15", "certificate from an unknown CA, the leaf alone sent",
+         cert="unknown-issuer"),
+    Peer("wrongname", "127.0.0.16", "certificate (trusted CA) for another name",
+         cert="wrong-name"),
+    Peer("nostarttls", "127.0.0.17", "no STARTTLS (Postfix smtpd_tls_security_level = none)",
+         starttls="absent"),
+    Peer("refuse454", "127.0.0.18", "STARTTLS answered 454 4.7.0 (Postfix with a key that "
+         "does not match its certificate)", starttls="refused"),
+    Peer("tls10", "127.0.0.19", "TLS 1.0 only (Postfix, @SECLEVEL=0)", max_version="TLSv1.0"),
+    Peer("nocipher", "127.0.0.20", "TLS 1.2 only, one cipher outside OpenSSL's default list",
+         max_version="TLSv1.2", legacy_cipher_only=True),
+    Peer("drop", "127.0.0.21", "closes the connection after its 220 to STARTTLS "
+         "(scripted server)", starttls="dropped", scripted=True),
+    Peer("implicit-good", "127.0.0.22", "implicit TLS (smtpd_tls_wrappermode), certificate "
+         "from the trusted CA", starttls="implicit"),
+    Peer("implicit-bad", "127.0.0.23", "implicit TLS (smtpd_tls_wrappermode), self-signed "
+         "certificate", starttls="implicit", cert="self-signed"),
+)
+
+ADDRESSES = (RELAY_ADDRESS,) + tuple(p.address for p in PEERS)
+
+
+def free_port_on_all(addresses=ADDRESSES) -> int:
+    """
+    A TCP port free a moment ago on every one of C{addresses} (and on
+    127.0.0.1).
+    """
+    for _ in range(100):
+        socks = []
+        try:
+            first = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(first)
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            for address in addresses:
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind((address, port))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise AssertionError(f"no port free on all of {addresses}")
+
+
+def matrix_zone(peers=PEERS) -> dict[str, str]:
+    """
+    One zone, C{test.}: for each STARTTLS peer a wildcard MX
+    (C{*.<peer>.test MX 10 mx.<peer>.test.}) and the MX host's address;
+    for each implicit-TLS peer a wildcard address (its smarthost names);
+    and the secure relay.
+    """
+    records = [(f"{RELAY_HOST}.", "A", RELAY_ADDRESS)]
+    for p in peers:
+        if p.implicit:
+            records.append((f"*.{p.domain}.", "A", p.address))
+        else:
+            records.append((f"*.{p.domain}.", "MX", f"10 {p.mx_host}."))
+            records.append((f"{p.mx_host}.", "A", p.address))
+    return {ZONE_ORIGIN: zone(ZONE_ORIGIN, records)}
+
+
+# -- certificates -----------------------------------------------------------------
+
+
+@attrs.frozen
+class CertFiles:
+    cert: str  # PEM: leaf first, then whatever chain the peer sends
+    key: str
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+    names: tuple[str, ...]
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+
+
+def _write(directory: str, stem: str, chain: list[bytes], key: bytes) -> tuple[str, str]:
+    cert_path = os.path.join(directory, f"{stem}.crt")
+    key_path = os.path.join(directory, f"{stem}.key")
+    with open(cert_path, "wb") as f:
+        f.write(b"".join(chain))
+    with open(key_path, "wb") as f:
+        f.write(key)
+    os.chmod(key_path, 0o600)  # smtpd reads it as root before dropping privileges
+    return cert_path, key_path
+
+
+def self_signed(names: tuple[str, ...], not_before: datetime.datetime,
+                not_after: datetime.datetime) -> tuple[bytes, bytes]:
+    """
+    A self-signed leaf (not a CA) for C{names}: PEM certificate and key.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0]),
+                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "tls-matrix self-signed")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before).not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
+                       critical=False)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
+                       critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return (cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM,
+                              serialization.PrivateFormat.TraditionalOpenSSL,
+                              serialization.NoEncryption()))
+
+
+def make_certificates(directory: str, trusted: trustme.CA, peers=PEERS) -> dict[str, CertFiles]:
+    """
+    Write a certificate and key for every Postfix peer (by name) and for
+    the relay (C{"relay"}) into C{directory}; C{trusted} is the CA our MTA
+    trusts.  A peer whose STARTTLS is refused also gets a key that does
+    not match its certificate (C{"refuse454"} uses it).
+    """
+    now = _now()
+    day = datetime.timedelta(days=1)
+    usual = (now - day, now + 30 * day)
+    out: dict[str, CertFiles] = {}
+
+    def issue(stem: str, ca: trustme.CA, names: tuple[str, ...], dates=usual,
+              extra_chain: list[bytes] = ()) -> None:
+        leaf = ca.issue_cert(*names, not_before=dates[0], not_after=dates[1])
+        chain = [b.bytes() for b in leaf.cert_chain_pems] + list(extra_chain)
+        cert, key = _write(directory, stem, chain, leaf.private_key_pem.bytes())
+        out[stem] = CertFiles(cert, key, dates[0], dates[1], names)
+
+    issue("relay", trusted, (RELAY_HOST,))
+    for p in peers:
+        if p.scripted:
+            continue
+        names = (f"*.{p.domain}", p.mx_host) if p.implicit else (p.mx_host,)
+        if p.cert == "valid":
+            issue(p.name, trusted, names)
+        elif p.cert == "expired":
+            issue(p.name, trusted, names, (now - 60 * day, now - 30 * day))
+        elif p.cert == "not-yet-valid":
+            issue(p.name, trusted, names, (now + 30 * day, now + 60 * day))
+        elif p.cert == "wrong-name":
+            issue(p.name, trusted, (f"mx.other-name.{ZONE_ORIGIN}",))
+        elif p.cert == "unknown-ca":
+            unknown = trustme.CA(organization_name="tls-matrix unknown CA")
+            issue(p.name, unknown, names, extra_chain=[unknown.cert_pem.bytes()])
+        elif p.cert == "unknown-issuer":
+            issue(p.name, trustme.CA(organization_name="tls-matrix unknown CA"), names)
+        elif p.cert == "self-signed":
+            cert_pem, key_pem = self_signed(names, *usual)
+            cert, key = _write(directory, p.name, [cert_pem], key_pem)
+            out[p.name] = CertFiles(cert, key, usual[0], usual[1], names)
+        else:
+            raise ValueError(f"unknown certificate kind {p.cert!r}")
+        if p.starttls == "refused":
+            # A key of another certificate: smtpd logs "key values mismatch",
+            # disables TLS, still advertises STARTTLS and answers 454.
+            stray = trusted.issue_cert("stray.invalid")
+            _, key = _write(directory, p.name + "-stray", [b""], stray.private_key_pem.bytes())
+            out[p.name] = attrs.evolve(out[p.name], key=key)
+    return out
+
+
+def legacy_cipher() -> str:
+    """
+    A TLS 1.2 ECDSA cipher that C{ALL:@SECLEVEL=0} (opportunistic) offers
+    but OpenSSL's default client list (relaxed and strict) does not.
+    """
+    from OpenSSL import SSL
+    default = set(SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None).get_cipher_list())
+    legacy = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    legacy.set_cipher_list(b"ALL:@SECLEVEL=0")
+    offered = set(SSL.Connection(legacy, None).get_cipher_list())
+    for name in ("ECDHE-ECDSA-CAMELLIA256-SHA384", "ECDHE-ECDSA-ARIA256-GCM-SHA384",
+                 "ECDHE-ECDSA-AES256-CCM", "ECDHE-ECDSA-CAMELLIA128-SHA256"):
+        if name in offered and name not in default:
+            return name
+    raise AssertionError("no cipher offered by ALL:@SECLEVEL=0 but missing from OpenSSL's "
+                         "default list; cannot build the no-common-cipher peer")
+
+
+# -- the Postfix that plays every Postfix peer ----------------------------------------
+
+
+class MatrixPostfix(PostfixInstance):
+    """
+    One private Postfix: the relay (relay.tls.test) on the main smtpd
+    service, and one more smtpd service per peer on the peer's own
+    address, each with its host name and TLS settings as C{-o} overrides.
+    Every message it accepts is stored by virtual(8) in
+    C{<vmail>/<recipient domain>/<local part>/} (a Maildir).
+    """
+
+    hostname = RELAY_HOST
+
+    def __init__(self, base: str, port: int, certs: dict[str, CertFiles],
+                 peers=PEERS) -> None:
+        os.makedirs(base, exist_ok=True)
+        os.chmod(base, 0o755)
+        self.vmail = os.path.join(base, "vmail")
+        os.makedirs(self.vmail)
+        shutil.chown(self.vmail, "postfix", "postfix")
+        maps = os.path.join(base, "maps")
+        os.makedirs(maps)
+        domains_map = os.path.join(maps, "domains.re")
+        mailbox_map = os.path.join(maps, "mailboxes.re")
+        with open(domains_map, "w") as f:
+            f.write(f"/\\.{ZONE_ORIGIN}$/ OK\n")
+        with open(mailbox_map, "w") as f:
+            f.write("/^([^@]+)@(.+)$/ ${2}/${1}/\n")
+        uid, gid = pwd.getpwnam("postfix").pw_uid, grp.getgrnam("postfix").gr_gid
+        self.cipher = legacy_cipher()
+        relay = certs["relay"]
+        main = {
+            "virtual_mailbox_domains": f"regexp:{domains_map}",
+            "virtual_mailbox_base": self.vmail,
+            "virtual_mailbox_maps": f"regexp:{mailbox_map}",
+            "virtual_uid_maps": f"static:{uid}",
+            "virtual_gid_maps": f"static:{gid}",
+            "virtual_transport": "virtual",
+            "smtpd_recipient_restrictions": "permit_mynetworks, reject_unauth_destination",
+            "smtpd_tls_security_level": "may",
+            "smtpd_tls_cert_file": relay.cert,
+            "smtpd_tls_key_file": relay.key,
+            "smtpd_tls_loglevel": "1",
+            "smtpd_tls_received_header": "yes",
+            "smtpd_tls_ciphers": "medium",
+            # Hundreds of messages arrive at once: no flow-control pauses.
+            "in_flow_delay": "0",
+            # The broken-TLS peer would mail the postmaster about it.
+            "notify_classes": "",
+            # Used by the -o overrides below (master.cf values have no spaces).
+            "matrix_tls10_protocols": ">=TLSv1, <=TLSv1",
+            "matrix_tls12_protocols": ">=TLSv1.2, <=TLSv1.2",
+        }
+        super().__init__(base, None, main, smtpd_port=port, listen=RELAY_ADDRESS)
+        lines = []
+        for p in peers:
+            if p.scripted:
+                continue
+            c = certs[p.name]
+            opts = [f"myhostname={p.mx_host}", f"smtpd_tls_cert_file={c.cert}",
+                    f"smtpd_tls_key_file={c.key}"]
+            if p.starttls == "absent":
+                opts.append("smtpd_tls_security_level=none")
+            if p.implicit:
+                opts.append("smtpd_tls_wrappermode=yes")
+            if p.max_version == "TLSv1.0":
+                opts += ["smtpd_tls_protocols=$matrix_tls10_protocols",
+                         "tls_medium_cipherlist=HIGH:MEDIUM:!aNULL:@SECLEVEL=0"]
+            if p.legacy_cipher_only:
+                opts += ["smtpd_tls_protocols=$matrix_tls12_protocols",
+                         f"tls_medium_cipherlist={self.cipher}"]
+            lines.append(f"{p.address}:{port} inet n - n - - smtpd "
+                         + " ".join(f"-o {o}" for o in opts))
+        with open(os.path.join(self.conf, "master.cf"), "a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+
+    def maildir(self, address: str) -> str:
+        local, _, domain = address.partition("@")
+        return os.path.join(self.vmail, domain.lower(), local.lower())
+
+
+# -- the scripted peer ----------------------------------------------------------------
+
+
+@attrs.define
+class ScriptedMessage:
+    recipients: list[str]
+    data: bytes
+    tls: bool = False  # never: this server cannot do TLS
+
+
+class ScriptedPeer:
+    """
+    A tiny SMTP server on C{address}:C{port} that advertises STARTTLS,
+    answers C{220} to it and closes the connection at once (C{drop}) —
+    or, with C{refuse=True}, answers C{454} — and otherwise accepts mail
+    in cleartext, keeping it in L{messages}.  Serves each connection in a
+    thread; L{stop} ends it.
+    """
+
+    def __init__(self, address: str, port: int, hostname: str, refuse: bool = False) -> None:
+        self.hostname = hostname
+        self.refuse = refuse
+        self.messages: list[ScriptedMessage] = []
+        self.starttls_seen = 0
+        self.lock = threading.Lock()
+        peer = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            timeout = 30
+
+            def handle(self) -> None:
+                peer._session(self.rfile, self.wfile, self.request)
+
+        class Server(socketserver.ThreadingTCPServer):
+            allow_reuse_address = True
+            daemon_threads = True
+
+        self.server = Server((address, port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True,
+                                       name=f"scripted SMTP {hostname}")
+        self.thread.start()
+
+    def _session(self, rfile, wfile, sock) -> None:
+        def reply(text: str) -> None:
+            wfile.write(text.encode("ascii") + b"\r\n")
+            wfile.flush()
+        try:
+            reply(f"220 {self.hostname} ESMTP scripted")
+            sender, rcpts = None, []
+            while True:
+                line = rfile.readline(2048)
+                if not line:
+                    return
+                verb = line.strip().split(b" ", 1)[0].upper()
+                if verb in (b"EHLO", b"HELO"):
+                    if verb == b"EHLO":
+                        reply(f"250-{self.hostname}\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
+                              "250 STARTTLS")
+                    else:
+                        reply(f"250 {self.hostname}")
+                elif verb == b"STARTTLS":
+                    with self.lock:
+                        self.starttls_seen += 1
+                    if self.refuse:
+                        reply("454 4.7.0 TLS not available (scripted)")
+                        continue
+                    reply("220 2.0.0 Ready to start TLS")
+                    sock.shutdown(socket.SHUT_RDWR)
+                    return
+                elif verb == b"MAIL":
+                    sender, rcpts = line, []
+                    reply("250 2.1.0 Ok")
+                elif verb == b"RCPT":
+                    addr = line.split(b"<", 1)[1].split(b">", 1)[0].decode("ascii", "replace")
+                    rcpts.append(addr)
+                    reply("250 2.1.5 Ok")
+                elif verb == b"DATA":
+                    if sender is None or not rcpts:
+                        reply("503 5.5.1 Error: need RCPT command")
+                        continue
+                    reply("354 End data with <CR><LF>.<CR><LF>")
+                    chunks = []
+                    while True:
+                        data = rfile.readline(65536)
+                        if not data:
+                            return
+                        if data == b".\r\n":
+                            break
+                        chunks.append(data[1:] if data.startswith(b"..") else data)
+                    with self.lock:
+                        self.messages.append(ScriptedMessage(list(rcpts), b"".join(chunks)))
+                    sender, rcpts = None, []
+                    reply("250 2.0.0 Ok: queued")
+                elif verb == b"RSET":
+                    sender, rcpts = None, []
+                    reply("250 2.0.0 Ok")
+                elif verb == b"NOOP":
+                    reply("250 2.0.0 Ok")
+                elif verb == b"QUIT":
+                    reply("221 2.0.0 Bye")
+                    return
+                else:
+                    reply("502 5.5.2 Error: command not recognized")
+        except OSError:
+            return
+
+    def received_for(self, address: str) -> list[ScriptedMessage]:
+        with self.lock:
+            return [m for m in self.messages if address.lower() in
+                    (r.lower() for r in m.recipients)]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)

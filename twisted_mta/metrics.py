@@ -1,0 +1,81 @@
+"""
+Numbers for a monitoring system: a Prometheus endpoint served by
+prometheus_client's Twisted resource ([metrics] endpoint), fed by events
+from the queue manager and the outbound pool.
+
+Each MTA has its own registry (not prometheus_client's global one), so
+tests can run several side by side.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, 5 * 86400)
+
+
+class _QueueCollector:
+    def __init__(self, states: Callable[[], dict[str, str]]) -> None:
+        self.states = states
+
+    def collect(self):
+        g = GaugeMetricFamily("twisted_mta_queue_entries",
+                              "Queue entries by spool state (new, cur, hold).",
+                              labels=["state"])
+        counts = {"new": 0, "cur": 0, "hold": 0}
+        for state in self.states().values():
+            counts[state] = counts.get(state, 0) + 1
+        for state, n in sorted(counts.items()):
+            g.add_metric([state], n)
+        yield g
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.received = Counter("twisted_mta_messages_received", "Messages accepted (250 after "
+                                "DATA), not counting our own DSNs.", ["listener"], registry=r)
+        self.recipients = Counter("twisted_mta_recipient_deliveries", "Recipient outcomes of "
+                                  "delivery attempts.", ["route", "result"], registry=r)
+        self.dsns = Counter("twisted_mta_dsns", "DSNs queued.", ["kind"], registry=r)
+        self.latency = Histogram("twisted_mta_delivery_latency_seconds", "From arrival to "
+                                 "delivery, per recipient.", ["route"], registry=r,
+                                 buckets=LATENCY_BUCKETS)
+        self.sessions = Counter("twisted_mta_outbound_sessions", "Outbound sessions by TLS "
+                                "outcome.", ["tls_version", "verified", "policy"], registry=r)
+        self.tls_failures = Counter("twisted_mta_tls_failures", "TLS failures by class and "
+                                    "destination domain.", ["kind", "domain", "policy"],
+                                    registry=r)
+        self.fallbacks = Counter("twisted_mta_tls_fallback_decisions", "Fallback decisions by "
+                                 "failure class and decision.", ["reason", "decision",
+                                                                 "decider"], registry=r)
+        self.shadow = Counter("twisted_mta_tls_shadow_failures", "Sessions a shadow policy "
+                              "would have refused.", ["kind", "shadow", "domain"], registry=r)
+
+    def watch_queue(self, states: Callable[[], dict[str, str]]) -> None:
+        self.registry.register(_QueueCollector(states))
+
+    def __call__(self, name: str, e: dict[str, Any]) -> None:
+        if name == "inbound.queued":
+            self.received.labels(e["listener"]).inc()
+        elif name == "delivery.result":
+            self.recipients.labels(e["route"], e["result"]).inc()
+            if e["result"] == "delivered" and e.get("latency") is not None:
+                self.latency.labels(e["route"]).observe(e["latency"])
+        elif name == "dsn.queued":
+            self.dsns.labels(e["kind"]).inc()
+        elif name == "tls.session":
+            self.sessions.labels(e["version"] or "none", "yes" if e["verified"] else "no",
+                                 e["policy"]).inc()
+        elif name == "tls.decision":
+            self.tls_failures.labels(e["kind"], e["domain"], e["policy"]).inc()
+            self.fallbacks.labels(e["kind"], e["action"], e["decider"]).inc()
+        elif name == "tls.shadow":
+            self.shadow.labels(e["kind"], e["shadow"], e["domain"]).inc()
+
+    def resource(self):
+        from prometheus_client.twisted import MetricsResource
+        return MetricsResource(registry=self.registry)
