@@ -266,6 +266,23 @@ class QueueActionTests(QueueCommandTests):
         [name] = os.listdir(os.path.join(spool.path, "control"))
         self.assertTrue(name.endswith(f"-hold-{self.qid}"))
 
+    def test_tls_override_request(self):
+        """release --tls relaxed / --allow-cleartext leave a one-shot override request for the running MTA; not for ALL, not offline."""
+        from twisted_mta.queue.spool import Spool
+        self.assertEqual(run_cli("queue", "release", self.qid, "--tls", "relaxed",
+                                 "-c", self.conf)[0], 1)  # no MTA running
+        spool = Spool(os.path.join(os.path.dirname(self.conf), "spool"))
+        spool.lock()
+        self.addCleanup(spool.unlock)
+        code, out, _ = run_cli("queue", "release", self.qid, "--tls", "relaxed", "-c", self.conf)
+        self.assertEqual(code, 0)
+        self.assertIn("one-shot relaxed TLS override", out)
+        code, _, _ = run_cli("queue", "flush", self.qid, "--allow-cleartext", "-c", self.conf)
+        names = sorted(os.listdir(os.path.join(spool.path, "control")))
+        self.assertEqual([n.split("-", 3)[2] for n in names],
+                         ["release:relaxed", "flush:cleartext"])
+        self.assertEqual(run_cli("queue", "flush", "--allow-cleartext", "-c", self.conf)[0], 2)
+
     def test_unknown_entry(self):
         """An unknown id is refused before anything is requested."""
         self.assertEqual(run_cli("queue", "hold", "NOPE", "-c", self.conf)[:3:2],

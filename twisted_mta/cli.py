@@ -186,13 +186,29 @@ def cmd_queue_action(args: argparse.Namespace) -> int:
     if qid != control.ALL and spool.state_of(qid) is None:
         print(f"twisted-mta: no queue entry {qid}", file=sys.stderr)
         return 1
+    override = ("cleartext" if getattr(args, "allow_cleartext", False)
+                else getattr(args, "tls", None))
+    action = args.action
+    if override:
+        if qid == control.ALL:
+            print("twisted-mta: a TLS override is for one message: name its queue id",
+                  file=sys.stderr)
+            return 2
+        action = f"{args.action}:{override}"
     try:
         spool.lock()
     except SpoolError:
         # A running MTA owns the spool: ask it.
-        control.request(spool, args.action, qid)
-        print(f"{args.action} {qid}: requested; the running MTA acts on it within a second")
+        control.request(spool, action, qid)
+        extra = f" with a one-shot {override} TLS override" if override else ""
+        print(f"{args.action} {qid}{extra}: requested; the running MTA acts on it within a "
+              "second")
         return 0
+    if override:
+        spool.unlock()
+        print("twisted-mta: a TLS override needs the running MTA (it applies to the next "
+              "attempt)", file=sys.stderr)
+        return 1
     try:
         if qid == control.ALL:
             print("no MTA is running: all entries will be attempted when it starts")
@@ -378,6 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("queue_id", nargs="?")
         else:
             p.add_argument("queue_id")
+        if action in ("flush", "release"):
+            g = p.add_mutually_exclusive_group()
+            g.add_argument("--tls", choices=["relaxed"],
+                           help="next attempt only: TLS required, certificate not checked")
+            g.add_argument("--allow-cleartext", action="store_true",
+                           help="next attempt only: cleartext allowed after a TLS failure")
         p.add_argument("-c", "--config", required=True, help="the MTA's configuration file")
         p.set_defaults(func=cmd_queue_action)
 

@@ -6,6 +6,7 @@ are small scripted SMTP servers joined to the client in memory (iosim).
 
 from __future__ import annotations
 
+import attrs
 from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address
 from twisted.internet import task
@@ -261,6 +262,19 @@ class PoolTests(SynchronousTestCase):
         self.assertEqual(r[0]["x@peer.test"].code, 250)
         [body] = [e[2] for e in self.log if len(e) == 3]
         self.assertIn(b"fallback=now reason=starttls-not-offered", body.split(b"\n")[0])
+
+    def test_operator_cleartext_override(self):
+        """A message with the operator's cleartext override goes in cleartext under strict/never; the trace says who allowed it."""
+        pool = self.pool(tls={"domains": {"peer.test": {"policy": "strict",
+                                                        "fallback": "never"}}})
+        txn = attrs.evolve(self.txn("x@peer.test"), tls_override="cleartext")
+        plain = self.deliver(pool, NextHop("peer.test"), self.txn("y@peer.test"))
+        r = self.deliver(pool, NextHop("peer.test"), txn)
+        self.flush()
+        self.assertEqual(r[0]["x@peer.test"].code, 250)
+        self.assertEqual(plain[0]["y@peer.test"].enhanced, "4.7.4")
+        [body] = [e[2] for e in self.log if len(e) == 3]
+        self.assertIn(b"fallback=operator-override", body.split(b"\n")[0])
 
     def test_null_mx(self):
         pool = self.pool()

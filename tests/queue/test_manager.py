@@ -407,6 +407,27 @@ class DSNRequestTests(ManagerTestBase):
         self.assertNotIn(b"the body text", data)
 
 
+class TLSOverrideTests(ManagerTestBase):
+    def test_release_with_override_is_one_shot(self):
+        """release:relaxed makes the next attempt carry the override (logged), and the attempt after it does not."""
+        from twisted_mta.queue import control
+        m = self.manager()
+        env = self.queue(["x@elsewhere.test"])
+        m.enqueue(env)
+        self.clock.advance(0)
+        self.assertIsNone(self.outbound.sent[-1][1].tls_override)
+        control.request(self.spool, "hold", env.queue_id)
+        self.clock.advance(1)
+        control.request(self.spool, "release:relaxed", env.queue_id)
+        self.clock.advance(1)
+        self.clock.advance(0)
+        self.assertEqual(self.outbound.sent[-1][1].tls_override, "relaxed")
+        self.assertIsNone(self.spool.load(env.queue_id).tls_override)
+        self.clock.advance(600)
+        self.assertIsNone(self.outbound.sent[-1][1].tls_override)
+        self.assertEqual(len(self.outbound.sent), 3)
+
+
 class RetryDelayTests(SynchronousTestCase):
     def test_schedule_is_data(self):
         """The n-th retry uses the n-th interval, then the last one forever."""

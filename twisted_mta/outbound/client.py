@@ -61,6 +61,7 @@ class Transaction:
     age: float = 0.0
     attempts: int = 0
     tls_failures: int = 0
+    tls_override: str | None = None  # the operator's one-shot "relaxed" or "cleartext"
 
 
 class SessionFailed(Exception):

@@ -121,6 +121,8 @@ class OutboundPool:
         """
         if self._stopping:
             return defer.succeed(_all(txn, Outcome(451, "4.3.2", "shutting down")))
+        if txn.tls_override == "relaxed":
+            return self._one_off(hop, txn)
         dest = self._destinations.get(hop.key)
         if dest is None:
             dest = self._destinations[hop.key] = _Destination(hop)
@@ -297,7 +299,23 @@ class OutboundPool:
     # -- finding a server -----------------------------------------------------------
 
     @defer.inlineCallbacks
-    def _establish(self, hop: NextHop):
+    def _one_off(self, hop: NextHop, txn: Transaction):
+        """
+        The operator's "relaxed" override: one connection of its own, TLS
+        required but the certificate not checked, for this message only.
+        """
+        try:
+            client = yield self._establish(hop, relax=True)
+        except SessionFailed as e:
+            return _all(txn, e.outcome)
+        log.warn("outbound: {queue_id} sent under the operator's relaxed override to {peer}",
+                 event="outbound.tls_override", queue_id=txn.queue_id, peer=client.peer)
+        results = yield client.send(txn)
+        client.quit()
+        return results
+
+    @defer.inlineCallbacks
+    def _establish(self, hop: NextHop, relax: bool = False):
         """
         A ready session for C{hop}: each host in order, each address in
         turn.  Fails with the most telling failure: a TLS failure (which
@@ -329,9 +347,13 @@ class OutboundPool:
                                "(no A or AAAA record)")
                 continue
             choice = self.tls.choose(hop.domain, host, hop.smarthost)
+            note = None
+            if relax:
+                req = attrs.evolve(choice.requirements, starttls="required", verify=False)
+                choice, note = attrs.evolve(choice, requirements=req), "override=relaxed"
             for address in addresses:
                 try:
-                    client = yield self._session(hop, host, address, port, choice)
+                    client = yield self._session(hop, host, address, port, choice, note=note)
                 except SessionFailed as e:
                     last = e.outcome
                     if e.tls_failure is not None:
@@ -368,7 +390,11 @@ class OutboundPool:
         decider = self.tls.decider(choice.fallback)
         groups: dict[str, list] = {}
         for txn, d in waiting:
-            decision = fb.decide(decider, failure, self._situation(hop, failure, choice, txn))
+            situation = self._situation(hop, failure, choice, txn)
+            if txn.tls_override == "cleartext":
+                decision = fb.decide(_OperatorOverride(), failure, situation)
+            else:
+                decision = fb.decide(decider, failure, situation)
             log.info("outbound: TLS to {host}[{address}] failed ({kind}); policy {policy} "
                      "({why}), fallback {decider}: {action} ({reason})",
                      event="outbound.tls_decision", destination=hop.key, host=failure.host,
@@ -522,6 +548,15 @@ class OutboundPool:
             except Exception:
                 log.failure("outbound: an observer of {name} failed", name=name,
                             event="outbound.error")
+
+
+@attrs.frozen
+class _OperatorOverride:
+    name: str = "operator-override"
+
+    def decide(self, failure, situation) -> fb.Decision:
+        return fb.Decision(fb.CLEARTEXT, "the operator allowed cleartext for this message "
+                           "(twisted-mta queue release --allow-cleartext)", self.name)
 
 
 def _all(txn: Transaction, outcome: Outcome) -> dict[str, Outcome]:

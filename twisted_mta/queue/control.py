@@ -17,6 +17,14 @@ from twisted_mta.queue.spool import Spool
 
 ACTIONS = ("flush", "hold", "release", "delete")
 ALL = "ALL"
+# One-shot TLS overrides for the next attempt of one message, written as
+# "release:relaxed" or "flush:cleartext" (audited in the log and the trace).
+OVERRIDES = ("relaxed", "cleartext")
+
+
+def split_action(action: str) -> tuple[str, str | None]:
+    base, _, override = action.partition(":")
+    return base, override or None
 
 
 class ControlError(Exception):
@@ -33,7 +41,9 @@ def request(spool: Spool, action: str, queue_id: str = ALL) -> str:
     """
     Leave a request for the running MTA; return the request file's path.
     """
-    if action not in ACTIONS:
+    base, override = split_action(action)
+    if base not in ACTIONS or (override is not None and (
+            override not in OVERRIDES or base not in ("flush", "release"))):
         raise ControlError(f"unknown action {action!r}")
     if "/" in queue_id or queue_id.startswith("."):
         raise ControlError(f"bad queue id {queue_id!r}")
@@ -60,7 +70,8 @@ def read_requests(spool: Spool) -> list[tuple[str, str, str]]:
     out = []
     for name in names:
         parts = name.split("-", 3)
-        if len(parts) != 4 or parts[2] not in ACTIONS:
+        base, override = split_action(parts[2]) if len(parts) == 4 else ("", None)
+        if len(parts) != 4 or base not in ACTIONS or (override and override not in OVERRIDES):
             os.unlink(os.path.join(directory, name))
             continue
         out.append((name, parts[2], parts[3]))

@@ -135,6 +135,7 @@ class Envelope:
     ret: str | None = None  # DSN RET: "FULL" or "HDRS" (RFC 3461)
     envid: str | None = None  # DSN ENVID, decoded
     tls_failures: int = 0  # attempts that failed on TLS (the fallback decider weighs it)
+    tls_override: str | None = None  # operator's one-shot: "relaxed" or "cleartext"
 
     def pending(self) -> tuple[Recipient, ...]:
         return tuple(r for r in self.recipients if r.pending)
@@ -224,6 +225,7 @@ def _dump(env: Envelope) -> dict[str, Any]:
         **({"ret": env.ret} if env.ret else {}),
         **({"envid": env.envid} if env.envid is not None else {}),
         **({"tls_failures": env.tls_failures} if env.tls_failures else {}),
+        **({"tls_override": env.tls_override} if env.tls_override else {}),
         "recipients": [
             {
                 "address": r.address,
@@ -272,4 +274,5 @@ def _load(raw: dict[str, Any]) -> Envelope:
         ret=raw.get("ret"),
         envid=raw.get("envid"),
         tls_failures=int(raw.get("tls_failures", 0)),
+        tls_override=raw.get("tls_override"),
     )

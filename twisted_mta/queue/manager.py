@@ -150,6 +150,13 @@ class QueueManager(service.Service):
 
     @defer.inlineCallbacks
     def _carry_out(self, action: str, qid: str):
+        action, override = control.split_action(action)
+        if override is not None and qid in self.entries:
+            envelope = attrs.evolve(self.entries[qid], tls_override=override)
+            yield self.run_blocking(self.spool.update, envelope, self.states[qid])
+            self.entries[qid] = envelope
+            log.warn("{queue_id}: operator allows {override} TLS for its next attempt only",
+                     event="queue.tls_override", queue_id=qid, override=override)
         if action == "flush" and hasattr(self.outbound, "revive"):
             self.outbound.revive()
         if action == "flush" and qid == control.ALL:
@@ -317,7 +324,8 @@ class QueueManager(service.Service):
             txn = Transaction(envelope.sender, addrs, message, dsn=dsn, ret=envelope.ret,
                               envid=envelope.envid, queue_id=envelope.queue_id,
                               age=self.clock.seconds() - envelope.arrival,
-                              attempts=envelope.attempts, tls_failures=envelope.tls_failures)
+                              attempts=envelope.attempts, tls_failures=envelope.tls_failures,
+                              tls_override=envelope.tls_override)
             sent.append(self.outbound.deliver(hop, txn))
         results: dict[str, Outcome] = {}
         for part in (yield defer.gatherResults(sent, consumeErrors=True)):
@@ -459,7 +467,8 @@ class QueueManager(service.Service):
         tls_failed = any(o.kind in TLS_KINDS for o in results.values())
         updated = attrs.evolve(envelope.with_results(changed), attempts=attempts,
                                last_outcome=last or envelope.last_outcome,
-                               tls_failures=envelope.tls_failures + tls_failed)
+                               tls_failures=envelope.tls_failures + tls_failed,
+                               tls_override=None)  # one attempt only
         if updated.finished:
             return updated
         q = self.config.queue
