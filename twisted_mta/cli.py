@@ -322,6 +322,57 @@ def cmd_tls_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tls_history(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"twisted-mta: {e}", file=sys.stderr)
+        return 1
+    from twisted_mta.outbound import history
+    path = history.history_path(config.spool)
+    forget = args.forget or (control.ALL if args.forget_all else None)
+    if forget:
+        spool = Spool(config.spool)
+        try:
+            spool.lock()
+        except SpoolError:
+            control.request(spool, "tlsforget", forget)
+            print(f"forget TLS history of {forget}: requested; the running MTA acts on it "
+                  "within a second")
+            return 0
+        try:
+            data = history.read(path)
+            if forget == control.ALL:
+                data = {}
+            elif data.pop(forget.lower(), None) is None:
+                print(f"no TLS history for {forget}")
+                return 0
+            history.write(path, data)
+            print(f"TLS history of {forget} forgotten")
+        finally:
+            spool.unlock()
+        return 0
+    data = history.read(path)
+    if args.domain:
+        data = {k: v for k, v in data.items() if k == args.domain.lower()}
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return 0
+    if not data:
+        print("no TLS history" + (f" for {args.domain}" if args.domain else ""))
+        return 0
+    for domain, raw in sorted(data.items()):
+        try:
+            entry = history.HistoryEntry(**raw)
+        except TypeError:
+            continue
+        line = f"{domain}: {entry.describe()}"
+        if entry.broken_until > time.time():
+            line += f"; TLS skipped (broken) for {_ago(entry.broken_until - time.time())} more"
+        print(line)
+    return 0
+
+
 def _ago(seconds: float) -> str:
     seconds = max(0, int(seconds))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -388,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
              "hold": "keep an entry without attempting it",
              "release": "let a held entry be attempted again, now",
              "delete": "remove an entry without telling anyone"}
-    for action in control.ACTIONS:
+    for action in helps:
         p = queue_sub.add_parser(action, help=helps[action])
         if action == "flush":
             p.add_argument("queue_id", nargs="?")
@@ -419,6 +470,15 @@ def build_parser() -> argparse.ArgumentParser:
     tshadow.add_argument("--since", metavar="DURATION", help="only the last 30m, 12h, 7d, ...")
     tshadow.add_argument("--json", action="store_true", help="print JSON for scripts")
     tshadow.set_defaults(func=cmd_tls_shadow_report)
+    thistory = tls_sub.add_parser(
+        "history", help="what TLS each destination has shown (ratchet, broken TLS); reset it")
+    thistory.add_argument("domain", nargs="?")
+    thistory.add_argument("-c", "--config", required=True, help="the MTA's configuration file")
+    thistory.add_argument("--json", action="store_true", help="print JSON for scripts")
+    g = thistory.add_mutually_exclusive_group()
+    g.add_argument("--forget", metavar="DOMAIN", help="drop one domain's history")
+    g.add_argument("--forget-all", action="store_true", help="drop all TLS history")
+    thistory.set_defaults(func=cmd_tls_history)
 
     user = sub.add_parser("user", help="manage the AUTH users file (scrypt hashes)")
     user_sub = user.add_subparsers(dest="action", required=True)

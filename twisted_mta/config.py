@@ -154,6 +154,7 @@ class TLSPolicyEntry:
     ca_file: str | None = None
     server_name: str | None = None
     shadow: str | None = None  # a stricter policy evaluated on the same handshakes
+    ratchet: bool | None = None  # None: the default's setting
 
 
 @attrs.frozen
@@ -168,6 +169,10 @@ class OutboundTLSSettings:
     early_warning: tuple[str, ...] = ("strict",)  # policies that warn at the first failure
     plugins: tuple[str, ...] = ()  # dotted paths of extra policies/deciders
     explanation: str | None = None  # a file with the bounce wording for TLS failures
+    ratchet: bool = False  # never below the best TLS a domain has shown (opt-in)
+    history_expiry: int = 30 * 86400
+    broken_tls_after: int = 3  # handshake failures in a row that mark TLS broken
+    broken_tls_time: int = 86400  # how long broken TLS is skipped (opportunistic only)
 
 
 @attrs.frozen
@@ -749,7 +754,8 @@ def _tls_entry(t: _Table, base: str, default_policy: str | None = None) -> TLSPo
         ciphers=t.get("ciphers", str, None),
         ca_file=_resolve(base, ca_file) if ca_file else None,
         server_name=t.get("server_name", str, None),
-        shadow=t.get("shadow", str, None))
+        shadow=t.get("shadow", str, None),
+        ratchet=t.get("ratchet", bool, None))
     if entry.ca_file and not os.path.isfile(entry.ca_file):
         raise t.error("ca_file", f"no such file: {entry.ca_file}")
     return entry
@@ -788,6 +794,10 @@ def _outbound_tls(t: _Table, base: str) -> OutboundTLSSettings:
         early_warning=t.strings("early_warning", d.early_warning),
         plugins=t.strings("plugins", ()),
         explanation=_resolve(base, explanation) if explanation else None,
+        ratchet=t.get("ratchet", bool, d.ratchet),
+        history_expiry=t.duration("history_expiry", d.history_expiry),
+        broken_tls_after=t.positive("broken_tls_after", d.broken_tls_after),
+        broken_tls_time=t.duration("broken_tls_time", d.broken_tls_time),
     )
     t.finish()
     if settings.explanation and not os.path.isfile(settings.explanation):

@@ -111,12 +111,18 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None) -> servi
     from twisted_mta.outbound.pool import DNSResolver, OutboundPool, tcp_connector
     from twisted_mta.metrics import Metrics
     from twisted_mta.outbound.shadow import ShadowLog
+    from twisted_mta.outbound.history import TLSHistory, history_path
     metrics = Metrics()
+    tls = config.outbound.tls
+    history = TLSHistory(history_path(config.spool), reactor, run_blocking,
+                         expiry=tls.history_expiry, broken_after=tls.broken_tls_after,
+                         broken_time=tls.broken_tls_time)
+    history.load()
     outbound = OutboundPool(
         settings=config.outbound, hostname=config.hostname, clock=reactor,
         run_blocking=run_blocking, resolver=DNSResolver(config.dns),
         connect=tcp_connector(reactor, config.outbound.connect_timeout),
-        observers=[ShadowLog(config.spool, run_blocking), metrics])
+        observers=[ShadowLog(config.spool, run_blocking), metrics], history=history)
     manager = QueueManager(config, spool, reactor, run_blocking, outbound=outbound,
                            observers=[metrics])
     metrics.watch_queue(lambda: manager.states)

@@ -58,8 +58,8 @@ class Peer:
     C{"unknown-issuer"} (signed by an unknown CA, the leaf alone is sent),
     C{"wrong-name"}.
 
-    C{max_version}: the newest TLS version it speaks (its oldest is
-    TLS 1.0 when C{max_version} is TLS 1.0, else TLS 1.2).
+    C{max_version}: the newest TLS version it speaks (the TLS 1.0 peer
+    speaks nothing else).
     C{legacy_cipher_only}: it accepts only a cipher outside OpenSSL's
     default list (so only C{opportunistic}'s C{ALL:@SECLEVEL=0} has it).
     """
@@ -298,14 +298,15 @@ class MatrixPostfix(PostfixInstance):
     One private Postfix: the relay (relay.tls.test) on the main smtpd
     service, and one more smtpd service per peer on the peer's own
     address, each with its host name and TLS settings as C{-o} overrides.
-    Every message it accepts is stored by virtual(8) in
-    C{<vmail>/<recipient domain>/<local part>/} (a Maildir).
+    A message for one of C{recipients} is stored by virtual(8) in
+    C{<vmail>/<recipient domain>/<local part>/} (a Maildir), whichever
+    service accepted it.
     """
 
     hostname = RELAY_HOST
 
     def __init__(self, base: str, port: int, certs: dict[str, CertFiles],
-                 peers=PEERS) -> None:
+                 recipients: list[str], peers=PEERS) -> None:
         os.makedirs(base, exist_ok=True)
         os.chmod(base, 0o755)
         self.vmail = os.path.join(base, "vmail")
@@ -314,18 +315,20 @@ class MatrixPostfix(PostfixInstance):
         maps = os.path.join(base, "maps")
         os.makedirs(maps)
         domains_map = os.path.join(maps, "domains.re")
-        mailbox_map = os.path.join(maps, "mailboxes.re")
+        mailbox_map = os.path.join(maps, "mailboxes")
         with open(domains_map, "w") as f:
             f.write(f"/\\.{ZONE_ORIGIN}$/ OK\n")
-        with open(mailbox_map, "w") as f:
-            f.write("/^([^@]+)@(.+)$/ ${2}/${1}/\n")
+        with open(mailbox_map, "w") as f:  # virtual(8) allows no regexp substitution here
+            for address in recipients:
+                local, _, domain = address.lower().partition("@")
+                f.write(f"{address.lower()} {domain}/{local}/\n")
         uid, gid = pwd.getpwnam("postfix").pw_uid, grp.getgrnam("postfix").gr_gid
         self.cipher = legacy_cipher()
         relay = certs["relay"]
         main = {
             "virtual_mailbox_domains": f"regexp:{domains_map}",
             "virtual_mailbox_base": self.vmail,
-            "virtual_mailbox_maps": f"regexp:{mailbox_map}",
+            "virtual_mailbox_maps": f"texthash:{mailbox_map}",
             "virtual_uid_maps": f"static:{uid}",
             "virtual_gid_maps": f"static:{gid}",
             "virtual_transport": "virtual",

@@ -82,7 +82,7 @@ class FakeResolver:
         return self._addresses.get(host, [])
 
 
-class PoolTests(SynchronousTestCase):
+class PoolTestBase(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
         self.log: list = []
@@ -150,6 +150,8 @@ class PoolTests(SynchronousTestCase):
     def commands(self, name=None):
         return [e[1] for e in self.log if len(e) == 2 and (name is None or e[0] == name)]
 
+
+class PoolTests(PoolTestBase):
     def test_delivered_to_best_mx(self):
         pool = self.pool()
         r = self.deliver(pool, NextHop("peer.test"), self.txn("x@peer.test", "bad@peer.test"))

@@ -51,7 +51,8 @@ class Situation:
     credentials: bool = False  # the connection would log in
     requiretls: bool = False  # the message demands TLS (RFC 8689)
     relay: str | None = None  # the configured secure relay, if any
-    history: object | None = None  # the destination's TLS history (later)
+    history: object | None = None  # the destination's HistoryEntry, if any
+    ratchet: str | None = None  # the history raised the requirements: why
 
 
 @implementer(IFallbackDecider, IPlugin)
@@ -185,6 +186,8 @@ def decide(decider, failure: TLSFailure, situation: Situation) -> Decision:
                           (situation.requiretls, "the message requires TLS (REQUIRETLS)")):
             if rule:
                 return Decision(DEFER, why, d.decider)
+        if situation.ratchet:
+            return Decision(DEFER, f"no downgrade to cleartext: {situation.ratchet}", "ratchet")
     if d.action == RELAXED and not failure.is_certificate:
         return Decision(DEFER, f"{failure.kind}: a relaxed retry cannot help", d.decider)
     if d.action == VIA_RELAY and not situation.relay:

@@ -26,6 +26,7 @@ from twisted_mta.outbound.client import OutboundClient, SessionFailed, Timeouts,
 from twisted_mta.outbound.router import NextHop
 from twisted_mta.outbound import fallback as fb
 from twisted_mta.outbound.tls import PolicyCreator, _is_ip, shadow_verdict
+from twisted_mta.outbound.history import TLSHistory, _day
 from twisted_mta.outbound.tlsengine import TLSEngine
 from twisted_mta.queue.envelope import Outcome
 
@@ -81,6 +82,7 @@ class _OneProtocol(ClientFactory):
 @attrs.define(eq=False)
 class _Destination:
     hop: NextHop
+    key: object
     waiting: deque = attrs.field(factory=deque)  # (Transaction, Deferred)
     idle: list = attrs.field(factory=list)  # (client, timer)
     connections: int = 0  # open or being opened
@@ -94,8 +96,9 @@ class _Destination:
 class OutboundPool:
     def __init__(self, *, settings: OutboundSettings, hostname: str, clock, run_blocking,
                  resolver, connect: Callable, tls: TLSEngine | None = None,
-                 observers: list | None = None) -> None:
+                 observers: list | None = None, history: TLSHistory | None = None) -> None:
         self.settings = settings
+        self.history = history
         # Called with (event name, dict) for shadow verdicts and TLS
         # outcomes: the shadow report file, metrics.
         self.observers = observers if observers is not None else []
@@ -123,9 +126,10 @@ class OutboundPool:
             return defer.succeed(_all(txn, Outcome(451, "4.3.2", "shutting down")))
         if txn.tls_override == "relaxed":
             return self._one_off(hop, txn)
-        dest = self._destinations.get(hop.key)
+        key = self._key(hop)
+        dest = self._destinations.get(key)
         if dest is None:
-            dest = self._destinations[hop.key] = _Destination(hop)
+            dest = self._destinations[key] = _Destination(hop, key)
         if dest.dead_outcome is not None:
             if self.clock.seconds() < dest.dead_until:
                 if dest.dead_failure is not None:
@@ -138,6 +142,16 @@ class OutboundPool:
         dest.waiting.append((txn, d))
         self._pump(dest)
         return d
+
+    def _key(self, hop: NextHop):
+        """
+        Which connections a message may share: one MX domain's; or a
+        smarthost's, among domains whose TLS policy there is the same.
+        """
+        if hop.smarthost is None:
+            return hop.domain
+        c = self.tls.choose(hop.domain, hop.smarthost.host, hop.smarthost)
+        return (hop.key, c.requirements, c.fallback, c.shadow, c.ratchet)
 
     def revive(self) -> None:
         """
@@ -187,7 +201,7 @@ class OutboundPool:
                     return
             elif not dest.connections and (dest.dead_outcome is None
                                            or self.clock.seconds() >= dest.dead_until):
-                del self._destinations[dest.hop.key]
+                del self._destinations[dest.key]
 
     def _close_idle_elsewhere(self, needy: _Destination) -> None:
         """
@@ -225,6 +239,8 @@ class OutboundPool:
             dest.dead_failure = e if e.tls_failure is not None else None
             waiting, dest.waiting = list(dest.waiting), deque()
             if e.tls_failure is not None:
+                if self.history is not None and dest.hop.smarthost is None:
+                    self.history.record_failure(dest.hop.domain, e.tls_failure.kind)
                 self._after_tls_failure(dest, e, waiting)
             else:
                 for txn, d in waiting:
@@ -348,6 +364,7 @@ class OutboundPool:
                 continue
             choice = self.tls.choose(hop.domain, host, hop.smarthost)
             note = None
+            choice, note = self._with_history(hop, choice)
             if relax:
                 req = attrs.evolve(choice.requirements, starttls="required", verify=False)
                 choice, note = attrs.evolve(choice, requirements=req), "override=relaxed"
@@ -367,6 +384,36 @@ class OutboundPool:
             raise tls_failed
         raise SessionFailed(last or Outcome(451, "4.4.4", f"no mail server found for {hop.key}"))
 
+    def _with_history(self, hop: NextHop, choice):
+        """
+        What the destination's history changes: the ratchet raises the
+        requirements to the best TLS it has shown; remembered broken TLS
+        skips STARTTLS where the policy would send in cleartext anyway.
+        """
+        if self.history is None or hop.smarthost is not None:
+            return choice, None
+        entry = self.history.get(hop.domain)
+        if entry is None:
+            return choice, None
+        req = choice.requirements
+        if choice.ratchet and entry.best != "none":
+            raised = req
+            if req.starttls != "required":
+                raised = attrs.evolve(raised, starttls="required")
+            if entry.best == "verified" and not req.verify:
+                raised = attrs.evolve(raised, verify=True)
+            if (raised.min_version or "TLSv1.2") < "TLSv1.2":
+                raised = attrs.evolve(raised, min_version="TLSv1.2", ciphers=None)
+            if raised != req:
+                why = f"{hop.domain} used {entry.best} TLS on {_day(entry.best_at)}"
+                return attrs.evolve(choice, requirements=raised, ratcheted=why), \
+                    f"ratchet={entry.best}"
+        broken = self.history.broken(hop.domain)
+        if broken is not None and req.starttls == "if-offered" and choice.fallback == "now":
+            return (attrs.evolve(choice, requirements=attrs.evolve(req, starttls="never")),
+                    f"tls-skipped=broken ({broken.failures} failures, last {broken.last_kind})")
+        return choice, None
+
     # -- after a TLS failure ----------------------------------------------------------
 
     def _situation(self, hop: NextHop, failure, choice, txn: Transaction) -> fb.Situation:
@@ -378,7 +425,9 @@ class OutboundPool:
             tls_failures=txn.tls_failures,
             implicit_tls=sh is not None and sh.tls == "implicit",
             credentials=sh is not None and sh.username is not None,
-            requiretls=False, relay=relay.destination if relay else None)
+            requiretls=False, relay=relay.destination if relay else None,
+            history=self.history.get(hop.domain) if self.history and hop.domain else None,
+            ratchet=choice.ratcheted)
 
     def _after_tls_failure(self, dest: _Destination, e: SessionFailed, waiting: list) -> None:
         """
@@ -428,7 +477,8 @@ class OutboundPool:
             if action == fb.VIA_RELAY:
                 relay = self.settings.tls.relay
                 relay_hop = NextHop(domain=hop.domain, smarthost=relay)
-                relay_choice = self.tls.choose(hop.domain, relay.host, relay)
+                # The relay runs under its own policy, never the domain's.
+                relay_choice = self.tls.choose("", relay.host, relay)
                 host = relay.host
                 addresses = [host] if _is_ip(host) else (
                     yield self.run_blocking(self.resolver.addresses, host))
@@ -436,7 +486,7 @@ class OutboundPool:
                     raise SessionFailed(Outcome(451, "4.4.4", f"the relay {host} has no "
                                                 "address"))
                 client = yield self._session(relay_hop, host, addresses[0], relay.port,
-                                             relay_choice, note=note + " via-relay")
+                                             relay_choice, note=note)
             else:
                 changed = (attrs.evolve(req, starttls="never", verify=False)
                            if action == fb.CLEARTEXT else attrs.evolve(req, verify=False))
@@ -512,6 +562,11 @@ class OutboundPool:
         tls_text = creator.record.describe() if creator and client.tls_done else "no TLS"
         if choice.shadow is not None and note is None:
             self._shadow(hop, choice, creator, client)
+        if self.history is not None and hop.smarthost is None and not (
+                note or "").startswith(("fallback", "override")):
+            level = ("none" if not (creator and client.tls_done) else
+                     "verified" if creator.record.verified else "encrypted")
+            self.history.record_success(hop.domain, level)
         self._notify("tls.session", {
             "version": creator.record.version if creator and client.tls_done else None,
             "verified": bool(creator and client.tls_done and creator.record.verified),

@@ -43,7 +43,7 @@ def explain(config: Config, domain: str, reactor, run_blocking, resolver=None,
                         connect=tcp_connector(reactor, settings.connect_timeout))
     domain = domain.lower().rstrip(".")
     smarthost = settings.smarthost_for(domain)
-    hop = NextHop(domain=domain if smarthost is None else "", smarthost=smarthost)
+    hop = NextHop(domain=domain, smarthost=smarthost)
     report: dict[str, Any] = {"domain": domain, "hosts": []}
     if smarthost is not None:
         report["route"] = f"smarthost {smarthost.destination} ({smarthost.tls})"

@@ -19,7 +19,7 @@ class NextHop:
     a smarthost.  Messages to one next hop share connections.
     """
 
-    domain: str
+    domain: str  # the recipient domain (its TLS policy applies, smarthost or not)
     smarthost: Smarthost | None = None
 
     @property
@@ -53,7 +53,7 @@ def route(envelope: Envelope, directory: LocalDirectory,
             local.append(LocalTarget(index=index, address=rcpt.address, maildir=maildir))
         else:
             smarthost = outbound.smarthost_for(domain)
-            hop = NextHop(domain=domain.lower() if smarthost is None else "", smarthost=smarthost)
+            hop = NextHop(domain=domain.lower(), smarthost=smarthost)
             remote.setdefault(hop, []).append(rcpt.address)
     return Routes(local=tuple(local), decided=decided,
                   remote={hop: tuple(addrs) for hop, addrs in remote.items()})

@@ -118,6 +118,7 @@ class TLSEngine:
             domains=[(k, _entry(e)) for k, e in settings.domains],
             mx_hosts=[(k, _entry(e)) for k, e in settings.mx_hosts],
             default_fallback=settings.fallback, ca_file=settings.ca_file,
+            ratchet=settings.ratchet,
             plugins={n: self.registry.policy(n) for n in self._policy_names()})
         if explanation is None and settings.explanation:
             with open(settings.explanation, encoding="utf-8") as f:
@@ -157,8 +158,7 @@ class TLSEngine:
             "domain": domain or failure.host,
             "host": failure.host,
             "address": failure.address,
-            "requirement": REQUIREMENT.get(choice.requirements.policy,
-                                           "what its TLS policy asks for"),
+            "requirement": _requirement(choice),
             "decision": _decision_words(decision),
             "advice": failure.advice(),
             "kind": failure.kind,
@@ -166,7 +166,23 @@ class TLSEngine:
         return _render(self.explanation, fields).strip()
 
 
+def _requirement(choice: Choice) -> str:
+    req = choice.requirements
+    if choice.ratcheted:
+        return f"{_level_words(req)}, because {choice.ratcheted}"
+    return REQUIREMENT.get(req.policy, _level_words(req))
+
+
+def _level_words(req) -> str:
+    if req.verify:
+        return REQUIREMENT["strict"]
+    if req.starttls == "required":
+        return "encryption"
+    return REQUIREMENT["opportunistic"]
+
+
 _DEFER_WORDS = {
+    "ratchet": "; this server does not let a domain drop silently to cleartext",
     "never": "; it is never sent there without that",
     "next-attempt": "; if the next attempt fails the same way, it will be sent without "
                     "encryption",
@@ -190,7 +206,7 @@ def _decision_words(decision: fb.Decision | None) -> str:
 
 def _entry(e: TLSPolicyEntry) -> PolicyEntry:
     return PolicyEntry(e.policy, e.fallback, e.min_version, e.ciphers, e.ca_file,
-                       e.server_name, e.shadow)
+                       e.server_name, e.shadow, e.ratchet)
 
 
 def _sentence(text: str) -> str:

@@ -110,6 +110,7 @@ class PolicyEntry:
     ca_file: str | None = None
     server_name: str | None = None
     shadow: str | None = None
+    ratchet: bool | None = None
 
 
 @attrs.frozen
@@ -118,6 +119,8 @@ class Choice:
     fallback: str
     reason: str  # which map entry chose them
     shadow: TLSRequirements | None = None  # report-only: what a stricter policy would say
+    ratchet: bool = False  # the destination's TLS history may raise the requirements
+    ratcheted: str | None = None  # set when it did: why, in words
 
 
 class PolicyMap:
@@ -130,7 +133,8 @@ class PolicyMap:
     def __init__(self, default: PolicyEntry, domains: Iterable[tuple[str, PolicyEntry]] = (),
                  mx_hosts: Iterable[tuple[str, PolicyEntry]] = (),
                  default_fallback: str = "now", ca_file: str | None = None,
-                 plugins: dict[str, object] | None = None) -> None:
+                 plugins: dict[str, object] | None = None, ratchet: bool = False) -> None:
+        self.ratchet = ratchet
         self.default = default
         self.domains = dict(domains)
         self.mx_hosts = list(mx_hosts)
@@ -154,7 +158,8 @@ class PolicyMap:
             shadow = self.policy_named(entry.shadow).requirements(destination)
             shadow = attrs.evolve(shadow, ca_file=shadow.ca_file or req.ca_file,
                                   server_name=shadow.server_name or req.server_name)
-        return Choice(req, entry.fallback or self.default_fallback, reason, shadow)
+        ratchet = self.ratchet if entry.ratchet is None else entry.ratchet
+        return Choice(req, entry.fallback or self.default_fallback, reason, shadow, ratchet)
 
     def _entry(self, destination: Destination, smarthost_entry: PolicyEntry | None
                ) -> tuple[PolicyEntry, str]:

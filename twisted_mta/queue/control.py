@@ -15,7 +15,7 @@ import time
 
 from twisted_mta.queue.spool import Spool
 
-ACTIONS = ("flush", "hold", "release", "delete")
+ACTIONS = ("flush", "hold", "release", "delete", "tlsforget")
 ALL = "ALL"
 # One-shot TLS overrides for the next attempt of one message, written as
 # "release:relaxed" or "flush:cleartext" (audited in the log and the trace).

@@ -162,6 +162,12 @@ class QueueManager(service.Service):
         if action == "flush" and qid == control.ALL:
             self.flush()
             return "all entries due now"
+        if action == "tlsforget":
+            history = getattr(self.outbound, "history", None)
+            if history is None:
+                return "no TLS history"
+            found = history.forget(None if qid == control.ALL else qid)
+            return "TLS history forgotten" if found else "no TLS history for it"
         state = self.states.get(qid)
         if state is None:
             return "no such entry"
