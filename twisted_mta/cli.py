@@ -352,25 +352,32 @@ def cmd_tls_history(args: argparse.Namespace) -> int:
         finally:
             spool.unlock()
         return 0
-    data = history.read(path)
+    # As the MTA sees it: expired parts (history_expiry) do not count.
+    h = history.TLSHistory(path, _WallClock(), None,
+                           expiry=config.outbound.tls.history_expiry)
+    h.load()
+    entries = h.current()
     if args.domain:
-        data = {k: v for k, v in data.items() if k == args.domain.lower()}
+        entries = {k: v for k, v in entries.items() if k == args.domain.lower()}
     if args.json:
-        print(json.dumps(data, indent=2, sort_keys=True))
+        import attrs
+        print(json.dumps({d: attrs.asdict(e) for d, e in entries.items()}, indent=2,
+                         sort_keys=True))
         return 0
-    if not data:
+    if not entries:
         print("no TLS history" + (f" for {args.domain}" if args.domain else ""))
         return 0
-    for domain, raw in sorted(data.items()):
-        try:
-            entry = history.HistoryEntry(**raw)
-        except TypeError:
-            continue
+    for domain, entry in entries.items():
         line = f"{domain}: {entry.describe()}"
         if entry.broken_until > time.time():
             line += f"; TLS skipped (broken) for {_ago(entry.broken_until - time.time())} more"
         print(line)
     return 0
+
+
+class _WallClock:
+    def seconds(self) -> float:
+        return time.time()
 
 
 def _ago(seconds: float) -> str:

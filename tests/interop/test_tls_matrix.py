@@ -168,7 +168,9 @@ def routing_cells() -> list[Cell]:
 
 VERSION_ORDER = ("TLSv1.0", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 FLOOR = {"opportunistic": "TLSv1.0", "relaxed": "TLSv1.2", "strict": "TLSv1.2"}
-OPENSSL_NAME = {"TLSv1.0": "TLSv1", "TLSv1.1": "TLSv1.1", "TLSv1.2": "TLSv1.2",
+# The names twisted-mta records (OpenSSL's, except that its "TLSv1" is
+# written TLSv1.0).
+OPENSSL_NAME = {"TLSv1.0": "TLSv1.0", "TLSv1.1": "TLSv1.1", "TLSv1.2": "TLSv1.2",
                 "TLSv1.3": "TLSv1.3"}
 CERTIFICATE_KINDS = ("certificate-expired", "certificate-not-yet-valid",
                      "certificate-untrusted", "certificate-host-mismatch")
@@ -892,7 +894,8 @@ class MatrixRun:
                             f"fallback={exp.fallback} reason="
                             f"{exp.kind if exp.fallback else None}")
         # The peer's own account must agree with ours.
-        if cp.stored_by != "scripted" and cp.peer_tls != p["version"]:
+        peer_tls = "TLSv1.0" if cp.peer_tls == "TLSv1" else cp.peer_tls  # Postfix's name
+        if cp.stored_by != "scripted" and peer_tls != p["version"]:
             problems.append(f"the receiving Postfix says TLS {cp.peer_tls}, our header "
                             f"{p['version']}")
         for problem in problems:
@@ -925,7 +928,7 @@ class MatrixRun:
 
 
 def _short(version: str | None) -> str:
-    return {"TLSv1": "TLS 1.0", "TLSv1.1": "TLS 1.1", "TLSv1.2": "TLS 1.2",
+    return {"TLSv1.0": "TLS 1.0", "TLSv1.1": "TLS 1.1", "TLSv1.2": "TLS 1.2",
             "TLSv1.3": "TLS 1.3"}.get(version or "", version or "TLS ?")
 
 

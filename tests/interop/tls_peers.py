@@ -149,12 +149,14 @@ def free_port_on_all(addresses=ADDRESSES) -> int:
     raise AssertionError(f"no port free on all of {addresses}")
 
 
-def matrix_zone(peers=PEERS) -> dict[str, str]:
+def matrix_zone(peers=PEERS, extra=(), serial: int = 1) -> dict[str, str]:
     """
     One zone, C{test.}: for each STARTTLS peer a wildcard MX
     (C{*.<peer>.test MX 10 mx.<peer>.test.}) and the MX host's address;
     for each implicit-TLS peer a wildcard address (its smarthost names);
-    and the secure relay.
+    and the secure relay.  C{extra} records (C{(name, type, rdata)}) are
+    added as they are; C{serial} is the SOA serial (bump it when the zone
+    is written again for a reload).
     """
     records = [(f"{RELAY_HOST}.", "A", RELAY_ADDRESS)]
     for p in peers:
@@ -163,7 +165,8 @@ def matrix_zone(peers=PEERS) -> dict[str, str]:
         else:
             records.append((f"*.{p.domain}.", "MX", f"10 {p.mx_host}."))
             records.append((f"{p.mx_host}.", "A", p.address))
-    return {ZONE_ORIGIN: zone(ZONE_ORIGIN, records)}
+    records.extend(extra)
+    return {ZONE_ORIGIN: zone(ZONE_ORIGIN, records, serial=serial)}
 
 
 # -- certificates -----------------------------------------------------------------

@@ -169,3 +169,32 @@ class TLSHandshakeTests(SynchronousTestCase):
         self.assertEqual(classify_chain([(0, 2)]), ("certificate-untrusted", "incomplete-chain"))
         self.assertEqual(classify_chain([(0, 20), (0, 10)]),
                          ("certificate-expired", "expired"))
+
+
+class ShadowVerdictTests(SynchronousTestCase):
+    def creator(self, version: str, verified: bool = True):
+        from twisted_mta.outbound.tlsfailure import CertificateFacts
+        c = PolicyCreator(STRICT.requirements(Destination("d", HOST)), HOST)
+        c.record.version, c.record.cipher = version, "X"
+        c.record.certificate = CertificateFacts(HOST, (HOST,), "CA", 0, 2e9, False)
+        c.record.name_ok, c.record.verified = verified, verified
+        return c
+
+    def test_old_version_fails_strict_shadow(self):
+        """A session at TLS 1.0 (OpenSSL calls it "TLSv1") fails a strict shadow: no common version."""
+        from twisted_mta.outbound.tls import shadow_verdict
+        req = STRICT.requirements(Destination("d", HOST))
+        for version in ("TLSv1.0", "TLSv1.1"):
+            v = shadow_verdict(req, self.creator(version), True, {"STARTTLS": ""}, HOST,
+                               "192.0.2.1", 25)
+            self.assertEqual((v.kind, v.detail), ("handshake-failed", "no-common-version"))
+        self.assertIsNone(shadow_verdict(req, self.creator("TLSv1.3"), True, {}, HOST,
+                                         "192.0.2.1", 25))
+
+    def test_no_starttls_fails_a_shadow_that_requires_it(self):
+        from twisted_mta.outbound.tls import shadow_verdict
+        req = STRICT.requirements(Destination("d", HOST))
+        v = shadow_verdict(req, None, False, {}, HOST, "192.0.2.1", 25)
+        self.assertEqual(v.kind, "starttls-not-offered")
+        self.assertIsNone(shadow_verdict(req, None, False, {"STARTTLS": ""}, HOST,
+                                         "192.0.2.1", 25))

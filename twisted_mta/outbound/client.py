@@ -79,6 +79,7 @@ class SessionFailed(Exception):
         self.outcome = outcome
         self.tls_failure = tls_failure
         self.next_host = next_host
+        self.tls_record = None  # what a completed handshake showed, if one did
 
     @property
     def tls_failed(self) -> bool:
@@ -213,9 +214,11 @@ class OutboundClient(smtp.ESMTPClient):
         return TLSFailure(kind, host=self.host, address=self.address, port=self.port, **facts)
 
     def _tls_failed(self, failure: TLSFailure, close: bool = False) -> None:
-        self._fail(SessionFailed(Outcome(
-            451, failure.enhanced(), failure.describe(), remote_mta=self.host,
-            kind=failure.kind), tls_failure=failure), close=close)
+        e = SessionFailed(Outcome(451, failure.enhanced(), failure.describe(),
+                                  remote_mta=self.host, kind=failure.kind), tls_failure=failure)
+        if self.tls is not None and self.tls_done:
+            e.tls_record = self.tls.record
+        self._fail(e, close=close)
 
     def esmtpTLSFailed(self, code=-1, resp=None):
         # A refusal is a TLS failure like any other: the fallback decider

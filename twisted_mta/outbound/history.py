@@ -18,6 +18,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 import attrs
+from twisted.logger import Logger
+
+log = Logger()
 
 LEVELS = {"none": 0, "encrypted": 1, "verified": 2}
 PATH = os.path.join("tls", "history.json")
@@ -140,6 +143,21 @@ class TLSHistory:
 
     # -- saving ---------------------------------------------------------------------
 
+    def save_now(self) -> None:
+        """
+        Write at once, blocking (at shutdown: the debounced save would
+        never run).
+        """
+        self._expire()
+        write(self.path, {d: attrs.asdict(e) for d, e in sorted(self.entries.items())})
+
+    def current(self) -> dict[str, HistoryEntry]:
+        """
+        Every entry as it counts now (expired parts dropped).
+        """
+        return {d: e for d in sorted(self.entries)
+                if (e := self.get(d)) is not None and (e.best != "none" or e.failures)}
+
     def _expire(self) -> None:
         now = self.clock.seconds()
         for domain in [d for d, e in self.entries.items()
@@ -157,7 +175,8 @@ class TLSHistory:
         self._expire()
         data = {d: attrs.asdict(e) for d, e in sorted(self.entries.items())}
         d = self.run_blocking(write, self.path, data)
-        d.addErrback(lambda f: None)
+        d.addErrback(lambda f: log.failure("outbound: could not save the TLS history to "
+                                           "{path}", f, path=self.path, event="outbound.error"))
 
 
 def read(path: str) -> dict[str, Any]:

@@ -167,6 +167,11 @@ class OutboundPool:
         Close idle connections; busy ones finish their transaction first.
         """
         self._stopping = True
+        if self.history is not None:
+            try:
+                self.history.save_now()
+            except OSError:
+                log.failure("outbound: could not save the TLS history", event="outbound.error")
         for dest in self._destinations.values():
             for client, timer in dest.idle:
                 if timer.active():
@@ -611,7 +616,7 @@ class _OperatorOverride:
 
     def decide(self, failure, situation) -> fb.Decision:
         return fb.Decision(fb.CLEARTEXT, "the operator allowed cleartext for this message "
-                           "(twisted-mta queue release --allow-cleartext)", self.name)
+                           "(twisted-mta queue release/flush --allow-cleartext)", self.name)
 
 
 def _all(txn: Transaction, outcome: Outcome) -> dict[str, Outcome]:

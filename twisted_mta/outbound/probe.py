@@ -97,6 +97,10 @@ def _probe(pool: OutboundPool, hop: NextHop, domain: str, host: str, address: st
         f = e.tls_failure
         out["tls_failure"] = {"kind": f.kind, "detail": f.detail,
                               "tlsrpt_result": f.tlsrpt_result}
+        if e.tls_record is not None and e.tls_record.version is not None:
+            out["tls"] = {"version": e.tls_record.version, "cipher": e.tls_record.cipher,
+                          "verified": False,
+                          "verification_required": choice.requirements.verify}
         if f.certificate is not None:
             out["certificate"] = _cert(f.certificate)
         sh = hop.smarthost
@@ -160,6 +164,10 @@ def format_report(report: dict[str, Any]) -> str:
                 lines.append(f"    no session: {a['error']}")
                 continue
             tls = a.get("tls")
+            if not a.get("ok") and tls:
+                lines.append(f"    {tls['version']} {tls['cipher']}; certificate NOT verified "
+                             "(required)")
+                tls = None
             if a.get("ok") and tls is None:
                 lines.append(f"    no TLS: {a.get('note')}")
             elif tls:

@@ -114,7 +114,8 @@ class PolicyCreator:
         Fill in the record once the handshake completed.
         """
         r = self.record
-        r.version = connection.get_protocol_version_name()
+        version = connection.get_protocol_version_name()
+        r.version = "TLSv1.0" if version == "TLSv1" else version  # OpenSSL's name for 1.0
         r.cipher = connection.get_cipher_name()
         cert = connection.get_peer_certificate()
         if cert is None:
