@@ -92,13 +92,20 @@ def _entry_json(qid: str, state: str, env: Envelope | None, problem: str | None,
     return out
 
 
-def _open_spool(args: argparse.Namespace) -> Spool | None:
+def _config(args: argparse.Namespace):
+    """
+    The configuration named by C{--config}, or None after saying why.
+    """
     try:
-        config = load_config(args.config)
+        return load_config(args.config)
     except ConfigError as e:
         print(f"twisted-mta: {e}", file=sys.stderr)
         return None
-    return Spool(config.spool)
+
+
+def _open_spool(args: argparse.Namespace) -> Spool | None:
+    config = _config(args)
+    return None if config is None else Spool(config.spool)
 
 
 def cmd_queue_list(args: argparse.Namespace) -> int:
@@ -275,10 +282,8 @@ def cmd_user_list(args: argparse.Namespace) -> int:
 
 
 def cmd_tls_explain(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as e:
-        print(f"twisted-mta: {e}", file=sys.stderr)
+    config = _config(args)
+    if config is None:
         return 1
     domains: list[str] = []
     message = None
@@ -323,10 +328,8 @@ def cmd_tls_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_tls_history(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as e:
-        print(f"twisted-mta: {e}", file=sys.stderr)
+    config = _config(args)
+    if config is None:
         return 1
     from twisted_mta.outbound import history
     path = history.history_path(config.spool)
@@ -389,10 +392,8 @@ def _ago(seconds: float) -> str:
 
 
 def cmd_tls_shadow_report(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as e:
-        print(f"twisted-mta: {e}", file=sys.stderr)
+    config = _config(args)
+    if config is None:
         return 1
     from twisted_mta.config import _DURATION, _UNITS
     from twisted_mta.outbound import shadow

@@ -13,7 +13,6 @@ that decision.
 
 from __future__ import annotations
 
-import ipaddress
 from datetime import timezone
 
 import attrs
@@ -21,6 +20,7 @@ from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
+from twisted_mta.config import _is_ip
 from twisted_mta.outbound.tlsfailure import CertificateFacts, TLSFailure, classify_chain
 from twisted_mta.outbound.tlspolicy import TLSRequirements
 
@@ -180,14 +180,6 @@ def _name_matches(connection: SSL.Connection, name: str) -> bool:
     except VerificationError:
         return False
     except Exception:
-        return False
-    return True
-
-
-def _is_ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
         return False
     return True
 

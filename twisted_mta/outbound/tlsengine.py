@@ -12,7 +12,7 @@ from string import Formatter
 
 import attrs
 
-from twisted_mta.config import OutboundTLSSettings, Smarthost, TLSPolicyEntry
+from twisted_mta.config import OutboundTLSSettings, Smarthost
 from twisted_mta.interfaces import IFallbackDecider, ITLSPolicy
 from twisted_mta.outbound import fallback as fb
 from twisted_mta.outbound.tlsfailure import TLSFailure
@@ -115,8 +115,7 @@ class TLSEngine:
         self.registry = registry if registry is not None else load_registry(settings.plugins)
         self.map = PolicyMap(
             default=PolicyEntry(settings.policy, shadow=settings.shadow),
-            domains=[(k, _entry(e)) for k, e in settings.domains],
-            mx_hosts=[(k, _entry(e)) for k, e in settings.mx_hosts],
+            domains=settings.domains, mx_hosts=settings.mx_hosts,
             default_fallback=settings.fallback, ca_file=settings.ca_file,
             ratchet=settings.ratchet,
             plugins={n: self.registry.policy(n) for n in self._policy_names()})
@@ -202,11 +201,6 @@ def _decision_words(decision: fb.Decision | None) -> str:
     if decision.decider in fb.BUILTIN:
         return ""
     return f" ({decision.reason})"
-
-
-def _entry(e: TLSPolicyEntry) -> PolicyEntry:
-    return PolicyEntry(e.policy, e.fallback, e.min_version, e.ciphers, e.ca_file,
-                       e.server_name, e.shadow, e.ratchet)
 
 
 def _sentence(text: str) -> str:

@@ -22,6 +22,7 @@ import attrs
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
+from twisted_mta.config import TLSPolicyEntry as PolicyEntry  # one line of the policy map
 from twisted_mta.interfaces import ITLSPolicy
 
 STARTTLS_MODES = ("never", "if-offered", "required")
@@ -94,23 +95,6 @@ RELAXED = FixedPolicy("relaxed", TLSRequirements(
 STRICT = FixedPolicy("strict", TLSRequirements(
     "strict", starttls="required", verify=True, min_version="TLSv1.2"))
 BUILTIN = {p.name: p for p in (NONE, OPPORTUNISTIC, RELAXED, STRICT)}
-
-
-@attrs.frozen
-class PolicyEntry:
-    """
-    One line of the policy map: a policy name (or plugin), a fallback
-    decider name, and optional overrides of the policy's settings.
-    """
-
-    policy: str
-    fallback: str | None = None
-    min_version: str | None = None
-    ciphers: str | None = None
-    ca_file: str | None = None
-    server_name: str | None = None
-    shadow: str | None = None
-    ratchet: bool | None = None
 
 
 @attrs.frozen
