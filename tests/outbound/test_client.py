@@ -438,3 +438,33 @@ class StufferTests(SynchronousTestCase):
             self.assertFalse(any(line == b".\r" for line in lines), out)
             unstuffed = b"\n".join(line[1:] if line.startswith(b".") else line for line in lines)
             self.assertTrue(unstuffed.startswith(data), (data, out))
+
+
+class LargeMessageTests(SynchronousTestCase):
+    def test_streamed_from_the_spool_file_with_stuffing(self):
+        """A message over 1 MiB is read from its queue file in chunks, stuffed across chunk boundaries, and ends with CRLF.CRLF."""
+        import os
+        from twisted.internet import defer
+        from twisted_mta.outbound.message import CHUNK, load
+        from twisted_mta.queue.envelope import Envelope, Recipient
+        env = Envelope(queue_id="Q", sender="a@x.test", recipients=(Recipient("x@peer.test"),),
+                       arrival=0)
+        line = b"x" * (CHUNK - 2) + b"\r\n"  # the next line starts exactly at a chunk edge
+        body = b"Subject: big\r\n\r\n" + line + b".starts with a dot\r\n" + line * 2
+        path = os.path.join(self.mktemp())
+        with open(path, "wb") as f:
+            f.write(env.to_header() + body)
+        msg = load(path)
+        self.assertIsNone(msg.data)
+        s = Session(self, run_blocking=defer.maybeDeferred)
+        s.establish(b"250-mx.peer.test\r\n250-PIPELINING\r\n250 SIZE 52428800\r\n")
+        results = []
+        s.client.send(Transaction("a@x.test", ("x@peer.test",), msg)).addCallback(results.append)
+        s.sent()
+        s.client.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        sent = s.transport.value()
+        self.assertEqual(sent, stuff(body))
+        self.assertIn(b"\r\n..starts with a dot\r\n", sent)
+        self.assertTrue(sent.endswith(b"\r\n.\r\n"))
+        s.feed(b"250 queued\r\n")
+        self.assertEqual(results[0]["x@peer.test"].code, 250)
