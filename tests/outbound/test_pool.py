@@ -278,6 +278,23 @@ class PoolTests(PoolTestBase):
         [body] = [e[2] for e in self.log if len(e) == 3]
         self.assertIn(b"fallback=operator-override", body.split(b"\n")[0])
 
+    def test_cleartext_fallbacks_share_limited_connections(self):
+        """Many messages falling back to cleartext after the same TLS failure share pooled connections within the per-destination limit."""
+        pool = self.pool(tls={"policy": "relaxed", "fallback": "now"},
+                         connections_per_destination=2)
+        results = [self.deliver(pool, NextHop("peer.test"), self.txn(f"u{i}@peer.test"))
+                   for i in range(8)]
+        self.flush()
+        self.assertEqual([r[0][f"u{i}@peer.test"].code for i, r in enumerate(results)],
+                         [250] * 8)
+        fallback = [e for e in self.log if len(e) == 2 and e[1].startswith(b"EHLO")]
+        bodies = [e[2] for e in self.log if len(e) == 3]
+        self.assertEqual(len(bodies), 8)
+        self.assertTrue(all(b"fallback=now reason=starttls-not-offered" in b for b in bodies))
+        # 2 TLS attempts per MX host at most, then at most 2 cleartext connections
+        self.assertLessEqual(len(self.connects), 2 * 2 + 2)
+        self.assertLess(len(fallback), 8)
+
     def test_null_mx(self):
         pool = self.pool()
         r = self.deliver(pool, NextHop("null.test"), self.txn("x@null.test"))

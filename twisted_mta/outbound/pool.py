@@ -91,6 +91,10 @@ class _Destination:
     dead_outcome: Outcome | None = None
     dead_failure: SessionFailed | None = None  # when TLS was why: decide per message
     limit: int | None = None  # lowered while new connections fail beside live ones
+    # For a fallback destination: (action, the failure, its choice, the note for
+    # the trace).  Its connections go where the fallback says, pooled and
+    # limited like any other.
+    mode: tuple | None = None
 
 
 class OutboundPool:
@@ -224,7 +228,10 @@ class OutboundPool:
     @defer.inlineCallbacks
     def _open(self, dest: _Destination):
         try:
-            client = yield self._establish(dest.hop)
+            if dest.mode is None:
+                client = yield self._establish(dest.hop)
+            else:
+                client = yield self._establish_fallback(dest)
         except SessionFailed as e:
             dest.opening -= 1
             self._released(dest)
@@ -241,9 +248,10 @@ class OutboundPool:
             # whatever waits for it (or comes soon) shares the failure.
             dest.dead_until = self.clock.seconds() + self.settings.dead_destination_time
             dest.dead_outcome = e.outcome
-            dest.dead_failure = e if e.tls_failure is not None else None
+            tls = e.tls_failure is not None and dest.mode is None
+            dest.dead_failure = e if tls else None
             waiting, dest.waiting = list(dest.waiting), deque()
-            if e.tls_failure is not None:
+            if tls:
                 if self.history is not None and dest.hop.smarthost is None:
                     self.history.record_failure(dest.hop.domain, e.tls_failure.kind)
                 self._after_tls_failure(dest, e, waiting)
@@ -437,12 +445,12 @@ class OutboundPool:
     def _after_tls_failure(self, dest: _Destination, e: SessionFailed, waiting: list) -> None:
         """
         Ask the fallback decider, message by message, what follows a TLS
-        failure: deferral (the mail gets the failure, explained), or one
-        fallback connection per kind of fallback for the messages allowed it.
+        failure: deferral (the mail gets the failure, explained), or a
+        fallback destination (cleartext, relaxed, or the relay) whose
+        connections carry only the messages allowed to use them.
         """
         hop, failure, choice = dest.hop, e.tls_failure, e.choice
         decider = self.tls.decider(choice.fallback)
-        groups: dict[str, list] = {}
         for txn, d in waiting:
             situation = self._situation(hop, failure, choice, txn)
             if txn.tls_override == "cleartext":
@@ -463,63 +471,63 @@ class OutboundPool:
             if decision.action == fb.DEFER:
                 d.callback(_all(txn, self._tls_outcome(hop, failure, choice, decision)))
             else:
-                groups.setdefault(decision.action, []).append((txn, d, decision))
-        for action, group in groups.items():
-            self._fallback(hop, e, action, group)
+                self._enqueue_fallback(dest, e, decision, txn, d)
 
     def _tls_outcome(self, hop: NextHop, failure, choice, decision) -> Outcome:
         text = self.tls.explain(failure, choice, hop.domain, decision)
         return Outcome(451, failure.enhanced(), text, remote_mta=failure.host,
                        kind=failure.kind, policy=choice.requirements.policy)
 
-    @defer.inlineCallbacks
-    def _fallback(self, hop: NextHop, e: SessionFailed, action: str, group: list):
+    def _enqueue_fallback(self, dest: _Destination, e: SessionFailed, decision, txn, d) -> None:
         failure, choice = e.tls_failure, e.choice
-        req = choice.requirements
-        decision = group[0][2]
         note = f"fallback={decision.decider} reason={failure.kind}"
-        try:
-            if action == fb.VIA_RELAY:
-                relay = self.settings.tls.relay
-                relay_hop = NextHop(domain=hop.domain, smarthost=relay)
-                # The relay runs under its own policy, never the domain's.
-                relay_choice = self.tls.choose("", relay.host, relay)
-                host = relay.host
+        if decision.action == fb.VIA_RELAY:
+            relay = self.settings.tls.relay
+            hop = NextHop(domain=dest.hop.domain, smarthost=relay)
+            key = ("relay", relay.destination, note)
+        else:
+            hop = dest.hop
+            key = ("fallback", dest.key, decision.action, failure.host, failure.address, note)
+        fallback = self._destinations.get(key)
+        if fallback is None:
+            fallback = self._destinations[key] = _Destination(
+                hop, key, mode=(decision.action, failure, choice, note))
+        if decision.action != fb.VIA_RELAY:
+            log.warn("outbound: {action} fallback for {destination} after {kind} ({reason})",
+                     event="outbound.tls_fallback", action=decision.action,
+                     destination=dest.hop.key, kind=failure.kind, reason=decision.reason,
+                     peer=f"{failure.host}[{failure.address}]:{failure.port}")
+        fallback.waiting.append((txn, d))
+        self._pump(fallback)
+
+    @defer.inlineCallbacks
+    def _establish_fallback(self, dest: _Destination):
+        """
+        A session for a fallback destination: the same server without TLS
+        or without certificate checks, or the secure relay under its own
+        policy.
+        """
+        action, failure, choice, note = dest.mode
+        if action == fb.VIA_RELAY:
+            relay = dest.hop.smarthost
+            relay_choice = self.tls.choose("", relay.host, relay)  # the relay's own policy
+            host = relay.host
+            try:
                 addresses = [host] if _is_ip(host) else (
                     yield self.run_blocking(self.resolver.addresses, host))
-                if not addresses:
-                    raise SessionFailed(Outcome(451, "4.4.4", f"the relay {host} has no "
-                                                "address"))
-                client = yield self._session(relay_hop, host, addresses[0], relay.port,
-                                             relay_choice, note=note)
-            else:
-                changed = (attrs.evolve(req, starttls="never", verify=False)
-                           if action == fb.CLEARTEXT else attrs.evolve(req, verify=False))
-                client = yield self._session(hop, failure.host, failure.address,
-                                             failure.port, attrs.evolve(choice,
-                                                                        requirements=changed),
-                                             note=note)
-        except SessionFailed as e2:
-            for txn, d, _ in group:
-                d.callback(_all(txn, e2.outcome))
-            return
-        except Exception as e3:
-            log.failure("outbound: fallback to {host} crashed", host=failure.host,
-                        event="outbound.error")
-            for txn, d, _ in group:
-                d.callback(_all(txn, Outcome(451, "4.3.0", f"internal error: {e3}")))
-            return
-        log.warn("outbound: {action} fallback for {destination} after {kind} ({reason})",
-                 event="outbound.tls_fallback", action=action, destination=hop.key,
-                 kind=failure.kind, reason=decision.reason, peer=client.peer)
-        for txn, d, _ in group:
-            if not client.ready:
-                d.callback(_all(txn, Outcome(451, "4.4.2", f"lost connection with "
-                                             f"{client.peer}", remote_mta=client.host)))
-                continue
-            results = yield client.send(txn)
-            d.callback(results)
-        client.quit()
+            except mx.MXError as e:
+                raise SessionFailed(e.outcome)
+            if not addresses:
+                raise SessionFailed(Outcome(451, "4.4.4", f"the relay {host} has no address"))
+            client = yield self._session(dest.hop, host, addresses[0], relay.port,
+                                         relay_choice, note=note)
+        else:
+            req = choice.requirements
+            changed = (attrs.evolve(req, starttls="never", verify=False)
+                       if action == fb.CLEARTEXT else attrs.evolve(req, verify=False))
+            client = yield self._session(dest.hop, failure.host, failure.address, failure.port,
+                                         attrs.evolve(choice, requirements=changed), note=note)
+        return client
 
     def _without_self(self, domain: str, records: list[mx.MXHost]) -> list[str]:
         """
@@ -534,6 +542,7 @@ class OutboundPool:
                     554, "5.4.6", f"mail for {domain} loops back to myself: its best MX "
                     f"host is this server ({self.hostname})", kind="loop"), next_host=False)
         return [r.name for r in records]
+
 
     @defer.inlineCallbacks
     def _session(self, hop: NextHop, host: str, address: str, port: int, choice,
