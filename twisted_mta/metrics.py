@@ -33,6 +33,19 @@ class _QueueCollector:
         yield g
 
 
+def notify(observers: list, name: str, event: dict[str, Any], logger, error_event: str
+           ) -> None:
+    """
+    Hand C{event} to every observer (the metrics, the shadow report); one
+    that fails is logged and never stops mail.
+    """
+    for observer in observers:
+        try:
+            observer(name, event)
+        except Exception:
+            logger.failure("an observer of {name} failed", name=name, event=error_event)
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()

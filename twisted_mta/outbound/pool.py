@@ -21,6 +21,7 @@ from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 
 from twisted_mta.config import DNSSettings, OutboundSettings
+from twisted_mta.metrics import notify
 from twisted_mta.outbound import mx
 from twisted_mta.outbound.client import OutboundClient, SessionFailed, Timeouts, Transaction
 from twisted_mta.outbound.router import NextHop
@@ -611,12 +612,7 @@ class OutboundPool:
         self._notify("tls.shadow", event)
 
     def _notify(self, name: str, event: dict) -> None:
-        for observer in self.observers:
-            try:
-                observer(name, event)
-            except Exception:
-                log.failure("outbound: an observer of {name} failed", name=name,
-                            event="outbound.error")
+        notify(self.observers, name, event, log, "outbound.error")
 
 
 @attrs.frozen

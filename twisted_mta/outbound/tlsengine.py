@@ -203,10 +203,6 @@ def _decision_words(decision: fb.Decision | None) -> str:
     return f" ({decision.reason})"
 
 
-def _sentence(text: str) -> str:
-    return text[:1].upper() + text[1:] if text else text
-
-
 def _render(template: str, fields: dict[str, str]) -> str:
     out = []
     for literal, name, spec, conv in Formatter().parse(template):

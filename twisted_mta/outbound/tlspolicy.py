@@ -25,8 +25,6 @@ from zope.interface import implementer
 from twisted_mta.config import TLSPolicyEntry as PolicyEntry  # one line of the policy map
 from twisted_mta.interfaces import ITLSPolicy
 
-STARTTLS_MODES = ("never", "if-offered", "required")
-TLS_VERSIONS = ("TLSv1.0", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 LEGACY_CIPHERS = "ALL:@SECLEVEL=0"
 
 

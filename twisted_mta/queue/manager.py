@@ -22,6 +22,7 @@ from twisted_mta.dsn.report import (
     FailedRecipient, delay_report, failure_report, success_report,
 )
 from twisted_mta.local import LocalDirectory
+from twisted_mta.metrics import notify
 from twisted_mta.outbound import message as outgoing
 from twisted_mta.outbound.client import Transaction
 from twisted_mta.outbound.router import route
@@ -205,12 +206,7 @@ class QueueManager(service.Service):
     # -- scheduling -----------------------------------------------------------
 
     def _notify(self, name: str, event: dict) -> None:
-        for observer in self.observers:
-            try:
-                observer(name, event)
-            except Exception:
-                log.failure("queue: an observer of {name} failed", name=name,
-                            event="queue.error")
+        notify(self.observers, name, event, log, "queue.error")
 
     def enqueue(self, envelope: Envelope) -> None:
         """
