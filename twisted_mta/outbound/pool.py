@@ -434,7 +434,7 @@ class OutboundPool:
         sh = hop.smarthost
         relay = self.settings.tls.relay
         return fb.Situation(
-            destination=fb.Destination(hop.domain, failure.host, sh is not None),
+            destination=fb.Destination(_domain_of(txn, hop), failure.host, sh is not None),
             requirements=choice.requirements, age=txn.age, attempts=txn.attempts,
             tls_failures=txn.tls_failures,
             implicit_tls=sh is not None and sh.tls == "implicit",
@@ -470,12 +470,13 @@ class OutboundPool:
                 "policy": choice.requirements.policy, "action": decision.action,
                 "decider": decision.decider})
             if decision.action == fb.DEFER:
-                d.callback(_all(txn, self._tls_outcome(hop, failure, choice, decision)))
+                d.callback(_all(txn, self._tls_outcome(_domain_of(txn, hop), failure, choice,
+                                                       decision)))
             else:
                 self._enqueue_fallback(dest, e, decision, txn, d)
 
-    def _tls_outcome(self, hop: NextHop, failure, choice, decision) -> Outcome:
-        text = self.tls.explain(failure, choice, hop.domain, decision)
+    def _tls_outcome(self, domain: str, failure, choice, decision) -> Outcome:
+        text = self.tls.explain(failure, choice, domain, decision)
         return Outcome(451, failure.enhanced(), text, remote_mta=failure.host,
                        kind=failure.kind, policy=choice.requirements.policy)
 
@@ -622,6 +623,16 @@ class _OperatorOverride:
     def decide(self, failure, situation) -> fb.Decision:
         return fb.Decision(fb.CLEARTEXT, "the operator allowed cleartext for this message "
                            "(twisted-mta queue release/flush --allow-cleartext)", self.name)
+
+
+def _domain_of(txn: Transaction, hop: NextHop) -> str:
+    """
+    The recipient domain of a transaction: a smarthost destination carries
+    the mail of every domain whose TLS policy there is the same.
+    """
+    if txn.recipients:
+        return txn.recipients[0].rpartition("@")[2].lower()
+    return hop.domain
 
 
 def _all(txn: Transaction, outcome: Outcome) -> dict[str, Outcome]:
