@@ -419,16 +419,22 @@ scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
-POSTFIX_MAIN_CF = """\
-# Written by bench/inbound.py: a private instance that accepts into its
-# queue and never delivers.  Everything not set here is Postfix's default
-# (queue files are fsync'd before the 250, as always).
+def private_main_cf(hostname: str) -> str:
+    """
+    The main.cf lines every private benchmark Postfix shares: its own
+    queue, data and log directories, loopback only, no DNS, no aliases.
+    C{{queue}}, C{{data}} and C{{log}} are left for C{str.format}.
+    """
+    return PRIVATE_MAIN_CF.replace("@HOSTNAME@", hostname)
+
+
+PRIVATE_MAIN_CF = """\
 compatibility_level = 3.6
 queue_directory = {queue}
 data_directory = {data}
 maillog_file = {log}/maillog
 maillog_file_prefixes = {log}
-myhostname = postfix.bench.test
+myhostname = @HOSTNAME@
 mydomain = bench.test
 myorigin = $myhostname
 mydestination = localhost
@@ -440,6 +446,13 @@ smtp_dns_support_level = disabled
 alias_maps =
 alias_database =
 biff = no
+"""
+
+POSTFIX_MAIN_CF = """\
+# Written by bench/inbound.py: a private instance that accepts into its
+# queue and never delivers.  Everything not set here is Postfix's default
+# (queue files are fsync'd before the 250, as always).
+""" + private_main_cf("postfix.bench.test") + """\
 # Remote mail goes to the smtp transport, which is deferred: the queue
 # manager moves each message to deferred/ without any connection attempt.
 relayhost = [127.0.0.1]:1

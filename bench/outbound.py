@@ -350,23 +350,7 @@ POSTFIX_MAIN_CF = """\
 # Written by bench/outbound.py: a private instance relaying everything that
 # is not local to the sink.  Everything not set here is Postfix's default
 # (destination concurrency 20, connection cache on demand, fsync'd queue).
-compatibility_level = 3.6
-queue_directory = {queue}
-data_directory = {data}
-maillog_file = {log}/maillog
-maillog_file_prefixes = {log}
-myhostname = postfix.bench.test
-mydomain = bench.test
-myorigin = $myhostname
-mydestination = localhost
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-smtpd_peername_lookup = no
-smtp_dns_support_level = disabled
-alias_maps =
-alias_database =
-biff = no
+""" + inbound.private_main_cf("postfix.bench.test") + """\
 relayhost = [127.0.0.1]:{sink}
 """
 
@@ -456,23 +440,7 @@ PEER_MAIN_CF = """\
 # any domain from loopback, offers STARTTLS with a certificate for
 # 127.0.0.1 / peer.bench.test, and discards what it accepted (no onward
 # delivery).  Queue files are still written and fsync'd (on tmpfs here).
-compatibility_level = 3.6
-queue_directory = {queue}
-data_directory = {data}
-maillog_file = {log}/maillog
-maillog_file_prefixes = {log}
-myhostname = peer.bench.test
-mydomain = bench.test
-myorigin = $myhostname
-mydestination = localhost
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-smtpd_peername_lookup = no
-smtp_dns_support_level = disabled
-alias_maps =
-alias_database =
-biff = no
+""" + inbound.private_main_cf("peer.bench.test") + """\
 default_transport = discard
 relay_transport = discard
 smtpd_tls_security_level = may
