@@ -161,7 +161,7 @@ class TLSPolicyEntry:
 class OutboundTLSSettings:
     policy: str = "opportunistic"  # the default policy
     shadow: str | None = None  # the default's shadow policy (report-only)
-    fallback: str = "now"  # the default fallback decider
+    fallback: str | None = None  # the default entry's decider (None: by its policy)
     ca_file: str | None = None  # trust roots for verification (default: the system's)
     domains: tuple[tuple[str, TLSPolicyEntry], ...] = ()  # "example.com" or ".example.com"
     mx_hosts: tuple[tuple[str, TLSPolicyEntry], ...] = ()  # glob patterns on the MX name
@@ -814,8 +814,9 @@ def _check_tls_names(t: _Table, settings: OutboundTLSSettings) -> None:
     from twisted_mta.outbound.tlsengine import TLSConfigError, load_registry
     try:
         registry = load_registry(settings.plugins)
-        names = [("policy", settings.policy, "policy"), ("fallback", settings.fallback,
-                                                        "fallback")]
+        names = [("policy", settings.policy, "policy")]
+        if settings.fallback:
+            names.append(("fallback", settings.fallback, "fallback"))
         if settings.relay is not None and settings.relay.tls_policy:
             names.append(("relay.tls_policy", settings.relay.tls_policy, "policy"))
         if settings.shadow:

@@ -55,6 +55,18 @@ class TLSRequirements:
         return self.starttls == "required"
 
 
+def default_fallback(req: TLSRequirements) -> str:
+    """
+    The fallback decider of a policy entry that names none: C{never} for a
+    policy that requires TLS (strict, relaxed, or a plugin's that says
+    C{starttls="required"}), C{now} for the others.  Whoever writes
+    "strict" means never without a verified certificate; a default that
+    sent in cleartext at the first failure would make strict weaker than
+    opportunistic, which at least encrypts.
+    """
+    return "never" if req.requires_tls else "now"
+
+
 def fails_under(req: TLSRequirements, kind: str) -> bool:
     """
     Whether a failure of C{kind} counts as a failure under C{req} at all:
@@ -103,6 +115,10 @@ class Choice:
     shadow: TLSRequirements | None = None  # report-only: what a stricter policy would say
     ratchet: bool = False  # the destination's TLS history may raise the requirements
     ratcheted: str | None = None  # set when it did: why, in words
+    # Where the fallback decider came from: "entry" (the map entry, route or
+    # smarthost named it), "default" ([outbound.tls] fallback, for the
+    # default entry), or "policy" (none was written: default_fallback).
+    fallback_from: str = "entry"
 
 
 class PolicyMap:
@@ -114,7 +130,7 @@ class PolicyMap:
 
     def __init__(self, default: PolicyEntry, domains: Iterable[tuple[str, PolicyEntry]] = (),
                  mx_hosts: Iterable[tuple[str, PolicyEntry]] = (),
-                 default_fallback: str = "now", ca_file: str | None = None,
+                 default_fallback: str | None = None, ca_file: str | None = None,
                  plugins: dict[str, object] | None = None, ratchet: bool = False) -> None:
         self.ratchet = ratchet
         self.default = default
@@ -141,7 +157,22 @@ class PolicyMap:
             shadow = attrs.evolve(shadow, ca_file=shadow.ca_file or req.ca_file,
                                   server_name=shadow.server_name or req.server_name)
         ratchet = self.ratchet if entry.ratchet is None else entry.ratchet
-        return Choice(req, entry.fallback or self.default_fallback, reason, shadow, ratchet)
+        fallback, source = self.fallback_for(entry, req)
+        return Choice(req, fallback, reason, shadow, ratchet, fallback_from=source)
+
+    def fallback_for(self, entry: PolicyEntry, req: TLSRequirements) -> tuple[str, str]:
+        """
+        The decider for C{entry} and where it came from: the entry's own;
+        for the default entry, C{[outbound.tls] fallback}; else the
+        policy's default (L{default_fallback}).  The table-wide key is not
+        inherited by the other entries: a strict entry written without a
+        fallback stays strict even when the default is C{now}.
+        """
+        if entry.fallback:
+            return entry.fallback, "entry"
+        if entry is self.default and self.default_fallback:
+            return self.default_fallback, "default"
+        return default_fallback(req), "policy"
 
     def _entry(self, destination: Destination, smarthost_entry: PolicyEntry | None
                ) -> tuple[PolicyEntry, str]:
