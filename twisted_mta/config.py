@@ -183,6 +183,7 @@ class OutboundSettings:
     greeting_timeout: int = 300  # RFC 5321 4.5.3.2
     command_timeout: int = 300
     data_timeout: int = 600
+    handshake_timeout: int = 300  # the TLS handshake (Postfix: smtp_starttls_timeout)
     connections: int = 100  # all destinations together
     connections_per_destination: int = 20
     idle_time: int = 5  # an idle connection waits this long for another message
@@ -709,6 +710,7 @@ def _outbound(t: _Table, base: str) -> OutboundSettings:
         greeting_timeout=t.duration("greeting_timeout", d.greeting_timeout),
         command_timeout=t.duration("command_timeout", d.command_timeout),
         data_timeout=t.duration("data_timeout", d.data_timeout),
+        handshake_timeout=t.duration("handshake_timeout", d.handshake_timeout),
         connections=t.positive("connections", d.connections),
         connections_per_destination=t.positive("connections_per_destination",
                                                d.connections_per_destination),

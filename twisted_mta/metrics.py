@@ -65,6 +65,10 @@ class Metrics:
         self.fallbacks = Counter("twisted_mta_tls_fallback_decisions", "Fallback decisions by "
                                  "failure class and decision.", ["reason", "decision",
                                                                  "decider"], registry=r)
+        self.cleartext_fallbacks = Counter(
+            "twisted_mta_tls_required_cleartext_fallbacks", "Messages sent in cleartext after "
+            "a TLS failure although their policy requires TLS (strict, relaxed): a fallback "
+            "decider allowed it.", ["policy", "domain", "decider"], registry=r)
         self.shadow = Counter("twisted_mta_tls_shadow_failures", "Sessions a shadow policy "
                               "would have refused.", ["kind", "shadow", "domain"], registry=r)
 
@@ -86,6 +90,9 @@ class Metrics:
         elif name == "tls.decision":
             self.tls_failures.labels(e["kind"], e["domain"], e["policy"]).inc()
             self.fallbacks.labels(e["kind"], e["action"], e["decider"]).inc()
+        elif name == "tls.cleartext_fallback":
+            if e["requires_tls"]:
+                self.cleartext_fallbacks.labels(e["policy"], e["domain"], e["decider"]).inc()
         elif name == "tls.shadow":
             self.shadow.labels(e["kind"], e["shadow"], e["domain"]).inc()
 

@@ -115,8 +115,40 @@ class SessionSetUpTests(SynchronousTestCase):
         self.assertEqual(s.feed(b"250-mx.peer.test\r\n250 PIPELINING\r\n"), [b"QUIT"])
         [f] = s.failed
         self.assertEqual(f.value.tls_failure.kind, "starttls-not-offered")
-        self.assertEqual(f.value.outcome.text, "mx.peer.test does not offer encryption "
-                                               "(no STARTTLS)")
+        self.assertEqual(f.value.outcome.text,
+                         "mx.peer.test[192.0.2.5]:25 does not offer encryption (no STARTTLS)")
+
+    def test_handshake_that_never_answers_times_out_as_a_tls_failure(self):
+        """After STARTTLS's 220 the handshake gets handshake_timeout, not the command timeout; silence is handshake-timeout naming the seconds, a TLS failure the decider weighs."""
+        s = Session(self, tls_creator=object(),
+                    timeouts=Timeouts(greeting=100, command=100, handshake=7))
+        s.feed(b"220 mx.peer.test ESMTP\r\n")
+        s.feed(EHLO)
+        s.feed(b"220 2.0.0 Ready to start TLS\r\n")
+        s.clock.advance(6.9)
+        self.assertEqual(s.failed, [])
+        s.clock.advance(0.2)
+        [f] = s.failed
+        failure = f.value.tls_failure
+        self.assertEqual((failure.kind, failure.waited), ("handshake-timeout", 7))
+        self.assertIn("mx.peer.test[192.0.2.5]:25 did not answer the encryption handshake "
+                      "within 7 seconds", f.value.outcome.text)
+
+    def test_command_timeout_applies_after_the_handshake(self):
+        """Once the handshake completed, the reply to the second EHLO gets the command timeout again."""
+        s = Session(self, tls_creator=object(),
+                    timeouts=Timeouts(greeting=100, command=50, handshake=7))
+        s.feed(b"220 mx.peer.test ESMTP\r\n")
+        s.feed(EHLO)
+        s.feed(b"220 2.0.0 Ready to start TLS\r\n")
+        s.client.tls = None  # the fake transport pretends; nothing to judge
+        s.client.handshakeCompleted()
+        s.clock.advance(49)
+        self.assertEqual(s.failed, [])
+        s.clock.advance(2)
+        [f] = s.failed
+        self.assertIsNone(f.value.tls_failure)
+        self.assertEqual(f.value.outcome.kind, "timeout")
 
     def test_credentials_never_sent_without_tls(self):
         """With credentials and no STARTTLS offered, the session fails 4.7.4 and AUTH is never sent."""

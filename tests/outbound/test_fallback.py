@@ -6,14 +6,35 @@ decider, with the hard rules on top.
 
 from __future__ import annotations
 
+import re
+
 import attrs
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from twisted_mta.interfaces import IFallbackDecider, ITLSPolicy
 from twisted_mta.outbound import fallback as fb
+from twisted_mta.config import OutboundTLSSettings
+from twisted_mta.outbound.tlsengine import Registry, TLSEngine
 from twisted_mta.outbound.tlsfailure import TLS_KINDS, TLSFailure
-from twisted_mta.outbound.tlspolicy import BUILTIN, Destination, fails_under
+from twisted_mta.outbound.tlspolicy import (
+    BUILTIN, Choice, Destination, default_fallback, fails_under,
+)
+
+RULE_WORDS = {
+    "implicit-tls": "implicit TLS",
+    "login": "login",
+    "requiretls": "required TLS",
+    "ratchet": "drop silently",
+}
+
+
+def _strip_never(text: str) -> str:
+    """
+    The text without the phrases that say encryption is never given up
+    ("never sent there without it", "never sent without encryption").
+    """
+    return re.sub(r"never (sent|goes)( there)? without (it|encryption)", "", text)
 
 # Every row of the taxonomy, with the details a class can have.
 FAILURES = [
@@ -25,23 +46,35 @@ FAILURES = [
     ("certificate-untrusted", "unknown-ca"),
     ("certificate-untrusted", "incomplete-chain"),
     ("certificate-host-mismatch", "name"),
-    ("handshake-failed", "no-common-version"),
-    ("handshake-failed", "no-common-cipher"),
-    ("handshake-failed", "reset"),
-    ("handshake-failed", "timeout"),
+    ("certificate-weak", "key-too-small"),
+    ("certificate-weak", "weak-signature"),
+    ("handshake-plaintext", "plaintext"),
+    ("handshake-closed", "closed"),
+    ("handshake-timeout", "timeout"),
+    ("handshake-no-common-version", "versions-refused"),
+    ("handshake-no-common-version", "server-too-old"),
+    ("handshake-no-common-cipher", "no-common-cipher"),
+    ("handshake-failed", "some openssl words"),
 ]
 CERT = {"certificate-expired", "certificate-not-yet-valid", "certificate-untrusted",
-        "certificate-host-mismatch"}
+        "certificate-host-mismatch", "certificate-weak"}
+HANDSHAKE = {"handshake-plaintext", "handshake-closed", "handshake-timeout",
+             "handshake-no-common-version", "handshake-no-common-cipher", "handshake-failed"}
 
 # Which failures a policy can have at all (a policy that does not check
 # certificates has no certificate failures; one that does not require
 # STARTTLS has no "not offered" failure).
 CAN_FAIL = {
     "none": set(),
-    "opportunistic": {"starttls-refused", "handshake-failed"},
-    "relaxed": {"starttls-not-offered", "starttls-refused", "handshake-failed"},
-    "strict": {"starttls-not-offered", "starttls-refused", "handshake-failed"} | CERT,
+    "opportunistic": {"starttls-refused"} | HANDSHAKE,
+    "relaxed": {"starttls-not-offered", "starttls-refused"} | HANDSHAKE,
+    "strict": {"starttls-not-offered", "starttls-refused"} | HANDSHAKE | CERT,
 }
+# The decider of an entry that names none (docs/tls.md): never where the
+# policy requires TLS, now elsewhere.
+POLICY_DEFAULT = {"opportunistic": "now", "relaxed": "never", "strict": "never"}
+DECIDERS = ["never", "now", "next-attempt", "after:30m", "after:2-failures", "relaxed-now",
+            "via-relay", None]  # None: no fallback written
 
 D, C, R, V = fb.DEFER, fb.CLEARTEXT, fb.RELAXED, fb.VIA_RELAY
 
@@ -63,7 +96,7 @@ def expected(decider: str, kind: str, s: fb.Situation) -> str:
 
 
 def hard_rules(action: str, s: fb.Situation) -> str:
-    if action == C and (s.implicit_tls or s.credentials or s.requiretls):
+    if action == C and (s.implicit_tls or s.credentials or s.requiretls or s.ratchet):
         return D
     return action
 
@@ -74,41 +107,120 @@ SITUATIONS = [
     dict(tls_failures=2, age=3600),
     dict(relay="[relay.example]:465"),
     dict(implicit_tls=True, tls_failures=5, age=7200, relay="[relay.example]:465"),
+    dict(implicit_tls=True),
     dict(credentials=True, tls_failures=5, age=7200),
+    dict(credentials=True),
     dict(requiretls=True, tls_failures=5, age=7200),
+    dict(ratchet="example.com used verified TLS on 1 March 2026", tls_failures=5, age=7200),
 ]
+
+
+def table():
+    """
+    Every cell: (policy, requirements, failure, decider spec, decider
+    name, situation, decision).
+    """
+    for policy_name, policy in BUILTIN.items():
+        req = policy.requirements(Destination("example.com", "mx.example.com"))
+        for kind, detail in FAILURES:
+            if not fails_under(req, kind):
+                continue
+            failure = TLSFailure(kind, host="mx.example.com", address="192.0.2.1", port=25,
+                                 detail=detail, versions="TLSv1.2-TLSv1.3", waited=30)
+            for spec in DECIDERS:
+                name = spec or default_fallback(req)
+                for extra in SITUATIONS:
+                    s = fb.Situation(destination=Destination("example.com", "mx.example.com"),
+                                     requirements=req, **extra)
+                    yield (policy_name, req, failure, spec, name, s,
+                           fb.decide(fb.parse_decider(name), failure, s))
 
 
 class TruthTableTests(SynchronousTestCase):
     def test_policy_x_failure_x_decider(self):
-        """Every policy, every taxonomy row, every built-in decider, in situations that exercise timing, history, relay and the hard rules."""
-        cells = 0
+        """Every policy, every taxonomy row, every built-in decider and the policy's default (no fallback written), in situations that exercise timing, history, relay and the hard rules."""
         for policy_name, policy in BUILTIN.items():
             req = policy.requirements(Destination("example.com", "mx.example.com"))
-            for kind, detail in FAILURES:
+            for kind, _ in FAILURES:
                 self.assertEqual(fails_under(req, kind), kind in CAN_FAIL[policy_name],
                                  (policy_name, kind))
-                if not fails_under(req, kind):
-                    continue
-                failure = TLSFailure(kind, host="mx.example.com", address="192.0.2.1",
-                                     port=25, detail=detail)
-                for decider_name in ["never", "now", "next-attempt", "after:30m",
-                                     "after:2-failures", "relaxed-now", "via-relay"]:
-                    decider = fb.parse_decider(decider_name)
-                    for extra in SITUATIONS:
-                        s = fb.Situation(destination=Destination("example.com",
-                                                                 "mx.example.com"),
-                                         requirements=req, **extra)
-                        d = fb.decide(decider, failure, s)
-                        want = hard_rules(expected(decider_name, kind, s), s)
-                        self.assertEqual(d.action, want,
-                                         (policy_name, kind, detail, decider_name, extra,
-                                          d.reason))
-                        self.assertTrue(d.reason)
-                        cells += 1
-        # rows that are failures: opportunistic 5, relaxed 6, strict all 12
-        self.assertEqual(cells, (5 + 6 + 12) * 7 * len(SITUATIONS))
+        cells = 0
+        for policy_name, req, failure, spec, name, s, d in table():
+            if spec is None:
+                self.assertEqual(name, POLICY_DEFAULT[policy_name])
+            want = hard_rules(expected(name, failure.kind, s), s)
+            self.assertEqual(d.action, want, (policy_name, failure.kind, failure.detail, spec,
+                                              s, d.reason))
+            self.assertTrue(d.reason)
+            cells += 1
+        # rows that are failures: opportunistic 8, relaxed 9, strict all 17
+        self.assertEqual(cells, (8 + 9 + 17) * len(DECIDERS) * len(SITUATIONS))
         self.assertEqual({k for k, _ in FAILURES}, set(TLS_KINDS))
+
+    def test_strict_and_relaxed_default_never_reaches_cleartext(self):
+        """With no fallback written, strict and relaxed never send in cleartext nor promise it, whatever the failure, age or history; opportunistic's default sends at once."""
+        for policy_name, req, failure, spec, name, s, d in table():
+            if spec is not None:
+                continue
+            if policy_name in ("strict", "relaxed"):
+                self.assertFalse(d.may_send_cleartext, (policy_name, failure.kind, s))
+            elif not hard_rules(C, s) == D:
+                self.assertEqual(d.action, C)
+
+    def test_no_words_promise_what_the_final_decision_forbids(self):
+        """Property over the whole table: no explanation, delay warning or final bounce promises or describes a cleartext attempt unless the final decision (after the hard rules) allows one; when it does, the explanation says so; the rule named is the one that decided."""
+        engine = TLSEngine(OutboundTLSSettings(), registry=Registry())
+        checked = 0
+        for policy_name, req, failure, spec, name, s, d in table():
+            choice = Choice(req, name, "domain example.com", ratcheted=s.ratchet)
+            words = engine.explain(failure, choice, "example.com", d, s)
+            final = engine.explain(failure, choice, "example.com", d, s, final=True)
+            cell = (policy_name, failure.kind, name, s, d)
+            for text in (final,):
+                self.assertNotIn("without encryption", _strip_never(text), cell)
+                self.assertNotIn("tried again", text, cell)
+            if d.action == D:
+                if d.later in (fb.CLEARTEXT_NEXT, fb.CLEARTEXT_LATER):
+                    self.assertRegex(words, r"will be sent without encryption", cell)
+                else:
+                    self.assertNotRegex(_strip_never(words), r"without encryption", cell)
+                    self.assertNotIn("instead", words, cell)
+                if d.rule in ("implicit-tls", "login", "requiretls", "ratchet"):
+                    self.assertEqual(d.later, fb.TLS_ONLY, cell)
+                    self.assertIn(RULE_WORDS[d.rule], words, cell)
+            elif d.action == C:
+                self.assertIn("sends it without encryption instead", words, cell)
+                self.assertFalse(hard_rules(C, s) == D, cell)
+            checked += 1
+        self.assertGreater(checked, 1000)
+
+    def test_rule_that_stopped_the_message_is_named(self):
+        """A login route without STARTTLS under opportunistic names the login rule, not the policy; an implicit route with policy none names implicit TLS, not 'none requires nothing'."""
+        engine = TLSEngine(OutboundTLSSettings(), registry=Registry())
+        opp = BUILTIN["opportunistic"].requirements(Destination("example.com", "smtp.example"))
+        failure = TLSFailure("starttls-not-offered", host="smtp.example", address="192.0.2.9",
+                             port=587)
+        s = fb.Situation(Destination("example.com", "smtp.example", True), opp,
+                         credentials=True)
+        d = fb.decide(fb.parse_decider("now"), failure, s)
+        text = engine.explain(failure, Choice(opp, "now", "smarthost smtp.example"),
+                              "example.com", d, s)
+        self.assertIn("our login is never sent without encryption", text)
+        self.assertNotIn("whenever the server offers it", text)
+        self.assertIn("smtp.example[192.0.2.9]:587", text)
+        # The route's policy as chosen (the session itself still starts TLS
+        # from the first byte: implicit TLS).
+        none = BUILTIN["none"].requirements(Destination("d", "h"))
+        failure = TLSFailure("handshake-closed", host="smtp.example", address="192.0.2.9",
+                             port=465, implicit=True)
+        s = fb.Situation(Destination("example.com", "smtp.example", True), none,
+                         implicit_tls=True)
+        d = fb.decide(fb.parse_decider("next-attempt"), failure, s)
+        text = engine.explain(failure, Choice(none, "next-attempt", "smarthost smtp.example"),
+                              "example.com", d, s)
+        self.assertIn("uses implicit TLS", text)
+        self.assertNotIn("requires nothing", text)
+        self.assertNotIn("will be sent without encryption", text)
 
     def test_hard_rules_beat_a_decider_that_insists(self):
         """A plugin that always says cleartext cannot break the hard rules."""
@@ -137,7 +249,7 @@ class TruthTableTests(SynchronousTestCase):
         failure = TLSFailure("handshake-failed", host="h", address="a", port=25)
         req = BUILTIN["strict"].requirements(Destination("d", "h"))
         d = fb.decide(Broken(), failure, fb.Situation(Destination("d", "h"), req))
-        self.assertEqual(d.action, fb.DEFER)
+        self.assertEqual((d.action, d.rule), (fb.DEFER, "decider-error"))
         self.assertIn("oops", d.reason)
 
     def test_relaxed_retry_only_after_certificate_failure(self):

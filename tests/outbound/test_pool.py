@@ -253,7 +253,7 @@ class PoolTests(PoolTestBase):
         o = r[0]["x@peer.test"]
         self.assertEqual((o.code, o.enhanced, o.kind, o.policy),
                          (451, "4.7.4", "starttls-not-offered", "strict"))
-        self.assertIn("mx2.peer.test does not offer encryption", o.text)
+        self.assertIn("mx2.peer.test[192.0.2.2]:25 does not offer encryption", o.text)
         self.assertNotIn(b"MAIL FROM:<a@example.test>", self.commands())
 
     def test_fallback_now_sends_in_cleartext_and_says_so(self):

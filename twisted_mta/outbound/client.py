@@ -45,6 +45,7 @@ class Timeouts:
     greeting: float = 300
     command: float = 300
     data: float = 600
+    handshake: float = 300  # the TLS handshake, after STARTTLS's 220 or on connect
 
 
 @attrs.frozen
@@ -144,6 +145,7 @@ class OutboundClient(smtp.ESMTPClient):
         self.closed: defer.Deferred = defer.Deferred()
         self.ready = False
         self.tls_started = False  # STARTTLS accepted or implicit TLS
+        self.implicit = False  # TLS from the first byte
         self.tls_done = False  # handshake completed
         self.messages = 0
         self._failure: SessionFailed | None = None
@@ -156,9 +158,10 @@ class OutboundClient(smtp.ESMTPClient):
 
     def connectionMade(self) -> None:
         smtp.ESMTPClient.connectionMade(self)
-        self.tls_started = self._tlsMode
+        self.tls_started = self.implicit = self._tlsMode
         self._failresponse = self._greeting_failed
-        self.setTimeout(self.timeouts.greeting)
+        # Implicit TLS: the handshake comes before the greeting.
+        self.setTimeout(self.timeouts.handshake if self.implicit else self.timeouts.greeting)
 
     def _greeting_failed(self, code: int, resp: bytes) -> None:
         self._fail(SessionFailed(reply_outcome(self.peer, "the initial greeting", code, resp)))
@@ -211,7 +214,11 @@ class OutboundClient(smtp.ESMTPClient):
         return self.authenticate(code, resp, items)
 
     def _tls_failure(self, kind: str, **facts) -> TLSFailure:
-        return TLSFailure(kind, host=self.host, address=self.address, port=self.port, **facts)
+        if kind.startswith("handshake-"):
+            facts.setdefault("versions",
+                             f"{self.requirements.min_version or 'TLSv1.2'}-TLSv1.3")
+        return TLSFailure(kind, host=self.host, address=self.address, port=self.port,
+                          implicit=self.implicit, **facts)
 
     def _tls_failed(self, failure: TLSFailure, close: bool = False) -> None:
         e = SessionFailed(Outcome(451, failure.enhanced(), failure.describe(),
@@ -238,9 +245,12 @@ class OutboundClient(smtp.ESMTPClient):
         self._tlsMode = True
         self.tls_started = True
         self.esmtpState_ehlo(code, resp)
+        self.setTimeout(self.timeouts.handshake)  # EHLO waits behind the handshake
 
     def handshakeCompleted(self) -> None:
         self.tls_done = True
+        self.setTimeout(self.timeouts.greeting if self.implicit and not self.capabilities
+                        else self.timeouts.command)
         if self.tls is None:
             return
         self.tls.handshake_done(self.transport.getHandle())
@@ -277,6 +287,10 @@ class OutboundClient(smtp.ESMTPClient):
 
     def sendError(self, exc):
         # Twisted's own errors (timeouts, unparsable replies, AUTH trouble).
+        if isinstance(exc, smtp.SMTPTimeoutError) and self.tls_started and not self.tls_done:
+            self._tls_failed(self._tls_failure("handshake-timeout", detail="timeout",
+                                               waited=self.timeouts.handshake), close=True)
+            return
         if isinstance(exc, smtp.SMTPTimeoutError):
             outcome = Outcome(451, "4.4.2", f"{self.peer} did not answer in time "
                               f"({self._stage()})", remote_mta=self._remote(), kind="timeout")
@@ -327,10 +341,8 @@ class OutboundClient(smtp.ESMTPClient):
         self.ready = False
         self._lost = True
         if self.tls_started and not self.tls_done and self._failure is None:
-            failure = self._tls_failure("handshake-failed",
-                                        detail=classify_handshake_error(reason),
-                                        versions=f"{self.requirements.min_version or 'TLSv1.2'}"
-                                                 "-TLSv1.3")
+            kind, detail = classify_handshake_error(reason)
+            failure = self._tls_failure(kind, detail=detail)
             self._failure = SessionFailed(Outcome(
                 451, failure.enhanced(), failure.describe(), remote_mta=self.host,
                 kind=failure.kind), tls_failure=failure)

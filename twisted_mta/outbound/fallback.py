@@ -29,15 +29,40 @@ VIA_RELAY = "via-relay"
 ACTIONS = (DEFER, CLEARTEXT, RELAXED, VIA_RELAY)
 
 
+# What a deferral leads to (Decision.later), so the words a sender reads
+# come from the final decision, never from a decider's wish.
+TLS_ONLY = "tls-only"  # later attempts keep the TLS requirement: never cleartext
+CLEARTEXT_NEXT = "cleartext-next"  # the next attempt may go without encryption
+CLEARTEXT_LATER = "cleartext-later"  # some later attempt may
+LATER = (TLS_ONLY, CLEARTEXT_NEXT, CLEARTEXT_LATER)
+
+# What decided (Decision.rule): the decider, or a rule that overrode it.
+RULES = ("decider", "implicit-tls", "login", "requiretls", "ratchet", "decider-error",
+         "no-relay", "relaxed-useless")
+
+
 @attrs.frozen
 class Decision:
     action: str
     reason: str  # why, in a few words, for logs and bounces
     decider: str = ""
+    later: str | None = None  # for a deferral: one of LATER, or None (not said)
+    rule: str = "decider"
 
     def __attrs_post_init__(self) -> None:
         if self.action not in ACTIONS:
             raise ValueError(f"unknown fallback action {self.action!r}")
+        if self.later is not None and self.later not in LATER:
+            raise ValueError(f"unknown prospect {self.later!r}")
+        if self.rule not in RULES:
+            raise ValueError(f"unknown rule {self.rule!r}")
+
+    @property
+    def may_send_cleartext(self) -> bool:
+        """
+        Whether this decision sends, or promises to send, without TLS.
+        """
+        return self.action == CLEARTEXT or self.later in (CLEARTEXT_NEXT, CLEARTEXT_LATER)
 
 
 @attrs.frozen
@@ -62,7 +87,7 @@ class Never:
 
     def decide(self, failure: TLSFailure, situation: Situation) -> Decision:
         return Decision(DEFER, "this destination never gets mail without its TLS policy",
-                        self.name)
+                        self.name, later=TLS_ONLY)
 
 
 @implementer(IFallbackDecider, IPlugin)
@@ -90,7 +115,7 @@ class NextAttempt:
             return Decision(CLEARTEXT, f"{failure.kind} again: sending without encryption "
                             "on this later attempt", self.name)
         return Decision(DEFER, f"{failure.kind}: first failure, the next attempt may send "
-                        "without encryption", self.name)
+                        "without encryption", self.name, later=CLEARTEXT_NEXT)
 
 
 @implementer(IFallbackDecider, IPlugin)
@@ -112,7 +137,8 @@ class After:
         if self.failures is not None and situation.tls_failures >= self.failures:
             return Decision(CLEARTEXT, f"{failure.kind}: {situation.tls_failures} earlier TLS "
                             "failures, sending without encryption", self.name)
-        return Decision(DEFER, f"{failure.kind}: waiting before any cleartext", self.name)
+        return Decision(DEFER, f"{failure.kind}: waiting before any cleartext", self.name,
+                        later=CLEARTEXT_LATER)
 
 
 @implementer(IFallbackDecider, IPlugin)
@@ -129,7 +155,8 @@ class RelaxedNow:
         if failure.is_certificate:
             return Decision(RELAXED, f"{failure.kind}: sending encrypted without "
                             "certificate checks", self.name)
-        return Decision(DEFER, f"{failure.kind}: no encryption possible, waiting", self.name)
+        return Decision(DEFER, f"{failure.kind}: no encryption possible, waiting", self.name,
+                        later=TLS_ONLY)
 
 
 @implementer(IFallbackDecider, IPlugin)
@@ -141,7 +168,8 @@ class ViaRelay:
         if situation.relay:
             return Decision(VIA_RELAY, f"{failure.kind}: sending through the secure relay "
                             f"{situation.relay}", self.name)
-        return Decision(DEFER, f"{failure.kind}: no secure relay is configured", self.name)
+        return Decision(DEFER, f"{failure.kind}: no secure relay is configured", self.name,
+                        rule="no-relay")
 
 
 BUILTIN = {d.name: d for d in (Never(), Now(), NextAttempt(), RelaxedNow(), ViaRelay())}
@@ -168,28 +196,80 @@ def parse_decider(spec: str, plugins: dict[str, object] | None = None):
     raise ValueError(f"unknown fallback decider {spec!r}")
 
 
+def cleartext_forbidden(situation: Situation) -> tuple[str, str] | None:
+    """
+    The hard rule that forbids cleartext in C{situation}, if any:
+    C{(rule, why in words)}.
+    """
+    for rule, applies, why in (
+            ("implicit-tls", situation.implicit_tls, "implicit TLS never falls back to "
+                                                     "cleartext"),
+            ("login", situation.credentials, "our login is never sent without encryption"),
+            ("requiretls", situation.requiretls, "the message requires TLS (REQUIRETLS)"),
+            ("ratchet", bool(situation.ratchet),
+             f"no downgrade to cleartext: {situation.ratchet}")):
+        if applies:
+            return rule, why
+    return None
+
+
 def decide(decider, failure: TLSFailure, situation: Situation) -> Decision:
     """
     Ask C{decider}, then apply the hard rules: implicit TLS, a connection
-    with our login, and a REQUIRETLS message never go to cleartext; a
-    relaxed retry only follows a certificate failure; without a relay there
-    is no via-relay.
+    with our login, a REQUIRETLS message and a ratcheted destination never
+    go to cleartext, and no deferral promises it; a relaxed retry only
+    follows a certificate failure; without a relay there is no via-relay.
+    The result names the rule that decided (C{rule}) and what a deferral
+    leads to (C{later}): the words a sender reads are made from it.
     """
+    name = getattr(decider, "name", "?")
     try:
         d = decider.decide(failure, situation)
+        if not isinstance(d, Decision):
+            raise TypeError(f"returned {d!r}, not a Decision")
     except Exception as e:  # a broken plugin must not lose mail
-        return Decision(DEFER, f"the fallback decider failed ({e})", getattr(decider, "name",
-                                                                                "?"))
-    if d.action == CLEARTEXT:
-        for rule, why in ((situation.implicit_tls, "implicit TLS never falls back to cleartext"),
-                          (situation.credentials, "our login is never sent without encryption"),
-                          (situation.requiretls, "the message requires TLS (REQUIRETLS)")):
-            if rule:
-                return Decision(DEFER, why, d.decider)
-        if situation.ratchet:
-            return Decision(DEFER, f"no downgrade to cleartext: {situation.ratchet}", "ratchet")
+        d = Decision(DEFER, f"the fallback decider failed ({e})", name, rule="decider-error")
     if d.action == RELAXED and not failure.is_certificate:
-        return Decision(DEFER, f"{failure.kind}: a relaxed retry cannot help", d.decider)
+        d = Decision(DEFER, f"{failure.kind}: a relaxed retry cannot help", d.decider,
+                     later=TLS_ONLY if d.decider == RelaxedNow.name else None,
+                     rule="relaxed-useless")
     if d.action == VIA_RELAY and not situation.relay:
-        return Decision(DEFER, "no secure relay is configured", d.decider)
+        d = Decision(DEFER, "no secure relay is configured", d.decider, rule="no-relay")
+    forbidden = cleartext_forbidden(situation)
+    if forbidden is not None:
+        rule, why = forbidden
+        if d.action == CLEARTEXT:
+            return Decision(DEFER, why, d.decider, later=TLS_ONLY, rule=rule)
+        if d.action == DEFER and d.later != TLS_ONLY:
+            return attrs.evolve(d, reason=f"{d.reason}; {why}", later=TLS_ONLY, rule=rule)
     return d
+
+
+def can_send_cleartext(decider, requirements: TLSRequirements | None = None,
+                       destination: Destination | None = None) -> bool:
+    """
+    Whether C{decider} ever answers C{cleartext}: it is asked about every
+    failure kind, for a new and an old message, with no and many earlier
+    failures.  A probe that raises counts as no (the pool defers then).
+    Pure: for C{config check} and C{config show}, which cannot wait for a
+    real failure to learn that "strict" may still mean cleartext.
+    """
+    import itertools
+
+    from twisted_mta.outbound.tlsfailure import TLS_KINDS
+    if requirements is None:
+        requirements = TLSRequirements("strict", starttls="required", verify=True)
+    if destination is None:
+        destination = Destination("example.com", "mx.example")
+    for kind in TLS_KINDS:
+        failure = TLSFailure(kind, host=destination.host, address="192.0.2.1", port=25)
+        for age, attempts, failures in itertools.product((0.0, 30 * 86400.0), (0, 100),
+                                                         (0, 100)):
+            situation = Situation(destination=destination, requirements=requirements,
+                                  age=age, attempts=attempts, tls_failures=failures)
+            try:
+                if decider.decide(failure, situation).action == CLEARTEXT:
+                    return True
+            except Exception:
+                continue
+    return False

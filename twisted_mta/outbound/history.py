@@ -126,7 +126,8 @@ class TLSHistory:
         old = self.get(domain) or HistoryEntry()
         failures = old.failures + 1
         broken = old.broken_until
-        if kind in ("handshake-failed", "starttls-refused") and failures >= self.broken_after:
+        if (kind.startswith("handshake-") or kind == "starttls-refused") and \
+                failures >= self.broken_after:
             broken = now + self.broken_time
         self.entries[domain] = attrs.evolve(old, failures=failures, last_failure=now,
                                             last_kind=kind, broken_until=broken)

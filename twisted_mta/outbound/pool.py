@@ -115,7 +115,8 @@ class OutboundPool:
         self.run_blocking = run_blocking
         self.resolver = resolver
         self.connect = connect
-        self.timeouts = Timeouts(greeting=settings.greeting_timeout,
+        self.timeouts = Timeouts(handshake=settings.handshake_timeout,
+                                 greeting=settings.greeting_timeout,
                                  command=settings.command_timeout, data=settings.data_timeout)
         self._destinations: dict[str, _Destination] = {}
         self.total = 0
@@ -458,27 +459,23 @@ class OutboundPool:
                 decision = fb.decide(_OperatorOverride(), failure, situation)
             else:
                 decision = fb.decide(decider, failure, situation)
-            log.info("outbound: TLS to {host}[{address}] failed ({kind}); policy {policy} "
+            log.info("outbound: TLS to {peer} failed ({kind}); policy {policy} "
                      "({why}), fallback {decider}: {action} ({reason})",
                      event="outbound.tls_decision", destination=hop.key, host=failure.host,
-                     address=failure.address, kind=failure.kind, detail=failure.detail,
-                     policy=choice.requirements.policy, why=choice.reason,
-                     decider=decision.decider, action=decision.action,
-                     reason=decision.reason, queue_ids=txn.queue_id)
+                     address=failure.address, peer=failure.peer, kind=failure.kind,
+                     detail=failure.detail, policy=choice.requirements.policy,
+                     why=choice.reason, decider=decision.decider, action=decision.action,
+                     rule=decision.rule, later=decision.later, reason=decision.reason,
+                     queue_ids=txn.queue_id)
             self._notify("tls.decision", {
                 "kind": failure.kind, "domain": hop.domain or hop.key,
                 "policy": choice.requirements.policy, "action": decision.action,
                 "decider": decision.decider})
             if decision.action == fb.DEFER:
-                d.callback(_all(txn, self._tls_outcome(_domain_of(txn, hop), failure, choice,
-                                                       decision)))
+                d.callback(_all(txn, self.tls.outcome(failure, choice, _domain_of(txn, hop),
+                                                      decision, situation)))
             else:
                 self._enqueue_fallback(dest, e, decision, txn, d)
-
-    def _tls_outcome(self, domain: str, failure, choice, decision) -> Outcome:
-        text = self.tls.explain(failure, choice, domain, decision)
-        return Outcome(451, failure.enhanced(), text, remote_mta=failure.host,
-                       kind=failure.kind, policy=choice.requirements.policy)
 
     def _enqueue_fallback(self, dest: _Destination, e: SessionFailed, decision, txn, d) -> None:
         failure, choice = e.tls_failure, e.choice
@@ -495,10 +492,20 @@ class OutboundPool:
             fallback = self._destinations[key] = _Destination(
                 hop, key, mode=(decision.action, failure, choice, note))
         if decision.action != fb.VIA_RELAY:
-            log.warn("outbound: {action} fallback for {destination} after {kind} ({reason})",
-                     event="outbound.tls_fallback", action=decision.action,
-                     destination=dest.hop.key, kind=failure.kind, reason=decision.reason,
-                     peer=f"{failure.host}[{failure.address}]:{failure.port}")
+            req = choice.requirements
+            required = " although its policy requires TLS" if (
+                decision.action == fb.CLEARTEXT and req.requires_tls) else ""
+            log.warn("outbound: {action} fallback for {destination} after {kind} "
+                     "({reason}){required}", event="outbound.tls_fallback",
+                     action=decision.action, destination=dest.hop.key, kind=failure.kind,
+                     reason=decision.reason, peer=failure.peer, policy=req.policy,
+                     decider=decision.decider, required=required,
+                     policy_requires_tls=req.requires_tls)
+            if decision.action == fb.CLEARTEXT:
+                self._notify("tls.cleartext_fallback", {
+                    "domain": _domain_of(txn, dest.hop) or dest.hop.key, "policy": req.policy,
+                    "requires_tls": req.requires_tls, "decider": decision.decider,
+                    "kind": failure.kind})
         fallback.waiting.append((txn, d))
         self._pump(fallback)
 

@@ -21,7 +21,8 @@ from twisted_mta.outbound import mx
 from twisted_mta.outbound.client import SessionFailed
 from twisted_mta.outbound.pool import DNSResolver, OutboundPool, tcp_connector
 from twisted_mta.outbound.router import NextHop
-from twisted_mta.outbound.tls import _is_ip
+from twisted_mta.outbound.tls import _is_ip, shadow_verdict
+from twisted_mta.outbound.tlspolicy import STRICT
 
 
 def _day(t: float | None) -> str | None:
@@ -64,7 +65,14 @@ def explain(config: Config, domain: str, reactor, run_blocking, resolver=None,
         entry: dict[str, Any] = {
             "host": host, "preference": preference,
             "policy": choice.requirements.policy, "policy_from": choice.reason,
-            "fallback": choice.fallback, "addresses": []}
+            "fallback": choice.fallback, "fallback_from": choice.fallback_from,
+            "addresses": []}
+        if choice.requirements.requires_tls and fb.can_send_cleartext(
+                pool.tls.decider(choice.fallback), choice.requirements):
+            entry["cleartext_warning"] = (
+                f"the fallback decider \"{choice.fallback}\" lets mail for {domain} go out "
+                f"in cleartext after a TLS failure, although its policy "
+                f"\"{choice.requirements.policy}\" requires TLS")
         report["hosts"].append(entry)
         if host in pool.own_names:
             entry["error"] = "this is us (mail would loop: 5.4.6)"
@@ -114,8 +122,9 @@ def _probe(pool: OutboundPool, hop: NextHop, domain: str, host: str, address: st
             relay=relay.destination if relay else None)
         decision = fb.decide(pool.tls.decider(choice.fallback), f, situation)
         out["decision"] = {"action": decision.action, "decider": decision.decider,
+                           "rule": decision.rule, "later": decision.later,
                            "reason": decision.reason}
-        out["sender_would_read"] = pool.tls.explain(f, choice, domain, decision)
+        out["sender_would_read"] = pool.tls.explain(f, choice, domain, decision, situation)
         return out
     record = client.tls.record if client.tls is not None else None
     out["ok"] = True
@@ -131,11 +140,11 @@ def _probe(pool: OutboundPool, hop: NextHop, domain: str, host: str, address: st
         if record.certificate is not None:
             out["certificate"] = _cert(record.certificate)
         if not record.verified:
-            from twisted_mta.outbound.tlsfailure import classify_chain
-            chain = classify_chain(record.chain_errors)
-            out["tls"]["would_fail_strict"] = (chain[0] if chain else
-                                               "certificate-host-mismatch"
-                                               if record.certificate else "no-certificate")
+            out["tls"]["not_verified_because"] = record.unverified_reason
+            strict = shadow_verdict(STRICT.settings, client.tls, True, client.capabilities,
+                                    host, address, port)
+            out["tls"]["would_fail_strict"] = strict.kind if strict else (
+                record.unverified_reason or "?")
     out["capabilities"] = sorted(client.capabilities)
     client.quit()
     yield client.closed
@@ -154,8 +163,12 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  no delivery possible: {report['error']}")
     for h in report["hosts"]:
         pref = f"MX {h['preference']} " if h["preference"] is not None else ""
+        source = {"entry": "written", "default": "[outbound.tls] fallback",
+                  "policy": "the policy's default"}.get(h.get("fallback_from", ""), "")
         lines.append(f"{pref}{h['host']}: policy {h['policy']} (chosen by {h['policy_from']}),"
-                     f" fallback {h['fallback']}")
+                     f" fallback {h['fallback']}" + (f" ({source})" if source else ""))
+        if h.get("cleartext_warning"):
+            lines.append(f"  WARNING: {h['cleartext_warning']}")
         if "error" in h:
             lines.append(f"  {h['error']}")
         for a in h["addresses"]:
@@ -173,7 +186,9 @@ def format_report(report: dict[str, Any]) -> str:
             elif tls:
                 v = "verified" if tls["verified"] else "NOT verified"
                 need = "required" if tls["verification_required"] else "not required"
-                lines.append(f"    {tls['version']} {tls['cipher']}; certificate {v} "
+                why = f": {tls['not_verified_because']}" if tls.get("not_verified_because") \
+                    else ""
+                lines.append(f"    {tls['version']} {tls['cipher']}; certificate {v}{why} "
                              f"({need})")
                 if not tls["verified"]:
                     lines.append(f"    under strict this would fail: {tls['would_fail_strict']}")
@@ -188,7 +203,8 @@ def format_report(report: dict[str, Any]) -> str:
                 lines.append(f"    TLS FAILED: {f['kind']}"
                              + (f" ({f['detail']})" if f["detail"] else "")
                              + f"; TLS-RPT {f['tlsrpt_result']}")
-                lines.append(f"    fallback {d['decider']}: {d['action']} - {d['reason']}")
+                rule = f" [{d['rule']}]" if d.get("rule", "decider") != "decider" else ""
+                lines.append(f"    fallback {d['decider']}: {d['action']}{rule} - {d['reason']}")
                 lines.append("    a sender would read:")
                 import textwrap
                 lines.extend(textwrap.wrap(a["sender_would_read"], 76,

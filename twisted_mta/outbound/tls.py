@@ -21,7 +21,9 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
 from twisted_mta.config import _is_ip
-from twisted_mta.outbound.tlsfailure import CertificateFacts, TLSFailure, classify_chain
+from twisted_mta.outbound.tlsfailure import (
+    WEAK_ERRORS, CertificateFacts, TLSFailure, classify_chain, tls_words,
+)
 from twisted_mta.outbound.tlspolicy import TLSRequirements
 
 _VERSIONS = {
@@ -44,7 +46,39 @@ class TLSRecord:
     cipher: str | None = None
     certificate: CertificateFacts | None = None
     name_ok: bool | None = None  # the expected name is in the certificate
-    verified: bool = False  # chain and name good (whether or not required)
+    weakness: tuple[str, str] | None = None  # (detail, words) at the normal level
+    # Verified as strict would verify it, at the normal security level,
+    # whatever level the connection ran at (see judge).
+    verified: bool = False
+    unverified_reason: str | None = None  # why not, in a few words
+
+    def judge(self) -> None:
+        """
+        Decide C{verified}: the chain and the name, and what OpenSSL's
+        default security level would accept (TLS 1.2 or newer, strong
+        keys and signatures).  Opportunistic connections run at level 0
+        so that weak encryption beats cleartext; their certificate is
+        still judged here at the normal level, so a weak key or a TLS 1.0
+        session is never recorded (or learnt by the ratchet) as verified.
+        """
+        reason = None
+        if self.certificate is None:
+            reason = "no certificate"
+        else:
+            errors = [(d, e) for d, e in self.chain_errors if e not in WEAK_ERRORS]
+            chain = classify_chain(errors)
+            if chain is not None:
+                reason = chain[1]
+            elif self.weakness is not None or any(e in WEAK_ERRORS
+                                                  for _, e in self.chain_errors):
+                reason = f"weak: {self.weakness[1]}" if self.weakness else "weak key or signature"
+            elif not self.name_ok:
+                reason = "name mismatch"
+            elif self.version not in _VERSIONS or \
+                    _VERSIONS[self.version] < _VERSIONS[NORMAL_FLOOR]:
+                reason = f"{tls_words(self.version or '?')} is below {tls_words(NORMAL_FLOOR)}"
+        self.verified = reason is None
+        self.unverified_reason = reason
 
     def describe(self) -> str:
         if self.version is None:
@@ -54,9 +88,64 @@ class TLSRecord:
         elif self.certificate is None:
             check = "no certificate"
         else:
-            kind = classify_chain(self.chain_errors)
-            check = f"certificate not verified ({kind[1] if kind else 'name mismatch'})"
+            check = f"certificate not verified ({self.unverified_reason})"
         return f"{self.version} {self.cipher}, {check}"
+
+
+NORMAL_FLOOR = "TLSv1.2"  # the oldest version OpenSSL's default security level allows
+MIN_RSA_BITS = 2048  # security level 2: 112-bit security
+MIN_EC_BITS = 224
+WEAK_HASHES = ("md5", "sha1")
+
+
+def weakness(chain: list) -> tuple[str, str] | None:
+    """
+    (detail, words) for the first certificate of C{chain} (cryptography
+    certificates, the peer's first) that OpenSSL's default security level
+    would refuse: a key under 2048 bits (RSA, DSA) or 224 bits (EC), or a
+    signature made with MD5 or SHA-1 (a root's signature on itself does
+    not count).  None when the chain is strong.
+    """
+    from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
+    for depth, cert in enumerate(chain):
+        key = cert.public_key()
+        problems, detail = [], None
+        if isinstance(key, (rsa.RSAPublicKey, dsa.DSAPublicKey)) and \
+                key.key_size < MIN_RSA_BITS:
+            kind = "RSA" if isinstance(key, rsa.RSAPublicKey) else "DSA"
+            problems.append(f"a {key.key_size}-bit {kind} key")
+            detail = "key-too-small"
+        elif isinstance(key, ec.EllipticCurvePublicKey) and key.key_size < MIN_EC_BITS:
+            problems.append(f"a {key.key_size}-bit EC key")
+            detail = "key-too-small"
+        hash_name = _hash_name(cert)
+        if hash_name.replace("-", "").lower() in WEAK_HASHES and cert.issuer != cert.subject:
+            problems.append(f"a {hash_name} signature")
+            detail = detail or "weak-signature"
+        if problems:
+            words = " and ".join(problems)
+            if depth:
+                words = f"a certificate in its chain ({_cn(cert.subject)}) having {words}"
+            return detail, words
+    return None
+
+
+def _hash_name(cert) -> str:
+    try:
+        algorithm = cert.signature_hash_algorithm
+    except Exception:  # an algorithm cryptography does not know
+        return "unknown"
+    if algorithm is None:  # Ed25519 and the like hash internally
+        return ""
+    name = algorithm.name.upper()
+    return {"SHA1": "SHA-1", "SHA224": "SHA-224", "SHA256": "SHA-256", "SHA384": "SHA-384",
+            "SHA512": "SHA-512"}.get(name, name)
+
+
+def _cn(name) -> str:
+    from cryptography.x509.oid import NameOID
+    cn = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(cn[0].value) if cn else name.rfc4514_string()
 
 
 _contexts: dict[tuple, SSL.Context] = {}
@@ -118,11 +207,13 @@ class PolicyCreator:
         r.version = "TLSv1.0" if version == "TLSv1" else version  # OpenSSL's name for 1.0
         r.cipher = connection.get_cipher_name()
         cert = connection.get_peer_certificate()
-        if cert is None:
-            return
-        r.certificate = certificate_facts(cert)
-        r.name_ok = _name_matches(connection, self.expected_name)
-        r.verified = not r.chain_errors and bool(r.name_ok)
+        if cert is not None:
+            r.certificate = certificate_facts(cert)
+            r.name_ok = _name_matches(connection, self.expected_name)
+            chain = connection.get_peer_cert_chain(as_cryptography=True) or [
+                cert.to_cryptography()]
+            r.weakness = weakness(chain)
+        r.judge()
 
 
 def evaluate(req: TLSRequirements, creator: PolicyCreator, host: str, address: str,
@@ -138,9 +229,13 @@ def evaluate(req: TLSRequirements, creator: PolicyCreator, host: str, address: s
                  certificate=r.certificate)
     if r.certificate is None:
         return TLSFailure("certificate-untrusted", detail="no-certificate", **facts)
-    chain = classify_chain(r.chain_errors)
+    chain = classify_chain([(d, e) for d, e in r.chain_errors if e not in WEAK_ERRORS])
     if chain is not None:
         return TLSFailure(chain[0], detail=chain[1], **facts)
+    weak_codes = [e for _, e in r.chain_errors if e in WEAK_ERRORS]
+    if r.weakness is not None or weak_codes:
+        detail, words = r.weakness or (classify_chain([(0, weak_codes[0])])[1], "")
+        return TLSFailure("certificate-weak", detail=detail, weakness=words, **facts)
     if not r.name_ok:
         return TLSFailure("certificate-host-mismatch", detail="name", **facts)
     return None
@@ -166,7 +261,23 @@ def certificate_facts(cert) -> CertificateFacts:
         subject=subject, sans=sans, issuer=name_of(c.issuer),
         not_before=c.not_valid_before_utc.replace(tzinfo=timezone.utc).timestamp(),
         not_after=c.not_valid_after_utc.replace(tzinfo=timezone.utc).timestamp(),
-        self_signed=c.subject == c.issuer)
+        self_signed=c.subject == c.issuer, key=_key_words(c.public_key()),
+        signature=_hash_name(c))
+
+
+def _key_words(key) -> str:
+    from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"RSA {key.key_size} bits"
+    if isinstance(key, dsa.DSAPublicKey):
+        return f"DSA {key.key_size} bits"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return f"EC {key.curve.name}"
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return "Ed25519"
+    if isinstance(key, ed448.Ed448PublicKey):
+        return "Ed448"
+    return type(key).__name__
 
 
 def _name_matches(connection: SSL.Connection, name: str) -> bool:
@@ -201,6 +312,6 @@ def shadow_verdict(shadow: TLSRequirements, creator: PolicyCreator | None, tls_d
     record = creator.record
     floor = shadow.min_version or "TLSv1.2"
     if record.version in _VERSIONS and _VERSIONS[record.version] < _VERSIONS[floor]:
-        return TLSFailure("handshake-failed", detail="no-common-version",
+        return TLSFailure("handshake-no-common-version", detail="server-too-old",
                           versions=f"{floor}-TLSv1.3", **facts)
     return evaluate(shadow, creator, host, address, port)

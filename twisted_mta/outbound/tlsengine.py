@@ -7,8 +7,13 @@ of a TLS failure that ends up in logs and bounces.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import sys
+import traceback
 from string import Formatter
+from typing import Iterator
 
 import attrs
 
@@ -23,7 +28,8 @@ from twisted_mta.outbound.tlspolicy import (
 
 class TLSConfigError(Exception):
     """
-    A policy or decider cannot be found or loaded.
+    A policy or decider cannot be found or loaded; C{str()} is one line
+    that names it (and, for a plugin, its file).
     """
 
 
@@ -61,42 +67,191 @@ class Registry:
 
 
 def _load_dotted(path: str):
+    """
+    The object at a dotted path (a class is instantiated); anything its
+    module raises is a L{TLSConfigError}, since it is the plugin's code,
+    not ours, that failed.
+    """
     module, _, attr = path.rpartition(".")
     try:
         obj = getattr(importlib.import_module(module), attr)
+        return obj() if isinstance(obj, type) else obj
     except (ImportError, AttributeError, ValueError) as e:
-        raise TLSConfigError(f"cannot load {path}: {e}")
-    return obj() if isinstance(obj, type) else obj
+        raise TLSConfigError(f"cannot load {path}: {_one_line(e)}")
+    except Exception as e:
+        raise TLSConfigError(f"cannot load {path}: {type(e).__name__}: {_one_line(e)}"
+                             f"{_at(traceback.extract_tb(e.__traceback__))}")
 
 
 def load_registry(dotted: tuple[str, ...] = ()) -> Registry:
     """
     Built-ins, every dropin in a C{twisted/plugins/} directory on the path
     that provides L{ITLSPolicy} or L{IFallbackDecider}, and C{dotted}.
+
+    A dropin that fails to import, or a plugin without a C{str} C{name},
+    is a L{TLSConfigError} naming its file: C{twisted.plugin} would only
+    log a traceback and carry on, and the service would then start without
+    a policy the configuration may name, or crash on the missing name.
     """
     from twisted.plugin import getPlugins
     import twisted.plugins
     registry = Registry()
-    for plugin in getPlugins(ITLSPolicy, twisted.plugins):
-        if plugin.name not in BUILTIN_POLICIES:
-            registry.policies[plugin.name] = plugin
-    for plugin in getPlugins(IFallbackDecider, twisted.plugins):
-        if plugin.name not in fb.BUILTIN:
-            registry.deciders[plugin.name] = plugin
+    with _discovery_failures() as failures:
+        policies = list(getPlugins(ITLSPolicy, twisted.plugins))
+        deciders = list(getPlugins(IFallbackDecider, twisted.plugins))
+    if failures:
+        raise TLSConfigError(failures[0])
+    for plugin in policies:
+        name = _plugin_name(plugin, None)
+        if name not in BUILTIN_POLICIES:
+            registry.policies[name] = plugin
+    for plugin in deciders:
+        name = _plugin_name(plugin, None)
+        if name not in fb.BUILTIN:
+            registry.deciders[name] = plugin
     for path in dotted:
         obj = _load_dotted(path)
-        if ITLSPolicy.providedBy(obj):
-            registry.policies[obj.name] = obj
-        if IFallbackDecider.providedBy(obj):
-            registry.deciders[obj.name] = obj
         if not (ITLSPolicy.providedBy(obj) or IFallbackDecider.providedBy(obj)):
             raise TLSConfigError(f"{path} provides neither ITLSPolicy nor IFallbackDecider")
+        name = _plugin_name(obj, path)
+        if ITLSPolicy.providedBy(obj):
+            registry.policies[name] = obj
+        if IFallbackDecider.providedBy(obj):
+            registry.deciders[name] = obj
     return registry
 
 
+def _plugin_name(plugin: object, path: str | None) -> str:
+    """
+    The plugin's C{name}, else a L{TLSConfigError} naming the plugin and
+    its file (C{path}: its dotted path, when it was configured by one).
+    """
+    name = getattr(plugin, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    if path is not None:
+        what = f"TLS plugin {path}"
+    else:
+        attr, file = _dropin_of(plugin)
+        what = f"TLS plugin {attr!r} in {file}" if attr else f"TLS plugin in {file}"
+    problem = "has no name" if name is None else f"has a name that is not a string: {name!r}"
+    raise TLSConfigError(f"{what} {problem}")
+
+
+def _dropin_of(plugin: object) -> tuple[str | None, str]:
+    """
+    The attribute and file of the C{twisted.plugins} module that holds
+    C{plugin}; else the file of the module that defines its class.
+    """
+    for modname, module in list(sys.modules.items()):
+        if not modname.startswith("twisted.plugins.") or module is None:
+            continue
+        for attr, value in list(vars(module).items()):
+            if value is plugin:
+                return attr, getattr(module, "__file__", None) or modname
+    module = sys.modules.get(type(plugin).__module__)
+    return None, getattr(module, "__file__", None) or type(plugin).__module__
+
+
+@contextlib.contextmanager
+def _discovery_failures() -> Iterator[list[str]]:
+    """
+    Collect, as one line each, the failures C{twisted.plugin} logs (and
+    otherwise ignores) while it loads the dropins.
+
+    Its C{log.err} is diverted for the duration: before logging has begun
+    (C{twistd} option parsing, C{twisted-mta config check}) Twisted prints
+    such failures on stderr as tracebacks, and the operator should read
+    one line instead.  An observer on the global publisher catches what
+    still reaches it.
+    """
+    import twisted.plugin
+    from twisted.logger import globalLogPublisher
+    found: list[str] = []
+
+    def add(failure) -> None:
+        line = _dropin_failure(failure)
+        if line not in found:
+            found.append(line)
+
+    def observe(event: dict) -> None:
+        # twisted.python.log events carry "failure"; a "why" marks a
+        # dropin.cache write, not a load.
+        failure = event.get("log_failure") or event.get("failure")
+        if failure is not None and not event.get("why"):
+            add(failure)
+
+    real = getattr(twisted.plugin, "log", None)
+    if real is not None:
+        twisted.plugin.log = _CollectingLog(real, add)
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield found
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        if real is not None:
+            twisted.plugin.log = real
+
+
+class _CollectingLog:
+    """
+    Stands in for C{twisted.python.log} inside C{twisted.plugin}: a load
+    failure goes to C{add}, everything else to the real log.
+    """
+
+    def __init__(self, real, add) -> None:
+        self._real = real
+        self._add = add
+
+    def err(self, _stuff=None, _why=None, **kw) -> None:
+        from twisted.python.failure import Failure
+        if _why:
+            self._real.err(_stuff, _why, **kw)
+        else:
+            self._add(_stuff if isinstance(_stuff, Failure) else Failure(_stuff))
+
+    def __getattr__(self, name: str):
+        return getattr(self._real, name)
+
+
+_PLUGINS_DIR = os.sep + os.path.join("twisted", "plugins") + os.sep
+
+
+def _dropin_failure(failure) -> str:
+    """
+    One line for a dropin that raised while loading: its file (the deepest
+    traceback frame in a C{twisted/plugins/} directory, or where Python
+    could not parse it) and the exception.
+    """
+    error = failure.value
+    file = None
+    if isinstance(error, SyntaxError) and error.filename:
+        file = f"{error.filename} (line {error.lineno})"
+    else:
+        for frame in reversed(failure.frames or []):
+            if _PLUGINS_DIR in frame[1]:
+                file = f"{frame[1]} (line {frame[2]})"
+                break
+    what = f"{type(error).__name__}: {_one_line(error)}"
+    if file is None:
+        return f"a plugin dropin in twisted/plugins failed to load: {what}"
+    return f"plugin dropin {file} failed to load: {what}"
+
+
+def _at(frames) -> str:
+    """
+    " (in FILE line N)" for the deepest frame of a traceback, if any.
+    """
+    frames = [f for f in frames if not f.filename.startswith("<frozen")]
+    return f" (in {frames[-1].filename} line {frames[-1].lineno})" if frames else ""
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 DEFAULT_EXPLANATION = (
-    "{problem}. This server's \"{policy}\" policy for {domain} requires {requirement}, "
-    "so the message was not sent{decision}. "
+    "{problem}. {why}{decision}. "
     "The administrators of {domain} can fix this: {advice}."
 )
 
@@ -145,30 +300,77 @@ class TLSEngine:
         return self.registry.decider(spec)
 
     def explain(self, failure: TLSFailure, choice: Choice, domain: str,
-                decision: fb.Decision | None) -> str:
+                decision: fb.Decision | None, situation: fb.Situation | None = None,
+                final: bool = False) -> str:
         """
         The plain-words account of a TLS failure for the sender (a template
-        the admin can replace: [outbound.tls] explanation).
+        the admin can replace: [outbound.tls] explanation).  Why it was not
+        sent names the rule that required TLS; what happens next is made
+        from the final C{decision}, after the hard rules.
         """
+        domain = domain or failure.host
+        rule = requiring_rule(failure, choice, situation)
         fields = {
             "problem": failure.describe(),  # starts with a host name: no capital
             "policy": choice.requirements.policy,
             "why_policy": choice.reason,
-            "domain": domain or failure.host,
+            "domain": domain,
             "host": failure.host,
             "address": failure.address,
-            "requirement": _requirement(choice),
-            "decision": _decision_words(decision),
+            "peer": failure.peer,
+            "requirement": _requirement(choice, rule),
+            "why": _why(rule, failure, choice, domain, None if final else decision),
+            "rule": rule,
+            # Given up (expired): nothing more will happen, so nothing is promised.
+            "decision": "" if final else decision_words(decision, rule),
             "advice": failure.advice(),
             "kind": failure.kind,
         }
         return _render(self.explanation, fields).strip()
 
 
-def _requirement(choice: Choice) -> str:
+    def outcome(self, failure: TLSFailure, choice: Choice, domain: str,
+                decision: fb.Decision, situation: fb.Situation | None = None):
+        """
+        The recipient's outcome for a deferral after a TLS failure: 451
+        with the class's enhanced code and the explanation, and the words
+        the bounce will use if the message is given up later.
+        """
+        from twisted_mta.queue.envelope import Outcome
+        text = self.explain(failure, choice, domain, decision, situation)
+        final = self.explain(failure, choice, domain, decision, situation, final=True)
+        return Outcome(451, failure.enhanced(), text, remote_mta=failure.host,
+                       kind=failure.kind, policy=choice.requirements.policy,
+                       final_text=final if final != text else None)
+
+
+def requiring_rule(failure: TLSFailure, choice: Choice,
+                   situation: fb.Situation | None) -> str:
+    """
+    Which rule made this failure stop the message: the policy (or the
+    ratchet that raised it), or, where the policy itself would have sent
+    in cleartext, implicit TLS, our login, or REQUIRETLS.
+    """
     req = choice.requirements
-    if choice.ratcheted:
+    if failure.is_certificate or req.requires_tls:
+        return "ratchet" if choice.ratcheted else "policy"
+    if situation is not None:
+        for rule, applies in (("implicit-tls", situation.implicit_tls or failure.implicit),
+                              ("login", situation.credentials),
+                              ("requiretls", situation.requiretls)):
+            if applies:
+                return rule
+    elif failure.implicit:
+        return "implicit-tls"
+    return "policy"
+
+
+def _requirement(choice: Choice, rule: str = "policy") -> str:
+    req = choice.requirements
+    if rule == "ratchet":
         return f"{_level_words(req)}, because {choice.ratcheted}"
+    if rule in ("implicit-tls", "login", "requiretls"):
+        return "encryption"
     return REQUIREMENT.get(req.policy, _level_words(req))
 
 
@@ -180,27 +382,66 @@ def _level_words(req) -> str:
     return REQUIREMENT["opportunistic"]
 
 
-_DEFER_WORDS = {
-    "ratchet": "; this server does not let a domain drop silently to cleartext",
-    "never": "; it is never sent there without that",
-    "next-attempt": "; if the next attempt fails the same way, it will be sent without "
-                    "encryption",
-    "after": "; if this goes on, it will be sent without encryption later",
+def _why(rule: str, failure: TLSFailure, choice: Choice, domain: str,
+         decision: fb.Decision | None) -> str:
+    """
+    The sentence that says which rule stopped the message.
+    """
+    policy = choice.requirements.policy
+    if rule == "implicit-tls":
+        text = (f"The route to {failure.host} uses implicit TLS (encryption from the first "
+                "byte), which is never given up")
+    elif rule == "login":
+        text = (f"We log in to {failure.host} to send this mail, and our login is never sent "
+                "without encryption")
+    elif rule == "requiretls":
+        text = "The sender required TLS for this message (REQUIRETLS)"
+    else:
+        text = (f"This server's \"{policy}\" policy for {domain} requires "
+                f"{_requirement(choice, rule)}")
+    if decision is None or decision.action == fb.DEFER:
+        text += ", so the message was not sent"
+    return text
+
+
+_NEVER_WORDS = {
+    "implicit-tls": "implicit TLS never falls back to cleartext",
+    "login": "our login never goes without encryption",
+    "requiretls": "the sender required TLS",
+    "ratchet": "this server does not let a domain drop silently to cleartext",
 }
 
 
-def _decision_words(decision: fb.Decision | None) -> str:
+def decision_words(decision: fb.Decision | None, rule: str = "policy") -> str:
     """
-    What the fallback decider's "not now" means, in words; for a plugin,
-    its own reason.
+    What happens next, from the final decision (after the hard rules):
+    retried with TLS only, cleartext on a later attempt, sent another way
+    now, or, for a plugin that did not say, its own reason.
     """
-    if decision is None or decision.action != fb.DEFER:
+    if decision is None:
         return ""
-    if decision.decider in _DEFER_WORDS:
-        return _DEFER_WORDS[decision.decider]
-    if decision.decider in fb.BUILTIN:
-        return ""
-    return f" ({decision.reason})"
+    if decision.action == fb.CLEARTEXT:
+        return (f"; the fallback decider \"{decision.decider}\" sends it without encryption "
+                "instead")
+    if decision.action == fb.RELAXED:
+        return "; it is sent encrypted instead, without checking the certificate"
+    if decision.action == fb.VIA_RELAY:
+        return "; it is sent through the secure relay instead"
+    if decision.rule == "decider-error":
+        return f" ({decision.reason}); it will be tried again later"
+    if decision.rule == "no-relay":
+        return "; no secure relay is configured, so it will be tried again later"
+    if decision.later == fb.TLS_ONLY:
+        words = "; it will be tried again with encryption"
+        # Implicit TLS already said "never given up" in the sentence before.
+        if decision.rule in _NEVER_WORDS and not rule == decision.rule == "implicit-tls":
+            return f"{words}, never without it: {_NEVER_WORDS[decision.rule]}"
+        return f"{words}, and never sent there without it"
+    if decision.later == fb.CLEARTEXT_NEXT:
+        return "; if the next attempt fails the same way, it will be sent without encryption"
+    if decision.later == fb.CLEARTEXT_LATER:
+        return "; if this goes on, it will be sent without encryption later"
+    return f" ({decision.reason})" if decision.decider not in fb.BUILTIN else ""
 
 
 def _render(template: str, fields: dict[str, str]) -> str:

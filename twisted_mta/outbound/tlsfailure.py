@@ -13,7 +13,17 @@ The classes and their codes (ARCHITECTURE.md, "The failure taxonomy"):
 | certificate-not-yet-valid | validation-failure | 4.7.5 / 5.7.5 |
 | certificate-untrusted | certificate-not-trusted | 4.7.5 / 5.7.5 |
 | certificate-host-mismatch | certificate-host-mismatch | 4.7.5 / 5.7.5 |
+| certificate-weak | certificate-not-trusted | 4.7.5 / 5.7.5 |
+| handshake-plaintext | starttls-not-supported | 4.7.5 / 5.7.5 |
+| handshake-closed | validation-failure | 4.7.5 / 5.7.5 |
+| handshake-timeout | validation-failure | 4.7.5 / 5.7.5 |
+| handshake-no-common-version | validation-failure | 4.7.5 / 5.7.5 |
+| handshake-no-common-cipher | validation-failure | 4.7.5 / 5.7.5 |
 | handshake-failed | validation-failure | 4.7.5 / 5.7.5 |
+
+Every sentence names the server as C{host[address]:port}, the way the
+trace header does, so the reader can tell which of several MX hosts (or
+addresses of one) was at fault.
 """
 
 from __future__ import annotations
@@ -24,14 +34,6 @@ import attrs
 from twisted.internet import error
 from twisted.python.failure import Failure
 
-TLS_KINDS = (
-    "starttls-not-offered", "starttls-refused", "certificate-expired",
-    "certificate-not-yet-valid", "certificate-untrusted", "certificate-host-mismatch",
-    "handshake-failed",
-)
-CERTIFICATE_KINDS = ("certificate-expired", "certificate-not-yet-valid",
-                     "certificate-untrusted", "certificate-host-mismatch")
-
 TLSRPT_RESULT = {
     "starttls-not-offered": "starttls-not-supported",
     "starttls-refused": "starttls-not-supported",
@@ -39,8 +41,18 @@ TLSRPT_RESULT = {
     "certificate-not-yet-valid": "validation-failure",
     "certificate-untrusted": "certificate-not-trusted",
     "certificate-host-mismatch": "certificate-host-mismatch",
+    "certificate-weak": "certificate-not-trusted",
+    # 220 to STARTTLS, then no TLS: the server does not really support it.
+    "handshake-plaintext": "starttls-not-supported",
+    "handshake-closed": "validation-failure",
+    "handshake-timeout": "validation-failure",
+    "handshake-no-common-version": "validation-failure",
+    "handshake-no-common-cipher": "validation-failure",
     "handshake-failed": "validation-failure",
 }
+TLS_KINDS = tuple(TLSRPT_RESULT)
+CERTIFICATE_KINDS = tuple(k for k in TLS_KINDS if k.startswith("certificate-"))
+HANDSHAKE_KINDS = tuple(k for k in TLS_KINDS if k.startswith("handshake-"))
 
 # OpenSSL X509_V_ERR_* numbers we name (x509_vfy.h).
 X509_NOT_YET_VALID = 9
@@ -50,6 +62,10 @@ X509_SELF_SIGNED_IN_CHAIN = 19
 X509_UNKNOWN_ISSUER = 20
 X509_UNABLE_TO_VERIFY_LEAF = 21
 X509_NO_ISSUER = 2
+X509_EE_KEY_TOO_SMALL = 66
+X509_CA_KEY_TOO_SMALL = 67
+X509_CA_MD_TOO_WEAK = 68
+WEAK_ERRORS = (X509_EE_KEY_TOO_SMALL, X509_CA_KEY_TOO_SMALL, X509_CA_MD_TOO_WEAK)
 
 
 @attrs.frozen
@@ -60,6 +76,8 @@ class CertificateFacts:
     not_before: float | None
     not_after: float | None
     self_signed: bool
+    key: str = ""  # "RSA 1024 bits", "EC P-256"
+    signature: str = ""  # the signature's hash: "SHA-256", "SHA-1"
 
 
 @attrs.frozen
@@ -80,6 +98,16 @@ class TLSFailure:
     certificate: CertificateFacts | None = None
     versions: str = ""  # what we offered, e.g. "TLSv1.2-TLSv1.3"
     reply: str = ""  # the server's words, for starttls-refused
+    weakness: str = ""  # certificate-weak: what is weak, in words
+    waited: float | None = None  # handshake-timeout: seconds we waited
+    implicit: bool = False  # TLS from the first byte (no STARTTLS)
+
+    @property
+    def peer(self) -> str:
+        """
+        The server as the trace header writes it: C{host[address]:port}.
+        """
+        return f"{self.host}[{self.address}]:{self.port}"
 
     @property
     def tlsrpt_result(self) -> str:
@@ -93,12 +121,17 @@ class TLSFailure:
     def is_certificate(self) -> bool:
         return self.kind in CERTIFICATE_KINDS
 
+    @property
+    def is_handshake(self) -> bool:
+        return self.kind in HANDSHAKE_KINDS
+
     def describe(self) -> str:
         """
         What happened, in plain words, naming the server and the facts.
         """
-        h = self.host
+        h = self.peer
         cert = self.certificate
+        issuer = f" (issued by {cert.issuer})" if cert and cert.issuer else ""
         if self.kind == "starttls-not-offered":
             return f"{h} does not offer encryption (no STARTTLS)"
         if self.kind == "starttls-refused":
@@ -116,7 +149,8 @@ class TLSFailure:
         if self.kind == "certificate-untrusted":
             if self.detail == "self-signed":
                 return f"{h} presented a self-signed certificate, which nobody vouches for"
-            issuer = f" (issued by {cert.issuer})" if cert and cert.issuer else ""
+            if self.detail == "no-certificate":
+                return f"{h} presented no certificate at all"
             if self.detail == "incomplete-chain":
                 return (f"{h} presented a certificate{issuer} without the intermediate "
                         "certificates needed to check it")
@@ -128,15 +162,39 @@ class TLSFailure:
         if self.kind == "certificate-host-mismatch":
             names = ", ".join((cert.sans or (cert.subject,))[:4]) if cert else "another name"
             return (f"{h} presented a certificate for {names}, not for "
-                    f"{self.expected_name or h}")
-        return {
-            "no-common-version": f"{h} and this server have no TLS version in common "
-                                 f"(we offered {self.versions or 'modern versions'})",
-            "no-common-cipher": f"{h} and this server have no cipher in common",
-            "reset": f"{h} closed the connection during the encryption handshake",
-            "timeout": f"{h} stopped answering during the encryption handshake",
-        }.get(self.detail, f"the encryption handshake with {h} failed"
-                           + (f" ({self.detail})" if self.detail else ""))
+                    f"{self.expected_name or self.host}")
+        if self.kind == "certificate-weak":
+            what = self.weakness or "a key or signature too weak to rely on"
+            return (f"{h} presented a certificate{issuer} with {what}, too weak to prove "
+                    "who the server is (we accept RSA keys of 2048 bits or more, EC keys of "
+                    "224 bits or more, and signatures made with SHA-256 or better)")
+        if self.kind == "handshake-plaintext":
+            if self.implicit:
+                return (f"{h} answered our TLS hello in plain text: it does not speak TLS "
+                        "on this port")
+            return (f"{h} answered STARTTLS with 220 but then replied to our TLS hello in "
+                    "plain text, so its STARTTLS is broken")
+        if self.kind == "handshake-closed":
+            return f"{h} closed the connection during the encryption handshake"
+        if self.kind == "handshake-timeout":
+            waited = f" within {self.waited:g} seconds" if self.waited else ""
+            return f"{h} did not answer the encryption handshake{waited}"
+        if self.kind == "handshake-no-common-version":
+            ours = _versions_words(self.versions)
+            if self.detail == "server-too-old":
+                theirs = "it chose an older version"
+            elif self.detail == "server-too-new":
+                theirs = "it chose a newer one"
+            else:
+                theirs = "it refused them, so it speaks only older (or other) versions"
+            return (f"{h} and this server have no TLS version in common: we offered "
+                    f"{ours}; {theirs}")
+        if self.kind == "handshake-no-common-cipher":
+            ours = _versions_words(self.versions)
+            return (f"{h} and this server have no cipher in common (we offered "
+                    f"{ours} with current ciphers; it accepted none of them)")
+        words = f" ({self.detail})" if self.detail else ""
+        return f"the encryption handshake with {h} failed{words}"
 
     def advice(self) -> str:
         """
@@ -159,7 +217,45 @@ class TLSFailure:
             return "install a certificate from a public certificate authority"
         if self.kind == "certificate-host-mismatch":
             return f"install a certificate that names {self.expected_name or self.host}"
-        return "allow TLS 1.2 or later with current ciphers"
+        if self.kind == "certificate-weak":
+            return ("replace the certificate with one that has an RSA key of at least 2048 "
+                    "bits (or an EC key) and a SHA-256 signature")
+        if self.kind == "handshake-plaintext":
+            if self.implicit:
+                return "serve TLS on this port, or tell us the right port"
+            return ("fix STARTTLS on the server (a proxy or firewall in front of it may be "
+                    "intercepting SMTP), or stop advertising it")
+        if self.kind == "handshake-closed":
+            return ("look in the server's logs for why it drops TLS handshakes (often a "
+                    "certificate or key it cannot load)")
+        if self.kind == "handshake-timeout":
+            return ("check that the server (and any firewall or proxy in front of it) "
+                    "completes TLS handshakes")
+        if self.kind == "handshake-no-common-version":
+            return "enable TLS 1.2 or TLS 1.3 on the server"
+        if self.kind == "handshake-no-common-cipher":
+            return "enable current ciphers (ECDHE with AES-GCM or ChaCha20-Poly1305)"
+        return "check the server's TLS set-up and logs"
+
+
+def _versions_words(versions: str) -> str:
+    """
+    "TLSv1.2-TLSv1.3" -> "TLS 1.2 to TLS 1.3".
+    """
+    if not versions:
+        return "TLS 1.2 to TLS 1.3"
+    low, _, high = versions.partition("-")
+    low, high = tls_words(low), tls_words(high)
+    return low if not high or low == high else f"{low} to {high}"
+
+
+def tls_words(version: str) -> str:
+    """
+    OpenSSL's version names as people write them: "TLSv1.2" -> "TLS 1.2".
+    """
+    if version == "TLSv1":
+        return "TLS 1.0"
+    return version.replace("TLSv", "TLS ") if version.startswith("TLSv") else version
 
 
 def _day(t: float) -> str:
@@ -190,31 +286,49 @@ def classify_chain(errors: list[tuple[int, int]]) -> tuple[str, str] | None:
         return "certificate-untrusted", "unknown-ca" if max(depths) > 0 else "unknown-issuer"
     if X509_UNABLE_TO_VERIFY_LEAF in codes or X509_NO_ISSUER in codes:
         return "certificate-untrusted", "incomplete-chain"
+    if X509_CA_MD_TOO_WEAK in codes:
+        return "certificate-weak", "weak-signature"
+    if X509_EE_KEY_TOO_SMALL in codes or X509_CA_KEY_TOO_SMALL in codes:
+        return "certificate-weak", "key-too-small"
     return "certificate-untrusted", f"verify-error-{codes[0]}"
 
 
-def classify_handshake_error(reason: Failure | None) -> str:
+_PLAINTEXT = ("wrong version number", "http request", "https proxy request",
+              "unknown protocol", "packet length too long", "record layer failure")
+_SERVER_TOO_OLD = ("unsupported protocol", "version too low")
+_REFUSED_VERSIONS = ("alert protocol version", "protocol version", "no protocols available")
+_NO_CIPHER = ("no shared cipher", "no ciphers", "no suitable", "alert handshake failure",
+              "insufficient security")
+_CLOSED = ("unexpected eof", "eof while reading", "connection reset")
+
+
+def classify_handshake_error(reason: Failure | None) -> tuple[str, str]:
     """
-    The C{detail} of a handshake that died: no common version or cipher,
-    reset, timeout, or OpenSSL's own words.
+    The class and C{detail} of a handshake that died: a plain-text answer,
+    no common version or cipher, closed, timed out, or (C{handshake-failed})
+    OpenSSL's own words.
     """
     if reason is None:
-        return "reset"
+        return "handshake-closed", "closed"
     value = reason.value
     from OpenSSL import SSL
     if isinstance(value, SSL.Error):
         texts = " ".join(str(r[2]) for r in (value.args[0] if value.args and
                                              isinstance(value.args[0], list) else [])
                          if len(r) > 2).lower() or str(value).lower()
-        if any(w in texts for w in ("protocol version", "unsupported protocol",
-                                    "wrong version number", "version too low")):
-            return "no-common-version"
-        if any(w in texts for w in ("no shared cipher", "no ciphers", "handshake failure",
-                                    "sslv3 alert handshake failure", "no suitable")):
-            return "no-common-cipher"
-        return texts or "tls-error"
+        if any(w in texts for w in _PLAINTEXT):
+            return "handshake-plaintext", "plaintext"
+        if any(w in texts for w in _SERVER_TOO_OLD):
+            return "handshake-no-common-version", "server-too-old"
+        if any(w in texts for w in _REFUSED_VERSIONS):
+            return "handshake-no-common-version", "versions-refused"
+        if any(w in texts for w in _NO_CIPHER):
+            return "handshake-no-common-cipher", "no-common-cipher"
+        if any(w in texts for w in _CLOSED):
+            return "handshake-closed", "closed"
+        return "handshake-failed", texts or "tls-error"
     if isinstance(value, (error.ConnectionLost, error.ConnectionDone)):
-        return "reset"
+        return "handshake-closed", "closed"
     if isinstance(value, error.TimeoutError):
-        return "timeout"
-    return str(value) or type(value).__name__
+        return "handshake-timeout", "timeout"
+    return "handshake-failed", str(value) or type(value).__name__

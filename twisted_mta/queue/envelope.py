@@ -87,6 +87,9 @@ class Outcome:
     # own reply, else what we found (e.g. "connect-failed", "null-mx").
     kind: str | None = None
     policy: str | None = None  # for a TLS failure: the TLS policy that was not met
+    # For a TLS deferral: the explanation as it reads once the message is
+    # given up (no retry or fallback to promise any more).
+    final_text: str | None = None
 
     @property
     def is_permanent(self) -> bool:
@@ -197,6 +200,8 @@ def _dump_outcome(o: Outcome | None) -> dict[str, Any] | None:
         out["kind"] = o.kind
     if o.policy is not None:
         out["policy"] = o.policy
+    if o.final_text is not None:
+        out["final_text"] = o.final_text
     return out
 
 
@@ -207,7 +212,7 @@ def _load_outcome(raw: Any) -> Outcome | None:
     return Outcome(code=int(raw["code"]), enhanced=str(raw["enhanced"]), text=str(raw["text"]),
                    remote_mta=None if remote is None else str(remote),
                    dsn_passed=bool(raw.get("dsn_passed", False)), kind=raw.get("kind"),
-                   policy=raw.get("policy"))
+                   policy=raw.get("policy"), final_text=raw.get("final_text"))
 
 
 def _dump(env: Envelope) -> dict[str, Any]:

@@ -55,8 +55,10 @@ def retry_delay(schedule: tuple[int, ...], attempts: int, jitter: float,
 
 def expired_outcome(last: Outcome | None) -> Outcome:
     if last is not None and last.kind in TLS_KINDS:
-        # Still explained in plain words, now as the permanent x.7.x.
-        return attrs.evolve(last, code=554, enhanced="5" + last.enhanced[1:])
+        # Still explained in plain words, now as the permanent x.7.x, and
+        # without the retry or fallback the deferral's words promised.
+        return attrs.evolve(last, code=554, enhanced="5" + last.enhanced[1:],
+                            text=last.final_text or last.text, final_text=None)
     why = f"; last error: {last}" if last else ""
     return Outcome(554, "5.4.7", "Delivery time expired" + why)
 
