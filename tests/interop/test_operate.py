@@ -759,6 +759,8 @@ def shadow_run() -> dict:
                 "report": cli(mta, "tls", "shadow-report", "--json"),
                 "text": cli(mta, "tls", "shadow-report"),
                 "events": [e for e in events(mta) if e.get("event") == "tls.shadow"],
+                "connected": [e for e in events(mta) if e.get("event") == "outbound.connected"],
+                "history": history_json(mta),
             }
         except BaseException as e:
             _shadow = e
@@ -776,6 +778,20 @@ class ShadowTests(unittest.TestCase):
     Default policy opportunistic (fallback now) with C{shadow = "strict"}:
     one message to each peer.
     """
+
+    def test_verification_judged_at_the_normal_level(self) -> None:
+        """Opportunistic takes TLS 1.0 at security level 0, but the session is judged as strict would judge it: the log says "certificate not verified (TLS 1.0 is below TLS 1.2)" and the TLS history learns "encrypted", not "verified" (the ratchet never learns verified from it); the valid peer is verified."""
+        run = shadow_run()
+        by_host = {e.get("peer", "").partition("[")[0]: e for e in run["connected"]}
+        tls10, valid = BY_NAME["tls10"], BY_NAME["valid"]
+        e = by_host[tls10.mx_host]
+        self.assertEqual((e.get("version"), e.get("verified")), ("TLSv1.0", False), e)
+        self.assertIn("certificate not verified (TLS 1.0 is below TLS 1.2)", e.get("tls"))
+        history = {h["domain"]: h for h in run["history"]} if isinstance(
+            run["history"], list) else run["history"]
+        self.assertEqual(history[shadow_rcpt(tls10).rpartition("@")[2]]["best"], "encrypted")
+        self.assertEqual(history[shadow_rcpt(valid).rpartition("@")[2]]["best"], "verified")
+        self.assertTrue(by_host[valid.mx_host].get("verified"))
 
     def test_every_message_delivered(self) -> None:
         """The shadow policy only reports: every message is stored by its peer (once) under the active opportunistic policy, over TLS where the peer has it (TLS 1.0 included) and in cleartext from the no-STARTTLS peer; nothing stays queued."""

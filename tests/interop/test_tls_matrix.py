@@ -1,8 +1,11 @@
 """
 The outbound TLS interop matrix: every TLS peer in L{tests.interop.tls_peers}
-(real Postfix smtpd services, one scripted server) under the C{strict},
-C{relaxed} and C{opportunistic} policies with each built-in fallback
-decider, one message per cell, all sent at once through one twisted-mta.
+(real Postfix smtpd services, and scripted servers that drop the connection,
+answer the TLS hello in plain text, or never answer it) under the
+C{strict}, C{relaxed} and C{opportunistic} policies with each built-in
+fallback decider, and with none written (the policy's default decider:
+C{never} for strict and relaxed, C{now} for opportunistic), one message
+per cell, all sent at once through one twisted-mta.
 
 After the first attempt each message is either stored by a peer (over TLS,
 or in cleartext after a fallback), stored by the secure relay, deferred in
@@ -21,8 +24,9 @@ C{docs/tls-matrix.md}); with C{TWISTED_MTA_TLS_MATRIX_KEEP=1} its work
 directories are kept and named on stderr.
 
 Addresses: nsd on 127.0.0.1:<its port>; the relay on 127.0.0.9:P and each
-peer on 127.0.0.10+:P (C{[outbound] port = P}); our MTA's mx listener on
-127.0.0.1:<another port>.  The system resolver is never used.
+peer on 127.0.0.10+:P (C{[outbound] port = P}), the scripted ones included;
+our MTA's mx listener on 127.0.0.1:<another port>.  The system resolver is
+never used.
 """
 
 from __future__ import annotations
@@ -57,7 +61,14 @@ from tests.interop.tls_peers import (
 
 ALICE = f"alice@{LOCAL_DOMAIN}"
 POLICIES = ("strict", "relaxed", "opportunistic")
-DECIDERS = ("never", "now", "next-attempt", "after:30m", "relaxed-now", "via-relay")
+# "default": the cell's entry names no decider (no fallback / tls_fallback
+# key), so the policy's own default applies (docs/tls.md).
+DEFAULT = "default"
+DECIDERS = ("never", "now", "next-attempt", "after:30m", "relaxed-now", "via-relay", DEFAULT)
+# [outbound.tls] fallback, as configured below: it names the default entry's
+# decider only, and must not reach the DEFAULT cells' domain entries.
+TABLE_FALLBACK = "now"
+HANDSHAKE_TIMEOUT = 3  # [outbound] handshake_timeout, seconds
 EARLY_WARNING = ("strict",)  # [outbound.tls] early_warning, as configured below
 RELAY_POLICY = "strict"  # [outbound.tls.relay] tls_policy
 DOC_ENV = "TWISTED_MTA_TLS_MATRIX"
@@ -123,6 +134,21 @@ class Cell:
         return self.label or f"{self.peer.name} / {self.policy} / {self.decider}"
 
 
+def effective_decider(policy: str, decider: str) -> str:
+    """
+    The decider a cell runs under: its own, or for a C{DEFAULT} cell the
+    policy's default (docs/tls.md): C{never} where the policy requires TLS
+    (strict, relaxed), C{now} otherwise.
+    """
+    if decider != DEFAULT:
+        return decider
+    return "never" if policy in ("strict", "relaxed") else "now"
+
+
+def decider_heading(decider: str) -> str:
+    return "no `fallback`" if decider == DEFAULT else f"`{decider}`"
+
+
 def cell_domain(peer: Peer, policy: str, decider: str) -> str:
     return f"{policy}-{decider.replace(':', '-')}.{peer.domain}"
 
@@ -173,7 +199,7 @@ FLOOR = {"opportunistic": "TLSv1.0", "relaxed": "TLSv1.2", "strict": "TLSv1.2"}
 OPENSSL_NAME = {"TLSv1.0": "TLSv1.0", "TLSv1.1": "TLSv1.1", "TLSv1.2": "TLSv1.2",
                 "TLSv1.3": "TLSv1.3"}
 CERTIFICATE_KINDS = ("certificate-expired", "certificate-not-yet-valid",
-                     "certificate-untrusted", "certificate-host-mismatch")
+                     "certificate-untrusted", "certificate-host-mismatch", "certificate-weak")
 # What strict finds wrong with each kind of certificate: (class, detail);
 # a detail of None is not specified by the taxonomy, so not checked.
 CERT_FAILURE = {
@@ -185,6 +211,14 @@ CERT_FAILURE = {
     # unknown CA from missing intermediates (tlsfailure.classify_chain).
     "unknown-issuer": ("certificate-untrusted", "unknown-issuer"),
     "wrong-name": ("certificate-host-mismatch", None),
+    # RSA-1024 key and SHA-1 signature: key-too-small or weak-signature.
+    "weak": ("certificate-weak", None),
+}
+# What a connection meets after the 220 to STARTTLS, by Peer.starttls.
+HANDSHAKE_FAILURE = {
+    "dropped": ("handshake-closed", None),
+    "plaintext": ("handshake-plaintext", None),
+    "hang": ("handshake-timeout", None),
 }
 
 
@@ -229,12 +263,13 @@ def tls_failure(peer: Peer, policy: str) -> tuple[str, str | None] | None:
         return None if policy == "opportunistic" else ("starttls-not-offered", None)
     if peer.starttls == "refused":
         return ("starttls-refused", None)
-    if peer.starttls == "dropped":
-        return ("handshake-failed", "reset")
+    if peer.starttls in HANDSHAKE_FAILURE:
+        # Under every policy that tries STARTTLS, opportunistic included.
+        return HANDSHAKE_FAILURE[peer.starttls]
     if VERSION_ORDER.index(peer.max_version) < VERSION_ORDER.index(FLOOR[policy]):
-        return ("handshake-failed", "no-common-version")
+        return ("handshake-no-common-version", None)
     if peer.legacy_cipher_only and policy != "opportunistic":
-        return ("handshake-failed", "no-common-cipher")
+        return ("handshake-no-common-cipher", None)
     if policy == "strict" and peer.cert != "valid":
         return CERT_FAILURE[peer.cert]
     return None
@@ -244,7 +279,8 @@ def decide(decider: str, kind: str, attempt: int, implicit: bool) -> str:
     """
     What the decider does on the message's C{attempt}-th attempt (every
     earlier one failed on TLS, the message is minutes old), after the hard
-    rule that implicit TLS never falls back to cleartext.
+    rule that implicit TLS never falls back to cleartext.  C{decider} is
+    the effective one (L{effective_decider}).
     """
     action = {
         "never": "defer",
@@ -259,6 +295,19 @@ def decide(decider: str, kind: str, attempt: int, implicit: bool) -> str:
     return action
 
 
+def verifies(peer: Peer, version: str) -> bool:
+    """
+    Whether a session with C{peer} over C{version} counts as verified.
+    The trust roots apply to every policy, so the header says whether the
+    certificate verified even where nothing required it; and that is
+    judged at OpenSSL's normal security level whatever level the session
+    ran at: a valid certificate, over TLS 1.2 or later, with no weak key or
+    signature (the TLS 1.0 peer under opportunistic is not verified).
+    """
+    return (peer.cert == "valid"
+            and VERSION_ORDER.index(version) >= VERSION_ORDER.index("TLSv1.2"))
+
+
 def expected(cell: Cell, attempt: int = 1) -> Expect:
     peer = cell.peer
     version = OPENSSL_NAME[peer.max_version]
@@ -266,20 +315,19 @@ def expected(cell: Cell, attempt: int = 1) -> Expect:
     if failure is None:
         if peer.starttls == "absent":
             return Expect("delivered-cleartext")
-        # The trust roots apply to every policy, so the header says whether
-        # the certificate verified even where nothing required it.
-        return Expect("delivered-tls", verified=peer.cert == "valid", version=version)
+        return Expect("delivered-tls", verified=verifies(peer, version), version=version)
     kind, detail = failure
-    action = decide(cell.decider, kind, attempt, peer.implicit)
+    decider = effective_decider(cell.policy, cell.decider)
+    action = decide(decider, kind, attempt, peer.implicit)
     if action == "defer":
         return Expect("deferred", kind, detail)
     if action == "cleartext":
-        return Expect("delivered-cleartext", kind, detail, fallback=cell.decider)
+        return Expect("delivered-cleartext", kind, detail, fallback=decider)
     if action == "relaxed":
         return Expect("delivered-tls", kind, detail, verified=False, version=version,
-                      fallback=cell.decider)
+                      fallback=decider)
     return Expect("via-relay", kind, detail, verified=True, version="TLSv1.3",
-                  fallback=cell.decider)
+                  fallback=decider)
 
 
 def enhanced_code(kind: str) -> str:
@@ -290,12 +338,15 @@ def day(t: datetime.datetime) -> str:
     return f"{t.day} {t.strftime('%B %Y')}"
 
 
-def fact_patterns(cell: Cell, exp: Expect, certs: dict[str, CertFiles]) -> list[tuple[str, str]]:
+def fact_patterns(cell: Cell, exp: Expect, certs: dict[str, CertFiles],
+                  port: int) -> list[tuple[str, str]]:
     """
-    What a plain-words account of the failure must mention: the server's
-    name and the fact that made it fail (regexes, case-insensitive).
+    What a plain-words account of the failure must mention: the server as
+    C{host[IP]:port} and the fact that made it fail (regexes,
+    case-insensitive).
     """
-    pats = [("the server's name", re.escape(cell.server))]
+    pats = [("the server as host[IP]:port",
+             re.escape(f"{cell.server}[{cell.peer.address}]:{port}"))]
     cert = certs.get(cell.peer.name)
     if exp.kind == "certificate-expired":
         pats.append(("the expiry date", re.escape(day(cert.not_after))))
@@ -311,12 +362,21 @@ def fact_patterns(cell: Cell, exp: Expect, certs: dict[str, CertFiles]) -> list[
         pats.append(("no STARTTLS", r"STARTTLS|does not offer encryption"))
     elif exp.kind == "starttls-refused":
         pats.append(("the server's refusal", r"TLS not available due to local problem"))
-    elif exp.detail == "no-common-version":
-        pats.append(("no common TLS version", r"\bversion"))
-    elif exp.detail == "no-common-cipher":
+    elif exp.kind == "certificate-weak":
+        pats += [("the key type", r"\bRSA\b"), ("the key size", r"\b1024\b"),
+                 ("the signature algorithm", r"\bSHA-?1(?!\d)")]
+    elif exp.kind == "handshake-no-common-version":
+        pats += [("the version we require", r"\bTLS ?v?1\.2\b"),
+                 ("the server's version", r"\bTLS ?v?1(\.[01]\b|(?![.\d]))|\bolder\b")]
+    elif exp.kind == "handshake-no-common-cipher":
         pats.append(("no common cipher", r"\bcipher"))
-    elif exp.detail == "reset":
-        pats.append(("the dropped connection", r"closed|dropped|reset"))
+    elif exp.kind == "handshake-closed":
+        pats.append(("the closed connection", r"\bclosed\b"))
+    elif exp.kind == "handshake-plaintext":
+        pats.append(("the plain-text answer", r"\bplain[ -]?text\b"))
+    elif exp.kind == "handshake-timeout":
+        pats += [("the handshake timeout", rf"\b{HANDSHAKE_TIMEOUT}(\.0+)? ?(s|secs?|seconds?)\b"),
+                 ("no answer", r"\banswer")]
     return pats
 
 
@@ -457,7 +517,7 @@ def dsn_of(path: str) -> list[tuple[str, DSN]]:
 
 class MatrixRun:
     """
-    Start nsd, the Postfix peers, the scripted peer and our MTA; send one
+    Start nsd, the Postfix peers, the scripted peers and our MTA; send one
     message per cell; wait for the first attempts to settle; flush;
     wait again; record everything; stop every process.  L{compare} fills
     L{mismatches} (category -> lines).
@@ -496,7 +556,8 @@ class MatrixRun:
     def run(self) -> "MatrixRun":
         t0 = time.monotonic()
         self.port = free_port_on_all()
-        self.nsd = self.postfix = self.scripted = self.mta = None
+        self.nsd = self.postfix = self.mta = None
+        self.scripted: dict[str, ScriptedPeer] = {}  # by peer name
         try:
             self.nsd = NSDServer(self._tempdir("nsd"), matrix_zone()).start()
             certdir = self._tempdir("certs", 0o755)
@@ -505,8 +566,10 @@ class MatrixRun:
             self.postfix = MatrixPostfix(self._tempdir("postfix", 0o755), self.port, self.certs,
                                          [c.rcpt for c in self.all])
             self.postfix.start()
-            drop = next(p for p in PEERS if p.scripted)
-            self.scripted = ScriptedPeer(drop.address, self.port, drop.mx_host)
+            for p in PEERS:
+                if p.scripted:
+                    self.scripted[p.name] = ScriptedPeer(p.address, self.port, p.mx_host,
+                                                         mode=p.scripted_mode)
             self.mta = self._start_mta()
             self.timings["set-up"] = time.monotonic() - t0
 
@@ -544,11 +607,12 @@ class MatrixRun:
             'greeting_timeout = "10s"',
             'command_timeout = "10s"',
             'data_timeout = "10s"',
+            f'handshake_timeout = "{HANDSHAKE_TIMEOUT}s"',
             'idle_time = "1s"',
             "",
             "[outbound.tls]",
             'policy = "opportunistic"',
-            'fallback = "now"',
+            f'fallback = "{TABLE_FALLBACK}"',  # the default entry's only
             'ca_file = "ca.pem"',
             f"early_warning = {json.dumps(list(EARLY_WARNING))}",
             "",
@@ -560,14 +624,18 @@ class MatrixRun:
         ]
         for c in self.all:
             if c.smarthost is None or not c.route_policy:
-                lines += [f'[outbound.tls.domains."{c.domain}"]', f'policy = "{c.policy}"',
-                          f'fallback = "{c.decider}"', ""]
+                lines += [f'[outbound.tls.domains."{c.domain}"]', f'policy = "{c.policy}"']
+                if c.decider != DEFAULT:
+                    lines.append(f'fallback = "{c.decider}"')
+                lines.append("")
         for c in self.all:
             if c.smarthost is not None:
                 lines += [f'[outbound.routes."{c.domain}"]', f'host = "[{c.smarthost}]:{P}"',
                           'tls = "implicit"']
                 if c.route_policy:
-                    lines += [f'tls_policy = "{c.policy}"', f'tls_fallback = "{c.decider}"']
+                    lines.append(f'tls_policy = "{c.policy}"')
+                    if c.decider != DEFAULT:
+                        lines.append(f'tls_fallback = "{c.decider}"')
                 lines.append("")
         lines += [
             "[queue]",
@@ -598,8 +666,9 @@ class MatrixRun:
                     raise AssertionError(f"refused at submission: {refused}")
 
     def _stop(self) -> None:
-        for what in (self.mta and self.mta.cleanup, self.scripted and self.scripted.stop,
-                     self.postfix and self.postfix.stop, self.nsd and self.nsd.stop):
+        for what in ([self.mta and self.mta.cleanup]
+                     + [peer.stop for peer in self.scripted.values()]
+                     + [self.postfix and self.postfix.stop, self.nsd and self.nsd.stop]):
             if what:
                 try:
                     what()
@@ -619,7 +688,9 @@ class MatrixRun:
         and scripted deliveries).
         """
         keys = message_files(self.postfix.maildir(c.rcpt))
-        keys += [f"scripted:{i}" for i, _ in enumerate(self.scripted.received_for(c.rcpt))]
+        if c.peer.name in self.scripted:
+            keys += [f"scripted:{i}" for i, _ in
+                     enumerate(self.scripted[c.peer.name].received_for(c.rcpt))]
         return keys
 
     def _spool(self, sub: str) -> list[str]:
@@ -733,7 +804,8 @@ class MatrixRun:
             old = {cp.key for cp in before[c.rcpt].copies} if before else set()
             for path in message_files(self.postfix.maildir(c.rcpt)):
                 s.copies.append(copy_of(path, parse(path)))
-            for i, m in enumerate(self.scripted.received_for(c.rcpt)):
+            scripted = self.scripted.get(c.peer.name)
+            for i, m in enumerate(scripted.received_for(c.rcpt) if scripted else ()):
                 s.copies.append(copy_of(f"scripted:{i}", email.message_from_bytes(
                     m.data, policy=email.policy.compat32), scripted=True))
             new = [cp for cp in s.copies if cp.key not in old]
@@ -836,7 +908,7 @@ class MatrixRun:
                 self._add("explanation", f"{c.name}: outcome {o.get('code')} "
                           f"{o.get('enhanced')}, expected 451 {enhanced_code(exp.kind)}")
             text = o.get("text", "")
-            lacking = missing_facts(text, fact_patterns(c, exp, self.certs) + [
+            lacking = missing_facts(text, fact_patterns(c, exp, self.certs, self.port) + [
                 ("the policy's name", re.escape(c.policy))])
             if lacking:
                 self._add("explanation", f"{c.name}: the queued outcome does not mention "
@@ -852,7 +924,7 @@ class MatrixRun:
                 if d.action != "delayed" or d.status != enhanced_code(exp.kind):
                     self._add("dsn", f"{c.name}: warning says Action {d.action}, Status "
                               f"{d.status}; expected delayed, {enhanced_code(exp.kind)}")
-                lacking = missing_facts(d.text, fact_patterns(c, exp, self.certs))
+                lacking = missing_facts(d.text, fact_patterns(c, exp, self.certs, self.port))
                 if lacking:
                     self._add("dsn", f"{c.name}: the warning's text does not mention "
                               f"{', '.join(lacking)}:\n{d.text}")
@@ -981,14 +1053,21 @@ def render_doc(run: MatrixRun) -> str:
         f"{git_describe()}, {now}. Do not edit by hand: run the script again.",
         "",
         "One twisted-mta delivers one message per cell, all at once, to real peers on "
-        "loopback: one private Postfix with an smtpd per peer on its own address, and a "
-        "scripted server for the peer that drops the connection. Certificates are made at "
-        "test time; names come from a private nsd (wildcard MX per peer). Each cell's "
-        "policy and fallback decider come from a policy map entry for its domain "
-        "(`[outbound.tls.domains]`), or for the implicit-TLS peers from the cell's own "
-        "`[outbound.routes]` entry (`tls = \"implicit\"`, `tls_policy`, `tls_fallback`). "
-        "`[outbound.tls] ca_file` holds the test CA, `early_warning = [\"strict\"]`, and "
-        "`[outbound.tls.relay]` is one more Postfix with a valid certificate.",
+        "loopback: one private Postfix with an smtpd per peer on its own address, and "
+        "scripted servers for the peers that drop the connection, answer the TLS hello in "
+        "plain text, or never answer it. Certificates are made at test time; names come "
+        "from a private nsd (wildcard MX per peer). Each cell's policy and fallback decider "
+        "come from a policy map entry for its domain (`[outbound.tls.domains]`), or for the "
+        "implicit-TLS peers from the cell's own `[outbound.routes]` entry "
+        "(`tls = \"implicit\"`, `tls_policy`, `tls_fallback`). The column "
+        "\"no `fallback`\" has entries that name no decider (no `fallback` or "
+        "`tls_fallback` key): the policy's default applies, `never` for `strict` and "
+        "`relaxed`, `now` for `opportunistic`; "
+        f"`[outbound.tls] fallback = \"{TABLE_FALLBACK}\"` names only the default "
+        "entry's decider and does not reach them. `[outbound.tls] ca_file` holds the test "
+        "CA, `early_warning = [\"strict\"]`, `[outbound] handshake_timeout = "
+        f"\"{HANDSHAKE_TIMEOUT}s\"`, and `[outbound.tls.relay]` is one more Postfix with a "
+        "valid certificate.",
         "",
         "## Peers",
         "",
@@ -1008,13 +1087,21 @@ def render_doc(run: MatrixRun) -> str:
         "",
         "- `TLS 1.3 ✓`: delivered over TLS 1.3, the certificate verified; "
         "`TLS 1.3 unverified`: delivered over TLS, the certificate not verified (not "
-        "required, or skipped by `relaxed-now`).",
+        "required, or skipped by `relaxed-now`). Verification is judged at OpenSSL's "
+        "normal security level whatever level the session ran at: a session over TLS 1.0, "
+        "or with a weak key or signature, is never verified.",
         "- `cleartext`: delivered without TLS; `relay, ...`: delivered through the secure "
         "relay; `(fallback)`: after a TLS failure, as the fallback decider chose (the trace "
-        "header names the decider and the failure).",
+        "header names the decider, in the \"no `fallback`\" column the policy's default, "
+        "and the failure).",
         "- `deferred: class (detail)`: still queued after the attempt, with that TLS failure "
         "class (detail from the `outbound.tls_decision` log event); `+warning`: the sender "
-        "got an early delay warning.",
+        "got an early delay warning. The handshake classes: `handshake-closed` (the server "
+        "closed the connection during the handshake), `handshake-plaintext` (it answered "
+        "the TLS hello in plain text), `handshake-timeout` (no answer within "
+        "`handshake_timeout`), `handshake-no-common-version`, "
+        "`handshake-no-common-cipher`; `certificate-weak`: a key or signature below "
+        "OpenSSL's default security level (`strict` only).",
         "- **≠** marks a cell that differs from the expectation computed from the rules; "
         "the expectation follows it.",
         "",
@@ -1023,7 +1110,7 @@ def render_doc(run: MatrixRun) -> str:
     def table(policy: str, title: str, seen: dict, dsns: dict, attempt: int,
               only_deferred: bool) -> None:
         out.extend([f"### {title}", "",
-                    "| peer | " + " | ".join(f"`{d}`" for d in DECIDERS) + " |",
+                    "| peer | " + " | ".join(decider_heading(d) for d in DECIDERS) + " |",
                     "|---|" + "---|" * len(DECIDERS)])
         for peer in PEERS:
             row = []
@@ -1144,7 +1231,7 @@ class TLSMatrixTests(unittest.TestCase):
         self.check("placement")
 
     def test_trace_header(self) -> None:
-        """Each delivered message carries one X-Twisted-MTA-TLS header naming the server it was sent to, the TLS version (and the odd cipher), whether the certificate verified, the cell's policy and the map entry that chose it, and the decider and failure behind a fallback; the receiving Postfix's Received header agrees about TLS."""
+        """Each delivered message carries one X-Twisted-MTA-TLS header naming the server it was sent to, the TLS version (and the odd cipher), whether the certificate verified (judged at the normal security level: not over TLS 1.0, not with a weak key or signature), the cell's policy and the map entry that chose it, and the decider and failure behind a fallback (with no fallback key, the policy's default decider); the receiving Postfix's Received header agrees about TLS."""
         self.check("trace")
 
     def test_relay_leg_runs_under_the_relay_policy(self) -> None:
@@ -1153,19 +1240,19 @@ class TLSMatrixTests(unittest.TestCase):
 
 
     def test_failure_class_and_detail(self) -> None:
-        """The outbound.tls_decision event of each failing cell names the expected class and detail (unknown CA with its root: unknown-ca; leaf alone: unknown-issuer; TLS 1.0 peer: no-common-version; cipher outside the defaults: no-common-cipher; dropped after 220: reset); cells without a failure log no decision."""
+        """The outbound.tls_decision event of each failing cell names the expected class and detail (unknown CA with its root: unknown-ca; leaf alone: unknown-issuer; RSA-1024/SHA-1 certificate under strict: certificate-weak; TLS 1.0 peer: handshake-no-common-version; cipher outside the defaults: handshake-no-common-cipher; closed after 220: handshake-closed; plain-text answer to the hello: handshake-plaintext; no answer: handshake-timeout); cells without a failure log no decision."""
         self.check("detail")
 
     def test_early_delay_warnings(self) -> None:
-        """Every strict cell deferred by a TLS failure sends alice one delay warning at once (Action delayed, Status 4.7.4/4.7.5) whose text names the server and the fact (expiry date, start date, self-signed, untrusted issuer, the certificate's name, no STARTTLS, the 454 words, version, cipher, dropped connection); no other cell sends any DSN."""
+        """Every strict cell deferred by a TLS failure sends alice one delay warning at once (Action delayed, Status 4.7.4/4.7.5) whose text names the server as host[IP]:port and the fact (expiry date, start date, self-signed, untrusted issuer, the certificate's name, key type, size and signature algorithm, no STARTTLS, the 454 words, the versions on each side, cipher, closed connection, plain text, the timeout's seconds); no other cell sends any DSN."""
         self.check("dsn")
 
     def test_deferred_explanations(self) -> None:
-        """The queued outcome of each deferred cell is 451 with 4.7.4 (STARTTLS classes) or 4.7.5, and its text names the server, the policy and the fact in plain words."""
+        """The queued outcome of each deferred cell is 451 with 4.7.4 (STARTTLS classes) or 4.7.5, and its text names the server as host[IP]:port, the policy and the fact in plain words."""
         self.check("explanation")
 
     def test_second_attempt_after_flush(self) -> None:
-        """After an operator flush, next-attempt sends the deferred messages in cleartext (never for implicit TLS) with fallback=next-attempt in the header; never, after:30m and relaxed-now (for non-certificate failures) defer again with the same class; no second delay warning."""
+        """After an operator flush, next-attempt sends the deferred messages in cleartext (never for implicit TLS) with fallback=next-attempt in the header; never, after:30m, relaxed-now (for non-certificate failures) and no fallback under strict or relaxed (never) defer again with the same class; no second delay warning."""
         self.check("second-attempt")
 
     def test_domain_entry_applies_to_routed_domain(self) -> None:

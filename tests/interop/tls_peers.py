@@ -2,9 +2,10 @@
 Fixtures for the outbound TLS interop matrix (L{tests.interop.test_tls_matrix}):
 a catalogue of TLS peers, each on its own loopback address with a
 certificate made at test time, served by one private Postfix (one smtpd
-service per peer in master.cf, with C{-o} overrides) plus one small
-scripted SMTP server for the one behaviour Postfix cannot play (dropping
-the connection right after its C{220} to STARTTLS).
+service per peer in master.cf, with C{-o} overrides) plus small scripted
+SMTP servers (L{ScriptedPeer}), one per behaviour Postfix cannot play
+after its C{220} to STARTTLS: dropping the connection, answering the TLS
+ClientHello in plain text, and never answering it.
 
 Blocking and reactor-free like the rest of C{tests.interop}.
 
@@ -23,6 +24,8 @@ import shutil
 import socket
 import socketserver
 import threading
+import time
+import warnings
 
 import attrs
 import trustme
@@ -49,14 +52,23 @@ class Peer:
     C{starttls}: C{"offered"} (STARTTLS advertised and working),
     C{"absent"} (not advertised), C{"refused"} (advertised, answered with
     454), C{"dropped"} (advertised, the connection is closed after the
-    220), C{"implicit"} (TLS from the first byte; reached through an
-    C{[outbound.routes]} smarthost entry with C{tls = "implicit"}).
+    220), C{"plaintext"} (advertised, 220, then the TLS ClientHello is
+    answered in plain text, C{500 5.5.2}, and the session goes on in
+    plain SMTP), C{"hang"} (advertised, 220, then the handshake is never
+    answered: the server reads and discards until the client closes, or
+    for a minute), C{"implicit"} (TLS from the first byte; reached through
+    an C{[outbound.routes]} smarthost entry with C{tls = "implicit"}).
+    The dropped, plaintext and hang peers are scripted servers
+    (C{scripted}); they accept mail in cleartext on a new connection.
 
     C{cert}: what is wrong with its certificate, if anything:
     C{"valid"}, C{"expired"}, C{"not-yet-valid"}, C{"self-signed"},
     C{"unknown-ca"} (its issuer, an untrusted root, is sent with it),
     C{"unknown-issuer"} (signed by an unknown CA, the leaf alone is sent),
-    C{"wrong-name"}.
+    C{"wrong-name"}, C{"weak"} (from the trusted CA and for the right
+    name, but an RSA-1024 key and a SHA-1 signature: below OpenSSL's
+    default security level, so only C{strict}, which checks certificates,
+    fails on it).
 
     C{max_version}: the newest TLS version it speaks (the TLS 1.0 peer
     speaks nothing else).
@@ -85,6 +97,13 @@ class Peer:
     def implicit(self) -> bool:
         return self.starttls == "implicit"
 
+    @property
+    def scripted_mode(self) -> str:
+        """
+        The L{ScriptedPeer} mode that plays this peer (scripted peers only).
+        """
+        return {"dropped": "drop", "refused": "refuse"}.get(self.starttls, self.starttls)
+
     def smarthost_for(self, domain: str) -> str:
         """
         The smarthost name used for C{domain} (implicit-TLS peers only):
@@ -106,6 +125,8 @@ PEERS = (
          cert="unknown-issuer"),
     Peer("wrongname", "127.0.0.16", "certificate (trusted CA) for another name",
          cert="wrong-name"),
+    Peer("weakkey", "127.0.0.24", "certificate from the trusted CA with an RSA-1024 key and "
+         "a SHA-1 signature (Postfix, @SECLEVEL=0)", cert="weak"),
     Peer("nostarttls", "127.0.0.17", "no STARTTLS (Postfix smtpd_tls_security_level = none)",
          starttls="absent"),
     Peer("refuse454", "127.0.0.18", "STARTTLS answered 454 4.7.0 (Postfix with a key that "
@@ -115,6 +136,11 @@ PEERS = (
          max_version="TLSv1.2", legacy_cipher_only=True),
     Peer("drop", "127.0.0.21", "closes the connection after its 220 to STARTTLS "
          "(scripted server)", starttls="dropped", scripted=True),
+    Peer("plaintext", "127.0.0.25", "answers the TLS ClientHello after its 220 to STARTTLS "
+         "in plain text (`500 5.5.2`) and goes on in plain SMTP (scripted server)",
+         starttls="plaintext", scripted=True),
+    Peer("hang", "127.0.0.26", "never answers the TLS ClientHello after its 220 to STARTTLS "
+         "(scripted server)", starttls="hang", scripted=True),
     Peer("implicit-good", "127.0.0.22", "implicit TLS (smtpd_tls_wrappermode), certificate "
          "from the trusted CA", starttls="implicit"),
     Peer("implicit-bad", "127.0.0.23", "implicit TLS (smtpd_tls_wrappermode), self-signed "
@@ -223,6 +249,53 @@ def self_signed(names: tuple[str, ...], not_before: datetime.datetime,
                               serialization.NoEncryption()))
 
 
+def weak_leaf(ca: trustme.CA, names: tuple[str, ...], not_before: datetime.datetime,
+              not_after: datetime.datetime) -> tuple[bytes, bytes]:
+    """
+    A leaf for C{names} issued by C{ca} (so its chain is trusted) with what
+    OpenSSL's default security level refuses: an RSA-1024 key and a SHA-1
+    signature.  PEM certificate and key.
+    """
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0]),
+                                 x509.NameAttribute(NameOID.ORGANIZATION_NAME,
+                                                    "tls-matrix weak key")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before).not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
+                       critical=False)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
+                       critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            ca_cert.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    # cryptography no longer signs with SHA-1 ("not supported for
+    # signatures"); pyOpenSSL's X509.sign (deprecated, still there) signs
+    # the same certificate again with it, algorithm identifiers included.
+    from OpenSSL import crypto
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        legacy = crypto.X509.from_cryptography(cert)
+        legacy.sign(crypto.PKey.from_cryptography_key(ca_key), "sha1")
+        cert = legacy.to_cryptography()
+    if not isinstance(cert.signature_hash_algorithm, hashes.SHA1):
+        raise AssertionError(f"the weak certificate is signed with "
+                             f"{cert.signature_algorithm_oid}, not SHA-1")
+    return (cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM,
+                              serialization.PrivateFormat.TraditionalOpenSSL,
+                              serialization.NoEncryption()))
+
+
 def make_certificates(directory: str, trusted: trustme.CA, peers=PEERS) -> dict[str, CertFiles]:
     """
     Write a certificate and key for every Postfix peer (by name) and for
@@ -262,6 +335,10 @@ def make_certificates(directory: str, trusted: trustme.CA, peers=PEERS) -> dict[
             issue(p.name, trustme.CA(organization_name="tls-matrix unknown CA"), names)
         elif p.cert == "self-signed":
             cert_pem, key_pem = self_signed(names, *usual)
+            cert, key = _write(directory, p.name, [cert_pem], key_pem)
+            out[p.name] = CertFiles(cert, key, usual[0], usual[1], names)
+        elif p.cert == "weak":
+            cert_pem, key_pem = weak_leaf(trusted, names, *usual)
             cert, key = _write(directory, p.name, [cert_pem], key_pem)
             out[p.name] = CertFiles(cert, key, usual[0], usual[1], names)
         else:
@@ -365,6 +442,10 @@ class MatrixPostfix(PostfixInstance):
             if p.max_version == "TLSv1.0":
                 opts += ["smtpd_tls_protocols=$matrix_tls10_protocols",
                          "tls_medium_cipherlist=HIGH:MEDIUM:!aNULL:@SECLEVEL=0"]
+            if p.cert == "weak":
+                # OpenSSL's default security level (2 on Debian) refuses to
+                # load an RSA-1024 key or a SHA-1-signed certificate.
+                opts.append("tls_medium_cipherlist=HIGH:MEDIUM:!aNULL:@SECLEVEL=0")
             if p.legacy_cipher_only:
                 opts += ["smtpd_tls_protocols=$matrix_tls12_protocols",
                          f"tls_medium_cipherlist={self.cipher}"]
@@ -390,18 +471,37 @@ class ScriptedMessage:
 
 class ScriptedPeer:
     """
-    A tiny SMTP server on C{address}:C{port} that advertises STARTTLS,
-    answers C{220} to it and closes the connection at once (C{drop}) —
-    or, with C{refuse=True}, answers C{454} — and otherwise accepts mail
-    in cleartext, keeping it in L{messages}.  Serves each connection in a
-    thread; L{stop} ends it.
+    A tiny SMTP server on C{address}:C{port} that advertises STARTTLS and
+    otherwise accepts mail in cleartext, keeping it in L{messages}.  What
+    it does with STARTTLS is its C{mode}:
+
+      - C{"drop"}: answers C{220} and closes the connection at once;
+      - C{"refuse"}: answers C{454} (the session goes on);
+      - C{"plaintext"}: answers C{220}, reads the TLS ClientHello (one TLS
+        record, or whatever arrives) and answers it in plain text
+        (C{500 5.5.2 Error: command not recognized}), as a server whose
+        TLS layer is missing would; the session goes on in plain SMTP;
+      - C{"hang"}: answers C{220}, then reads and discards whatever comes,
+        answering nothing, until the client closes or C{hang_for} seconds
+        have passed.
+
+    Serves each connection in a thread; L{stop} ends it.
     """
 
-    def __init__(self, address: str, port: int, hostname: str, refuse: bool = False) -> None:
+    MODES = ("drop", "refuse", "plaintext", "hang")
+
+    def __init__(self, address: str, port: int, hostname: str, refuse: bool = False,
+                 mode: str = "drop", hang_for: float = 60.0) -> None:
+        if refuse:
+            mode = "refuse"
+        if mode not in self.MODES:
+            raise ValueError(f"unknown scripted mode {mode!r}")
         self.hostname = hostname
-        self.refuse = refuse
+        self.mode = mode
+        self.hang_for = hang_for
         self.messages: list[ScriptedMessage] = []
         self.starttls_seen = 0
+        self.hellos: list[bytes] = []  # what the plaintext mode read after its 220
         self.lock = threading.Lock()
         peer = self
 
@@ -414,11 +514,49 @@ class ScriptedPeer:
         class Server(socketserver.ThreadingTCPServer):
             allow_reuse_address = True
             daemon_threads = True
+            request_queue_size = 64  # every cell of a column connects at once
 
         self.server = Server((address, port), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True,
                                        name=f"scripted SMTP {hostname}")
         self.thread.start()
+
+    @staticmethod
+    def _read_hello(rfile) -> bytes:
+        """
+        The client's first TLS record (a ClientHello: type 22, a 5-byte
+        header with its length), read whole; or, when what comes is not a
+        TLS record, whatever one read returns.
+        """
+        head = rfile.read1(5)
+        if len(head) < 5 or head[0] != 0x16:
+            return head
+        while len(head) < 5:
+            more = rfile.read1(5 - len(head))
+            if not more:
+                return head
+            head += more
+        body = b""
+        length = int.from_bytes(head[3:5], "big")
+        while len(body) < length:
+            more = rfile.read1(length - len(body))
+            if not more:
+                break
+            body += more
+        return head + body
+
+    def _hang(self, sock) -> None:
+        deadline = time.monotonic() + self.hang_for
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            sock.settimeout(left)
+            try:
+                if not sock.recv(65536):
+                    return
+            except (TimeoutError, socket.timeout):
+                return
 
     def _session(self, rfile, wfile, sock) -> None:
         def reply(text: str) -> None:
@@ -441,12 +579,22 @@ class ScriptedPeer:
                 elif verb == b"STARTTLS":
                     with self.lock:
                         self.starttls_seen += 1
-                    if self.refuse:
+                    if self.mode == "refuse":
                         reply("454 4.7.0 TLS not available (scripted)")
                         continue
                     reply("220 2.0.0 Ready to start TLS")
-                    sock.shutdown(socket.SHUT_RDWR)
-                    return
+                    if self.mode == "drop":
+                        sock.shutdown(socket.SHUT_RDWR)
+                        return
+                    if self.mode == "hang":
+                        self._hang(sock)
+                        return
+                    hello = self._read_hello(rfile)  # plaintext
+                    if not hello:
+                        return
+                    with self.lock:
+                        self.hellos.append(hello)
+                    reply("500 5.5.2 Error: command not recognized")
                 elif verb == b"MAIL":
                     sender, rcpts = line, []
                     reply("250 2.1.0 Ok")
