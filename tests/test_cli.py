@@ -5,8 +5,10 @@ Tests for the twisted-mta command line, the twistd plugin and start-up.
 import io
 import json
 import os
+import sys
 from contextlib import redirect_stderr, redirect_stdout
 
+import twisted.plugins
 from twisted.application.service import IServiceMaker
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
@@ -18,6 +20,31 @@ from tests.support import make_config
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 EXAMPLE = os.path.join(CONF, "example.toml")
+
+NAMELESS = """\
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from twisted_mta.interfaces import ITLSPolicy
+
+
+@implementer(ITLSPolicy, IPlugin)
+class Policy:
+    def requirements(self, destination):
+        raise NotImplementedError
+
+
+policy = Policy()
+"""
+
+MINIMAL = """\
+[server]
+hostname = "mx.example.test"
+spool = "spool"
+[[listeners]]
+role = "mx"
+endpoint = "tcp:2525"
+"""
 
 
 def run_cli(*argv):
@@ -105,6 +132,97 @@ class PluginTests(SynchronousTestCase):
         self.assertEqual(cm.exception.code, 1)
         self.assertIn("is in use by another process", err.getvalue())
         self.assertEqual(err.getvalue().count("\n"), 1)
+
+
+class PrepareTests(SynchronousTestCase):
+    def test_service_uses_what_prepare_built(self):
+        """make_service hands the prepared TLS engine to the outbound pool: the one config check built."""
+        config = make_config(self.mktemp())
+        prepared = tap.prepare(config)
+        svc = tap.make_service(config, MemoryReactorClock(), prepared=prepared)
+        lock = [s for s in svc if isinstance(s, tap.SpoolLockService)][0]
+        self.addCleanup(lock.spool.unlock)
+        self.assertIs(svc.getServiceNamed("queue-manager").outbound.tls, prepared.tls)
+
+    def test_options_prepare(self):
+        """twistd's option parsing prepares the service (so it can fail there), without touching the spool."""
+        config = make_config(self.mktemp())
+        path = config.path
+        with open(path, "w") as f:
+            f.write(MINIMAL)
+        options = tap.Options()
+        options.parseOptions(["--config", path])
+        self.assertIsInstance(options["prepared"], tap.Prepared)
+        self.assertFalse(os.path.exists(options["parsed"].spool))
+
+
+class BrokenDropinTests(SynchronousTestCase):
+    """
+    A twisted/plugins dropin that would crash start-up: config check and
+    twistd's option parsing refuse it alike, in one line naming its file,
+    also when the configuration has no [outbound.tls] table.
+    """
+
+    def dropin(self, source: str) -> str:
+        base = os.path.abspath(self.mktemp())
+        plugins = os.path.join(base, "twisted", "plugins")
+        os.makedirs(plugins)
+        name = f"mta_broken_{self._testMethodName}"
+        path = os.path.join(plugins, name + ".py")
+        with open(path, "w") as f:
+            f.write(source)
+        saved = list(twisted.plugins.__path__)
+        self.addCleanup(setattr, twisted.plugins, "__path__", saved)
+        twisted.plugins.__path__.append(plugins)
+        self.addCleanup(sys.modules.pop, f"twisted.plugins.{name}", None)
+        return path
+
+    def config(self, text: str = "") -> str:
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        path = os.path.join(base, "mta.toml")
+        with open(path, "w") as f:
+            f.write(MINIMAL + text)
+        return path
+
+    def assertRefused(self, config: str, line: str) -> None:
+        code, out, err = run_cli("config", "check", config)
+        self.assertEqual((code, out, err), (1, "", f"twisted-mta: {line}\n"))
+        err = io.StringIO()
+        with redirect_stderr(err), self.assertRaises(SystemExit) as cm:
+            tap.Options().parseOptions(["--config", config])
+        self.assertEqual((cm.exception.code, err.getvalue()), (1, f"twistd: {line}\n"))
+
+    def test_nameless_plugin(self):
+        """A plugin object without a name."""
+        path = self.dropin(NAMELESS)
+        self.assertRefused(self.config(), f"TLS plugin 'policy' in {path} has no name")
+
+    def test_name_not_a_string(self):
+        """A plugin whose name is not a string."""
+        path = self.dropin(NAMELESS + "policy.name = 7\n")
+        self.assertRefused(self.config(), f"TLS plugin 'policy' in {path} has a name that "
+                                          "is not a string: 7")
+
+    def test_dropin_raises_on_import(self):
+        """A dropin that raises while Python imports it: the file and line, not a traceback (nor a logged one: trial would fail the test)."""
+        path = self.dropin("import os\nraise RuntimeError('broken\\non purpose')\n")
+        self.assertRefused(self.config(), f"plugin dropin {path} (line 2) failed to load: "
+                                          "RuntimeError: broken on purpose")
+
+    def test_dropin_not_python(self):
+        """A dropin Python cannot parse."""
+        path = self.dropin("def (:\n")
+        self.assertRefused(self.config(), f"plugin dropin {path} (line 1) failed to load: "
+                                          f"SyntaxError: invalid syntax ({os.path.basename(path)}"
+                                          ", line 1)")
+
+    def test_with_a_tls_table(self):
+        """With an [outbound.tls] table the configuration's own check finds it first, still in one line."""
+        path = self.dropin(NAMELESS)
+        config = self.config('[outbound.tls]\npolicy = "strict"\n')
+        self.assertRefused(config, f"{config}: outbound.tls.plugins: TLS plugin 'policy' in "
+                                   f"{path} has no name")
 
 
 class JSONLogTests(SynchronousTestCase):

@@ -24,7 +24,6 @@ from twisted_mta.config import ConfigError, load_config
 from twisted_mta.queue import control
 from twisted_mta.queue.envelope import Envelope
 from twisted_mta.queue.spool import Spool, SpoolError
-from twisted_mta.tlsserver import TLSSetupError, server_context
 from twisted_mta.users import UsersFileError, read_users_file, write_user
 
 
@@ -41,10 +40,15 @@ def _flatten(prefix: str, value: Any, out: list[str]) -> None:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    """
+    Build what C{twistd mta} builds (L{tap.prepare}), without starting
+    anything.
+    """
+    from twisted_mta import tap
     try:
         config = load_config(args.file)
-        server_context(config.tls)
-    except (ConfigError, TLSSetupError) as e:
+        tap.prepare(config)
+    except (ConfigError, tap.PrepareError) as e:
         print(f"twisted-mta: {e}", file=sys.stderr)
         return 1
     print(f"{args.file}: ok ({len(config.listeners)} listener(s), "

@@ -3,26 +3,97 @@ C{twistd mta}: options and the service tree.
 
     twistd -n mta --config conf/example.toml
 
-A bad configuration, certificate or spool stops start-up with one line
-naming the problem and a non-zero exit, not a traceback.
+A bad configuration, certificate, plugin or spool stops start-up with one
+line naming the problem and a non-zero exit, not a traceback.  Everything
+that can fail without touching the spool or the network is built once by
+L{prepare}, which C{twisted-mta config check} calls too: a configuration
+that passes the check starts.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
+import attrs
 from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.python import threadpool, usage
 
-from twisted_mta.config import ConfigError, load_config
+from twisted_mta.config import Config, ConfigError, load_config
 from twisted_mta.inbound.server import InboundFactory
 from twisted_mta.logsetup import install_json_log
 from twisted_mta.queue.manager import QueueManager
 from twisted_mta.queue.spool import Spool, SpoolError
 from twisted_mta.tlsserver import TLSSetupError, server_context
 from twisted_mta.users import UserDatabase, UsersFileError
+
+if TYPE_CHECKING:
+    from twisted.internet.ssl import CertificateOptions
+
+    from twisted_mta.outbound.pool import DNSResolver
+    from twisted_mta.outbound.tlsengine import TLSEngine
+
+
+class PrepareError(Exception):
+    """
+    Something the configuration names cannot be built; C{str()} is one line.
+    """
+
+
+@attrs.frozen
+class Prepared:
+    """
+    What the service builds from the configuration that can fail, built
+    without side effects (no spool lock, no listening port).
+    """
+
+    tls: TLSEngine  # outbound policies, deciders and plugins
+    server_tls: CertificateOptions | None  # our certificate; None without [tls]
+    users: UserDatabase | None  # the AUTH users; None without [auth]
+    resolver: DNSResolver  # outbound DNS
+
+
+def prepare_tls(config: Config) -> TLSEngine:
+    """
+    The outbound TLS engine: every plugin loaded, every name looked up.
+    """
+    from twisted_mta.outbound.tlsengine import TLSConfigError, TLSEngine
+    try:
+        return TLSEngine(config.outbound.tls)
+    except TLSConfigError as e:
+        raise PrepareError(str(e))
+    except (OSError, UnicodeError) as e:  # the explanation template
+        raise PrepareError(f"{config.outbound.tls.explanation}: cannot be read: "
+                           f"{getattr(e, 'strerror', None) or e}")
+
+
+def prepare(config: Config) -> Prepared:
+    """
+    Build every fallible part of the service for C{config}, or raise
+    L{PrepareError}.  C{twistd mta} (before it forks or binds) and
+    C{twisted-mta config check} both call this, so they agree.
+    """
+    import dns.exception
+
+    from twisted_mta.outbound.pool import DNSResolver
+    engine = prepare_tls(config)
+    try:
+        ctx = server_context(config.tls)
+        users = UserDatabase.load(config.auth.users_file) if config.auth.enabled else None
+    except (TLSSetupError, UsersFileError) as e:
+        raise PrepareError(str(e))
+    try:
+        resolver = DNSResolver(config.dns)
+    except dns.exception.DNSException as e:
+        raise PrepareError(f"{config.path}: dns.nameservers: none set, and the system's "
+                           f"resolver configuration cannot be used: {e}")
+    if config.logging.file:
+        folder = os.path.dirname(config.logging.file)
+        if not os.path.isdir(folder):
+            raise PrepareError(f"{config.path}: logging.file: no such directory: {folder}")
+    return Prepared(tls=engine, server_tls=ctx, users=users, resolver=resolver)
 
 
 class Options(usage.Options):
@@ -33,7 +104,8 @@ class Options(usage.Options):
             raise usage.UsageError("--config FILE is required")
         try:
             self["parsed"] = load_config(self["config"])
-        except ConfigError as e:
+            self["prepared"] = prepare(self["parsed"])
+        except (ConfigError, PrepareError) as e:
             # Not a usage mistake: one line, without twistd's usage text.
             sys.stderr.write(f"twistd: {e}\n")
             raise SystemExit(1)
@@ -83,16 +155,21 @@ class OrderedMultiService(service.MultiService):
             yield defer.maybeDeferred(child.stopService)
 
 
-def make_service(config, reactor, owner: tuple[int, int] | None = None) -> service.MultiService:
+def make_service(config, reactor, owner: tuple[int, int] | None = None,
+                 prepared: Prepared | None = None) -> service.MultiService:
     """
     The service tree for C{config}.
 
     @param owner: the uid and gid twistd will switch to (C{--uid}/C{--gid})
         after binding the ports; the spool, created and locked here while
         still root, is handed to them.
+    @param prepared: L{prepare}'s result for C{config}; built here if not
+        given (raises L{PrepareError}).
     """
     from twisted.internet.threads import deferToThreadPool
 
+    if prepared is None:
+        prepared = prepare(config)
     top = OrderedMultiService()
     pool = threadpool.ThreadPool(minthreads=2, maxthreads=16, name="mta-io")
     ThreadPoolService(pool).setServiceParent(top)
@@ -106,9 +183,12 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None) -> servi
         spool.chown(*owner)
     SpoolLockService(spool).setServiceParent(top)
     if config.logging.format == "json":
-        install_json_log(config.logging.file)
+        try:
+            install_json_log(config.logging.file)
+        except OSError as e:
+            raise PrepareError(f"{config.logging.file}: cannot be opened: {e.strerror}")
 
-    from twisted_mta.outbound.pool import DNSResolver, OutboundPool, tcp_connector
+    from twisted_mta.outbound.pool import OutboundPool, tcp_connector
     from twisted_mta.metrics import Metrics
     from twisted_mta.outbound.shadow import ShadowLog
     from twisted_mta.outbound.history import TLSHistory, history_path
@@ -120,15 +200,15 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None) -> servi
     history.load()
     outbound = OutboundPool(
         settings=config.outbound, hostname=config.hostname, clock=reactor,
-        run_blocking=run_blocking, resolver=DNSResolver(config.dns),
+        run_blocking=run_blocking, resolver=prepared.resolver,
         connect=tcp_connector(reactor, config.outbound.connect_timeout),
-        observers=[ShadowLog(config.spool, run_blocking), metrics], history=history)
+        observers=[ShadowLog(config.spool, run_blocking), metrics], history=history,
+        tls=prepared.tls)
     manager = QueueManager(config, spool, reactor, run_blocking, outbound=outbound,
                            observers=[metrics])
     metrics.watch_queue(lambda: manager.states)
     manager.setServiceParent(top)
-    ctx = server_context(config.tls)
-    users = UserDatabase.load(config.auth.users_file) if config.auth.enabled else None
+    ctx, users = prepared.server_tls, prepared.users
     for listener in config.listeners:
         factory = InboundFactory(config, listener.role, spool, reactor,
                                  on_queued=manager.enqueue, tls_context=ctx,
@@ -184,8 +264,8 @@ def makeService(options: Options) -> service.IService:
     if uid is not None and os.getuid() == 0:
         owner = (uid, gid if gid is not None else -1)
     try:
-        return make_service(options["parsed"], reactor, owner)
-    except (SpoolError, TLSSetupError, UsersFileError) as e:
+        return make_service(options["parsed"], reactor, owner, options.get("prepared"))
+    except (SpoolError, PrepareError) as e:
         # twistd reports a UsageError from here with a traceback; this is
         # an operator's mistake, so one line and a non-zero exit instead.
         sys.stderr.write(f"twistd: {e}\n")

@@ -2,12 +2,14 @@
 TLS plugins: the shipped example (examples/plugins/twisted/plugins/
 mta_bank_policy.py), installed only as a dropin directory on PYTHONPATH, is
 found by the configuration check and by `twistd mta`, with no change to
-the project's code; and what it decides.
+the project's code; and what it decides.  A broken dropin is refused by
+both in one line.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -116,3 +118,107 @@ class PluginTests(unittest.TestCase):
                                                          req))
         self.assertEqual((listed.action, other.action), (fb.DEFER, fb.CLEARTEXT))
         self.assertIn("listed in", listed.reason)
+
+
+MINIMAL = """\
+[server]
+hostname = "mx.plugin.test"
+spool = "spool"
+[[listeners]]
+role = "mx"
+endpoint = "tcp:{port}:interface=127.0.0.1"
+"""
+
+NAMELESS = """\
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from twisted_mta.interfaces import IFallbackDecider
+
+
+@implementer(IFallbackDecider, IPlugin)
+class Decider:
+    def decide(self, failure, situation):
+        raise NotImplementedError
+
+
+decider = Decider()
+"""
+
+# What Twisted's plugin scan prints for a dropin that fails to import, before
+# logging has begun: twistd's own scan for service makers does this before
+# any of our code runs.
+TWISTED_SCAN_REPORT = re.compile(
+    r"Unhandled Error\nTraceback \(most recent call last\):\n(?:  .*\n)+\S.*\n\n?")
+
+
+class BrokenDropinTests(unittest.TestCase):
+    """
+    A dropin in a twisted/plugins directory on PYTHONPATH (a namespace
+    directory, no __init__.py, like examples/plugins) that has no name or
+    raises while loading: `twisted-mta config check` and `twistd mta`
+    exit 1 with one line naming its file, also without [outbound.tls].
+    """
+
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        self.plugins = os.path.join(self.dir, "dropins", "twisted", "plugins")
+        os.makedirs(self.plugins)
+        self.config = os.path.join(self.dir, "mta.toml")
+        with open(self.config, "w") as f:
+            f.write(MINIMAL.format(port=free_port()))
+
+    def dropin(self, source: str) -> str:
+        path = os.path.join(self.plugins, "mta_broken.py")
+        with open(path, "w") as f:
+            f.write(source)
+        return path
+
+    def run_tool(self, argv: list[str]) -> subprocess.CompletedProcess:
+        env = subprocess_env()
+        env["PYTHONPATH"] = os.path.join(self.dir, "dropins") + os.pathsep + env["PYTHONPATH"]
+        return subprocess.run(argv, env=env, cwd=self.dir, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=60)
+
+    def check(self) -> subprocess.CompletedProcess:
+        return self.run_tool([sys.executable, "-m", "twisted_mta.cli", "config", "check",
+                              self.config])
+
+    def twistd(self) -> subprocess.CompletedProcess:
+        return self.run_tool(TWISTD + ["-n", "--pidfile=", "mta", "--config", self.config])
+
+    def assertOneLine(self, result: subprocess.CompletedProcess, line: str) -> None:
+        self.assertEqual(result.returncode, 1, result.stdout)
+        self.assertNotIn("Traceback", result.stdout)
+        self.assertEqual(result.stdout, line + "\n")
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "spool")))
+
+    def test_nameless_plugin(self):
+        """A decider without a name: one line from config check and from twistd mta, though the configuration names no TLS policy at all."""
+        path = self.dropin(NAMELESS)
+        problem = f"TLS plugin 'decider' in {path} has no name"
+        self.assertOneLine(self.check(), f"twisted-mta: {problem}")
+        self.assertOneLine(self.twistd(), f"twistd: {problem}")
+
+    def test_nameless_plugin_with_tls_table(self):
+        """With an [outbound.tls] table, the configuration's own name check reports it, still in one line."""
+        path = self.dropin(NAMELESS)
+        with open(self.config, "a") as f:
+            f.write('[outbound.tls]\npolicy = "strict"\n')
+        self.assertOneLine(self.check(), f"twisted-mta: {self.config}: outbound.tls.plugins: "
+                                         f"TLS plugin 'decider' in {path} has no name")
+
+    def test_dropin_raises_while_importing(self):
+        """A dropin that raises at import: config check prints one line; twistd mta prints that line after the report of Twisted's own plugin scan (twistd's, before our code runs), and no traceback of ours."""
+        path = self.dropin("import os\n\nraise RuntimeError('not today')\n")
+        problem = f"plugin dropin {path} (line 3) failed to load: RuntimeError: not today"
+        self.assertOneLine(self.check(), f"twisted-mta: {problem}")
+        result = self.twistd()
+        reports = TWISTED_SCAN_REPORT.findall(result.stdout)
+        self.assertEqual(len(reports), 1, result.stdout)
+        self.assertIn("in getCache", reports[0])
+        self.assertIn(path, reports[0])
+        rest = subprocess.CompletedProcess(result.args, result.returncode,
+                                           TWISTED_SCAN_REPORT.sub("", result.stdout))
+        self.assertOneLine(rest, f"twistd: {problem}")
