@@ -21,7 +21,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from twisted_mta.interfaces import IFallbackDecider, ITLSPolicy
-from twisted_mta.outbound.fallback import DEFER, Decision, Now
+from twisted_mta.outbound.fallback import DEFER, TLS_ONLY, Decision, Now
 from twisted_mta.outbound.tlspolicy import OPPORTUNISTIC, STRICT
 
 BANKS = ("bank.example", "examplebank.test", "bank.test")
@@ -71,7 +71,8 @@ class NoCleartextList:
     def decide(self, failure, situation):
         if _listed(situation.destination.domain, self.domains):
             return Decision(DEFER, f"{situation.destination.domain} is listed in "
-                            f"{self.path}: never without encryption", self.name)
+                            f"{self.path}: never without encryption", self.name,
+                            later=TLS_ONLY)
         return Now().decide(failure, situation)
 
 
