@@ -46,6 +46,45 @@ role = "mx"
 endpoint = "tcp:2525"
 """
 
+# One entry of each kind: written deciders, policy defaults, routes with
+# implicit TLS and a login (no cleartext by the hard rules), the relay.
+TLS_ENTRIES = """\
+[outbound.tls]
+fallback = "now"
+[outbound.tls.domains."bank.example"]
+policy = "strict"
+fallback = "now"
+[outbound.tls.domains."safe.example"]
+policy = "strict"
+[outbound.tls.domains."shop.example"]
+policy = "relaxed"
+fallback = "next-attempt"
+[outbound.tls.domains."cert.example"]
+policy = "strict"
+fallback = "relaxed-now"
+[outbound.tls.mx_hosts."*.legacy.example"]
+policy = "opportunistic"
+[outbound.tls.relay]
+host = "relay.example.net"
+tls_policy = "strict"
+tls_fallback = "now"
+[outbound.routes."partner.example"]
+host = "mx.partner.example"
+tls_policy = "strict"
+tls_fallback = "after:4h"
+[outbound.routes."secure.example"]
+host = "smtp.secure.example:465"
+tls = "implicit"
+tls_policy = "strict"
+tls_fallback = "now"
+[outbound.routes."login.example"]
+host = "smtp.login.example:587"
+username = "me"
+password_file = "password"
+tls_policy = "relaxed"
+tls_fallback = "now"
+"""
+
 
 def run_cli(*argv):
     out, err = io.StringIO(), io.StringIO()
@@ -84,6 +123,72 @@ class ConfigCommandTests(SynchronousTestCase):
         data = json.loads(out)
         self.assertEqual(data["server"]["hostname"], "mx.example.test")
         self.assertEqual(data["queue"]["lifetime"], 432000)
+
+    def write(self, text: str) -> str:
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        path = os.path.join(base, "mta.toml")
+        with open(path, "w") as f:
+            f.write(MINIMAL + text)
+        with open(os.path.join(base, "password"), "w") as f:
+            f.write("secret\n")
+        return path
+
+    def test_check_warns_on_cleartext_from_tls_required(self):
+        """config check exits 0 but warns, one line each, about every strict or relaxed entry whose decider can reach cleartext; not about never, relaxed-now, opportunistic, implicit TLS or a login."""
+        path = self.write(TLS_ENTRIES)
+        code, out, err = run_cli("config", "check", path)
+        self.assertEqual(code, 0, err)
+        self.assertIn(": ok (", out)
+        self.assertEqual(err.splitlines(), [
+            'warning: outbound.tls.domains."bank.example": policy strict with fallback '
+            '"now" can send mail in cleartext after a TLS failure',
+            'warning: outbound.tls.domains."shop.example": policy relaxed with fallback '
+            '"next-attempt" can send mail in cleartext after a TLS failure',
+            'warning: outbound.routes."partner.example": policy strict with fallback '
+            '"after:4h" can send mail in cleartext after a TLS failure',
+        ])
+
+    def test_check_quiet_by_default(self):
+        """Strict without a fallback written uses never: no warning."""
+        path = self.write('[outbound.tls]\npolicy = "strict"\n')
+        self.assertEqual(run_cli("config", "check", path)[2], "")
+
+    def test_show_effective_deciders(self):
+        """config show ends with every policy entry, its effective decider and where that came from."""
+        path = self.write(TLS_ENTRIES)
+        code, out, err = run_cli("config", "show", path)
+        self.assertEqual(code, 0, err)
+        tail = out.split("# the fallback decider each TLS policy entry uses\n")[1]
+        self.assertEqual(tail.splitlines(), [
+            "outbound.tls: policy opportunistic, fallback now ([outbound.tls] fallback)",
+            'outbound.tls.domains."bank.example": policy strict, fallback now (written)',
+            'outbound.tls.domains."safe.example": policy strict, fallback never '
+            "(policy default)",
+            'outbound.tls.domains."shop.example": policy relaxed, fallback next-attempt '
+            "(written)",
+            'outbound.tls.domains."cert.example": policy strict, fallback relaxed-now '
+            "(written)",
+            'outbound.tls.mx_hosts."*.legacy.example": policy opportunistic, fallback now '
+            "(policy default)",
+            'outbound.routes."partner.example": policy strict, fallback after:4h (written)',
+            'outbound.routes."secure.example": policy strict, fallback now (written)',
+            'outbound.routes."login.example": policy relaxed, fallback now (written)',
+            "outbound.tls.relay: policy strict, fallback now (written); not consulted: a "
+            "failed relay session waits for the next attempt",
+        ])
+
+    def test_show_json_effective_tls(self):
+        """config show --json has the same under effective_tls."""
+        path = self.write(TLS_ENTRIES)
+        data = json.loads(run_cli("config", "show", "--json", path)[1])
+        bank = [e for e in data["effective_tls"]
+                if e["where"] == 'outbound.tls.domains."bank.example"']
+        self.assertEqual(bank, [{
+            "where": 'outbound.tls.domains."bank.example"', "policy": "strict",
+            "decider": "now", "source": "entry", "requires_tls": True, "can_cleartext": True,
+            "consulted": True}])
+        self.assertEqual(data["effective_tls"][2]["decider"], "never")
 
 
 class PluginTests(SynchronousTestCase):

@@ -42,32 +42,43 @@ def _flatten(prefix: str, value: Any, out: list[str]) -> None:
 def cmd_config_check(args: argparse.Namespace) -> int:
     """
     Build what C{twistd mta} builds (L{tap.prepare}), without starting
-    anything.
+    anything; warn about TLS entries that require TLS but can still fall
+    back to cleartext.
     """
     from twisted_mta import tap
     try:
         config = load_config(args.file)
-        tap.prepare(config)
+        prepared = tap.prepare(config)
     except (ConfigError, tap.PrepareError) as e:
         print(f"twisted-mta: {e}", file=sys.stderr)
         return 1
+    for entry in prepared.tls_entries:
+        warning = entry.warning()
+        if warning:
+            print(warning, file=sys.stderr)
     print(f"{args.file}: ok ({len(config.listeners)} listener(s), "
           f"{len(config.local.domains)} local domain(s))")
     return 0
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
+    from twisted_mta import tap
     try:
         config = load_config(args.file)
-    except ConfigError as e:
+        _, entries = tap.prepare_tls(config)
+    except (ConfigError, tap.PrepareError) as e:
         print(f"twisted-mta: {e}", file=sys.stderr)
         return 1
     data = config.to_dict()
     if args.json:
+        data["effective_tls"] = [e.to_dict() for e in entries]
         print(json.dumps(data, indent=2, sort_keys=True))
     else:
         lines: list[str] = []
         _flatten("", data, lines)
+        lines.append("")
+        lines.append("# the fallback decider each TLS policy entry uses")
+        lines.extend(e.describe() for e in entries)
         print("\n".join(lines))
     return 0
 

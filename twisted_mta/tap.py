@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import attrs
 from twisted.application import service
 from twisted.internet import defer, endpoints
+from twisted.logger import Logger
 from twisted.python import threadpool, usage
 
 from twisted_mta.config import Config, ConfigError, load_config
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
 
     from twisted_mta.outbound.pool import DNSResolver
     from twisted_mta.outbound.tlsengine import TLSEngine
+    from twisted_mta.outbound.tlsentries import TLSEntry
+
+log = Logger()
 
 
 class PrepareError(Exception):
@@ -50,18 +54,22 @@ class Prepared:
     """
 
     tls: TLSEngine  # outbound policies, deciders and plugins
+    tls_entries: tuple[TLSEntry, ...]  # each policy entry with its effective decider
     server_tls: CertificateOptions | None  # our certificate; None without [tls]
     users: UserDatabase | None  # the AUTH users; None without [auth]
     resolver: DNSResolver  # outbound DNS
 
 
-def prepare_tls(config: Config) -> TLSEngine:
+def prepare_tls(config: Config) -> tuple[TLSEngine, tuple[TLSEntry, ...]]:
     """
-    The outbound TLS engine: every plugin loaded, every name looked up.
+    The outbound TLS engine and its policy entries with their effective
+    deciders: every plugin loaded, every name looked up.
     """
     from twisted_mta.outbound.tlsengine import TLSConfigError, TLSEngine
+    from twisted_mta.outbound.tlsentries import tls_entries
     try:
-        return TLSEngine(config.outbound.tls)
+        engine = TLSEngine(config.outbound.tls)
+        return engine, tls_entries(engine, config.outbound)
     except TLSConfigError as e:
         raise PrepareError(str(e))
     except (OSError, UnicodeError) as e:  # the explanation template
@@ -78,7 +86,7 @@ def prepare(config: Config) -> Prepared:
     import dns.exception
 
     from twisted_mta.outbound.pool import DNSResolver
-    engine = prepare_tls(config)
+    engine, entries = prepare_tls(config)
     try:
         ctx = server_context(config.tls)
         users = UserDatabase.load(config.auth.users_file) if config.auth.enabled else None
@@ -93,7 +101,8 @@ def prepare(config: Config) -> Prepared:
         folder = os.path.dirname(config.logging.file)
         if not os.path.isdir(folder):
             raise PrepareError(f"{config.path}: logging.file: no such directory: {folder}")
-    return Prepared(tls=engine, server_tls=ctx, users=users, resolver=resolver)
+    return Prepared(tls=engine, tls_entries=entries, server_tls=ctx, users=users,
+                    resolver=resolver)
 
 
 class Options(usage.Options):
@@ -198,6 +207,11 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
                          expiry=tls.history_expiry, broken_after=tls.broken_tls_after,
                          broken_time=tls.broken_tls_time)
     history.load()
+    for entry in prepared.tls_entries:
+        warning = entry.warning()
+        if warning:
+            log.warn("{warning}", warning=warning.removeprefix("warning: "),
+                     event="config.tls_warning")
     outbound = OutboundPool(
         settings=config.outbound, hostname=config.hostname, clock=reactor,
         run_blocking=run_blocking, resolver=prepared.resolver,

@@ -1,0 +1,143 @@
+"""
+Every TLS policy entry of a configuration with its effective fallback
+decider: what C{config show} lists and what C{config check} warns about.
+
+The entries are the default (C{[outbound.tls]}), each
+C{[outbound.tls.domains]} and C{[outbound.tls.mx_hosts]} entry, the
+smarthost and each route that names a C{tls_policy}, and the secure relay.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from twisted_mta.config import OutboundSettings, Smarthost
+from twisted_mta.outbound import fallback as fb
+from twisted_mta.outbound.tlspolicy import Destination, PolicyEntry
+
+SAMPLE_DOMAIN = "example.com"
+SAMPLE_HOST = "mx.example"
+
+SOURCE_WORDS = {
+    "entry": "written",
+    "default": "[outbound.tls] fallback",
+    "policy": "policy default",
+}
+
+
+@attrs.frozen
+class TLSEntry:
+    where: str  # the dotted key, e.g. outbound.tls.domains."bank.example"
+    policy: str
+    decider: str  # the effective decider's spec ("never", "after:4h", a plugin's name)
+    source: str  # "entry", "default" or "policy": see PolicyMap.fallback_for
+    requires_tls: bool  # the policy requires STARTTLS (strict, relaxed)
+    can_cleartext: bool  # after a TLS failure, mail may go out without TLS
+    # Whether the pool asks this entry's decider at all: not for the relay,
+    # whose failed sessions just wait for the next attempt.
+    consulted: bool = True
+
+    def describe(self) -> str:
+        """
+        One line for C{config show}.
+        """
+        line = f"{self.where}: policy {self.policy}, fallback {self.decider} " \
+               f"({SOURCE_WORDS[self.source]})"
+        if not self.consulted:
+            line += "; not consulted: a failed relay session waits for the next attempt"
+        return line
+
+    def warning(self) -> str | None:
+        """
+        The C{config check} warning, when a destination that requires TLS
+        can still get mail in cleartext.
+        """
+        if not (self.requires_tls and self.can_cleartext and self.consulted):
+            return None
+        return (f"warning: {self.where}: policy {self.policy} with fallback "
+                f"\"{self.decider}\" can send mail in cleartext after a TLS failure")
+
+    def to_dict(self) -> dict[str, object]:
+        return attrs.asdict(self)
+
+
+def tls_entries(engine, outbound: OutboundSettings) -> tuple[TLSEntry, ...]:
+    """
+    Each policy entry with its effective decider, as the pool would use
+    it.  Looking up every policy and decider here is also what makes a
+    name that only a route, smarthost or relay uses fail at start-up.
+
+    Raises L{twisted_mta.outbound.tlsengine.TLSConfigError}.
+    """
+    settings = engine.settings
+    sample = Destination(SAMPLE_DOMAIN, SAMPLE_HOST)
+    out = [_entry(engine, "outbound.tls", engine.map.default, sample)]
+    for domain, entry in settings.domains:
+        dest = Destination(domain.lstrip("."), SAMPLE_HOST)
+        out.append(_entry(engine, f"outbound.tls.domains.{_quote(domain)}", entry, dest))
+    for pattern, entry in settings.mx_hosts:
+        out.append(_entry(engine, f"outbound.tls.mx_hosts.{_quote(pattern)}", entry, sample))
+    hosts = ([("outbound.smarthost", SAMPLE_DOMAIN, outbound.smarthost)]
+             if outbound.smarthost else [])
+    hosts += [(f"outbound.routes.{_quote(d)}", d.lstrip("."), h) for d, h in outbound.routes]
+    for where, domain, host in hosts:
+        if host.tls_policy:
+            out.append(_smarthost_entry(engine, where, domain, host))
+    relay = settings.relay
+    if relay is not None:
+        if relay.tls_policy:
+            entry = _smarthost_entry(engine, "outbound.tls.relay", "", relay)
+        else:  # the relay is chosen like any destination without a domain
+            choice = engine.choose("", relay.host, relay)
+            decider = engine.decider(choice.fallback)
+            entry = TLSEntry("outbound.tls.relay", choice.requirements.policy, choice.fallback,
+                             choice.fallback_from, choice.requirements.requires_tls,
+                             _cleartext(decider, choice.requirements,
+                                        Destination("", relay.host, True), relay))
+        out.append(attrs.evolve(entry, consulted=False))
+    return tuple(out)
+
+
+def _entry(engine, where: str, entry: PolicyEntry, dest: Destination) -> TLSEntry:
+    req = _requirements(engine, where, entry.policy, dest)
+    spec, source = engine.map.fallback_for(entry, req)
+    decider = engine.decider(spec)
+    return TLSEntry(where, entry.policy, spec, source, req.requires_tls,
+                    fb.can_send_cleartext(decider, req, dest))
+
+
+def _smarthost_entry(engine, where: str, domain: str, host: Smarthost) -> TLSEntry:
+    entry = PolicyEntry(host.tls_policy, host.tls_fallback)
+    dest = Destination(domain, host.host, True)
+    req = _requirements(engine, where, entry.policy, dest)
+    spec, source = engine.map.fallback_for(entry, req)
+    return TLSEntry(where, entry.policy, spec, source, req.requires_tls,
+                    _cleartext(engine.decider(spec), req, dest, host))
+
+
+def _requirements(engine, where: str, name: str, dest: Destination):
+    """
+    The policy's requirements for C{dest}; a plugin policy that raises is
+    a configuration error here rather than a crash at delivery.
+    """
+    from twisted_mta.outbound.tlsengine import TLSConfigError
+    policy = engine.registry.policy(name)
+    try:
+        return policy.requirements(dest)
+    except Exception as e:
+        raise TLSConfigError(f"{where}: TLS policy {name!r} failed for "
+                             f"{dest.domain or dest.host}: {type(e).__name__}: {e}")
+
+
+def _cleartext(decider, req, dest: Destination, host: Smarthost) -> bool:
+    """
+    Whether the decider can reach cleartext on this smarthost: never on
+    implicit TLS or with our login (the hard rules in L{fb.decide}).
+    """
+    if host.tls == "implicit" or host.username is not None:
+        return False
+    return fb.can_send_cleartext(decider, req, dest)
+
+
+def _quote(key: str) -> str:
+    return f'"{key}"'
