@@ -512,6 +512,67 @@ class QueueActionTests(QueueCommandTests):
                          (1, "twisted-mta: no queue entry NOPE\n"))
 
 
+class MissingSpoolTests(SynchronousTestCase):
+    """
+    On a fresh installation the spool does not exist until the MTA first
+    starts: an empty queue, said in one line, and no command creates it.
+    """
+
+    def setUp(self):
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        self.conf = os.path.join(base, "mta.toml")
+        with open(self.conf, "w") as f:
+            f.write(MINIMAL)
+        self.spool = os.path.join(base, "spool")
+
+    def assertNoSpool(self):
+        self.assertFalse(os.path.exists(self.spool), "a command created the spool")
+
+    def test_list(self):
+        """queue list: the queue is empty, naming the spool; exit 0; --json prints []."""
+        self.assertEqual(run_cli("queue", "list", "-c", self.conf),
+                         (0, f"The queue is empty (the spool {self.spool} does not exist "
+                             "yet).\n", ""))
+        self.assertEqual(run_cli("queue", "list", "--json", "-c", self.conf), (0, "[]\n", ""))
+        self.assertNoSpool()
+
+    def test_show_and_actions(self):
+        """queue show/hold/release/delete/flush ID and tls explain --message: not found, exit 1, one line; flush of everything has nothing to do."""
+        line = (f"twisted-mta: no queue entry NOPE: the spool {self.spool} does not exist yet, "
+                "so the queue is empty\n")
+        for argv in (("queue", "show", "NOPE"), ("queue", "hold", "NOPE"),
+                     ("queue", "release", "NOPE"), ("queue", "delete", "NOPE"),
+                     ("queue", "flush", "NOPE"), ("tls", "explain", "--message", "NOPE")):
+            self.assertEqual(run_cli(*argv, "-c", self.conf), (1, "", line), argv)
+        self.assertEqual(run_cli("queue", "flush", "-c", self.conf),
+                         (0, f"The queue is empty (the spool {self.spool} does not exist "
+                             "yet): nothing to flush.\n", ""))
+        self.assertNoSpool()
+
+    def test_tls_history_and_shadow_report(self):
+        """tls history (--forget too) and tls shadow-report: nothing recorded yet, exit 0."""
+        missing = f"(the spool {self.spool} does not exist yet)"
+        self.assertEqual(run_cli("tls", "history", "-c", self.conf),
+                         (0, f"no TLS history {missing}\n", ""))
+        self.assertEqual(run_cli("tls", "history", "--json", "-c", self.conf), (0, "{}\n", ""))
+        for flag in (("--forget", "example.org"), ("--forget-all",)):
+            self.assertEqual(run_cli("tls", "history", *flag, "-c", self.conf),
+                             (0, f"no TLS history {missing}: nothing to forget\n", ""))
+        self.assertEqual(run_cli("tls", "shadow-report", "-c", self.conf),
+                         (0, f"no shadow policy would have refused anything {missing}\n", ""))
+        self.assertNoSpool()
+
+    def test_unreadable_spool(self):
+        """A spool that exists but lacks its directories is one line, exit 1."""
+        os.makedirs(self.spool)
+        code, out, err = run_cli("queue", "list", "-c", self.conf)
+        self.assertEqual(code, 1)
+        self.assertTrue(err.startswith(f"twisted-mta: cannot read the spool {self.spool}: "),
+                        err)
+        self.assertEqual(err.count("\n"), 1)
+
+
 class ShadowReportTests(SynchronousTestCase):
     def test_report_groups_and_counts(self):
         """tls shadow-report groups would-be failures by destination and class, most frequent first; --since filters."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -118,17 +119,42 @@ def _config(args: argparse.Namespace):
         return None
 
 
-def _open_spool(args: argparse.Namespace) -> Spool | None:
-    config = _config(args)
-    return None if config is None else Spool(config.spool)
+def _not_yet(config) -> str | None:
+    """
+    Words for a spool that does not exist yet (the MTA never ran: an
+    empty queue), or None.  Read-only commands must not create it.
+    """
+    if os.path.isdir(config.spool):
+        return None
+    return f"the spool {config.spool} does not exist yet"
+
+
+def _scan(spool: Spool):
+    """
+    Every entry (L{Spool.scan}), or None after saying why the spool
+    cannot be read.
+    """
+    try:
+        return spool.scan()
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"twisted-mta: cannot read the spool {spool.path}: {e.strerror or e}{where}",
+              file=sys.stderr)
+        return None
 
 
 def cmd_queue_list(args: argparse.Namespace) -> int:
-    spool = _open_spool(args)
-    if spool is None:
+    config = _config(args)
+    if config is None:
         return 1
+    missing = _not_yet(config)
+    if missing:
+        print("[]" if args.json else f"The queue is empty ({missing}).")
+        return 0
     now = time.time()
-    entries = spool.scan()
+    entries = _scan(Spool(config.spool))
+    if entries is None:
+        return 1
     if args.json:
         print(json.dumps([_entry_json(*e, now) for e in entries], indent=2))
         return 0
@@ -161,11 +187,19 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
 
 
 def cmd_queue_show(args: argparse.Namespace) -> int:
-    spool = _open_spool(args)
-    if spool is None:
+    config = _config(args)
+    if config is None:
+        return 1
+    missing = _not_yet(config)
+    if missing:
+        print(f"twisted-mta: no queue entry {args.queue_id}: {missing}, so the queue is empty",
+              file=sys.stderr)
         return 1
     now = time.time()
-    for qid, state, env, problem in spool.scan():
+    entries = _scan(Spool(config.spool))
+    if entries is None:
+        return 1
+    for qid, state, env, problem in entries:
         if qid != args.queue_id:
             continue
         if args.json:
@@ -201,13 +235,10 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
 
 
 def cmd_queue_action(args: argparse.Namespace) -> int:
-    spool = _open_spool(args)
-    if spool is None:
+    config = _config(args)
+    if config is None:
         return 1
     qid = getattr(args, "queue_id", None) or control.ALL
-    if qid != control.ALL and spool.state_of(qid) is None:
-        print(f"twisted-mta: no queue entry {qid}", file=sys.stderr)
-        return 1
     override = ("cleartext" if getattr(args, "allow_cleartext", False)
                 else getattr(args, "tls", None))
     action = args.action
@@ -217,6 +248,19 @@ def cmd_queue_action(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         action = f"{args.action}:{override}"
+    missing = _not_yet(config)
+    if missing:
+        # Nothing to act on, and no spool to make for a queue that is empty.
+        if qid == control.ALL:
+            print(f"The queue is empty ({missing}): nothing to {args.action}.")
+            return 0
+        print(f"twisted-mta: no queue entry {qid}: {missing}, so the queue is empty",
+              file=sys.stderr)
+        return 1
+    spool = Spool(config.spool)
+    if qid != control.ALL and spool.state_of(qid) is None:
+        print(f"twisted-mta: no queue entry {qid}", file=sys.stderr)
+        return 1
     try:
         spool.lock()
     except SpoolError:
@@ -303,8 +347,15 @@ def cmd_tls_explain(args: argparse.Namespace) -> int:
     domains: list[str] = []
     message = None
     if args.message:
-        spool = Spool(config.spool)
-        found = [env for qid, _, env, _ in spool.scan() if qid == args.message and env]
+        missing = _not_yet(config)
+        if missing:
+            print(f"twisted-mta: no queue entry {args.message}: {missing}, so the queue is "
+                  "empty", file=sys.stderr)
+            return 1
+        entries = _scan(Spool(config.spool))
+        if entries is None:
+            return 1
+        found = [env for qid, _, env, _ in entries if qid == args.message and env]
         if not found:
             print(f"twisted-mta: no queue entry {args.message}", file=sys.stderr)
             return 1
@@ -348,7 +399,11 @@ def cmd_tls_history(args: argparse.Namespace) -> int:
         return 1
     from twisted_mta.outbound import history
     path = history.history_path(config.spool)
+    missing = _not_yet(config)
     forget = args.forget or (control.ALL if args.forget_all else None)
+    if forget and missing:
+        print(f"no TLS history ({missing}): nothing to forget")
+        return 0
     if forget:
         spool = Spool(config.spool)
         try:
@@ -383,7 +438,8 @@ def cmd_tls_history(args: argparse.Namespace) -> int:
                          sort_keys=True))
         return 0
     if not entries:
-        print("no TLS history" + (f" for {args.domain}" if args.domain else ""))
+        print("no TLS history" + (f" for {args.domain}" if args.domain else "")
+              + (f" ({missing})" if missing else ""))
         return 0
     for domain, entry in entries.items():
         line = f"{domain}: {entry.describe()}"
@@ -425,8 +481,10 @@ def cmd_tls_shadow_report(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
+        missing = _not_yet(config)
         print("no shadow policy would have refused anything"
-              + (f" in the last {args.since}" if args.since else ""))
+              + (f" in the last {args.since}" if args.since else "")
+              + (f" ({missing})" if missing else ""))
         return 0
     print(f"{'count':>5}  {'domain':<28} {'host':<28} {'shadow':<8} class")
     for r in rows:
