@@ -649,6 +649,28 @@ class ExplainTests(unittest.TestCase):
         """No STARTTLS: starttls-not-offered, fallback never defers."""
         self.check_golden("nostarttls")
 
+    def test_explain_says_when_strict_can_go_in_cleartext(self) -> None:
+        """A strict entry whose decider can reach cleartext (now): tls explain says so plainly, names the fallback as written, and the expired peer's decision is cleartext with the words of the final decision; with no fallback written the policy's default (never) applies and no warning is printed."""
+        the_lab = lab()
+        expired = BY_NAME["expired"]
+        risky, safe = f"risky.{expired.domain}", f"safe.{expired.domain}"
+        mta = make_mta(the_lab, "explain-risky", mta_config(the_lab, [
+            'policy = "opportunistic"', "",
+            f'[outbound.tls.domains."{risky}"]', 'policy = "strict"', 'fallback = "now"', "",
+            f'[outbound.tls.domains."{safe}"]', 'policy = "strict"']))
+        text = cli(mta, "tls", "explain", risky, timeout=60).stdout
+        self.assertIn(f"policy strict (chosen by domain {risky}), fallback now (written)", text)
+        self.assertIn(f'WARNING: the fallback decider "now" lets mail for {risky} go out in '
+                      f'cleartext after a TLS failure, although its policy "strict" requires '
+                      "TLS", text)
+        self.assertIn("fallback now: cleartext", text)
+        self.assertIn('the fallback decider "now" sends it without encryption instead',
+                      " ".join(text.split()))
+        text = cli(mta, "tls", "explain", safe, timeout=60).stdout
+        self.assertIn("fallback never (the policy's default)", text)
+        self.assertNotIn("WARNING", text)
+        self.assertIn("fallback never: defer", text)
+
     def test_explain_tls10(self) -> None:
         """TLS 1.0 only: handshake-no-common-version (versions-refused), naming what we offered."""
         self.check_golden("tls10")
