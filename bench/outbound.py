@@ -300,7 +300,7 @@ class TwistedOut(inbound.TwistedMTA):
         envelope header first, then the message with CRLF line ends; each
         commit fsyncs the file and new/ (the spool runs inline here).
         """
-        from twisted_mta.queue.envelope import Envelope, Recipient
+        from twisted_mta.model import Envelope, Recipient
         from twisted_mta.queue.spool import Spool
 
         spool = Spool(self.spool)
@@ -1780,7 +1780,7 @@ OUTBOUND_CATEGORIES = (
 # twisted.mail, logging, Deferreds, the queue): encrypting our writes and
 # decrypting the peer's replies, and the handshake.
 TLS_FRAMES = ("twisted/protocols/tls.py", "OpenSSL/", "_cffi_backend", "cryptography/",
-              "twisted/internet/_sslverify.py", "twisted_mta/outbound/tls.py",
+              "twisted/internet/_sslverify.py", "twisted_mta/tls/handshake.py",
               "service_identity/")
 TLS_CARRIED = ("twisted_mta/outbound/client.py", "twisted_mta/outbound/pool.py",
                "twisted_mta/queue/", "twisted/mail/", "twisted/logger/", "Deferred.",

@@ -401,7 +401,7 @@ class StopOrderTests(SynchronousTestCase):
 
 class QueueCommandTests(SynchronousTestCase):
     def setUp(self):
-        from twisted_mta.queue.envelope import Envelope, Outcome, Recipient
+        from twisted_mta.model import Envelope, Outcome, Recipient
         from twisted_mta.queue.spool import Spool
         base = os.path.abspath(self.mktemp())
         os.makedirs(base)
@@ -577,7 +577,7 @@ class ShadowReportTests(SynchronousTestCase):
     def test_report_groups_and_counts(self):
         """tls shadow-report groups would-be failures by destination and class, most frequent first; --since filters."""
         import time
-        from twisted_mta.outbound import shadow
+        from twisted_mta.tls import shadow
         base = self.mktemp()
         config = make_config(base)
         path = os.path.join(base, "test.toml")

@@ -23,7 +23,7 @@ from typing import Any
 
 from twisted_mta.config import ConfigError, load_config
 from twisted_mta.queue import control
-from twisted_mta.queue.envelope import Envelope
+from twisted_mta.model import Envelope
 from twisted_mta.queue.spool import Spool, SpoolError
 from twisted_mta.users import UsersFileError, read_users_file, write_user
 
@@ -372,7 +372,7 @@ def cmd_tls_explain(args: argparse.Namespace) -> int:
     from twisted.internet import defer, task
     from twisted.internet.threads import deferToThread
 
-    from twisted_mta.outbound.probe import explain, format_report
+    from twisted_mta.tls.probe import explain, format_report
 
     reports = []
 
@@ -397,7 +397,7 @@ def cmd_tls_history(args: argparse.Namespace) -> int:
     config = _config(args)
     if config is None:
         return 1
-    from twisted_mta.outbound import history
+    from twisted_mta.tls import history
     path = history.history_path(config.spool)
     missing = _not_yet(config)
     forget = args.forget or (control.ALL if args.forget_all else None)
@@ -467,7 +467,7 @@ def cmd_tls_shadow_report(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     from twisted_mta.config import _DURATION, _UNITS
-    from twisted_mta.outbound import shadow
+    from twisted_mta.tls import shadow
     since = None
     if args.since:
         m = _DURATION.match(args.since)

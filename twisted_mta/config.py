@@ -729,7 +729,7 @@ def _outbound(t: _Table, base: str) -> OutboundSettings:
              if h.tls_policy] + [(f"{where}.tls_fallback", h.tls_fallback, "fallback")
                                  for where, h in hosts if h.tls_fallback]
     if named:
-        from twisted_mta.outbound.tlsengine import TLSConfigError, load_registry
+        from twisted_mta.tls.engine import TLSConfigError, load_registry
         registry = load_registry(settings.tls.plugins)
         for key, value, kind in named:
             try:
@@ -813,7 +813,7 @@ def _check_tls_names(t: _Table, settings: OutboundTLSSettings) -> None:
     Every policy and decider named must exist (built-in, plugin or dotted
     path): a typo is an error at start-up, not a surprise at delivery.
     """
-    from twisted_mta.outbound.tlsengine import TLSConfigError, load_registry
+    from twisted_mta.tls.engine import TLSConfigError, load_registry
     try:
         registry = load_registry(settings.plugins)
         names = [("policy", settings.policy, "policy")]

@@ -21,8 +21,8 @@ class ITLSPolicy(Interface):
 
     def requirements(destination):
         """
-        The L{twisted_mta.outbound.tlspolicy.TLSRequirements} for
-        C{destination} (a L{twisted_mta.outbound.tlspolicy.Destination}:
+        The L{twisted_mta.tls.policy.TLSRequirements} for
+        C{destination} (a L{twisted_mta.tls.policy.Destination}:
         the recipient domain, the MX or smarthost host, whether it is a
         smarthost).  Called for every connection, so it may vary by
         destination; it must not block.
@@ -38,9 +38,9 @@ class IFallbackDecider(Interface):
 
     def decide(failure, situation):
         """
-        Return a L{twisted_mta.outbound.fallback.Decision} for the typed
-        C{failure} (L{twisted_mta.outbound.tlsfailure.TLSFailure}) in
-        C{situation} (L{twisted_mta.outbound.fallback.Situation}: the
+        Return a L{twisted_mta.tls.fallback.Decision} for the typed
+        C{failure} (L{twisted_mta.tls.failure.TLSFailure}) in
+        C{situation} (L{twisted_mta.tls.fallback.Situation}: the
         destination, the policy's requirements, the message's age,
         attempts and earlier TLS failures).  The hard rules (implicit TLS,
         credentials, REQUIRETLS never go to cleartext) are applied to the

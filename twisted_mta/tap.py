@@ -34,8 +34,8 @@ if TYPE_CHECKING:
     from twisted.internet.ssl import CertificateOptions
 
     from twisted_mta.outbound.pool import DNSResolver
-    from twisted_mta.outbound.tlsengine import TLSEngine
-    from twisted_mta.outbound.tlsentries import TLSEntry
+    from twisted_mta.tls.engine import TLSEngine
+    from twisted_mta.tls.entries import TLSEntry
 
 log = Logger()
 
@@ -65,8 +65,8 @@ def prepare_tls(config: Config) -> tuple[TLSEngine, tuple[TLSEntry, ...]]:
     The outbound TLS engine and its policy entries with their effective
     deciders: every plugin loaded, every name looked up.
     """
-    from twisted_mta.outbound.tlsengine import TLSConfigError, TLSEngine
-    from twisted_mta.outbound.tlsentries import tls_entries
+    from twisted_mta.tls.engine import TLSConfigError, TLSEngine
+    from twisted_mta.tls.entries import tls_entries
     try:
         engine = TLSEngine(config.outbound.tls)
         return engine, tls_entries(engine, config.outbound)
@@ -199,8 +199,8 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
 
     from twisted_mta.outbound.pool import OutboundPool, tcp_connector
     from twisted_mta.metrics import Metrics
-    from twisted_mta.outbound.shadow import ShadowLog
-    from twisted_mta.outbound.history import TLSHistory, history_path
+    from twisted_mta.tls.shadow import ShadowLog
+    from twisted_mta.tls.history import TLSHistory, history_path
     metrics = Metrics()
     tls = config.outbound.tls
     history = TLSHistory(history_path(config.spool), reactor, run_blocking,

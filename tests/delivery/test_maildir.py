@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_mta.delivery import maildir
 from twisted_mta.delivery.maildir import LocalTarget, deliver, maildir_name
-from twisted_mta.queue.envelope import Envelope, Recipient
+from twisted_mta.model import Envelope, Recipient
 
 
 class MaildirTests(SynchronousTestCase):

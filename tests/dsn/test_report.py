@@ -10,7 +10,7 @@ from email import policy
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_mta.dsn.report import FailedRecipient, failure_report
-from twisted_mta.queue.envelope import Envelope, Outcome, Recipient
+from twisted_mta.model import Envelope, Outcome, Recipient
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 

@@ -15,10 +15,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_mta.config import OutboundTLSSettings, Smarthost, TLSPolicyEntry
 from twisted_mta.dsn.report import FailedRecipient, delay_report, failure_report
-from twisted_mta.outbound import fallback as fb
-from twisted_mta.outbound.tlsengine import Registry, TLSEngine
-from twisted_mta.outbound.tlsfailure import CertificateFacts, TLSFailure
-from twisted_mta.queue.envelope import Envelope, Outcome, Recipient
+from twisted_mta.tls import fallback as fb
+from twisted_mta.tls.engine import Registry, TLSEngine
+from twisted_mta.tls.failure import CertificateFacts, TLSFailure
+from twisted_mta.model import Envelope, Outcome, Recipient
 from twisted_mta.queue.manager import expired_outcome
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")

@@ -19,9 +19,9 @@ from twisted.trial import unittest
 
 from tests.interop.support import TWISTD, free_port, read_banner, subprocess_env, wait_for
 from twisted_mta.interfaces import IFallbackDecider, ITLSPolicy
-from twisted_mta.outbound import fallback as fb
-from twisted_mta.outbound.tlsfailure import TLSFailure
-from twisted_mta.outbound.tlspolicy import Destination
+from twisted_mta.tls import fallback as fb
+from twisted_mta.tls.failure import TLSFailure
+from twisted_mta.tls.policy import Destination
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DROPINS = os.path.join(ROOT, "examples", "plugins")

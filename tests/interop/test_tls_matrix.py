@@ -208,7 +208,7 @@ CERT_FAILURE = {
     "self-signed": ("certificate-untrusted", "self-signed"),
     "unknown-ca": ("certificate-untrusted", "unknown-ca"),
     # A leaf alone, from an issuer we do not know: OpenSSL cannot tell an
-    # unknown CA from missing intermediates (tlsfailure.classify_chain).
+    # unknown CA from missing intermediates (tls.failure.classify_chain).
     "unknown-issuer": ("certificate-untrusted", "unknown-issuer"),
     "wrong-name": ("certificate-host-mismatch", None),
     # RSA-1024 key and SHA-1 signature: key-too-small or weak-signature.

@@ -17,7 +17,7 @@ from twisted_mta.outbound.client import (
     OutboundClient, Timeouts, Transaction, reply_outcome,
 )
 from twisted_mta.outbound.message import OutgoingMessage, Stuffer, stuff
-from twisted_mta.outbound.tlspolicy import TLSRequirements
+from twisted_mta.tls.policy import TLSRequirements
 from tests.support import FakeTLSTransport
 
 EHLO = (b"250-mx.peer.test Hello\r\n250-PIPELINING\r\n250-SIZE 10000\r\n250-8BITMIME\r\n"
@@ -478,7 +478,7 @@ class LargeMessageTests(SynchronousTestCase):
         import os
         from twisted.internet import defer
         from twisted_mta.outbound.message import CHUNK, load
-        from twisted_mta.queue.envelope import Envelope, Recipient
+        from twisted_mta.model import Envelope, Recipient
         env = Envelope(queue_id="Q", sender="a@x.test", recipients=(Recipient("x@peer.test"),),
                        arrival=0)
         line = b"x" * (CHUNK - 2) + b"\r\n"  # the next line starts exactly at a chunk edge

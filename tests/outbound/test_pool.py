@@ -20,7 +20,7 @@ from twisted_mta.outbound.message import OutgoingMessage, stuff
 from twisted_mta.outbound.mx import MXError, MXHost
 from twisted_mta.outbound.pool import OutboundPool
 from twisted_mta.outbound.router import NextHop
-from twisted_mta.queue.envelope import Outcome
+from twisted_mta.model import Outcome
 from tests.support import make_config
 
 

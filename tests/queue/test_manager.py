@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twisted.internet import defer
 
-from twisted_mta.queue.envelope import Envelope, Outcome, Recipient
+from twisted_mta.model import Envelope, Outcome, Recipient
 from twisted_mta.queue.manager import QueueManager, retry_delay
 from twisted_mta.queue.spool import Spool
 from tests.support import make_config

@@ -6,7 +6,7 @@ import os
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from twisted_mta.queue.envelope import Envelope, EnvelopeError, Recipient
+from twisted_mta.model import Envelope, EnvelopeError, Recipient
 from twisted_mta.queue.spool import Spool, SpoolError
 
 
@@ -257,7 +257,7 @@ class SpoolTests(SynchronousTestCase):
 class EnvelopeTests(SynchronousTestCase):
     def test_round_trip(self):
         """An envelope survives JSON and back unchanged."""
-        from twisted_mta.queue.envelope import Outcome
+        from twisted_mta.model import Outcome
         env = envelope("Q1", ("a@x.test", "b@y.test"))
         env = env.with_results({"a@x.test": Recipient(address="a@x.test", state="delivered",
                                                       outcome=Outcome(250, "2.0.0", "ok"),
@@ -266,7 +266,7 @@ class EnvelopeTests(SynchronousTestCase):
 
     def test_header_round_trip(self):
         """The envelope header decodes to the same envelope and gives the message offset."""
-        from twisted_mta.queue.envelope import from_header, header_end
+        from twisted_mta.model import from_header, header_end
         env = envelope("Q2", tuple(f"user{i}@example.test" for i in range(100)))
         data = env.to_header() + b"Subject: x\r\n\r\nbody\r\n"
         self.assertTrue(all(len(line) <= 998 for line in data.split(b"\r\n")))

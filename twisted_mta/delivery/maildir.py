@@ -19,7 +19,7 @@ from typing import Iterable
 
 import attrs
 
-from twisted_mta.queue.envelope import Envelope, Outcome
+from twisted_mta.model import Envelope, Outcome
 from twisted_mta.queue.spool import fsync_dir, read_head
 
 DELIVERED = Outcome(250, "2.0.0", "Delivered to Maildir")

@@ -22,8 +22,8 @@ from typing import Iterable
 
 import attrs
 
-from twisted_mta.outbound.tlsfailure import TLS_KINDS
-from twisted_mta.queue.envelope import Envelope, Outcome, Recipient
+from twisted_mta.tls.failure import TLS_KINDS
+from twisted_mta.model import Envelope, Outcome, Recipient
 
 
 @attrs.frozen

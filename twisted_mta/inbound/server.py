@@ -39,7 +39,7 @@ from twisted_mta.config import Config
 from twisted_mta.dsn import params as dsn_params
 from twisted_mta.inbound.data import DataReader
 from twisted_mta.local import AliasLoop, LocalDirectory, UnknownRecipient
-from twisted_mta.queue.envelope import Envelope, Recipient
+from twisted_mta.model import Envelope, Recipient
 from twisted_mta.queue.spool import RunBlocking, Spool, run_inline
 from twisted_mta.users import UserDatabase
 from twisted_mta.reply import Reply

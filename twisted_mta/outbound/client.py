@@ -32,10 +32,10 @@ from zope.interface import implementer
 
 from twisted_mta.dsn.params import xtext_encode
 from twisted_mta.outbound.message import OutgoingMessage
-from twisted_mta.outbound.tls import PolicyCreator, evaluate
-from twisted_mta.outbound.tlsfailure import TLSFailure, classify_handshake_error
-from twisted_mta.outbound.tlspolicy import TLSRequirements
-from twisted_mta.queue.envelope import Outcome
+from twisted_mta.tls.handshake import PolicyCreator, evaluate
+from twisted_mta.tls.failure import TLSFailure, classify_handshake_error
+from twisted_mta.tls.policy import TLSRequirements
+from twisted_mta.model import Outcome
 
 _ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
 

@@ -15,7 +15,7 @@ import os
 
 import attrs
 
-from twisted_mta.queue.envelope import header_end
+from twisted_mta.model import header_end
 
 WHOLE_LIMIT = 1024 * 1024  # messages up to this size are sent from memory
 CHUNK = 1024 * 1024

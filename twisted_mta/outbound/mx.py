@@ -22,7 +22,7 @@ import dns.name
 import dns.rdatatype
 import dns.resolver
 
-from twisted_mta.queue.envelope import Outcome
+from twisted_mta.model import Outcome
 
 
 @attrs.frozen

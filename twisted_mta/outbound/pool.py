@@ -25,11 +25,11 @@ from twisted_mta.metrics import notify
 from twisted_mta.outbound import mx
 from twisted_mta.outbound.client import OutboundClient, SessionFailed, Timeouts, Transaction
 from twisted_mta.outbound.router import NextHop
-from twisted_mta.outbound import fallback as fb
-from twisted_mta.outbound.tls import PolicyCreator, _is_ip, shadow_verdict
-from twisted_mta.outbound.history import TLSHistory, _day
-from twisted_mta.outbound.tlsengine import TLSEngine
-from twisted_mta.queue.envelope import Outcome
+from twisted_mta.tls import fallback as fb
+from twisted_mta.tls.handshake import PolicyCreator, _is_ip, shadow_verdict
+from twisted_mta.tls.history import TLSHistory, _day
+from twisted_mta.tls.engine import TLSEngine
+from twisted_mta.model import Outcome
 
 log = Logger()
 

@@ -10,7 +10,7 @@ import attrs
 from twisted_mta.config import OutboundSettings, Smarthost
 from twisted_mta.delivery.maildir import LocalTarget
 from twisted_mta.local import LocalDirectory, UnknownRecipient
-from twisted_mta.queue.envelope import Envelope, Outcome
+from twisted_mta.model import Envelope, Outcome
 
 @attrs.frozen
 class NextHop:

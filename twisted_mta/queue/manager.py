@@ -26,9 +26,9 @@ from twisted_mta.metrics import notify
 from twisted_mta.outbound import message as outgoing
 from twisted_mta.outbound.client import Transaction
 from twisted_mta.outbound.router import route
-from twisted_mta.outbound.tlsfailure import TLS_KINDS
+from twisted_mta.tls.failure import TLS_KINDS
 from twisted_mta.queue import control
-from twisted_mta.queue.envelope import DELIVERED, FAILED, Envelope, Outcome, Recipient
+from twisted_mta.model import DELIVERED, FAILED, Envelope, Outcome, Recipient
 from twisted_mta.queue.spool import RunBlocking, Spool
 
 log = Logger()

@@ -42,7 +42,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_mta.queue.envelope import Envelope, EnvelopeError, from_header, header_end
+from twisted_mta.model import Envelope, EnvelopeError, from_header, header_end
 
 log = Logger()
 

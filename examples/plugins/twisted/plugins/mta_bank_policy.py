@@ -21,8 +21,8 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from twisted_mta.interfaces import IFallbackDecider, ITLSPolicy
-from twisted_mta.outbound.fallback import DEFER, TLS_ONLY, Decision, Now
-from twisted_mta.outbound.tlspolicy import OPPORTUNISTIC, STRICT
+from twisted_mta.tls.fallback import DEFER, TLS_ONLY, Decision, Now
+from twisted_mta.tls.policy import OPPORTUNISTIC, STRICT
 
 BANKS = ("bank.example", "examplebank.test", "bank.test")
 

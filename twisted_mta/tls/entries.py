@@ -12,8 +12,8 @@ from __future__ import annotations
 import attrs
 
 from twisted_mta.config import OutboundSettings, Smarthost
-from twisted_mta.outbound import fallback as fb
-from twisted_mta.outbound.tlspolicy import Destination, PolicyEntry
+from twisted_mta.tls import fallback as fb
+from twisted_mta.tls.policy import Destination, PolicyEntry
 
 SAMPLE_DOMAIN = "example.com"
 SAMPLE_HOST = "mx.example"
@@ -67,7 +67,7 @@ def tls_entries(engine, outbound: OutboundSettings) -> tuple[TLSEntry, ...]:
     it.  Looking up every policy and decider here is also what makes a
     name that only a route, smarthost or relay uses fail at start-up.
 
-    Raises L{twisted_mta.outbound.tlsengine.TLSConfigError}.
+    Raises L{twisted_mta.tls.engine.TLSConfigError}.
     """
     settings = engine.settings
     sample = Destination(SAMPLE_DOMAIN, SAMPLE_HOST)
@@ -120,7 +120,7 @@ def _requirements(engine, where: str, name: str, dest: Destination):
     The policy's requirements for C{dest}; a plugin policy that raises is
     a configuration error here rather than a crash at delivery.
     """
-    from twisted_mta.outbound.tlsengine import TLSConfigError
+    from twisted_mta.tls.engine import TLSConfigError
     policy = engine.registry.policy(name)
     try:
         return policy.requirements(dest)

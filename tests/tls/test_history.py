@@ -12,7 +12,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_mta.outbound.history import TLSHistory, history_path
+from twisted_mta.tls.history import TLSHistory, history_path
 from twisted_mta.outbound.router import NextHop
 from tests.outbound.test_pool import PoolTestBase
 

@@ -17,9 +17,9 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from twisted_mta.outbound.tls import PolicyCreator, evaluate
-from twisted_mta.outbound.tlspolicy import OPPORTUNISTIC, RELAXED, STRICT, Destination
-from twisted_mta.outbound.tlsfailure import classify_chain, classify_handshake_error
+from twisted_mta.tls.handshake import PolicyCreator, evaluate
+from twisted_mta.tls.policy import OPPORTUNISTIC, RELAXED, STRICT, Destination
+from twisted_mta.tls.failure import classify_chain, classify_handshake_error
 
 HOST = "mx.peer.test"
 NOW = datetime.datetime.now(datetime.timezone.utc)
@@ -351,7 +351,7 @@ class HandshakeClassTests(SynchronousTestCase):
 
 class ShadowVerdictTests(SynchronousTestCase):
     def creator(self, version: str, verified: bool = True):
-        from twisted_mta.outbound.tlsfailure import CertificateFacts
+        from twisted_mta.tls.failure import CertificateFacts
         c = PolicyCreator(STRICT.requirements(Destination("d", HOST)), HOST)
         c.record.version, c.record.cipher = version, "X"
         c.record.certificate = CertificateFacts(HOST, (HOST,), "CA", 0, 2e9, False)
@@ -360,7 +360,7 @@ class ShadowVerdictTests(SynchronousTestCase):
 
     def test_old_version_fails_strict_shadow(self):
         """A session at TLS 1.0 (OpenSSL calls it "TLSv1") fails a strict shadow: no common version."""
-        from twisted_mta.outbound.tls import shadow_verdict
+        from twisted_mta.tls.handshake import shadow_verdict
         req = STRICT.requirements(Destination("d", HOST))
         for version in ("TLSv1.0", "TLSv1.1"):
             v = shadow_verdict(req, self.creator(version), True, {"STARTTLS": ""}, HOST,
@@ -371,7 +371,7 @@ class ShadowVerdictTests(SynchronousTestCase):
                                          "192.0.2.1", 25))
 
     def test_no_starttls_fails_a_shadow_that_requires_it(self):
-        from twisted_mta.outbound.tls import shadow_verdict
+        from twisted_mta.tls.handshake import shadow_verdict
         req = STRICT.requirements(Destination("d", HOST))
         v = shadow_verdict(req, None, False, {}, HOST, "192.0.2.1", 25)
         self.assertEqual(v.kind, "starttls-not-offered")

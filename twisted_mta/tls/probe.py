@@ -16,13 +16,13 @@ from typing import Any
 from twisted.internet import defer
 
 from twisted_mta.config import Config
-from twisted_mta.outbound import fallback as fb
+from twisted_mta.tls import fallback as fb
 from twisted_mta.outbound import mx
 from twisted_mta.outbound.client import SessionFailed
 from twisted_mta.outbound.pool import DNSResolver, OutboundPool, tcp_connector
 from twisted_mta.outbound.router import NextHop
-from twisted_mta.outbound.tls import _is_ip, shadow_verdict
-from twisted_mta.outbound.tlspolicy import STRICT
+from twisted_mta.tls.handshake import _is_ip, shadow_verdict
+from twisted_mta.tls.policy import STRICT
 
 
 def _day(t: float | None) -> str | None:

@@ -19,9 +19,9 @@ import attrs
 
 from twisted_mta.config import OutboundTLSSettings, Smarthost
 from twisted_mta.interfaces import IFallbackDecider, ITLSPolicy
-from twisted_mta.outbound import fallback as fb
-from twisted_mta.outbound.tlsfailure import TLSFailure
-from twisted_mta.outbound.tlspolicy import (
+from twisted_mta.tls import fallback as fb
+from twisted_mta.tls.failure import TLSFailure
+from twisted_mta.tls.policy import (
     BUILTIN as BUILTIN_POLICIES, Choice, Destination, PolicyEntry, PolicyMap,
 )
 
@@ -336,7 +336,7 @@ class TLSEngine:
         with the class's enhanced code and the explanation, and the words
         the bounce will use if the message is given up later.
         """
-        from twisted_mta.queue.envelope import Outcome
+        from twisted_mta.model import Outcome
         text = self.explain(failure, choice, domain, decision, situation)
         final = self.explain(failure, choice, domain, decision, situation, final=True)
         return Outcome(451, failure.enhanced(), text, remote_mta=failure.host,

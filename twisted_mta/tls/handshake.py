@@ -21,10 +21,10 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
 from twisted_mta.config import _is_ip
-from twisted_mta.outbound.tlsfailure import (
+from twisted_mta.tls.failure import (
     WEAK_ERRORS, CertificateFacts, TLSFailure, classify_chain, tls_words,
 )
-from twisted_mta.outbound.tlspolicy import TLSRequirements
+from twisted_mta.tls.policy import TLSRequirements
 
 _VERSIONS = {
     "TLSv1.0": SSL.TLS1_VERSION,

@@ -13,11 +13,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from twisted_mta.interfaces import IFallbackDecider, ITLSPolicy
-from twisted_mta.outbound import fallback as fb
+from twisted_mta.tls import fallback as fb
 from twisted_mta.config import OutboundTLSSettings
-from twisted_mta.outbound.tlsengine import Registry, TLSEngine
-from twisted_mta.outbound.tlsfailure import TLS_KINDS, TLSFailure
-from twisted_mta.outbound.tlspolicy import (
+from twisted_mta.tls.engine import Registry, TLSEngine
+from twisted_mta.tls.failure import TLS_KINDS, TLSFailure
+from twisted_mta.tls.policy import (
     BUILTIN, Choice, Destination, default_fallback, fails_under,
 )
 

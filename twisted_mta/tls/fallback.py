@@ -19,8 +19,8 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from twisted_mta.interfaces import IFallbackDecider
-from twisted_mta.outbound.tlsfailure import TLSFailure
-from twisted_mta.outbound.tlspolicy import Destination, TLSRequirements
+from twisted_mta.tls.failure import TLSFailure
+from twisted_mta.tls.policy import Destination, TLSRequirements
 
 DEFER = "defer"
 CLEARTEXT = "cleartext"
@@ -256,7 +256,7 @@ def can_send_cleartext(decider, requirements: TLSRequirements | None = None,
     """
     import itertools
 
-    from twisted_mta.outbound.tlsfailure import TLS_KINDS
+    from twisted_mta.tls.failure import TLS_KINDS
     if requirements is None:
         requirements = TLSRequirements("strict", starttls="required", verify=True)
     if destination is None:
