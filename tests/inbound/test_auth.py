@@ -5,8 +5,10 @@ and LOGIN, failures rate-limited, authenticated relay, submission rules.
 
 import base64
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from twisted_mta.inbound.server import AuthFailureLimiter
 from twisted_mta.users import UserDatabase, hash_password
 from tests.support import FakeTLSTransport, ServerHarness
 
@@ -166,3 +168,69 @@ class AuthTests(SynchronousTestCase):
         h.protocol.handshakeCompleted()
         self.assertFalse(any("AUTH" in line for line in h.ehlo()))
         self.assertEqual(h.send(f"AUTH PLAIN {PLAIN_OK}\r\n"), ["500 5.5.1 Command unrecognized"])
+
+
+# The AUTH-failure limiter on its own: (what, (max_failures, window,
+# max_addresses), script).  Script steps: "fail IP" counts a failure, "wait S"
+# advances the clock, "blocked IP" / "free IP" check, "entries N" checks the
+# number of addresses held.
+LIMITER_TABLE = [
+    ("below the limit is free", (3, 600, 10),
+     ["fail a", "fail a", "free a", "entries 1"]),
+    ("the limit blocks", (3, 600, 10),
+     ["fail a", "fail a", "fail a", "blocked a", "free b"]),
+    ("a repeat offender is still blocked just inside the window", (3, 600, 10),
+     ["fail a", "fail a", "fail a", "wait 599", "blocked a"]),
+    ("failures expire after the window", (3, 600, 10),
+     ["fail a", "fail a", "fail a", "wait 600", "free a", "entries 0"]),
+    ("the window slides: the oldest failure leaves first", (3, 600, 10),
+     ["fail a", "wait 300", "fail a", "fail a", "blocked a", "wait 300", "free a",
+      "fail a", "blocked a"]),
+    ("an address never seen again is dropped on the next insert", (3, 600, 10),
+     ["fail a", "wait 600", "fail b", "entries 1"]),
+    ("when full, the address with the oldest last failure is dropped", (2, 600, 2),
+     ["fail a", "fail a", "fail b", "fail c", "entries 2", "free a", "fail a", "free a"]),
+    ("a repeat offender stays blocked until max_addresses newer ones push it out", (3, 600, 3),
+     ["fail a", "fail a", "fail b", "fail a", "fail c", "entries 3", "blocked a",
+      "fail d", "blocked a", "fail e", "entries 3", "free a"]),
+    ("per address only max_failures times are kept", (2, 600, 10),
+     ["fail a"] * 1000 + ["blocked a", "wait 600", "free a"]),
+]
+
+
+class AuthFailureLimiterTests(SynchronousTestCase):
+    def test_table(self):
+        """Each row of LIMITER_TABLE: blocked or free, and how many addresses are held, as the clock moves."""
+        for what, (max_failures, window, max_addresses), script in LIMITER_TABLE:
+            clock = Clock()
+            limiter = AuthFailureLimiter(clock, max_failures, window, max_addresses)
+            for n, step in enumerate(script):
+                verb, arg = step.split()
+                where = f"{what}: step {n} ({step})"
+                if verb == "fail":
+                    limiter.note_failure(arg)
+                elif verb == "wait":
+                    clock.advance(float(arg))
+                elif verb in ("blocked", "free"):
+                    self.assertEqual(limiter.blocked(arg), verb == "blocked", where)
+                elif verb == "entries":
+                    self.assertEqual(len(limiter), int(arg), where)
+                else:
+                    self.fail(f"unknown step {step!r}")
+            for times in limiter._failures.values():
+                self.assertLessEqual(len(times), max_failures, what)
+
+    def test_a_million_addresses_leave_at_most_the_maximum(self):
+        """An attacker rotating through 1,000,000 addresses (one IPv6 /64 has plenty) within one window cannot grow the map past max_addresses (10,000); the first ones lost their count."""
+        limiter = AuthFailureLimiter(Clock(), 1, 600)
+        for i in range(1_000_000):
+            limiter.note_failure(f"2001:db8::{i:x}")
+        self.assertEqual(len(limiter), 10_000)
+        self.assertFalse(limiter.blocked("2001:db8::0"))
+        self.assertTrue(limiter.blocked(f"2001:db8::{999_999:x}"))
+
+    def test_the_factory_uses_the_auth_settings(self):
+        """The listener's limiter takes max_failures and failure_window from [auth]."""
+        h = ServerHarness(self, auth={"max_failures": 7, "failure_window": 60})
+        limiter = h.protocol.factory.auth_failures
+        self.assertEqual((limiter.max_failures, limiter.window), (7, 60))

@@ -23,11 +23,12 @@ import base64
 import binascii
 import email.utils
 import ipaddress
-from collections import Counter
+from collections import Counter, OrderedDict, deque
 from typing import Any, Callable
 
 import attrs
-from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, ITLSTransport
+from twisted.internet.interfaces import (
+    IHandshakeListener, IReactorTime, ISSLTransport, ITLSTransport)
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
@@ -51,6 +52,68 @@ _NOT_SET = object()
 _FORBIDDEN_COMMAND_BYTES = bytes(b for b in range(256) if b < 32 and b != 9 or b >= 127)
 
 
+class AuthFailureLimiter:
+    """
+    Failed AUTH attempts per client address in a sliding window, in bounded
+    memory: the addresses are chosen by whoever connects, so a map that only
+    grows is a way to exhaust ours.
+
+      - By age: an address whose last failure is older than the window is
+        dropped, also when it never comes back.  The map is ordered by last
+        failure, so the expired entries are at its front and each insert
+        drops them there (amortised O(1), no timer to own or cancel).
+      - By size: at most C{max_addresses} addresses; when full, the one
+        whose last failure is oldest is dropped.  An attacker who rotates
+        addresses therefore cannot grow our memory; the price is that the
+        oldest entries lose their count and may start afresh before their
+        window ends.  That helps only someone who already fails from more
+        than C{max_addresses} addresses per window, each of which gets
+        C{max_failures - 1} tries per window anyway.  A blocked address
+        keeps its count until C{max_addresses} other addresses have failed
+        after it.
+      - Per address only the last C{max_failures} times are kept: they are
+        all it takes to say whether that many fell inside the window.
+    """
+
+    def __init__(self, clock: IReactorTime, max_failures: int, window: float,
+                 max_addresses: int = 10_000) -> None:
+        self.clock = clock
+        self.max_failures = max_failures
+        self.window = window
+        self.max_addresses = max_addresses
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._failures)
+
+    def _expire(self, now: float) -> None:
+        while self._failures:
+            times = next(iter(self._failures.values()))
+            if now - times[-1] < self.window:
+                break
+            self._failures.popitem(last=False)
+
+    def note_failure(self, ip: str) -> None:
+        """
+        Count one failed AUTH from C{ip} now.
+        """
+        now = self.clock.seconds()
+        self._expire(now)
+        self._failures.setdefault(ip, deque(maxlen=self.max_failures)).append(now)
+        self._failures.move_to_end(ip)
+        while len(self._failures) > self.max_addresses:
+            self._failures.popitem(last=False)
+
+    def blocked(self, ip: str) -> bool:
+        """
+        Whether C{ip} failed C{max_failures} times within the window.
+        """
+        now = self.clock.seconds()
+        self._expire(now)
+        times = self._failures.get(ip, ())
+        return len(times) >= self.max_failures and now - times[0] < self.window
+
+
 class InboundFactory(smtp.SMTPFactory):
     """
     Builds one L{InboundESMTP} per connection for one listener, and counts
@@ -64,11 +127,12 @@ class InboundFactory(smtp.SMTPFactory):
         smtp.SMTPFactory.__init__(self)
         self.users = users
         self.run_blocking = run_blocking
-        self.auth_failures: dict[str, list[float]] = {}
         self.config = config
         self.role = role
         self.spool = spool
         self.clock = clock
+        self.auth_failures = AuthFailureLimiter(clock, config.auth.max_failures,
+                                                config.auth.failure_window)
         self.on_queued = on_queued
         self.tls_context = tls_context
         self.directory = LocalDirectory(config.local)
@@ -87,17 +151,10 @@ class InboundFactory(smtp.SMTPFactory):
         """
         Whether C{ip} used up its failed AUTH attempts for the window.
         """
-        window = self.config.auth.failure_window
-        now = self.clock.seconds()
-        recent = [t for t in self.auth_failures.get(ip, ()) if now - t < window]
-        if recent:
-            self.auth_failures[ip] = recent
-        else:
-            self.auth_failures.pop(ip, None)
-        return len(recent) >= self.config.auth.max_failures
+        return self.auth_failures.blocked(ip)
 
     def note_auth_failure(self, ip: str) -> None:
-        self.auth_failures.setdefault(ip, []).append(self.clock.seconds())
+        self.auth_failures.note_failure(ip)
 
     def is_trusted(self, ip: str) -> bool:
         try:
