@@ -5,6 +5,10 @@ from the queue manager and the outbound pool.
 
 Each MTA has its own registry (not prometheus_client's global one), so
 tests can run several side by side.
+
+Label values come from a small fixed set, except destination domains, which
+come from whoever we send mail to: those are capped (L{DomainLabels}) so the
+number of series, and our memory and Prometheus's, stays bounded.
 """
 
 from __future__ import annotations
@@ -15,6 +19,34 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, 5 * 86400)
+MAX_DOMAIN_LABELS = 100
+OTHER_DOMAIN = "other"
+
+
+class DomainLabels:
+    """
+    The C{domain} label value for a destination domain: the first C{limit}
+    distinct domains keep their own, every later one is counted as
+    C{"other"}.  Each labelled series costs memory here and in Prometheus
+    for as long as the process lives, and the set of domains is unbounded.
+
+    First come rather than top-N by count: a series, once created, keeps
+    its meaning, so counters only go up and C{rate()}/C{increase()} stay
+    right; a top-N that reshuffled would move counts between series.  A
+    domain under C{"other"} is still named in the log events
+    (outbound.tls_decision, outbound.tls_fallback, tls.shadow).
+    """
+
+    def __init__(self, limit: int = MAX_DOMAIN_LABELS) -> None:
+        self.limit = limit
+        self.kept: set[str] = set()
+
+    def __call__(self, domain: str) -> str:
+        if domain not in self.kept:
+            if len(self.kept) >= self.limit:
+                return OTHER_DOMAIN
+            self.kept.add(domain)
+        return domain
 
 
 class _QueueCollector:
@@ -47,7 +79,10 @@ def notify(observers: list, name: str, event: dict[str, Any], logger, error_even
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, max_domains: int = MAX_DOMAIN_LABELS) -> None:
+        # One cap shared by every counter with a domain label, so a domain
+        # has its own series in all of them or in none.
+        self.domain = DomainLabels(max_domains)
         r = self.registry = CollectorRegistry()
         self.received = Counter("twisted_mta_messages_received", "Messages accepted (250 after "
                                 "DATA), not counting our own DSNs.", ["listener"], registry=r)
@@ -88,13 +123,14 @@ class Metrics:
             self.sessions.labels(e["version"] or "none", "yes" if e["verified"] else "no",
                                  e["policy"]).inc()
         elif name == "tls.decision":
-            self.tls_failures.labels(e["kind"], e["domain"], e["policy"]).inc()
+            self.tls_failures.labels(e["kind"], self.domain(e["domain"]), e["policy"]).inc()
             self.fallbacks.labels(e["kind"], e["action"], e["decider"]).inc()
         elif name == "tls.cleartext_fallback":
             if e["requires_tls"]:
-                self.cleartext_fallbacks.labels(e["policy"], e["domain"], e["decider"]).inc()
+                self.cleartext_fallbacks.labels(e["policy"], self.domain(e["domain"]),
+                                                e["decider"]).inc()
         elif name == "tls.shadow":
-            self.shadow.labels(e["kind"], e["shadow"], e["domain"]).inc()
+            self.shadow.labels(e["kind"], e["shadow"], self.domain(e["domain"])).inc()
 
     def resource(self):
         from prometheus_client.twisted import MetricsResource
