@@ -247,7 +247,7 @@ class PrepareTests(SynchronousTestCase):
         svc = tap.make_service(config, MemoryReactorClock(), prepared=prepared)
         lock = [s for s in svc if isinstance(s, tap.SpoolLockService)][0]
         self.addCleanup(lock.spool.unlock)
-        self.assertIs(svc.getServiceNamed("queue-manager").outbound.tls, prepared.tls)
+        self.assertIs(svc.getServiceNamed("queue-manager").targets.remote.pool.tls, prepared.tls)
 
     def test_options_prepare(self):
         """twistd's option parsing prepares the service (so it can fail there), without touching the spool."""

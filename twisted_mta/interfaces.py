@@ -46,3 +46,37 @@ class IFallbackDecider(Interface):
         credentials, REQUIRETLS never go to cleartext) are applied to the
         result afterwards: a decider cannot break them.
         """
+
+
+class IDeliveryTarget(Interface):
+    """
+    Where the queue manager hands recipients: local Maildirs, a remote
+    server by SMTP (and later LMTP).  The manager calls every target the
+    same way and imports none of them; the service builder plugs them in.
+    """
+
+    name = Attribute("A short name for logs and metrics: 'local', 'remote'.")
+
+    def deliver(request):
+        """
+        Try to deliver one queued message to some of its recipients.
+
+        @param request: a L{twisted_mta.model.DeliveryRequest}.
+        @return: a Deferred firing with C{{address: Outcome}} for every
+            recipient of the request (a missing one counts as a temporary
+            failure); it fails with L{twisted_mta.model.MessageGone} when
+            the queue file has vanished.  Any other failure is a bug: the
+            manager logs it once and defers the recipients.
+        """
+
+    def flush():
+        """
+        An operator asked to try everything now: forget what would make
+        the target fail fast (dead destinations).
+        """
+
+    def stop():
+        """
+        The service is stopping: close idle resources; work under way may
+        finish.
+        """

@@ -90,6 +90,9 @@ class Outcome:
     # For a TLS deferral: the explanation as it reads once the message is
     # given up (no retry or fallback to promise any more).
     final_text: str | None = None
+    # Where a delivered copy went (a Maildir), for our log only: never
+    # stored, never shown to a sender.
+    where: str | None = attrs.field(default=None, eq=False)
 
     @property
     def is_permanent(self) -> bool:
@@ -281,3 +284,28 @@ def _load(raw: dict[str, Any]) -> Envelope:
         tls_failures=int(raw.get("tls_failures", 0)),
         tls_override=raw.get("tls_override"),
     )
+
+
+class MessageGone(Exception):
+    """
+    The queue file of an entry vanished (deleted by an operator, or by a
+    crash recovery): there is nothing left to deliver.
+    """
+
+
+@attrs.frozen
+class DeliveryRequest:
+    """
+    One attempt at some recipients of one queued message, as the queue
+    manager hands it to a delivery target.
+    """
+
+    envelope: Envelope
+    path: str  # the queue file (envelope header, then the message)
+    indexes: tuple[int, ...]  # the recipients, by position in the envelope
+    now: float
+    recovering: bool = False  # loaded at start-up: a copy may already be delivered
+
+    @property
+    def recipients(self) -> tuple[Recipient, ...]:
+        return tuple(self.envelope.recipients[i] for i in self.indexes)

@@ -218,8 +218,15 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
         connect=tcp_connector(reactor, config.outbound.connect_timeout),
         observers=[ShadowLog(config.spool, run_blocking), metrics], history=history,
         tls=prepared.tls)
-    manager = QueueManager(config, spool, reactor, run_blocking, outbound=outbound,
-                           observers=[metrics])
+    from twisted_mta.delivery.local import MaildirDelivery
+    from twisted_mta.delivery.remote import RemoteDelivery
+    from twisted_mta.local import LocalDirectory
+    from twisted_mta.queue.manager import Targets
+    targets = Targets(
+        local=MaildirDelivery(LocalDirectory(config.local), config.hostname, run_blocking),
+        remote=RemoteDelivery(outbound, config.outbound, run_blocking))
+    manager = QueueManager(config, spool, reactor, run_blocking, targets,
+                           observers=[metrics], tls_history=history)
     metrics.watch_queue(lambda: manager.states)
     manager.setServiceParent(top)
     ctx, users = prepared.server_tls, prepared.users

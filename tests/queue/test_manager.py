@@ -11,7 +11,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.internet import defer
 
 from twisted_mta.model import Envelope, Outcome, Recipient
-from twisted_mta.queue.manager import QueueManager, retry_delay
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from twisted_mta.delivery.local import MaildirDelivery
+from twisted_mta.interfaces import IDeliveryTarget
+from twisted_mta.delivery.remote import RemoteDelivery
+from twisted_mta.local import LocalDirectory
+from twisted_mta.queue.manager import QueueManager, Targets, retry_delay
 from twisted_mta.queue.spool import Spool
 from tests.support import make_config
 
@@ -35,6 +42,12 @@ class FakeOutbound:
         self.sent.append((hop, txn))
         return defer.succeed({r: self.outcomes.get(r, UNREACHABLE) for r in txn.recipients})
 
+    def revive(self):
+        pass
+
+    def stop(self):
+        pass
+
 
 class ManagerTestBase(SynchronousTestCase):
     def setUp(self):
@@ -48,9 +61,19 @@ class ManagerTestBase(SynchronousTestCase):
         self.addCleanup(self.spool.unlock)
         self.outbound = FakeOutbound()
 
+    def targets(self) -> Targets:
+        """
+        The real targets: Maildirs, and the remote target in front of the
+        fake outbound pool.
+        """
+        return Targets(
+            local=MaildirDelivery(LocalDirectory(self.config.local), self.config.hostname,
+                                  self.run_blocking),
+            remote=RemoteDelivery(self.outbound, self.config.outbound, self.run_blocking))
+
     def manager(self):
-        m = QueueManager(self.config, self.spool, self.clock, run_blocking=self.run_blocking,
-                         outbound=self.outbound)
+        m = QueueManager(self.config, self.spool, self.clock, self.run_blocking,
+                         self.targets())
         m.startService()
         self.addCleanup(m.stopService)
         return m
@@ -244,8 +267,8 @@ class ManagerTests(ManagerTestBase):
 
     def restart(self, m):
         self.successResultOf(m.stopService())
-        m2 = QueueManager(self.config, self.spool, self.clock, run_blocking=self.run_blocking,
-                          outbound=self.outbound)
+        m2 = QueueManager(self.config, self.spool, self.clock, self.run_blocking,
+                          self.targets())
         m2.startService()
         self.addCleanup(m2.stopService)
         return m2
@@ -531,3 +554,109 @@ class DelayWarningTests(ManagerTestBase):
         for _ in range(20):
             self.clock.advance(60)
         self.assertEqual(self.maildir_files("alice"), [])
+
+
+@implementer(IDeliveryTarget)
+class RecordingTarget:
+    """
+    A delivery target that records each request and answers from a list
+    of behaviours: an outcome for every recipient, or an exception.
+    """
+
+    def __init__(self, name, *behaviours):
+        self.name = name
+        self.requests = []
+        self.behaviours = list(behaviours)
+        self.flushed = self.stopped = 0
+
+    def deliver(self, request):
+        self.requests.append(request)
+        how = self.behaviours.pop(0) if len(self.behaviours) > 1 else self.behaviours[0]
+        if isinstance(how, Exception):
+            raise how
+        return defer.succeed({r.address: how for r in request.recipients})
+
+    def flush(self):
+        self.flushed += 1
+
+    def stop(self):
+        self.stopped += 1
+
+
+class SeamTests(ManagerTestBase):
+    """
+    The manager against verified fake targets: it calls them the same way,
+    and a target or an attempt that raises never leaves an entry stuck.
+    """
+
+    OK = Outcome(250, "2.0.0", "ok")
+    LATER = Outcome(451, "4.4.1", "later")
+
+    def seam_manager(self, local, remote):
+        for t in (local, remote):
+            verifyObject(IDeliveryTarget, t)
+        m = QueueManager(self.config, self.spool, self.clock, self.run_blocking,
+                         Targets(local=local, remote=remote))
+        m.startService()
+        self.addCleanup(m.stopService)
+        return m
+
+    def test_targets_get_their_recipients_by_position(self):
+        """Local recipients go to the local target, the others to the remote one, each request naming its recipients by position; operator flush and stop reach both."""
+        local, remote = RecordingTarget("local", self.OK), RecordingTarget("remote", self.OK)
+        m = self.seam_manager(local, remote)
+        env = self.queue(["alice@example.test", "x@elsewhere.test", "bob@example.test"])
+        m.enqueue(env)
+        self.clock.advance(0)
+        [lr], [rr] = local.requests, remote.requests
+        self.assertEqual((lr.indexes, rr.indexes), ((0, 2), (1,)))
+        self.assertEqual(lr.path, rr.path)
+        self.assertIsNone(self.spool.message_path(env.queue_id))  # all delivered
+        self.successResultOf(defer.maybeDeferred(m._carry_out, "flush", "*"))
+        self.assertEqual((local.flushed, remote.flushed), (1, 1))
+
+    def test_a_target_that_raises_defers_its_recipients_once_logged(self):
+        """A target raising (a bug) defers its own recipients with 4.3.0, logs the traceback once, and the local part is still delivered; the retry goes to the target again."""
+        local = RecordingTarget("local", self.OK)
+        remote = RecordingTarget("remote", RuntimeError("boom"), self.OK)
+        m = self.seam_manager(local, remote)
+        env = self.queue(["alice@example.test", "x@elsewhere.test"])
+        m.enqueue(env)
+        self.clock.advance(0)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        stored = self.spool.load(env.queue_id)
+        self.assertEqual([r.state for r in stored.recipients], ["delivered", "pending"])
+        self.assertEqual(stored.recipients[1].outcome.enhanced, "4.3.0")
+        self.clock.advance(60)
+        self.assertEqual(len(remote.requests), 2)
+        self.assertIsNone(self.spool.message_path(env.queue_id))
+
+    def test_a_crashed_attempt_is_rescheduled(self):
+        """An attempt that raises outside the targets (here: storing its result) is logged once and tried again on the retry schedule, not left without a timer (it used to stay idle forever)."""
+        remote = RecordingTarget("remote", self.LATER)
+        m = self.seam_manager(RecordingTarget("local", self.OK), remote)
+        env = self.queue(["x@elsewhere.test"])
+        real_store, calls = m._store, []
+
+        def broken_store(envelope):
+            calls.append(envelope)
+            if len(calls) == 1:
+                raise OSError("disk trouble")
+            return real_store(envelope)
+        m._store = broken_store
+        m.enqueue(env)
+        self.clock.advance(0)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(len(remote.requests), 1)
+        self.clock.advance(59)
+        self.assertEqual(len(remote.requests), 1)
+        self.clock.advance(1)  # retry_schedule[0] = 60 s
+        self.assertEqual(len(remote.requests), 2)
+        self.clock.advance(10 * 3600)
+        self.assertGreater(len(remote.requests), 2)
+
+    def test_targets_must_provide_the_interface(self):
+        class NotATarget:
+            pass
+        self.assertRaises(TypeError, Targets, local=NotATarget(),
+                          remote=RecordingTarget("remote", self.OK))

@@ -1,6 +1,7 @@
 """
-Decide where each recipient goes: a local Maildir, a smarthost (per domain
-or the default), or the recipient domain's MX hosts.
+Where remote recipients go: a smarthost (per domain or the default), or the
+recipient domain's MX hosts.  (Local recipients never get here: the queue
+manager hands them to the local delivery target.)
 """
 
 from __future__ import annotations
@@ -8,9 +9,6 @@ from __future__ import annotations
 import attrs
 
 from twisted_mta.config import OutboundSettings, Smarthost
-from twisted_mta.delivery.maildir import LocalTarget
-from twisted_mta.local import LocalDirectory, UnknownRecipient
-from twisted_mta.model import Envelope, Outcome
 
 @attrs.frozen
 class NextHop:
@@ -27,33 +25,15 @@ class NextHop:
         return self.smarthost.destination if self.smarthost else self.domain
 
 
-@attrs.frozen
-class Routes:
-    local: tuple[LocalTarget, ...]
-    decided: dict[str, Outcome]  # recipients with an outcome already (no route)
-    remote: dict[NextHop, tuple[str, ...]] = attrs.field(factory=dict)
-
-
-def route(envelope: Envelope, directory: LocalDirectory,
-          outbound: OutboundSettings = OutboundSettings()) -> Routes:
-    local = []
-    decided: dict[str, Outcome] = {}
-    remote: dict[NextHop, list[str]] = {}
-    for index, rcpt in enumerate(envelope.recipients):
-        if not rcpt.pending:
-            continue
-        domain = rcpt.address.rpartition("@")[2]
-        if directory.is_local_domain(domain):
-            try:
-                maildir = directory.maildir_for(rcpt.address)
-            except UnknownRecipient:
-                decided[rcpt.address] = Outcome(550, "5.1.1",
-                                                f"No such local mailbox: {rcpt.address}")
-                continue
-            local.append(LocalTarget(index=index, address=rcpt.address, maildir=maildir))
-        else:
-            smarthost = outbound.smarthost_for(domain)
-            hop = NextHop(domain=domain.lower(), smarthost=smarthost)
-            remote.setdefault(hop, []).append(rcpt.address)
-    return Routes(local=tuple(local), decided=decided,
-                  remote={hop: tuple(addrs) for hop, addrs in remote.items()})
+def next_hops(addresses, outbound: OutboundSettings = OutboundSettings()
+              ) -> dict[NextHop, tuple[str, ...]]:
+    """
+    Remote recipients grouped by where they go: a smarthost (per domain or
+    the default), or the recipient domain's MX hosts.
+    """
+    hops: dict[NextHop, list[str]] = {}
+    for address in addresses:
+        domain = address.rpartition("@")[2]
+        hop = NextHop(domain=domain.lower(), smarthost=outbound.smarthost_for(domain))
+        hops.setdefault(hop, []).append(address)
+    return {hop: tuple(addrs) for hop, addrs in hops.items()}

@@ -1,6 +1,8 @@
 """
 The queue manager: picks up due entries (at start and as they arrive),
-hands them to delivery, records per-recipient results and schedules retries.
+hands their recipients to the delivery targets (local or remote, through
+L{IDeliveryTarget}; it imports none of them), records per-recipient results
+and schedules retries.
 
 State lives on disk (the spool); the timers here are derived from it, so a
 restart rebuilds them from each envelope's C{next_attempt}.
@@ -17,19 +19,18 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from twisted_mta.config import Config
-from twisted_mta.delivery import maildir
 from twisted_mta.dsn.report import (
     FailedRecipient, delay_report, failure_report, success_report,
 )
+from twisted_mta.interfaces import IDeliveryTarget
 from twisted_mta.local import LocalDirectory
 from twisted_mta.metrics import notify
-from twisted_mta.outbound import message as outgoing
-from twisted_mta.outbound.client import Transaction
-from twisted_mta.outbound.router import route
-from twisted_mta.tls.failure import TLS_KINDS
+from twisted_mta.model import (
+    DELIVERED, FAILED, DeliveryRequest, Envelope, MessageGone, Outcome, Recipient,
+)
 from twisted_mta.queue import control
-from twisted_mta.model import DELIVERED, FAILED, Envelope, Outcome, Recipient
 from twisted_mta.queue.spool import RunBlocking, Spool
+from twisted_mta.tls.failure import TLS_KINDS
 
 log = Logger()
 
@@ -63,18 +64,42 @@ def expired_outcome(last: Outcome | None) -> Outcome:
     return Outcome(554, "5.4.7", "Delivery time expired" + why)
 
 
+# The outcome of recipients whose delivery attempt crashed (a bug: logged once).
+CRASHED = Outcome(451, "4.3.0", "an internal error interrupted delivery; it will be retried")
+
+
+@attrs.frozen
+class Targets:
+    """
+    The delivery targets: C{local} for our own domains, C{remote} for the
+    rest; each provides L{IDeliveryTarget}.
+    """
+
+    local: object
+    remote: object
+
+    def __attrs_post_init__(self) -> None:
+        for target in (self.local, self.remote):
+            if not IDeliveryTarget.providedBy(target):
+                raise TypeError(f"{target!r} does not provide IDeliveryTarget")
+
+    def __iter__(self):
+        return iter((self.local, self.remote))
+
+
 class QueueManager(service.Service):
     name = "queue-manager"
 
     def __init__(self, config: Config, spool: Spool, clock, run_blocking: RunBlocking,
-                 rand: Callable[[], float] = random.random, outbound=None,
-                 observers: list | None = None) -> None:
+                 targets: Targets, rand: Callable[[], float] = random.random,
+                 observers: list | None = None, tls_history=None) -> None:
         self.config = config
         self.spool = spool
         self.clock = clock
         self.run_blocking = run_blocking
         self.rand = rand
-        self.outbound = outbound  # an OutboundPool (or a test double): deliver(hop, txn)
+        self.targets = targets
+        self.tls_history = tls_history  # a TLSHistory: the operator's "tls history --forget"
         self.observers = observers if observers is not None else []  # (name, event): metrics
         self.directory = LocalDirectory(config.local)
         self.entries: dict[str, Envelope] = {}
@@ -116,8 +141,8 @@ class QueueManager(service.Service):
             if timer.active():
                 timer.cancel()
         self._timers.clear()
-        if self.outbound is not None and hasattr(self.outbound, "stop"):
-            self.outbound.stop()
+        for target in self.targets:
+            target.stop()
         return defer.DeferredList(list(self._active.values()))
 
     # -- operator requests ---------------------------------------------------------
@@ -160,16 +185,16 @@ class QueueManager(service.Service):
             self.entries[qid] = envelope
             log.warn("{queue_id}: operator allows {override} TLS for its next attempt only",
                      event="queue.tls_override", queue_id=qid, override=override)
-        if action == "flush" and hasattr(self.outbound, "revive"):
-            self.outbound.revive()
+        if action == "flush":
+            for target in self.targets:
+                target.flush()
         if action == "flush" and qid == control.ALL:
             self.flush()
             return "all entries due now"
         if action == "tlsforget":
-            history = getattr(self.outbound, "history", None)
-            if history is None:
+            if self.tls_history is None:
                 return "no TLS history"
-            found = history.forget(None if qid == control.ALL else qid)
+            found = self.tls_history.forget(None if qid == control.ALL else qid)
             return "TLS history forgotten" if found else "no TLS history for it"
         state = self.states.get(qid)
         if state is None:
@@ -241,9 +266,22 @@ class QueueManager(service.Service):
             return
         d = self._semaphore.run(self._attempt, qid)
         self._active[qid] = d
-        d.addErrback(lambda f: log.failure("queue: attempt for {queue_id} crashed", f,
-                                           queue_id=qid, event="queue.error"))
+        d.addErrback(self._crashed, qid)
         d.addBoth(self._finished, qid)
+
+    def _crashed(self, failure, qid: str) -> None:
+        """
+        An attempt raised (a bug): log it once and try again on the retry
+        schedule, so the entry is never left without a timer.
+        """
+        log.failure("queue: attempt for {queue_id} crashed; retrying later", failure,
+                    queue_id=qid, event="queue.error")
+        envelope = self.entries.get(qid)
+        if envelope is None or self.states.get(qid) == "hold":
+            return
+        q = self.config.queue
+        delay = retry_delay(q.retry_schedule, envelope.attempts + 1, q.jitter, self.rand)
+        self._schedule(qid, self.clock.seconds() + delay)
 
     def _finished(self, _: object, qid: str) -> None:
         self._active.pop(qid, None)
@@ -253,32 +291,33 @@ class QueueManager(service.Service):
     @defer.inlineCallbacks
     def _attempt(self, qid: str):
         envelope = self.entries[qid]
-        # The state is known here: no stat() on the reactor thread.
-        message_path = self.spool.path_in(self.states[qid], qid)
-        routes = route(envelope, self.directory, self.config.outbound)
-        results = dict(routes.decided)
-        remote = self._send_remote(envelope, message_path, routes.remote)
-        if routes.local:
-            recovering = qid in self._recovering
-            try:
-                local = yield self.run_blocking(
-                    maildir.deliver, message_path, envelope, routes.local,
-                    self.config.hostname, recovering)
-            except FileNotFoundError:
-                log.error("queue: message file of {queue_id} vanished", queue_id=qid,
-                          event="queue.error")
-                self._forget(qid)
-                return
-            except Exception as e:
-                outcome = Outcome(451, "4.3.0", f"Local delivery error: {e}")
-                local = {t.address: outcome for t in routes.local}
-            results.update(local)
-        if remote is not None:
-            sent = yield remote
-            if sent is None:  # the queue file vanished
-                self._forget(qid)
-                return
-            results.update(sent)
+        now = self.clock.seconds()
+        request = DeliveryRequest(
+            envelope=envelope, path=self.spool.path_in(self.states[qid], qid),  # no stat()
+            indexes=(), now=now, recovering=qid in self._recovering)
+        groups: dict[int, list[int]] = {}
+        for index, rcpt in enumerate(envelope.recipients):
+            if rcpt.pending:
+                local = self.directory.is_local_domain(rcpt.address.rpartition("@")[2])
+                groups.setdefault(0 if local else 1, []).append(index)
+        calls = []
+        for which, indexes in sorted(groups.items()):
+            target = self.targets.local if which == 0 else self.targets.remote
+            calls.append(self._deliver(target, attrs.evolve(request, indexes=tuple(indexes))))
+        results: dict[str, Outcome] = {}
+        routes: dict[str, str] = {}
+        gone = False
+        for name, part in (yield defer.gatherResults(calls, consumeErrors=True)):
+            if part is None:
+                gone = True
+                continue
+            results.update(part)
+            routes.update({address: name for address in part})
+        if gone:
+            log.error("queue: message file of {queue_id} vanished", queue_id=qid,
+                      event="queue.error")
+            self._forget(qid)
+            return
         self._recovering.discard(qid)
         now = self.clock.seconds()
         updated = self._apply(envelope, results, routes, now)
@@ -303,38 +342,31 @@ class QueueManager(service.Service):
                 updated = attrs.evolve(updated, warned=True)
         yield self._store(updated)
 
-    @defer.inlineCallbacks
-    def _send_remote(self, envelope: Envelope, path: str, remote: dict):
+    def _deliver(self, target, request: DeliveryRequest) -> defer.Deferred:
         """
-        Hand the remote recipients to the outbound pool, one transaction per
-        next hop; fires with an outcome for each (None: no queue file).
+        One target's part of an attempt: fires with (target name, outcomes),
+        or (name, None) when the queue file vanished.  A target that raises
+        (a bug) defers its recipients, logged once; it never stops the
+        attempt or the others' results.
         """
-        if not remote:
-            return {}
-        if self.outbound is None:
-            outcome = Outcome(451, "4.3.5", "remote delivery is not configured")
-            return {a: outcome for addrs in remote.values() for a in addrs}
-        try:
-            message = yield self.run_blocking(outgoing.load, path)
-        except FileNotFoundError:
+        addresses = [r.address for r in request.recipients]
+
+        def gone(failure):
+            failure.trap(MessageGone)
             return None
-        except Exception as e:
-            outcome = Outcome(451, "4.3.0", f"could not read the queued message: {e}")
-            return {a: outcome for addrs in remote.values() for a in addrs}
-        by_address = {r.address: r for r in envelope.recipients}
-        sent = []
-        for hop, addrs in remote.items():
-            dsn = tuple((by_address[a].notify, by_address[a].orcpt) for a in addrs)
-            txn = Transaction(envelope.sender, addrs, message, dsn=dsn, ret=envelope.ret,
-                              envid=envelope.envid, queue_id=envelope.queue_id,
-                              age=self.clock.seconds() - envelope.arrival,
-                              attempts=envelope.attempts, tls_failures=envelope.tls_failures,
-                              tls_override=envelope.tls_override)
-            sent.append(self.outbound.deliver(hop, txn))
-        results: dict[str, Outcome] = {}
-        for part in (yield defer.gatherResults(sent, consumeErrors=True)):
-            results.update(part)
-        return results
+
+        def crashed(failure):
+            log.failure("queue: {target} delivery of {queue_id} crashed", failure,
+                        target=target.name, queue_id=request.envelope.queue_id,
+                        event="queue.error")
+            return {a: CRASHED for a in addresses}
+
+        d = defer.maybeDeferred(target.deliver, request)
+        d.addErrback(gone)
+        d.addErrback(crashed)
+        d.addCallback(lambda part: (target.name, part if part is None else
+                                    {a: part.get(a, CRASHED) for a in addresses}))
+        return d
 
     def _postmaster(self) -> str | None:
         """
@@ -431,9 +463,8 @@ class QueueManager(service.Service):
         self.enqueue(dsn)
         return True
 
-    def _apply(self, envelope: Envelope, results: dict[str, Outcome], routes, now: float
-               ) -> Envelope:
-        maildirs = {t.address: t.maildir for t in routes.local}
+    def _apply(self, envelope: Envelope, results: dict[str, Outcome], routes: dict[str, str],
+               now: float) -> Envelope:
         changed: dict[str, Recipient] = {}
         last = None
         for rcpt in envelope.pending():
@@ -443,17 +474,17 @@ class QueueManager(service.Service):
             fields = dict(queue_id=envelope.queue_id, rcpt=rcpt.address,
                           reply=str(outcome), sender=envelope.sender)
             self._notify("delivery.result", {
-                "route": "local" if rcpt.address in maildirs else "remote",
+                "route": routes.get(rcpt.address, "remote"),
                 "result": ("delivered" if outcome.code < 400 else
                            "failed" if outcome.is_permanent else "deferred"),
                 "latency": now - envelope.arrival})
             if outcome.code < 400:
-                changed[rcpt.address] = attrs.evolve(rcpt, state=DELIVERED, outcome=outcome,
-                                                     done_at=now)
-                if rcpt.address in maildirs:
+                changed[rcpt.address] = attrs.evolve(
+                    rcpt, state=DELIVERED, outcome=attrs.evolve(outcome, where=None),
+                    done_at=now)
+                if outcome.where is not None:
                     log.info("{queue_id}: delivered to <{rcpt}> in {maildir}",
-                             event="delivery.delivered", maildir=maildirs[rcpt.address],
-                             **fields)
+                             event="delivery.delivered", maildir=outcome.where, **fields)
                 else:
                     log.info("{queue_id}: delivered to <{rcpt}>: {reply}",
                              event="delivery.delivered", relay=outcome.remote_mta, **fields)

@@ -1,0 +1,69 @@
+"""
+The remote delivery target: recipients of other domains, grouped by next
+hop (the domain's MX hosts, or a smarthost) and handed to the outbound
+pool, one transaction per next hop.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from zope.interface import implementer
+
+from twisted_mta.config import OutboundSettings
+from twisted_mta.interfaces import IDeliveryTarget
+from twisted_mta.model import DeliveryRequest, MessageGone, Outcome
+from twisted_mta.outbound import message as outgoing
+from twisted_mta.outbound.client import Transaction
+from twisted_mta.outbound.router import next_hops
+from twisted_mta.queue.spool import RunBlocking
+
+
+@implementer(IDeliveryTarget)
+class RemoteDelivery:
+    name = "remote"
+
+    def __init__(self, pool, settings: OutboundSettings, run_blocking: RunBlocking) -> None:
+        """
+        @param pool: an L{twisted_mta.outbound.pool.OutboundPool} (or a test
+            double with its C{deliver(hop, txn)}, C{revive()}, C{stop()}).
+        """
+        self.pool = pool
+        self.settings = settings
+        self.run_blocking = run_blocking
+
+    @defer.inlineCallbacks
+    def deliver(self, request: DeliveryRequest):
+        envelope = request.envelope
+        addresses = [r.address for r in request.recipients]
+        if self.pool is None:
+            outcome = Outcome(451, "4.3.5", "remote delivery is not configured")
+            return {a: outcome for a in addresses}
+        try:
+            message = yield self.run_blocking(outgoing.load, request.path)
+        except FileNotFoundError as e:
+            raise MessageGone(str(e))
+        except Exception as e:
+            outcome = Outcome(451, "4.3.0", f"could not read the queued message: {e}")
+            return {a: outcome for a in addresses}
+        by_address = {r.address: r for r in request.recipients}
+        sent = []
+        for hop, addrs in next_hops(addresses, self.settings).items():
+            dsn = tuple((by_address[a].notify, by_address[a].orcpt) for a in addrs)
+            txn = Transaction(envelope.sender, addrs, message, dsn=dsn, ret=envelope.ret,
+                              envid=envelope.envid, queue_id=envelope.queue_id,
+                              age=request.now - envelope.arrival,
+                              attempts=envelope.attempts, tls_failures=envelope.tls_failures,
+                              tls_override=envelope.tls_override)
+            sent.append(self.pool.deliver(hop, txn))
+        results: dict[str, Outcome] = {}
+        for part in (yield defer.gatherResults(sent, consumeErrors=True)):
+            results.update(part)
+        return results
+
+    def flush(self) -> None:
+        if self.pool is not None:
+            self.pool.revive()
+
+    def stop(self) -> None:
+        if self.pool is not None:
+            self.pool.stop()
