@@ -4,6 +4,7 @@ Our own TLS identity: the server-side context for STARTTLS and implicit TLS.
 
 from __future__ import annotations
 
+from cryptography import x509
 from OpenSSL import crypto
 from twisted.internet import ssl
 
@@ -20,18 +21,12 @@ def server_context(settings: TLSServerSettings) -> ssl.CertificateOptions | None
     """
     Build the server context, or C{None} when no certificate is configured.
 
-    The certificate file may hold the whole chain, leaf first.
+    The certificate file may hold the whole chain, leaf first; text
+    around the PEM blocks (and other blocks, such as the key) is ignored.
     """
     if not settings.enabled:
         return None
-    try:
-        with open(settings.certificate, "rb") as f:
-            pem = f.read()
-        certs = [ssl.Certificate.loadPEM(block) for block in _pem_blocks(pem)]
-        if not certs:
-            raise TLSSetupError(f"{settings.certificate}: no certificate found")
-    except (OSError, crypto.Error, ValueError) as e:
-        raise TLSSetupError(f"{settings.certificate}: cannot load certificate: {e}")
+    certs = _load_chain(settings.certificate)
     try:
         with open(settings.key, "rb") as f:
             key = ssl.KeyPair.load(f.read(), crypto.FILETYPE_PEM)
@@ -40,8 +35,8 @@ def server_context(settings: TLSServerSettings) -> ssl.CertificateOptions | None
     try:
         options = ssl.CertificateOptions(
             privateKey=key.original,
-            certificate=certs[0].original,
-            extraCertChain=[c.original for c in certs[1:]],
+            certificate=certs[0],
+            extraCertChain=certs[1:],
         )
         options.getContext()
         return options
@@ -49,11 +44,26 @@ def server_context(settings: TLSServerSettings) -> ssl.CertificateOptions | None
         raise TLSSetupError(f"{settings.certificate}: certificate and key do not match: {e}")
 
 
-def _pem_blocks(pem: bytes) -> list[bytes]:
-    marker = b"-----END CERTIFICATE-----"
-    blocks = []
-    for part in pem.split(marker)[:-1]:
-        start = part.find(b"-----BEGIN CERTIFICATE-----")
-        if start >= 0:
-            blocks.append(part[start:] + marker + b"\n")
-    return blocks
+def _load_chain(path: str) -> list[crypto.X509]:
+    """
+    Every certificate in the PEM file C{path}, in file order.
+    """
+    try:
+        with open(path, "rb") as f:
+            pem = f.read()
+    except OSError as e:
+        raise TLSSetupError(f"{path}: cannot load certificate: {e}")
+    try:
+        chain = x509.load_pem_x509_certificates(pem)
+    except ValueError as e:
+        # cryptography: "Unable to load PEM file. See <URL> for more
+        # details. <reason>", the reason MalformedFraming when the file has
+        # no complete CERTIFICATE block; or why a block's DER does not parse.
+        message = str(e)
+        if message.startswith("Unable to load PEM"):
+            reason = message.rpartition("details.")[2].strip()
+            if reason in ("", "MalformedFraming"):
+                raise TLSSetupError(f"{path}: no certificate found")
+            message = f"not valid PEM: {reason}"
+        raise TLSSetupError(f"{path}: cannot load certificate: {message}")
+    return [crypto.X509.from_cryptography(cert) for cert in chain]
