@@ -19,6 +19,26 @@ class ParamTests(SynchronousTestCase):
         for bad in ["a=b", "a b", "a+2b", "a+"]:
             self.assertRaises(DSNParamError, xtext_decode, bad)
 
+    def test_xtext_octets_are_utf8(self):
+        """Encoding works on UTF-8 octets, not code points; decoding reads the octets as UTF-8."""
+        self.assertEqual(xtext_encode("\u20ac"), "+E2+82+AC")
+        self.assertEqual(xtext_encode("caf\u00e9"), "caf+C3+A9")
+        self.assertEqual(xtext_decode("caf+C3+A9"), "caf\u00e9")
+        self.assertEqual(xtext_decode("+FF"), "\ufffd")  # not UTF-8: replaced, not refused
+        self.assertEqual(xtext_encode("a\tb\x7f"), "a+09b+7F")
+
+    def test_xtext_errors_say_how(self):
+        """Where Twisted's codec is lax (raw '=', spaces, lower-case hex) or crashes ('+' without two hex digits, non-ASCII), the error is a DSNParamError that says what is wrong."""
+        plus = "bad xtext: '+' must be followed by two upper-case hex digits"
+        for bad, message in [("a+", plus), ("a+zz", plus), ("a+2b", plus), ("+4", plus),
+                             ("a=b", "bad xtext: character '=' must be encoded as +XX"),
+                             ("a b", "bad xtext: character ' ' must be encoded as +XX"),
+                             ("a\x00", "bad xtext: character '\\x00' must be encoded as +XX"),
+                             ("caf\u00e9", "bad xtext: character '\u00e9' must be encoded as +XX")]:
+            with self.assertRaises(DSNParamError) as cm:
+                xtext_decode(bad)
+            self.assertEqual(str(cm.exception), message, bad)
+
     def test_notify(self):
         self.assertEqual(parse_notify("never"), ())
         self.assertEqual(parse_notify("DELAY,SUCCESS"), ("SUCCESS", "DELAY"))

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 
+import twisted.mail.smtp  # noqa: F401 (registers the "xtext" codec)
+
 NOTIFY_VALUES = ("SUCCESS", "FAILURE", "DELAY")
 RET_VALUES = ("FULL", "HDRS")
 ENVID_MAX = 100  # octets, encoded (RFC 3461 4.4)
@@ -21,6 +23,15 @@ class DSNParamError(ValueError):
 
 
 def xtext_decode(value: str) -> str:
+    """
+    The text an xtext value carries (its octets read as UTF-8), or
+    L{DSNParamError} for anything RFC 3461 4 does not allow.
+
+    Twisted's C{xtext} codec does the decoding; it accepts what the RFC
+    does not (raw C{=}, spaces and controls, lower-case hex) and crashes
+    with a C{TypeError} on a C{+} without two hex digits, so the value is
+    checked here first.
+    """
     for i, ch in enumerate(value):
         if ch == "+":
             if not _XTEXT_HEX.match(value, i):
@@ -28,21 +39,17 @@ def xtext_decode(value: str) -> str:
                                     "hex digits")
         elif not ("!" <= ch <= "~") or ch == "=":
             raise DSNParamError(f"bad xtext: character {ch!r} must be encoded as +XX")
-    out = bytearray()
-    i = 0
-    while i < len(value):
-        if value[i] == "+":
-            out.append(int(value[i + 1:i + 3], 16))
-            i += 3
-        else:
-            out.append(ord(value[i]))
-            i += 1
-    return out.decode("utf-8", "replace")
+    # The codec gives each octet as the character of that number (latin-1).
+    return value.encode("ascii").decode("xtext").encode("latin-1").decode("utf-8", "replace")
 
 
 def xtext_encode(value: str) -> str:
-    return "".join(ch if "!" <= ch <= "~" and ch not in "+=" else
-                    "".join(f"+{b:02X}" for b in ch.encode("utf-8")) for ch in value)
+    """
+    C{value}'s UTF-8 octets as xtext.  Twisted's codec encodes a C{str}
+    one character at a time by its code point (C{"\u20ac"} would become
+    C{+20AC}, not octets), so it is given the octets as latin-1 characters.
+    """
+    return value.encode("utf-8").decode("latin-1").encode("xtext").decode("ascii")
 
 
 def parse_notify(value: str | None) -> tuple[str, ...]:
