@@ -8,7 +8,6 @@ of a TLS failure that ends up in logs and bounces.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import sys
 import traceback
@@ -16,6 +15,7 @@ from string import Formatter
 from typing import Iterator
 
 import attrs
+from twisted.python.reflect import InvalidName, ObjectNotFound, namedAny
 
 from twisted_mta.config import OutboundTLSSettings, Smarthost
 from twisted_mta.interfaces import IFallbackDecider, ITLSPolicy
@@ -68,19 +68,28 @@ class Registry:
 
 def _load_dotted(path: str):
     """
-    The object at a dotted path (a class is instantiated); anything its
-    module raises is a L{TLSConfigError}, since it is the plugin's code,
-    not ours, that failed.
+    The object at a dotted path (L{namedAny}; a class is instantiated).
+    A name that is not there says so; anything the plugin's own code raises,
+    importing or instantiating, is a L{TLSConfigError} with its type and
+    where it was raised, since it is the plugin's code, not ours, that failed.
     """
-    module, _, attr = path.rpartition(".")
     try:
-        obj = getattr(importlib.import_module(module), attr)
+        obj = namedAny(path)
         return obj() if isinstance(obj, type) else obj
-    except (ImportError, AttributeError, ValueError) as e:
+    except ObjectNotFound:  # not even the first name is a module
+        raise TLSConfigError(f"cannot load {path}: No module named {path.split('.')[0]!r}")
+    except InvalidName as e:  # not a dotted name, or a module without a dot
         raise TLSConfigError(f"cannot load {path}: {_one_line(e)}")
     except Exception as e:
-        raise TLSConfigError(f"cannot load {path}: {type(e).__name__}: {_one_line(e)}"
-                             f"{_at(traceback.extract_tb(e.__traceback__))}")
+        frames = traceback.extract_tb(e.__traceback__)
+        if isinstance(e, AttributeError) and frames and frames[-1].name == "namedAny":
+            # namedAny's own getattr: the module has no such attribute
+            raise TLSConfigError(f"cannot load {path}: {_one_line(e)}")
+        if isinstance(e, SyntaxError) and e.filename:
+            where = f" (in {e.filename} line {e.lineno})"
+        else:
+            where = _at(frames)
+        raise TLSConfigError(f"cannot load {path}: {type(e).__name__}: {_one_line(e)}{where}")
 
 
 def load_registry(dotted: tuple[str, ...] = ()) -> Registry:
