@@ -18,8 +18,9 @@ from twisted.internet import defer
 from twisted_mta.config import Config
 from twisted_mta.tls import fallback as fb
 from twisted_mta.outbound import mx
-from twisted_mta.outbound.client import SessionFailed
-from twisted_mta.outbound.pool import DNSResolver, OutboundPool, tcp_connector
+from twisted_mta.outbound.attempt import Attempt, AttemptContext, DNSResolver, tcp_connector
+from twisted_mta.outbound.client import SessionFailed, Transaction
+from twisted_mta.tls.engine import TLSEngine
 from twisted_mta.outbound.router import NextHop
 from twisted_mta.tls.handshake import _is_ip, shadow_verdict
 from twisted_mta.tls.policy import STRICT
@@ -38,13 +39,15 @@ def explain(config: Config, domain: str, reactor, run_blocking, resolver=None,
     decision the one that message would get.
     """
     settings = config.outbound
-    pool = OutboundPool(settings=settings, hostname=config.hostname, clock=reactor,
-                        run_blocking=run_blocking,
-                        resolver=resolver or DNSResolver(config.dns),
-                        connect=tcp_connector(reactor, settings.connect_timeout))
+    ctx = AttemptContext(settings=settings, hostname=config.hostname, clock=reactor,
+                         run_blocking=run_blocking,
+                         resolver=resolver or DNSResolver(config.dns),
+                         connect=tcp_connector(reactor, settings.connect_timeout),
+                         tls=TLSEngine(settings.tls))
     domain = domain.lower().rstrip(".")
     smarthost = settings.smarthost_for(domain)
     hop = NextHop(domain=domain, smarthost=smarthost)
+    attempt = Attempt(ctx, hop)  # the delivery attempt's own steps, in a dry run
     report: dict[str, Any] = {"domain": domain, "hosts": []}
     if smarthost is not None:
         report["route"] = f"smarthost {smarthost.destination} ({smarthost.tls})"
@@ -53,7 +56,7 @@ def explain(config: Config, domain: str, reactor, run_blocking, resolver=None,
     else:
         port = settings.port
         try:
-            records = yield run_blocking(pool.resolver.mx, domain)
+            records = yield run_blocking(ctx.resolver.mx, domain)
         except mx.MXError as e:
             report["route"] = "MX"
             report["error"] = str(e.outcome)
@@ -61,42 +64,42 @@ def explain(config: Config, domain: str, reactor, run_blocking, resolver=None,
         report["route"] = "MX"
         hosts = [(r.preference, r.name) for r in records]
     for preference, host in hosts:
-        choice = pool.tls.choose(domain, host, smarthost)
+        choice = ctx.tls.choose(domain, host, smarthost)
         entry: dict[str, Any] = {
             "host": host, "preference": preference,
             "policy": choice.requirements.policy, "policy_from": choice.reason,
             "fallback": choice.fallback, "fallback_from": choice.fallback_from,
             "addresses": []}
         if choice.requirements.requires_tls and fb.can_send_cleartext(
-                pool.tls.decider(choice.fallback), choice.requirements):
+                ctx.tls.decider(choice.fallback), choice.requirements):
             entry["cleartext_warning"] = (
                 f"the fallback decider \"{choice.fallback}\" lets mail for {domain} go out "
                 f"in cleartext after a TLS failure, although its policy "
                 f"\"{choice.requirements.policy}\" requires TLS")
         report["hosts"].append(entry)
-        if host in pool.own_names:
+        if host in ctx.own_names:
             entry["error"] = "this is us (mail would loop: 5.4.6)"
             continue
         try:
             addresses = [host] if _is_ip(host) else (
-                yield run_blocking(pool.resolver.addresses, host))
+                yield run_blocking(ctx.resolver.addresses, host))
         except mx.MXError as e:
             entry["error"] = str(e.outcome)
             continue
         if not addresses:
             entry["error"] = "no address (no A or AAAA record)"
         for address in addresses:
-            entry["addresses"].append((yield _probe(pool, hop, domain, host, address, port,
+            entry["addresses"].append((yield _probe(attempt, domain, host, address, port,
                                                     choice, message or {})))
     return report
 
 
 @defer.inlineCallbacks
-def _probe(pool: OutboundPool, hop: NextHop, domain: str, host: str, address: str, port: int,
-           choice, message: dict):
+def _probe(attempt: Attempt, domain: str, host: str, address: str, port: int, choice,
+           message: dict):
     out: dict[str, Any] = {"address": address, "port": port}
     try:
-        client = yield pool._session(hop, host, address, port, choice)
+        client = yield attempt.session(host, address, port, choice, dry_run=True)
     except SessionFailed as e:
         out["ok"] = False
         if e.tls_failure is None:
@@ -111,20 +114,17 @@ def _probe(pool: OutboundPool, hop: NextHop, domain: str, host: str, address: st
                           "verification_required": choice.requirements.verify}
         if f.certificate is not None:
             out["certificate"] = _cert(f.certificate)
-        sh = hop.smarthost
-        relay = pool.settings.tls.relay
-        situation = fb.Situation(
-            destination=fb.Destination(domain, host, sh is not None),
-            requirements=choice.requirements, age=message.get("age", 0.0),
-            attempts=message.get("attempts", 0), tls_failures=message.get("tls_failures", 0),
-            implicit_tls=sh is not None and sh.tls == "implicit",
-            credentials=sh is not None and sh.username is not None,
-            relay=relay.destination if relay else None)
-        decision = fb.decide(pool.tls.decider(choice.fallback), f, situation)
+        # The decision a queued message in this situation would get.
+        e.choice = choice
+        txn = Transaction(sender="", recipients=(f"postmaster@{domain}",), message=None,
+                          age=message.get("age", 0.0), attempts=message.get("attempts", 0),
+                          tls_failures=message.get("tls_failures", 0))
+        decision, _ = attempt.decide(e, txn)
+        situation = attempt.situation(f, choice, txn)
         out["decision"] = {"action": decision.action, "decider": decision.decider,
                            "rule": decision.rule, "later": decision.later,
                            "reason": decision.reason}
-        out["sender_would_read"] = pool.tls.explain(f, choice, domain, decision, situation)
+        out["sender_would_read"] = attempt.ctx.tls.explain(f, choice, domain, decision, situation)
         return out
     record = client.tls.record if client.tls is not None else None
     out["ok"] = True

@@ -1,0 +1,416 @@
+"""
+One delivery attempt to a next hop, step by step: route (MX or smarthost)
+-> the MX hosts in order, without ourselves -> the TLS policy of each host
+(and what the destination's history changes) -> connect -> greeting, EHLO,
+STARTTLS judged at once, AUTH -> after a TLS failure, the fallback
+decision for each message (after the hard rules) and the session a
+fallback uses.  The pool (L{twisted_mta.outbound.pool}) only owns
+connections: it asks an L{Attempt} for a session and for decisions, and
+C{tls explain} (L{twisted_mta.tls.probe}) runs the same steps with
+C{dry_run}.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import attrs
+from twisted.internet import defer, endpoints, error
+from twisted.internet.protocol import ClientFactory
+from twisted.logger import Logger
+
+from twisted_mta.config import DNSSettings, OutboundSettings
+from twisted_mta.metrics import notify
+from twisted_mta.model import Outcome
+from twisted_mta.outbound import mx
+from twisted_mta.outbound.client import OutboundClient, SessionFailed, Timeouts, Transaction
+from twisted_mta.outbound.router import NextHop
+from twisted_mta.tls import fallback as fb
+from twisted_mta.tls.engine import TLSEngine
+from twisted_mta.tls.handshake import PolicyCreator, _is_ip, shadow_verdict
+from twisted_mta.tls.history import TLSHistory, _day
+
+log = Logger()
+
+
+class DNSResolver:
+    """
+    Blocking MX and address look-ups (call through the I/O pool).
+    """
+
+    def __init__(self, settings: DNSSettings) -> None:
+        self._resolver = mx.make_resolver(settings.nameservers or None, settings.timeout)
+
+    def mx(self, domain: str) -> list[mx.MXHost]:
+        return mx.lookup_mx(self._resolver, domain)
+
+    def addresses(self, host: str) -> list[str]:
+        return mx.lookup_addresses(self._resolver, host)
+
+
+def tcp_connector(reactor, timeout: float) -> Callable:
+    """
+    Connect C{protocol} to C{address}:C{port}, through TLS from the first
+    byte when C{creator} is given (implicit TLS).
+    """
+    def connect(address: str, port: int, protocol, creator) -> defer.Deferred:
+        if ":" in address:
+            ep = endpoints.TCP6ClientEndpoint(reactor, address, port, timeout=timeout)
+        else:
+            ep = endpoints.TCP4ClientEndpoint(reactor, address, port, timeout=timeout)
+        if creator is not None:
+            ep = endpoints.wrapClientTLS(creator, ep)
+        return ep.connect(_OneProtocol(protocol))
+    return connect
+
+
+class _OneProtocol(ClientFactory):
+    """
+    Hands out one prepared protocol, quietly (Twisted's own one-shot
+    factory logs two lines per connection).
+    """
+
+    noisy = False
+
+    def __init__(self, protocol) -> None:
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr):
+        return self.protocol_instance
+
+
+@attrs.define
+class AttemptContext:
+    """
+    What every attempt needs: the settings, the TLS engine and history,
+    DNS, the way to connect, the clock, and who we are.
+    """
+
+    settings: OutboundSettings
+    hostname: str
+    clock: object
+    run_blocking: Callable
+    resolver: object
+    connect: Callable
+    tls: TLSEngine
+    history: TLSHistory | None = None
+    # Called with (event name, dict) for shadow verdicts and TLS outcomes:
+    # the shadow report file, metrics.
+    observers: list = attrs.field(factory=list)
+
+    @property
+    def helo(self) -> str:
+        return self.settings.helo_name or self.hostname
+
+    @property
+    def own_names(self) -> frozenset[str]:
+        return frozenset({self.hostname, self.helo})
+
+    @property
+    def timeouts(self) -> Timeouts:
+        s = self.settings
+        return Timeouts(handshake=s.handshake_timeout, greeting=s.greeting_timeout,
+                        command=s.command_timeout, data=s.data_timeout)
+
+    def notify(self, name: str, event: dict) -> None:
+        notify(self.observers, name, event, log, "outbound.error")
+
+
+@attrs.frozen
+class Attempt:
+    """
+    The steps of reaching C{hop}, with C{ctx}; one per destination of the
+    pool (and one per C{tls explain}).
+    """
+
+    ctx: AttemptContext
+    hop: NextHop
+
+    @property
+    def history(self) -> TLSHistory | None:
+        return self.ctx.history
+
+    @defer.inlineCallbacks
+    def open(self, relax: bool = False):
+        """
+        A ready session for C{hop}: each host in order, each address in
+        turn.  Fails with the most telling failure: a TLS failure (which
+        the fallback decider then weighs per message) over the rest.
+        """
+        hop = self.hop
+        if hop.smarthost is not None:
+            hosts = [hop.smarthost.host]
+            port = hop.smarthost.port
+        else:
+            port = self.ctx.settings.port
+            try:
+                records = yield self.ctx.run_blocking(self.ctx.resolver.mx, hop.domain)
+            except mx.MXError as e:
+                raise SessionFailed(e.outcome, next_host=False)
+            hosts = self.without_self(records)
+        last: Outcome | None = None
+        tls_failed: SessionFailed | None = None
+        for host in hosts:
+            if _is_ip(host):
+                addresses = [host]
+            else:
+                try:
+                    addresses = yield self.ctx.run_blocking(self.ctx.resolver.addresses, host)
+                except mx.MXError as e:
+                    last = e.outcome
+                    continue
+            if not addresses:
+                last = Outcome(451, "4.4.4", f"the mail server {host} has no address "
+                               "(no A or AAAA record)")
+                continue
+            choice = self.ctx.tls.choose(hop.domain, host, hop.smarthost)
+            note = None
+            choice, note = self.with_history(choice)
+            if relax:
+                req = attrs.evolve(choice.requirements, starttls="required", verify=False)
+                choice, note = attrs.evolve(choice, requirements=req), "override=relaxed"
+            for address in addresses:
+                try:
+                    client = yield self.session(host, address, port, choice, note=note)
+                except SessionFailed as e:
+                    last = e.outcome
+                    if e.tls_failure is not None:
+                        e.choice = choice
+                        tls_failed = e
+                    if not e.next_host:
+                        raise
+                    continue
+                return client
+        if tls_failed is not None:
+            raise tls_failed
+        raise SessionFailed(last or Outcome(451, "4.4.4", f"no mail server found for {hop.key}"))
+
+    def with_history(self, choice):
+        """
+        What the destination's history changes: the ratchet raises the
+        requirements to the best TLS it has shown; remembered broken TLS
+        skips STARTTLS where the policy would send in cleartext anyway.
+        """
+        hop = self.hop
+        if self.history is None or hop.smarthost is not None:
+            return choice, None
+        entry = self.history.get(hop.domain)
+        if entry is None:
+            return choice, None
+        req = choice.requirements
+        if choice.ratchet and entry.best != "none":
+            raised = req
+            if req.starttls != "required":
+                raised = attrs.evolve(raised, starttls="required")
+            if entry.best == "verified" and not req.verify:
+                raised = attrs.evolve(raised, verify=True)
+            if (raised.min_version or "TLSv1.2") < "TLSv1.2":
+                raised = attrs.evolve(raised, min_version="TLSv1.2", ciphers=None)
+            if raised != req:
+                why = f"{hop.domain} used {entry.best} TLS on {_day(entry.best_at)}"
+                return attrs.evolve(choice, requirements=raised, ratcheted=why), \
+                    f"ratchet={entry.best}"
+        broken = self.history.broken(hop.domain)
+        if broken is not None and req.starttls == "if-offered" and choice.fallback == "now":
+            return (attrs.evolve(choice, requirements=attrs.evolve(req, starttls="never")),
+                    f"tls-skipped=broken ({broken.failures} failures, last {broken.last_kind})")
+        return choice, None
+
+    def situation(self, failure, choice, txn: Transaction) -> fb.Situation:
+        hop = self.hop
+        sh = hop.smarthost
+        relay = self.ctx.settings.tls.relay
+        return fb.Situation(
+            destination=fb.Destination(domain_of(txn, hop), failure.host, sh is not None),
+            requirements=choice.requirements, age=txn.age, attempts=txn.attempts,
+            tls_failures=txn.tls_failures,
+            implicit_tls=sh is not None and sh.tls == "implicit",
+            credentials=sh is not None and sh.username is not None,
+            requiretls=False, relay=relay.destination if relay else None,
+            history=self.history.get(hop.domain) if self.history and hop.domain else None,
+            ratchet=choice.ratcheted)
+
+    def decide(self, e: SessionFailed, txn: Transaction):
+        """
+        What follows a TLS failure for one message: the fallback decider's
+        answer after the hard rules (logged and counted), its situation,
+        and for a deferral the recipients' outcome (the failure explained).
+        """
+        hop, failure, choice = self.hop, e.tls_failure, e.choice
+        situation = self.situation(failure, choice, txn)
+        if txn.tls_override == "cleartext":
+            decision = fb.decide(_OperatorOverride(), failure, situation)
+        else:
+            decision = fb.decide(self.ctx.tls.decider(choice.fallback), failure, situation)
+        log.info("outbound: TLS to {peer} failed ({kind}); policy {policy} "
+                 "({why}), fallback {decider}: {action} ({reason})",
+                 event="outbound.tls_decision", destination=hop.key, host=failure.host,
+                 address=failure.address, peer=failure.peer, kind=failure.kind,
+                 detail=failure.detail, policy=choice.requirements.policy,
+                 why=choice.reason, decider=decision.decider, action=decision.action,
+                 rule=decision.rule, later=decision.later, reason=decision.reason,
+                 queue_ids=txn.queue_id)
+        self.ctx.notify("tls.decision", {
+            "kind": failure.kind, "domain": hop.domain or hop.key,
+            "policy": choice.requirements.policy, "action": decision.action,
+            "decider": decision.decider})
+        outcome = None
+        if decision.action == fb.DEFER:
+            outcome = self.ctx.tls.outcome(failure, choice, domain_of(txn, hop), decision,
+                                           situation)
+        return decision, outcome
+
+    @defer.inlineCallbacks
+    def open_fallback(self, mode: tuple):
+        """
+        A session for a fallback destination: the same server without TLS
+        or without certificate checks, or the secure relay under its own
+        policy.
+        """
+        action, failure, choice, note = mode
+        if action == fb.VIA_RELAY:
+            relay = self.hop.smarthost
+            relay_choice = self.ctx.tls.choose("", relay.host, relay)  # the relay's own policy
+            host = relay.host
+            try:
+                addresses = [host] if _is_ip(host) else (
+                    yield self.ctx.run_blocking(self.ctx.resolver.addresses, host))
+            except mx.MXError as e:
+                raise SessionFailed(e.outcome)
+            if not addresses:
+                raise SessionFailed(Outcome(451, "4.4.4", f"the relay {host} has no address"))
+            client = yield self.session(host, addresses[0], relay.port,
+                                         relay_choice, note=note)
+        else:
+            req = choice.requirements
+            changed = (attrs.evolve(req, starttls="never", verify=False)
+                       if action == fb.CLEARTEXT else attrs.evolve(req, verify=False))
+            client = yield self.session(failure.host, failure.address, failure.port,
+                                         attrs.evolve(choice, requirements=changed), note=note)
+        return client
+
+    def without_self(self, records: list[mx.MXHost]) -> list[str]:
+        domain = self.hop.domain
+        """
+        The MX hosts to try: those more preferred than ourselves, when we
+        are one of them (RFC 5321 5.1); a loop when we are the best.
+        """
+        ours = [r.preference for r in records if r.name in self.ctx.own_names]
+        if ours:
+            records = [r for r in records if r.preference < min(ours)]
+            if not records:
+                raise SessionFailed(Outcome(
+                    554, "5.4.6", f"mail for {domain} loops back to myself: its best MX "
+                    f"host is this server ({self.ctx.hostname})", kind="loop"), next_host=False)
+        return [r.name for r in records]
+
+
+
+    @defer.inlineCallbacks
+    def session(self, host: str, address: str, port: int, choice, note: str | None = None,
+                dry_run: bool = False):
+        """
+        A ready session with one server under C{choice}: connect, greeting,
+        EHLO, STARTTLS (judged at once), AUTH.  C{dry_run} (tls explain):
+        nothing is recorded (history, shadow, metrics).
+        """
+        hop = self.hop
+        sh = hop.smarthost
+        implicit = sh is not None and sh.tls == "implicit"
+        req = choice.requirements
+        credentials = None
+        if sh is not None and sh.username is not None:
+            try:
+                password = yield self.ctx.run_blocking(_read_secret, sh.password_file)
+            except OSError as e:
+                raise SessionFailed(Outcome(451, "4.3.5", f"cannot read the password for "
+                                            f"{sh.destination}: {e.strerror}"), next_host=False)
+            credentials = (sh.username, password)
+        if implicit and req.starttls == "never":
+            req = attrs.evolve(req, starttls="required")  # TLS from the first byte, always
+        creator = PolicyCreator(req, host) if req.starttls != "never" else None
+        client = OutboundClient(
+            helo=self.ctx.helo, host=host, address=address, port=port,
+            tls=creator, requirements=req, credentials=credentials,
+            own_names=self.ctx.own_names, timeouts=self.ctx.timeouts, run_blocking=self.ctx.run_blocking)
+        client.callLater = self.ctx.clock.callLater
+        try:
+            yield self.ctx.connect(address, port, client, creator if implicit else None)
+        except (error.ConnectError, error.TimeoutError, OSError) as e:
+            raise SessionFailed(Outcome(451, "4.4.1", f"connect to {client.peer} failed: "
+                                        f"{_connect_reason(e)}", remote_mta=host,
+                                        kind="connect-failed"))
+        client = yield client.established
+        tls_text = creator.record.describe() if creator and client.tls_done else "no TLS"
+        if dry_run:
+            return client
+        if choice.shadow is not None and note is None:
+            self.shadow(choice, creator, client)
+        if self.history is not None and hop.smarthost is None and not (
+                note or "").startswith(("fallback", "override")):
+            level = ("none" if not (creator and client.tls_done) else
+                     "verified" if creator.record.verified else "encrypted")
+            self.history.record_success(hop.domain, level)
+        self.ctx.notify("tls.session", {
+            "version": creator.record.version if creator and client.tls_done else None,
+            "verified": bool(creator and client.tls_done and creator.record.verified),
+            "policy": req.policy, "peer": client.peer})
+        client.trace = (f"X-Twisted-MTA-TLS: {client.peer} {tls_text}; policy {req.policy} "
+                        f"({choice.reason})" + (f"; {note}" if note else ""))
+        log.info("outbound: session with {peer} ({tls}; policy {policy} from {why}{note})",
+                 event="outbound.connected", peer=client.peer, tls=tls_text,
+                 policy=req.policy, why=choice.reason, note=f"; {note}" if note else "",
+                 destination=hop.key, verified=bool(creator and creator.record.verified),
+                 version=creator.record.version if creator else None,
+                 cipher=creator.record.cipher if creator else None)
+        return client
+
+
+    def shadow(self, choice, creator, client) -> None:
+        hop = self.hop
+        verdict = shadow_verdict(choice.shadow, creator, client.tls_done, client.capabilities,
+                                 client.host, client.address, client.port)
+        if verdict is None:
+            return
+        event = {"time": self.ctx.clock.seconds(), "domain": hop.domain or hop.key,
+                 "host": client.host, "address": client.address, "port": client.port,
+                 "policy": choice.requirements.policy, "shadow": choice.shadow.policy,
+                 "why": choice.reason, "kind": verdict.kind, "detail": verdict.detail,
+                 "reason": verdict.describe()}
+        log.info("outbound: {shadow} (shadow) would refuse {host}[{address}] for {domain}: "
+                 "{reason}", event="tls.shadow", **event)
+        self.ctx.notify("tls.shadow", event)
+
+
+@attrs.frozen
+class _OperatorOverride:
+    name: str = "operator-override"
+
+    def decide(self, failure, situation) -> fb.Decision:
+        return fb.Decision(fb.CLEARTEXT, "the operator allowed cleartext for this message "
+                           "(twisted-mta queue release/flush --allow-cleartext)", self.name)
+
+
+def domain_of(txn: Transaction, hop: NextHop) -> str:
+    """
+    The recipient domain of a transaction: a smarthost destination carries
+    the mail of every domain whose TLS policy there is the same.
+    """
+    if txn.recipients:
+        return txn.recipients[0].rpartition("@")[2].lower()
+    return hop.domain
+
+
+def _read_secret(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip("\r\n")
+
+
+def _connect_reason(e: Exception) -> str:
+    if isinstance(e, error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, error.TimeoutError):
+        return "timed out"
+    if isinstance(e, error.NoRouteError):
+        return "no route to host"
+    return str(e) or type(e).__name__
