@@ -24,6 +24,11 @@ from twisted_mta.model import Outcome
 from tests.support import make_config
 
 
+from zope.interface import implementer
+
+from twisted_mta.interfaces import ITLSPolicy
+from twisted_mta.tls.policy import TLSRequirements
+
 class ScriptedServer(basic.LineReceiver):
     """
     An SMTP server that accepts everything except recipients starting
@@ -374,3 +379,68 @@ class PoolTests(PoolTestBase):
             self.deliver(pool, NextHop("peer.test"), self.txn(f"u{i}@peer.test"))
         self.flush()
         self.assertEqual(len(self.connects), 2)
+
+
+@implementer(ITLSPolicy)
+class Moody:
+    """
+    A plugin policy that raises while C{broken} (for any destination).
+    """
+
+    name = "moody"
+
+    def __init__(self):
+        self.broken = True
+
+    def requirements(self, destination):
+        if self.broken:
+            raise RuntimeError("moody plugin")
+        return TLSRequirements("moody", starttls="if-offered")
+
+
+MOODY = Moody()  # named by its dotted path, as a configuration would
+
+
+class PolicySelectionTests(PoolTestBase):
+    """
+    Which policy the pool uses for a destination, as the trace header
+    records it; and a plugin policy that raises.
+    """
+
+    def trace_of_delivery(self, **tls) -> bytes:
+        pool = self.pool(tls=tls)
+        r = self.deliver(pool, NextHop("peer.test"), self.txn("x@peer.test"))
+        self.flush()
+        self.assertEqual(r[0]["x@peer.test"].code, 250)
+        return [e[2] for e in self.log if len(e) == 3][-1].split(b"\n")[0]
+
+    def test_mx_host_pattern_chooses_the_policy(self):
+        """An [outbound.tls.mx_hosts] glob on the MX host name chooses the policy when no domain entry matches; a domain entry beats it."""
+        trace = self.trace_of_delivery(policy="opportunistic", mx_hosts={
+            "*.peer.test": {"policy": "none"}})
+        self.assertIn(b"policy none (mx host *.peer.test)", trace)
+        trace = self.trace_of_delivery(policy="opportunistic", mx_hosts={
+            "*.peer.test": {"policy": "none"}}, domains={".test": {"policy": "none"}})
+        self.assertIn(b"policy none (domain .test)", trace)
+        trace = self.trace_of_delivery(policy="none", mx_hosts={
+            "mx9.*": {"policy": "strict"}})
+        self.assertIn(b"policy none (default)", trace)
+
+    def test_plugin_policy_that_raises_defers_only_its_message(self):
+        """A plugin policy whose requirements() raises for a smarthost route defers that message (4.3.0, logged once); when the plugin recovers, the next message goes out: nothing stays frozen."""
+        moody = MOODY
+        moody.broken = True
+        self.addCleanup(setattr, moody, "broken", True)
+        pool = self.pool(smarthost={"host": "[192.0.2.1]:25",
+                                    "tls_policy": "tests.outbound.test_pool.MOODY"})
+        hop = NextHop("peer.test", smarthost=pool.settings.smarthost)
+        r = self.deliver(pool, hop, self.txn("x@peer.test"))
+        self.flush()
+        self.assertEqual((r[0]["x@peer.test"].code, r[0]["x@peer.test"].enhanced),
+                         (451, "4.3.0"))
+        self.assertIn("moody plugin", r[0]["x@peer.test"].text)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        moody.broken = False
+        r = self.deliver(pool, hop, self.txn("y@peer.test"))
+        self.flush()
+        self.assertEqual(r[0]["y@peer.test"].code, 250)

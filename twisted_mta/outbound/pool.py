@@ -104,7 +104,17 @@ class OutboundPool:
             return defer.succeed(_all(txn, Outcome(451, "4.3.2", "shutting down")))
         if txn.tls_override == "relaxed":
             return self._one_off(hop, txn)
-        dest = self._destination(self._key(hop), hop)
+        try:
+            key = self._key(hop)
+        except Exception as e:
+            # A TLS policy plugin that raises for this destination: the
+            # message waits for the next attempt; nothing else is held up.
+            log.failure("outbound: choosing the TLS policy for {destination} failed",
+                        destination=hop.key, event="outbound.error")
+            return defer.succeed(_all(txn, Outcome(
+                451, "4.3.0", f"choosing the TLS policy for {hop.key} failed ({e}); "
+                "the message will be tried again")))
+        dest = self._destination(key, hop)
         if dest.dead_outcome is not None:
             if self.clock.seconds() < dest.dead_until:
                 if dest.dead_failure is not None:
