@@ -243,3 +243,103 @@ class OutboundConfigTests(SynchronousTestCase):
         c = self.load('[dns]\nnameservers = ["127.0.0.1:5353", "[::1]:53", "192.0.2.1"]\n'
                       'timeout = "5s"\n')
         self.assertEqual((c.dns.nameservers[0], c.dns.timeout), ("127.0.0.1:5353", 5))
+
+
+class TLSNameTests(SynchronousTestCase):
+    """
+    Policy and decider names are looked up where the service is built
+    (tap.prepare_tls, for twistd mta, config check and config show), not
+    while the file is read: loading the configuration imports no TLS or
+    outbound code.  The error is still one line naming the file and key.
+    """
+
+    def path(self, text: str) -> str:
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        path = os.path.join(base, "mta.toml")
+        with open(path, "w") as f:
+            f.write(ConfigTests.MINIMAL + text)
+        return path
+
+    def refused(self, text: str) -> str:
+        from twisted_mta import tap
+        path = self.path(text)
+        config = load_config(path)  # the file itself is fine
+        with self.assertRaises(tap.PrepareError) as cm:
+            tap.prepare_tls(config)
+        message = str(cm.exception)
+        prefix = path + ": "
+        self.assertTrue(message.startswith(prefix), message)
+        return message[len(prefix):]
+
+    def test_unknown_names_by_key(self):
+        policy = "unknown TLS policy 'strcit' (known: none, opportunistic, relaxed, strict)"
+        decider = ("unknown fallback decider 'sometime' (known: never, next-attempt, now, "
+                   "relaxed-now, via-relay, after:<N>m, after:<N>-failures)")
+        for text, key, reason in [
+            ('[outbound.tls]\npolicy = "strcit"\n', "outbound.tls.policy", policy),
+            ('[outbound.tls]\nfallback = "sometime"\n', "outbound.tls.fallback", decider),
+            ('[outbound.tls]\nshadow = "strcit"\n', "outbound.tls.shadow", policy),
+            ('[outbound.tls.domains."X.test"]\npolicy = "strcit"\n',
+             "outbound.tls.domains.x.test.policy", policy),
+            ('[outbound.tls.domains.".x.test"]\npolicy = "strict"\nfallback = "sometime"\n',
+             "outbound.tls.domains..x.test.fallback", decider),
+            ('[outbound.tls.domains."x.test"]\npolicy = "strict"\nshadow = "strcit"\n',
+             "outbound.tls.domains.x.test.shadow", policy),
+            ('[outbound.tls.mx_hosts."*.Example.NET"]\npolicy = "strcit"\n',
+             "outbound.tls.mx_hosts.*.example.net.policy", policy),
+            ('[outbound.tls.relay]\nhost = "r.test"\ntls_policy = "strcit"\n',
+             "outbound.tls.relay.tls_policy", policy),
+            ('[outbound.tls.relay]\nhost = "r.test"\ntls_policy = "strict"\n'
+             'tls_fallback = "sometime"\n', "outbound.tls.relay.tls_fallback", decider),
+            ('[outbound.smarthost]\nhost = "r.test"\ntls_policy = "strcit"\n',
+             "outbound.smarthost.tls_policy", policy),
+            ('[outbound.smarthost]\nhost = "r.test"\ntls_fallback = "sometime"\n',
+             "outbound.smarthost.tls_fallback", decider),
+            ('[outbound.routes."Ex.Test"]\nhost = "r.test"\ntls_policy = "strcit"\n',
+             "outbound.routes.ex.test.tls_policy", policy),
+            ('[outbound.tls]\nplugins = ["os.sep"]\n', "outbound.tls.plugins",
+             "os.sep provides neither ITLSPolicy nor IFallbackDecider"),
+            ('[outbound.tls]\npolicy = "no_such_mta_module.Policy"\n', "outbound.tls.policy",
+             "cannot load no_such_mta_module.Policy: No module named 'no_such_mta_module'"),
+        ]:
+            self.assertEqual(self.refused(text), f"{key}: {reason}", text)
+
+    def test_known_names(self):
+        """Built-in policies and deciders, after: forms and dotted paths are found."""
+        from twisted_mta import tap
+        engine, entries = tap.prepare_tls(load_config(self.path(
+            '[outbound.tls]\npolicy = "strict"\nfallback = "after:4h"\n'
+            '[outbound.smarthost]\nhost = "r.test"\ntls_policy = "relaxed"\n'
+            'tls_fallback = "after:3-failures"\n')))
+        self.assertEqual([e.decider for e in entries], ["after:4h", "after:3-failures"])
+
+    def test_twistd_one_line(self):
+        """twistd mta stops at option parsing with the same single line."""
+        import io
+        from contextlib import redirect_stderr
+
+        from twisted_mta import tap
+        path = self.path('[outbound.tls.domains."x.test"]\npolicy = "strcit"\n')
+        err = io.StringIO()
+        with redirect_stderr(err), self.assertRaises(SystemExit) as cm:
+            tap.Options().parseOptions(["--config", path])
+        self.assertEqual(cm.exception.code, 1)
+        self.assertEqual(err.getvalue(), f"twistd: {path}: outbound.tls.domains.x.test.policy: "
+                                         "unknown TLS policy 'strcit' (known: none, "
+                                         "opportunistic, relaxed, strict)\n")
+
+    def test_loading_imports_no_tls_or_outbound_code(self):
+        """Reading a file that names policies, deciders and plugins imports nothing from twisted_mta.tls or twisted_mta.outbound."""
+        import subprocess
+        import sys
+        path = self.path('[outbound.tls]\npolicy = "no.such.Policy"\nfallback = "now"\n'
+                         'plugins = ["no.such.Plugin"]\n'
+                         '[outbound.smarthost]\nhost = "r.test"\ntls_policy = "strict"\n')
+        code = ("import sys\nfrom twisted_mta.config import load_config\n"
+                f"load_config({path!r})\n"
+                "print(sorted(m for m in sys.modules if m.startswith(('twisted_mta.tls', "
+                "'twisted_mta.outbound'))))\n")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             cwd=os.path.dirname(HERE), timeout=60)
+        self.assertEqual((out.returncode, out.stdout, out.stderr), (0, "[]\n", ""))

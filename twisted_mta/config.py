@@ -723,19 +723,6 @@ def _outbound(t: _Table, base: str) -> OutboundSettings:
         tls=_outbound_tls(t.table("tls"), base) if "tls" in t.data else OutboundTLSSettings(),
     )
     t.finish()
-    hosts = ([("smarthost", settings.smarthost)] if settings.smarthost else []) + [
-        (f"routes.{d}", h) for d, h in settings.routes]
-    named = [(f"{where}.tls_policy", h.tls_policy, "policy") for where, h in hosts
-             if h.tls_policy] + [(f"{where}.tls_fallback", h.tls_fallback, "fallback")
-                                 for where, h in hosts if h.tls_fallback]
-    if named:
-        from twisted_mta.tls.engine import TLSConfigError, load_registry
-        registry = load_registry(settings.tls.plugins)
-        for key, value, kind in named:
-            try:
-                registry.policy(value) if kind == "policy" else registry.decider(value)
-            except TLSConfigError as e:
-                raise t.error(key, str(e))
     return settings
 
 
@@ -804,39 +791,7 @@ def _outbound_tls(t: _Table, base: str) -> OutboundTLSSettings:
     t.finish()
     if settings.explanation and not os.path.isfile(settings.explanation):
         raise t.error("explanation", f"no such file: {settings.explanation}")
-    _check_tls_names(t, settings)
     return settings
-
-
-def _check_tls_names(t: _Table, settings: OutboundTLSSettings) -> None:
-    """
-    Every policy and decider named must exist (built-in, plugin or dotted
-    path): a typo is an error at start-up, not a surprise at delivery.
-    """
-    from twisted_mta.tls.engine import TLSConfigError, load_registry
-    try:
-        registry = load_registry(settings.plugins)
-        names = [("policy", settings.policy, "policy")]
-        if settings.fallback:
-            names.append(("fallback", settings.fallback, "fallback"))
-        if settings.relay is not None and settings.relay.tls_policy:
-            names.append(("relay.tls_policy", settings.relay.tls_policy, "policy"))
-        if settings.shadow:
-            names.append(("shadow", settings.shadow, "policy"))
-        for where, entries in (("domains", settings.domains), ("mx_hosts", settings.mx_hosts)):
-            for key, entry in entries:
-                names.append((f"{where}.{key}.policy", entry.policy, "policy"))
-                if entry.shadow:
-                    names.append((f"{where}.{key}.shadow", entry.shadow, "policy"))
-                if entry.fallback:
-                    names.append((f"{where}.{key}.fallback", entry.fallback, "fallback"))
-        for key, value, kind in names:
-            try:
-                registry.policy(value) if kind == "policy" else registry.decider(value)
-            except TLSConfigError as e:
-                raise t.error(key, str(e))
-    except TLSConfigError as e:
-        raise t.error("plugins", str(e))
 
 
 def _metrics(t: _Table) -> MetricsSettings:

@@ -22,7 +22,7 @@ from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.python import threadpool, usage
 
-from twisted_mta.config import Config, ConfigError, load_config
+from twisted_mta.config import Config, ConfigError, OutboundTLSSettings, load_config
 from twisted_mta.inbound.server import InboundFactory
 from twisted_mta.logsetup import install_json_log
 from twisted_mta.queue.manager import QueueManager
@@ -63,17 +63,34 @@ class Prepared:
 def prepare_tls(config: Config) -> tuple[TLSEngine, tuple[TLSEntry, ...]]:
     """
     The outbound TLS engine and its policy entries with their effective
-    deciders: every plugin loaded, every name looked up.
+    deciders: every plugin loaded, every policy and decider the file names
+    looked up (L{named_in}).  The one place that checks them, for
+    C{twistd mta}, C{config check} and C{config show}; each failure is one
+    line naming the file and the key.
     """
-    from twisted_mta.tls.engine import TLSConfigError, TLSEngine
-    from twisted_mta.tls.entries import tls_entries
+    from twisted_mta.tls.engine import TLSConfigError, TLSEngine, load_registry
+    from twisted_mta.tls.entries import named_in, tls_entries
+    settings = config.outbound.tls
     try:
-        engine = TLSEngine(config.outbound.tls)
-        return engine, tls_entries(engine, config.outbound)
+        registry = load_registry(settings.plugins)
     except TLSConfigError as e:
-        raise PrepareError(str(e))
+        # Keyed to [outbound.tls] plugins when the file sets anything there;
+        # without TLS settings a broken dropin is the dropin's alone.
+        if settings == OutboundTLSSettings():
+            raise PrepareError(str(e))
+        raise PrepareError(f"{config.path}: outbound.tls.plugins: {e}")
+    for key, name, kind in named_in(config.outbound):
+        try:
+            registry.policy(name) if kind == "policy" else registry.decider(name)
+        except TLSConfigError as e:
+            raise PrepareError(f"{config.path}: {key}: {e}")
+    try:
+        engine = TLSEngine(settings, registry=registry)
+        return engine, tls_entries(engine, config.outbound)
+    except TLSConfigError as e:  # a plugin policy that raises
+        raise PrepareError(f"{config.path}: {e}")
     except (OSError, UnicodeError) as e:  # the explanation template
-        raise PrepareError(f"{config.outbound.tls.explanation}: cannot be read: "
+        raise PrepareError(f"{settings.explanation}: cannot be read: "
                            f"{getattr(e, 'strerror', None) or e}")
 
 

@@ -61,13 +61,47 @@ class TLSEntry:
         return attrs.asdict(self)
 
 
+def named_in(outbound: OutboundSettings) -> list[tuple[str, str, str]]:
+    """
+    Every TLS policy and decider name the configuration writes, as
+    C{(dotted key, name, "policy" or "fallback")}, in the file's order:
+    L{twisted_mta.tap.prepare_tls} looks each up, so that a typo is an
+    error at start-up naming its key, not a surprise at delivery.
+    """
+    tls = outbound.tls
+    names = [("outbound.tls.policy", tls.policy, "policy")]
+    if tls.fallback:
+        names.append(("outbound.tls.fallback", tls.fallback, "fallback"))
+    if tls.relay is not None and tls.relay.tls_policy:
+        names.append(("outbound.tls.relay.tls_policy", tls.relay.tls_policy, "policy"))
+    if tls.shadow:
+        names.append(("outbound.tls.shadow", tls.shadow, "policy"))
+    for table, entries in (("domains", tls.domains), ("mx_hosts", tls.mx_hosts)):
+        for key, entry in entries:
+            where = f"outbound.tls.{table}.{key}"
+            names.append((f"{where}.policy", entry.policy, "policy"))
+            if entry.shadow:
+                names.append((f"{where}.shadow", entry.shadow, "policy"))
+            if entry.fallback:
+                names.append((f"{where}.fallback", entry.fallback, "fallback"))
+    if tls.relay is not None and tls.relay.tls_fallback:
+        names.append(("outbound.tls.relay.tls_fallback", tls.relay.tls_fallback, "fallback"))
+    hosts = [("outbound.smarthost", outbound.smarthost)] if outbound.smarthost else []
+    hosts += [(f"outbound.routes.{domain}", host) for domain, host in outbound.routes]
+    names += [(f"{where}.tls_policy", host.tls_policy, "policy")
+              for where, host in hosts if host.tls_policy]
+    names += [(f"{where}.tls_fallback", host.tls_fallback, "fallback")
+              for where, host in hosts if host.tls_fallback]
+    return names
+
+
 def tls_entries(engine, outbound: OutboundSettings) -> tuple[TLSEntry, ...]:
     """
     Each policy entry with its effective decider, as the pool would use
-    it.  Looking up every policy and decider here is also what makes a
-    name that only a route, smarthost or relay uses fail at start-up.
+    it (every name in L{named_in} already looked up).
 
-    Raises L{twisted_mta.tls.engine.TLSConfigError}.
+    Raises L{twisted_mta.tls.engine.TLSConfigError}: a plugin policy that
+    raises for the entry's sample destination.
     """
     settings = engine.settings
     sample = Destination(SAMPLE_DOMAIN, SAMPLE_HOST)
