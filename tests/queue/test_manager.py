@@ -612,7 +612,7 @@ class SeamTests(ManagerTestBase):
         self.assertEqual((lr.indexes, rr.indexes), ((0, 2), (1,)))
         self.assertEqual(lr.path, rr.path)
         self.assertIsNone(self.spool.message_path(env.queue_id))  # all delivered
-        self.successResultOf(defer.maybeDeferred(m._carry_out, "flush", "*"))
+        self.successResultOf(defer.maybeDeferred(m.operator.carry_out, "flush", "*"))
         self.assertEqual((local.flushed, remote.flushed), (1, 1))
 
     def test_a_target_that_raises_defers_its_recipients_once_logged(self):

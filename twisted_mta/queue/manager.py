@@ -19,32 +19,20 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from twisted_mta.config import Config
-from twisted_mta.dsn.report import (
-    FailedRecipient, delay_report, failure_report, success_report,
-)
 from twisted_mta.interfaces import IDeliveryTarget
 from twisted_mta.local import LocalDirectory
 from twisted_mta.metrics import notify
 from twisted_mta.model import (
     DELIVERED, FAILED, DeliveryRequest, Envelope, MessageGone, Outcome, Recipient,
 )
-from twisted_mta.queue import control
+from twisted_mta.queue.notices import Notices
+from twisted_mta.queue.operator import OperatorRequests
 from twisted_mta.queue.spool import RunBlocking, Spool
 from twisted_mta.tls.failure import TLS_KINDS
 
 log = Logger()
 
 CONTROL_INTERVAL = 1.0  # seconds between looks into spool/control/
-FULL_RETURN_LIMIT = 1024 * 1024  # RET=FULL returns messages up to this size, else headers
-
-
-def _success_action(r: Recipient) -> str:
-    # Delivered here, or handed to a server that was not asked to confirm.
-    if r.outcome is not None and r.outcome.remote_mta:
-        return "relayed"
-    return "delivered"
-
-
 def retry_delay(schedule: tuple[int, ...], attempts: int, jitter: float,
                 rand: Callable[[], float] = random.random) -> float:
     """
@@ -106,11 +94,13 @@ class QueueManager(service.Service):
         self.states: dict[str, str] = {}
         self._timers: dict[str, object] = {}
         self._recovering: set[str] = set()
-        self._active: dict[str, defer.Deferred] = {}
+        self.active: dict[str, defer.Deferred] = {}
         self._semaphore = defer.DeferredSemaphore(config.queue.delivery_concurrency)
         self._stopping = False
         self._control: task.LoopingCall | None = None
-        self._polling = False
+        self.operator = OperatorRequests(self)
+        self.notices = Notices(config, spool, clock, run_blocking, self.directory,
+                               self.enqueue, self._notify)
 
     def startService(self) -> None:
         service.Service.startService(self)
@@ -127,8 +117,8 @@ class QueueManager(service.Service):
             if state == "hold":
                 continue
             self._recovering.add(envelope.queue_id)
-            self._schedule(envelope.queue_id, envelope.next_attempt)
-        self._control = task.LoopingCall(self._poll_control)
+            self.schedule(envelope.queue_id, envelope.next_attempt)
+        self._control = task.LoopingCall(self.operator.poll)
         self._control.clock = self.clock
         self._control.start(CONTROL_INTERVAL, now=False)
 
@@ -143,89 +133,9 @@ class QueueManager(service.Service):
         self._timers.clear()
         for target in self.targets:
             target.stop()
-        return defer.DeferredList(list(self._active.values()))
+        return defer.DeferredList(list(self.active.values()))
 
-    # -- operator requests ---------------------------------------------------------
-
-    def _poll_control(self) -> defer.Deferred | None:
-        if self._polling:
-            return None
-        self._polling = True
-        d = self.run_blocking(control.read_requests, self.spool)
-        d.addCallback(self._handle_requests)
-        d.addErrback(lambda f: log.failure("queue: reading control requests failed", f,
-                                           event="queue.error"))
-
-        def finished(_):
-            self._polling = False
-        d.addBoth(finished)
-        return None
-
-    @defer.inlineCallbacks
-    def _handle_requests(self, requests):
-        for name, action, qid in requests:
-            if qid != control.ALL and qid in self._active:
-                continue  # busy with an attempt: try again at the next poll
-            try:
-                outcome = yield self._carry_out(action, qid)
-            except Exception:
-                log.failure("queue: {action} {queue_id} failed", action=action, queue_id=qid,
-                            event="queue.error")
-                outcome = "failed"
-            log.info("queue: operator {action} {queue_id}: {outcome}", event="queue.operator",
-                     action=action, queue_id=qid, outcome=outcome)
-            yield self.run_blocking(control.done, self.spool, name)
-
-    @defer.inlineCallbacks
-    def _carry_out(self, action: str, qid: str):
-        action, override = control.split_action(action)
-        if override is not None and qid in self.entries:
-            envelope = attrs.evolve(self.entries[qid], tls_override=override)
-            yield self.run_blocking(self.spool.update, envelope, self.states[qid])
-            self.entries[qid] = envelope
-            log.warn("{queue_id}: operator allows {override} TLS for its next attempt only",
-                     event="queue.tls_override", queue_id=qid, override=override)
-        if action == "flush":
-            for target in self.targets:
-                target.flush()
-        if action == "flush" and qid == control.ALL:
-            self.flush()
-            return "all entries due now"
-        if action == "tlsforget":
-            if self.tls_history is None:
-                return "no TLS history"
-            found = self.tls_history.forget(None if qid == control.ALL else qid)
-            return "TLS history forgotten" if found else "no TLS history for it"
-        state = self.states.get(qid)
-        if state is None:
-            return "no such entry"
-        if action == "flush":
-            if state == "hold":
-                return "held; release it first"
-            self._schedule(qid, self.clock.seconds())
-            return "due now"
-        if action == "hold":
-            if state == "hold":
-                return "already held"
-            self._unschedule(qid)
-            yield self.run_blocking(self.spool.move, qid, state, "hold")
-            self.states[qid] = "hold"
-            return "held"
-        if action == "release":
-            if state != "hold":
-                return "not held"
-            yield self.run_blocking(self.spool.move, qid, "hold", "cur")
-            self.states[qid] = "cur"
-            self._schedule(qid, self.clock.seconds())
-            return "released, due now"
-        if action == "delete":
-            self._unschedule(qid)
-            yield self.run_blocking(self.spool.remove, qid)
-            self._forget(qid)
-            return "deleted"
-        return "unknown action"
-
-    def _unschedule(self, qid: str) -> None:
+    def unschedule(self, qid: str) -> None:
         timer = self._timers.pop(qid, None)
         if timer is not None and timer.active():
             timer.cancel()
@@ -243,15 +153,15 @@ class QueueManager(service.Service):
             self._notify("inbound.queued", {"listener": envelope.client.get("listener", "")})
         self.entries[envelope.queue_id] = envelope
         self.states[envelope.queue_id] = "new"
-        self._schedule(envelope.queue_id, self.clock.seconds())
+        self.schedule(envelope.queue_id, self.clock.seconds())
 
     def flush(self) -> None:
         now = self.clock.seconds()
         for qid, state in self.states.items():
             if state != "hold":
-                self._schedule(qid, now)
+                self.schedule(qid, now)
 
-    def _schedule(self, qid: str, when: float) -> None:
+    def schedule(self, qid: str, when: float) -> None:
         if self._stopping:
             return
         old = self._timers.pop(qid, None)
@@ -262,10 +172,10 @@ class QueueManager(service.Service):
 
     def _due(self, qid: str) -> None:
         self._timers.pop(qid, None)
-        if qid in self._active or qid not in self.entries:
+        if qid in self.active or qid not in self.entries:
             return
         d = self._semaphore.run(self._attempt, qid)
-        self._active[qid] = d
+        self.active[qid] = d
         d.addErrback(self._crashed, qid)
         d.addBoth(self._finished, qid)
 
@@ -281,10 +191,10 @@ class QueueManager(service.Service):
             return
         q = self.config.queue
         delay = retry_delay(q.retry_schedule, envelope.attempts + 1, q.jitter, self.rand)
-        self._schedule(qid, self.clock.seconds() + delay)
+        self.schedule(qid, self.clock.seconds() + delay)
 
     def _finished(self, _: object, qid: str) -> None:
-        self._active.pop(qid, None)
+        self.active.pop(qid, None)
 
     # -- one attempt ------------------------------------------------------------
 
@@ -316,7 +226,7 @@ class QueueManager(service.Service):
         if gone:
             log.error("queue: message file of {queue_id} vanished", queue_id=qid,
                       event="queue.error")
-            self._forget(qid)
+            self.forget(qid)
             return
         self._recovering.discard(qid)
         now = self.clock.seconds()
@@ -327,16 +237,16 @@ class QueueManager(service.Service):
         if failed:
             # Queue the bounce before recording the failure: a crash in
             # between repeats the bounce rather than losing it.
-            yield self._bounce(updated, failed)
+            yield self.notices.send(updated, failed)
         delivered = [r for _, r in changed if r.state == DELIVERED and r.wants("SUCCESS")
                      and not (r.outcome and r.outcome.dsn_passed)]
         if delivered and updated.sender:
-            yield self._bounce(updated, delivered, success=True)
-        if self._due_for_warning(updated, now):
+            yield self.notices.send(updated, delivered, success=True)
+        if self.notices.due_for_warning(updated, now):
             delayed = [r for r in updated.pending() if r.wants("DELAY")]
             sent = True
             if delayed:
-                sent = yield self._bounce(updated, delayed,
+                sent = yield self.notices.send(updated, delayed,
                                           until=updated.arrival + self.config.queue.lifetime)
             if sent:
                 updated = attrs.evolve(updated, warned=True)
@@ -367,101 +277,6 @@ class QueueManager(service.Service):
         d.addCallback(lambda part: (target.name, part if part is None else
                                     {a: part.get(a, CRASHED) for a in addresses}))
         return d
-
-    def _postmaster(self) -> str | None:
-        """
-        The final address of the postmaster, or None without local domains.
-        """
-        if not self.config.local.domains:
-            return None
-        try:
-            return self.directory.expand(f"postmaster@{self.directory.primary_domain}")[0]
-        except Exception:
-            return None
-
-    def _due_for_warning(self, envelope: Envelope, now: float) -> bool:
-        if envelope.warned or envelope.finished or not envelope.sender:
-            return False
-        after = self.config.queue.delay_warning
-        if after is not None and now - envelope.arrival >= after:
-            return True
-        # A TLS failure under a policy the admin listed warns at once, so the
-        # sender can act (ask the recipient to fix their server) early.
-        early = self.config.outbound.tls.early_warning
-        return any(r.outcome is not None and r.outcome.kind in TLS_KINDS
-                   and r.outcome.policy in early for r in envelope.pending())
-
-    @defer.inlineCallbacks
-    def _bounce(self, envelope: Envelope, failed: list[Recipient], until: float | None = None,
-                success: bool = False):
-        """
-        Tell the sender, in a DSN queued as a new entry from <>, which
-        recipients failed (or, with C{until}, are delayed and retried until
-        then).  A bounce is never answered with a bounce: when one fails,
-        the postmaster gets the report instead, and when that fails,
-        nobody.  Fires with whether a DSN was queued.
-        """
-        qid = envelope.queue_id
-        to = envelope.sender
-        client = {"protocol": "local", "dsn_for": qid}
-        if not success and until is None:
-            # NOTIFY=NEVER (or without FAILURE): the sender asked for silence.
-            quiet = [r for r in failed if not r.wants("FAILURE")]
-            if quiet:
-                log.info("{queue_id}: no DSN for {count} failed recipient(s) (NOTIFY)",
-                         event="dsn.suppressed", queue_id=qid, count=len(quiet))
-                failed = [r for r in failed if r.wants("FAILURE")]
-                if not failed:
-                    return False
-        if not to:
-            # A bounce that cannot be delivered goes to the postmaster, once:
-            # a failing report to the postmaster is only logged.
-            postmaster = self._postmaster()
-            if until is not None or envelope.client.get("double_bounce") or not postmaster:
-                log.warn("{queue_id}: {count} recipient(s) of a bounce failed; no DSN for a DSN",
-                         event="dsn.suppressed", queue_id=qid, count=len(failed))
-                return False
-            to, client["double_bounce"] = postmaster, "yes"
-        try:
-            if envelope.ret == "FULL" and not success and envelope.size <= FULL_RETURN_LIMIT:
-                headers = yield self.run_blocking(self.spool.read_message, qid)
-            else:
-                headers = yield self.run_blocking(self.spool.read_headers, qid)
-            now = self.clock.seconds()
-            listed = [FailedRecipient(r, r.outcome.remote_mta if r.outcome else None,
-                                      _success_action(r) if success else None)
-                      for r in failed]
-            if success:
-                report = success_report(
-                    hostname=self.config.hostname, envelope=envelope, delivered=listed,
-                    original_headers=headers, now=now)
-            elif until is None:
-                report = failure_report(
-                    hostname=self.config.hostname, envelope=envelope, failed=listed,
-                    original_headers=headers, now=now, to=to)
-            else:
-                report = delay_report(
-                    hostname=self.config.hostname, envelope=envelope, delayed=listed,
-                    original_headers=headers, now=now, until=until)
-            writer = self.spool.new_message()
-            dsn = Envelope(queue_id=writer.queue_id, sender="",
-                           recipients=(Recipient(address=to),),
-                           arrival=now, next_attempt=now, size=len(report), client=client)
-            writer.write(dsn.to_header())
-            writer.write(report)
-            yield writer.commit(dsn)
-        except Exception:
-            log.failure("{queue_id}: could not queue a DSN for <{sender}>", queue_id=qid,
-                        sender=to, event="dsn.error")
-            return False
-        kind = "delivered" if success else ("failed" if until is None else "delayed")
-        self._notify("dsn.queued", {"kind": kind})
-        log.info("{queue_id}: DSN {dsn_id} queued for <{sender}> ({count} {kind} recipient(s))",
-                 event="dsn.queued", queue_id=qid, dsn_id=dsn.queue_id, kind=kind,
-                 sender=to, count=len(failed),
-                 recipients=[r.address for r in failed])
-        self.enqueue(dsn)
-        return True
 
     def _apply(self, envelope: Envelope, results: dict[str, Outcome], routes: dict[str, str],
                now: float) -> Envelope:
@@ -523,7 +338,7 @@ class QueueManager(service.Service):
         qid = envelope.queue_id
         if envelope.finished:
             yield self.run_blocking(self.spool.remove, qid)
-            self._forget(qid)
+            self.forget(qid)
             log.info("{queue_id}: removed from queue ({delivered} delivered, {failed} failed)",
                      event="queue.removed", queue_id=qid,
                      delivered=sum(r.state == DELIVERED for r in envelope.recipients),
@@ -534,9 +349,9 @@ class QueueManager(service.Service):
         yield self.run_blocking(self.spool.update_and_move, envelope, state, target)
         self.states[qid] = target
         self.entries[qid] = envelope
-        self._schedule(qid, envelope.next_attempt)
+        self.schedule(qid, envelope.next_attempt)
 
-    def _forget(self, qid: str) -> None:
+    def forget(self, qid: str) -> None:
         self.entries.pop(qid, None)
         self.states.pop(qid, None)
         self._recovering.discard(qid)

@@ -1,0 +1,141 @@
+"""
+The DSNs the queue sends (RFC 3464): failure reports, one delay warning,
+success reports on request, each queued as a new entry from <>.  A bounce
+is never answered with a bounce.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from twisted_mta.config import Config
+from twisted_mta.dsn.report import (
+    FailedRecipient, delay_report, failure_report, success_report,
+)
+from twisted_mta.local import LocalDirectory
+from twisted_mta.model import Envelope, Recipient
+from twisted_mta.queue.spool import RunBlocking, Spool
+from twisted_mta.tls.failure import TLS_KINDS
+
+log = Logger()
+
+FULL_RETURN_LIMIT = 1024 * 1024  # RET=FULL returns messages up to this size, else headers
+
+
+def _success_action(r: Recipient) -> str:
+    # Delivered here, or handed to a server that was not asked to confirm.
+    if r.outcome is not None and r.outcome.remote_mta:
+        return "relayed"
+    return "delivered"
+
+
+class Notices:
+    def __init__(self, config: Config, spool: Spool, clock, run_blocking: RunBlocking,
+                 directory: LocalDirectory, enqueue: Callable[[Envelope], None],
+                 notify: Callable[[str, dict], None]) -> None:
+        self.config = config
+        self.spool = spool
+        self.clock = clock
+        self.run_blocking = run_blocking
+        self.directory = directory
+        self.enqueue = enqueue  # the manager's: a queued DSN is attempted like any entry
+        self.notify = notify
+
+    def postmaster(self) -> str | None:
+        """
+        The final address of the postmaster, or None without local domains.
+        """
+        if not self.config.local.domains:
+            return None
+        try:
+            return self.directory.expand(f"postmaster@{self.directory.primary_domain}")[0]
+        except Exception:
+            return None
+
+    def due_for_warning(self, envelope: Envelope, now: float) -> bool:
+        if envelope.warned or envelope.finished or not envelope.sender:
+            return False
+        after = self.config.queue.delay_warning
+        if after is not None and now - envelope.arrival >= after:
+            return True
+        # A TLS failure under a policy the admin listed warns at once, so the
+        # sender can act (ask the recipient to fix their server) early.
+        early = self.config.outbound.tls.early_warning
+        return any(r.outcome is not None and r.outcome.kind in TLS_KINDS
+                   and r.outcome.policy in early for r in envelope.pending())
+
+    @defer.inlineCallbacks
+    def send(self, envelope: Envelope, failed: list[Recipient], until: float | None = None,
+                success: bool = False):
+        """
+        Tell the sender, in a DSN queued as a new entry from <>, which
+        recipients failed (or, with C{until}, are delayed and retried until
+        then).  A bounce is never answered with a bounce: when one fails,
+        the postmaster gets the report instead, and when that fails,
+        nobody.  Fires with whether a DSN was queued.
+        """
+        qid = envelope.queue_id
+        to = envelope.sender
+        client = {"protocol": "local", "dsn_for": qid}
+        if not success and until is None:
+            # NOTIFY=NEVER (or without FAILURE): the sender asked for silence.
+            quiet = [r for r in failed if not r.wants("FAILURE")]
+            if quiet:
+                log.info("{queue_id}: no DSN for {count} failed recipient(s) (NOTIFY)",
+                         event="dsn.suppressed", queue_id=qid, count=len(quiet))
+                failed = [r for r in failed if r.wants("FAILURE")]
+                if not failed:
+                    return False
+        if not to:
+            # A bounce that cannot be delivered goes to the postmaster, once:
+            # a failing report to the postmaster is only logged.
+            postmaster = self.postmaster()
+            if until is not None or envelope.client.get("double_bounce") or not postmaster:
+                log.warn("{queue_id}: {count} recipient(s) of a bounce failed; no DSN for a DSN",
+                         event="dsn.suppressed", queue_id=qid, count=len(failed))
+                return False
+            to, client["double_bounce"] = postmaster, "yes"
+        try:
+            if envelope.ret == "FULL" and not success and envelope.size <= FULL_RETURN_LIMIT:
+                headers = yield self.run_blocking(self.spool.read_message, qid)
+            else:
+                headers = yield self.run_blocking(self.spool.read_headers, qid)
+            now = self.clock.seconds()
+            listed = [FailedRecipient(r, r.outcome.remote_mta if r.outcome else None,
+                                      _success_action(r) if success else None)
+                      for r in failed]
+            if success:
+                report = success_report(
+                    hostname=self.config.hostname, envelope=envelope, delivered=listed,
+                    original_headers=headers, now=now)
+            elif until is None:
+                report = failure_report(
+                    hostname=self.config.hostname, envelope=envelope, failed=listed,
+                    original_headers=headers, now=now, to=to)
+            else:
+                report = delay_report(
+                    hostname=self.config.hostname, envelope=envelope, delayed=listed,
+                    original_headers=headers, now=now, until=until)
+            writer = self.spool.new_message()
+            dsn = Envelope(queue_id=writer.queue_id, sender="",
+                           recipients=(Recipient(address=to),),
+                           arrival=now, next_attempt=now, size=len(report), client=client)
+            writer.write(dsn.to_header())
+            writer.write(report)
+            yield writer.commit(dsn)
+        except Exception:
+            log.failure("{queue_id}: could not queue a DSN for <{sender}>", queue_id=qid,
+                        sender=to, event="dsn.error")
+            return False
+        kind = "delivered" if success else ("failed" if until is None else "delayed")
+        self.notify("dsn.queued", {"kind": kind})
+        log.info("{queue_id}: DSN {dsn_id} queued for <{sender}> ({count} {kind} recipient(s))",
+                 event="dsn.queued", queue_id=qid, dsn_id=dsn.queue_id, kind=kind,
+                 sender=to, count=len(failed),
+                 recipients=[r.address for r in failed])
+        self.enqueue(dsn)
+        return True
+

@@ -1,0 +1,100 @@
+"""
+Operator requests (C{twisted-mta queue flush|hold|release|delete},
+C{tls history --forget}, one-shot TLS overrides): read from the spool's
+control/ directory every second and carried out between attempts.
+"""
+
+from __future__ import annotations
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from twisted_mta.queue import control
+
+log = Logger()
+
+
+class OperatorRequests:
+    def __init__(self, manager) -> None:
+        self.manager = manager  # the QueueManager whose entries the requests are about
+        self._polling = False
+
+    def poll(self) -> defer.Deferred | None:
+        if self._polling:
+            return None
+        self._polling = True
+        d = self.manager.run_blocking(control.read_requests, self.manager.spool)
+        d.addCallback(self._handle_requests)
+        d.addErrback(lambda f: log.failure("queue: reading control requests failed", f,
+                                           event="queue.error"))
+
+        def finished(_):
+            self._polling = False
+        d.addBoth(finished)
+        return None
+
+    @defer.inlineCallbacks
+    def _handle_requests(self, requests):
+        for name, action, qid in requests:
+            if qid != control.ALL and qid in self.manager.active:
+                continue  # busy with an attempt: try again at the next poll
+            try:
+                outcome = yield self.carry_out(action, qid)
+            except Exception:
+                log.failure("queue: {action} {queue_id} failed", action=action, queue_id=qid,
+                            event="queue.error")
+                outcome = "failed"
+            log.info("queue: operator {action} {queue_id}: {outcome}", event="queue.operator",
+                     action=action, queue_id=qid, outcome=outcome)
+            yield self.manager.run_blocking(control.done, self.manager.spool, name)
+
+    @defer.inlineCallbacks
+    def carry_out(self, action: str, qid: str):
+        action, override = control.split_action(action)
+        if override is not None and qid in self.manager.entries:
+            envelope = attrs.evolve(self.manager.entries[qid], tls_override=override)
+            yield self.manager.run_blocking(self.manager.spool.update, envelope, self.manager.states[qid])
+            self.manager.entries[qid] = envelope
+            log.warn("{queue_id}: operator allows {override} TLS for its next attempt only",
+                     event="queue.tls_override", queue_id=qid, override=override)
+        if action == "flush":
+            for target in self.manager.targets:
+                target.flush()
+        if action == "flush" and qid == control.ALL:
+            self.manager.flush()
+            return "all entries due now"
+        if action == "tlsforget":
+            if self.manager.tls_history is None:
+                return "no TLS history"
+            found = self.manager.tls_history.forget(None if qid == control.ALL else qid)
+            return "TLS history forgotten" if found else "no TLS history for it"
+        state = self.manager.states.get(qid)
+        if state is None:
+            return "no such entry"
+        if action == "flush":
+            if state == "hold":
+                return "held; release it first"
+            self.manager.schedule(qid, self.manager.clock.seconds())
+            return "due now"
+        if action == "hold":
+            if state == "hold":
+                return "already held"
+            self.manager.unschedule(qid)
+            yield self.manager.run_blocking(self.manager.spool.move, qid, state, "hold")
+            self.manager.states[qid] = "hold"
+            return "held"
+        if action == "release":
+            if state != "hold":
+                return "not held"
+            yield self.manager.run_blocking(self.manager.spool.move, qid, "hold", "cur")
+            self.manager.states[qid] = "cur"
+            self.manager.schedule(qid, self.manager.clock.seconds())
+            return "released, due now"
+        if action == "delete":
+            self.manager.unschedule(qid)
+            yield self.manager.run_blocking(self.manager.spool.remove, qid)
+            self.manager.forget(qid)
+            return "deleted"
+        return "unknown action"
+
