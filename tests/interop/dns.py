@@ -31,7 +31,8 @@ from typing import Iterable, Mapping
 import dns.exception
 import dns.flags
 import dns.resolver
-from twisted.trial.unittest import SkipTest
+
+from tests.interop.requires import missing
 
 LOOPBACK = "127.0.0.1"
 
@@ -42,10 +43,11 @@ Record = tuple[str, str, str]
 
 def require_nsd() -> str:
     """
-    The path of the C{nsd} binary, or raise L{SkipTest} saying how to get it.
+    The path of the C{nsd} binary, or raise L{SkipTest} saying how to get
+    it (L{FailTest} under CI, L{tests.interop.requires}).
     """
     if NSD is None:
-        raise SkipTest("nsd is not installed (run scripts/install-test-deps)")
+        missing("nsd is not installed (run scripts/install-test-deps)")
     return NSD
 
 
@@ -273,7 +275,8 @@ def shared_nsd(testcase, key: str, zones: Mapping[str, str]) -> NSDServer:
     """
     The L{NSDServer} for C{key}, started (in a C{testcase.mktemp()} dir) by
     the first test asking for it and reused by the rest; stopped when the
-    test process exits.  Skips the test if nsd is not installed.
+    test process exits.  Skips the test if nsd is not installed (fails it
+    under CI).
 
     Trial ignores C{setUpClass}/C{tearDownClass} (and has no module
     fixtures), so a test class calls this from C{setUp} instead.

@@ -27,6 +27,7 @@ from typing import Callable, Iterable, TypeVar
 import trustme
 
 import twisted_mta
+from tests.interop.requires import missing, under_ci
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(twisted_mta.__file__)))
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -431,13 +432,19 @@ virtual   unix  -       n       n       -       -       virtual
 
 def postfix_unavailable() -> str | None:
     """
-    Why a private Postfix cannot run here, or C{None} if it can.
+    Why a private Postfix cannot run here (the caller skips the test), or
+    C{None} if it can.  Under CI (C{CI=true}) it fails the test instead of
+    returning a reason: there, a missing Postfix is a failure
+    (L{tests.interop.requires}).
     """
+    why = None
     if POSTFIX is None:
-        return "postfix is not installed (run scripts/install-test-deps)"
-    if os.geteuid() != 0:
-        return "a private Postfix instance needs root"
-    return None
+        why = "postfix is not installed (run scripts/install-test-deps)"
+    elif os.geteuid() != 0:
+        why = "a private Postfix instance needs root"
+    if why is not None and under_ci():
+        missing(why)
+    return why
 
 
 class PostfixInstance:
