@@ -124,6 +124,62 @@ class ConfigCommandTests(SynchronousTestCase):
         self.assertEqual(data["server"]["hostname"], "mx.example.test")
         self.assertEqual(data["queue"]["lifetime"], 432000)
 
+    def test_show_non_default(self):
+        """config show -n prints only the keys that differ from the defaults (like postconf -n): the required keys always, a key written with its default value not, and no TLS entry list."""
+        path = self.write('[limits]\nrecipients = 100\nmessage_size = 1048576\n'
+                          '[outbound.tls]\npolicy = "strict"\n'
+                          '[[listeners]]\nrole = "submission"\nendpoint = "tcp:2587"\n')
+        base = os.path.dirname(path)
+        code, out, err = run_cli("config", "show", "-n", path)
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(out.splitlines(), [
+            'server.hostname = "mx.example.test"',
+            f'server.spool = "{os.path.join(base, "spool")}"',
+            'listeners[0].role = "mx"',
+            'listeners[0].endpoint = "tcp:2525"',
+            'listeners[1].role = "submission"',
+            'listeners[1].endpoint = "tcp:2587"',
+            "limits.message_size = 1048576",
+            'outbound.tls.policy = "strict"',
+        ])
+        self.assertIn("limits.recipients = 100\n", run_cli("config", "show", path)[1])
+
+    def test_show_non_default_minimal(self):
+        """A file with only the required keys: -n prints just those."""
+        path = self.write("")
+        out = run_cli("config", "show", "-n", path)[1]
+        self.assertEqual([line.split(" = ")[0] for line in out.splitlines()], [
+            "server.hostname", "server.spool", "listeners[0].role", "listeners[0].endpoint"])
+
+    def test_show_non_default_example(self):
+        """On the shipped example, -n leaves out what it writes with the default value."""
+        out = run_cli("config", "show", "-n", EXAMPLE)[1]
+        keys = [line.split(" = ")[0] for line in out.splitlines()]
+        self.assertEqual(keys, ["server.hostname", "server.spool", "listeners[0].role",
+                                "listeners[0].endpoint", "local.domains", "local.users",
+                                "local.mailbox", "local.aliases"])
+
+    def test_show_non_default_json(self):
+        """config show -n --json: one flat object, key to value."""
+        path = self.write("[queue]\nlifetime = 3600\n")
+        data = json.loads(run_cli("config", "show", "-n", "--json", path)[1])
+        self.assertEqual(data["queue.lifetime"], 3600)
+        self.assertEqual(data["listeners[0].role"], "mx")
+        self.assertNotIn("queue.retry_schedule", data)
+
+    def test_queue_help_not_read_only(self):
+        """The queue command's help names what it changes (it is not read-only)."""
+        text = cli.build_parser().format_help()
+        line = [l for l in text.splitlines() if l.strip().startswith("queue")][0]
+        self.assertNotIn("read-only", line)
+        self.assertIn("flush, hold, release or delete", line)
+
+    def test_show_non_default_bad_file(self):
+        """-n on a bad file: exit 1, the reason on stderr, as without -n."""
+        code, out, err = run_cli("config", "show", "-n", self.mktemp())
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("no such file", err)
+
     def write(self, text: str) -> str:
         base = os.path.abspath(self.mktemp())
         os.makedirs(base)

@@ -63,15 +63,46 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
+    """
+    Print the effective configuration, defaults filled in (like C{postconf}),
+    then the fallback decider of every TLS policy entry.  With C{-n}, only
+    the keys whose value differs from the default (like C{postconf -n}):
+    the defaults are what the same file gives with every optional key left
+    out; the required keys (C{server.hostname}, C{server.spool}, the
+    listeners) have no default and are always printed.
+    """
+    import tomllib
+
     from twisted_mta import tap
+    from twisted_mta.config import parse_config
     try:
         config = load_config(args.file)
         _, entries = tap.prepare_tls(config)
+        if args.non_default:
+            with open(args.file, "rb") as f:
+                server = tomllib.load(f)["server"]
+            defaults = parse_config({
+                "server": {"hostname": server["hostname"], "spool": server["spool"]},
+                "listeners": [{"role": "mx", "endpoint": "tcp:25"}],
+            }, args.file)
     except (ConfigError, tap.PrepareError) as e:
         print(f"twisted-mta: {e}", file=sys.stderr)
         return 1
     data = config.to_dict()
-    if args.json:
+    if args.non_default:
+        def pairs(d: dict[str, Any]) -> dict[str, str]:
+            lines: list[str] = []
+            _flatten("", d, lines)
+            return dict(line.split(" = ", 1) for line in lines)
+        default = pairs(defaults.to_dict())
+        changed = {k: v for k, v in pairs(data).items()
+                   if k in ("server.hostname", "server.spool") or k.startswith("listeners[")
+                   or default.get(k) != v}
+        if args.json:
+            print(json.dumps({k: json.loads(v) for k, v in changed.items()}, indent=2))
+        else:
+            print("\n".join(f"{k} = {v}" for k, v in changed.items()))
+    elif args.json:
         data["effective_tls"] = [e.to_dict() for e in entries]
         print(json.dumps(data, indent=2, sort_keys=True))
     else:
@@ -505,9 +536,12 @@ def build_parser() -> argparse.ArgumentParser:
     show = config_sub.add_parser("show", help="print the effective configuration")
     show.add_argument("file")
     show.add_argument("--json", action="store_true", help="print JSON instead of key = value")
+    show.add_argument("-n", dest="non_default", action="store_true",
+                      help="only the keys whose value differs from the default "
+                      "(like postconf -n); with --json, one flat object")
     show.set_defaults(func=cmd_config_show)
 
-    queue = sub.add_parser("queue", help="inspect the queue (read-only)")
+    queue = sub.add_parser("queue", help="inspect the queue; flush, hold, release or delete entries")
     queue_sub = queue.add_subparsers(dest="action", required=True)
     qlist = queue_sub.add_parser("list", help="one line per queue entry")
     qshow = queue_sub.add_parser("show", help="everything about one entry")
