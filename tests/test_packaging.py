@@ -1,8 +1,10 @@
 """
 Tests that an installed twisted-mta is found by twistd, both from a regular
 and from an editable install (the twisted/plugins/ dropin must be on a
-sys.path entry, not behind a meta-path finder), and that the metadata states
-the license and the runtime dependencies.
+sys.path entry, not behind a meta-path finder), that the metadata states
+the license and the runtime dependencies, and that the C{trial} script run
+in the checkout finds the tests after the editable install that
+scripts/install-test-deps makes.
 """
 
 import json
@@ -17,6 +19,15 @@ import tempfile
 from twisted.trial.unittest import SynchronousTestCase
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# What the console script pip writes for trial does: sys.path[0] is the
+# script's directory, not the current one (unlike python -m).
+TRIAL_SCRIPT = """\
+import sys
+from twisted.scripts.trial import run
+sys.exit(run())
+"""
+
 
 class PackagingTests(SynchronousTestCase):
     def install(self, editable: bool) -> tuple[str, str]:
@@ -84,3 +95,16 @@ class PackagingTests(SynchronousTestCase):
         """After a plain 'pip install -e .' twistd lists the mta plugin."""
         venv, _ = self.install(editable=True)
         self.assertIn(" mta ", self.twistd_lists_mta(venv))
+
+    def test_trial_script_in_checkout(self):
+        """After the editable install, the trial script (not python -m twisted.trial) run in the checkout finds the package and the tests: the install's path entry is the checkout's root."""
+        venv, src = self.install(editable=True)
+        script = os.path.join(os.path.dirname(src), "bin", "trial")
+        os.makedirs(os.path.dirname(script))
+        with open(script, "w") as f:
+            f.write(TRIAL_SCRIPT)
+        r = self.run_in(venv, [script, "--temp-directory",
+                               os.path.join(os.path.dirname(src), "_trial_temp"),
+                               "tests.test_address"], src)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertIn("PASSED", r.stdout)
