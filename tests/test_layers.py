@@ -27,7 +27,7 @@ STAGES = [
     (1, "twisted_mta.users"), (1, "twisted_mta.config"), (1, "twisted_mta.local"),
     (1, "twisted_mta.metrics"), (1, "twisted_mta.logsetup"), (1, "twisted_mta.tlsserver"),
     (1, "twisted_mta.dsn.params"),
-    (2, "twisted_mta.tls"), (2, "twisted_mta.dsn"),
+    (2, "twisted_mta.tls"), (2, "twisted_mta.dsn"), (2, "twisted_mta.failures"),
     (3, "twisted_mta.queue"),
     (4, "twisted_mta.outbound"),
     (5, "twisted_mta.delivery"), (5, "twisted_mta.inbound"),

@@ -33,7 +33,7 @@ from twisted_mta.users import UserDatabase, UsersFileError
 if TYPE_CHECKING:
     from twisted.internet.ssl import CertificateOptions
 
-    from twisted_mta.outbound.pool import DNSResolver
+    from twisted_mta.outbound.attempt import DNSResolver
     from twisted_mta.tls.engine import TLSEngine
     from twisted_mta.tls.entries import TLSEntry
 
@@ -102,7 +102,7 @@ def prepare(config: Config) -> Prepared:
     """
     import dns.exception
 
-    from twisted_mta.outbound.pool import DNSResolver
+    from twisted_mta.outbound.attempt import DNSResolver
     engine, entries = prepare_tls(config)
     try:
         ctx = server_context(config.tls)
@@ -214,7 +214,8 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
         except OSError as e:
             raise PrepareError(f"{config.logging.file}: cannot be opened: {e.strerror}")
 
-    from twisted_mta.outbound.pool import OutboundPool, tcp_connector
+    from twisted_mta.outbound.attempt import tcp_connector
+    from twisted_mta.outbound.pool import OutboundPool
     from twisted_mta.metrics import Metrics
     from twisted_mta.tls.shadow import ShadowLog
     from twisted_mta.tls.history import TLSHistory, history_path

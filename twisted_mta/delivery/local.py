@@ -9,6 +9,7 @@ import attrs
 from twisted.internet import defer
 from zope.interface import implementer
 
+from twisted_mta import failures
 from twisted_mta.delivery import maildir
 from twisted_mta.interfaces import IDeliveryTarget
 from twisted_mta.local import LocalDirectory, UnknownRecipient
@@ -34,8 +35,8 @@ class MaildirDelivery:
             try:
                 path = self.directory.maildir_for(rcpt.address)
             except UnknownRecipient:
-                decided[rcpt.address] = Outcome(550, "5.1.1",
-                                                f"No such local mailbox: {rcpt.address}")
+                decided[rcpt.address] = failures.outcome("no-such-mailbox",
+                                                         address=rcpt.address)
                 continue
             targets.append(maildir.LocalTarget(index=index, address=rcpt.address,
                                                maildir=path))
@@ -47,7 +48,7 @@ class MaildirDelivery:
         except FileNotFoundError as e:
             raise MessageGone(str(e))
         except Exception as e:
-            outcome = Outcome(451, "4.3.0", f"Local delivery error: {e}")
+            outcome = failures.outcome("local-error", why=e)
             results = {t.address: outcome for t in targets}
         where = {t.address: t.maildir for t in targets}
         decided.update({a: attrs.evolve(o, where=where[a]) if o.code < 400 else o

@@ -13,12 +13,12 @@ Blocking: run through the queue's thread pool.
 
 from __future__ import annotations
 
-import errno
 import os
 from typing import Iterable
 
 import attrs
 
+from twisted_mta import failures
 from twisted_mta.model import Envelope, Outcome
 from twisted_mta.queue.spool import fsync_dir, read_head
 
@@ -55,12 +55,7 @@ def _already_in_cur(maildir: str, name: str) -> bool:
         return False
 
 
-def classify_os_error(e: OSError) -> Outcome:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return Outcome(452, "4.2.2", f"Mailbox full or disk full ({e.strerror})")
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return Outcome(451, "4.3.0", f"Cannot write to the mailbox ({e.strerror})")
-    return Outcome(451, "4.3.0", f"Local delivery error ({e.strerror or e})")
+classify_os_error = failures.os_error  # one classifier (twisted_mta.failures)
 
 
 CHUNK = 1024 * 1024

@@ -9,6 +9,7 @@ from __future__ import annotations
 from twisted.internet import defer
 from zope.interface import implementer
 
+from twisted_mta import failures
 from twisted_mta.config import OutboundSettings
 from twisted_mta.interfaces import IDeliveryTarget
 from twisted_mta.model import DeliveryRequest, MessageGone, Outcome
@@ -36,14 +37,14 @@ class RemoteDelivery:
         envelope = request.envelope
         addresses = [r.address for r in request.recipients]
         if self.pool is None:
-            outcome = Outcome(451, "4.3.5", "remote delivery is not configured")
+            outcome = failures.outcome("not-configured")
             return {a: outcome for a in addresses}
         try:
             message = yield self.run_blocking(outgoing.load, request.path)
         except FileNotFoundError as e:
             raise MessageGone(str(e))
         except Exception as e:
-            outcome = Outcome(451, "4.3.0", f"could not read the queued message: {e}")
+            outcome = failures.outcome("message-unreadable", why=e)
             return {a: outcome for a in addresses}
         by_address = {r.address: r for r in request.recipients}
         sent = []

@@ -19,6 +19,7 @@ from twisted.internet import defer, endpoints, error
 from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 
+from twisted_mta import failures
 from twisted_mta.config import DNSSettings, OutboundSettings
 from twisted_mta.metrics import notify
 from twisted_mta.model import Outcome
@@ -160,8 +161,7 @@ class Attempt:
                     last = e.outcome
                     continue
             if not addresses:
-                last = Outcome(451, "4.4.4", f"the mail server {host} has no address "
-                               "(no A or AAAA record)")
+                last = failures.outcome("no-address", host=host)
                 continue
             choice = self.ctx.tls.choose(hop.domain, host, hop.smarthost)
             note = None
@@ -183,7 +183,7 @@ class Attempt:
                 return client
         if tls_failed is not None:
             raise tls_failed
-        raise SessionFailed(last or Outcome(451, "4.4.4", f"no mail server found for {hop.key}"))
+        raise SessionFailed(last or failures.outcome("no-mail-server", destination=hop.key))
 
     def with_history(self, choice):
         """
@@ -278,7 +278,7 @@ class Attempt:
             except mx.MXError as e:
                 raise SessionFailed(e.outcome)
             if not addresses:
-                raise SessionFailed(Outcome(451, "4.4.4", f"the relay {host} has no address"))
+                raise SessionFailed(failures.outcome("relay-no-address", host=host))
             client = yield self.session(host, addresses[0], relay.port,
                                          relay_choice, note=note)
         else:
@@ -299,9 +299,9 @@ class Attempt:
         if ours:
             records = [r for r in records if r.preference < min(ours)]
             if not records:
-                raise SessionFailed(Outcome(
-                    554, "5.4.6", f"mail for {domain} loops back to myself: its best MX "
-                    f"host is this server ({self.ctx.hostname})", kind="loop"), next_host=False)
+                raise SessionFailed(failures.outcome(
+                    "loop", why=f"mail for {domain} loops back to myself: its best MX host "
+                    f"is this server ({self.ctx.hostname})"), next_host=False)
         return [r.name for r in records]
 
 
@@ -323,8 +323,9 @@ class Attempt:
             try:
                 password = yield self.ctx.run_blocking(_read_secret, sh.password_file)
             except OSError as e:
-                raise SessionFailed(Outcome(451, "4.3.5", f"cannot read the password for "
-                                            f"{sh.destination}: {e.strerror}"), next_host=False)
+                raise SessionFailed(failures.outcome(
+                    "secret-unreadable", destination=sh.destination, why=e.strerror),
+                    next_host=False)
             credentials = (sh.username, password)
         if implicit and req.starttls == "never":
             req = attrs.evolve(req, starttls="required")  # TLS from the first byte, always
@@ -337,9 +338,8 @@ class Attempt:
         try:
             yield self.ctx.connect(address, port, client, creator if implicit else None)
         except (error.ConnectError, error.TimeoutError, OSError) as e:
-            raise SessionFailed(Outcome(451, "4.4.1", f"connect to {client.peer} failed: "
-                                        f"{_connect_reason(e)}", remote_mta=host,
-                                        kind="connect-failed"))
+            raise SessionFailed(failures.outcome("connect-failed", remote_mta=host,
+                                                 peer=client.peer, why=_connect_reason(e)))
         client = yield client.established
         tls_text = creator.record.describe() if creator and client.tls_done else "no TLS"
         if dry_run:

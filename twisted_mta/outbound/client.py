@@ -20,7 +20,6 @@ where Twisted's single-message model stops fitting an MTA:
 
 from __future__ import annotations
 
-import re
 from collections import deque
 from typing import Callable
 
@@ -30,6 +29,7 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twisted_mta import failures
 from twisted_mta.dsn.params import xtext_encode
 from twisted_mta.outbound.message import OutgoingMessage
 from twisted_mta.tls.handshake import PolicyCreator, evaluate
@@ -37,7 +37,6 @@ from twisted_mta.tls.failure import TLSFailure, classify_handshake_error
 from twisted_mta.tls.policy import TLSRequirements
 from twisted_mta.model import Outcome
 
-_ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
 
 
 @attrs.frozen
@@ -87,29 +86,7 @@ class SessionFailed(Exception):
         return self.tls_failure is not None
 
 
-def reply_outcome(peer: str, command: str, code: int, resp: bytes) -> Outcome:
-    """
-    An outcome quoting the server: its code, enhanced code and words.
-    """
-    lines = resp.splitlines() or [b""]
-    m = _ENHANCED.match(lines[0])
-    if m and m.group(1) == str(code)[0].encode():
-        enhanced = m.group(0).strip().decode()
-        lines = [line[m.end():] if _ENHANCED.match(line) else line for line in lines]
-    else:
-        enhanced = {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "4.0.0")
-        if not 200 <= code < 600 or code // 100 == 3:
-            code, enhanced = 451, "4.5.0"
-    words = " ".join(line.decode("utf-8", "replace").strip() for line in lines).strip()
-    said = f"{code_text(code, resp)}{words}".strip()
-    return Outcome(code, enhanced, f"{peer} said: {said} (in reply to {command})",
-                   remote_mta=peer.split("[")[0], kind="reply")
-
-
-def code_text(code: int, resp: bytes) -> str:
-    first = resp.splitlines()[0] if resp else b""
-    m = _ENHANCED.match(first)
-    return f"{code} {m.group(0).strip().decode()} " if m else f"{code} "
+reply_outcome = failures.reply  # the server's words, classified once (twisted_mta.failures)
 
 
 @implementer(interfaces.IHandshakeListener)
@@ -171,9 +148,8 @@ class OutboundClient(smtp.ESMTPClient):
         return smtp.ESMTPClient.esmtpState_ehlo(self, code, resp)
 
     def esmtpEHLORequired(self, code=-1, resp=None):
-        self._fail(SessionFailed(Outcome(
-            451, "4.7.0", f"{self.peer} does not speak ESMTP, which is needed for "
-            "encryption or authentication", remote_mta=self._remote())))
+        self._fail(SessionFailed(failures.outcome("esmtp-required", remote_mta=self._remote(),
+                                                  peer=self.peer)))
 
     def esmtpState_serverConfig(self, code, resp):
         lines = resp.splitlines()
@@ -199,9 +175,9 @@ class OutboundClient(smtp.ESMTPClient):
     def _loops_back(self, greeting: bytes) -> bool:
         name = greeting.split(b" ", 1)[0].decode("ascii", "replace").lower().rstrip(".")
         if name and name in self.own_names:
-            self._fail(SessionFailed(Outcome(
-                554, "5.4.6", f"mail loops back to myself: {self.peer} greeted us with our own "
-                f"name {name}", kind="loop"), next_host=False))
+            self._fail(SessionFailed(failures.outcome(
+                "loop", why=f"mail loops back to myself: {self.peer} greeted us with our own "
+                f"name {name}"), next_host=False))
             return True
         return False
 
@@ -221,8 +197,7 @@ class OutboundClient(smtp.ESMTPClient):
                           implicit=self.implicit, **facts)
 
     def _tls_failed(self, failure: TLSFailure, close: bool = False) -> None:
-        e = SessionFailed(Outcome(451, failure.enhanced(), failure.describe(),
-                                  remote_mta=self.host, kind=failure.kind), tls_failure=failure)
+        e = SessionFailed(failures.tls(failure), tls_failure=failure)
         if self.tls is not None and self.tls_done:
             e.tls_record = self.tls.record
         self._fail(e, close=close)
@@ -260,10 +235,8 @@ class OutboundClient(smtp.ESMTPClient):
             self._tls_failed(failure, close=True)
 
     def esmtpAUTHRequired(self, code=-1, resp=None):
-        self._fail(SessionFailed(Outcome(
-            451, "4.7.0", f"{self.peer} offers no authentication method we can use "
-            "(we have credentials for it and send mail there only logged in)",
-            remote_mta=self._remote())))
+        self._fail(SessionFailed(failures.outcome("auth-unavailable", remote_mta=self._remote(),
+                                                  peer=self.peer)))
 
     def esmtpAUTHDeclined(self, code=-1, resp=None):
         outcome = reply_outcome(self.peer, "AUTH", code, resp or b"")
@@ -292,14 +265,15 @@ class OutboundClient(smtp.ESMTPClient):
                                                waited=self.timeouts.handshake), close=True)
             return
         if isinstance(exc, smtp.SMTPTimeoutError):
-            outcome = Outcome(451, "4.4.2", f"{self.peer} did not answer in time "
-                              f"({self._stage()})", remote_mta=self._remote(), kind="timeout")
+            outcome = failures.outcome("timeout", remote_mta=self._remote(), peer=self.peer,
+                                       stage=self._stage())
         elif isinstance(exc, smtp.SMTPClientError) and exc.code > 0:
             outcome = reply_outcome(self.peer, self._stage(), exc.code,
                                     exc.resp if isinstance(exc.resp, bytes)
                                     else str(exc.resp).encode())
         else:
-            outcome = Outcome(451, "4.5.0", f"{self.peer}: {exc}", remote_mta=self._remote())
+            outcome = failures.outcome("protocol-error", remote_mta=self._remote(),
+                                       peer=self.peer, why=f": {exc}")
         self._fail(SessionFailed(outcome), close=True)
 
     # -- failure handling ---------------------------------------------------------
@@ -343,20 +317,17 @@ class OutboundClient(smtp.ESMTPClient):
         if self.tls_started and not self.tls_done and self._failure is None:
             kind, detail = classify_handshake_error(reason)
             failure = self._tls_failure(kind, detail=detail)
-            self._failure = SessionFailed(Outcome(
-                451, failure.enhanced(), failure.describe(), remote_mta=self.host,
-                kind=failure.kind), tls_failure=failure)
+            self._failure = SessionFailed(failures.tls(failure), tls_failure=failure)
         if self._failure is None and not self._quitting:
             stage = self._stage()
-            self._failure = SessionFailed(Outcome(
-                451, "4.4.2", f"lost connection with {self.peer} during {stage}",
-                remote_mta=self._remote(), kind="connection-lost"))
+            self._failure = SessionFailed(failures.outcome(
+                "connection-lost", remote_mta=self._remote(), peer=self.peer, stage=stage))
         if self._txn is not None:
             self._txn.abort(self._failure.outcome)
             self._txn = None
         if not self.established.called:
-            self.established.errback(self._failure or SessionFailed(Outcome(
-                451, "4.4.2", f"{self.peer} closed the connection", remote_mta=self._remote())))
+            self.established.errback(self._failure or SessionFailed(failures.outcome(
+                "closed", remote_mta=self._remote(), peer=self.peer)))
         if not self.closed.called:
             self.closed.callback(None)
 
@@ -419,22 +390,19 @@ class OutboundClient(smtp.ESMTPClient):
         """
         limit = self.capabilities.get("SIZE", "")
         if limit.isdigit() and int(limit) > 0 and txn.message.size > int(limit):
-            return Outcome(552, "5.3.4", f"the message ({txn.message.size} bytes) is larger "
-                           f"than {self.peer} accepts ({limit} bytes)",
-                           remote_mta=self._remote())
+            return failures.outcome("too-big", remote_mta=self._remote(),
+                                    size=txn.message.size, peer=self.peer, limit=limit)
         if txn.message.eight_bit and "8BITMIME" not in self.capabilities:
-            return Outcome(554, "5.6.3", f"the message contains 8-bit characters and "
-                           f"{self.peer} does not accept 8-bit mail (no 8BITMIME); this "
-                           "server does not convert messages to 7 bits (RFC 6152)",
-                           remote_mta=self._remote())
+            return failures.outcome("8bit", remote_mta=self._remote(), peer=self.peer)
         return None
 
     def _reply(self, code: int, resp: bytes) -> None:
         if self._txn is None:
             # A reply nobody asked for: the server is confused.
-            self._fail(SessionFailed(Outcome(
-                451, "4.5.0", f"{self.peer} sent an unexpected reply: {code} "
-                f"{resp[:100].decode('ascii', 'replace')}", remote_mta=self._remote())))
+            self._fail(SessionFailed(failures.outcome(
+                "protocol-error", remote_mta=self._remote(), peer=self.peer,
+                why=f" sent an unexpected reply: {code} "
+                    f"{resp[:100].decode('ascii', 'replace')}")))
             return
         self._txn.reply(code, resp)
 
@@ -520,8 +488,8 @@ class _TransactionState:
                 return
             outcome = reply_outcome(peer, "DATA", code, resp)
             if code < 400:
-                outcome = Outcome(451, "4.5.0", f"{peer} answered DATA with {code} instead of "
-                                  "354; the message was not sent", remote_mta=c._remote())
+                outcome = failures.outcome("data-refused", remote_mta=c._remote(), peer=peer,
+                                           code=code)
             self._finish(outcome, needs_rset=True)
             return
         elif kind == "END":
@@ -560,8 +528,8 @@ class _TransactionState:
                     pacer.stop()
                     chunks.close()
         except Exception as e:
-            self.abort(Outcome(451, "4.3.0", f"could not read the queued message: {e}"))
-            c._fail(SessionFailed(Outcome(451, "4.3.0", str(e))), close=True)
+            self.abort(failures.outcome("message-unreadable", why=e))
+            c._fail(SessionFailed(failures.outcome("internal", why=e)), close=True)
             return
         if not self.finished:
             self.stage = "the end of data"
@@ -577,8 +545,8 @@ class _TransactionState:
         self.finished = True
         for rcpt in self.txn.recipients:
             if rcpt not in self.results:
-                self.results[rcpt] = outcome or Outcome(
-                    451, "4.5.0", f"{self.client.peer}: transaction ended without a result")
+                self.results[rcpt] = outcome or failures.outcome("no-result",
+                                                                 peer=self.client.peer)
         self.client._transaction_done(needs_rset)
         if self.awaiting and self.client.ready:
             # Replies still due for commands of an aborted transaction would

@@ -22,6 +22,7 @@ import dns.name
 import dns.rdatatype
 import dns.resolver
 
+from twisted_mta import failures
 from twisted_mta.model import Outcome
 
 
@@ -73,8 +74,7 @@ def _split_server(server: str) -> tuple[str, int]:
 
 
 def _temporary(domain: str, why: str) -> MXError:
-    return MXError(Outcome(451, "4.4.3", f"DNS lookup for {domain} failed temporarily ({why})",
-                           kind="dns-temp"))
+    return MXError(failures.outcome("dns-temp", domain=domain, why=why))
 
 
 def lookup_mx(resolver: dns.resolver.Resolver, domain: str,
@@ -86,8 +86,7 @@ def lookup_mx(resolver: dns.resolver.Resolver, domain: str,
     try:
         answer = resolver.resolve(domain, "MX")
     except dns.resolver.NXDOMAIN:
-        raise MXError(Outcome(550, "5.1.2", f"The domain {domain} does not exist (NXDOMAIN)",
-                              kind="dns-nxdomain"))
+        raise MXError(failures.outcome("dns-nxdomain", domain=domain))
     except dns.resolver.NoAnswer:
         return [MXHost(0, domain.lower().rstrip("."))]  # implicit MX (RFC 5321 5.1)
     except dns.resolver.NoNameservers as e:
@@ -99,9 +98,7 @@ def lookup_mx(resolver: dns.resolver.Resolver, domain: str,
     records = [(r.preference, r.exchange) for r in answer]
     if any(exchange == dns.name.root for _, exchange in records):
         if len(records) == 1:
-            raise MXError(Outcome(556, "5.1.10",
-                                  f"The domain {domain} accepts no mail (null MX, RFC 7505)",
-                                  kind="null-mx"))
+            raise MXError(failures.outcome("null-mx", domain=domain))
         records = [(p, x) for p, x in records if x != dns.name.root]
     by_preference: dict[int, list[MXHost]] = {}
     for preference, exchange in records:

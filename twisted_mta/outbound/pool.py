@@ -20,11 +20,10 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from twisted_mta import failures
 from twisted_mta.config import OutboundSettings
 from twisted_mta.model import Outcome
-from twisted_mta.outbound.attempt import (  # noqa: F401 (DNSResolver, tcp_connector: API)
-    Attempt, AttemptContext, DNSResolver, domain_of, tcp_connector,
-)
+from twisted_mta.outbound.attempt import Attempt, AttemptContext, domain_of
 from twisted_mta.outbound.client import OutboundClient, SessionFailed, Transaction
 from twisted_mta.outbound.router import NextHop
 from twisted_mta.tls import fallback as fb
@@ -101,7 +100,7 @@ class OutboundPool:
         Send C{txn} to C{hop}; fires with an outcome for every recipient.
         """
         if self._stopping:
-            return defer.succeed(_all(txn, Outcome(451, "4.3.2", "shutting down")))
+            return defer.succeed(_all(txn, failures.outcome("shutting-down")))
         if txn.tls_override == "relaxed":
             return self._one_off(hop, txn)
         try:
@@ -111,9 +110,9 @@ class OutboundPool:
             # message waits for the next attempt; nothing else is held up.
             log.failure("outbound: choosing the TLS policy for {destination} failed",
                         destination=hop.key, event="outbound.error")
-            return defer.succeed(_all(txn, Outcome(
-                451, "4.3.0", f"choosing the TLS policy for {hop.key} failed ({e}); "
-                "the message will be tried again")))
+            return defer.succeed(_all(txn, failures.outcome(
+                "internal", why=f"choosing the TLS policy for {hop.key} failed ({e}); the "
+                "message will be tried again")))
         dest = self._destination(key, hop)
         if dest.dead_outcome is not None:
             if self.clock.seconds() < dest.dead_until:
@@ -246,7 +245,7 @@ class OutboundPool:
                         destination=dest.hop.key, event="outbound.error")
             dest.opening -= 1
             self._released(dest)
-            outcome = Outcome(451, "4.3.0", f"internal error: {e}")
+            outcome = failures.outcome("internal", why=f"internal error: {e}")
             if dest.connections == 0:
                 waiting, dest.waiting = list(dest.waiting), deque()
                 for txn, d in waiting:
@@ -302,7 +301,8 @@ class OutboundPool:
 
         def crashed(f):
             log.failure("outbound: transaction crashed", f, event="outbound.error")
-            d.callback(_all(txn, Outcome(451, "4.3.0", "internal error while sending")))
+            d.callback(_all(txn, failures.outcome("internal", why="internal error while "
+                                                                  "sending")))
             client.quit()
         client.send(txn).addCallbacks(done, crashed)
 

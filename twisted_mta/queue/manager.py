@@ -18,6 +18,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from twisted_mta import failures
 from twisted_mta.config import Config
 from twisted_mta.interfaces import IDeliveryTarget
 from twisted_mta.local import LocalDirectory
@@ -42,18 +43,12 @@ def retry_delay(schedule: tuple[int, ...], attempts: int, jitter: float,
     return base * (1 + jitter * (2 * rand() - 1))
 
 
-def expired_outcome(last: Outcome | None) -> Outcome:
-    if last is not None and last.kind in TLS_KINDS:
-        # Still explained in plain words, now as the permanent x.7.x, and
-        # without the retry or fallback the deferral's words promised.
-        return attrs.evolve(last, code=554, enhanced="5" + last.enhanced[1:],
-                            text=last.final_text or last.text, final_text=None)
-    why = f"; last error: {last}" if last else ""
-    return Outcome(554, "5.4.7", "Delivery time expired" + why)
+expired_outcome = failures.expired  # the end of the queue lifetime
 
 
 # The outcome of recipients whose delivery attempt crashed (a bug: logged once).
-CRASHED = Outcome(451, "4.3.0", "an internal error interrupted delivery; it will be retried")
+CRASHED = failures.outcome("internal", why="an internal error interrupted delivery; it will "
+                                           "be retried")
 
 
 @attrs.frozen

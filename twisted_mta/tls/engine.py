@@ -345,12 +345,10 @@ class TLSEngine:
         with the class's enhanced code and the explanation, and the words
         the bounce will use if the message is given up later.
         """
-        from twisted_mta.model import Outcome
+        from twisted_mta import failures
         text = self.explain(failure, choice, domain, decision, situation)
         final = self.explain(failure, choice, domain, decision, situation, final=True)
-        return Outcome(451, failure.enhanced(), text, remote_mta=failure.host,
-                       kind=failure.kind, policy=choice.requirements.policy,
-                       final_text=final if final != text else None)
+        return failures.tls(failure, text, choice.requirements.policy, final)
 
 
 def requiring_rule(failure: TLSFailure, choice: Choice,
