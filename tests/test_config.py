@@ -6,7 +6,7 @@ import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_mta.config import ConfigError, load_config, parse_config
+from twisted_mta.config import ConfigError, load_config, parse_config, parse_duration
 from tests.support import make_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -174,6 +174,146 @@ class ConfigTests(SynchronousTestCase):
         config = make_config(self.mktemp())
         again = parse_config(config.to_dict(), config.path)
         self.assertEqual(again, config)
+
+
+class MessageTests(SynchronousTestCase):
+    """
+    What the operator reads for each kind of mistake: the dotted key (list
+    index, quoted table key) and the reason, one line.  The file is
+    structured by cattrs; these hold its errors to the words we chose.
+    """
+
+    M = ConfigTests.MINIMAL
+    L = '[local]\ndomains = ["example.test"]\nusers = ["a", "postmaster"]\n'
+    DURATION = "must be a duration like 30s, 5m, 4h or 5d, not "
+    CASES = [
+        ('server = 3\n' + M[M.index("[["):], "server", "must be a table"),
+        ('[server]\nhostname = "a.b"\n[[listeners]]\nrole="mx"\nendpoint="tcp:25"\n',
+         "server.spool", "is required"),
+        (M.replace('"mx.example.test"', "5"), "server.hostname", "must be a string, not 5"),
+        (M.replace('spool = "spool"', 'spool = "spool"\nbogus = 1'), "server.bogus",
+         "unknown key"),
+        ("hostname = 1\n" + M, "hostname", "unknown key"),
+        ('listeners = []\n' + M[:M.index("[[")], "listeners",
+         "must be a non-empty array of tables ([[listeners]])"),
+        ('listeners = [3]\n' + M[:M.index("[[")], "listeners[0]", "must be a table"),
+        (M.replace('role = "mx"\n', ""), "listeners[0].role", "is required"),
+        (M.replace('role = "mx"', "role = 1"), "listeners[0].role", "must be a string, not 1"),
+        (M + '[[listeners]]\nrole = "mx"\nendpoint = "bogus:1"\n', "listeners[1].endpoint",
+         "is not a valid Twisted endpoint ('bogus:1'): Unknown endpoint type: 'bogus'"),
+        ('tls = 1\n' + M, "tls", "must be a table"),
+        (M + '[tls]\nkey = "x.pem"\n', "tls.certificate",
+         "is required when the other of certificate/key is set"),
+        (M + '[tls]\ncertficate = "x"\n', "tls.certficate", "unknown key"),
+        (M + '[local]\ndomains = "example.test"\n', "local.domains",
+         "must be a list, not 'example.test'"),
+        (M + '[local]\ndomains = [1]\n', "local.domains", "must be a list of strings, not [1]"),
+        (M + '[local]\ndomains = ["bad domain"]\nusers=["a"]\n', "local.domains",
+         "is not a valid domain: 'bad domain'"),
+        (M + '[local]\ndomains = ["example.test"]\n', "local.users",
+         "is empty: list the local mailboxes of the local domains"),
+        (M + '[local]\ndomains = ["example.test"]\nusers = [".a"]\n', "local.users",
+         "is not a valid mailbox name: '.a'"),
+        (M + L + 'mailbox = "mail/{user}/{x}"\n', "local.mailbox",
+         "has a bad placeholder ('x'); use {user} and {domain}"),
+        (M + '[local]\ndomains = ["example.test"]\nusers = ["a"]\n', "local.postmaster",
+         "names 'postmaster', which is neither a local user nor an alias"),
+        (M + L + '[local.aliases]\nx = ["a", 1]\n', "local.aliases.x",
+         "must be an address or a non-empty list of addresses"),
+        (M + '[relay]\ntrusted_networks = [1]\n', "relay.trusted_networks",
+         "must be a list of strings, not [1]"),
+        (M + '[limits]\nrecipients = true\n', "limits.recipients",
+         "must be an integer, not True"),
+        (M + '[limits]\nrecipients = 1.5\n', "limits.recipients", "must be an integer, not 1.5"),
+        (M + '[limits]\nreceived_headers = 9\n', "limits.received_headers",
+         "must be at least 10, not 9"),
+        (M + '[limits]\ncommand_timeout = "2w"\n', "limits.command_timeout", DURATION + "'2w'"),
+        (M + '[limits]\ncommand_timeout = 1.5\n', "limits.command_timeout", DURATION + "1.5"),
+        (M + '[limits]\ncommand_timeout = "0m"\n', "limits.command_timeout",
+         "must be a positive duration, not '0m'"),
+        (M + '[inbound]\nbare_newline = "keep"\n', "inbound.bare_newline",
+         "must be one of normalize, reject, not 'keep'"),
+        (M + '[inbound]\nbanner = "a\\nb"\n', "inbound.banner", "must be one line"),
+        (M + '[queue]\nretry_schedule = []\n', "queue.retry_schedule",
+         "must list at least one interval"),
+        (M + '[queue]\nretry_schedule = ["5m", "x"]\n', "queue.retry_schedule", DURATION + "'x'"),
+        (M + '[queue]\njitter = 0.6\n', "queue.jitter", "must be between 0 and 0.5, not 0.6"),
+        (M + '[queue]\njitter = "x"\n', "queue.jitter", "must be a number, not 'x'"),
+        (M + '[queue]\ndelay_warning = true\n', "queue.delay_warning",
+         "must be a duration, or false (or 0) to turn it off"),
+        (M + '[auth]\nsender_login_match = 1\n', "auth.sender_login_match",
+         "must be true or false, not 1"),
+        (M + '[auth]\nusers_file = ""\n', "auth.users_file", "must not be empty"),
+        (M + '[logging]\nformat = "xml"\n', "logging.format",
+         "must be one of text, json, not 'xml'"),
+        (M + '[metrics]\nendpoint = 1\n', "metrics.endpoint", "must be a string, not 1"),
+        (M + '[dns]\ntimeout = 0\n', "dns.timeout", "must be a positive duration, not 0"),
+        (M + '[outbound]\nport = 70000\n', "outbound.port",
+         "must be a TCP port (1-65535), not 70000"),
+        (M + '[outbound]\nhelo_name = "a b"\n', "outbound.helo_name",
+         "is not a valid host name: 'a b'"),
+        (M + '[outbound]\nsmarthost = "r.test"\n', "outbound.smarthost", "must be a table"),
+        (M + '[outbound.smarthost]\nport = 25\n', "outbound.smarthost.host", "is required"),
+        (M + '[outbound.smarthost]\nhost = "a.b:x"\n', "outbound.smarthost.host",
+         "has a port that is not a number: 'x'"),
+        (M + '[outbound.smarthost]\nhost = "[a.b]x"\n', "outbound.smarthost.host",
+         "must be host, host:port or [host]:port, not 'x'"),
+        (M + '[outbound.smarthost]\nhost = "a.b:70000"\n', "outbound.smarthost.host",
+         "has a port out of range: 70000"),
+        (M + '[outbound.smarthost]\nhost = "a b"\n', "outbound.smarthost.host",
+         "is not a host name or IP address: 'a b'"),
+        (M + '[outbound.smarthost]\nhost = "r.test"\npassword_file = "p"\n',
+         "outbound.smarthost.username", "is required with password_file"),
+        (M + '[outbound.routes]\n"x.test" = 1\n', "outbound.routes.x.test", "must be a table"),
+        (M + '[outbound.routes."Ex.Test"]\nhost = "r.test"\nx = 1\n',
+         "outbound.routes.Ex.Test.x", "unknown key"),
+        (M + '[outbound.tls]\npolcy = "strict"\n', "outbound.tls.polcy", "unknown key"),
+        (M + '[outbound.tls]\nplugins = "x.y"\n', "outbound.tls.plugins",
+         "must be a list, not 'x.y'"),
+        (M + '[outbound.tls.domains."bad domain"]\npolicy = "strict"\n',
+         "outbound.tls.domains.bad domain", "must be a domain, or .domain for its subdomains"),
+        (M + '[outbound.tls.domains."x.test"]\nfallback = "now"\n',
+         "outbound.tls.domains.x.test.policy", "is required"),
+        (M + '[outbound.tls.domains."x.test"]\npolicy = "strict"\nmin_version = "TLSv1.4"\n',
+         "outbound.tls.domains.x.test.min_version",
+         "must be one of TLSv1.0, TLSv1.1, TLSv1.2, TLSv1.3, not 'TLSv1.4'"),
+        (M + '[outbound.tls.mx_hosts."*.x"]\npolicy = "strict"\nbogus = 1\n',
+         "outbound.tls.mx_hosts.*.x.bogus", "unknown key"),
+        (M + '[outbound.tls.relay]\ntls_policy = "strict"\n', "outbound.tls.relay.host",
+         "is required"),
+    ]
+
+    def refused(self, text: str) -> ConfigError:
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        path = os.path.join(base, "mta.toml")
+        with open(path, "w") as f:
+            f.write(text)
+        with self.assertRaises(ConfigError, msg=text) as cm:
+            load_config(path)
+        self.assertEqual(str(cm.exception), f"{path}: {cm.exception.key}: {cm.exception.message}")
+        return cm.exception
+
+    def test_messages(self):
+        for text, key, message in self.CASES:
+            e = self.refused(text)
+            self.assertEqual((e.key, e.message), (key, message), text)
+
+    def test_unknown_keys_in_policy_entries(self):
+        """A misspelt key in a domain or MX-host entry is refused like any other (it was once ignored)."""
+        for table, key in [('domains."x.test"', "domains.x.test"),
+                           ('mx_hosts."*.x.test"', "mx_hosts.*.x.test")]:
+            e = self.refused(self.M + f'[outbound.tls.{table}]\npolicy = "strict"\n'
+                                      'fallbak = "never"\n')
+            self.assertEqual((e.key, e.message), (f"outbound.tls.{key}.fallbak", "unknown key"))
+
+    def test_duration_forms(self):
+        """One parser for every duration: seconds, or a number with s, m, h or d."""
+        for value, seconds in [(30, 30), ("30", 30), ("30s", 30), (" 2 m ", 120), ("4h", 14400),
+                               ("5d", 432000)]:
+            self.assertEqual(parse_duration(value), seconds)
+        for value in ["0s", 0, -5, "5w", "1.5h", 1.5, True, None, [1]]:
+            self.assertRaises(ValueError, parse_duration, value)
 
 
 class OutboundConfigTests(SynchronousTestCase):

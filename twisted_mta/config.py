@@ -6,23 +6,38 @@ start-up.  Unknown keys, wrong types, bad values and missing files are
 L{ConfigError}s that name the file and the dotted key, so C{twistd mta} and
 C{twisted-mta config check} can print one line instead of a traceback.
 
+The file's tables are structured into the attrs classes below by cattrs
+(unknown keys forbidden); what a value must be is said where the class
+declares it: a type with a structure hook (L{Duration}, L{FilePath},
+L{HostName}, ...) or a field validator.  What spans tables or touches the
+file system is checked afterwards (L{_check}).  Policy and plugin names are
+not looked up here, so reading the configuration imports no TLS code:
+C{tap.prepare_tls} does it, for C{twistd mta} and C{config check} alike.
+
 Relative paths in the file are relative to the directory holding the file, so
 the shipped example works from any working directory.
 """
 
 from __future__ import annotations
 
+import contextvars
 import ipaddress
 import os
 import re
 import tomllib
-from typing import Any, Iterable, Mapping
+import typing
+from typing import Any, Callable, Mapping, NewType
 
 import attrs
+import cattrs
+from cattrs.errors import AttributeValidationNote, ForbiddenExtraKeysError
+from cattrs.gen import make_dict_structure_fn
 
 ROLES = ("mx", "submission", "submissions")
 BARE_NEWLINE_POLICIES = ("normalize", "reject")
 LOG_FORMATS = ("text", "json")
+TLS_MODES = ("starttls", "implicit")
+TLS_VERSION_NAMES = ("TLSv1.0", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -31,6 +46,12 @@ _HOSTNAME = re.compile(
     r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
 )
 _LOCAL_PART = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$")
+
+# Field types whose structure hooks check and convert what the file says.
+Duration = NewType("Duration", int)  # seconds: 30, or "30s", "5m", "4h", "5d"
+FilePath = NewType("FilePath", str)  # resolved against the file's directory
+HostName = NewType("HostName", str)  # checked, lower-cased
+Domain = NewType("Domain", str)  # the same, in a list of domains
 
 
 class ConfigError(Exception):
@@ -46,16 +67,132 @@ class ConfigError(Exception):
         super().__init__(where + message)
 
 
+class _Invalid(ValueError):
+    """
+    A value is wrong; C{str()} is the reason.  C{key}: the keys below the
+    table being structured that it concerns (a validator's field).
+    """
+
+    def __init__(self, message: str, *key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def parse_duration(value: object) -> int:
+    """
+    Seconds from an integer or a string like C{30s}, C{5m}, C{4h}, C{5d};
+    L{ValueError} (with the words for the operator) for anything else.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        seconds = value
+    else:
+        m = _DURATION.match(value) if isinstance(value, str) else None
+        if not m:
+            raise _Invalid(f"must be a duration like 30s, 5m, 4h or 5d, not {value!r}")
+        seconds = int(m.group(1)) * _UNITS[m.group(2)]
+    if seconds <= 0:
+        raise _Invalid(f"must be a positive duration, not {value!r}")
+    return seconds
+
+
+# Validators: each raises _Invalid naming its field.
+
+def _valid(ok: Callable[[Any], bool], message: str) -> Callable:
+    """
+    A field validator: C{message} (formatted with the value) unless C{ok}.
+    """
+    def validate(_, attribute, value) -> None:
+        if not ok(value):
+            raise _Invalid(message.format(value), attribute.name)
+    return validate
+
+
+def _each(ok: Callable[[Any], bool], message: str) -> Callable:
+    def validate(_, attribute, values) -> None:
+        for value in values:
+            if not ok(value):
+                raise _Invalid(message.format(value), attribute.name)
+    return validate
+
+
+def _one_of(*choices: str) -> Callable:
+    return _valid(lambda v: v in choices, f"must be one of {', '.join(choices)}, not {{!r}}")
+
+
+def _at_least(minimum: int) -> Callable:
+    return _valid(lambda v: v >= minimum, f"must be at least {minimum}, not {{}}")
+
+
+_port = _valid(lambda v: 0 < v < 65536, "must be a TCP port (1-65535), not {}")
+
+
+def _parses(parse: Callable[[str], object]) -> Callable[[str], bool]:
+    def ok(value: str) -> bool:
+        try:
+            parse(value)
+        except ValueError:
+            return False
+        return True
+    return ok
+
+
+_is_ip = _parses(ipaddress.ip_address)
+_is_network = _parses(lambda net: ipaddress.ip_network(net, strict=False))
+
+
+def _is_nameserver(server: str) -> bool:
+    host = server[1:].partition("]")[0] if server.startswith("[") else (
+        server.rpartition(":")[0] if server.count(":") == 1 else server)
+    return _is_ip(host)
+
+
+def _endpoint(_, attribute, description: str | None) -> None:
+    from twisted.internet import endpoints
+
+    class _NoReactor:
+        pass
+
+    if description is None:  # [metrics] endpoint unset
+        return
+    try:
+        endpoints.serverFromString(_NoReactor(), description)
+    except Exception as e:  # Twisted raises several kinds for bad strings.
+        raise _Invalid(f"is not a valid Twisted endpoint ({description!r}): {e}",
+                       attribute.name)
+
+
+def _mailbox(_, attribute, template: str) -> None:
+    if "{user}" not in template:
+        raise _Invalid("must contain {user}, e.g. \"mail/{user}/Maildir\"", attribute.name)
+    try:
+        template.format(user="u", domain="d")
+    except (KeyError, IndexError, ValueError) as e:
+        raise _Invalid(f"has a bad placeholder ({e}); use {{user}} and {{domain}}",
+                       attribute.name)
+
+
+def _domain_keys(_, attribute, pairs: tuple[tuple[str, Any], ...]) -> None:
+    for domain, _value in pairs:
+        if not _HOSTNAME.match(domain.lstrip(".")):
+            raise _Invalid("must be a domain, or .domain for its subdomains", attribute.name,
+                           domain)
+
+
 @attrs.frozen
 class Listener:
-    role: str
-    endpoint: str
+    role: str = attrs.field(validator=_one_of(*ROLES))
+    endpoint: str = attrs.field(validator=_endpoint)
 
 
 @attrs.frozen
 class TLSServerSettings:
-    certificate: str | None = None
-    key: str | None = None
+    certificate: FilePath | None = None
+    key: FilePath | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if (self.certificate is None) != (self.key is None):
+            raise _Invalid("is required when the other of certificate/key is set",
+                           "key" if self.key is None else "certificate")
 
     @property
     def enabled(self) -> bool:
@@ -64,53 +201,70 @@ class TLSServerSettings:
 
 @attrs.frozen
 class LocalSettings:
-    domains: tuple[str, ...] = ()
-    users: tuple[str, ...] = ()
-    mailbox: str = "mail/{user}/Maildir"
+    domains: tuple[Domain, ...] = ()
+    users: tuple[str, ...] = attrs.field(default=(), validator=_each(
+        lambda u: _LOCAL_PART.match(u) and not u.startswith(".") and "/" not in u,
+        "is not a valid mailbox name: {!r}"))
+    mailbox: FilePath = attrs.field(default="mail/{user}/Maildir", validator=_mailbox)
     aliases: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
     postmaster: str = "postmaster"
+
+    def __attrs_post_init__(self) -> None:
+        if self.domains and not self.users and not self.aliases:
+            raise _Invalid("is empty: list the local mailboxes of the local domains", "users")
+        known = {u.lower() for u in self.users} | set(self.aliases)
+        if self.domains and "@" not in self.postmaster and self.postmaster.lower() not in known:
+            raise _Invalid(f"names {self.postmaster!r}, which is neither a local user nor an "
+                           "alias", "postmaster")
 
 
 @attrs.frozen
 class RelaySettings:
-    trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    trusted_networks: tuple[str, ...] = attrs.field(
+        default=("127.0.0.0/8", "::1/128"), validator=_each(_is_network,
+                                                            "is not a network: {!r}"))
 
 
 @attrs.frozen
 class Limits:
-    message_size: int = 25 * 1024 * 1024
-    recipients: int = 100
-    command_line_length: int = 2048
-    data_line_length: int = 8192
-    connections_per_ip: int = 20
-    connections: int = 500
-    command_timeout: int = 300
-    data_timeout: int = 600
-    received_headers: int = 100
-    errors: int = 20
+    message_size: int = attrs.field(default=25 * 1024 * 1024, validator=_at_least(1024))
+    recipients: int = attrs.field(default=100, validator=_at_least(1))
+    command_line_length: int = attrs.field(default=2048, validator=_at_least(512))
+    data_line_length: int = attrs.field(default=8192, validator=_at_least(1000))
+    connections_per_ip: int = attrs.field(default=20, validator=_at_least(1))
+    connections: int = attrs.field(default=500, validator=_at_least(1))
+    command_timeout: Duration = 300
+    data_timeout: Duration = 600
+    received_headers: int = attrs.field(default=100, validator=_at_least(10))
+    errors: int = attrs.field(default=20, validator=_at_least(1))
 
 
 @attrs.frozen
 class InboundSettings:
-    bare_newline: str = "normalize"
-    banner: str = "ESMTP"
+    bare_newline: str = attrs.field(default="normalize",
+                                    validator=_one_of(*BARE_NEWLINE_POLICIES))
+    banner: str = attrs.field(default="ESMTP", validator=_valid(
+        lambda v: "\r" not in v and "\n" not in v, "must be one line"))
 
 
 @attrs.frozen
 class QueueSettings:
-    retry_schedule: tuple[int, ...] = (300, 600, 1200, 2400, 3600, 7200, 14400)
-    lifetime: int = 5 * 86400
-    delay_warning: int | None = 4 * 3600  # None: no delay warnings
-    delivery_concurrency: int = 100  # queue entries being attempted at once
-    jitter: float = 0.1
+    retry_schedule: tuple[Duration, ...] = attrs.field(
+        default=(300, 600, 1200, 2400, 3600, 7200, 14400),
+        validator=_valid(bool, "must list at least one interval"))
+    lifetime: Duration = 5 * 86400
+    delay_warning: Duration | None = 4 * 3600  # None: no delay warnings (false or 0)
+    delivery_concurrency: int = attrs.field(default=100, validator=_at_least(1))  # entries at once
+    jitter: float = attrs.field(default=0.1, validator=_valid(
+        lambda v: 0 <= v <= 0.5, "must be between 0 and 0.5, not {}"))
 
 
 @attrs.frozen
 class AuthSettings:
-    users_file: str | None = None
+    users_file: FilePath | None = None
     sender_login_match: bool = False
-    max_failures: int = 5
-    failure_window: int = 600
+    max_failures: int = attrs.field(default=5, validator=_at_least(1))
+    failure_window: Duration = 600
 
     @property
     def enabled(self) -> bool:
@@ -119,11 +273,10 @@ class AuthSettings:
 
 @attrs.frozen
 class DNSSettings:
-    nameservers: tuple[str, ...] = ()  # empty: the system's resolver configuration
-    timeout: int = 10
-
-
-TLS_MODES = ("starttls", "implicit")
+    # empty: the system's resolver configuration
+    nameservers: tuple[str, ...] = attrs.field(default=(), validator=_each(
+        _is_nameserver, "must list IP addresses (with an optional :port), not {!r}"))
+    timeout: Duration = 10
 
 
 @attrs.frozen
@@ -132,13 +285,21 @@ class Smarthost:
     A next hop that replaces MX lookup for some or all remote domains.
     """
 
-    host: str  # a name (looked up as A/AAAA, never MX) or an IP address
-    port: int = 25
-    tls: str = "starttls"  # "starttls" (opportunistic unless credentials) or "implicit"
+    host: str = attrs.field(validator=_valid(  # a name (A/AAAA, never MX) or an IP address
+        lambda h: _HOSTNAME.match(h) or _is_ip(h), "is not a host name or IP address: {!r}"))
+    port: int = attrs.field(default=25, validator=_port)
+    # "starttls" (opportunistic unless credentials) or "implicit"
+    tls: str = attrs.field(default="starttls", validator=_one_of(*TLS_MODES))
     username: str | None = None
-    password_file: str | None = None
+    password_file: FilePath | None = None
     tls_policy: str | None = None  # the TLS policy for this smarthost (else the map's)
     tls_fallback: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if (self.username is None) != (self.password_file is None):
+            raise _Invalid("is required with " + ("password_file" if self.username is None
+                                                  else "username"),
+                           "username" if self.username is None else "password_file")
 
     @property
     def destination(self) -> str:
@@ -149,9 +310,10 @@ class Smarthost:
 class TLSPolicyEntry:
     policy: str
     fallback: str | None = None
-    min_version: str | None = None
+    min_version: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_one_of(*TLS_VERSION_NAMES)))
     ciphers: str | None = None
-    ca_file: str | None = None
+    ca_file: FilePath | None = None
     server_name: str | None = None
     shadow: str | None = None  # a stricter policy evaluated on the same handshakes
     ratchet: bool | None = None  # None: the default's setting
@@ -162,35 +324,37 @@ class OutboundTLSSettings:
     policy: str = "opportunistic"  # the default policy
     shadow: str | None = None  # the default's shadow policy (report-only)
     fallback: str | None = None  # the default entry's decider (None: by its policy)
-    ca_file: str | None = None  # trust roots for verification (default: the system's)
-    domains: tuple[tuple[str, TLSPolicyEntry], ...] = ()  # "example.com" or ".example.com"
+    ca_file: FilePath | None = None  # trust roots for verification (default: the system's)
+    domains: tuple[tuple[str, TLSPolicyEntry], ...] = attrs.field(  # "example.com", ".example.com"
+        default=(), validator=_domain_keys)
     mx_hosts: tuple[tuple[str, TLSPolicyEntry], ...] = ()  # glob patterns on the MX name
     relay: Smarthost | None = None  # for the via-relay decider
     early_warning: tuple[str, ...] = ("strict",)  # policies that warn at the first failure
     plugins: tuple[str, ...] = ()  # dotted paths of extra policies/deciders
-    explanation: str | None = None  # a file with the bounce wording for TLS failures
+    explanation: FilePath | None = None  # a file with the bounce wording for TLS failures
     ratchet: bool = False  # never below the best TLS a domain has shown (opt-in)
-    history_expiry: int = 30 * 86400
-    broken_tls_after: int = 3  # handshake failures in a row that mark TLS broken
-    broken_tls_time: int = 86400  # how long broken TLS is skipped (opportunistic only)
+    history_expiry: Duration = 30 * 86400
+    broken_tls_after: int = attrs.field(default=3, validator=_at_least(1))  # failures in a row
+    broken_tls_time: Duration = 86400  # how long broken TLS is skipped (opportunistic only)
 
 
 @attrs.frozen
 class OutboundSettings:
-    port: int = 25
-    helo_name: str | None = None  # None: server.hostname
-    connect_timeout: int = 30
-    greeting_timeout: int = 300  # RFC 5321 4.5.3.2
-    command_timeout: int = 300
-    data_timeout: int = 600
-    handshake_timeout: int = 300  # the TLS handshake (Postfix: smtp_starttls_timeout)
-    connections: int = 100  # all destinations together
-    connections_per_destination: int = 20
-    idle_time: int = 5  # an idle connection waits this long for another message
-    dead_destination_time: int = 60  # after every host failed, fail fast this long
-    messages_per_connection: int = 100
+    port: int = attrs.field(default=25, validator=_port)
+    helo_name: HostName | None = None  # None: server.hostname
+    connect_timeout: Duration = 30
+    greeting_timeout: Duration = 300  # RFC 5321 4.5.3.2
+    command_timeout: Duration = 300
+    data_timeout: Duration = 600
+    handshake_timeout: Duration = 300  # the TLS handshake (Postfix: smtp_starttls_timeout)
+    connections: int = attrs.field(default=100, validator=_at_least(1))  # all destinations
+    connections_per_destination: int = attrs.field(default=20, validator=_at_least(1))
+    idle_time: Duration = 5  # an idle connection waits this long for another message
+    dead_destination_time: Duration = 60  # after every host failed, fail fast this long
+    messages_per_connection: int = attrs.field(default=100, validator=_at_least(1))
     smarthost: Smarthost | None = None
-    routes: tuple[tuple[str, Smarthost], ...] = ()  # (domain or .parent, smarthost)
+    routes: tuple[tuple[str, Smarthost], ...] = attrs.field(  # (domain or .parent, smarthost)
+        default=(), validator=_domain_keys)
     tls: OutboundTLSSettings = OutboundTLSSettings()
 
     def smarthost_for(self, domain: str) -> Smarthost | None:
@@ -212,20 +376,24 @@ class OutboundSettings:
 
 @attrs.frozen
 class LoggingSettings:
-    format: str = "text"
-    file: str | None = None
+    format: str = attrs.field(default="text", validator=_one_of(*LOG_FORMATS))
+    file: FilePath | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.format == "json" and self.file is None:
+            raise _Invalid("is required when format is \"json\"", "file")
 
 
 @attrs.frozen
 class MetricsSettings:
-    endpoint: str | None = None  # a Twisted server endpoint for the Prometheus page
+    endpoint: str | None = attrs.field(default=None, validator=_endpoint)  # Prometheus page
 
 
 @attrs.frozen
 class Config:
     path: str
-    hostname: str
-    spool: str
+    hostname: HostName
+    spool: FilePath
     listeners: tuple[Listener, ...]
     tls: TLSServerSettings = TLSServerSettings()
     local: LocalSettings = LocalSettings()
@@ -268,103 +436,169 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class _Table:
+# Structure hooks: the file's values into the types above, strictly (cattrs
+# would otherwise turn 25 into "25" and "25" into 25).
+
+_base: contextvars.ContextVar[str] = contextvars.ContextVar("config_base")
+_converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+
+
+class _Key(str):
     """
-    One TOML table being read; remembers which keys were used so the rest
-    can be reported as unknown.
+    A note on an exception: the table key (or list index) it happened under.
     """
 
-    def __init__(self, path: str, prefix: str, data: Any) -> None:
-        self.path = path
-        self.prefix = prefix
-        if not isinstance(data, dict):
-            raise ConfigError(path, prefix, "must be a table")
-        self.data = data
-        self.used: set[str] = set()
+    def __new__(cls, name: str) -> "_Key":
+        return super().__new__(cls, f"at key {name}")
 
-    def key(self, name: str) -> str:
-        return f"{self.prefix}.{name}" if self.prefix else name
-
-    def error(self, name: str, message: str) -> ConfigError:
-        return ConfigError(self.path, self.key(name), message)
-
-    def get(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
-        self.used.add(name)
-        if name not in self.data:
-            return default
-        value = self.data[name]
-        if kind is int and isinstance(value, bool):
-            raise self.error(name, f"must be an integer, not {value!r}")
-        if not isinstance(value, kind):
-            raise self.error(name, f"must be {_kind_name(kind)}, not {value!r}")
-        return value
-
-    def require(self, name: str, kind: type) -> Any:
-        if name not in self.data:
-            self.used.add(name)
-            raise self.error(name, "is required")
-        return self.get(name, kind, None)
-
-    def table(self, name: str) -> "_Table":
-        self.used.add(name)
-        return _Table(self.path, self.key(name), self.data.get(name, {}))
-
-    def strings(self, name: str, default: Iterable[str]) -> tuple[str, ...]:
-        value = self.get(name, list, None)
-        if value is None:
-            return tuple(default)
-        for item in value:
-            if not isinstance(item, str):
-                raise self.error(name, f"must be a list of strings, not {value!r}")
-        return tuple(value)
-
-    def positive(self, name: str, default: int, minimum: int = 1) -> int:
-        value = self.get(name, int, default)
-        if value < minimum:
-            raise self.error(name, f"must be at least {minimum}, not {value}")
-        return value
-
-    def duration(self, name: str, default: int) -> int:
-        return _duration(self, name, self.get(name, (int, str), default))
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise self.error(unknown[0], "unknown key")
+    def __init__(self, name: str) -> None:
+        self.name = name
 
 
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", list: "a list", dict: "a table",
-             bool: "true or false", float: "a number"}
-    if isinstance(kind, tuple):
-        return " or ".join(names.get(k, k.__name__) for k in kind)
-    return names.get(kind, kind.__name__)
+def _scalar(kind: type | tuple[type, ...], words: str,
+            convert: Callable | None = None) -> Callable:
+    def structure(value: object, _) -> Any:
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise _Invalid(f"must be {words}, not {value!r}")
+        return convert(value) if convert else value
+    return structure
 
 
-def _duration(table: _Table, name: str, value: int | str) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        seconds = value
-    else:
-        m = _DURATION.match(str(value))
-        if not m:
-            raise table.error(name, f"must be a duration like 30s, 5m, 4h or 5d, not {value!r}")
-        seconds = int(m.group(1)) * _UNITS[m.group(2)]
-    if seconds <= 0:
-        raise table.error(name, f"must be a positive duration, not {value!r}")
-    return seconds
+def _path(value: object, _) -> str:
+    text = _converter.structure(value, str)
+    if not text:
+        raise _Invalid("must not be empty")
+    return os.path.normpath(os.path.join(_base.get(), os.path.expanduser(text)))
 
 
-def _optional_duration(t: _Table, name: str, default: int | None) -> int | None:
-    value = t.get(name, (int, str, bool), default)
+def _host_name(words: str) -> Callable:
+    def structure(value: object, _) -> str:
+        if not _HOSTNAME.match(_converter.structure(value, str)):
+            raise _Invalid(f"is not a valid {words}: {value!r}")
+        return value.lower()
+    return structure
+
+
+def _optional_duration(value: object, _) -> int | None:
     if value is False or value == 0:
         return None
     if value is True:
-        raise t.error(name, "must be a duration, or false (or 0) to turn it off")
-    return _duration(t, name, value)
+        raise _Invalid("must be a duration, or false (or 0) to turn it off")
+    return parse_duration(value)
 
 
-def _resolve(base: str, value: str) -> str:
-    return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+def _list(value: object, type_: Any) -> tuple:
+    """
+    A TOML array as a tuple; an item's error names the array, or for a
+    table the item's index too.
+    """
+    item = typing.get_args(type_)[0]
+    if not isinstance(value, list):
+        raise _Invalid(f"must be a list, not {value!r}")
+    if getattr(item, "__supertype__", item) is str and not all(isinstance(v, str) for v in value):
+        raise _Invalid(f"must be a list of strings, not {value!r}")
+    out = []
+    for i, v in enumerate(value):
+        try:
+            out.append(_converter.structure(v, item))
+        except Exception as e:
+            if attrs.has(item):
+                e.add_note(_Key(f"[{i}]"))
+            raise
+    return tuple(out)
+
+
+def _table(value: object, type_: Any) -> tuple:
+    """
+    A table of tables (C{[outbound.routes."example.org"]}) as C{(key, value)}
+    pairs, the keys lower-cased.
+    """
+    item = typing.get_args(typing.get_args(type_)[0])[1]
+    if not isinstance(value, dict):
+        raise _Invalid("must be a table")
+    out = []
+    for key, v in value.items():
+        try:
+            out.append((key.lower(), _converter.structure(v, item)))
+        except Exception as e:
+            e.add_note(_Key(key))
+            raise
+    return tuple(out)
+
+
+def _aliases(value: object, _) -> dict[str, tuple[str, ...]]:
+    if not isinstance(value, dict):
+        raise _Invalid("must be a table")
+    out = {}
+    for name, targets in value.items():
+        targets = [targets] if isinstance(targets, str) else targets
+        if not isinstance(targets, list) or not targets or \
+                not all(isinstance(t, str) for t in targets):
+            raise _Invalid("must be an address or a non-empty list of addresses", name)
+        out[name.lower()] = tuple(targets)
+    return out
+
+
+def _smarthost_host(data: dict) -> dict:
+    """
+    C{host = "host:port"} or C{"[host]:port"}: the port goes to C{port}
+    unless that is written too.
+    """
+    host = data.get("host")
+    if not isinstance(host, str):
+        return data
+    port = None
+    if host.startswith("["):  # [2001:db8::1]:587 or [relay.example]:587
+        host, _, rest = host[1:].partition("]")
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit():
+                raise _Invalid(f"must be host, host:port or [host]:port, not {rest!r}", "host")
+            port = int(rest[1:])
+    elif host.count(":") == 1:
+        host, _, number = host.partition(":")
+        if not number.isdigit():
+            raise _Invalid(f"has a port that is not a number: {number!r}", "host")
+        port = int(number)
+    if port is not None and not 0 < port < 65536:
+        raise _Invalid(f"has a port out of range: {port}", "host")
+    if port is not None and "port" not in data:
+        data = {**data, "port": port}
+    return {**data, "host": host.lower()}
+
+
+def _classes(cls: type) -> Callable:
+    structure = make_dict_structure_fn(cls, _converter, _cattrs_forbid_extra_keys=True,
+                                       _cattrs_detailed_validation=True)
+
+    def hook(value: object, type_: type) -> Any:
+        if not isinstance(value, dict):
+            raise _Invalid("must be a table")
+        return structure(_smarthost_host(value) if cls is Smarthost else value, type_)
+    return hook
+
+
+def _is_list(t: Any) -> bool:
+    args = typing.get_args(t)
+    return typing.get_origin(t) is tuple and len(args) == 2 and args[1] is Ellipsis
+
+
+def _is_table(t: Any) -> bool:
+    return _is_list(t) and typing.get_origin(typing.get_args(t)[0]) is tuple
+
+
+_converter.register_structure_hook(str, _scalar(str, "a string"))
+_converter.register_structure_hook(int, _scalar(int, "an integer"))
+_converter.register_structure_hook(bool, _scalar(bool, "true or false"))
+_converter.register_structure_hook(float, _scalar((int, float), "a number", float))
+_converter.register_structure_hook(Duration, lambda v, _: parse_duration(v))
+_converter.register_structure_hook(FilePath, _path)
+_converter.register_structure_hook(HostName, _host_name("host name"))
+_converter.register_structure_hook(Domain, _host_name("domain"))
+_converter.register_structure_hook_func(lambda t: t == Duration | None, _optional_duration)
+_converter.register_structure_hook_func(lambda t: t == Mapping[str, tuple[str, ...]], _aliases)
+_converter.register_structure_hook_func(_is_list, _list)
+_converter.register_structure_hook_func(_is_table, _table)
+_converter.register_structure_hook_factory(attrs.has, _classes)
 
 
 def load_config(path: str) -> Config:
@@ -386,417 +620,97 @@ def load_config(path: str) -> Config:
 
 
 def parse_config(raw: dict[str, Any], path: str) -> Config:
+    """
+    The configuration from the file's parsed TOML.
+    """
+    server = raw.get("server", {})
+    if not isinstance(server, dict):
+        raise ConfigError(path, "server", "must be a table")
+    unknown = sorted(set(raw) & {"path", "hostname", "spool"}) + sorted(
+        f"server.{k}" for k in set(server) - {"hostname", "spool"})
+    if unknown:
+        raise ConfigError(path, unknown[0], "unknown key")
+    listeners = raw.get("listeners")
+    if listeners is None:
+        raise ConfigError(path, "listeners", "is required: add at least one [[listeners]] entry")
+    if not isinstance(listeners, list) or not listeners:
+        raise ConfigError(path, "listeners", "must be a non-empty array of tables ([[listeners]])")
+    fields = {k: v for k, v in raw.items() if k != "server"} | server | {"path": path}
     base = os.path.dirname(os.path.abspath(path))
-    top = _Table(path, "", raw)
-
-    server = top.table("server")
-    hostname = server.require("hostname", str)
-    if not _HOSTNAME.match(hostname):
-        raise server.error("hostname", f"is not a valid host name: {hostname!r}")
-    spool = _resolve(base, server.require("spool", str))
-    server.finish()
-
-    listeners = _listeners(top)
-    tls = _tls(top.table("tls"), base)
-    for listener in listeners:
-        if listener.role == "submissions" and not tls.enabled:
-            raise ConfigError(path, "tls.certificate",
-                              "is required by the 'submissions' listener (implicit TLS)")
-    local = _local(top.table("local"), base)
-    relay = _relay(top.table("relay"))
-    limits = _limits(top.table("limits"))
-    inbound = _inbound(top.table("inbound"))
-    queue = _queue(top.table("queue"))
-    auth = _auth(top.table("auth"), base)
-    logging = _logging(top.table("logging"), base)
-    dns = _dns(top.table("dns"))
-    outbound = _outbound(top.table("outbound"), base)
-    metrics = _metrics(top.table("metrics"))
-    top.finish()
-    for i, listener in enumerate(listeners):
-        if listener.role != "mx" and auth.enabled and not tls.enabled:
-            raise ConfigError(path, "tls.certificate",
-                              f"is required by listeners[{i}] ({listener.role}) with [auth]: "
-                              "credentials never cross cleartext")
-    return Config(path=path, hostname=hostname.lower(), spool=spool, listeners=listeners,
-                  tls=tls, local=local, relay=relay, limits=limits, inbound=inbound,
-                  queue=queue, auth=auth, logging=logging, dns=dns, outbound=outbound,
-                  metrics=metrics)
-
-
-def _listeners(top: _Table) -> tuple[Listener, ...]:
-    top.used.add("listeners")
-    items = top.data.get("listeners")
-    if items is None:
-        raise top.error("listeners", "is required: add at least one [[listeners]] entry")
-    if not isinstance(items, list) or not items:
-        raise top.error("listeners", "must be a non-empty array of tables ([[listeners]])")
-    result = []
-    for i, item in enumerate(items):
-        t = _Table(top.path, f"listeners[{i}]", item)
-        role = t.require("role", str)
-        if role not in ROLES:
-            raise t.error("role", f"must be one of {', '.join(ROLES)}, not {role!r}")
-        endpoint = t.require("endpoint", str)
-        _check_endpoint(t, endpoint)
-        t.finish()
-        result.append(Listener(role=role, endpoint=endpoint))
-    return tuple(result)
-
-
-def _check_endpoint(t: _Table, description: str) -> None:
-    from twisted.internet import endpoints
-
-    class _NoReactor:
-        pass
-
+    token = _base.set(base)
     try:
-        endpoints.serverFromString(_NoReactor(), description)
-    except Exception as e:  # Twisted raises several kinds for bad strings.
-        raise t.error("endpoint", f"is not a valid Twisted endpoint ({description!r}): {e}")
+        config = _converter.structure(fields, Config)
+    except (cattrs.BaseValidationError, _Invalid) as e:
+        key, message = _explain(e)
+        if key in ("hostname", "spool"):
+            key = f"server.{key}"
+        raise ConfigError(path, key, message)
+    finally:
+        _base.reset(token)
+    if not os.path.isabs(config.local.mailbox):  # the default, not structured
+        mailbox = os.path.join(base, config.local.mailbox)
+        config = attrs.evolve(config, local=attrs.evolve(config.local, mailbox=mailbox))
+    _check(config)
+    return config
 
 
-def _tls(t: _Table, base: str) -> TLSServerSettings:
-    cert = t.get("certificate", str, None)
-    key = t.get("key", str, None)
-    t.finish()
-    if (cert is None) != (key is None):
-        missing = "key" if key is None else "certificate"
-        raise t.error(missing, "is required when the other of certificate/key is set")
-    if cert is None:
-        return TLSServerSettings()
-    cert, key = _resolve(base, cert), _resolve(base, key)
-    for name, value in (("certificate", cert), ("key", key)):
-        if not os.path.isfile(value):
-            raise t.error(name, f"file not found: {value}")
-        if not os.access(value, os.R_OK):
-            raise t.error(name, f"file not readable: {value}")
-    return TLSServerSettings(certificate=cert, key=key)
-
-
-def _domain(t: _Table, name: str, value: str) -> str:
-    if not _HOSTNAME.match(value):
-        raise t.error(name, f"is not a valid domain: {value!r}")
-    return value.lower()
-
-
-def _local(t: _Table, base: str) -> LocalSettings:
-    domains = tuple(_domain(t, "domains", d) for d in t.strings("domains", ()))
-    users = t.strings("users", ())
-    for user in users:
-        if not _LOCAL_PART.match(user) or user.startswith(".") or "/" in user:
-            raise t.error("users", f"is not a valid mailbox name: {user!r}")
-    mailbox = t.get("mailbox", str, LocalSettings().mailbox)
-    if "{user}" not in mailbox:
-        raise t.error("mailbox", "must contain {user}, e.g. \"mail/{user}/Maildir\"")
-    try:
-        mailbox.format(user="u", domain="d")
-    except (KeyError, IndexError, ValueError) as e:
-        raise t.error("mailbox", f"has a bad placeholder ({e}); use {{user}} and {{domain}}")
-    postmaster = t.get("postmaster", str, "postmaster")
-    aliases_t = t.table("aliases")
-    aliases: dict[str, tuple[str, ...]] = {}
-    for name, targets in aliases_t.data.items():
-        aliases_t.used.add(name)
-        if isinstance(targets, str):
-            targets = [targets]
-        if not isinstance(targets, list) or not all(isinstance(x, str) for x in targets) or not targets:
-            raise aliases_t.error(name, "must be an address or a non-empty list of addresses")
-        aliases[name.lower()] = tuple(targets)
-    aliases_t.finish()
-    t.finish()
-    if domains and not users and not aliases:
-        raise t.error("users", "is empty: list the local mailboxes of the local domains")
-    settings = LocalSettings(domains=domains, users=users,
-                             mailbox=_resolve(base, mailbox), aliases=aliases,
-                             postmaster=postmaster)
-    pm = postmaster.lower()
-    known = {u.lower() for u in users} | set(aliases)
-    if domains and "@" not in postmaster and pm not in known:
-        raise t.error("postmaster", f"names {postmaster!r}, which is neither a local user nor an alias")
-    return settings
-
-
-def _relay(t: _Table) -> RelaySettings:
-    nets = t.strings("trusted_networks", RelaySettings().trusted_networks)
-    for net in nets:
-        try:
-            ipaddress.ip_network(net, strict=False)
-        except ValueError:
-            raise t.error("trusted_networks", f"is not a network: {net!r}")
-    t.finish()
-    return RelaySettings(trusted_networks=nets)
-
-
-def _limits(t: _Table) -> Limits:
-    d = Limits()
-    limits = Limits(
-        message_size=t.positive("message_size", d.message_size, 1024),
-        recipients=t.positive("recipients", d.recipients, 1),
-        command_line_length=t.positive("command_line_length", d.command_line_length, 512),
-        data_line_length=t.positive("data_line_length", d.data_line_length, 1000),
-        connections_per_ip=t.positive("connections_per_ip", d.connections_per_ip),
-        connections=t.positive("connections", d.connections),
-        command_timeout=t.duration("command_timeout", d.command_timeout),
-        data_timeout=t.duration("data_timeout", d.data_timeout),
-        received_headers=t.positive("received_headers", d.received_headers, 10),
-        errors=t.positive("errors", d.errors, 1),
-    )
-    t.finish()
-    return limits
-
-
-def _inbound(t: _Table) -> InboundSettings:
-    bare = t.get("bare_newline", str, InboundSettings().bare_newline)
-    if bare not in BARE_NEWLINE_POLICIES:
-        raise t.error("bare_newline", f"must be one of {', '.join(BARE_NEWLINE_POLICIES)}, not {bare!r}")
-    banner = t.get("banner", str, InboundSettings().banner)
-    if "\r" in banner or "\n" in banner:
-        raise t.error("banner", "must be one line")
-    t.finish()
-    return InboundSettings(bare_newline=bare, banner=banner)
-
-
-def _queue(t: _Table) -> QueueSettings:
-    d = QueueSettings()
-    raw = t.get("retry_schedule", list, None)
-    if raw is None:
-        schedule = d.retry_schedule
+def _explain(error: BaseException, where: tuple[str, ...] = ()) -> tuple[str, str]:
+    """
+    The dotted key and the reason of the first failure in what cattrs
+    raised: its notes name the attributes and keys on the way down.
+    """
+    for note in reversed(getattr(error, "__notes__", ())):  # added inside out
+        if isinstance(note, (AttributeValidationNote, _Key)):
+            where += (note.name,)
+    if isinstance(error, BaseExceptionGroup):
+        return _explain(error.exceptions[0], where)
+    if isinstance(error, ForbiddenExtraKeysError):
+        where, message = where + (sorted(error.extra_fields)[0],), "unknown key"
+    elif isinstance(error, KeyError):  # a required key is missing
+        message = "is required"
     else:
-        if not raw:
-            raise t.error("retry_schedule", "must list at least one interval")
-        schedule = tuple(_duration(t, "retry_schedule", v) for v in raw)
-    jitter = t.get("jitter", (int, float), d.jitter)
-    if not 0 <= jitter <= 0.5:
-        raise t.error("jitter", f"must be between 0 and 0.5, not {jitter}")
-    q = QueueSettings(
-        retry_schedule=schedule,
-        lifetime=t.duration("lifetime", d.lifetime),
-        delay_warning=_optional_duration(t, "delay_warning", d.delay_warning),
-        delivery_concurrency=t.positive("delivery_concurrency", d.delivery_concurrency),
-        jitter=float(jitter),
-    )
-    t.finish()
-    return q
+        where, message = where + getattr(error, "key", ()), str(error)
+    return ".".join(where).replace(".[", "["), message
 
 
-def _auth(t: _Table, base: str) -> AuthSettings:
-    d = AuthSettings()
-    users_file = t.get("users_file", str, None)
-    settings = AuthSettings(
-        users_file=_resolve(base, users_file) if users_file else None,
-        sender_login_match=t.get("sender_login_match", bool, d.sender_login_match),
-        max_failures=t.positive("max_failures", d.max_failures),
-        failure_window=t.duration("failure_window", d.failure_window),
-    )
-    t.finish()
-    if settings.users_file is not None:
+def _check(config: Config) -> None:
+    """
+    What spans tables or needs the files the configuration names.
+    """
+    def error(key: str, message: str) -> ConfigError:
+        return ConfigError(config.path, key, message)
+
+    for name in ("certificate", "key"):
+        value = getattr(config.tls, name)
+        if value is not None and not os.path.isfile(value):
+            raise error(f"tls.{name}", f"file not found: {value}")
+        if value is not None and not os.access(value, os.R_OK):
+            raise error(f"tls.{name}", f"file not readable: {value}")
+    if not config.tls.enabled and any(x.role == "submissions" for x in config.listeners):
+        raise error("tls.certificate", "is required by the 'submissions' listener (implicit TLS)")
+    if config.auth.users_file is not None:
         from twisted_mta.users import UsersFileError, read_users_file
         try:
-            read_users_file(settings.users_file)
+            read_users_file(config.auth.users_file)
         except UsersFileError as e:
-            raise t.error("users_file", str(e))
-    return settings
-
-
-def _logging(t: _Table, base: str) -> LoggingSettings:
-    fmt = t.get("format", str, "text")
-    if fmt not in LOG_FORMATS:
-        raise t.error("format", f"must be one of {', '.join(LOG_FORMATS)}, not {fmt!r}")
-    file = t.get("file", str, None)
-    t.finish()
-    if fmt == "json" and file is None:
-        raise t.error("file", "is required when format is \"json\"")
-    return LoggingSettings(format=fmt, file=_resolve(base, file) if file else None)
-
-
-
-def _dns(t: _Table) -> DNSSettings:
-    servers = t.strings("nameservers", ())
-    for server in servers:
-        host = server[1:].partition("]")[0] if server.startswith("[") else (
-            server.rpartition(":")[0] if server.count(":") == 1 else server)
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            raise t.error("nameservers", f"must list IP addresses (with an optional :port), "
-                          f"not {server!r}")
-    settings = DNSSettings(nameservers=servers, timeout=t.duration("timeout", 10))
-    t.finish()
-    return settings
-
-
-def _port(t: _Table, name: str, default: int) -> int:
-    port = t.get(name, int, default)
-    if not 0 < port < 65536:
-        raise t.error(name, f"must be a TCP port (1-65535), not {port}")
-    return port
-
-
-def _smarthost(t: _Table, base: str) -> Smarthost:
-    host = t.require("host", str)
-    port = 25
-    if host.startswith("["):  # [2001:db8::1]:587 or [relay.example]:587
-        inner, _, rest = host[1:].partition("]")
-        host = inner
-        if rest:
-            if not rest.startswith(":") or not rest[1:].isdigit():
-                raise t.error("host", f"must be host, host:port or [host]:port, not {rest!r}")
-            port = int(rest[1:])
-    elif host.count(":") == 1:
-        host, _, number = host.partition(":")
-        if not number.isdigit():
-            raise t.error("host", f"has a port that is not a number: {number!r}")
-        port = int(number)
-    if not (_HOSTNAME.match(host) or _is_ip(host)):
-        raise t.error("host", f"is not a host name or IP address: {host!r}")
-    if "port" in t.data:
-        port = _port(t, "port", port)
-    if not 0 < port < 65536:
-        raise t.error("host", f"has a port out of range: {port}")
-    tls_policy = t.get("tls_policy", str, None)
-    tls_fallback = t.get("tls_fallback", str, None)
-    tls = t.get("tls", str, "starttls")
-    if tls not in TLS_MODES:
-        raise t.error("tls", f"must be one of {', '.join(TLS_MODES)}, not {tls!r}")
-    username = t.get("username", str, None)
-    password_file = t.get("password_file", str, None)
-    t.finish()
-    if (username is None) != (password_file is None):
-        raise t.error("username" if username is None else "password_file",
-                      "is required with " + ("password_file" if username is None
-                                             else "username"))
-    if password_file is not None:
-        password_file = _resolve(base, password_file)
-        try:
-            with open(password_file, "rb") as f:
-                f.read(1)
-        except OSError as e:
-            raise t.error("password_file", f"cannot be read: {e.strerror}")
-    return Smarthost(host=host.lower(), port=port, tls=tls, username=username,
-                     tls_policy=tls_policy, tls_fallback=tls_fallback,
-                     password_file=password_file)
-
-
-def _is_ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True
-
-
-def _outbound(t: _Table, base: str) -> OutboundSettings:
-    d = OutboundSettings()
-    helo = t.get("helo_name", str, None)
-    if helo is not None and not _HOSTNAME.match(helo):
-        raise t.error("helo_name", f"is not a valid host name: {helo!r}")
-    smarthost = None
-    if "smarthost" in t.data:
-        smarthost = _smarthost(t.table("smarthost"), base)
-    routes = []
-    if "routes" in t.data:
-        table = t.table("routes")
-        for domain in table.data:
-            table.used.add(domain)
-            name = domain.lower()
-            if not _HOSTNAME.match(name.lstrip(".")):
-                raise table.error(domain, "must be a domain, or .domain for its subdomains")
-            routes.append((name, _smarthost(table.table(domain), base)))
-    settings = OutboundSettings(
-        port=_port(t, "port", d.port),
-        helo_name=helo.lower() if helo else None,
-        connect_timeout=t.duration("connect_timeout", d.connect_timeout),
-        greeting_timeout=t.duration("greeting_timeout", d.greeting_timeout),
-        command_timeout=t.duration("command_timeout", d.command_timeout),
-        data_timeout=t.duration("data_timeout", d.data_timeout),
-        handshake_timeout=t.duration("handshake_timeout", d.handshake_timeout),
-        connections=t.positive("connections", d.connections),
-        connections_per_destination=t.positive("connections_per_destination",
-                                               d.connections_per_destination),
-        idle_time=t.duration("idle_time", d.idle_time),
-        dead_destination_time=t.duration("dead_destination_time", d.dead_destination_time),
-        messages_per_connection=t.positive("messages_per_connection",
-                                           d.messages_per_connection),
-        smarthost=smarthost,
-        routes=tuple(routes),
-        tls=_outbound_tls(t.table("tls"), base) if "tls" in t.data else OutboundTLSSettings(),
-    )
-    t.finish()
-    return settings
-
-
-TLS_VERSION_NAMES = ("TLSv1.0", "TLSv1.1", "TLSv1.2", "TLSv1.3")
-
-
-def _tls_entry(t: _Table, base: str, default_policy: str | None = None) -> TLSPolicyEntry:
-    policy = t.get("policy", str, default_policy)
-    if policy is None:
-        raise t.error("policy", "is required")
-    min_version = t.get("min_version", str, None)
-    if min_version is not None and min_version not in TLS_VERSION_NAMES:
-        raise t.error("min_version", f"must be one of {', '.join(TLS_VERSION_NAMES)}, "
-                      f"not {min_version!r}")
-    ca_file = t.get("ca_file", str, None)
-    entry = TLSPolicyEntry(
-        policy=policy, fallback=t.get("fallback", str, None), min_version=min_version,
-        ciphers=t.get("ciphers", str, None),
-        ca_file=_resolve(base, ca_file) if ca_file else None,
-        server_name=t.get("server_name", str, None),
-        shadow=t.get("shadow", str, None),
-        ratchet=t.get("ratchet", bool, None))
-    if entry.ca_file and not os.path.isfile(entry.ca_file):
-        raise t.error("ca_file", f"no such file: {entry.ca_file}")
-    return entry
-
-
-def _outbound_tls(t: _Table, base: str) -> OutboundTLSSettings:
-    d = OutboundTLSSettings()
-    ca_file = t.get("ca_file", str, None)
-    if ca_file is not None:
-        ca_file = _resolve(base, ca_file)
-        if not os.path.isfile(ca_file):
-            raise t.error("ca_file", f"no such file: {ca_file}")
-    domains, mx_hosts = [], []
-    if "domains" in t.data:
-        table = t.table("domains")
-        for domain in table.data:
-            table.used.add(domain)
-            if not _HOSTNAME.match(domain.lower().lstrip(".")):
-                raise table.error(domain, "must be a domain, or .domain for its subdomains")
-            domains.append((domain.lower(), _tls_entry(table.table(domain), base)))
-    if "mx_hosts" in t.data:
-        table = t.table("mx_hosts")
-        for pattern in table.data:
-            table.used.add(pattern)
-            mx_hosts.append((pattern.lower(), _tls_entry(table.table(pattern), base)))
-    relay = _smarthost(t.table("relay"), base) if "relay" in t.data else None
-    explanation = t.get("explanation", str, None)
-    settings = OutboundTLSSettings(
-        policy=t.get("policy", str, d.policy),
-        shadow=t.get("shadow", str, None),
-        fallback=t.get("fallback", str, d.fallback),
-        ca_file=ca_file,
-        domains=tuple(domains),
-        mx_hosts=tuple(mx_hosts),
-        relay=relay,
-        early_warning=t.strings("early_warning", d.early_warning),
-        plugins=t.strings("plugins", ()),
-        explanation=_resolve(base, explanation) if explanation else None,
-        ratchet=t.get("ratchet", bool, d.ratchet),
-        history_expiry=t.duration("history_expiry", d.history_expiry),
-        broken_tls_after=t.positive("broken_tls_after", d.broken_tls_after),
-        broken_tls_time=t.duration("broken_tls_time", d.broken_tls_time),
-    )
-    t.finish()
-    if settings.explanation and not os.path.isfile(settings.explanation):
-        raise t.error("explanation", f"no such file: {settings.explanation}")
-    return settings
-
-
-def _metrics(t: _Table) -> MetricsSettings:
-    endpoint = t.get("endpoint", str, None)
-    if endpoint is not None:
-        _check_endpoint(t, endpoint)
-    t.finish()
-    return MetricsSettings(endpoint=endpoint)
+            raise error("auth.users_file", str(e))
+    outbound, tls = config.outbound, config.outbound.tls
+    hosts = [("outbound.smarthost", outbound.smarthost), ("outbound.tls.relay", tls.relay)]
+    hosts += [(f"outbound.routes.{domain}", host) for domain, host in outbound.routes]
+    for where, host in hosts:
+        if host is not None and host.password_file is not None:
+            try:
+                with open(host.password_file, "rb") as f:
+                    f.read(1)
+            except OSError as e:
+                raise error(f"{where}.password_file", f"cannot be read: {e.strerror}")
+    files = [("outbound.tls.ca_file", tls.ca_file), ("outbound.tls.explanation", tls.explanation)]
+    for table, entries in (("domains", tls.domains), ("mx_hosts", tls.mx_hosts)):
+        files += [(f"outbound.tls.{table}.{key}.ca_file", e.ca_file) for key, e in entries]
+    for key, value in files:
+        if value is not None and not os.path.isfile(value):
+            raise error(key, f"no such file: {value}")
+    for i, listener in enumerate(config.listeners):
+        if listener.role != "mx" and config.auth.enabled and not config.tls.enabled:
+            raise error("tls.certificate", f"is required by listeners[{i}] ({listener.role}) "
+                        "with [auth]: credentials never cross cleartext")
