@@ -375,6 +375,12 @@ def cmd_tls_explain(args: argparse.Namespace) -> int:
     config = _config(args)
     if config is None:
         return 1
+    from twisted_mta import tap
+    try:
+        engine, _ = tap.prepare_tls(config)  # what the service builds, names checked
+    except tap.PrepareError as e:
+        print(f"twisted-mta: {e}", file=sys.stderr)
+        return 1
     domains: list[str] = []
     message = None
     if args.message:
@@ -411,7 +417,7 @@ def cmd_tls_explain(args: argparse.Namespace) -> int:
     def run(reactor):
         for domain in domains:
             reports.append((yield explain(config, domain, reactor, deferToThread,
-                                          message=message)))
+                                          message=message, tls=engine)))
     try:
         task.react(lambda reactor: run(reactor))
     except SystemExit as e:

@@ -32,7 +32,7 @@ def _day(t: float | None) -> str | None:
 
 @defer.inlineCallbacks
 def explain(config: Config, domain: str, reactor, run_blocking, resolver=None,
-            message: dict | None = None):
+            message: dict | None = None, tls: TLSEngine | None = None):
     """
     Fires with a JSON-able report for C{domain}.  C{message} (age,
     attempts, tls_failures of a queued message) makes the fallback
@@ -43,7 +43,7 @@ def explain(config: Config, domain: str, reactor, run_blocking, resolver=None,
                          run_blocking=run_blocking,
                          resolver=resolver or DNSResolver(config.dns),
                          connect=tcp_connector(reactor, settings.connect_timeout),
-                         tls=TLSEngine(settings.tls))
+                         tls=tls if tls is not None else TLSEngine(settings.tls))
     domain = domain.lower().rstrip(".")
     smarthost = settings.smarthost_for(domain)
     hop = NextHop(domain=domain, smarthost=smarthost)
