@@ -185,6 +185,7 @@ class MessageWriter:
         self._chunks: list[bytes] = []
         self._waiting = 0
         self._fd: int | None = None
+        self._renamed = False  # in new/: a failure after this must take it out again
         # Every disk operation of this message runs after the previous one.
         self._tail: defer.Deferred = defer.succeed(None)
 
@@ -237,6 +238,7 @@ class MessageWriter:
             finally:
                 self._close_fd()
             os.rename(self.path, os.path.join(spool.path, "new", qid))
+            self._renamed = True
 
         d = self._then(durable)
         d.addCallback(lambda _: spool.group_sync.sync())
@@ -252,6 +254,13 @@ class MessageWriter:
     def _discard(self) -> None:
         self._close_fd()
         self.spool.discard_debris(self.queue_id)
+        if self._renamed:
+            # The fsync of new/ failed after the rename: the sender is told
+            # 451 (or the DSN is retried), so no entry may stay behind.
+            try:
+                os.unlink(os.path.join(self.spool.path, "new", self.queue_id))
+            except FileNotFoundError:
+                pass
 
     def abort(self) -> defer.Deferred:
         """
