@@ -2,7 +2,13 @@
 Tests for the DSN extension's parameters and xtext (RFC 3461).
 """
 
+import email
+from email import policy
+
 from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_mta.dsn.report import FailedRecipient, delay_report, failure_report, success_report
+from twisted_mta.model import Envelope, Outcome, Recipient
 
 from twisted_mta.dsn.params import (
     DSNParamError, parse_envid, parse_notify, parse_orcpt, parse_ret, xtext_decode, xtext_encode,
@@ -52,3 +58,58 @@ class ParamTests(SynchronousTestCase):
         self.assertRaises(DSNParamError, parse_ret, "BODY")
         self.assertEqual(parse_envid("x+2By"), "x+y")
         self.assertRaises(DSNParamError, parse_envid, "x" * 101)
+
+    def test_envid_and_orcpt_must_be_printable(self):
+        """RFC 3461 4.2/4.4: the decoded ENVID and ORCPT address are printable US-ASCII (space included); a CR, LF, other control or 8-bit octet is refused, so nothing can forge fields in a DSN."""
+        self.assertEqual(parse_envid("a+20b~"), "a b~")
+        self.assertEqual(parse_orcpt("rfc822;x+20y@z"), "rfc822;x y@z")
+        envid = "ENVID must be printable US-ASCII once decoded (RFC 3461 4.4)"
+        for bad in ["abc+0D+0AX-Injected:+20yes", "a+0Ab", "a+0Db", "a+09b", "a+00", "a+7F",
+                    "caf+C3+A9", "+FF"]:
+            with self.assertRaises(DSNParamError) as cm:
+                parse_envid(bad)
+            self.assertEqual(str(cm.exception), envid, bad)
+        orcpt = "ORCPT address must be printable US-ASCII once decoded (RFC 3461 4.2)"
+        for bad in ["rfc822;x@y+0D+0AAction:+20failed+0D+0A", "rfc822;a+0A", "rfc822;a+1Bb",
+                    "rfc822;caf+C3+A9@x"]:
+            with self.assertRaises(DSNParamError) as cm:
+                parse_orcpt(bad)
+            self.assertEqual(str(cm.exception), orcpt, bad)
+
+
+class ReportFieldTests(SynchronousTestCase):
+    """
+    The DSN writer's own defence: whatever an envelope holds (an entry
+    queued before the check above, a bug elsewhere), no CR or LF from it
+    reaches a header field of the report.
+    """
+
+    def reports(self):
+        orcpt = "rfc822;x@y\r\nAction: failed\r\n\r\nFinal-Recipient: rfc822; forged@z"
+        rcpt = Recipient("a@example.test", original="o\n@example.test", orcpt=orcpt,
+                         notify=("SUCCESS",),
+                         outcome=Outcome(550, "5.1.1", "no\r\nAction: delivered", kind="reply"))
+        env = Envelope(queue_id="Q1", sender="victim@x", recipients=(rcpt,),
+                       arrival=1_800_000_000, envid="abc\r\nX-Injected: yes")
+        common = dict(hostname="mx.example.test", envelope=env, original_headers=b"Subject: x\r\n",
+                      now=1_800_000_100, boundary="=====DSN=====")
+        failed = [FailedRecipient(rcpt, remote_mta="mx\r\nX-Evil: 1")]
+        return [failure_report(failed=failed, **common),
+                delay_report(delayed=failed, until=1_800_400_000, **common),
+                success_report(delivered=[FailedRecipient(rcpt, action="delivered")], **common)]
+
+    def test_no_line_break_from_an_envelope_value(self):
+        """Original-Envelope-Id, Original-Recipient, Diagnostic-Code and Remote-MTA keep their values on one line, controls shown as '?': no forged field, no forged recipient block."""
+        for report in self.reports():
+            self.assertNotIn(b"\nX-Injected", report)
+            self.assertNotIn(b"\nX-Evil", report)
+            self.assertNotIn(b"forged@z\r\n", report.replace(b"; forged@z\r\n", b""))
+            self.assertIn(b"Original-Envelope-Id: abc??X-Injected: yes\r\n", report)
+            msg = email.message_from_bytes(report, policy=policy.compat32)
+            blocks = msg.get_payload()[1].get_payload()
+            self.assertEqual(len(blocks), 2)  # the per-message block and one recipient
+            self.assertEqual(blocks[1].get_all("Action"), [blocks[1]["Action"]])
+            self.assertEqual(blocks[1].get_all("Final-Recipient"), ["rfc822; a@example.test"])
+            self.assertEqual(blocks[1]["Original-Recipient"],
+                             "rfc822; x@y??Action: failed????Final-Recipient: rfc822; forged@z")
+            self.assertIsNone(blocks[0]["X-Injected"])

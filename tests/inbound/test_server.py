@@ -365,6 +365,22 @@ class SyntaxTests(SynchronousTestCase):
         self.assertEqual(self.h.send("RCPT TO:<alice@example.test> ORCPT=rfc822;a+zz\r\n"),
                          ["501 5.5.4 bad xtext: '+' must be followed by two upper-case hex digits"])
 
+    def test_dsn_header_injection_refused(self):
+        """F7: an ENVID or ORCPT whose decoded value holds CR/LF (or any control) is refused with 501 5.5.4, as Postfix does; nothing is queued."""
+        h = ServerHarness(self, peer="127.0.0.1")
+        h.ehlo()
+        self.assertEqual(h.send("MAIL FROM:<victim@x.test> ENVID=abc+0D+0AX-Injected:+20yes\r\n"),
+                         ["501 5.5.4 ENVID must be printable US-ASCII once decoded (RFC 3461 4.4)"])
+        self.assertEqual(h.send("MAIL FROM:<victim@x.test> ENVID=ok+20id\r\n"),
+                         ["250 2.1.0 Sender ok"])
+        self.assertEqual(h.send("RCPT TO:<alice@example.test> NOTIFY=SUCCESS "
+                                "ORCPT=rfc822;x@y+0D+0AAction:+20failed+0D+0A\r\n"),
+                         ["501 5.5.4 ORCPT address must be printable US-ASCII once decoded "
+                          "(RFC 3461 4.2)"])
+        self.assertEqual(h.send("DATA\r\n"), ["554 5.5.1 No valid recipients"])
+        self.assertEqual(h.queued, [])
+        self.assertEqual(h.spool_entries(), [])
+
     def test_body_and_auth_parameters(self):
         """BODY=8BITMIME and AUTH=<> are accepted on MAIL."""
         self.assertEqual(self.h.send("MAIL FROM:<a@remote.test> BODY=8BITMIME AUTH=<>\r\n"),

@@ -1,6 +1,13 @@
 """
 The SMTP DSN extension's parameters (RFC 3461): RET and ENVID on MAIL,
 NOTIFY and ORCPT on RCPT, and the xtext encoding they travel in.
+
+SECURITY: ENVID and the ORCPT address come back in the header fields of the
+DSNs we send (Original-Envelope-Id, Original-Recipient).  RFC 3461 4.2 and
+4.4 require their decoded values to be printable US-ASCII; a value with a
+CR or LF in it (C{ENVID=abc+0D+0AX-Injected:+20yes}) would forge fields in
+the report, so anything else is refused here, with the 501 5.5.4 Postfix
+gives.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ RET_VALUES = ("FULL", "HDRS")
 ENVID_MAX = 100  # octets, encoded (RFC 3461 4.4)
 
 _XTEXT_HEX = re.compile(r"\+([0-9A-F]{2})")
+_PRINTABLE = re.compile(r"[ -~]*")  # RFC 3461 4.2, 4.4: graphic characters and space
 
 
 class DSNParamError(ValueError):
@@ -78,7 +86,11 @@ def parse_orcpt(value: str | None) -> str:
     kind, _, address = value.partition(";")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", kind) or not address:
         raise DSNParamError("ORCPT must be addr-type;address, e.g. rfc822;user@example.com")
-    return f"{kind.lower()};{xtext_decode(address)}"
+    decoded = xtext_decode(address)
+    if not _PRINTABLE.fullmatch(decoded):
+        raise DSNParamError("ORCPT address must be printable US-ASCII once decoded "
+                            "(RFC 3461 4.2)")
+    return f"{kind.lower()};{decoded}"
 
 
 def parse_ret(value: str | None) -> str:
@@ -92,4 +104,7 @@ def parse_envid(value: str | None) -> str:
         raise DSNParamError("ENVID needs a value")
     if len(value) > ENVID_MAX:
         raise DSNParamError(f"ENVID is longer than {ENVID_MAX} characters")
-    return xtext_decode(value)
+    decoded = xtext_decode(value)
+    if not _PRINTABLE.fullmatch(decoded):
+        raise DSNParamError("ENVID must be printable US-ASCII once decoded (RFC 3461 4.4)")
+    return decoded

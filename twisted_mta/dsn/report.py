@@ -33,6 +33,20 @@ class FailedRecipient:
     action: str | None = None  # for success reports: "delivered" or "relayed"
 
 
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _field(value: str) -> str:
+    """
+    C{value} fit for one header field: every control character (CR and LF
+    above all) as C{?}, as Postfix prints them.  The server refuses ENVID
+    and ORCPT values with controls (L{twisted_mta.dsn.params}); this keeps
+    a value from an older queue entry, or from anywhere else, from forging
+    fields or recipient blocks in the report.
+    """
+    return _CONTROLS.sub("?", value)
+
+
 def _date(t: float) -> str:
     return email.utils.format_datetime(datetime.fromtimestamp(t, timezone.utc))
 
@@ -100,8 +114,8 @@ def _status_fields(hostname: str, envelope: Envelope, failed: Iterable[FailedRec
     per_message = Message()
     per_message["Reporting-MTA"] = f"dns; {hostname}"
     if envelope.envid is not None:
-        per_message["Original-Envelope-Id"] = envelope.envid
-    per_message["X-Twisted-MTA-Queue-ID"] = envelope.queue_id
+        per_message["Original-Envelope-Id"] = _field(envelope.envid)
+    per_message["X-Twisted-MTA-Queue-ID"] = _field(envelope.queue_id)
     per_message["Arrival-Date"] = _date(envelope.arrival)
     blocks = [per_message]
     for f in failed:
@@ -109,10 +123,10 @@ def _status_fields(hostname: str, envelope: Envelope, failed: Iterable[FailedRec
         block = Message()
         if r.orcpt:
             kind, _, address = r.orcpt.partition(";")
-            block["Original-Recipient"] = f"{kind}; {address}"
+            block["Original-Recipient"] = _field(f"{kind}; {address}")
         elif r.original:
-            block["Original-Recipient"] = f"rfc822; {r.original}"
-        block["Final-Recipient"] = f"rfc822; {r.address}"
+            block["Original-Recipient"] = _field(f"rfc822; {r.original}")
+        block["Final-Recipient"] = _field(f"rfc822; {r.address}")
         block["Action"] = f.action or ("failed" if until is None else "delayed")
         outcome = r.outcome
         if f.action:
@@ -121,11 +135,11 @@ def _status_fields(hostname: str, envelope: Envelope, failed: Iterable[FailedRec
             block["Status"] = outcome.enhanced if outcome else (
                 "5.0.0" if until is None else "4.0.0")
         if f.remote_mta:
-            block["Remote-MTA"] = f"dns; {f.remote_mta}"
+            block["Remote-MTA"] = _field(f"dns; {f.remote_mta}")
         if outcome is not None:
             # "smtp" is for a server's reply (RFC 3464 2.3.6); what we found
             # ourselves gets our own diagnostic type.
-            block["Diagnostic-Code"] = _diagnostic(outcome)
+            block["Diagnostic-Code"] = _field(_diagnostic(outcome))
         block["Last-Attempt-Date"] = _date(r.done_at if r.done_at is not None else now)
         if until is not None:
             block["Will-Retry-Until"] = _date(until)
@@ -189,11 +203,11 @@ def _report(hostname: str, envelope: Envelope, recipients: list[FailedRecipient]
     full = envelope.ret == "FULL" and not success and _has_body(original_headers)
     report = MIMEMultipart("report", report_type="delivery-status", boundary=boundary)
     report["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
-    report["To"] = f"<{to}>"
+    report["To"] = _field(f"<{to}>")
     report["Subject"] = subject
     report["Date"] = _date(now)
     kind = "success" if success else ("dsn" if until is None else "delay")
-    report["Message-ID"] = f"<{envelope.queue_id}.{kind}.{int(now)}@{hostname}>"
+    report["Message-ID"] = _field(f"<{envelope.queue_id}.{kind}.{int(now)}@{hostname}>")
     report["Auto-Submitted"] = "auto-replied"
     text = _human(hostname, envelope, recipients, until, success, full)
     report.attach(MIMEText(text, "plain", "us-ascii" if text.isascii() else "utf-8"))

@@ -594,7 +594,7 @@ class InboundESMTP(smtp.ESMTP):
             client=client,
             next_attempt=now,
             ret=(self.mail_params.get("RET") or "").upper() or None,
-            envid=(dsn_params.xtext_decode(self.mail_params["ENVID"])
+            envid=(dsn_params.parse_envid(self.mail_params["ENVID"])
                    if self.mail_params.get("ENVID") else None),
         )
 
