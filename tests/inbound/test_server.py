@@ -257,6 +257,39 @@ class RecipientTests(SynchronousTestCase):
         lines = h.send("".join(f"RCPT TO:<{u}@example.test>\r\n" for u in users))
         self.assertEqual(lines, ["250 2.1.5 Recipient ok"] * 100)
 
+    def test_recipients_past_the_limit_are_not_errors(self):
+        """F6: with the defaults (100 recipients, 20 errors), 150 RCPTs get 100 x 250 and 50 x 452 4.5.3, no 421; the message is queued for the 100, as Postfix does."""
+        h = ServerHarness(self, peer="127.0.0.1")  # trusted: remote recipients relay
+        h.ehlo()
+        rcpts = [f"r{i}@remote{i}.test" for i in range(150)]
+        lines = h.send("MAIL FROM:<s@remote.test>\r\n"
+                       + "".join(f"RCPT TO:<{r}>\r\n" for r in rcpts) + "DATA\r\n")
+        self.assertEqual(lines, ["250 2.1.0 Sender ok"] + ["250 2.1.5 Recipient ok"] * 100
+                         + ["452 4.5.3 Too many recipients"] * 50
+                         + ["354 End data with <CR><LF>.<CR><LF>"])
+        [line] = h.send(MSG)
+        self.assertTrue(line.startswith("250 2.0.0 Ok: queued as "), line)
+        self.assertEqual([r.address for r in h.queued[0].recipients], rcpts[:100])
+        self.assertFalse(h.transport.disconnecting)
+        # The next transaction starts afresh: 100 more, then 452 again.
+        lines = h.send("MAIL FROM:<s@remote.test>\r\n"
+                       + "".join(f"RCPT TO:<{r}>\r\n" for r in rcpts))
+        self.assertEqual(lines[1:], ["250 2.1.5 Recipient ok"] * 100
+                         + ["452 4.5.3 Too many recipients"] * 50)
+
+    def test_recipient_overshoot_counts_in_the_end(self):
+        """Past RECIPIENT_OVERSHOOT such 452s in one transaction, each counts as an error again (Postfix's smtpd_recipient_overshoot_limit)."""
+        from twisted_mta.inbound import server
+        self.patch(server, "RECIPIENT_OVERSHOOT", 5)
+        h = ServerHarness(self, peer="127.0.0.1", limits={"recipients": 2, "errors": 3})
+        h.ehlo()
+        lines = h.send("MAIL FROM:<s@remote.test>\r\n"
+                       + "".join(f"RCPT TO:<r{i}@remote.test>\r\n" for i in range(20)))
+        self.assertEqual(lines[1:], ["250 2.1.5 Recipient ok"] * 2
+                         + ["452 4.5.3 Too many recipients"] * 8
+                         + ["421 4.7.0 Too many errors, closing connection"])
+        self.assertTrue(h.transport.disconnecting)
+
     def test_duplicate_recipient_stored_once(self):
         """The same recipient twice (directly and via an alias) is stored once."""
         self.rcpt(self.h, "alice@example.test")

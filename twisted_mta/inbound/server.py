@@ -48,6 +48,10 @@ from twisted_mta.reply import Reply
 log = Logger()
 
 _NOT_SET = object()
+# RCPTs past [limits] recipients answered 452 4.5.3 without counting as
+# errors, per transaction (Postfix: smtpd_recipient_overshoot_limit); past
+# them, each one counts again.
+RECIPIENT_OVERSHOOT = 1000
 # Control characters (but TAB) and 8-bit octets: commands are ASCII (RFC 5321 2.4).
 _FORBIDDEN_COMMAND_BYTES = bytes(b for b in range(256) if b < 32 and b != 9 or b >= 127)
 
@@ -259,9 +263,13 @@ class InboundESMTP(smtp.ESMTP):
         log.info("TLS with {peer}: {version} {cipher}", event="inbound.tls",
                  peer=self.peer_ip, **self.tls_info)
 
-    def send(self, r: Reply) -> None:
+    def send(self, r: Reply, error: bool = True) -> None:
+        """
+        Write C{r}; a 4xx/5xx reply counts towards [limits] errors unless
+        C{error} is false (or it is a 421: the session ends anyway).
+        """
         self.transport.write(b"".join(line + b"\r\n" for line in r.lines()))
-        if r.code >= 400 and r.code != 421 and not self._closing:
+        if error and r.code >= 400 and r.code != 421 and not self._closing:
             self._errors += 1
             if self._errors >= self.limits.errors:
                 log.info("too many errors from {peer}; disconnecting", event="inbound.error-limit",
@@ -357,6 +365,7 @@ class InboundESMTP(smtp.ESMTP):
         self.sender: Any = _NOT_SET
         self.mail_params: dict[str, str | None] = {}
         self.recipients: list[Recipient] = []
+        self._overshoot = 0  # RCPTs refused for the recipient limit
 
     @property
     def protocol_name(self) -> str:
@@ -524,7 +533,12 @@ class InboundESMTP(smtp.ESMTP):
                 self.send(reply.BAD_RCPT_SYNTAX.with_text(str(e)))
                 return
         if len(self.recipients) >= self.limits.recipients:
-            self.send(reply.TOO_MANY_RECIPIENTS)
+            # Not the client's error (RFC 5321 4.5.3.1.10: it sends the
+            # rest in another transaction): like Postfix, the first
+            # RECIPIENT_OVERSHOOT of these do not count towards [limits]
+            # errors, so the accepted recipients still get the message.
+            self._overshoot += 1
+            self.send(reply.TOO_MANY_RECIPIENTS, error=self._overshoot > RECIPIENT_OVERSHOOT)
             return
         verdict, finals = self._route_recipient(parsed.address)
         if verdict is not reply.RECIPIENT_OK:
