@@ -71,6 +71,34 @@ class SessionTests(SynchronousTestCase):
             b"\tfor <alice@example.test>;\r\n\t"), stored)
         self.assertTrue(stored.endswith(b"Subject: test\r\n\r\nbody\r\n"), stored)
 
+    def test_long_helo_name_cut_and_received_folded(self):
+        """A 2,000-character EHLO name is accepted but kept to its first 255 octets (RFC 5321 4.5.3.1.2) and '...', in the Received header (folded) and the envelope; every line of the stored message is at most 998 octets."""
+        h = ServerHarness(self)
+        name = "a" * 2000
+        self.assertEqual(h.send(f"EHLO {name}\r\n")[0], "250-mx.example.test Hello [192.0.2.10]")
+        h.send("MAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        self.assertEqual(h.send(MSG)[0][:3], "250")
+        cut = "a" * 255 + "..."
+        self.assertEqual(h.queued[0].client["helo"], cut)
+        stored = h.queued_messages()[0]
+        self.assertTrue(stored.startswith(f"Received: from {cut}\r\n\t([192.0.2.10])\r\n"
+                                          "\tby mx.example.test ".encode()), stored[:400])
+        with open(h.spool.message_path(h.queued[0].queue_id), "rb") as f:
+            whole = f.read()
+        for data in (stored, whole):
+            lines = data.split(b"\r\n")
+            self.assertLessEqual(max(map(len, lines)) + 2, 998)
+        self.assertEqual(h.spool.load(h.queued[0].queue_id).client["helo"], cut)
+
+    def test_helo_name_of_255_octets_kept(self):
+        """A name of exactly 255 octets (HELO too) is kept whole."""
+        h = ServerHarness(self)
+        name = "b" * 255
+        h.send(f"HELO {name}\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n")
+        h.send(MSG)
+        self.assertEqual(h.queued[0].client["helo"], name)
+        self.assertIn(f"from {name}\r\n".encode(), h.queued_messages()[0])
+
     def test_received_header_no_for_with_two_recipients(self):
         """With two recipients the Received header has no 'for' clause (privacy, RFC 5321 7.2)."""
         h = ServerHarness(self)

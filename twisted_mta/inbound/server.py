@@ -52,6 +52,10 @@ _NOT_SET = object()
 # errors, per transaction (Postfix: smtpd_recipient_overshoot_limit); past
 # them, each one counts again.
 RECIPIENT_OVERSHOOT = 1000
+# RFC 5321 4.5.3.1.2: a domain is at most 255 octets.  A longer EHLO/HELO
+# name is accepted (as Postfix does) but kept cut to this, so the Received
+# header stays within RFC 5322's 998 octets per line.
+HELO_NAME_MAX = 255
 # Control characters (but TAB) and 8-bit octets: commands are ASCII (RFC 5321 2.4).
 _FORBIDDEN_COMMAND_BYTES = bytes(b for b in range(256) if b < 32 and b != 9 or b >= 127)
 
@@ -382,7 +386,7 @@ class InboundESMTP(smtp.ESMTP):
         if not arg:
             self.send(reply.HELO_REQUIRED)
             return
-        self.helo_name = arg.split()[0]
+        self.helo_name = self._helo_name(arg)
         self.esmtp = True
         self._reset_transaction()
         lines = [f"{self.host.decode()} Hello [{self.peer_ip}]"]
@@ -394,10 +398,24 @@ class InboundESMTP(smtp.ESMTP):
         if not arg:
             self.send(reply.HELO_REQUIRED.with_text("Syntax: HELO hostname"))
             return
-        self.helo_name = arg.split()[0]
+        self.helo_name = self._helo_name(arg)
         self.esmtp = False
         self._reset_transaction()
         self.send(Reply(250, None, f"{self.host.decode()} Hello [{self.peer_ip}]"))
+
+    def _helo_name(self, arg: str) -> str:
+        """
+        The name the client gave, cut to L{HELO_NAME_MAX} octets (with
+        C{...} to show it was cut).  Commands are ASCII, so octets are
+        characters.
+        """
+        name = arg.split()[0]
+        if len(name) > HELO_NAME_MAX:
+            log.info("EHLO/HELO name from {peer} of {length} octets cut to {max}",
+                     event="inbound.helo-truncated", peer=self.peer_ip, length=len(name),
+                     max=HELO_NAME_MAX)
+            name = name[:HELO_NAME_MAX] + "..."
+        return name
 
     def extensions(self) -> dict[bytes, list[bytes] | None]:
         ext: dict[bytes, list[bytes] | None] = {
@@ -613,9 +631,11 @@ class InboundESMTP(smtp.ESMTP):
         )
 
     def _received_header(self, queue_id: str) -> bytes:
-        helo = self.helo_name or "unknown"
-        parts = [f"Received: from {helo} ([{self.peer_ip}])",
-                 f"\tby {self.host.decode()} (twisted-mta) with {self.protocol_name} id {queue_id}"]
+        helo = self.helo_name or "unknown"  # at most HELO_NAME_MAX + 3 octets
+        parts = [f"Received: from {helo} ([{self.peer_ip}])"]
+        if len(parts[0]) > 78:  # RFC 5322 2.1.1: fold where a line would grow long
+            parts = [f"Received: from {helo}", f"\t([{self.peer_ip}])"]
+        parts += [f"\tby {self.host.decode()} (twisted-mta) with {self.protocol_name} id {queue_id}"]
         if self.tls_info:
             t = self.tls_info
             parts.append(f"\t(using {t['version']} with cipher {t['cipher']} ({t['bits']} bits))")
