@@ -716,7 +716,115 @@ class BadInputTests(SynchronousTestCase):
         lines = h.send(MSG)
         self.assertEqual(lines, ["451 4.3.0 Could not store the message, try again later"])
         self.assertEqual(h.queued, [])
-        self.assertEqual(len(self.flushLoggedErrors(FileNotFoundError)), 1)
+        self.assertEqual(self.flushLoggedErrors(), [])  # an OSError: one line, no traceback
+
+
+class FailingWriter:
+    """
+    A spool writer whose commit fails with C{error} (the message data is
+    taken and dropped, as a full disk would).
+    """
+
+    def __init__(self, real, error: BaseException) -> None:
+        self.real = real
+        self.error = error
+        self.queue_id = real.queue_id
+
+    def write(self, data: bytes) -> None:
+        self.real.write(data)
+
+    def commit(self, envelope):
+        from twisted.internet import defer
+        self.real.abort()
+        return defer.fail(self.error)
+
+    def abort(self):
+        return self.real.abort()
+
+
+class StorageFailureTests(SynchronousTestCase):
+    """
+    F8: a spool that cannot store messages is logged as one line per
+    refused message and one warning per episode; a bug keeps its traceback.
+    """
+
+    def setUp(self):
+        from twisted.logger import globalLogPublisher
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.h = ServerHarness(self)
+        self.faults = []  # per message: an exception for its commit, or None
+        new_message = self.h.spool.new_message
+
+        def failing():
+            writer = new_message()
+            fault = self.faults.pop(0) if self.faults else None
+            return writer if fault is None else FailingWriter(writer, fault)
+        self.h.spool.new_message = failing
+        self.h.ehlo()
+
+    def message(self) -> str:
+        self.h.send("MAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        [line] = self.h.send(MSG)
+        return line
+
+    def logged(self, *names):
+        from twisted.logger import LogLevel
+        return [(e["event"], e["log_level"].name, e.get("error"), e.get("count"),
+                 "log_failure" in e) for e in self.events if e.get("event") in names]
+
+    def test_full_disk_episode(self):
+        """Three refusals on ENOSPC: one warning, three info lines with the errno words, no traceback; the next success ends the episode in one line; a new error starts another."""
+        import errno
+        import os
+        enospc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.faults = [enospc, enospc, enospc, None, OSError(errno.EIO, os.strerror(errno.EIO))]
+        replies = [self.message()[:3] for _ in range(5)]
+        self.assertEqual(replies, ["451", "451", "451", "250", "451"])
+        words = "ENOSPC: No space left on device"
+        self.assertEqual(self.logged("inbound.queue-failing", "inbound.queue-error",
+                                     "inbound.queue-recovered"), [
+            ("inbound.queue-failing", "warn", words, None, False),
+            ("inbound.queue-error", "info", words, None, False),
+            ("inbound.queue-error", "info", words, None, False),
+            ("inbound.queue-error", "info", words, None, False),
+            ("inbound.queue-recovered", "info", None, 3, False),
+            ("inbound.queue-failing", "warn", "EIO: Input/output error", None, False),
+            ("inbound.queue-error", "info", "EIO: Input/output error", None, False),
+        ])
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(len(self.h.queued), 1)
+        self.assertEqual([n for n in self.h.spool_entries() if n != self.h.queued[0].queue_id],
+                         [])
+
+    def test_episode_shared_by_listeners(self):
+        """A second listener on the same spool is in the same episode: no second warning."""
+        import errno
+        from twisted_mta.inbound.server import InboundFactory
+        other = InboundFactory(self.h.config, "submission", self.h.spool, self.h.clock,
+                               on_queued=self.h.queued.append)
+        self.assertIs(other.storage, self.h.factory.storage)
+        self.faults = [OSError(errno.ENOSPC, "No space left on device")] * 2
+        self.message()
+        self.h.factory = other
+        self.h.protocol, self.h.transport = self.h.connect()
+        self.h.read()
+        self.h.ehlo()
+        self.message()
+        self.assertEqual([e[0] for e in self.logged("inbound.queue-failing",
+                                                    "inbound.queue-error")],
+                         ["inbound.queue-failing", "inbound.queue-error",
+                          "inbound.queue-error"])
+
+    def test_bug_keeps_its_traceback(self):
+        """A non-OSError from the spool is a bug: 451, and its traceback at critical level; no episode."""
+        self.faults = [RuntimeError("bug")]
+        self.assertEqual(self.message(),
+                         "451 4.3.0 Could not store the message, try again later")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.logged("inbound.queue-failing", "inbound.queue-error"),
+                         [("inbound.queue-error", "critical", None, None, True)])
 
 
 class StartTLSTests(SynchronousTestCase):

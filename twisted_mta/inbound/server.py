@@ -22,7 +22,9 @@ from __future__ import annotations
 import base64
 import binascii
 import email.utils
+import errno
 import ipaddress
+import weakref
 from collections import Counter, OrderedDict, deque
 from typing import Any, Callable
 
@@ -122,6 +124,50 @@ class AuthFailureLimiter:
         return len(times) >= self.max_failures and now - times[0] < self.window
 
 
+def errno_words(e: OSError) -> str:
+    """
+    C{ENOSPC: No space left on device}: the error's symbol and words, for a
+    one-line log (the traceback of a full disk says nothing more).
+    """
+    name = errno.errorcode.get(e.errno) if e.errno is not None else None
+    words = e.strerror or str(e) or type(e).__name__
+    return f"{name}: {words}" if name else words
+
+
+class StorageEpisodes:
+    """
+    Whether the spool refused messages since one was last stored, shared by
+    every listener on the spool: a full disk is logged as one warning when
+    it starts (the first refusal after a success), one info line per refused
+    message, and one line when a message is stored again.
+    """
+
+    def __init__(self) -> None:
+        self.refused = 0  # messages refused since the last one stored
+        self.since: float | None = None
+
+    def failed(self, e: OSError, peer: str, now: float) -> None:
+        words = errno_words(e)
+        if not self.refused:
+            self.since = now
+            log.warn("the spool cannot store messages ({error}); refusing them with 451 "
+                     "until it can", event="inbound.queue-failing", error=words)
+        self.refused += 1
+        log.info("could not store a message from {peer}: {error}; 451 sent",
+                 event="inbound.queue-error", peer=peer, error=words)
+
+    def stored(self, now: float) -> None:
+        if self.refused:
+            log.info("the spool stores messages again, after {count} refused in {seconds:.0f} s",
+                     event="inbound.queue-recovered", count=self.refused,
+                     seconds=now - (self.since or now))
+            self.refused = 0
+            self.since = None
+
+
+_episodes: "weakref.WeakKeyDictionary[Spool, StorageEpisodes]" = weakref.WeakKeyDictionary()
+
+
 class InboundFactory(smtp.SMTPFactory):
     """
     Builds one L{InboundESMTP} per connection for one listener, and counts
@@ -138,6 +184,7 @@ class InboundFactory(smtp.SMTPFactory):
         self.config = config
         self.role = role
         self.spool = spool
+        self.storage = _episodes.setdefault(spool, StorageEpisodes())
         self.clock = clock
         self.auth_failures = AuthFailureLimiter(clock, config.auth.max_failures,
                                                 config.auth.failure_window)
@@ -670,6 +717,7 @@ class InboundESMTP(smtp.ESMTP):
                  count=len(envelope.recipients),
                  recipients=[r.address for r in envelope.recipients],
                  size=envelope.size, peer=self.peer_ip)
+        self.factory.storage.stored(self.factory.clock.seconds())
         self._reset_transaction()
         self.send(reply.OK.with_text(f"Ok: queued as {envelope.queue_id}"))
         try:
@@ -680,8 +728,13 @@ class InboundESMTP(smtp.ESMTP):
 
     def _queue_failed(self, failure: Failure) -> None:
         self._writer = None
-        log.failure("could not store a message from {peer}", failure,
-                    event="inbound.queue-error", peer=self.peer_ip)
+        if failure.check(OSError):
+            # A full disk, an I/O error: one line each, one warning per episode.
+            self.factory.storage.failed(failure.value, self.peer_ip,
+                                        self.factory.clock.seconds())
+        else:  # a bug: its traceback
+            log.failure("could not store a message from {peer}", failure,
+                        event="inbound.queue-error", peer=self.peer_ip)
         self._reset_transaction()
         self.send(reply.QUEUE_WRITE_ERROR)
 
