@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextvars
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -233,10 +234,25 @@ class Limits:
     data_line_length: int = attrs.field(default=8192, validator=_at_least(1000))
     connections_per_ip: int = attrs.field(default=20, validator=_at_least(1))
     connections: int = attrs.field(default=500, validator=_at_least(1))
-    command_timeout: Duration = 300
-    data_timeout: Duration = 600
+    command_timeout: Duration = 300  # idle between commands
+    data_timeout: Duration = 600  # idle between octets of message data
+    data_time: Duration = 1800  # the whole of one message's data, 354 to the dot
+    min_data_rate: int = attrs.field(default=500, validator=_at_least(0))  # octets/s; 0: off
+    data_rate_grace: Duration = 60  # free time before min_data_rate counts
+    # Stress (Postfix: ${stress?...}): with this fraction of `connections` in
+    # use on a listener, its timeouts above are cut to stress_timeout.
+    stress_threshold: float = attrs.field(default=0.8, validator=_valid(
+        lambda v: 0 < v <= 1, "must be more than 0 and at most 1, not {}"))
+    stress_timeout: Duration | None = 10  # None: no stress-adaptive timeouts (false or 0)
     received_headers: int = attrs.field(default=100, validator=_at_least(10))
     errors: int = attrs.field(default=20, validator=_at_least(1))
+
+    @property
+    def stress_connections(self) -> int:
+        """
+        Connections in use on one listener from which it is under stress.
+        """
+        return max(1, math.ceil(round(self.stress_threshold * self.connections, 6)))
 
 
 @attrs.frozen
@@ -414,6 +430,8 @@ class Config:
         """
         d = _plain(attrs.asdict(self, recurse=True))
         d.pop("path")
+        if self.limits.stress_timeout is None:  # turned off, not unset
+            d["limits"]["stress_timeout"] = False
         out: dict[str, Any] = {"server": {"hostname": d.pop("hostname"),
                                           "spool": d.pop("spool")}}
         routes = d["outbound"].pop("routes")

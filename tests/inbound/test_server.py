@@ -665,7 +665,8 @@ class BadInputTests(SynchronousTestCase):
 
     def test_stall_in_data_times_out_and_discards(self):
         """A client that stalls in DATA times out after the data timeout, and nothing is queued."""
-        h = ServerHarness(self, limits={"command_timeout": 60, "data_timeout": 120})
+        h = ServerHarness(self, limits={"command_timeout": 60, "data_timeout": 120,
+                                        "min_data_rate": 0})  # the idle limit alone
         h.start_transaction()
         h.send(b"Subject: partial\r\n")
         h.clock.advance(100)

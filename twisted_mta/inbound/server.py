@@ -12,7 +12,12 @@ defects (see docs/architecture.md) are fixed by owning the input loop:
     DATA reader (L{twisted_mta.inbound.data}) ends data only on CRLF.CRLF;
   - over-long lines are refused and skipped, with memory bounded;
   - every reply carries an enhanced status code, and an internal error is a
-    451 to the peer and a traceback in our log, never on the wire.
+    451 to the peer and a traceback in our log, never on the wire;
+  - no slot is held for ever: besides the idle timeouts, a message's data
+    must come within [limits] data_time and at min_data_rate after a grace,
+    and when a listener has stress_threshold of its connections in use,
+    every timeout of its sessions is cut to stress_timeout (Postfix's
+    ${stress?...}), the running ones at once.
 
 The 250 after DATA is sent only when the queue says the entry is durable.
 """
@@ -195,6 +200,52 @@ class InboundFactory(smtp.SMTPFactory):
                              for n in config.relay.trusted_networks)
         self.per_ip: Counter[str] = Counter()
         self.total = 0
+        self.sessions: set[InboundESMTP] = set()  # the counted ones
+        self.stressed = False
+
+    def stress_timeout(self) -> float | None:
+        """
+        The cap on every session timeout of this listener now: [limits]
+        stress_timeout while under stress, else None.
+        """
+        return self.config.limits.stress_timeout if self.stressed else None
+
+    def session_started(self, session: "InboundESMTP") -> None:
+        self.total += 1
+        self.per_ip[session.peer_ip] += 1
+        self.sessions.add(session)
+        self._check_stress()
+
+    def session_ended(self, session: "InboundESMTP") -> None:
+        self.total -= 1
+        self.per_ip[session.peer_ip] -= 1
+        if self.per_ip[session.peer_ip] <= 0:
+            del self.per_ip[session.peer_ip]
+        self.sessions.discard(session)
+        self._check_stress()
+
+    def _check_stress(self) -> None:
+        """
+        Under stress from C{stress_connections} in use until fewer than 90%
+        of that are (so that one connection more or less does not flap);
+        entering it cuts the timeouts of the running sessions at once.
+        """
+        limits = self.config.limits
+        if limits.stress_timeout is None:
+            return
+        on = limits.stress_connections
+        if not self.stressed and self.total >= on:
+            self.stressed = True
+            log.warn("{role} listener under stress: {count} of {limit} connections in use; "
+                     "timeouts cut to {timeout} s", event="inbound.stress", role=self.role,
+                     count=self.total, limit=limits.connections, timeout=limits.stress_timeout)
+            for session in list(self.sessions):
+                session.stress_began()
+        elif self.stressed and self.total < max(1, on - max(1, on // 10)):
+            self.stressed = False
+            log.info("{role} listener no longer under stress: {count} of {limit} connections "
+                     "in use", event="inbound.stress-end", role=self.role, count=self.total,
+                     limit=limits.connections)
 
     def buildProtocol(self, addr):
         p = InboundESMTP(self)
@@ -240,6 +291,10 @@ class InboundESMTP(smtp.ESMTP):
         self._closing = False
         self._counted = False
         self._errors = 0
+        self._idle_until: float | None = None  # when the idle timeout fires
+        self._data_call: Any = None  # the DATA deadline (data_time, min_data_rate)
+        self._data_started = 0.0
+        self._data_octets = 0
         self._reader: DataReader | None = None
         self._writer = None
         self._envelope: Envelope | None = None
@@ -268,12 +323,11 @@ class InboundESMTP(smtp.ESMTP):
             self._refuse(reply.TOO_MANY_CONNECTIONS_IP, "per-ip")
             return
         self._counted = True
-        f.total += 1
-        f.per_ip[self.peer_ip] += 1
+        f.session_started(self)
         log.info("connect from {peer} to {role} listener", event="inbound.connect",
                  peer=self.peer_ip, role=f.role)
         self.send(Reply(220, None, f"{self.host.decode()} {self.config.inbound.banner}"))
-        self.setTimeout(self.timeout)
+        self._arm()
 
     def _refuse(self, r: Reply, which: str) -> None:
         log.info("refused connection from {peer}: {limit} connection limit",
@@ -283,7 +337,9 @@ class InboundESMTP(smtp.ESMTP):
         self.transport.loseConnection()
 
     def connectionLost(self, reason=None) -> None:
-        self.setTimeout(None)
+        self._closing = True  # nothing more to read or time out
+        self._disarm()
+        self._stop_data_clock()
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
@@ -291,16 +347,109 @@ class InboundESMTP(smtp.ESMTP):
                      event="inbound.data-aborted", peer=self.peer_ip)
         if self._counted:
             self._counted = False
-            f = self.factory
-            f.total -= 1
-            f.per_ip[self.peer_ip] -= 1
-            if f.per_ip[self.peer_ip] <= 0:
-                del f.per_ip[self.peer_ip]
+            self.factory.session_ended(self)
             log.info("disconnect from {peer}", event="inbound.disconnect", peer=self.peer_ip)
 
+    # -- time limits ----------------------------------------------------------
+
+    def _idle_limit(self) -> float:
+        normal = (self.limits.data_timeout if self._reader is not None
+                  else self.limits.command_timeout)
+        cap = self.factory.stress_timeout()
+        return normal if cap is None else min(normal, cap)
+
+    def _arm(self) -> None:
+        """
+        (Re)start the idle countdown for the phase the session is in.
+        """
+        period = self._idle_limit()
+        self._idle_until = self.factory.clock.seconds() + period
+        self.setTimeout(period)
+
+    def _disarm(self) -> None:
+        """
+        No idle countdown: we are the ones working (a commit, a password check).
+        """
+        self._idle_until = None
+        self.setTimeout(None)
+
+    def stress_began(self) -> None:
+        """
+        The listener came under stress: no countdown of this session may
+        run longer than [limits] stress_timeout from now.
+        """
+        if self._closing:
+            return
+        cap = self.limits.stress_timeout
+        if self._idle_until is not None and self._idle_until - self.factory.clock.seconds() > cap:
+            self._arm()
+        if self._data_call is not None:
+            self._schedule_data_deadline()
+
     def timeoutConnection(self) -> None:
-        log.info("timeout for {peer}", event="inbound.timeout", peer=self.peer_ip)
+        self._idle_until = None
+        log.info("timeout for {peer}: idle in {phase}", event="inbound.timeout",
+                 peer=self.peer_ip, phase="data" if self._reader is not None else "command",
+                 limit="idle", stress=self.factory.stressed)
         self.send(reply.TIMEOUT)
+        self._close()
+
+    def _start_data_clock(self) -> None:
+        self._data_started = self.factory.clock.seconds()
+        self._data_octets = 0
+        self._schedule_data_deadline()
+
+    def _stop_data_clock(self) -> None:
+        if self._data_call is not None and self._data_call.active():
+            self._data_call.cancel()
+        self._data_call = None
+
+    def _data_deadline(self) -> tuple[float, str]:
+        """
+        When the message data must be complete, and which limit says so:
+        C{data-time} ([limits] data_time after the 354), or C{data-rate}:
+        the grace, then one second for every C{min_data_rate} octets
+        received (Postfix's smtpd_min_data_rate works the same way).
+        """
+        limits = self.limits
+        deadline, which = self._data_started + limits.data_time, "data-time"
+        if limits.min_data_rate:
+            grace = limits.data_rate_grace
+            cap = self.factory.stress_timeout()
+            if cap is not None:
+                grace = min(grace, cap)
+            by_rate = self._data_started + grace + self._data_octets / limits.min_data_rate
+            if by_rate < deadline:
+                deadline, which = by_rate, "data-rate"
+        return deadline, which
+
+    def _schedule_data_deadline(self) -> None:
+        clock = self.factory.clock
+        delay = max(0.0, self._data_deadline()[0] - clock.seconds())
+        if self._data_call is not None and self._data_call.active():
+            self._data_call.reset(delay)
+        else:
+            self._data_call = clock.callLater(delay, self._data_deadline_reached)
+
+    def _data_deadline_reached(self) -> None:
+        """
+        The deadline computed earlier came: octets received since may have
+        moved it on (a new timer then; no timer is touched per octet).
+        """
+        self._data_call = None
+        if self._reader is None or self._closing:
+            return
+        now = self.factory.clock.seconds()
+        deadline, which = self._data_deadline()
+        if deadline > now + 1e-6:
+            self._data_call = self.factory.clock.callLater(deadline - now,
+                                                           self._data_deadline_reached)
+            return
+        log.info("timeout for {peer}: {limit} in data ({octets} octets in {seconds:.0f} s)",
+                 event="inbound.timeout", peer=self.peer_ip, phase="data", limit=which,
+                 stress=self.factory.stressed, octets=self._data_octets,
+                 seconds=now - self._data_started)
+        self.send(reply.DATA_TOO_SLOW if which == "data-rate" else reply.DATA_TOO_LONG)
         self._close()
 
     def handshakeCompleted(self) -> None:
@@ -341,7 +490,8 @@ class InboundESMTP(smtp.ESMTP):
             return
         self._inbuf += data
         if self._reader is not None:
-            self.resetTimeout()
+            self._data_octets += len(data)
+            self._arm()
         self._process()
 
     def _process(self) -> None:
@@ -354,6 +504,7 @@ class InboundESMTP(smtp.ESMTP):
                 self._writer.abort()
                 self._writer = None
             self._reader = None
+            self._stop_data_clock()
             self._busy = False
             self._reset_transaction()
             self.send(reply.LOCAL_ERROR)
@@ -385,7 +536,7 @@ class InboundESMTP(smtp.ESMTP):
             if idx + 2 > limit:
                 self.send(reply.LINE_TOO_LONG)
                 continue
-            self.resetTimeout()
+            self._arm()
             if self._continuation is not None:
                 handler, self._continuation = self._continuation, None
                 handler(line)
@@ -656,7 +807,8 @@ class InboundESMTP(smtp.ESMTP):
             max_received=self.limits.received_headers,
             bare_newline=self.config.inbound.bare_newline,
         )
-        self.setTimeout(self.limits.data_timeout)
+        self._arm()
+        self._start_data_clock()
         self.send(reply.START_INPUT)
 
     def _make_envelope(self, queue_id: str) -> Envelope:
@@ -695,8 +847,9 @@ class InboundESMTP(smtp.ESMTP):
     def _end_of_data(self) -> None:
         reader, writer = self._reader, self._writer
         self._reader = None
-        self.setTimeout(self.timeout)
+        self._stop_data_clock()
         if reader.error is not None:
+            self._arm()
             self._writer = None
             writer.abort()
             log.info("message from {peer} refused: {reply}", event="inbound.data-refused",
@@ -706,6 +859,7 @@ class InboundESMTP(smtp.ESMTP):
             return
         envelope = attrs.evolve(self._envelope, size=reader.size)
         self._busy = True
+        self._disarm()  # the client waits for us, not we for it
         d = writer.commit(envelope)
         d.addCallbacks(self._queued, self._queue_failed)
         d.addBoth(self._resume)
@@ -741,6 +895,7 @@ class InboundESMTP(smtp.ESMTP):
     def _resume(self, _: object) -> None:
         self._busy = False
         if self.transport is not None and not self._closing:
+            self._arm()
             self._process()
 
     # -- AUTH (RFC 4954; PLAIN, RFC 4616; LOGIN) --------------------------------
@@ -826,6 +981,7 @@ class InboundESMTP(smtp.ESMTP):
             self._auth_failed("not UTF-8")
             return
         self._busy = True
+        self._disarm()
         d = self.factory.run_blocking(self.factory.users.check, name, secret)
 
         def checked(canonical):
