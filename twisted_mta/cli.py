@@ -217,7 +217,22 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bad_queue_id(queue_id: str) -> bool:
+    """
+    Whether C{queue_id} is not a queue id, after saying so in one line:
+    nothing is looked up, requested or deleted for it.
+    """
+    try:
+        control.check_queue_id(queue_id)
+    except control.ControlError as e:
+        print(f"twisted-mta: {e}", file=sys.stderr)
+        return True
+    return False
+
+
 def cmd_queue_show(args: argparse.Namespace) -> int:
+    if _bad_queue_id(args.queue_id):
+        return 2
     config = _config(args)
     if config is None:
         return 1
@@ -266,10 +281,13 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
 
 
 def cmd_queue_action(args: argparse.Namespace) -> int:
+    qid = getattr(args, "queue_id", None)
+    qid = control.ALL if qid is None else qid  # only flush may name none
+    if qid != control.ALL and _bad_queue_id(qid):
+        return 2
     config = _config(args)
     if config is None:
         return 1
-    qid = getattr(args, "queue_id", None) or control.ALL
     override = ("cleartext" if getattr(args, "allow_cleartext", False)
                 else getattr(args, "tls", None))
     action = args.action

@@ -14,6 +14,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
+import re
 from typing import Any
 
 import attrs
@@ -111,6 +113,9 @@ class Recipient:
     done_at: float | None = None
     notify: tuple[str, ...] | None = None  # DSN NOTIFY (RFC 3461); () is NEVER, None unset
     orcpt: str | None = None  # DSN ORCPT as "addr-type;address"
+    # A DSN is owed for this recipient's final state and could not be
+    # queued yet (the queue manager retries it).
+    dsn_pending: bool = False
 
     def wants(self, condition: str) -> bool:
         """
@@ -142,6 +147,10 @@ class Envelope:
     envid: str | None = None  # DSN ENVID, decoded
     tls_failures: int = 0  # attempts that failed on TLS (the fallback decider weighs it)
     tls_override: str | None = None  # operator's one-shot: "relaxed" or "cleartext"
+    # The queue file's length in octets (envelope header included), known
+    # from the commit on and recorded with the state; 0 when unknown (the
+    # header is written before it is known).  Not part of equality.
+    file_size: int = attrs.field(default=0, eq=False)
 
     def pending(self) -> tuple[Recipient, ...]:
         return tuple(r for r in self.recipients if r.pending)
@@ -159,9 +168,12 @@ class Envelope:
         )
 
     def to_json(self, compact: bool = False) -> bytes:
+        # allow_nan=False: a NaN or Infinity would be written as JSON no
+        # decoder accepts; better to fail here, before anything is stored.
         if compact:
-            return json.dumps(_dump(self), sort_keys=True, separators=(",", ":")).encode("utf-8")
-        return json.dumps(_dump(self), sort_keys=True, indent=1).encode("utf-8")
+            return json.dumps(_dump(self), sort_keys=True, separators=(",", ":"),
+                              allow_nan=False).encode("utf-8")
+        return json.dumps(_dump(self), sort_keys=True, indent=1, allow_nan=False).encode("utf-8")
 
     def to_header(self) -> bytes:
         """
@@ -169,26 +181,33 @@ class Envelope:
         base64 of compact JSON in lines of 76, so the file stays a valid
         RFC 5322 message that any Maildir reader can open.
         """
-        raw = json.dumps(_dump(self), sort_keys=True, separators=(",", ":")).encode("utf-8")
+        raw = self.to_json(compact=True)
         b64 = base64.b64encode(raw)
         lines = [b64[i:i + 76] for i in range(0, len(b64), 76)]
         return HEADER_NAME + b": " + b"\r\n\t".join(lines) + b"\r\n"
 
     @classmethod
-    def from_json(cls, data: bytes) -> "Envelope":
+    def from_json(cls, data: bytes | str) -> "Envelope":
+        """
+        Decode an envelope written by L{to_json} or L{to_header}; anything
+        else (not JSON, NaN or Infinity, a duplicate, missing, unknown or
+        mistyped field, a value out of range) raises L{EnvelopeError} and
+        nothing else.
+        """
+        if not isinstance(data, (bytes, bytearray, str)):
+            raise EnvelopeError(f"not JSON text: {type(data).__name__}")
         try:
-            raw = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
+            raw = json.loads(data, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
+        except EnvelopeError:
+            raise
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
             raise EnvelopeError(f"not JSON: {e}")
         if not isinstance(raw, dict):
             raise EnvelopeError("not a JSON object")
         version = raw.get("version")
-        if version != ENVELOPE_VERSION:
-            raise EnvelopeError(f"unsupported envelope version {version!r}")
-        try:
-            return _load(raw)
-        except (KeyError, TypeError, ValueError) as e:
-            raise EnvelopeError(f"malformed envelope: {e!r}")
+        if type(version) is not int or version != ENVELOPE_VERSION:
+            raise EnvelopeError(f"unsupported envelope version {_kind(version)}")
+        return _load(raw)
 
 
 def _dump_outcome(o: Outcome | None) -> dict[str, Any] | None:
@@ -208,14 +227,17 @@ def _dump_outcome(o: Outcome | None) -> dict[str, Any] | None:
     return out
 
 
-def _load_outcome(raw: Any) -> Outcome | None:
+def _load_outcome(raw: Any, where: str) -> Outcome | None:
     if raw is None:
         return None
-    remote = raw.get("remote_mta")
-    return Outcome(code=int(raw["code"]), enhanced=str(raw["enhanced"]), text=str(raw["text"]),
-                   remote_mta=None if remote is None else str(remote),
-                   dsn_passed=bool(raw.get("dsn_passed", False)), kind=raw.get("kind"),
-                   policy=raw.get("policy"), final_text=raw.get("final_text"))
+    f = _Fields(raw, where, OUTCOME_FIELDS)
+    code = f.integer("code")
+    if not 100 <= code <= 999:
+        raise EnvelopeError(f"{where}.code: {code} is not a reply code")
+    return Outcome(code=code, enhanced=f.string("enhanced"), text=f.string("text"),
+                   remote_mta=f.string("remote_mta", None),
+                   dsn_passed=f.boolean("dsn_passed"), kind=f.string("kind", None),
+                   policy=f.string("policy", None), final_text=f.string("final_text", None))
 
 
 def _dump(env: Envelope) -> dict[str, Any]:
@@ -234,6 +256,7 @@ def _dump(env: Envelope) -> dict[str, Any]:
         **({"envid": env.envid} if env.envid is not None else {}),
         **({"tls_failures": env.tls_failures} if env.tls_failures else {}),
         **({"tls_override": env.tls_override} if env.tls_override else {}),
+        **({"file_size": env.file_size} if env.file_size else {}),
         "recipients": [
             {
                 "address": r.address,
@@ -243,46 +266,225 @@ def _dump(env: Envelope) -> dict[str, Any]:
                 "done_at": r.done_at,
                 **({"notify": list(r.notify)} if r.notify is not None else {}),
                 **({"orcpt": r.orcpt} if r.orcpt is not None else {}),
+                **({"dsn_pending": True} if r.dsn_pending else {}),
             }
             for r in env.recipients
         ],
     }
 
 
+# Every field each object may have; another is an error (a new field
+# comes with a new ENVELOPE_VERSION).
+ENVELOPE_FIELDS = frozenset({
+    "version", "queue_id", "sender", "arrival", "size", "client", "attempts",
+    "next_attempt", "last_outcome", "warned", "ret", "envid", "tls_failures",
+    "tls_override", "recipients", "file_size"})
+RECIPIENT_FIELDS = frozenset({
+    "address", "original", "state", "outcome", "done_at", "notify", "orcpt", "dsn_pending"})
+OUTCOME_FIELDS = frozenset({
+    "code", "enhanced", "text", "remote_mta", "dsn_passed", "kind", "policy", "final_text"})
+NOTIFY_CONDITIONS = ("SUCCESS", "FAILURE", "DELAY")
+RET_VALUES = ("FULL", "HDRS")
+TLS_OVERRIDES = ("relaxed", "cleartext")
+_MAX_INT = 2 ** 63 - 1
+
+# A queue id: what the spool makes (upper-case hex), or more generally
+# ASCII letters and digits, so it is always one plain file name inside a
+# spool directory (no "/", no dot, no ":" of Maildir flags).
+QUEUE_ID = re.compile(r"[0-9A-Za-z]{1,64}")
+
+
+def is_queue_id(value: object) -> bool:
+    """
+    Whether C{value} has the syntax of a queue id (L{QUEUE_ID}).
+    """
+    return isinstance(value, str) and QUEUE_ID.fullmatch(value) is not None
+
+
+def _no_constant(name: str) -> Any:
+    raise EnvelopeError(f"not JSON: {name} is not a number")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise EnvelopeError(f"field {dup[:40]!r} appears twice")
+    return out
+
+
+_ABSENT = object()
+
+
+class _Fields:
+    """
+    Typed access to one JSON object of an envelope; each mistake raises
+    L{EnvelopeError} naming the field (C{where} is its path).  A field
+    given a default may be absent; only those whose default is C{None} may
+    also be null.
+    """
+
+    def __init__(self, raw: Any, where: str, allowed: frozenset[str]) -> None:
+        if not isinstance(raw, dict):
+            raise EnvelopeError(f"{where}: expected an object, got {_kind(raw)}")
+        unknown = sorted(set(raw) - allowed)
+        if unknown:
+            raise EnvelopeError(f"{where}: unknown field {unknown[0][:40]!r}")
+        self.raw = raw
+        self.where = where
+
+    def get(self, name: str, default: Any = _ABSENT) -> Any:
+        """
+        The raw value; C{default} when absent (L{_ABSENT}: the field is
+        required) or when null and the default is C{None}.
+        """
+        return self._take(name, default)[1]
+
+    def _take(self, name: str, default: Any) -> tuple[bool, Any]:
+        """
+        (whether the default stands in, the value).
+        """
+        value = self.raw.get(name, _ABSENT)
+        if value is _ABSENT or (value is None and default is None):
+            if default is _ABSENT:
+                raise EnvelopeError(f"{self.where}: missing field {name!r}")
+            return True, default
+        return False, value
+
+    def wrong(self, name: str, expected: str, value: Any) -> EnvelopeError:
+        return EnvelopeError(f"{self.where}.{name}: expected {expected}, got {_kind(value)}")
+
+    def string(self, name: str, default: Any = _ABSENT) -> Any:
+        defaulted, value = self._take(name, default)
+        if not defaulted and not isinstance(value, str):
+            raise self.wrong(name, "a string", value)
+        return value
+
+    def choice(self, name: str, choices: tuple[str, ...]) -> str | None:
+        value = self.string(name, None)
+        if value is not None and value not in choices:
+            raise EnvelopeError(f"{self.where}.{name}: {value[:40]!r} is not one of "
+                                f"{', '.join(choices)}")
+        return value
+
+    def integer(self, name: str, default: Any = _ABSENT) -> int:
+        defaulted, value = self._take(name, default)
+        if defaulted:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.wrong(name, "an integer", value)
+        if not 0 <= value <= _MAX_INT:
+            raise EnvelopeError(f"{self.where}.{name}: {value} is out of range")
+        return value
+
+    def number(self, name: str, default: Any = _ABSENT) -> Any:
+        defaulted, value = self._take(name, default)
+        if defaulted:
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.wrong(name, "a number", value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise EnvelopeError(f"{self.where}.{name}: out of range")
+        if not math.isfinite(value):
+            raise EnvelopeError(f"{self.where}.{name}: {value} is not a finite number")
+        return value
+
+    def boolean(self, name: str, default: bool = False) -> bool:
+        defaulted, value = self._take(name, default)
+        if not defaulted and not isinstance(value, bool):
+            raise self.wrong(name, "true or false", value)
+        return value
+
+    def array(self, name: str, default: Any = _ABSENT) -> Any:
+        defaulted, value = self._take(name, default)
+        if not defaulted and not isinstance(value, list):
+            raise self.wrong(name, "an array", value)
+        return value
+
+    def object(self, name: str, default: Any = _ABSENT) -> Any:
+        defaulted, value = self._take(name, default)
+        if not defaulted and not isinstance(value, dict):
+            raise self.wrong(name, "an object", value)
+        return value
+
+
+def _kind(value: Any) -> str:
+    """
+    A JSON value's type and a short excerpt, for an error message.
+    """
+    if value is None:
+        return "null"
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+             list: "an array", dict: "an object"}
+    name = names.get(type(value), type(value).__name__)
+    if isinstance(value, (list, dict)):
+        return name
+    try:
+        text = json.dumps(value, allow_nan=True)
+    except ValueError:  # an integer too long to write
+        return name
+    return f"{name} {text[:40]}" + ("..." if len(text) > 40 else "")
+
+
+def _load_recipient(raw: Any, where: str) -> Recipient:
+    f = _Fields(raw, where, RECIPIENT_FIELDS)
+    address = f.string("address")
+    if not address:
+        raise EnvelopeError(f"{where}.address: empty")
+    state = f.string("state")
+    if state not in STATES:
+        raise EnvelopeError(f"{where}.state: unknown recipient state {state[:40]!r}")
+    notify = f.array("notify", None)
+    if notify is not None:
+        for i, value in enumerate(notify):
+            if value not in NOTIFY_CONDITIONS:
+                raise EnvelopeError(f"{where}.notify[{i}]: {_kind(value)} is not one of "
+                                    f"{', '.join(NOTIFY_CONDITIONS)}")
+    return Recipient(
+        address=address,
+        original=f.string("original", None),
+        state=state,
+        outcome=_load_outcome(f.get("outcome", None), f"{where}.outcome"),
+        done_at=f.number("done_at", None),
+        notify=None if notify is None else tuple(notify),
+        orcpt=f.string("orcpt", None),
+        dsn_pending=f.boolean("dsn_pending"),
+    )
+
+
 def _load(raw: dict[str, Any]) -> Envelope:
-    recipients = []
-    for r in raw["recipients"]:
-        state = r["state"]
-        if state not in STATES:
-            raise ValueError(f"unknown recipient state {state!r}")
-        recipients.append(
-            Recipient(
-                address=str(r["address"]),
-                original=r.get("original"),
-                state=state,
-                outcome=_load_outcome(r.get("outcome")),
-                done_at=r.get("done_at"),
-                notify=None if r.get("notify") is None else tuple(str(v) for v in r["notify"]),
-                orcpt=r.get("orcpt"),
-            )
-        )
+    f = _Fields(raw, "envelope", ENVELOPE_FIELDS)
+    queue_id = f.string("queue_id")
+    if not is_queue_id(queue_id):
+        raise EnvelopeError(f"envelope.queue_id: {queue_id[:80]!r} is not a queue id")
+    recipients = tuple(_load_recipient(r, f"recipients[{i}]")
+                       for i, r in enumerate(f.array("recipients")))
     if not recipients:
-        raise ValueError("no recipients")
+        raise EnvelopeError("envelope.recipients: no recipients")
+    client = f.object("client", {})
+    for key, value in client.items():
+        if not isinstance(value, str):
+            raise EnvelopeError(f"envelope.client.{key[:40]}: expected a string, "
+                                f"got {_kind(value)}")
     return Envelope(
-        queue_id=str(raw["queue_id"]),
-        sender=str(raw["sender"]),
-        recipients=tuple(recipients),
-        arrival=float(raw["arrival"]),
-        size=int(raw.get("size", 0)),
-        client={str(k): str(v) for k, v in raw.get("client", {}).items()},
-        attempts=int(raw.get("attempts", 0)),
-        next_attempt=float(raw.get("next_attempt", 0.0)),
-        last_outcome=_load_outcome(raw.get("last_outcome")),
-        warned=bool(raw.get("warned", False)),
-        ret=raw.get("ret"),
-        envid=raw.get("envid"),
-        tls_failures=int(raw.get("tls_failures", 0)),
-        tls_override=raw.get("tls_override"),
+        queue_id=queue_id,
+        sender=f.string("sender"),
+        recipients=recipients,
+        arrival=f.number("arrival"),
+        size=f.integer("size", 0),
+        client=dict(client),
+        attempts=f.integer("attempts", 0),
+        next_attempt=f.number("next_attempt", 0.0),
+        last_outcome=_load_outcome(f.get("last_outcome", None), "envelope.last_outcome"),
+        warned=f.boolean("warned"),
+        ret=f.choice("ret", RET_VALUES),
+        envid=f.string("envid", None),
+        tls_failures=f.integer("tls_failures", 0),
+        tls_override=f.choice("tls_override", TLS_OVERRIDES),
+        file_size=f.integer("file_size", 0),
     )
 
 

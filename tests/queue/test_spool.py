@@ -79,16 +79,17 @@ class SpoolTests(SynchronousTestCase):
         """A state too large for an xattr goes to envelopes/<id>.json, and the xattr is dropped."""
         qid = self.commit()
         import attrs
+        from twisted_mta.model import Outcome
         from twisted_mta.queue.spool import XATTR
         self.spool.update(attrs.evolve(self.spool.load(qid), attempts=1), "new")
-        big = attrs.evolve(self.spool.load(qid), attempts=2, recipients=tuple(
-            Recipient(f"user{i}@example.test") for i in range(200)))
+        big = attrs.evolve(self.spool.load(qid), attempts=2,
+                           last_outcome=Outcome(451, "4.4.0", "x" * 5000))
         self.spool.update(big, "new")
         self.assertEqual(self.listing()["envelopes"], [qid + ".json"])
         self.assertEqual(self.spool.load(qid), big)
         with self.assertRaises(OSError):
             os.getxattr(os.path.join(self.spool.path, "new", qid), XATTR)
-        small = attrs.evolve(big, attempts=3, recipients=big.recipients[:1])
+        small = attrs.evolve(big, attempts=3, last_outcome=None)
         self.spool.update(small, "new")
         self.assertEqual(self.listing()["envelopes"], [])
         self.assertEqual(self.spool.load(qid), small)
@@ -286,3 +287,164 @@ class EnvelopeTests(SynchronousTestCase):
             Envelope.from_json(b'{"version": 1, "queue_id": "x"}')
         with self.assertRaises(EnvelopeError):
             Envelope.from_json(b'[]')
+
+
+class RecoveryRegressionTests(SynchronousTestCase):
+    """
+    Issue 11: F1 (a torn or garbage state xattr), F2 (wrong types), F3
+    (a state naming another entry, a next attempt never due), F9 (a queue
+    file cut short).  The full table is tests/queue/test_corruption.py.
+    """
+
+    def setUp(self):
+        from twisted.logger import globalLogPublisher
+        self.spool = Spool(self.mktemp(), clock=lambda: 1_800_000_000.5)
+        self.spool.lock()
+        self.addCleanup(self.spool.unlock)
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def commit(self, body=b"Subject: x\r\n\r\nbody\r\n" * 10):
+        import attrs
+        w = self.spool.new_message()
+        env = envelope(w.queue_id)
+        w.write(env.to_header())
+        w.write(body)
+        env = self.successResultOf(w.commit(attrs.evolve(env, size=len(body))))
+        self.spool.update_and_move(attrs.evolve(env, attempts=1), "new", "cur")
+        return w.queue_id
+
+    def path(self, qid, state="cur"):
+        return os.path.join(self.spool.path, state, qid)
+
+    def logged(self, event, qid):
+        return [e for e in self.events if e.get("event") == event and e.get("queue_id") == qid]
+
+    def test_garbage_xattr_restarts_from_header(self):
+        """F1: a garbage state xattr and no state file: recovery completes, the entry restarts from its header envelope, queue.state-lost is logged, the xattr is removed and no state file is touched."""
+        from twisted_mta.queue.spool import XATTR
+        qid = self.commit()
+        os.setxattr(self.path(qid), XATTR, b"garbage")
+        report = self.spool.recover()
+        [(env, state)] = report.entries
+        self.assertEqual((env, state), (envelope(qid), "cur"))
+        self.assertEqual(env.attempts, 0)
+        self.assertEqual(report.restarted, (qid,))
+        [event] = self.logged("queue.state-lost", qid)
+        self.assertIn("state attribute", event["error"])
+        self.assertIn("starting again", event["then"])
+        self.assertNotIn(XATTR, os.listxattr(self.path(qid)))
+        self.assertEqual(os.listdir(os.path.join(self.spool.path, "envelopes")), [])
+
+    def test_torn_xattr(self):
+        """F1: the first half of the real JSON in the xattr: the same."""
+        from twisted_mta.queue.spool import XATTR
+        qid = self.commit()
+        data = os.getxattr(self.path(qid), XATTR)
+        os.setxattr(self.path(qid), XATTR, data[:len(data) // 2])
+        [(env, _)] = self.spool.recover().entries
+        self.assertEqual(env.attempts, 0)
+        self.assertTrue(self.logged("queue.state-lost", qid))
+
+    def test_wrong_types_never_escape(self):
+        """F2: a recipient outcome "junk" in the xattr restarts the entry from its header; "client": [...] in the header quarantines it; both logged, nothing raised."""
+        import base64
+        import json
+        from twisted_mta.model import HEADER_NAME
+        from twisted_mta.queue.spool import XATTR
+        a = self.commit()
+        raw = json.loads(os.getxattr(self.path(a), XATTR))
+        raw["recipients"][0]["outcome"] = "junk"
+        os.setxattr(self.path(a), XATTR, json.dumps(raw).encode())
+        b = self.spool.new_queue_id()
+        raw = json.loads(envelope(b).to_json())
+        raw["client"] = ["helo", "x"]
+        with open(self.path(b, "new"), "wb") as f:
+            f.write(HEADER_NAME + b": " + base64.b64encode(json.dumps(raw).encode()) + b"\r\n\r\n")
+        scan = {qid: (env, problem) for qid, _, env, problem in self.spool.scan()}
+        self.assertEqual(scan[a][0], envelope(a))
+        self.assertIn("recipients[0].outcome: expected an object", scan[a][1])
+        self.assertEqual(scan[b], (None, "envelope.client: expected an object, got an array"))
+        report = self.spool.recover()
+        self.assertEqual([e for e, _ in report.entries], [envelope(a)])
+        self.assertEqual(report.quarantined, (b,))
+        self.assertTrue(self.logged("queue.state-lost", a))
+        self.assertTrue(self.logged("queue.quarantined", b))
+
+    def test_state_naming_another_entry(self):
+        """F3: a state whose queue_id names another entry is not used: the entry restarts from its header, logged."""
+        import attrs
+        from twisted_mta.queue.spool import XATTR
+        a, b = self.commit(), self.commit()
+        other = attrs.evolve(self.spool.load(b), attempts=5)
+        os.setxattr(self.path(a), XATTR, other.to_json())
+        entries = {e.queue_id: e for e, _ in self.spool.recover().entries}
+        self.assertEqual(entries[a], envelope(a))
+        self.assertEqual(entries[b].attempts, 1)
+        [event] = self.logged("queue.state-lost", a)
+        self.assertIn(f"it names queue entry {b}", event["error"])
+
+    def test_next_attempt_never_due(self):
+        """F3: a state whose next attempt is Infinity, NaN or centuries ahead is not used: the entry restarts from its header, logged; a header's own next attempt far ahead becomes now, logged."""
+        import attrs
+        from twisted_mta.queue.spool import XATTR
+        ids = []
+        for token in (b"Infinity", b"NaN", b"1e300", b"4102444800000"):
+            qid = self.commit()
+            state = attrs.evolve(self.spool.load(qid), next_attempt=1.25)
+            os.setxattr(self.path(qid), XATTR,
+                        state.to_json().replace(b"1.25", token))
+            ids.append(qid)
+        entries = {e.queue_id: e for e, _ in self.spool.recover().entries}
+        for qid in ids:
+            self.assertEqual(entries[qid], envelope(qid), qid)
+            self.assertTrue(self.logged("queue.state-lost", qid), qid)
+
+    def test_truncated_body_is_quarantined(self):
+        """F9: a queue file cut short in its body (one octet, or more) is moved to corrupt/, logged; a state without the length falls back to the envelope's size."""
+        import attrs
+        from twisted_mta.queue.spool import XATTR
+        a, b = self.commit(), self.commit()
+        os.truncate(self.path(a), os.path.getsize(self.path(a)) - 1)
+        state = attrs.evolve(self.spool.load(b), file_size=0)
+        os.setxattr(self.path(b), XATTR, state.to_json())
+        os.truncate(self.path(b), os.path.getsize(self.path(b)) - 30)
+        report = self.spool.recover()
+        self.assertEqual(report.entries, ())
+        self.assertEqual(sorted(report.quarantined), sorted([a, b]))
+        [event] = self.logged("queue.quarantined", a)
+        self.assertIn("octets long, but was", event["error"])
+        [event] = self.logged("queue.quarantined", b)
+        self.assertIn("its envelope says", event["error"])
+
+    def test_commit_records_the_file_size(self):
+        """The committed envelope carries the queue file's length, which the state keeps (not part of equality)."""
+        qid = self.commit()
+        self.assertEqual(self.spool.load(qid).file_size, os.path.getsize(self.path(qid)))
+
+    def test_read_head_checks_length_before_delivery(self):
+        """read_head(expect=envelope) refuses a queue file whose length is not the envelope's."""
+        from twisted_mta.queue.spool import read_head
+        qid = self.commit()
+        env = self.spool.load(qid)
+        self.assertEqual(read_head(self.path(qid), expect=env)[0], envelope(qid))
+        with open(self.path(qid), "ab") as f:
+            f.write(b"x")
+        with self.assertRaises(EnvelopeError):
+            read_head(self.path(qid), expect=env)
+
+    def test_bad_ids_never_become_paths(self):
+        """F10: every spool method that takes a queue id refuses one that is not (QueueIdError), before touching anything."""
+        from twisted_mta.queue.spool import QueueIdError
+        outside = os.path.join(os.path.dirname(self.spool.path), "victim")
+        with open(outside, "wb") as f:
+            f.write(b"x")
+        for bad in ("../victim", "../../etc/passwd", "", ".", "..", "a/b", "ID:2,S", "X" * 65):
+            for call in (lambda: self.spool.remove(bad), lambda: self.spool.state_of(bad),
+                         lambda: self.spool.load(bad), lambda: self.spool.read_message(bad),
+                         lambda: self.spool.path_in("new", bad),
+                         lambda: self.spool.move(bad, "new", "hold"),
+                         lambda: self.spool.envelope_path(bad)):
+                self.assertRaises(QueueIdError, call)
+        self.assertTrue(os.path.exists(outside))

@@ -8,12 +8,19 @@ the same recipient twice (after a crash between delivery and the envelope
 update) finds the name taken and counts as already delivered: delivery is
 idempotent and the envelope update need not be synchronous.
 
+The first delivery into a Maildir in a process also removes what crashed
+writers left in its tmp/: files not touched for 36 hours, as maildir(5)
+says (L{clean_tmp}).
+
 Blocking: run through the queue's thread pool.
 """
 
 from __future__ import annotations
 
 import os
+import stat
+import threading
+import time
 from typing import Iterable
 
 import attrs
@@ -45,6 +52,52 @@ def maildir_name(envelope: Envelope, index: int, hostname: str) -> str:
 def ensure_maildir(path: str) -> None:
     for sub in ("tmp", "new", "cur"):
         os.makedirs(os.path.join(path, sub), 0o700, exist_ok=True)
+
+
+TMP_MAX_AGE = 36 * 3600  # maildir(5): tmp/ files untouched this long are debris
+
+_cleaned: set[str] = set()  # the Maildirs whose tmp/ this process has cleaned
+_cleaned_lock = threading.Lock()
+
+
+def clean_tmp(maildir: str, now: float | None = None) -> int:
+    """
+    Remove the files in C{maildir}'s tmp/ that nobody has read, written or
+    renamed for L{TMP_MAX_AGE} (a writer that crashed, ours or another
+    program's); return how many.  Only plain files: anything else is left
+    alone.  Errors are ignored (the next process tries again).
+    """
+    now = time.time() if now is None else now
+    tmp = os.path.join(maildir, "tmp")
+    removed = 0
+    try:
+        with os.scandir(tmp) as it:
+            entries = list(it)
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            if now - max(st.st_atime, st.st_mtime, st.st_ctime) > TMP_MAX_AGE:
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+def clean_tmp_once(maildir: str) -> int:
+    """
+    L{clean_tmp} on the first call for C{maildir} in this process; 0 after.
+    """
+    key = os.path.abspath(maildir)
+    with _cleaned_lock:
+        if key in _cleaned:
+            return 0
+        _cleaned.add(key)
+    return clean_tmp(key)
 
 
 def _already_in_cur(maildir: str, name: str) -> bool:
@@ -105,13 +158,16 @@ def deliver(message_path: str, envelope: Envelope, targets: Iterable[LocalTarget
     @param recovering: the entry was loaded at start-up, so a copy may
         already have been delivered and read (moved to cur/) by the user.
     """
-    offset = read_head(message_path)[1]
+    # The queue file's length must be the one recorded (a damaged file is
+    # not delivered cut short; recovery moves it aside at the next start).
+    offset = read_head(message_path, expect=envelope)[1]
     sender = envelope.sender
     results: dict[str, Outcome] = {}
     for target in targets:
         name = maildir_name(envelope, target.index, hostname)
         try:
             ensure_maildir(target.maildir)
+            clean_tmp_once(target.maildir)
             new_path = os.path.join(target.maildir, "new", name)
             if recovering and (os.path.exists(new_path) or _already_in_cur(target.maildir, name)):
                 results[target.address] = DELIVERED

@@ -11,9 +11,11 @@ lock and acts on the files itself (L{apply_offline}).
 from __future__ import annotations
 
 import os
+import re
 import time
 
-from twisted_mta.queue.spool import Spool
+from twisted_mta.model import is_queue_id
+from twisted_mta.queue.spool import QueueIdError, Spool, check_queue_id as _check_id
 
 ACTIONS = ("flush", "hold", "release", "delete", "tlsforget")
 ALL = "ALL"
@@ -33,6 +35,35 @@ class ControlError(Exception):
     """
 
 
+# What "tls history --forget" names: a domain or host name, kept to one
+# plain file name component (no "/", no leading dot, no spaces or controls).
+_DOMAIN = re.compile(r"[^/.\s\x00-\x1f\x7f][^/\s\x00-\x1f\x7f]{0,252}")
+
+
+def check_queue_id(queue_id: str) -> str:
+    """
+    C{queue_id} if it is a queue id (the syntax the spool makes, always a
+    plain name inside the spool), else raise L{ControlError} saying so in
+    one line: for every id the command line or a request names.
+    """
+    try:
+        return _check_id(queue_id)
+    except QueueIdError as e:
+        raise ControlError(str(e))
+
+
+def valid_target(action: str, target: str) -> bool:
+    """
+    Whether C{target} can be what a request of C{action} names: C{ALL}, a
+    queue id, or for C{tlsforget} a domain name.
+    """
+    if target == ALL:
+        return True
+    if split_action(action)[0] == "tlsforget":
+        return _DOMAIN.fullmatch(target) is not None
+    return is_queue_id(target)
+
+
 def control_dir(spool: Spool) -> str:
     return os.path.join(spool.path, "control")
 
@@ -45,8 +76,10 @@ def request(spool: Spool, action: str, queue_id: str = ALL) -> str:
     if base not in ACTIONS or (override is not None and (
             override not in OVERRIDES or base not in ("flush", "release"))):
         raise ControlError(f"unknown action {action!r}")
-    if "/" in queue_id or queue_id.startswith("."):
-        raise ControlError(f"bad queue id {queue_id!r}")
+    if not valid_target(base, queue_id):
+        if base != "tlsforget":
+            check_queue_id(queue_id)
+        raise ControlError(f"{queue_id[:80]!r} is not a domain name")
     directory = control_dir(spool)
     os.makedirs(directory, 0o700, exist_ok=True)
     name = f"{time.time():.6f}-{os.getpid()}-{action}-{queue_id}"
@@ -60,7 +93,8 @@ def request(spool: Spool, action: str, queue_id: str = ALL) -> str:
 def read_requests(spool: Spool) -> list[tuple[str, str, str]]:
     """
     Pending requests, oldest first, as (file name, action, queue id).
-    Blocking; malformed names are removed.
+    Blocking; malformed names, and those naming no valid target
+    (L{valid_target}), are removed.
     """
     directory = control_dir(spool)
     try:
@@ -71,8 +105,12 @@ def read_requests(spool: Spool) -> list[tuple[str, str, str]]:
     for name in names:
         parts = name.split("-", 3)
         base, override = split_action(parts[2]) if len(parts) == 4 else ("", None)
-        if len(parts) != 4 or base not in ACTIONS or (override and override not in OVERRIDES):
-            os.unlink(os.path.join(directory, name))
+        if len(parts) != 4 or base not in ACTIONS or (override and override not in OVERRIDES) \
+                or not valid_target(base, parts[3]):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except (FileNotFoundError, IsADirectoryError, PermissionError):
+                pass
             continue
         out.append((name, parts[2], parts[3]))
     return out
@@ -90,6 +128,7 @@ def apply_offline(spool: Spool, action: str, queue_id: str) -> str:
     Carry out a request on a spool that no MTA owns (the caller holds the
     lock); return what happened, in words.
     """
+    check_queue_id(queue_id)
     state = spool.state_of(queue_id)
     if state is None:
         raise ControlError(f"no queue entry {queue_id}")

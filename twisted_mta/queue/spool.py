@@ -8,7 +8,7 @@ Layout under the spool directory::
     new/        accepted, not yet attempted       (a real Maildir: tmp/new/cur)
     cur/        attempted at least once, deferred
     hold/       held by the operator
-    corrupt/    quarantined: a queue file whose envelope cannot be read
+    corrupt/    quarantined: a queue file that cannot be used (never deleted)
     envelopes/  <queue id>.json: the current state of an entry too large for an xattr
     control/    operator requests (flush, hold, release, delete) for the manager
     lock        held (flock) by the one process that owns the spool
@@ -26,6 +26,11 @@ to C{envelopes/<id>.json} (see L{Spool.update}), without fsync: losing or
 tearing one after a crash falls back to the envelope in the queue file,
 which only repeats attempts, and local delivery is idempotent (see
 L{twisted_mta.delivery.maildir}).
+
+Nothing found at start-up stops the spool (L{Spool.recover}): a damaged
+queue file goes to corrupt/, an unusable state is dropped and the entry
+goes on from the envelope it was accepted with, each logged.  Queue ids
+are checked (L{check_queue_id}) before any becomes a path.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ import errno
 import fcntl
 import itertools
 import os
+import shutil
+import stat
 import time
 from typing import Callable, Iterator
 
@@ -42,13 +49,16 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_mta.model import Envelope, EnvelopeError, from_header, header_end
+from twisted_mta.model import Envelope, EnvelopeError, from_header, header_end, is_queue_id
 
 log = Logger()
 
 STATE_DIRS = ("new", "cur", "hold")
 XATTR = "user.twisted_mta.state"
 XATTR_MAX = 3500  # fits the inode's or one block's xattr space on ext4
+# No retry interval is this long: a recorded next attempt further ahead
+# (of now and of arrival) was not written by us.
+MAX_DELAY = 60 * 86400
 ALL_DIRS = ("tmp", "new", "cur", "hold", "corrupt", "envelopes", "control")
 
 RunBlocking = Callable[..., defer.Deferred]
@@ -58,6 +68,25 @@ class SpoolError(Exception):
     """
     The spool cannot be used (permissions, already owned by another process).
     """
+
+
+class QueueIdError(ValueError):
+    """
+    Not a queue id (L{twisted_mta.model.QUEUE_ID}): refused before it is
+    made into a path.
+    """
+
+
+def check_queue_id(queue_id: object) -> str:
+    """
+    Return C{queue_id} if it has the syntax of a queue id, which makes it
+    one plain file name inside a spool directory; else raise
+    L{QueueIdError} saying so in one line.
+    """
+    if not is_queue_id(queue_id):
+        shown = repr(queue_id)[:80]
+        raise QueueIdError(f"{shown} is not a queue id (1 to 64 letters and digits)")
+    return queue_id  # type: ignore[return-value]
 
 
 def run_inline(f: Callable, *args: object) -> defer.Deferred:
@@ -89,20 +118,55 @@ def write_file_durably(path: str, data: bytes) -> None:
         os.close(fd)
 
 
-def read_head(path: str) -> tuple[Envelope, int]:
+def _head(f) -> tuple[Envelope, int]:
+    """
+    Read the envelope header from the start of the open queue file C{f}.
+    """
+    data = b""
+    while True:
+        more = f.read(65536)
+        data += more
+        if header_end(data) >= 0:
+            return from_header(data)
+        if not more:
+            raise EnvelopeError("the envelope header is incomplete")
+
+
+def read_head(path: str, expect: Envelope | None = None) -> tuple[Envelope, int]:
     """
     The envelope a queue file was accepted with, and the offset where the
     message starts, reading only the file's head.
+
+    @param expect: the entry's current envelope: raise L{EnvelopeError}
+        if the file's length does not agree with it (L{length_problem}),
+        for one more system call.
     """
     with open(path, "rb") as f:
-        data = b""
-        while True:
-            more = f.read(65536)
-            data += more
-            if header_end(data) >= 0:
-                return from_header(data)
-            if not more:
-                raise EnvelopeError("the envelope header is incomplete")
+        env, offset = _head(f)
+        if expect is not None:
+            problem = length_problem(os.fstat(f.fileno()).st_size, offset, expect)
+            if problem:
+                raise EnvelopeError(problem)
+        return env, offset
+
+
+def length_problem(size: int, offset: int, envelope: Envelope) -> str | None:
+    """
+    Why a queue file of C{size} octets whose message starts at C{offset}
+    does not hold what C{envelope} says (truncated or grown since it was
+    accepted), or C{None}: its length is the one recorded at commit
+    (L{Envelope.file_size}), or, when that is unknown, the message is at
+    least L{Envelope.size} octets long.
+    """
+    if envelope.file_size:
+        if size != envelope.file_size:
+            return (f"the queue file is {size} octets long, but was {envelope.file_size} "
+                    f"when accepted")
+        return None
+    if size - offset < envelope.size:
+        return (f"the queue file holds {size - offset} octets of message, "
+                f"but its envelope says {envelope.size}")
+    return None
 
 
 def read_envelope_header(path: str) -> Envelope:
@@ -221,7 +285,8 @@ class MessageWriter:
 
     def commit(self, envelope: Envelope) -> defer.Deferred:
         """
-        Make the entry durable; fires with C{envelope}, the in-memory state.
+        Make the entry durable; fires with C{envelope}, the in-memory state,
+        with the queue file's length as L{Envelope.file_size}.
 
         The envelope the entry will be recovered with is the header written
         first (L{Envelope.to_header}), not this argument.
@@ -242,7 +307,9 @@ class MessageWriter:
 
         d = self._then(durable)
         d.addCallback(lambda _: spool.group_sync.sync())
-        d.addCallback(lambda _: envelope)
+        # Its length goes with the state (recorded after the first attempt):
+        # recovery compares it with the file's.
+        d.addCallback(lambda _: attrs.evolve(envelope, file_size=self.size))
         d.addErrback(self._failed)
         return d
 
@@ -284,6 +351,61 @@ class RecoveryReport:
     removed_debris: int
     removed_orphans: int
     quarantined: tuple[str, ...]
+    restarted: tuple[str, ...] = ()  # entries one of whose recorded states was unusable
+
+
+@attrs.frozen
+class EntryRead:
+    """
+    One queue entry as found on disk, read without changing anything
+    (L{Spool.read}).
+    """
+
+    queue_id: str  # the file's name
+    state: str  # its directory
+    envelope: Envelope | None  # the current envelope; None when damaged
+    damage: str | None = None  # why the queue file itself cannot be used
+    dropped: tuple[str, ...] = ()  # why recorded states were not used
+    bad_xattr: bool = False  # the state attribute is unusable
+    bad_file: bool = False  # the state file is unusable
+    from_header: bool = True  # the envelope is the one the entry was accepted with
+    note: str | None = None  # something else corrected (a next attempt far ahead)
+
+    @property
+    def problem(self) -> str | None:
+        """
+        Everything wrong with the entry, in one line, or C{None}.
+        """
+        if self.damage is not None:
+            return self.damage
+        words = [*self.dropped, *([self.note] if self.note else [])]
+        return "; ".join(words) or None
+
+
+def state_problem(state: Envelope, header: Envelope, now: float) -> str | None:
+    """
+    Why a recorded state cannot be the current state of the entry whose
+    queue file holds C{header}, or C{None}: a state is the same message
+    later on, so it names the same entry, sender, arrival and recipients,
+    and its next attempt is not further ahead than any retry interval.
+    """
+    if state.queue_id != header.queue_id:
+        return f"it names queue entry {state.queue_id}"
+    if (state.sender, state.arrival) != (header.sender, header.arrival) or \
+            [r.address for r in state.recipients] != [r.address for r in header.recipients]:
+        return "its sender, arrival or recipients differ from the queue file's envelope"
+    ahead = state.next_attempt - max(now, state.arrival)
+    if ahead > MAX_DELAY:
+        return f"its next attempt is {ahead / 86400:.0f} days ahead"
+    return None
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    if isinstance(e, EnvelopeError):
+        return str(e)
+    return f"{type(e).__name__}: {e}"  # a bug; said, not raised
 
 
 class Spool:
@@ -292,10 +414,12 @@ class Spool:
     """
 
     def __init__(self, path: str, run_blocking: RunBlocking = run_inline,
-                 new_queue_id: Callable[[], str] | None = None) -> None:
+                 new_queue_id: Callable[[], str] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.path = os.path.abspath(path)
         self.run_blocking = run_blocking
         self.new_queue_id = new_queue_id or QueueIdGenerator()
+        self.clock = clock  # wall time, to judge recorded next attempts
         self.group_sync = _GroupSync(run_blocking, (self._dir("new"),))
         self._lock_fd: int | None = None
         self._xattrs = True  # until the file system says otherwise
@@ -304,7 +428,7 @@ class Spool:
         return os.path.join(self.path, name)
 
     def envelope_path(self, queue_id: str) -> str:
-        return os.path.join(self.path, "envelopes", queue_id + ".json")
+        return os.path.join(self.path, "envelopes", check_queue_id(queue_id) + ".json")
 
     def create(self) -> None:
         try:
@@ -320,7 +444,10 @@ class Spool:
         """
         self.create()
         lock_path = self._dir("lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise SpoolError(f"cannot lock spool {self.path}: {e.strerror}")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -377,7 +504,7 @@ class Spool:
         """
         qid = envelope.queue_id
         data = envelope.to_json(compact=True)
-        path = os.path.join(self.path, state, qid)
+        path = self.path_in(state, qid)
         if self._xattrs and len(data) <= XATTR_MAX:
             try:
                 os.setxattr(path, XATTR, data)
@@ -406,6 +533,7 @@ class Spool:
         Delete a finished entry: the queue file first, so a crash leaves at
         most an orphan state file (removed at start).
         """
+        check_queue_id(queue_id)
         for state in STATE_DIRS:
             try:
                 os.unlink(os.path.join(self.path, state, queue_id))
@@ -417,10 +545,16 @@ class Spool:
             pass
 
     def move(self, queue_id: str, src: str, dst: str) -> None:
-        os.rename(os.path.join(self.path, src, queue_id), os.path.join(self.path, dst, queue_id))
+        os.rename(self.path_in(src, queue_id), self.path_in(dst, queue_id))
 
     def path_in(self, state: str, queue_id: str) -> str:
-        return os.path.join(self.path, state, queue_id)
+        """
+        The queue file of C{queue_id} in C{state}/; raises L{QueueIdError}
+        for anything but a queue id, so the path is always inside the spool.
+        """
+        if state not in STATE_DIRS:
+            raise ValueError(f"{state!r} is not a queue state")
+        return os.path.join(self.path, state, check_queue_id(queue_id))
 
     def update_and_move(self, envelope: Envelope, src: str, dst: str) -> None:
         """
@@ -434,6 +568,7 @@ class Spool:
     # -- reading ----------------------------------------------------------
 
     def state_of(self, queue_id: str) -> str | None:
+        check_queue_id(queue_id)
         for state in STATE_DIRS:
             if os.path.exists(os.path.join(self.path, state, queue_id)):
                 return state
@@ -445,12 +580,16 @@ class Spool:
 
     def load(self, queue_id: str) -> Envelope:
         """
-        The entry's current envelope (see L{read_entry}).
+        The entry's current envelope (see L{read}); raises
+        L{EnvelopeError} for a damaged entry.
         """
         state = self.state_of(queue_id)
         if state is None:
             raise FileNotFoundError(f"no queue entry {queue_id}")
-        return self.read_entry(queue_id, state, os.path.exists(self.envelope_path(queue_id)))[0]
+        entry = self.read(queue_id, state, os.path.exists(self.envelope_path(queue_id)))
+        if entry.envelope is None:
+            raise EnvelopeError(entry.damage)
+        return entry.envelope
 
     def read_headers(self, queue_id: str, limit: int = 1024 * 1024) -> bytes:
         """
@@ -488,103 +627,257 @@ class Spool:
             data = f.read()
         return data[from_header(data)[1]:]
 
-    def _names(self, name: str) -> Iterator[str]:
+    def _listing(self, name: str) -> list[os.DirEntry]:
         with os.scandir(self._dir(name)) as it:
-            for entry in it:
-                if not entry.name.startswith("."):
-                    yield entry.name
+            return [entry for entry in it if not entry.name.startswith(".")]
+
+    def _names(self, name: str) -> Iterator[str]:
+        for entry in self._listing(name):
+            yield entry.name
+
+    def read(self, queue_id: str, state: str, has_state_file: bool) -> EntryRead:
+        """
+        An entry as found, read-only.  Its queue file is damaged (C{damage}
+        says why) when its name is not a queue id, it is not a regular
+        file, its envelope header does not decode or names another entry,
+        or its length does not agree with its envelope (L{length_problem}).
+        Otherwise its envelope is the newest usable recorded state (the
+        xattr or the state file; if a crash left both, the one with more
+        attempts), else the header's; a state is unusable when it does not
+        decode or L{state_problem} finds it is not this entry's.  A next
+        attempt further ahead than L{MAX_DELAY} becomes now.  Raises
+        L{FileNotFoundError} when the entry is gone.
+        """
+        path = os.path.join(self.path, state, queue_id)
+
+        def damaged(why: str) -> EntryRead:
+            return EntryRead(queue_id, state, None, damage=why)
+
+        if not is_queue_id(queue_id):
+            os.lstat(path)  # still there?
+            return damaged("its file name is not a queue id")
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return damaged("it is not a regular file")
+        try:
+            with open(path, "rb") as f:
+                header, offset = _head(f)
+                size = os.fstat(f.fileno()).st_size
+        except FileNotFoundError:
+            raise
+        except (EnvelopeError, OSError) as e:
+            return damaged(_why(e))
+        if header.queue_id != queue_id:
+            return damaged(f"its envelope names queue entry {header.queue_id}")
+
+        now = self.clock()
+        states: list[Envelope] = []
+        dropped: list[str] = []
+        bad_xattr = bad_file = False
+        try:
+            raw: bytes | None = os.getxattr(path, XATTR)
+        except OSError as e:
+            raw = None
+            if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                dropped.append(f"state attribute: {_why(e)}")
+        if raw is not None:
+            try:
+                env = Envelope.from_json(raw)
+                why = state_problem(env, header, now)
+            except Exception as e:
+                why = _why(e)
+            if why:
+                dropped.append(f"state attribute: {why}")
+                bad_xattr = True
+            else:
+                states.append(env)
+        if has_state_file:
+            try:
+                with open(self.envelope_path(queue_id), "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                data = None  # replaced by an xattr meanwhile
+            except OSError as e:
+                dropped.append(f"state file: {_why(e)}")
+                data = None
+            if data is not None:
+                try:
+                    env = Envelope.from_json(data)
+                    why = state_problem(env, header, now)
+                except Exception as e:
+                    why = _why(e)
+                if why:
+                    dropped.append(f"state file: {why}")
+                    bad_file = True
+                else:
+                    states.append(env)
+        current = max(states, key=lambda c: c.attempts) if states else header
+
+        problem = length_problem(size, offset, current)
+        if problem:
+            return damaged(problem)
+        note = None
+        if current.next_attempt > now + MAX_DELAY:
+            note = (f"its next attempt was {(current.next_attempt - now) / 86400:.0f} days "
+                    f"ahead; due now")
+            current = attrs.evolve(current, next_attempt=now)
+        return EntryRead(queue_id, state, current, dropped=tuple(dropped),
+                         bad_xattr=bad_xattr, bad_file=bad_file, from_header=not states,
+                         note=note)
 
     def read_entry(self, queue_id: str, state: str, has_state_file: bool
                    ) -> tuple[Envelope, str | None]:
         """
-        An entry's current envelope, read-only: its recorded state (the
-        xattr or the state file; if a crash left both, the one with more
-        attempts), else the envelope in the queue file's header.  Returns
-        the envelope and why a recorded state was unreadable (or C{None});
-        raises L{EnvelopeError} or L{OSError} when the queue file has no
-        envelope.
+        An entry's current envelope and what was wrong with its recorded
+        states (or C{None}); raises L{EnvelopeError} for a damaged entry
+        (see L{read}).
         """
-        path = os.path.join(self.path, state, queue_id)
-        env = read_envelope_header(path)
-        candidates = []
-        problem = None
-        try:
-            candidates.append(Envelope.from_json(os.getxattr(path, XATTR)))
-        except OSError:
-            pass  # no xattr (or none supported)
-        except EnvelopeError as e:
-            problem = f"state attribute: {e}"
-        if has_state_file:
-            try:
-                with open(self.envelope_path(queue_id), "rb") as f:
-                    candidates.append(Envelope.from_json(f.read()))
-            except (EnvelopeError, OSError) as e:
-                problem = str(e)
-        if candidates:
-            env = max(candidates, key=lambda c: c.attempts)
-        return env, problem
+        entry = self.read(queue_id, state, has_state_file)
+        if entry.envelope is None:
+            raise EnvelopeError(entry.damage)
+        return entry.envelope, entry.problem
 
     def scan(self) -> list[tuple[str, str, Envelope | None, str | None]]:
         """
         Every entry as (queue id, state, envelope or None, problem or None),
-        without changing anything: for operator tools, lock not needed.
+        without changing anything: for operator tools, lock not needed.  A
+        damaged entry has no envelope and says why; nothing raises but a
+        spool directory that cannot be listed (L{OSError}).
         """
         state_ids = {n[:-5] for n in self._names("envelopes") if n.endswith(".json")}
         out = []
         for state in STATE_DIRS:
             for qid in sorted(self._names(state)):
                 try:
-                    env, problem = self.read_entry(qid, state, qid in state_ids)
+                    entry = self.read(qid, state, qid in state_ids)
                 except FileNotFoundError:
                     continue  # finished while we looked
-                except (EnvelopeError, OSError) as e:
-                    env, problem = None, str(e)
-                out.append((qid, state, env, problem))
+                except Exception as e:
+                    out.append((qid, state, None, _why(e)))
+                    continue
+                out.append((qid, state, entry.envelope, entry.problem))
         return out
+
+    # -- start-up ---------------------------------------------------------
+
+    def _free_name(self, name: str) -> str:
+        """
+        A name for C{name} in corrupt/ that replaces nothing there.
+        """
+        corrupt = self._dir("corrupt")
+        candidate, n = name, 0
+        while os.path.lexists(os.path.join(corrupt, candidate)) or \
+                os.path.lexists(os.path.join(corrupt, candidate + ".json")):
+            n += 1
+            candidate = f"{name}.{n}"
+        return candidate
+
+    def _quarantine(self, name: str, src: str, why: str, state_file: bool = False,
+                    queue_id: str | None = None) -> None:
+        """
+        Move C{src}/C{name} (and the entry's state file) to corrupt/, never
+        deleting anything, and say so.
+        """
+        dest = self._free_name(name)
+        os.rename(os.path.join(self.path, src, name), os.path.join(self._dir("corrupt"), dest))
+        if state_file:
+            try:
+                os.rename(os.path.join(self._dir("envelopes"), name + ".json"),
+                          os.path.join(self._dir("corrupt"), dest + ".json"))
+            except FileNotFoundError:
+                pass
+        log.warn("spool: {name} in {state}/ cannot be used ({error}); moved to corrupt/{dest}",
+                 name=name, queue_id=queue_id or name, state=src, error=why, dest=dest,
+                 event="queue.quarantined")
 
     def recover(self) -> RecoveryReport:
         """
         Bring the spool to a consistent state after any kind of stop and
         return every live entry.  Needs the lock.
+
+        Nothing found in an entry stops it: a damaged queue file (see
+        L{read}) is moved to corrupt/ (C{queue.quarantined}), an unusable
+        recorded state is removed and the entry goes on from its other
+        state or the envelope it was accepted with (C{queue.state-lost}),
+        each logged.  Only a spool directory that cannot be read or
+        changed raises (L{OSError}).
         """
         debris = 0
-        for name in list(self._names("tmp")):
-            os.unlink(os.path.join(self.path, "tmp", name))
+        for entry in self._listing("tmp"):
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
             debris += 1
 
-        messages = {}
+        quarantined: list[str] = []
+        messages: dict[str, str] = {}
+        # The same name in two state directories (a copy): the later state
+        # wins (an operator's hold above all), the other is set aside.
         for state in STATE_DIRS:
-            for name in self._names(state):
-                messages[name] = state
-        envelope_ids = {n[:-5] for n in self._names("envelopes") if n.endswith(".json")}
+            for entry in self._listing(state):
+                earlier = messages.get(entry.name)
+                if earlier is not None:
+                    self._quarantine(entry.name, earlier, f"another copy is in {state}/")
+                    quarantined.append(entry.name)
+                messages[entry.name] = state
 
         orphans = 0
-        for qid in envelope_ids - set(messages):
-            os.unlink(self.envelope_path(qid))
-            orphans += 1
+        state_ids = set()
+        for entry in self._listing("envelopes"):
+            name = entry.name
+            qid = name[:-5] if name.endswith(".json") else None
+            if not entry.is_file(follow_symlinks=False):
+                self._quarantine(name, "envelopes", "not a regular file", queue_id=qid)
+                quarantined.append(name)
+            elif qid is not None and qid in messages and is_queue_id(qid):
+                state_ids.add(qid)
+            else:
+                os.unlink(entry.path)
+                orphans += 1
+                log.info("spool: removed {name} from envelopes/: no queue entry of that name",
+                         name=name, event="queue.orphan-removed")
 
-        quarantined = []
         entries = []
+        restarted = []
         for qid, state in sorted(messages.items()):
+            has_file = qid in state_ids
             try:
-                env, state_error = self.read_entry(qid, state, qid in envelope_ids)
-            except (EnvelopeError, OSError) as e:
-                self.move(qid, state, "corrupt")
-                if qid in envelope_ids:
-                    os.rename(self.envelope_path(qid),
-                              os.path.join(self.path, "corrupt", qid + ".json"))
-                quarantined.append(qid)
-                log.warn("spool: queue file {queue_id} has no readable envelope ({error}); "
-                         "moved to corrupt/", queue_id=qid, error=str(e),
-                         event="queue.quarantined")
+                entry = self.read(qid, state, has_file)
+            except FileNotFoundError:
                 continue
-            if state_error is not None:
-                os.unlink(self.envelope_path(qid))
-                log.warn("spool: state of {queue_id} is unreadable ({error}); starting "
-                         "again from the envelope it was accepted with",
-                         queue_id=qid, error=state_error, event="queue.state-lost")
-            entries.append((env, state))
+            except Exception as e:  # (an unreadable directory entry, or a bug)
+                entry = EntryRead(qid, state, None, damage=_why(e))
+            if entry.envelope is None:
+                self._quarantine(qid, state, entry.damage or "damaged", state_file=has_file)
+                quarantined.append(qid)
+                continue
+            if entry.bad_xattr:
+                try:
+                    os.removexattr(self.path_in(state, qid), XATTR)
+                except OSError as e:
+                    if e.errno != errno.ENODATA:
+                        raise
+            if entry.bad_file:
+                try:
+                    os.unlink(self.envelope_path(qid))
+                except FileNotFoundError:
+                    pass
+            if entry.dropped:
+                restarted.append(qid)
+                then = ("starting again from the envelope it was accepted with"
+                        if entry.from_header else "going on from its other recorded state")
+                log.warn("spool: recorded state of {queue_id} is unusable ({error}); {then}",
+                         queue_id=qid, error="; ".join(entry.dropped), then=then,
+                         event="queue.state-lost")
+            if entry.note:
+                log.warn("spool: {queue_id}: {note}", queue_id=qid, note=entry.note,
+                         event="queue.state-lost")
+            entries.append((entry.envelope, state))
         if quarantined:
             fsync_dir(self._dir("corrupt"))
         return RecoveryReport(entries=tuple(entries), removed_debris=debris,
-                              removed_orphans=orphans, quarantined=tuple(quarantined))
+                              removed_orphans=orphans, quarantined=tuple(quarantined),
+                              restarted=tuple(restarted))
