@@ -87,9 +87,11 @@ class ClassifierTests(SynchronousTestCase):
         """Every TLS class has its TLS-RPT result type; nothing else has one."""
         for kind in TLS_KINDS:
             o = failures.tls(TLSFailure(kind, host="h", address="192.0.2.1", port=25))
-            self.assertIn(failures.tlsrpt_result(o), (
+            self.assertIn(failures.tlsrpt_result(o), (  # RFC 8460 4.3
                 "starttls-not-supported", "certificate-host-mismatch", "certificate-expired",
-                "certificate-not-trusted", "validation-failure"))
+                "certificate-not-trusted", "validation-failure", "tlsa-invalid",
+                "dnssec-invalid", "dane-required", "sts-policy-fetch-error",
+                "sts-policy-invalid", "sts-webpki-invalid"))
         for kind in failures.CAUSES:
             self.assertNotIn(kind, TLS_KINDS)
         self.assertIsNone(failures.tlsrpt_result(failures.outcome("dns-temp", domain="d",

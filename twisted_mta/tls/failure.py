@@ -20,6 +20,24 @@ The classes and their codes (ARCHITECTURE.md, "The failure taxonomy"):
 | handshake-no-common-version | validation-failure | 4.7.5 / 5.7.5 |
 | handshake-no-common-cipher | validation-failure | 4.7.5 / 5.7.5 |
 | handshake-failed | validation-failure | 4.7.5 / 5.7.5 |
+| dane-mismatch | tlsa-invalid | 4.7.5 / 5.7.5 |
+| dane-name-mismatch | certificate-host-mismatch | 4.7.5 / 5.7.5 |
+| dane-chain-invalid | validation-failure | 4.7.5 / 5.7.5 |
+| dane-starttls-missing | starttls-not-supported | 4.7.4 / 5.7.4 |
+| dane-lookup-failed | dnssec-invalid | 4.7.5 / 5.7.5 |
+| dnssec-bogus | dnssec-invalid | 4.7.5 / 5.7.5 |
+
+The DANE classes (RFC 7672; L{twisted_mta.tls.dane} makes them) stop
+delivery to a server whose TLSA records say TLS is mandatory: a
+certificate that matches none of them, a DANE-TA chain whose leaf does not
+name the server or does not link to the anchor, STARTTLS not offered, and
+a TLSA lookup that failed or came back bogus.  They are not certificate
+classes (a relaxed retry cannot help).  RFC 8460's words decide their
+result types: C{certificate-host-mismatch} names DANE's name check,
+C{starttls-not-supported} is any MX without STARTTLS (C{dane-required} is
+for a sender that requires TLSA records and found none), and
+C{dnssec-invalid} is "no valid records were returned from the recursive
+resolver".
 
 Every sentence names the server as C{host[address]:port}, the way the
 trace header does, so the reader can tell which of several MX hosts (or
@@ -49,10 +67,19 @@ TLSRPT_RESULT = {
     "handshake-no-common-version": "validation-failure",
     "handshake-no-common-cipher": "validation-failure",
     "handshake-failed": "validation-failure",
+    # DANE (RFC 7672): the server's TLSA records, and the DNSSEC behind them.
+    "dane-mismatch": "tlsa-invalid",
+    "dane-name-mismatch": "certificate-host-mismatch",
+    "dane-chain-invalid": "validation-failure",
+    "dane-starttls-missing": "starttls-not-supported",
+    "dane-lookup-failed": "dnssec-invalid",
+    "dnssec-bogus": "dnssec-invalid",
 }
 TLS_KINDS = tuple(TLSRPT_RESULT)
 CERTIFICATE_KINDS = tuple(k for k in TLS_KINDS if k.startswith("certificate-"))
 HANDSHAKE_KINDS = tuple(k for k in TLS_KINDS if k.startswith("handshake-"))
+DANE_KINDS = ("dane-mismatch", "dane-name-mismatch", "dane-chain-invalid",
+              "dane-starttls-missing", "dane-lookup-failed", "dnssec-bogus")
 
 # OpenSSL X509_V_ERR_* numbers we name (x509_vfy.h).
 X509_NOT_YET_VALID = 9
@@ -101,6 +128,8 @@ class TLSFailure:
     weakness: str = ""  # certificate-weak: what is weak, in words
     waited: float | None = None  # handshake-timeout: seconds we waited
     implicit: bool = False  # TLS from the first byte (no STARTTLS)
+    tlsa: tuple[str, ...] = ()  # DANE: the TLSA records concerned, "TLSA 3 1 1 4f2a..."
+    names: tuple[str, ...] = ()  # DANE-TA: the names the certificate may carry
 
     @property
     def peer(self) -> str:
@@ -115,7 +144,8 @@ class TLSFailure:
 
     def enhanced(self, permanent: bool = False) -> str:
         cls = "5" if permanent else "4"
-        return f"{cls}.7.4" if self.kind.startswith("starttls") else f"{cls}.7.5"
+        starttls = self.kind.startswith("starttls") or self.kind == "dane-starttls-missing"
+        return f"{cls}.7.4" if starttls else f"{cls}.7.5"
 
     @property
     def is_certificate(self) -> bool:
@@ -124,6 +154,10 @@ class TLSFailure:
     @property
     def is_handshake(self) -> bool:
         return self.kind in HANDSHAKE_KINDS
+
+    @property
+    def is_dane(self) -> bool:
+        return self.kind in DANE_KINDS
 
     def describe(self) -> str:
         """
@@ -193,8 +227,54 @@ class TLSFailure:
             ours = _versions_words(self.versions)
             return (f"{h} and this server have no cipher in common (we offered "
                     f"{ours} with current ciphers; it accepted none of them)")
+        if self.kind in DANE_KINDS:
+            return self._describe_dane()
         words = f" ({self.detail})" if self.detail else ""
         return f"the encryption handshake with {h} failed{words}"
+
+    def _records_words(self) -> str:
+        """
+        "a DANE record (TLSA 3 1 1 4f2a...)" or "DANE records (TLSA ..., TLSA ...)".
+        """
+        if not self.tlsa:
+            return "DANE (TLSA) records"
+        shown = ", ".join(self.tlsa[:3]) + (", ..." if len(self.tlsa) > 3 else "")
+        return f"a DANE record ({shown})" if len(self.tlsa) == 1 else \
+            f"DANE records ({shown})"
+
+    def _describe_dane(self) -> str:
+        h = self.peer
+        cert = self.certificate
+        records = self._records_words()
+        expected = " or ".join(self.names) or self.expected_name or self.host
+        if self.kind == "dane-mismatch":
+            if self.detail == "no-certificate":
+                return f"{h} published {records} but presented no certificate"
+            return f"{h} published {records} that its certificate does not match"
+        if self.kind == "dane-name-mismatch":
+            names = ", ".join((cert.sans or (cert.subject,))[:4]) if cert else "another name"
+            return (f"{h} presented a certificate for {names}, not for {expected}, from the "
+                    f"authority named by {records}")
+        if self.kind == "dane-chain-invalid":
+            d = self.detail
+            if d == "expired" and cert and cert.not_after:
+                what = f"its certificate expired on {_day(cert.not_after)}"
+            elif d == "not-yet-valid" and cert and cert.not_before:
+                what = f"its certificate is not valid until {_day(cert.not_before)}"
+            else:
+                what = _DANE_CHAIN_WORDS.get(d, f"its certificate chain is invalid ({d})"
+                                             if d else "its certificate chain is invalid")
+            return f"{h} published {records} naming a trust anchor, but {what}"
+        if self.kind == "dane-starttls-missing":
+            return (f"{h} publishes DANE (TLSA) records, so encryption is mandatory, but it "
+                    "does not offer STARTTLS")
+        where = self.host if not self.address else h
+        words = f" ({self.detail})" if self.detail else ""
+        if self.kind == "dane-lookup-failed":
+            return (f"the DANE (TLSA) records of {where} could not be looked up{words}, so we "
+                    "cannot tell whether it requires encryption and which certificate")
+        return (f"the DNS answer about {where} (its address or DANE records) failed DNSSEC "
+                f"validation{words}, so it cannot be trusted")
 
     def advice(self) -> str:
         """
@@ -235,7 +315,54 @@ class TLSFailure:
             return "enable TLS 1.2 or TLS 1.3 on the server"
         if self.kind == "handshake-no-common-cipher":
             return "enable current ciphers (ECDHE with AES-GCM or ChaCha20-Poly1305)"
+        if self.kind == "dane-mismatch":
+            if self.detail == "no-certificate":
+                return "configure the server to present its certificate"
+            return ("publish TLSA records that match the certificate the server presents "
+                    "(3 1 1 with the SHA-256 digest of its public key is the usual choice), "
+                    "and publish the next key's record before changing keys")
+        if self.kind == "dane-name-mismatch":
+            expected = " or ".join(self.names) or self.expected_name or self.host
+            return (f"install a certificate that names {expected}, or publish a DANE-EE "
+                    "record (3 1 1), which does not depend on names")
+        if self.kind == "dane-chain-invalid":
+            return _DANE_CHAIN_ADVICE.get(
+                self.detail, "send the full chain up to the certificate the DANE-TA record "
+                "names, or publish a DANE-EE record (3 1 1) for the server's own key")
+        if self.kind == "dane-starttls-missing":
+            return "enable STARTTLS on the server, or withdraw its TLSA records"
+        if self.kind == "dane-lookup-failed":
+            return (f"make sure the zone's DNS servers answer TLSA queries for "
+                    f"_{self.port}._tcp.{self.host} with signed answers (a signed NODATA "
+                    "when there are none)")
+        if self.kind == "dnssec-bogus":
+            return ("fix the zone's DNSSEC (expired signatures, or a DS record that does not "
+                    "match the zone's keys, are the usual causes)")
         return "check the server's TLS set-up and logs"
+
+
+_DANE_CHAIN_WORDS = {
+    "not-linked": ("the certificates it sent do not link its own certificate to that "
+                   "anchor"),
+    "expired": "its certificate has expired",
+    "not-yet-valid": "its certificate is not valid yet",
+    "intermediate-expired": "a certificate in its chain below the anchor has expired",
+    "intermediate-not-yet-valid": ("a certificate in its chain below the anchor is not "
+                                   "valid yet"),
+    "not-a-ca": ("a certificate in its chain that issues others is not a CA certificate "
+                 "(basicConstraints CA:TRUE)"),
+}
+_DANE_CHAIN_ADVICE = {
+    "not-linked": ("send the full chain, up to and including the certificate the DANE-TA "
+                   "record names"),
+    "expired": "renew the certificate",
+    "not-yet-valid": "check the certificate's dates and the server's clock",
+    "intermediate-expired": "install the current intermediate certificates",
+    "intermediate-not-yet-valid": ("check the intermediate certificates' dates and the "
+                                   "server's clock"),
+    "not-a-ca": ("issue the server's certificate from a CA certificate (basicConstraints "
+                 "CA:TRUE), and point the DANE-TA record at it"),
+}
 
 
 def _versions_words(versions: str) -> str:
