@@ -181,6 +181,82 @@ class OrderedMultiService(service.MultiService):
             yield defer.maybeDeferred(child.stopService)
 
 
+def describe_failure(error: BaseException) -> str:
+    """
+    A start-up failure in one line: our own errors as they are, a file
+    system error with its path, anything else with its type.
+    """
+    from twisted.internet.error import CannotListenError
+    if isinstance(error, (SpoolError, PrepareError, CannotListenError)):
+        return " ".join(str(error).split())
+    if isinstance(error, OSError) and error.strerror:
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror}"
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+class MTAService(OrderedMultiService):
+    """
+    The top of the service tree: a start-up that cannot complete (a
+    listener that cannot listen, a spool recovery that raises, any child's
+    start that fails) stops twistd at once with one line saying why and a
+    non-zero exit, instead of a traceback and a process that stays alive
+    on its thread pool with its ports bound and no reactor to greet.
+    """
+
+    # twistd's options (pidfile, statusPipe when daemonized), from makeService.
+    twistd_config: dict | None = None
+
+    def privilegedStartService(self) -> None:
+        service.Service.privilegedStartService(self)
+        for child in self:
+            try:
+                child.privilegedStartService()  # the listeners bind here
+            except Exception as e:
+                self._abandon(f"{child.name or type(child).__name__} cannot start", e)
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        for child in self:
+            try:
+                child.startService()
+            except Exception as e:
+                self._abandon(f"{child.name or type(child).__name__} cannot start", e)
+
+    def _abandon(self, what: str, error: Exception) -> None:
+        line = f"twistd: start-up failed: {what}: {describe_failure(error)}"
+        log.critical("{line}", line=line, event="startup.failed")
+        # Stop what started (the thread pool first of all: its threads would
+        # keep the process alive), without waiting for the reactor.
+        for child in reversed(list(self)):
+            if child.running:
+                try:
+                    child.stopService()
+                except Exception:
+                    pass
+        self.running = False
+        config = self.twistd_config or {}
+        pipe = config.get("statusPipe")
+        if pipe is not None:
+            # Daemonized: the waiting parent prints this and exits 1.
+            try:
+                os.write(pipe, b"1 " + line.encode("ascii", "backslashreplace")[:98])
+                os.close(pipe)
+            except OSError:
+                pass
+        pidfile = config.get("pidfile")
+        if pidfile:
+            try:
+                with open(pidfile) as f:
+                    mine = f.read().strip() == str(os.getpid())
+                if mine:
+                    os.unlink(pidfile)
+            except (OSError, ValueError):
+                pass
+        raise SystemExit(1)
+
+
 def make_service(config, reactor, owner: tuple[int, int] | None = None,
                  prepared: Prepared | None = None) -> service.MultiService:
     """
@@ -196,7 +272,7 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
 
     if prepared is None:
         prepared = prepare(config)
-    top = OrderedMultiService()
+    top = MTAService()
     pool = threadpool.ThreadPool(minthreads=2, maxthreads=16, name="mta-io")
     ThreadPoolService(pool).setServiceParent(top)
 
@@ -303,9 +379,11 @@ def makeService(options: Options) -> service.IService:
     if uid is not None and os.getuid() == 0:
         owner = (uid, gid if gid is not None else -1)
     try:
-        return make_service(options["parsed"], reactor, owner, options.get("prepared"))
+        top = make_service(options["parsed"], reactor, owner, options.get("prepared"))
     except (SpoolError, PrepareError) as e:
         # twistd reports a UsageError from here with a traceback; this is
         # an operator's mistake, so one line and a non-zero exit instead.
         sys.stderr.write(f"twistd: {e}\n")
         raise SystemExit(1)
+    top.twistd_config = parent
+    return top
