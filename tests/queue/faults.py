@@ -21,6 +21,7 @@ and only those under C{root}.
 from __future__ import annotations
 
 import errno
+import fnmatch
 import os
 
 WRITES_WITH_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -70,12 +71,16 @@ class FaultyFS:
         self._clock = clock
         self._fds: dict[int, str] = {}
         self.points: list[str] = []  # every write point, in order, as a label
+        self.tag = ""  # what the test is doing now: each point's is kept in tags
+        self.tags: list[str] = []
         self.failed: list[str] = []  # the points that were made to fail
         self.fail_at: int | None = None
         self.errno = errno.ENOSPC
         self.mode = "until"
         self.duration = 100.0
         self.started: float | None = None
+        self.refused: tuple[str, ...] = ()  # label patterns that fail, see refuse()
+        self.sync = True  # False: an fsync under the root is counted, not done (speed)
         self.os = _OS(self)
 
     # -- set-up ---------------------------------------------------------------
@@ -92,12 +97,30 @@ class FaultyFS:
                 (lambda m=module, o=old: setattr(m, "open", o)) if had else
                 (lambda m=module: delattr(m, "open")))
 
+    def reset(self, root: str | None = None) -> None:
+        """
+        Forget every point and fault (and move to another root).
+        """
+        if root is not None:
+            self._root = os.path.abspath(root)
+        self._fds.clear()
+        self.points, self.tags, self.failed = [], [], []
+        self.fail_at, self.started, self.refused = None, None, ()
+
     def arm(self, index: int, err: int, mode: str, duration: float = 100.0) -> None:
         """
         Make write point C{index} fail with C{err}: C{mode} C{"once"}, or
         C{"until"} C{duration} seconds have passed since.
         """
         self.fail_at, self.errno, self.mode, self.duration = index, err, mode, duration
+
+    def refuse(self, *patterns: str, err: int = errno.ENOSPC) -> None:
+        """
+        Make every write whose label matches one of C{patterns} (shell
+        style, e.g. C{"create spool/tmp/*"}) fail with C{err} until
+        L{refuse} is called again without patterns.
+        """
+        self.refused, self.errno = patterns, err
 
     @property
     def active(self) -> bool:
@@ -131,6 +154,10 @@ class FaultyFS:
         index = len(self.points)
         label = f"{op} {name}"
         self.points.append(label)
+        self.tags.append(self.tag)
+        if any(fnmatch.fnmatchcase(label, p) for p in self.refused):
+            self.failed.append(label)
+            raise OSError(self.errno, os.strerror(self.errno), name)
         if self.fail_at is None or index < self.fail_at:
             return
         if self.mode == "once":
@@ -182,8 +209,10 @@ class _OS:
         return os.write(fd, data)
 
     def fsync(self, fd):
-        self._fs.point("fsync", self._fs.name(fd))
-        return os.fsync(fd)
+        name = self._fs.name(fd)
+        self._fs.point("fsync", name)
+        if name is None or self._fs.sync:
+            os.fsync(fd)
 
     def rename(self, src, dst, *args, **kw):
         self._fs.point("rename", self._fs.name(dst))

@@ -5,11 +5,21 @@ L{IDeliveryTarget}; it imports none of them), records per-recipient results
 and schedules retries.
 
 State lives on disk (the spool); the timers here are derived from it, so a
-restart rebuilds them from each envelope's C{next_attempt}.
+restart rebuilds them from each envelope's C{next_attempt}.  While the
+process runs, the envelope in memory may be ahead of the disk: when an
+attempt's results cannot be written (a full disk), the retry starts from
+them, so nothing is delivered or reported twice; only a crash falls back to
+the older state on disk, which repeats work and never loses it.
+
+The DSNs an attempt owes are queued before its results are recorded.  One
+that cannot be queued leaves its recipients flagged C{dsn_pending} (recorded
+with the rest), and the entry stays, retried on the schedule, until a later
+attempt queues it without delivering again.
 """
 
 from __future__ import annotations
 
+import errno
 import random
 from typing import Callable
 
@@ -89,6 +99,7 @@ class QueueManager(service.Service):
         self.states: dict[str, str] = {}
         self._timers: dict[str, object] = {}
         self._recovering: set[str] = set()
+        self._unsaved: set[str] = set()  # results in memory the disk refused
         self.active: dict[str, defer.Deferred] = {}
         self._semaphore = defer.DeferredSemaphore(config.queue.delivery_concurrency)
         self._stopping = False
@@ -176,16 +187,28 @@ class QueueManager(service.Service):
 
     def _crashed(self, failure, qid: str) -> None:
         """
-        An attempt raised (a bug): log it once and try again on the retry
-        schedule, so the entry is never left without a timer.
+        An attempt raised: the disk refused a write (one line), or a bug
+        (the traceback, once).  Try again on the retry schedule, so the
+        entry is never left without a timer; the retry also looks for
+        Maildir copies a user already read, as after a restart.
         """
-        log.failure("queue: attempt for {queue_id} crashed; retrying later", failure,
-                    queue_id=qid, event="queue.error")
         envelope = self.entries.get(qid)
+        q = self.config.queue
+        # Results the disk refused are written again after the schedule's
+        # first interval; else the attempt is repeated at the next step.
+        step = 1 if qid in self._unsaved or envelope is None else envelope.attempts + 1
+        delay = retry_delay(q.retry_schedule, step, q.jitter, self.rand)
+        error = failure.value
+        if isinstance(error, OSError) and error.errno is not None:
+            log.warn("queue: could not finish the attempt for {queue_id}: {error}; retrying "
+                     "in {delay:.0f} s", queue_id=qid, error=_os_error(error), delay=delay,
+                     event="queue.error")
+        else:
+            log.failure("queue: attempt for {queue_id} crashed; retrying later", failure,
+                        queue_id=qid, event="queue.error")
         if envelope is None or self.states.get(qid) == "hold":
             return
-        q = self.config.queue
-        delay = retry_delay(q.retry_schedule, envelope.attempts + 1, q.jitter, self.rand)
+        self._recovering.add(qid)
         self.schedule(qid, self.clock.seconds() + delay)
 
     def _finished(self, _: object, qid: str) -> None:
@@ -196,7 +219,40 @@ class QueueManager(service.Service):
     @defer.inlineCallbacks
     def _attempt(self, qid: str):
         envelope = self.entries[qid]
+        if qid in self._unsaved:
+            # The last results are in memory only: write them, and the next
+            # attempt comes at the time they set.
+            yield self._store(envelope)
+            return
         now = self.clock.seconds()
+        updated = envelope
+        if envelope.pending():
+            updated = yield self._deliver_pending(envelope, now)
+            if updated is None:
+                return
+            now = self.clock.seconds()
+        # Without pending recipients, only DSNs are owed (or the last results
+        # could not be written): nothing is delivered again.
+        try:
+            updated = yield self._send_notices(envelope, updated, now)
+        except MessageGone:
+            self._vanished(qid)
+            return
+        yield self._store(updated)
+
+    def _vanished(self, qid: str) -> None:
+        log.error("queue: message file of {queue_id} vanished", queue_id=qid,
+                  event="queue.error")
+        self.forget(qid)
+
+    @defer.inlineCallbacks
+    def _deliver_pending(self, envelope: Envelope, now: float):
+        """
+        Hand the pending recipients to the targets; fires with the envelope
+        updated with their results (not yet stored), or None when the queue
+        file vanished.
+        """
+        qid = envelope.queue_id
         request = DeliveryRequest(
             envelope=envelope, path=self.spool.path_in(self.states[qid], qid),  # no stat()
             indexes=(), now=now, recovering=qid in self._recovering)
@@ -219,33 +275,54 @@ class QueueManager(service.Service):
             results.update(part)
             routes.update({address: name for address in part})
         if gone:
-            log.error("queue: message file of {queue_id} vanished", queue_id=qid,
-                      event="queue.error")
-            self.forget(qid)
-            return
+            self._vanished(qid)
+            return None
         self._recovering.discard(qid)
-        now = self.clock.seconds()
-        updated = self._apply(envelope, results, routes, now)
-        changed = [(before, r) for before, r in zip(envelope.recipients, updated.recipients)
-                   if before.pending and not r.pending]
-        failed = [r for _, r in changed if r.state == FAILED]
+        return self._apply(envelope, results, routes, self.clock.seconds())
+
+    @defer.inlineCallbacks
+    def _send_notices(self, before: Envelope, updated: Envelope, now: float):
+        """
+        Queue the DSNs owed after an attempt, before its results are
+        recorded (a crash in between repeats a DSN rather than losing it):
+        a failure report for the recipients that failed for good, a success
+        report where asked, one delay warning.  Recipients whose DSN could
+        not be queued are flagged C{dsn_pending}, and those flagged by an
+        earlier attempt are reported now; fires with the envelope to store.
+        """
+        new = {i for i, (b, r) in enumerate(zip(before.recipients, updated.recipients))
+               if b.pending and not r.pending}
+        failed = [r for i, r in enumerate(updated.recipients)
+                  if r.state == FAILED and (r.dsn_pending or i in new)]
         if failed:
-            # Queue the bounce before recording the failure: a crash in
-            # between repeats the bounce rather than losing it.
-            yield self.notices.send(updated, failed)
-        delivered = [r for _, r in changed if r.state == DELIVERED and r.wants("SUCCESS")
-                     and not (r.outcome and r.outcome.dsn_passed)]
-        if delivered and updated.sender:
-            yield self.notices.send(updated, delivered, success=True)
+            done = yield self.notices.send(updated, failed)
+            updated = _owing(updated, failed, not done)
+        delivered = [r for i, r in enumerate(updated.recipients)
+                     if r.state == DELIVERED and (r.dsn_pending or (
+                         i in new and updated.sender and r.wants("SUCCESS")
+                         and not (r.outcome and r.outcome.dsn_passed)))]
+        if delivered:
+            done = yield self.notices.send(updated, delivered, success=True)
+            updated = _owing(updated, delivered, not done)
         if self.notices.due_for_warning(updated, now):
             delayed = [r for r in updated.pending() if r.wants("DELAY")]
-            sent = True
+            done = True
             if delayed:
-                sent = yield self.notices.send(updated, delayed,
-                                          until=updated.arrival + self.config.queue.lifetime)
-            if sent:
+                done = yield self.notices.send(updated, delayed,
+                                               until=updated.arrival + self.config.queue.lifetime)
+            if done:  # else the next attempt tries again
                 updated = attrs.evolve(updated, warned=True)
-        yield self._store(updated)
+        owed = [r.address for r in updated.recipients if r.dsn_pending]
+        if owed and updated.finished:
+            q = self.config.queue
+            updated = attrs.evolve(updated, next_attempt=now + retry_delay(
+                q.retry_schedule, 1, q.jitter, self.rand))
+        if owed:
+            log.warn("{queue_id}: a DSN for {count} recipient(s) is not queued yet; the entry "
+                     "stays until it is (next try at {next_attempt:.0f})",
+                     event="dsn.pending", queue_id=updated.queue_id, count=len(owed),
+                     recipients=owed, next_attempt=updated.next_attempt)
+        return updated
 
     def _deliver(self, target, request: DeliveryRequest) -> defer.Deferred:
         """
@@ -331,8 +408,15 @@ class QueueManager(service.Service):
     @defer.inlineCallbacks
     def _store(self, envelope: Envelope):
         qid = envelope.queue_id
-        if envelope.finished:
-            yield self.run_blocking(self.spool.remove, qid)
+        # Ahead of the disk until written: if the write fails, the retry
+        # (_crashed) starts from these results.
+        self.entries[qid] = envelope
+        if envelope.finished and not any(r.dsn_pending for r in envelope.recipients):
+            try:
+                yield self.run_blocking(self.spool.remove, qid)
+            except Exception:
+                self._unsaved.add(qid)
+                raise
             self.forget(qid)
             log.info("{queue_id}: removed from queue ({delivered} delivered, {failed} failed)",
                      event="queue.removed", queue_id=qid,
@@ -341,12 +425,33 @@ class QueueManager(service.Service):
             return
         state = self.states.get(qid, "cur")
         target = "cur" if state == "new" else state
-        yield self.run_blocking(self.spool.update_and_move, envelope, state, target)
+        try:
+            yield self.run_blocking(self.spool.update_and_move, envelope, state, target)
+        except Exception:
+            self._unsaved.add(qid)
+            if state != target:  # the move may be done, the update not
+                self.states[qid] = (yield self.run_blocking(self.spool.state_of, qid)) or state
+            raise
+        self._unsaved.discard(qid)
         self.states[qid] = target
-        self.entries[qid] = envelope
         self.schedule(qid, envelope.next_attempt)
 
     def forget(self, qid: str) -> None:
+        self._unsaved.discard(qid)
         self.entries.pop(qid, None)
         self.states.pop(qid, None)
         self._recovering.discard(qid)
+
+
+def _owing(envelope: Envelope, recipients: list[Recipient], pending: bool) -> Envelope:
+    """
+    Flag (or clear) C{recipients} as still owed their DSN.
+    """
+    return envelope.with_results({r.address: attrs.evolve(r, dsn_pending=pending)
+                                  for r in recipients})
+
+
+def _os_error(e: OSError) -> str:
+    name = errno.errorcode.get(e.errno, str(e.errno))
+    where = f" ({e.filename})" if e.filename else ""
+    return f"{e.strerror or name} [{name}]{where}"

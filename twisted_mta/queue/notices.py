@@ -1,11 +1,14 @@
 """
 The DSNs the queue sends (RFC 3464): failure reports, one delay warning,
 success reports on request, each queued as a new entry from <>.  A bounce
-is never answered with a bounce.
+is never answered with a bounce.  A DSN that cannot be queued (a full disk)
+is not counted as sent: L{Notices.send} says so, and the queue manager keeps
+the entry and tries again.
 """
 
 from __future__ import annotations
 
+import errno
 from typing import Callable
 
 from twisted.internet import defer
@@ -16,7 +19,7 @@ from twisted_mta.dsn.report import (
     FailedRecipient, delay_report, failure_report, success_report,
 )
 from twisted_mta.local import LocalDirectory
-from twisted_mta.model import Envelope, Recipient
+from twisted_mta.model import Envelope, MessageGone, Recipient
 from twisted_mta.queue.spool import RunBlocking, Spool
 from twisted_mta.tls.failure import TLS_KINDS
 
@@ -75,7 +78,12 @@ class Notices:
         recipients failed (or, with C{until}, are delayed and retried until
         then).  A bounce is never answered with a bounce: when one fails,
         the postmaster gets the report instead, and when that fails,
-        nobody.  Fires with whether a DSN was queued.
+        nobody.
+
+        Fires with True when nothing more is owed (the DSN is queued, or
+        none is wanted: NOTIFY, a bounce of a bounce), False when it could
+        not be queued (the caller tries again later); fails with
+        L{MessageGone} when the message it reports on is gone.
         """
         qid = envelope.queue_id
         to = envelope.sender
@@ -88,7 +96,7 @@ class Notices:
                          event="dsn.suppressed", queue_id=qid, count=len(quiet))
                 failed = [r for r in failed if r.wants("FAILURE")]
                 if not failed:
-                    return False
+                    return True
         if not to:
             # A bounce that cannot be delivered goes to the postmaster, once:
             # a failing report to the postmaster is only logged.
@@ -96,13 +104,18 @@ class Notices:
             if until is not None or envelope.client.get("double_bounce") or not postmaster:
                 log.warn("{queue_id}: {count} recipient(s) of a bounce failed; no DSN for a DSN",
                          event="dsn.suppressed", queue_id=qid, count=len(failed))
-                return False
+                return True
             to, client["double_bounce"] = postmaster, "yes"
         try:
             if envelope.ret == "FULL" and not success and envelope.size <= FULL_RETURN_LIMIT:
                 headers = yield self.run_blocking(self.spool.read_message, qid)
             else:
                 headers = yield self.run_blocking(self.spool.read_headers, qid)
+        except FileNotFoundError as e:
+            raise MessageGone(str(e))
+        except OSError as e:
+            return self._not_queued(qid, to, e)
+        try:
             now = self.clock.seconds()
             listed = [FailedRecipient(r, r.outcome.remote_mta if r.outcome else None,
                                       _success_action(r) if success else None)
@@ -126,9 +139,11 @@ class Notices:
             writer.write(dsn.to_header())
             writer.write(report)
             yield writer.commit(dsn)
+        except OSError as e:
+            return self._not_queued(qid, to, e)
         except Exception:
-            log.failure("{queue_id}: could not queue a DSN for <{sender}>", queue_id=qid,
-                        sender=to, event="dsn.error")
+            log.failure("{queue_id}: could not queue a DSN for <{sender}>; will try again",
+                        queue_id=qid, sender=to, event="dsn.error")
             return False
         kind = "delivered" if success else ("failed" if until is None else "delayed")
         self.notify("dsn.queued", {"kind": kind})
@@ -139,3 +154,16 @@ class Notices:
         self.enqueue(dsn)
         return True
 
+    def _not_queued(self, qid: str, to: str, e: OSError) -> bool:
+        """
+        The disk refused the DSN (or its source): one line, and try again.
+        """
+        if e.errno is None:  # not from the system: a bug, with its traceback
+            log.failure("{queue_id}: could not queue a DSN for <{sender}>; will try again",
+                        queue_id=qid, sender=to, event="dsn.error")
+            return False
+        name = errno.errorcode.get(e.errno, str(e.errno))
+        log.warn("{queue_id}: could not queue a DSN for <{sender}>: {error} [{errno}]; "
+                 "will try again", queue_id=qid, sender=to, error=e.strerror or name,
+                 errno=name, event="dsn.error")
+        return False
