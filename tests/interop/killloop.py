@@ -124,6 +124,13 @@ class Sink:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
+    def snapshot(self) -> collections.Counter[tuple[str, str]]:
+        """
+        The copies so far (the MTA may be delivering while we count).
+        """
+        with self._lock:
+            return collections.Counter(self.copies)
+
     def took(self, message: bytes, rcpts: list[str]) -> None:
         m = TOKEN.search(message)
         token = m.group(1).decode() if m else "?"
@@ -169,6 +176,13 @@ class Load:
         self._stop.set()
         for t in self._threads:
             t.join(30)
+
+    def snapshot(self) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]], int]:
+        """
+        (acknowledged, sent, client errors) so far.
+        """
+        with self._lock:
+            return dict(self.acked), dict(self.sent), self.errors
 
     def _run(self, n: int, seed: int, name: str) -> None:
         rng = random.Random(seed)
@@ -264,11 +278,13 @@ class Report:
 
 
 def count(mta: MTAProcess, load: Load, sink: Sink, report: Report) -> Report:
+    acked, sent, errors = load.snapshot()
+    remote = sink.snapshot()
     local = local_copies(mta)
-    report.sent, report.acked, report.client_errors = len(load.sent), len(load.acked), load.errors
+    report.sent, report.acked, report.client_errors = len(sent), len(acked), errors
     report.local_missing, report.local_duplicates, report.remote_missing = [], [], []
     report.local_expected = report.remote_expected = 0
-    for token, rcpts in load.acked.items():
+    for token, rcpts in acked.items():
         for r in rcpts:
             if r.endswith("@" + LOCAL_DOMAIN):
                 report.local_expected += 1
@@ -276,12 +292,12 @@ def count(mta: MTAProcess, load: Load, sink: Sink, report: Report) -> Report:
                     report.local_missing.append((token, r))
             else:
                 report.remote_expected += 1
-                if sink.copies[(token, r)] == 0:
+                if remote[(token, r)] == 0:
                     report.remote_missing.append((token, r))
     report.local_duplicates = sorted(k for k, n in local.items() if n > 1)
-    report.remote_duplicates = sum(n - 1 for n in sink.copies.values() if n > 1)
-    delivered = {t for t, _ in local} | {t for t, _ in sink.copies}
-    report.unacked_delivered = len(delivered - set(load.acked))
+    report.remote_duplicates = sum(n - 1 for n in remote.values() if n > 1)
+    delivered = {t for t, _ in local} | {t for t, _ in remote}
+    report.unacked_delivered = len(delivered - set(acked))
     report.spool_left = mta.spool_contents()
     report.maildir_tmp_left = sum(
         len(os.listdir(os.path.join(mta.maildir(u), "tmp")))
