@@ -771,7 +771,6 @@ class StorageFailureTests(SynchronousTestCase):
         return line
 
     def logged(self, *names):
-        from twisted.logger import LogLevel
         return [(e["event"], e["log_level"].name, e.get("error"), e.get("count"),
                  "log_failure" in e) for e in self.events if e.get("event") in names]
 
