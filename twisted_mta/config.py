@@ -246,6 +246,10 @@ class Limits:
     stress_timeout: Duration | None = 10  # None: no stress-adaptive timeouts (false or 0)
     received_headers: int = attrs.field(default=100, validator=_at_least(10))
     errors: int = attrs.field(default=20, validator=_at_least(1))
+    # NOOP, VRFY, RSET and HELP a session may send before each one counts
+    # as an error (Postfix: smtpd_junk_command_limit ${stress?1}{100}); under
+    # stress 1, and then a single error ends the session.
+    junk_commands: int = attrs.field(default=100, validator=_at_least(1))
 
     @property
     def stress_connections(self) -> int:

@@ -206,7 +206,7 @@ class StressTests(LogTestCase):
         p, t = self.sessions[-1]
         for _ in range(5):
             h.clock.advance(8)
-            p.dataReceived(b"NOOP\r\n")
+            p.dataReceived(b"EHLO client.example\r\n")
         self.assertFalse(t.disconnecting)
         h.clock.advance(10.1)
         self.assertTrue(t.disconnecting)
@@ -232,6 +232,31 @@ class StressTests(LogTestCase):
         self.assertEqual(h.read(), SLOW)
         self.assertEqual(self.logged("inbound.timeout", "limit", "stress"),
                          [("data-rate", True)])
+
+    def test_noop_every_few_seconds_cut_under_stress(self):
+        """A client that holds its slot with a NOOP every 5 s (which resets any idle countdown) is cut under stress at its second junk command, as Postfix's ${stress?1} junk-command and error limits do; without stress it gets [limits] junk_commands of them, then each counts as an error."""
+        h = self.harness()
+        self.open(h, 7)
+        p, t = self.sessions[-1]
+        h.read(t)
+        p.dataReceived(b"NOOP\r\n")
+        self.assertFalse(t.disconnecting)
+        h.clock.advance(5)
+        p.dataReceived(b"NOOP\r\n")
+        self.assertTrue(t.disconnecting)
+        self.assertEqual(h.read(t)[-1][:3], "421")
+        self.assertEqual(self.logged("inbound.error-limit", "stress"), [(True,)])
+
+    def test_junk_commands_count_as_errors_past_the_limit(self):
+        """Without stress: 100 NOOP/VRFY/RSET/HELP are free, then each one counts towards [limits] errors (20): the 120th ends the session with 421."""
+        h = self.harness()
+        p, t = self.sessions[0]
+        for i in range(119):
+            h.clock.advance(5)
+            p.dataReceived(b"NOOP\r\n" if i % 2 else b"RSET\r\n")
+        self.assertFalse(t.disconnecting)
+        p.dataReceived(b"HELP\r\n")
+        self.assertTrue(t.disconnecting)
 
     def test_stress_ends_below_ninety_percent(self):
         """Stress ends when fewer than 90% of the threshold are in use (here: below 7); sessions then get the normal timeouts again at their next command."""

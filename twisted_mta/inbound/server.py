@@ -291,6 +291,7 @@ class InboundESMTP(smtp.ESMTP):
         self._closing = False
         self._counted = False
         self._errors = 0
+        self._junk = 0  # NOOP, VRFY, RSET, HELP so far
         self._idle_until: float | None = None  # when the idle timeout fires
         self._data_call: Any = None  # the DATA deadline (data_time, min_data_rate)
         self._data_started = 0.0
@@ -470,13 +471,34 @@ class InboundESMTP(smtp.ESMTP):
         """
         self.transport.write(b"".join(line + b"\r\n" for line in r.lines()))
         if error and r.code >= 400 and r.code != 421 and not self._closing:
-            self._errors += 1
-            if self._errors >= self.limits.errors:
-                log.info("too many errors from {peer}; disconnecting", event="inbound.error-limit",
-                         peer=self.peer_ip)
-                self.transport.write(b"".join(
-                    line + b"\r\n" for line in reply.TOO_MANY_ERRORS.lines()))
-                self._close()
+            self._count_error()
+
+    def _count_error(self) -> None:
+        """
+        One more error; at [limits] errors (under stress: the first) the
+        session ends with 421.
+        """
+        self._errors += 1
+        limit = 1 if self.factory.stressed else self.limits.errors
+        if self._errors >= limit:
+            log.info("too many errors from {peer}; disconnecting", event="inbound.error-limit",
+                     peer=self.peer_ip, stress=self.factory.stressed)
+            self.transport.write(b"".join(
+                line + b"\r\n" for line in reply.TOO_MANY_ERRORS.lines()))
+            self._close()
+
+    def _junk_command(self, r: Reply) -> None:
+        """
+        Answer a command that moves no mail (NOOP, VRFY, RSET, HELP).  Past
+        [limits] junk_commands (under stress: past the first) each one counts
+        as an error, so a client cannot hold a connection by sending one
+        every few seconds (the idle timeout alone would never fire).
+        """
+        self._junk += 1
+        self.send(r)
+        limit = 1 if self.factory.stressed else self.limits.junk_commands
+        if self._junk > limit and r.code < 400 and not self._closing:
+            self._count_error()
 
     def _close(self) -> None:
         self._closing = True
@@ -1021,19 +1043,19 @@ class InboundESMTP(smtp.ESMTP):
             self.send(reply.NO_PARAMETERS)
             return
         self._reset_transaction()
-        self.send(reply.RESET_OK)
+        self._junk_command(reply.RESET_OK)
 
     def smtp_NOOP(self, arg: str) -> None:
-        self.send(reply.NOOP_OK)
+        self._junk_command(reply.NOOP_OK)
 
     def smtp_VRFY(self, arg: str) -> None:
-        self.send(reply.VRFY_CANNOT)
+        self._junk_command(reply.VRFY_CANNOT)
 
     def smtp_EXPN(self, arg: str) -> None:
         self.send(reply.NOT_IMPLEMENTED)
 
     def smtp_HELP(self, arg: str) -> None:
-        self.send(reply.HELP)
+        self._junk_command(reply.HELP)
 
     def smtp_QUIT(self, arg: str) -> None:
         self.send(reply.BYE)
