@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twisted.internet import defer
 
-from twisted_mta.model import Envelope, Outcome, Recipient
+from twisted_mta.model import Envelope, EnvelopeError, Outcome, Recipient
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -660,3 +660,22 @@ class SeamTests(ManagerTestBase):
             pass
         self.assertRaises(TypeError, Targets, local=NotATarget(),
                           remote=RecordingTarget("remote", self.OK))
+
+
+class DamagedFileTests(ManagerTestBase):
+    def test_truncated_queue_file_is_not_sent_out(self):
+        """A queue file cut short after its 250 (its length no longer the one recorded at commit) is not handed to the remote server damaged: the recipient is deferred with 4.3.0 naming the problem (a restart quarantines the entry)."""
+        m = self.manager()
+        env = self.queue(["x@elsewhere.test"], body=b"Subject: t\r\n\r\n" + b"a" * 4000 + b"\r\n")
+        self.assertIsNotNone(env.file_size)
+        path = self.spool.message_path(env.queue_id)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) - 1000)
+        m.enqueue(env)
+        self.clock.advance(0)
+        self.assertEqual(self.outbound.sent, [])
+        self.assertRaises(EnvelopeError, self.spool.load, env.queue_id)  # damaged: refused
+        stored = m.entries[env.queue_id]
+        outcome = stored.recipients[0].outcome
+        self.assertEqual((stored.recipients[0].state, outcome.enhanced), ("pending", "4.3.0"))
+        self.assertIn("could not read the queued message", outcome.text)

@@ -40,7 +40,7 @@ class RemoteDelivery:
             outcome = failures.outcome("not-configured")
             return {a: outcome for a in addresses}
         try:
-            message = yield self.run_blocking(outgoing.load, request.path)
+            message = yield self.run_blocking(outgoing.load, request.path, envelope)
         except FileNotFoundError as e:
             raise MessageGone(str(e))
         except Exception as e:

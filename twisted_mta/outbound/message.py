@@ -15,7 +15,8 @@ import os
 
 import attrs
 
-from twisted_mta.model import header_end
+from twisted_mta.model import Envelope, EnvelopeError, header_end
+from twisted_mta.queue.spool import length_problem
 
 WHOLE_LIMIT = 1024 * 1024  # messages up to this size are sent from memory
 CHUNK = 1024 * 1024
@@ -82,9 +83,13 @@ class OutgoingMessage:
         yield stuffer.end()
 
 
-def load(path: str) -> OutgoingMessage:
+def load(path: str, expect: Envelope | None = None) -> OutgoingMessage:
     """
     Read (blocking) what is needed to send the queue file at C{path}.
+
+    @param expect: the entry's envelope: a file whose length disagrees with
+        it (truncated or grown since it was accepted) raises
+        L{EnvelopeError} rather than going out damaged.
     """
     with open(path, "rb") as f:
         head = f.read(WHOLE_LIMIT + 65536)
@@ -92,6 +97,10 @@ def load(path: str) -> OutgoingMessage:
         if start < 0:
             raise ValueError(f"{path}: the queue file has no complete envelope header")
         total = os.fstat(f.fileno()).st_size
+        if expect is not None:
+            problem = length_problem(total, start, expect)
+            if problem:
+                raise EnvelopeError(problem)
         size = total - start
         if size <= WHOLE_LIMIT and len(head) == total:
             body = head[start:]
