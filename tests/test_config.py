@@ -483,3 +483,12 @@ class TLSNameTests(SynchronousTestCase):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              cwd=os.path.dirname(HERE), timeout=60)
         self.assertEqual((out.returncode, out.stdout, out.stderr), (0, "[]\n", ""))
+
+
+class ShowRoundTripTests(SynchronousTestCase):
+    def test_turned_off_keys_are_shown_as_false(self):
+        """queue.delay_warning turned off is shown as false, not left out (which would read back as the 4h default)."""
+        config = make_config(self.mktemp(), queue={"delay_warning": False})
+        self.assertIsNone(config.queue.delay_warning)
+        self.assertIs(config.to_dict()["queue"]["delay_warning"], False)
+        self.assertEqual(make_config(self.mktemp()).to_dict()["queue"]["delay_warning"], 4 * 3600)

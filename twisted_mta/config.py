@@ -436,6 +436,8 @@ class Config:
         d.pop("path")
         if self.limits.stress_timeout is None:  # turned off, not unset
             d["limits"]["stress_timeout"] = False
+        if self.queue.delay_warning is None:  # turned off, not unset
+            d["queue"]["delay_warning"] = False
         out: dict[str, Any] = {"server": {"hostname": d.pop("hostname"),
                                           "spool": d.pop("spool")}}
         routes = d["outbound"].pop("routes")
