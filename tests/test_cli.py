@@ -477,7 +477,7 @@ class QueueCommandTests(SynchronousTestCase):
         import attrs
         spool.update_and_move(attrs.evolve(
             env, attempts=3, last_outcome=Outcome(451, "4.4.0", "try later"),
-            recipients=(Recipient("bob@example.test", state="delivered"),
+            recipients=(Recipient("bob@example.test", state="delivered", dsn_pending=True),
                         Recipient("x@elsewhere.test", outcome=Outcome(451, "4.4.0", "try later")))),
             "new", "cur")
         self.qid = env.queue_id
@@ -504,7 +504,7 @@ class QueueCommandTests(SynchronousTestCase):
         """queue show lists each recipient with its state and outcome."""
         code, out, err = run_cli("queue", "show", self.qid, "-c", self.conf)
         self.assertEqual(code, 0)
-        self.assertIn("delivered <bob@example.test>", out)
+        self.assertIn("delivered <bob@example.test> (its DSN is not queued yet: retried)", out)
         self.assertIn("pending   <x@elsewhere.test>: 451 4.4.0 try later", out)
         self.assertIn("Attempts:      3", out)
 

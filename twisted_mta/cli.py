@@ -272,7 +272,8 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
         for r in env.recipients:
             via = f" (for <{r.original}>)" if r.original else ""
             outcome = f": {r.outcome}" if r.outcome else ""
-            print(f"  {r.state:9s} <{r.address}>{via}{outcome}")
+            owed = " (its DSN is not queued yet: retried)" if r.dsn_pending else ""
+            print(f"  {r.state:9s} <{r.address}>{via}{owed}{outcome}")
         if problem:
             print(f"Note: {problem}")
         return 0
