@@ -182,8 +182,18 @@ class TruthTableTests(SynchronousTestCase):
                                      requirements=req, **extra)
                     d = fb.decide(fb.parse_decider(spec), failure, s)
                     self.assertNotIn(d.action, (C, R), (kind, spec, extra))
-    test_dane_failures_never_reach_cleartext_or_relaxed.todo = (
-        "the DANE hard rule comes with the integration of tls/dane.py (issue 12)")
+
+    def test_dane_destination_never_reaches_cleartext(self):
+        """A destination with usable TLSA records (Situation.dane) never gets cleartext after any TLS failure, whatever the decider; the rule that decided is dane and no deferral promises cleartext."""
+        req = BUILTIN["opportunistic"].requirements(Destination("example.com", "mx.example.com"))
+        for kind in ("handshake-closed", "starttls-refused", "handshake-plaintext"):
+            failure = TLSFailure(kind, host="mx.example.com", address="192.0.2.1", port=25)
+            for spec in ("now", "next-attempt", "after:30m"):
+                s = fb.Situation(Destination("example.com", "mx.example.com"), req, dane=True,
+                                 tls_failures=5, age=7200)
+                d = fb.decide(fb.parse_decider(spec), failure, s)
+                self.assertEqual((d.action, d.rule, d.later), (D, "dane", fb.TLS_ONLY),
+                                 (kind, spec))
 
     def test_strict_and_relaxed_default_never_reaches_cleartext(self):
         """With no fallback written, strict and relaxed never send in cleartext nor promise it, whatever the failure, age or history; opportunistic's default sends at once."""

@@ -412,6 +412,7 @@ def _why(rule: str, failure: TLSFailure, choice: Choice, domain: str,
 
 
 _NEVER_WORDS = {
+    "dane": "its DANE (TLSA) records make encryption mandatory",
     "implicit-tls": "implicit TLS never falls back to cleartext",
     "login": "our login never goes without encryption",
     "requiretls": "the sender required TLS",

@@ -37,7 +37,7 @@ CLEARTEXT_LATER = "cleartext-later"  # some later attempt may
 LATER = (TLS_ONLY, CLEARTEXT_NEXT, CLEARTEXT_LATER)
 
 # What decided (Decision.rule): the decider, or a rule that overrode it.
-RULES = ("decider", "implicit-tls", "login", "requiretls", "ratchet", "decider-error",
+RULES = ("decider", "implicit-tls", "login", "requiretls", "ratchet", "dane", "decider-error",
          "no-relay", "relaxed-useless")
 
 
@@ -78,6 +78,7 @@ class Situation:
     relay: str | None = None  # the configured secure relay, if any
     history: object | None = None  # the destination's HistoryEntry, if any
     ratchet: str | None = None  # the history raised the requirements: why
+    dane: bool = False  # the server publishes usable TLSA records (RFC 7672)
 
 
 @implementer(IFallbackDecider, IPlugin)
@@ -196,12 +197,16 @@ def parse_decider(spec: str, plugins: dict[str, object] | None = None):
     raise ValueError(f"unknown fallback decider {spec!r}")
 
 
-def cleartext_forbidden(situation: Situation) -> tuple[str, str] | None:
+def cleartext_forbidden(situation: Situation, failure: TLSFailure | None = None
+                         ) -> tuple[str, str] | None:
     """
-    The hard rule that forbids cleartext in C{situation}, if any:
-    C{(rule, why in words)}.
+    The hard rule that forbids cleartext in C{situation} (after C{failure}),
+    if any: C{(rule, why in words)}.
     """
+    dane = situation.dane or (failure is not None and failure.is_dane)
     for rule, applies, why in (
+            ("dane", dane, "the server publishes DANE (TLSA) records: never without "
+                           "encryption (RFC 7672)"),
             ("implicit-tls", situation.implicit_tls, "implicit TLS never falls back to "
                                                      "cleartext"),
             ("login", situation.credentials, "our login is never sent without encryption"),
@@ -215,9 +220,11 @@ def cleartext_forbidden(situation: Situation) -> tuple[str, str] | None:
 
 def decide(decider, failure: TLSFailure, situation: Situation) -> Decision:
     """
-    Ask C{decider}, then apply the hard rules: implicit TLS, a connection
-    with our login, a REQUIRETLS message and a ratcheted destination never
-    go to cleartext, and no deferral promises it; a relaxed retry only
+    Ask C{decider}, then apply the hard rules: a DANE destination (or a
+    DANE failure), implicit TLS, a connection with our login, a REQUIRETLS
+    message and a ratcheted destination never go to cleartext, and no
+    deferral promises it; a DANE failure is never a certificate failure, so
+    never a relaxed retry; a relaxed retry only
     follows a certificate failure; without a relay there is no via-relay.
     The result names the rule that decided (C{rule}) and what a deferral
     leads to (C{later}): the words a sender reads are made from it.
@@ -235,7 +242,7 @@ def decide(decider, failure: TLSFailure, situation: Situation) -> Decision:
                      rule="relaxed-useless")
     if d.action == VIA_RELAY and not situation.relay:
         d = Decision(DEFER, "no secure relay is configured", d.decider, rule="no-relay")
-    forbidden = cleartext_forbidden(situation)
+    forbidden = cleartext_forbidden(situation, failure)
     if forbidden is not None:
         rule, why = forbidden
         if d.action == CLEARTEXT:
