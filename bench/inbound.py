@@ -330,6 +330,12 @@ endpoint = "tcp:{self.port}:interface=127.0.0.1{backlog}"
 [relay]
 trusted_networks = ["127.0.0.0/8"]
 
+# Never the system resolver: a closed port on loopback, so the remote
+# recipients' lookups fail at once and nothing leaves the machine.
+[dns]
+nameservers = ["127.0.0.1:9"]
+timeout = "1s"
+
 [limits]
 connections_per_ip = 200
 """)

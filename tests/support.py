@@ -19,6 +19,12 @@ from twisted_mta.inbound.server import InboundFactory
 from twisted_mta.queue.spool import Spool
 
 
+# For every configuration a test writes: DNS goes to a closed port on
+# loopback (9, discard), so a lookup fails at once and no query ever
+# leaves the machine through the system resolver.
+LOOPBACK_DNS = '[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = "1s"\n'
+
+
 def make_config(base: str, **sections: dict[str, Any]) -> Config:
     """
     A valid configuration rooted at C{base}; C{sections} override tables.

@@ -16,7 +16,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_mta import cli, tap
-from tests.support import make_config
+from tests.support import LOOPBACK_DNS, make_config
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 EXAMPLE = os.path.join(CONF, "example.toml")
@@ -41,6 +41,9 @@ MINIMAL = """\
 [server]
 hostname = "mx.example.test"
 spool = "spool"
+[dns]
+nameservers = ["127.0.0.1:9"]
+timeout = "1s"
 [[listeners]]
 role = "mx"
 endpoint = "tcp:2525"
@@ -140,16 +143,19 @@ class ConfigCommandTests(SynchronousTestCase):
             'listeners[1].role = "submission"',
             'listeners[1].endpoint = "tcp:2587"',
             "limits.message_size = 1048576",
+            'dns.nameservers = ["127.0.0.1:9"]',
+            "dns.timeout = 1",
             'outbound.tls.policy = "strict"',
         ])
         self.assertIn("limits.recipients = 100\n", run_cli("config", "show", path)[1])
 
     def test_show_non_default_minimal(self):
-        """A file with only the required keys: -n prints just those."""
+        """A file with only the required keys (and loopback DNS): -n prints just those."""
         path = self.write("")
         out = run_cli("config", "show", "-n", path)[1]
         self.assertEqual([line.split(" = ")[0] for line in out.splitlines()], [
-            "server.hostname", "server.spool", "listeners[0].role", "listeners[0].endpoint"])
+            "server.hostname", "server.spool", "listeners[0].role", "listeners[0].endpoint",
+            "dns.nameservers", "dns.timeout"])
 
     def test_show_non_default_example(self):
         """On the shipped example, -n leaves out what it writes with the default value."""
@@ -464,7 +470,7 @@ class QueueCommandTests(SynchronousTestCase):
         self.conf = os.path.join(base, "mta.toml")
         with open(self.conf, "w") as f:
             f.write('[server]\nhostname = "mx.example.test"\nspool = "spool"\n'
-                    '[[listeners]]\nrole = "mx"\nendpoint = "tcp:2525"\n')
+                    '[[listeners]]\nrole = "mx"\nendpoint = "tcp:2525"\n' + LOOPBACK_DNS)
         spool = Spool(os.path.join(base, "spool"))
         spool.create()
         w = spool.new_message()
@@ -639,7 +645,7 @@ class ShadowReportTests(SynchronousTestCase):
         path = os.path.join(base, "test.toml")
         with open(path, "w") as f:
             f.write('[server]\nhostname = "mx.example.test"\nspool = "spool"\n'
-                    '[[listeners]]\nrole = "mx"\nendpoint = "tcp:2525"\n')
+                    '[[listeners]]\nrole = "mx"\nendpoint = "tcp:2525"\n' + LOOPBACK_DNS)
         now = time.time()
         event = {"domain": "expired.test", "host": "mx.expired.test", "address": "192.0.2.1",
                  "port": 25, "policy": "opportunistic", "shadow": "strict", "why": "default",

@@ -28,6 +28,7 @@ import trustme
 
 import twisted_mta
 from tests.interop.requires import missing, under_ci
+from tests.support import LOOPBACK_DNS
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(twisted_mta.__file__)))
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -274,6 +275,8 @@ class MTAProcess:
             'mailbox = "mail/{user}/Maildir"\n'
             "\n" + extra_config
         )
+        if "[dns]" not in extra_config:
+            text += "\n" + LOOPBACK_DNS  # never the system resolver
         with open(self.config_path, "w", encoding="utf-8") as f:
             f.write(text)
 

@@ -30,6 +30,9 @@ CONFIG = """\
 [server]
 hostname = "mx.plugin.test"
 spool = "spool"
+[dns]
+nameservers = ["127.0.0.1:9"]
+timeout = "1s"
 [[listeners]]
 role = "mx"
 endpoint = "tcp:{port}:interface=127.0.0.1"
@@ -124,6 +127,9 @@ MINIMAL = """\
 [server]
 hostname = "mx.plugin.test"
 spool = "spool"
+[dns]
+nameservers = ["127.0.0.1:9"]
+timeout = "1s"
 [[listeners]]
 role = "mx"
 endpoint = "tcp:{port}:interface=127.0.0.1"
