@@ -23,6 +23,7 @@ import dns.rdatatype
 import dns.resolver
 
 from twisted_mta import failures
+from twisted_mta.tls.dnssec import split_server
 from twisted_mta.model import Outcome
 
 
@@ -53,7 +54,7 @@ def make_resolver(nameservers: tuple[str, ...] | None, timeout: float) -> dns.re
         resolver = dns.resolver.Resolver(configure=False)
         hosts, ports = [], set()
         for server in nameservers:
-            host, port = _split_server(server)
+            host, port = split_server(server)
             hosts.append(host)
             ports.add(port)
         resolver.nameservers = hosts
@@ -61,16 +62,6 @@ def make_resolver(nameservers: tuple[str, ...] | None, timeout: float) -> dns.re
     resolver.lifetime = timeout
     resolver.timeout = min(timeout, 5.0)
     return resolver
-
-
-def _split_server(server: str) -> tuple[str, int]:
-    if server.startswith("["):  # [::1]:53
-        host, _, port = server[1:].partition("]")
-        return host, int(port.lstrip(":") or 53)
-    if server.count(":") == 1:
-        host, port = server.split(":")
-        return host, int(port)
-    return server, 53
 
 
 def _temporary(domain: str, why: str) -> MXError:

@@ -382,6 +382,20 @@ class EntryRead:
         return "; ".join(words) or None
 
 
+def _judge_state(raw: bytes, header: Envelope,
+                 now: float) -> tuple[Envelope | None, str | None]:
+    """
+    A stored state (xattr or file) decoded and judged against the header
+    envelope: C{(envelope, None)} when usable, else C{(None, why)}.
+    """
+    try:
+        env = Envelope.from_json(raw)
+        why = state_problem(env, header, now)
+    except Exception as e:
+        return None, _why(e)
+    return (None, why) if why else (env, None)
+
+
 def state_problem(state: Envelope, header: Envelope, now: float) -> str | None:
     """
     Why a recorded state cannot be the current state of the entry whose
@@ -680,11 +694,7 @@ class Spool:
             if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
                 dropped.append(f"state attribute: {_why(e)}")
         if raw is not None:
-            try:
-                env = Envelope.from_json(raw)
-                why = state_problem(env, header, now)
-            except Exception as e:
-                why = _why(e)
+            env, why = _judge_state(raw, header, now)
             if why:
                 dropped.append(f"state attribute: {why}")
                 bad_xattr = True
@@ -700,11 +710,7 @@ class Spool:
                 dropped.append(f"state file: {_why(e)}")
                 data = None
             if data is not None:
-                try:
-                    env = Envelope.from_json(data)
-                    why = state_problem(env, header, now)
-                except Exception as e:
-                    why = _why(e)
+                env, why = _judge_state(data, header, now)
                 if why:
                     dropped.append(f"state file: {why}")
                     bad_file = True
