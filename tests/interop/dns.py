@@ -93,13 +93,55 @@ def free_udp_tcp_port() -> int:
     raise AssertionError("no port on 127.0.0.1 free for both UDP and TCP")
 
 
-class NSDServer:
+class PrivateDaemon:
+    """
+    What the private servers the tests start (nsd, unbound) share: whether
+    it runs, and its output and log for a failure message.  A subclass has
+    C{process}, C{output_path}, C{log_path}, C{address}, C{conf_path} and
+    C{program}.
+    """
+
+    program = "the server"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log(self) -> str:
+        """
+        The server's early output (config errors) and its log file.
+        """
+        parts = []
+        for path in (self.output_path, self.log_path):
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    text = f.read()
+            except FileNotFoundError:
+                continue
+            if text:
+                parts.append(text)
+        return "".join(parts) or f"({self.program} wrote nothing)"
+
+    def describe(self) -> str:
+        if self.process is None:
+            status = "never started"
+        elif self.process.poll() is None:
+            status = f"pid {self.process.pid} running"
+        else:
+            status = f"pid {self.process.pid} exited with {self.process.returncode}"
+        return (f"{self.program} on {self.address} ({self.conf_path}) {status}; "
+                f"log:\n{self.log()[-6000:]}")
+
+
+class NSDServer(PrivateDaemon):
     """
     nsd serving C{zones} (C{{origin: master-file text}}) on
     C{127.0.0.1:port}, with its configuration, zone files and log in
     C{workdir}.  C{address} is C{"127.0.0.1:PORT"}, the form
     C{[dns] nameservers} and L{twisted_mta.outbound.mx.make_resolver} take.
     """
+
+    program = "nsd"
 
     def __init__(self, workdir: str, zones: Mapping[str, str]) -> None:
         self.workdir = os.path.abspath(workdir)
@@ -152,33 +194,6 @@ class NSDServer:
 
     # -- diagnostics -------------------------------------------------------------
 
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def log(self) -> str:
-        """
-        nsd's early output (config errors) and its log file.
-        """
-        parts = []
-        for path in (self.output_path, self.log_path):
-            try:
-                with open(path, encoding="utf-8", errors="replace") as f:
-                    text = f.read()
-            except FileNotFoundError:
-                continue
-            if text:
-                parts.append(text)
-        return "".join(parts) or "(nsd wrote nothing)"
-
-    def describe(self) -> str:
-        if self.process is None:
-            status = "never started"
-        elif self.process.poll() is None:
-            status = f"pid {self.process.pid} running"
-        else:
-            status = f"pid {self.process.pid} exited with {self.process.returncode}"
-        return f"nsd on {self.address} ({self.conf_path}) {status}; log:\n{self.log()[-6000:]}"
 
     # -- process control -----------------------------------------------------
 

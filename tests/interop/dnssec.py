@@ -47,7 +47,9 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.zone
 
-from tests.interop.dns import LOOPBACK, NSDServer, Record, free_udp_tcp_port, require_nsd, zone
+from tests.interop.dns import (
+    LOOPBACK, NSDServer, PrivateDaemon, Record, free_udp_tcp_port, require_nsd, zone,
+)
 from tests.interop.requires import missing
 
 
@@ -192,7 +194,7 @@ def corrupt_signatures(origin: str, text: str, rrsets: Iterable[tuple[str, str]]
 # -- unbound ---------------------------------------------------------------------
 
 
-class UnboundServer:
+class UnboundServer(PrivateDaemon):
     """
     unbound validating on C{address:port} (a free port on 127.0.0.1 by
     default), forwarding everything to C{upstream} (C{"127.0.0.1@PORT"},
@@ -201,6 +203,8 @@ class UnboundServer:
     (RFC 8914).  C{address} is C{"127.0.0.1:PORT"}, the form
     L{twisted_mta.tls.dnssec.make_resolver} takes.
     """
+
+    program = "unbound"
 
     def __init__(self, workdir: str, upstream: str, trust_anchors: Sequence[str],
                  local_tlds: Iterable[str] = ("test",), host: str = LOOPBACK,
@@ -278,31 +282,6 @@ class UnboundServer:
         with open(self.conf_path, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
 
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def log(self) -> str:
-        parts = []
-        for path in (self.output_path, self.log_path):
-            try:
-                with open(path, encoding="utf-8", errors="replace") as f:
-                    text = f.read()
-            except FileNotFoundError:
-                continue
-            if text:
-                parts.append(text)
-        return "".join(parts) or "(unbound wrote nothing)"
-
-    def describe(self) -> str:
-        if self.process is None:
-            status = "never started"
-        elif self.process.poll() is None:
-            status = f"pid {self.process.pid} running"
-        else:
-            status = f"pid {self.process.pid} exited with {self.process.returncode}"
-        return (f"unbound on {self.address} ({self.conf_path}) {status}; "
-                f"log:\n{self.log()[-6000:]}")
 
     def start(self, timeout: float = 10.0) -> "UnboundServer":
         """
