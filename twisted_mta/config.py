@@ -137,14 +137,14 @@ def _parses(parse: Callable[[str], object]) -> Callable[[str], bool]:
     return ok
 
 
-_is_ip = _parses(ipaddress.ip_address)
+is_ip = _parses(ipaddress.ip_address)
 _is_network = _parses(lambda net: ipaddress.ip_network(net, strict=False))
 
 
 def _is_nameserver(server: str) -> bool:
     host = server[1:].partition("]")[0] if server.startswith("[") else (
         server.rpartition(":")[0] if server.count(":") == 1 else server)
-    return _is_ip(host)
+    return is_ip(host)
 
 
 def _endpoint(_, attribute, description: str | None) -> None:
@@ -306,7 +306,7 @@ class Smarthost:
     """
 
     host: str = attrs.field(validator=_valid(  # a name (A/AAAA, never MX) or an IP address
-        lambda h: _HOSTNAME.match(h) or _is_ip(h), "is not a host name or IP address: {!r}"))
+        lambda h: _HOSTNAME.match(h) or is_ip(h), "is not a host name or IP address: {!r}"))
     port: int = attrs.field(default=25, validator=_port)
     # "starttls" (opportunistic unless credentials) or "implicit"
     tls: str = attrs.field(default="starttls", validator=_one_of(*TLS_MODES))

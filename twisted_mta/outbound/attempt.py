@@ -28,7 +28,8 @@ from twisted_mta.outbound.client import OutboundClient, SessionFailed, Timeouts,
 from twisted_mta.outbound.router import NextHop
 from twisted_mta.tls import fallback as fb
 from twisted_mta.tls.engine import TLSEngine
-from twisted_mta.tls.handshake import PolicyCreator, _is_ip, shadow_verdict
+from twisted_mta.config import is_ip
+from twisted_mta.tls.handshake import PolicyCreator, shadow_verdict
 from twisted_mta.tls.history import TLSHistory, _day
 
 log = Logger()
@@ -152,7 +153,7 @@ class Attempt:
         last: Outcome | None = None
         tls_failed: SessionFailed | None = None
         for host in hosts:
-            if _is_ip(host):
+            if is_ip(host):
                 addresses = [host]
             else:
                 try:
@@ -273,7 +274,7 @@ class Attempt:
             relay_choice = self.ctx.tls.choose("", relay.host, relay)  # the relay's own policy
             host = relay.host
             try:
-                addresses = [host] if _is_ip(host) else (
+                addresses = [host] if is_ip(host) else (
                     yield self.ctx.run_blocking(self.ctx.resolver.addresses, host))
             except mx.MXError as e:
                 raise SessionFailed(e.outcome)

@@ -20,7 +20,7 @@ from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
-from twisted_mta.config import _is_ip
+from twisted_mta.config import is_ip
 from twisted_mta.tls.failure import (
     WEAK_ERRORS, CertificateFacts, TLSFailure, classify_chain, tls_words,
 )
@@ -188,7 +188,7 @@ class PolicyCreator:
 
     def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         connection = SSL.Connection(self._context, None)
-        if not _is_ip(self.expected_name):
+        if not is_ip(self.expected_name):
             connection.set_tlsext_host_name(self.expected_name.encode("idna"))
         connection.set_verify(SSL.VERIFY_PEER, self._verify)
         return connection
@@ -284,7 +284,7 @@ def _name_matches(connection: SSL.Connection, name: str) -> bool:
     from service_identity import VerificationError
     from service_identity.pyopenssl import verify_hostname, verify_ip_address
     try:
-        if _is_ip(name):
+        if is_ip(name):
             verify_ip_address(connection, name)
         else:
             verify_hostname(connection, name)

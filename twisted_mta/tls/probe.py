@@ -22,7 +22,8 @@ from twisted_mta.outbound.attempt import Attempt, AttemptContext, DNSResolver, t
 from twisted_mta.outbound.client import SessionFailed, Transaction
 from twisted_mta.tls.engine import TLSEngine
 from twisted_mta.outbound.router import NextHop
-from twisted_mta.tls.handshake import _is_ip, shadow_verdict
+from twisted_mta.config import is_ip
+from twisted_mta.tls.handshake import shadow_verdict
 from twisted_mta.tls.policy import STRICT
 
 
@@ -81,7 +82,7 @@ def explain(config: Config, domain: str, reactor, run_blocking, resolver=None,
             entry["error"] = "this is us (mail would loop: 5.4.6)"
             continue
         try:
-            addresses = [host] if _is_ip(host) else (
+            addresses = [host] if is_ip(host) else (
                 yield run_blocking(ctx.resolver.addresses, host))
         except mx.MXError as e:
             entry["error"] = str(e.outcome)
