@@ -189,6 +189,9 @@ class Listener:
 class TLSServerSettings:
     certificate: FilePath | None = None
     key: FilePath | None = None
+    # The key the server will use next (a TLSA rollover: publish its record
+    # beside the current one before switching); only `tls publish` reads it.
+    next_key: FilePath | None = None
 
     def __attrs_post_init__(self) -> None:
         if (self.certificate is None) != (self.key is None):
@@ -198,6 +201,19 @@ class TLSServerSettings:
     @property
     def enabled(self) -> bool:
         return self.certificate is not None
+
+
+@attrs.frozen
+class PublishSettings:
+    """
+    What `twisted-mta tls publish` suggests for this server's own domains.
+    """
+
+    mx: tuple[HostName, ...] = ()  # the domains' MX hosts (default: server.hostname)
+    sts_mode: str = attrs.field(default="testing", validator=_one_of(
+        "enforce", "testing", "none"))
+    sts_max_age: Duration = 604800
+    tlsrpt_rua: tuple[str, ...] = ()  # default: mailto:tlsrpt@<domain>
 
 
 @attrs.frozen
@@ -297,6 +313,15 @@ class DNSSettings:
     nameservers: tuple[str, ...] = attrs.field(default=(), validator=_each(
         _is_nameserver, "must list IP addresses (with an optional :port), not {!r}"))
     timeout: Duration = 10
+    # Besides loopback, the resolvers whose AD bit (DNSSEC validated) DANE
+    # believes: a validating resolver on another host of a trusted network.
+    trusted_resolvers: tuple[str, ...] = attrs.field(default=(), validator=_each(
+        _is_nameserver, "must list IP addresses (with an optional :port), not {!r}"))
+    # The start-up check that the resolver validates (DANE stays off when
+    # it does not): a name that must come back secure, and one that must
+    # come back bogus.
+    dnssec_secure_name: HostName = HostName("ietf.org")
+    dnssec_bogus_name: HostName = HostName("dnssec-failed.org")
 
 
 @attrs.frozen
@@ -356,6 +381,17 @@ class OutboundTLSSettings:
     history_expiry: Duration = 30 * 86400
     broken_tls_after: int = attrs.field(default=3, validator=_at_least(1))  # failures in a row
     broken_tls_time: Duration = 86400  # how long broken TLS is skipped (opportunistic only)
+    # What destinations publish (docs/tls.md, "DANE and MTA-STS"): used where
+    # no explicit entry names the destination.  DANE needs a validating
+    # resolver ([dns]); it stays off, with one warning, when the start-up
+    # check finds none.
+    dane: bool = True
+    mta_sts: bool = True
+    sts_ca_file: FilePath | None = None  # roots for policy hosts' HTTPS (default: system's)
+    sts_fetch_timeout: Duration = 10  # the whole fetch: DNS, connect, TLS, body
+    sts_refresh_interval: Duration = 86400  # refresh a cached policy after (at most) this
+    sts_retry_interval: Duration = 300  # after a failed fetch, no new one for this long
+    sts_port: int = attrs.field(default=443, validator=_at_least(1))  # tests use another
 
 
 @attrs.frozen
@@ -426,6 +462,7 @@ class Config:
     metrics: MetricsSettings = MetricsSettings()
     dns: DNSSettings = DNSSettings()
     outbound: OutboundSettings = OutboundSettings()
+    publish: PublishSettings = PublishSettings()
 
     def to_dict(self) -> dict[str, Any]:
         """
