@@ -37,7 +37,7 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import dns.exception
 import dns.message
@@ -200,15 +200,18 @@ class UnboundServer(PrivateDaemon):
     default), forwarding everything to C{upstream} (C{"127.0.0.1@PORT"},
     the private nsd), with C{trust_anchors} (DS or DNSKEY records' text)
     as its only anchors.  With C{ede}, failures carry Extended DNS Errors
-    (RFC 8914).  C{address} is C{"127.0.0.1:PORT"}, the form
-    L{twisted_mta.tls.dnssec.make_resolver} takes.
+    (RFC 8914).  C{forwards} sends the queries for some names elsewhere
+    (C{{name: "127.0.0.1@PORT"}}, a loopback server of the test's: one
+    that answers SERVFAIL, say).  C{address} is C{"127.0.0.1:PORT"}, the
+    form L{twisted_mta.tls.dnssec.make_resolver} takes.
     """
 
     program = "unbound"
 
     def __init__(self, workdir: str, upstream: str, trust_anchors: Sequence[str],
                  local_tlds: Iterable[str] = ("test",), host: str = LOOPBACK,
-                 port: int | None = None, ede: bool = True) -> None:
+                 port: int | None = None, ede: bool = True,
+                 forwards: Mapping[str, str] | None = None) -> None:
         self.workdir = os.path.abspath(workdir)
         self.upstream = upstream
         self.trust_anchors = list(trust_anchors)
@@ -216,6 +219,10 @@ class UnboundServer(PrivateDaemon):
         self.host = host
         self.fixed_port = port
         self.ede = ede
+        self.forwards = dict(forwards or {})
+        for upstream in self.forwards.values():
+            if not upstream.startswith("127."):
+                raise ValueError(f"forward to {upstream}: only loopback servers")
         self.conf_path = os.path.join(self.workdir, "unbound.conf")
         self.log_path = os.path.join(self.workdir, "unbound.log")
         self.output_path = os.path.join(self.workdir, "unbound.out")
@@ -279,6 +286,9 @@ class UnboundServer(PrivateDaemon):
             f"    forward-addr: {self.upstream}",
             "    forward-first: no",
         ]
+        for name, upstream in sorted(self.forwards.items()):
+            lines += ["forward-zone:", f'    name: "{_absolute(name)}"',
+                      f"    forward-addr: {upstream}", "    forward-first: no"]
         with open(self.conf_path, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
 
@@ -437,15 +447,19 @@ class DNSSECWorld:
         return self
 
     def resolver(self, name: str, ede: bool = True, host: str = LOOPBACK,
-                 port: int | None = None) -> UnboundServer:
+                 port: int | None = None,
+                 forwards: Mapping[str, str] | None = None) -> UnboundServer:
         """
-        The unbound called C{name} on the same nsd and anchors: started by
-        the first call, the same one after (with the same settings);
-        stopped with the rest.
+        The unbound called C{name} on the same nsd and anchors (and
+        C{forwards}, as L{UnboundServer} takes them): started by the first
+        call, the same one after (with the same settings); stopped with
+        the rest.
         """
+        forwards = dict(forwards or {})
         for server in self._extra:
             if os.path.basename(server.workdir) == name:
-                if (server.ede, server.host, server.fixed_port) != (ede, host, port):
+                if (server.ede, server.host, server.fixed_port, server.forwards) != (
+                        ede, host, port, forwards):
                     raise AssertionError(f"unbound {name!r} asked for with other settings")
                 if not server.running:
                     raise AssertionError(f"unbound {name!r} died; {server.describe()}")
@@ -453,7 +467,7 @@ class DNSSECWorld:
         server = UnboundServer(
             os.path.join(self.workdir, name), f"{LOOPBACK}@{self.nsd.port}", self.trust_anchors,
             local_tlds={dns.name.from_text(o).labels[-2].decode() for o in self.texts},
-            host=host, port=port, ede=ede)
+            host=host, port=port, ede=ede, forwards=forwards)
         self._extra.append(server)
         return server.start()
 
