@@ -167,6 +167,20 @@ class SpoolLockService(service.Service):
         self.spool.unlock()
 
 
+class PublishedService(service.Service):
+    """
+    Starts the check that the resolver validates (DANE stays off until it
+    says so); delivery waits for it only where it needs DANE.
+    """
+
+    def __init__(self, published) -> None:
+        self.published = published
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        self.published.start()
+
+
 class OrderedMultiService(service.MultiService):
     """
     Stops its children one after another, last started first, waiting for
@@ -257,6 +271,73 @@ class MTAService(OrderedMultiService):
         raise SystemExit(1)
 
 
+def make_published(config: Config, reactor, run_blocking, resolver):
+    """
+    The look-ups of what destinations publish (DANE, MTA-STS), as
+    C{[outbound.tls] dane} and C{mta_sts} say; None when both are off.
+    The MTA-STS cache is read from the spool here (blocking: start-up).
+    DANE is only on once L{Published.start} has found the resolver
+    validating.
+    """
+    from twisted_mta.tls import dnssec
+    from twisted_mta.tls.published import Published
+    from twisted_mta.tls.sts_cache import PolicyCache, cache_directory
+    from twisted_mta.tls.sts_fetch import PolicyFetcher
+    tls, dns_settings = config.outbound.tls, config.dns
+    if not (tls.dane or tls.mta_sts):
+        return None
+    dane_resolver = None
+    if tls.dane:
+        servers = dns_settings.nameservers or tuple(system_nameservers())
+        if servers:
+            dane_resolver = dnssec.make_resolver(servers, dns_settings.timeout,
+                                                 dns_settings.trusted_resolvers)
+    cache = None
+    if tls.mta_sts:
+        fetcher = PolicyFetcher(
+            reactor, resolve=lambda host: run_blocking(resolver.addresses, host),
+            trust_root=_trust_root(tls.sts_ca_file), port=tls.sts_port,
+            timeout=tls.sts_fetch_timeout)
+        cache = PolicyCache(cache_directory(config.spool), fetcher.fetch, reactor, run_blocking,
+                            txt_lookup=lambda domain: run_blocking(resolver.sts_txt, domain),
+                            refresh_interval=tls.sts_refresh_interval,
+                            retry_interval=tls.sts_retry_interval)
+        cache.load()
+    published = Published(run_blocking=run_blocking, dane_resolver=dane_resolver,
+                          check_names=(dns_settings.dnssec_secure_name,
+                                       dns_settings.dnssec_bogus_name),
+                          sts_cache=cache)
+    if tls.dane and dane_resolver is None:
+        published.dane_state = attrs.evolve(published.dane_state, reason=(
+            "DANE is off: no name server is configured ([dns] nameservers) and the "
+            "system's resolver configuration names none"))
+    return published
+
+
+def system_nameservers() -> list[str]:
+    """The name servers of /etc/resolv.conf; empty when it cannot be read."""
+    import dns.resolver
+    try:
+        return list(dns.resolver.Resolver().nameservers)
+    except Exception:
+        return []
+
+
+def _trust_root(path: str | None):
+    """
+    The roots in the PEM file C{path} for policy hosts' HTTPS; None for the
+    system's.
+    """
+    if path is None:
+        return None
+    from twisted.internet import ssl
+    with open(path, "rb") as f:
+        data = f.read()
+    marker = b"-----END CERTIFICATE-----"
+    pems = [block + marker for block in data.split(marker) if b"-----BEGIN" in block]
+    return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(p) for p in pems])
+
+
 def make_service(config, reactor, owner: tuple[int, int] | None = None,
                  prepared: Prepared | None = None) -> service.MultiService:
     """
@@ -306,12 +387,15 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
         if warning:
             log.warn("{warning}", warning=warning.removeprefix("warning: "),
                      event="config.tls_warning")
+    published = make_published(config, reactor, run_blocking, prepared.resolver)
+    if published is not None:
+        PublishedService(published).setServiceParent(top)
     outbound = OutboundPool(
         settings=config.outbound, hostname=config.hostname, clock=reactor,
         run_blocking=run_blocking, resolver=prepared.resolver,
         connect=tcp_connector(reactor, config.outbound.connect_timeout),
         observers=[ShadowLog(config.spool, run_blocking), metrics], history=history,
-        tls=prepared.tls)
+        tls=prepared.tls, published=published)
     from twisted_mta.delivery.local import MaildirDelivery
     from twisted_mta.delivery.remote import RemoteDelivery
     from twisted_mta.local import LocalDirectory

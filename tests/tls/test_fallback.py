@@ -17,11 +17,15 @@ from twisted_mta.tls import fallback as fb
 from twisted_mta.config import OutboundTLSSettings
 from twisted_mta.tls.engine import Registry, TLSEngine
 from twisted_mta.tls.failure import TLS_KINDS, TLSFailure
+from twisted_mta.tls.dane import TLSARecord
 from twisted_mta.tls.policy import (
-    BUILTIN, Choice, Destination, default_fallback, fails_under,
+    BUILTIN, Choice, Destination, dane_requirements, default_fallback, fails_under,
+    sts_requirements,
 )
 
 RULE_WORDS = {
+    "dane": "DANE",
+    "mta-sts": "MTA-STS",
     "implicit-tls": "implicit TLS",
     "login": "login",
     "requiretls": "required TLS",
@@ -61,15 +65,14 @@ FAILURES = [
     ("dane-starttls-missing", ""),
     ("dane-lookup-failed", "SERVFAIL"),
     ("dnssec-bogus", "bogus"),
+    ("sts-mx-mismatch", ""),
 ]
 CERT = {"certificate-expired", "certificate-not-yet-valid", "certificate-untrusted",
         "certificate-host-mismatch", "certificate-weak"}
 HANDSHAKE = {"handshake-plaintext", "handshake-closed", "handshake-timeout",
              "handshake-no-common-version", "handshake-no-common-cipher", "handshake-failed"}
-# The DANE classes (tls/dane.py) are no failure of a built-in policy: they
-# arise only where the server's TLSA records apply, and their rows of the
-# truth table come with the requirement that says so (issue 12).  Until
-# then fails_under() does not know them, and this table leaves them out.
+# The DANE classes (tls/dane.py) arise only where the server's TLSA
+# records apply: they are failures of the published "dane" policy alone.
 DANE = {"dane-mismatch", "dane-name-mismatch", "dane-chain-invalid", "dane-starttls-missing",
         "dane-lookup-failed", "dnssec-bogus"}
 
@@ -81,10 +84,23 @@ CAN_FAIL = {
     "opportunistic": {"starttls-refused"} | HANDSHAKE,
     "relaxed": {"starttls-not-offered", "starttls-refused"} | HANDSHAKE,
     "strict": {"starttls-not-offered", "starttls-refused"} | HANDSHAKE | CERT,
+    # What destinations publish (issue 12): DANE judges the certificate by
+    # the TLSA records (no certificate classes; STARTTLS missing is a DANE
+    # class); MTA-STS enforce is strict for the listed MX hosts, and an MX
+    # host it does not list is refused.
+    "dane": {"starttls-refused"} | HANDSHAKE | DANE,
+    "mta-sts": {"starttls-not-offered", "starttls-refused", "sts-mx-mismatch"} | HANDSHAKE
+    | CERT,
+}
+TLSA = TLSARecord(3, 1, 1, bytes(32))
+PUBLISHED = {
+    "dane": (dane_requirements((TLSA,), ("mx.example.com",)), dict(dane=True)),
+    "mta-sts": (sts_requirements("mx.example.com"), dict(sts=True)),
 }
 # The decider of an entry that names none (docs/tls.md): never where the
 # policy requires TLS, now elsewhere.
-POLICY_DEFAULT = {"opportunistic": "now", "relaxed": "never", "strict": "never"}
+POLICY_DEFAULT = {"opportunistic": "now", "relaxed": "never", "strict": "never",
+                  "dane": "never", "mta-sts": "never"}
 DECIDERS = ["never", "now", "next-attempt", "after:30m", "after:2-failures", "relaxed-now",
             "via-relay", None]  # None: no fallback written
 
@@ -108,9 +124,22 @@ def expected(decider: str, kind: str, s: fb.Situation) -> str:
 
 
 def hard_rules(action: str, s: fb.Situation) -> str:
+    if action in (C, R) and (s.dane or s.sts):
+        return D  # what the destination publishes: never cleartext, never relaxed
     if action == C and (s.implicit_tls or s.credentials or s.requiretls or s.ratchet):
         return D
     return action
+
+
+def policies():
+    """
+    (name, requirements, situation flags): the built-ins, then the
+    policies destinations publish, with the flags their attempts set.
+    """
+    for name, policy in BUILTIN.items():
+        yield name, policy.requirements(Destination("example.com", "mx.example.com")), {}
+    for name, (req, flags) in PUBLISHED.items():
+        yield name, req, flags
 
 
 SITUATIONS = [
@@ -132,10 +161,9 @@ def table():
     Every cell: (policy, requirements, failure, decider spec, decider
     name, situation, decision).
     """
-    for policy_name, policy in BUILTIN.items():
-        req = policy.requirements(Destination("example.com", "mx.example.com"))
+    for policy_name, req, flags in policies():
         for kind, detail in FAILURES:
-            if kind in DANE or not fails_under(req, kind):
+            if not fails_under(req, kind):
                 continue
             failure = TLSFailure(kind, host="mx.example.com", address="192.0.2.1", port=25,
                                  detail=detail, versions="TLSv1.2-TLSv1.3", waited=30)
@@ -143,7 +171,7 @@ def table():
                 name = spec or default_fallback(req)
                 for extra in SITUATIONS:
                     s = fb.Situation(destination=Destination("example.com", "mx.example.com"),
-                                     requirements=req, **extra)
+                                     requirements=req, **extra, **flags)
                     yield (policy_name, req, failure, spec, name, s,
                            fb.decide(fb.parse_decider(name), failure, s))
 
@@ -151,11 +179,8 @@ def table():
 class TruthTableTests(SynchronousTestCase):
     def test_policy_x_failure_x_decider(self):
         """Every policy, every taxonomy row, every built-in decider and the policy's default (no fallback written), in situations that exercise timing, history, relay and the hard rules."""
-        for policy_name, policy in BUILTIN.items():
-            req = policy.requirements(Destination("example.com", "mx.example.com"))
+        for policy_name, req, _ in policies():
             for kind, _ in FAILURES:
-                if kind in DANE:
-                    continue
                 self.assertEqual(fails_under(req, kind), kind in CAN_FAIL[policy_name],
                                  (policy_name, kind))
         cells = 0
@@ -167,8 +192,9 @@ class TruthTableTests(SynchronousTestCase):
                                               s, d.reason))
             self.assertTrue(d.reason)
             cells += 1
-        # rows that are failures: opportunistic 8, relaxed 9, strict all 17
-        self.assertEqual(cells, (8 + 9 + 17) * len(DECIDERS) * len(SITUATIONS))
+        # rows that are failures: opportunistic 8, relaxed 9, strict 17 (all but the
+        # DANE and MTA-STS rows), dane 14, mta-sts 18
+        self.assertEqual(cells, (8 + 9 + 17 + 14 + 18) * len(DECIDERS) * len(SITUATIONS))
         self.assertEqual({k for k, _ in FAILURES}, set(TLS_KINDS))
 
     def test_dane_failures_never_reach_cleartext_or_relaxed(self):
@@ -210,8 +236,15 @@ class TruthTableTests(SynchronousTestCase):
         engine = TLSEngine(OutboundTLSSettings(), registry=Registry())
         checked = 0
         for policy_name, req, failure, spec, name, s, d in table():
-            choice = Choice(req, name, "domain example.com", ratcheted=s.ratchet)
+            source = policy_name if policy_name in PUBLISHED else "config"
+            choice = Choice(req, name, "domain example.com", ratcheted=s.ratchet, source=source)
             words = engine.explain(failure, choice, "example.com", d, s)
+            if source != "config":
+                # the sender reads what the destination published, and that it stays so
+                self.assertIn({"dane": "DANE", "mta-sts": "MTA-STS"}[source], words)
+                # never cleartext nor relaxed; the secure relay remains a way
+                self.assertIn((d.action, d.later), ((D, fb.TLS_ONLY), (V, None)),
+                              (policy_name, failure.kind, name, s))
             final = engine.explain(failure, choice, "example.com", d, s, final=True)
             cell = (policy_name, failure.kind, name, s, d)
             for text in (final,):
@@ -223,7 +256,8 @@ class TruthTableTests(SynchronousTestCase):
                 else:
                     self.assertNotRegex(_strip_never(words), r"without encryption", cell)
                     self.assertNotIn("instead", words, cell)
-                if d.rule in ("implicit-tls", "login", "requiretls", "ratchet"):
+                if d.rule in ("implicit-tls", "login", "requiretls", "ratchet", "dane",
+                              "mta-sts"):
                     self.assertEqual(d.later, fb.TLS_ONLY, cell)
                     self.assertIn(RULE_WORDS[d.rule], words, cell)
             elif d.action == C:

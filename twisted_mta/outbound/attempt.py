@@ -27,8 +27,13 @@ from twisted_mta.outbound import mx
 from twisted_mta.outbound.client import OutboundClient, SessionFailed, Timeouts, Transaction
 from twisted_mta.outbound.router import NextHop
 from twisted_mta.tls import fallback as fb
-from twisted_mta.tls.engine import TLSEngine
 from twisted_mta.config import is_ip
+from twisted_mta.tls import dnssec as dnssec_status, published as pub
+from twisted_mta.tls.engine import TLSEngine
+from twisted_mta.tls.failure import TLSFailure
+from twisted_mta.tls.policy import Choice
+from twisted_mta.tls.published import Published
+from twisted_mta.tls.sts import lookup_sts_txt
 from twisted_mta.tls.handshake import PolicyCreator, shadow_verdict
 from twisted_mta.tls.history import TLSHistory, _day
 
@@ -48,6 +53,10 @@ class DNSResolver:
 
     def addresses(self, host: str) -> list[str]:
         return mx.lookup_addresses(self._resolver, host)
+
+    def sts_txt(self, domain: str) -> list[bytes]:
+        """The C{_mta-sts.<domain>} TXT records (MTA-STS discovery)."""
+        return lookup_sts_txt(self._resolver, domain)
 
 
 def tcp_connector(reactor, timeout: float) -> Callable:
@@ -96,6 +105,7 @@ class AttemptContext:
     connect: Callable
     tls: TLSEngine
     history: TLSHistory | None = None
+    published: Published | None = None  # DANE and MTA-STS look-ups (None: both off)
     # Called with (event name, dict) for shadow verdicts and TLS outcomes:
     # the shadow report file, metrics.
     observers: list = attrs.field(factory=list)
@@ -119,6 +129,33 @@ class AttemptContext:
 
 
 @attrs.frozen
+class HostPlan:
+    """
+    One host of a next hop, ready to try: its addresses and the policy
+    chosen for it, with what it publishes (C{facts}); or why it cannot be
+    used (C{error}), or the TLS failure that rules it out before any
+    connection (C{failure}).
+    """
+
+    host: str
+    preference: int | None
+    port: int
+    addresses: tuple[str, ...]
+    choice: Choice
+    facts: pub.Facts | None = None
+    error: Outcome | None = None
+    failure: TLSFailure | None = None
+
+
+def sts_words(facts: pub.Facts) -> str:
+    """
+    "of example.org (mx: mail.example.org, *.mx.example.org)".
+    """
+    policy = facts.sts.policy
+    return f"of {facts.domain} (mx: {', '.join(policy.mx) or 'none'})"
+
+
+@attrs.frozen
 class Attempt:
     """
     The steps of reaching C{hop}, with C{ctx}; one per destination of the
@@ -133,46 +170,131 @@ class Attempt:
         return self.ctx.history
 
     @defer.inlineCallbacks
+    def hosts(self):
+        """
+        Where C{hop} goes: C{(records, port, mx, sts)}, the MX hosts to
+        try (or the smarthost) as L{mx.MXHost}, the port, the DNSSEC-aware
+        MX answer when DANE is on, and the domain's MTA-STS answer.  One
+        MX look-up feeds both the MX rules and DANE.  Fails with
+        L{SessionFailed} when there is nowhere to go.
+        """
+        hop, ctx = self.hop, self.ctx
+        if hop.smarthost is not None:
+            return [mx.MXHost(0, hop.smarthost.host)], hop.smarthost.port, None, None
+        published = ctx.published
+        dane = published is not None and (yield published.dane_enabled())
+        sts = published.sts(hop.domain) if published is not None else defer.succeed(None)
+        sts.addErrback(self._sts_failed)
+        facts = None
+        try:
+            if dane:
+                facts = yield published.mx(hop.domain)
+                records = mx.from_dnssec(facts.result, hop.domain)
+            else:
+                records = yield ctx.run_blocking(ctx.resolver.mx, hop.domain)
+        except mx.MXError as e:
+            raise SessionFailed(e.outcome, next_host=False)
+        records = self.without_self(records)
+        return records, ctx.settings.port, facts, (yield sts)
+
+    def _sts_failed(self, failure) -> None:
+        log.failure("outbound: MTA-STS look-up for {domain} failed", failure,
+                    domain=self.hop.domain, event="outbound.error")
+        return None
+
+    @defer.inlineCallbacks
+    def host_plan(self, record: mx.MXHost, port: int, mx_facts, sts):
+        """
+        One host's L{HostPlan}: its addresses and the policy for it (an
+        explicit entry, else what it publishes: DANE, then MTA-STS, else
+        the default), or why it cannot be used: no address, or a refusal
+        before any connection (DANE records that could not be looked up,
+        an MX host that an enforced MTA-STS policy does not list).
+        """
+        hop, ctx = self.hop, self.ctx
+        host = record.name
+        facts_host = pub.Host(host, port, pub.OFF, "")
+        error = None
+        addresses: tuple[str, ...] = ()
+        if is_ip(host):
+            addresses = (host,)
+        elif mx_facts is not None:
+            facts_host = yield ctx.published.host(host, port, mx_facts)
+            found = facts_host.addresses
+            addresses = found.addresses
+            if found.status == dnssec_status.ERROR:
+                error = failures.outcome("dns-temp", domain=host, why=found.reason or "failed")
+        else:
+            try:
+                addresses = tuple((yield ctx.run_blocking(ctx.resolver.addresses, host)))
+            except mx.MXError as e:
+                error = e.outcome
+        facts = None
+        if hop.smarthost is None and ctx.published is not None:
+            if mx_facts is None:
+                facts_host = attrs.evolve(facts_host, why=ctx.published.dane_state.reason)
+            facts = pub.Facts(hop.domain, mx_facts, facts_host, sts)
+        choice = ctx.tls.choose(hop.domain, host, hop.smarthost, facts)
+        plan = HostPlan(host, record.preference, port, addresses, choice, facts, error)
+        refused = self.refusal(plan)
+        if refused is not None:
+            return attrs.evolve(plan, failure=refused, error=None)
+        if error is None and not addresses:
+            plan = attrs.evolve(plan, error=failures.outcome("no-address", host=host))
+        return plan
+
+    def refusal(self, plan: HostPlan) -> TLSFailure | None:
+        """
+        The TLS failure that rules a host out before any connection, when
+        what it publishes decided its policy: DANE records that could not
+        be looked up (bogus or failed: RFC 7672 2.2 says wait), an MX host
+        that the domain's enforced MTA-STS policy does not list (RFC 8461
+        4.1 says never deliver to it).
+        """
+        choice, host = plan.choice, plan.host
+        address = plan.addresses[0] if plan.addresses else ""
+        if choice.source == "dane" and plan.facts.host.dane == pub.DEFER:
+            h = plan.facts.host
+            return TLSFailure(h.failure_kind, host=host, address=address, port=plan.port,
+                              detail=h.why, names=h.names)
+        if choice.source == "mta-sts":
+            policy = plan.facts.sts.policy
+            if not policy.matches(host):
+                return TLSFailure("sts-mx-mismatch", host=host, address=address,
+                                  port=plan.port, sts=sts_words(plan.facts))
+        return None
+
+    @defer.inlineCallbacks
     def open(self, relax: bool = False):
         """
         A ready session for C{hop}: each host in order, each address in
         turn.  Fails with the most telling failure: a TLS failure (which
         the fallback decider then weighs per message) over the rest.
         """
-        hop = self.hop
-        if hop.smarthost is not None:
-            hosts = [hop.smarthost.host]
-            port = hop.smarthost.port
-        else:
-            port = self.ctx.settings.port
-            try:
-                records = yield self.ctx.run_blocking(self.ctx.resolver.mx, hop.domain)
-            except mx.MXError as e:
-                raise SessionFailed(e.outcome, next_host=False)
-            hosts = self.without_self(records)
+        records, port, mx_facts, sts = yield self.hosts()
         last: Outcome | None = None
         tls_failed: SessionFailed | None = None
-        for host in hosts:
-            if is_ip(host):
-                addresses = [host]
-            else:
-                try:
-                    addresses = yield self.ctx.run_blocking(self.ctx.resolver.addresses, host)
-                except mx.MXError as e:
-                    last = e.outcome
-                    continue
-            if not addresses:
-                last = failures.outcome("no-address", host=host)
+        for record in records:
+            plan = yield self.host_plan(record, port, mx_facts, sts)
+            if plan.failure is not None:
+                e = SessionFailed(failures.tls(plan.failure), tls_failure=plan.failure)
+                e.choice = plan.choice
+                self.log_refusal(plan)
+                last, tls_failed = e.outcome, e
                 continue
-            choice = self.ctx.tls.choose(hop.domain, host, hop.smarthost)
-            note = None
-            choice, note = self.with_history(choice)
-            if relax:
+            if plan.error is not None:
+                last = plan.error
+                continue
+            choice, note = self.with_history(plan.choice)
+            if relax and choice.source not in ("dane", "mta-sts"):
+                # An operator's relaxed retry never undoes what the
+                # destination publishes (DANE keeps its records; MTA-STS
+                # keeps the check).
                 req = attrs.evolve(choice.requirements, starttls="required", verify=False)
                 choice, note = attrs.evolve(choice, requirements=req), "override=relaxed"
-            for address in addresses:
+            for address in plan.addresses:
                 try:
-                    client = yield self.session(host, address, port, choice, note=note)
+                    client = yield self.session(plan.host, address, port, choice, note=note)
                 except SessionFailed as e:
                     last = e.outcome
                     if e.tls_failure is not None:
@@ -184,7 +306,14 @@ class Attempt:
                 return client
         if tls_failed is not None:
             raise tls_failed
-        raise SessionFailed(last or failures.outcome("no-mail-server", destination=hop.key))
+        raise SessionFailed(last or failures.outcome("no-mail-server",
+                                                     destination=self.hop.key))
+
+    def log_refusal(self, plan: HostPlan) -> None:
+        f = plan.failure
+        log.info("outbound: {host} not used for {domain}: {why}", host=plan.host,
+                 domain=self.hop.domain, why=f.describe(), kind=f.kind,
+                 source=plan.choice.source, event="outbound.host_refused")
 
     def with_history(self, choice):
         """
@@ -193,7 +322,8 @@ class Attempt:
         skips STARTTLS where the policy would send in cleartext anyway.
         """
         hop = self.hop
-        if self.history is None or hop.smarthost is not None:
+        if self.history is None or hop.smarthost is not None or \
+                choice.source in ("dane", "mta-sts"):  # these require more already
             return choice, None
         entry = self.history.get(hop.domain)
         if entry is None:
@@ -229,7 +359,7 @@ class Attempt:
             credentials=sh is not None and sh.username is not None,
             requiretls=False, relay=relay.destination if relay else None,
             history=self.history.get(hop.domain) if self.history and hop.domain else None,
-            ratchet=choice.ratcheted)
+            ratchet=choice.ratcheted, dane=choice.dane, sts=choice.sts_enforced)
 
     def decide(self, e: SessionFailed, txn: Transaction):
         """
@@ -290,12 +420,12 @@ class Attempt:
                                          attrs.evolve(choice, requirements=changed), note=note)
         return client
 
-    def without_self(self, records: list[mx.MXHost]) -> list[str]:
-        domain = self.hop.domain
+    def without_self(self, records: list[mx.MXHost]) -> list[mx.MXHost]:
         """
         The MX hosts to try: those more preferred than ourselves, when we
         are one of them (RFC 5321 5.1); a loop when we are the best.
         """
+        domain = self.hop.domain
         ours = [r.preference for r in records if r.name in self.ctx.own_names]
         if ours:
             records = [r for r in records if r.preference < min(ours)]
@@ -303,7 +433,7 @@ class Attempt:
                 raise SessionFailed(failures.outcome(
                     "loop", why=f"mail for {domain} loops back to myself: its best MX host "
                     f"is this server ({self.ctx.hostname})"), next_host=False)
-        return [r.name for r in records]
+        return records
 
 
 
@@ -355,12 +485,14 @@ class Attempt:
         self.ctx.notify("tls.session", {
             "version": creator.record.version if creator and client.tls_done else None,
             "verified": bool(creator and client.tls_done and creator.record.verified),
-            "policy": req.policy, "peer": client.peer})
+            "policy": req.policy, "peer": client.peer, "source": choice.source})
         client.trace = (f"X-Twisted-MTA-TLS: {client.peer} {tls_text}; policy {req.policy} "
                         f"({choice.reason})" + (f"; {note}" if note else ""))
+        dane = creator.record.dane if creator is not None and client.tls_done else None
         log.info("outbound: session with {peer} ({tls}; policy {policy} from {why}{note})",
                  event="outbound.connected", peer=client.peer, tls=tls_text,
                  policy=req.policy, why=choice.reason, note=f"; {note}" if note else "",
+                 source=choice.source, dane=dane.status if dane is not None else None,
                  destination=hop.key, verified=bool(creator and creator.record.verified),
                  version=creator.record.version if creator else None,
                  cipher=creator.record.cipher if creator else None)
@@ -369,8 +501,17 @@ class Attempt:
 
     def shadow(self, choice, creator, client) -> None:
         hop = self.hop
-        verdict = shadow_verdict(choice.shadow, creator, client.tls_done, client.capabilities,
-                                 client.host, client.address, client.port)
+        verdict = None
+        facts = choice.published
+        lookup = facts.sts if facts is not None else None
+        if lookup is not None and lookup.policy is not None and lookup.mode == "testing" and \
+                not lookup.policy.matches(client.host):
+            verdict = TLSFailure("sts-mx-mismatch", host=client.host, address=client.address,
+                                 port=client.port, sts=sts_words(facts))
+        if verdict is None:
+            verdict = shadow_verdict(choice.shadow, creator, client.tls_done,
+                                     client.capabilities, client.host, client.address,
+                                     client.port)
         if verdict is None:
             return
         event = {"time": self.ctx.clock.seconds(), "domain": hop.domain or hop.key,

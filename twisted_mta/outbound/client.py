@@ -32,6 +32,7 @@ from zope.interface import implementer
 from twisted_mta import failures
 from twisted_mta.dsn.params import xtext_encode
 from twisted_mta.outbound.message import OutgoingMessage
+from twisted_mta.tls.dane import DaneVerdict
 from twisted_mta.tls.handshake import PolicyCreator, evaluate
 from twisted_mta.tls.failure import TLSFailure, classify_handshake_error
 from twisted_mta.tls.policy import TLSRequirements
@@ -185,7 +186,11 @@ class OutboundClient(smtp.ESMTPClient):
         if self._tlsMode or b"STARTTLS" in items and self.context:
             return smtp.ESMTPClient.tryTLS(self, code, resp, items)
         if self.requireTransportSecurity:
-            self._tls_failed(self._tls_failure("starttls-not-offered"))
+            if self.requirements.tlsa is not None:  # RFC 7672 2.2: never cleartext
+                verdict = DaneVerdict.starttls_missing(self.requirements.tlsa)
+                self._tls_failed(verdict.failure(self.host, self.address, self.port))
+            else:
+                self._tls_failed(self._tls_failure("starttls-not-offered"))
             return
         return self.authenticate(code, resp, items)
 

@@ -23,7 +23,7 @@ import dns.rdatatype
 import dns.resolver
 
 from twisted_mta import failures
-from twisted_mta.tls.dnssec import split_server
+from twisted_mta.tls.dnssec import BOGUS, ERROR, NODATA, NXDOMAIN, DNSResult, split_server
 from twisted_mta.model import Outcome
 
 
@@ -86,7 +86,34 @@ def lookup_mx(resolver: dns.resolver.Resolver, domain: str,
         raise _temporary(domain, "timeout")
     except dns.exception.DNSException as e:
         raise _temporary(domain, str(e) or type(e).__name__)
-    records = [(r.preference, r.exchange) for r in answer]
+    return _ordered(domain, [(r.preference, r.exchange) for r in answer], shuffle)
+
+
+def from_dnssec(result: DNSResult, domain: str,
+                shuffle: Callable[[list], None] = random.shuffle) -> list[MXHost]:
+    """
+    L{lookup_mx}'s answer from a DNSSEC-aware MX look-up (one look-up
+    feeds both the MX rules and DANE): the same rules, and an answer that
+    failed validation is a temporary failure (RFC 7672 2.2.1: never used).
+    """
+    if result.status == BOGUS:
+        raise _temporary(domain, f"the MX records failed DNSSEC validation"
+                                 f"{f' ({result.reason})' if result.reason else ''}")
+    if result.status == ERROR:
+        raise _temporary(domain, result.reason or result.rcode or "lookup failed")
+    if result.status == NXDOMAIN:
+        raise MXError(failures.outcome("dns-nxdomain", domain=domain))
+    if result.status == NODATA:
+        return [MXHost(0, domain.lower().rstrip("."))]  # implicit MX (RFC 5321 5.1)
+    return _ordered(domain, [(r.preference, r.exchange) for r in result.records], shuffle)
+
+
+def _ordered(domain: str, records: list[tuple[int, dns.name.Name]],
+             shuffle: Callable[[list], None]) -> list[MXHost]:
+    """
+    The MX hosts most preferred first, equal preferences shuffled; a null
+    MX (RFC 7505) alone is a permanent failure, beside others ignored.
+    """
     if any(exchange == dns.name.root for _, exchange in records):
         if len(records) == 1:
             raise MXError(failures.outcome("null-mx", domain=domain))

@@ -55,14 +55,15 @@ class _Destination:
 class OutboundPool:
     def __init__(self, *, settings: OutboundSettings, hostname: str, clock, run_blocking,
                  resolver, connect: Callable, tls: TLSEngine | None = None,
-                 observers: list | None = None, history: TLSHistory | None = None) -> None:
+                 observers: list | None = None, history: TLSHistory | None = None,
+                 published=None) -> None:
         self.settings = settings
         self.clock = clock
         self.ctx = AttemptContext(
             settings=settings, hostname=hostname, clock=clock, run_blocking=run_blocking,
             resolver=resolver, connect=connect,
             tls=tls if tls is not None else TLSEngine(settings.tls), history=history,
-            observers=observers if observers is not None else [])
+            observers=observers if observers is not None else [], published=published)
         self._destinations: dict[str, _Destination] = {}
         self.total = 0
         self._stopping = False

@@ -21,9 +21,12 @@ from twisted_mta.config import OutboundTLSSettings, Smarthost
 from twisted_mta.interfaces import IFallbackDecider, ITLSPolicy
 from twisted_mta.tls import fallback as fb
 from twisted_mta.tls.failure import TLSFailure
+from twisted_mta.tls import published
 from twisted_mta.tls.policy import (
     BUILTIN as BUILTIN_POLICIES, Choice, Destination, PolicyEntry, PolicyMap,
+    dane_requirements, default_fallback, sts_requirements,
 )
+from twisted_mta.tls.published import Facts
 
 
 class TLSConfigError(Exception):
@@ -269,6 +272,8 @@ REQUIREMENT = {
     "relaxed": "encryption (the certificate is not checked)",
     "opportunistic": "encryption whenever the server offers it",
     "none": "nothing",
+    "dane": "encryption with a certificate that matches its DANE (TLSA) records",
+    "mta-sts": "encryption with a valid certificate for the server's name",
 }
 
 
@@ -295,7 +300,16 @@ class TLSEngine:
         names.discard(None)
         return {n for n in names if n not in BUILTIN_POLICIES} | set(self.registry.policies)
 
-    def choose(self, domain: str, host: str, smarthost: Smarthost | None) -> Choice:
+    def choose(self, domain: str, host: str, smarthost: Smarthost | None,
+               facts: Facts | None = None) -> Choice:
+        """
+        The policy for C{host}, in this order: an explicit entry (domain,
+        parent domain, MX host, smarthost or route); what the destination
+        publishes (C{facts}): DANE when the host has a DNSSEC-secure TLSA
+        RRset (or its look-up must be waited for), then the domain's
+        MTA-STS policy in mode enforce; else the default (which an MTA-STS
+        policy in mode testing shadows).
+        """
         entry = None
         if smarthost is not None and smarthost.tls_policy:
             entry = PolicyEntry(smarthost.tls_policy, smarthost.tls_fallback)
@@ -303,7 +317,32 @@ class TLSEngine:
                     smarthost.tls_policy not in BUILTIN_POLICIES:
                 self.map.plugins[smarthost.tls_policy] = self.registry.policy(
                     smarthost.tls_policy)
-        return self.map.choose(Destination(domain, host, smarthost is not None), entry)
+        choice = self.map.choose(Destination(domain, host, smarthost is not None), entry)
+        if facts is None or smarthost is not None:
+            return choice
+        choice = attrs.evolve(choice, published=facts)
+        if choice.source != "default":
+            return choice
+        return self._published(choice, facts, host)
+
+    def _published(self, default: Choice, facts: Facts, host: str) -> Choice:
+        h = facts.host
+        if h.dane in (published.RECORDS, published.DEFER):
+            req = dane_requirements(h.records, h.names)
+            return Choice(req, default_fallback(req), f"DANE: {h.why}", source="dane",
+                          published=facts, fallback_from="policy")
+        lookup = facts.sts
+        policy = lookup.policy if lookup is not None else None
+        if policy is None:
+            return default
+        words = f"MTA-STS policy of {facts.domain} ({sts_summary(lookup)})"
+        req = attrs.evolve(sts_requirements(host), ca_file=self.map.ca_file)
+        if policy.mode == "enforce":
+            return Choice(req, default_fallback(req), words, source="mta-sts",
+                          published=facts, fallback_from="policy")
+        # testing: deliver as the default says; report what enforce would refuse
+        return attrs.evolve(default, shadow=req, reason=f"{default.reason}; {words}, "
+                                                        "report only")
 
     def decider(self, spec: str):
         return self.registry.decider(spec)
@@ -351,6 +390,18 @@ class TLSEngine:
         return failures.tls(failure, text, choice.requirements.policy, final)
 
 
+def sts_summary(lookup) -> str:
+    """
+    "mode enforce, id 20260301, max_age 604800, mx mail.example.org":
+    an MTA-STS answer in a few words.
+    """
+    policy = lookup.policy
+    policy_id = lookup.entry.policy_id if lookup.entry is not None else (
+        lookup.record.id if lookup.record is not None else "?")
+    return (f"mode {policy.mode}, id {policy_id}, max_age {policy.max_age}, "
+            f"mx {', '.join(policy.mx) or 'none'}")
+
+
 def requiring_rule(failure: TLSFailure, choice: Choice,
                    situation: fb.Situation | None) -> str:
     """
@@ -360,7 +411,8 @@ def requiring_rule(failure: TLSFailure, choice: Choice,
     """
     req = choice.requirements
     if failure.is_certificate or req.requires_tls:
-        return "ratchet" if choice.ratcheted else "policy"
+        published = choice.source in ("dane", "mta-sts")  # requires more than a ratchet
+        return "ratchet" if choice.ratcheted and not published else "policy"
     if situation is not None:
         for rule, applies in (("implicit-tls", situation.implicit_tls or failure.implicit),
                               ("login", situation.credentials),
@@ -403,6 +455,15 @@ def _why(rule: str, failure: TLSFailure, choice: Choice, domain: str,
                 "without encryption")
     elif rule == "requiretls":
         text = "The sender required TLS for this message (REQUIRETLS)"
+    elif choice.source == "dane" and rule == "policy":
+        text = (f"{failure.host} publishes DANE (TLSA) records in DNSSEC-signed DNS, which "
+                f"require {_requirement(choice, rule)}")
+    elif choice.source == "mta-sts" and failure.kind == "sts-mx-mismatch":
+        text = (f"The MTA-STS policy of {domain} (mode enforce) allows only the mail "
+                "servers it lists")
+    elif choice.source == "mta-sts" and rule == "policy":
+        text = (f"The MTA-STS policy of {domain} (mode enforce) requires "
+                f"{_requirement(choice, rule)}")
     else:
         text = (f"This server's \"{policy}\" policy for {domain} requires "
                 f"{_requirement(choice, rule)}")
@@ -413,6 +474,7 @@ def _why(rule: str, failure: TLSFailure, choice: Choice, domain: str,
 
 _NEVER_WORDS = {
     "dane": "its DANE (TLSA) records make encryption mandatory",
+    "mta-sts": "its MTA-STS policy requires encryption with a valid certificate",
     "implicit-tls": "implicit TLS never falls back to cleartext",
     "login": "our login never goes without encryption",
     "requiretls": "the sender required TLS",

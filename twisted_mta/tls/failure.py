@@ -26,6 +26,7 @@ The classes and their codes (ARCHITECTURE.md, "The failure taxonomy"):
 | dane-starttls-missing | starttls-not-supported | 4.7.4 / 5.7.4 |
 | dane-lookup-failed | dnssec-invalid | 4.7.5 / 5.7.5 |
 | dnssec-bogus | dnssec-invalid | 4.7.5 / 5.7.5 |
+| sts-mx-mismatch | validation-failure | 4.7.5 / 5.7.5 |
 
 The DANE classes (RFC 7672; L{twisted_mta.tls.dane} makes them) stop
 delivery to a server whose TLSA records say TLS is mandatory: a
@@ -38,6 +39,12 @@ C{starttls-not-supported} is any MX without STARTTLS (C{dane-required} is
 for a sender that requires TLSA records and found none), and
 C{dnssec-invalid} is "no valid records were returned from the recursive
 resolver".
+
+C{sts-mx-mismatch} is an MX host that the destination's MTA-STS policy
+(mode enforce) does not list: RFC 8461 4.1 forbids delivering to it, so
+no connection is made.  A certificate that fails under such a policy is
+one of the certificate classes, with the policy as the rule that required
+it (and no relaxed retry: L{twisted_mta.tls.fallback}).
 
 Every sentence names the server as C{host[address]:port}, the way the
 trace header does, so the reader can tell which of several MX hosts (or
@@ -74,6 +81,8 @@ TLSRPT_RESULT = {
     "dane-starttls-missing": "starttls-not-supported",
     "dane-lookup-failed": "dnssec-invalid",
     "dnssec-bogus": "dnssec-invalid",
+    # MTA-STS (RFC 8461): an MX host the enforced policy does not list.
+    "sts-mx-mismatch": "validation-failure",
 }
 TLS_KINDS = tuple(TLSRPT_RESULT)
 CERTIFICATE_KINDS = tuple(k for k in TLS_KINDS if k.startswith("certificate-"))
@@ -130,6 +139,7 @@ class TLSFailure:
     implicit: bool = False  # TLS from the first byte (no STARTTLS)
     tlsa: tuple[str, ...] = ()  # DANE: the TLSA records concerned, "TLSA 3 1 1 4f2a..."
     names: tuple[str, ...] = ()  # DANE-TA: the names the certificate may carry
+    sts: str = ""  # sts-mx-mismatch: the policy's domain and its mx patterns, in words
 
     @property
     def peer(self) -> str:
@@ -229,6 +239,9 @@ class TLSFailure:
                     f"{ours} with current ciphers; it accepted none of them)")
         if self.kind in DANE_KINDS:
             return self._describe_dane()
+        if self.kind == "sts-mx-mismatch":
+            return (f"{self.host} is not one of the mail servers that the MTA-STS policy "
+                    f"{self.sts or 'of the domain'} lists, so it was not used")
         words = f" ({self.detail})" if self.detail else ""
         return f"the encryption handshake with {h} failed{words}"
 
@@ -338,6 +351,9 @@ class TLSFailure:
         if self.kind == "dnssec-bogus":
             return ("fix the zone's DNSSEC (expired signatures, or a DS record that does not "
                     "match the zone's keys, are the usual causes)")
+        if self.kind == "sts-mx-mismatch":
+            return (f"add {self.host} to the mx lines of the MTA-STS policy (and change the "
+                    "id of the _mta-sts TXT record), or remove it from the MX records")
         return "check the server's TLS set-up and logs"
 
 

@@ -37,8 +37,8 @@ CLEARTEXT_LATER = "cleartext-later"  # some later attempt may
 LATER = (TLS_ONLY, CLEARTEXT_NEXT, CLEARTEXT_LATER)
 
 # What decided (Decision.rule): the decider, or a rule that overrode it.
-RULES = ("decider", "implicit-tls", "login", "requiretls", "ratchet", "dane", "decider-error",
-         "no-relay", "relaxed-useless")
+RULES = ("decider", "implicit-tls", "login", "requiretls", "ratchet", "dane", "mta-sts",
+         "decider-error", "no-relay", "relaxed-useless")
 
 
 @attrs.frozen
@@ -78,7 +78,8 @@ class Situation:
     relay: str | None = None  # the configured secure relay, if any
     history: object | None = None  # the destination's HistoryEntry, if any
     ratchet: str | None = None  # the history raised the requirements: why
-    dane: bool = False  # the server publishes usable TLSA records (RFC 7672)
+    dane: bool = False  # the server publishes TLSA records (RFC 7672)
+    sts: bool = False  # the domain's MTA-STS policy in mode enforce applies (RFC 8461)
 
 
 @implementer(IFallbackDecider, IPlugin)
@@ -207,6 +208,8 @@ def cleartext_forbidden(situation: Situation, failure: TLSFailure | None = None
     for rule, applies, why in (
             ("dane", dane, "the server publishes DANE (TLSA) records: never without "
                            "encryption (RFC 7672)"),
+            ("mta-sts", situation.sts, "the domain's MTA-STS policy (mode enforce) requires "
+                                       "encryption with a valid certificate (RFC 8461)"),
             ("implicit-tls", situation.implicit_tls, "implicit TLS never falls back to "
                                                      "cleartext"),
             ("login", situation.credentials, "our login is never sent without encryption"),
@@ -218,14 +221,24 @@ def cleartext_forbidden(situation: Situation, failure: TLSFailure | None = None
     return None
 
 
+def published_rule(situation: Situation, failure: TLSFailure | None = None
+                   ) -> tuple[str, str] | None:
+    """
+    The rule of what the destination publishes, if one applies: DANE (or a
+    DANE failure), or an MTA-STS policy in mode enforce.
+    """
+    found = cleartext_forbidden(situation, failure)
+    return found if found is not None and found[0] in ("dane", "mta-sts") else None
+
+
 def decide(decider, failure: TLSFailure, situation: Situation) -> Decision:
     """
     Ask C{decider}, then apply the hard rules: a DANE destination (or a
-    DANE failure), implicit TLS, a connection with our login, a REQUIRETLS
-    message and a ratcheted destination never go to cleartext, and no
-    deferral promises it; a DANE failure is never a certificate failure, so
-    never a relaxed retry; a relaxed retry only
-    follows a certificate failure; without a relay there is no via-relay.
+    DANE failure) and an MTA-STS destination in mode enforce never go to
+    cleartext nor to a relaxed retry; implicit TLS, a connection with our
+    login, a REQUIRETLS message and a ratcheted destination never go to
+    cleartext, and no deferral promises it; a relaxed retry only follows
+    a certificate failure; without a relay there is no via-relay.
     The result names the rule that decided (C{rule}) and what a deferral
     leads to (C{later}): the words a sender reads are made from it.
     """
@@ -240,6 +253,12 @@ def decide(decider, failure: TLSFailure, situation: Situation) -> Decision:
         d = Decision(DEFER, f"{failure.kind}: a relaxed retry cannot help", d.decider,
                      later=TLS_ONLY if d.decider == RelaxedNow.name else None,
                      rule="relaxed-useless")
+    published = published_rule(situation, failure)
+    if d.action == RELAXED and published is not None:
+        # DANE and MTA-STS say which certificate to expect: one that is not
+        # checked proves nothing they promise.
+        rule, why = published
+        d = Decision(DEFER, why, d.decider, later=TLS_ONLY, rule=rule)
     if d.action == VIA_RELAY and not situation.relay:
         d = Decision(DEFER, "no secure relay is configured", d.decider, rule="no-relay")
     forbidden = cleartext_forbidden(situation, failure)

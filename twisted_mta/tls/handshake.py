@@ -51,6 +51,7 @@ class TLSRecord:
     # whatever level the connection ran at (see judge).
     verified: bool = False
     unverified_reason: str | None = None  # why not, in a few words
+    dane: object = None  # under DANE: the DaneVerdict (twisted_mta.tls.dane)
 
     def judge(self) -> None:
         """
@@ -80,9 +81,21 @@ class TLSRecord:
         self.verified = reason is None
         self.unverified_reason = reason
 
+    def judge_dane(self, verdict) -> None:
+        """
+        Under DANE the TLSA records, not the WebPKI, say whether the
+        certificate is authenticated (RFC 7672 3).
+        """
+        self.dane = verdict
+        self.verified = verdict.authenticated
+        self.unverified_reason = None if verdict.authenticated else verdict.describe()
+
     def describe(self) -> str:
         if self.version is None:
             return "no TLS"
+        if self.dane is not None and self.verified:
+            return f"{self.version} {self.cipher}, certificate verified by DANE " \
+                   f"({self.dane.record.short})"
         if self.verified:
             check = "certificate verified"
         elif self.certificate is None:
@@ -213,7 +226,13 @@ class PolicyCreator:
             chain = connection.get_peer_cert_chain(as_cryptography=True) or [
                 cert.to_cryptography()]
             r.weakness = weakness(chain)
+        else:
+            chain = []
         r.judge()
+        if self.req.tlsa is not None:
+            from twisted_mta.tls import dane
+            r.judge_dane(dane.match(self.req.tlsa, chain,
+                                    self.req.dane_names or (self.expected_name,)))
 
 
 def evaluate(req: TLSRequirements, creator: PolicyCreator, host: str, address: str,
@@ -222,9 +241,12 @@ def evaluate(req: TLSRequirements, creator: PolicyCreator, host: str, address: s
     Whether the handshake recorded by C{creator} meets C{req}: None if so,
     else the typed failure.
     """
+    r = creator.record
+    if req.tlsa is not None:
+        verdict = r.dane
+        return verdict.failure(host, address, port) if verdict is not None else None
     if not req.verify:
         return None
-    r = creator.record
     facts = dict(host=host, address=address, port=port, expected_name=creator.expected_name,
                  certificate=r.certificate)
     if r.certificate is None:

@@ -49,6 +49,11 @@ class TLSRequirements:
     ciphers: str | None = None  # an OpenSSL cipher string; None: default
     ca_file: str | None = None  # trust these roots instead of the system's
     server_name: str | None = None  # SNI and the name to verify; None: the host
+    # DANE (RFC 7672): the server's TLSA RRset, DNSSEC-secure; the
+    # certificate is judged against it instead of the WebPKI (an RRset with
+    # no usable record makes TLS mandatory and authenticates nothing).
+    tlsa: tuple | None = None  # of twisted_mta.tls.dane.TLSARecord
+    dane_names: tuple[str, ...] = ()  # DANE-TA: the names the certificate may carry
 
     @property
     def requires_tls(self) -> bool:
@@ -76,10 +81,14 @@ def fails_under(req: TLSRequirements, kind: str) -> bool:
     """
     if req.starttls == "never":
         return False
-    if kind == "starttls-not-offered":
-        return req.starttls == "required"
+    if kind == "starttls-not-offered":  # under DANE: dane-starttls-missing instead
+        return req.starttls == "required" and req.tlsa is None
     if kind.startswith("certificate-"):
-        return req.verify
+        return req.verify and req.tlsa is None
+    if kind.startswith("dane-") or kind == "dnssec-bogus":
+        return req.tlsa is not None
+    if kind == "sts-mx-mismatch":
+        return req.policy == "mta-sts"
     return True
 
 
@@ -107,6 +116,26 @@ STRICT = FixedPolicy("strict", TLSRequirements(
 BUILTIN = {p.name: p for p in (NONE, OPPORTUNISTIC, RELAXED, STRICT)}
 
 
+def dane_requirements(records: tuple, names: tuple[str, ...]) -> TLSRequirements:
+    """
+    What a server with a DNSSEC-secure TLSA RRset requires (RFC 7672):
+    STARTTLS always, the certificate judged by its records, TLS 1.2 or
+    newer like every policy that requires TLS here.
+    """
+    return TLSRequirements("dane", starttls="required", min_version="TLSv1.2",
+                           tlsa=tuple(records), dane_names=tuple(names))
+
+
+def sts_requirements(host: str) -> TLSRequirements:
+    """
+    What an MTA-STS policy in mode enforce requires of a listed MX host
+    (RFC 8461 4.2): STARTTLS, TLS 1.2 or newer, a certificate valid under
+    the WebPKI for the host's name.
+    """
+    return TLSRequirements("mta-sts", starttls="required", verify=True, min_version="TLSv1.2",
+                           server_name=host)
+
+
 @attrs.frozen
 class Choice:
     requirements: TLSRequirements
@@ -119,6 +148,21 @@ class Choice:
     # smarthost named it), "default" ([outbound.tls] fallback, for the
     # default entry), or "policy" (none was written: default_fallback).
     fallback_from: str = "entry"
+    # What chose the policy (precedence, highest first): "config" (an
+    # explicit domain, MX host or smarthost entry), "dane" (the server's
+    # TLSA records), "mta-sts" (the domain's policy in mode enforce),
+    # "default".  C{published} holds what the destination publishes, for
+    # tls explain and the logs (twisted_mta.outbound.published.Published).
+    source: str = "config"
+    published: object = attrs.field(default=None, eq=False, repr=False)
+
+    @property
+    def sts_enforced(self) -> bool:
+        return self.source == "mta-sts"
+
+    @property
+    def dane(self) -> bool:
+        return self.requirements.tlsa is not None
 
 
 class PolicyMap:
@@ -158,7 +202,8 @@ class PolicyMap:
                                   server_name=shadow.server_name or req.server_name)
         ratchet = self.ratchet if entry.ratchet is None else entry.ratchet
         fallback, source = self.fallback_for(entry, req)
-        return Choice(req, fallback, reason, shadow, ratchet, fallback_from=source)
+        return Choice(req, fallback, reason, shadow, ratchet, fallback_from=source,
+                      source="default" if entry is self.default else "config")
 
     def fallback_for(self, entry: PolicyEntry, req: TLSRequirements) -> tuple[str, str]:
         """
