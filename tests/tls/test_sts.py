@@ -62,6 +62,13 @@ VALID_RECORDS = [
     ("v=STSv1; x-ext.1_b=a:b/c<>?; id=abc;", "abc", (("x-ext.1_b", "a:b/c<>?"),)),
     ("v=STSv1; v=STSv1; id=1", "1", (("v", "STSv1"),)),  # a second v= is an extension
     ("v=STSv1; " + "n" * 32 + "=1; id=1", "1", (("n" * 32, "1"),)),
+    # The last field may be followed by the delimiter, *WSP ";" *WSP.
+    ("v=STSv1; id=abc; ", "abc", ()),
+    ("v=STSv1; id=abc ;", "abc", ()),
+    ("v=STSv1; id=abc\t;\t", "abc", ()),
+    # A repeated field: the first counts, the others are ignored (RFC 8461 3.2).
+    ("v=STSv1; id=a; id=b", "a", ()),
+    ("v=STSv1; id=a; id=not-an-id", "a", ()),
 ]
 
 INVALID_RECORDS = [
@@ -73,11 +80,11 @@ INVALID_RECORDS = [
     ("v=STSv1; id=", "cannot parse"),
     ("v=STSv1; id=" + "a" * 33, "not 1 to 32 letters and digits"),
     ("v=STSv1; id=ab-cd", "not 1 to 32 letters and digits"),
-    ("v=STSv1; id=a; id=b", "2 id fields"),
     ("v=STSv1; id=abc ", "cannot parse ' '"),  # no whitespace after the last field
-    ("v=STSv1; id=abc; ", "cannot parse"),
     ("v=STSv1;; id=abc", "cannot parse"),
     ("v=STSv1; id=abc;;", "cannot parse"),
+    ("v=STSv1; id=abc; ;", "cannot parse"),
+    ("v=STSv1; id=ab-c; id=abc", "not 1 to 32 letters and digits"),  # the first counts
     ("v=STSv1 id=abc", "cannot parse"),  # the semicolon is required
     ("v=STSv1; id=abc; e=x=y", "cannot parse"),  # '=' is not allowed in a value
     ("v=STSv1; id=abc; e=a b", "cannot parse"),
@@ -159,6 +166,14 @@ VALID_POLICIES = [
      "Mode: none\n1st.ext-x_y: !~\n".encode(),
      "enforce", 5, ("a.example",),
      (("x-note", "caf\u00e9 au lait"), ("Mode", "none"), ("1st.ext-x_y", "!~"))),
+    # A repeated version, mode or max_age: the first counts, the others are
+    # ignored whatever they say (RFC 8461 3.2).
+    (b"version: STSv1\nversion: STSv2\nmode: enforce\nmx: a\nmax_age: 1\n",
+     "enforce", 1, ("a",), ()),
+    (b"version: STSv1\nmode: testing\nmode: enforce\nmx: a\nmode: bogus\nmax_age: 1\n",
+     "testing", 1, ("a",), ()),
+    (b"version: STSv1\nmode: enforce\nmx: a\nmax_age: 1\nmax_age: forever\n",
+     "enforce", 1, ("a",), ()),
 ]
 
 INVALID_POLICIES = [
@@ -183,12 +198,10 @@ INVALID_POLICIES = [
      "max_age must be a number of seconds (up to 10 digits)"),
     (f"version: STSv1\nmode: enforce\nmx: a\nmax_age: {MAX_AGE_LIMIT + 1}\n".encode(),
      f"max_age {MAX_AGE_LIMIT + 1} is more than {MAX_AGE_LIMIT}"),
-    (b"version: STSv1\nversion: STSv1\nmode: enforce\nmx: a\nmax_age: 1\n",
-     "line 2: a second version field"),
-    (b"version: STSv1\nmode: enforce\nmode: testing\nmx: a\nmax_age: 1\n",
-     "line 3: a second mode field"),
-    (b"version: STSv1\nmode: enforce\nmx: a\nmax_age: 1\nmax_age: 2\n",
-     "line 5: a second max_age field"),
+    (b"version: STSv2\nversion: STSv1\nmode: enforce\nmx: a\nmax_age: 1\n",
+     "line 1: version must be STSv1"),  # the first of a repeated field counts
+    (b"version: STSv1\nmode: testing\nmode: enforce\nmax_age: 1\n",
+     "no mx field (required in mode testing)"),
     (b"version: STSv1\n\nmode: enforce\nmx: a\nmax_age: 1\n", "line 2 is empty"),
     (b"version: STSv1\nmode: enforce\nmx: a\nmax_age: 1\n\n", "line 5 is empty"),
     (b"version: STSv1\r\n\r\nmode: enforce\r\nmx: a\r\nmax_age: 1\r\n", "line 2 is empty"),

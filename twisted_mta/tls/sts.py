@@ -115,7 +115,8 @@ class InvalidRecord(ValueError):
 _RECORD_VERSION = "v=STSv1"
 _RECORD_FIELD = re.compile(
     r"[ \t]*;[ \t]*([A-Za-z0-9][A-Za-z0-9_.-]{0,31})=([\x21-\x3a\x3c\x3e-\x7e]+)")
-_RECORD_END = re.compile(r";?")
+# The optional sts-field-delim after the last field: *WSP ";" *WSP.
+_RECORD_END = re.compile(r"(?:[ \t]*;[ \t]*)?")
 _RECORD_ID = re.compile(r"[A-Za-z0-9]{1,32}")
 # A record "begins with v=STSv1" (3.1) when the version is a whole field.
 _CANDIDATE = re.compile(r"v=STSv1(?![^ \t;])")
@@ -136,12 +137,12 @@ def parse_sts_record(text: str) -> StsRecord:
     if end.end() != len(text):
         raise InvalidRecord(f"cannot parse {text[pos:pos + 20]!r} after "
                             f"{text[:pos][-20:]!r} (fields are name=value, separated "
-                            f"by ';', nothing after the last one)")
+                            f"by ';', nothing after the last one but a ';')")
     ids = [value for name, value in fields if name == "id"]
     if not ids:
         raise InvalidRecord("no id field")
-    if len(ids) > 1:
-        raise InvalidRecord(f"{len(ids)} id fields")
+    # A repeated field: only the first counts (RFC 8461 3.2, which covers
+    # TXT records too); the others are ignored, not an error.
     if not _RECORD_ID.fullmatch(ids[0]):
         raise InvalidRecord(f"the id {ids[0]!r} is not 1 to 32 letters and digits")
     return StsRecord(ids[0], tuple((n, v) for n, v in fields if n != "id"))
@@ -260,9 +261,10 @@ def parse_policy(body: bytes | str) -> Policy:
 
     Lines end with LF or CRLF (the last one may have none); every line is
     a field (C{name: value}, spaces or tabs allowed after the colon and at
-    the end); C{version} (C{STSv1}), C{mode} and C{max_age} appear exactly
-    once, C{mx} at least once unless the mode is C{none}; names and the
-    known values are case-sensitive; other fields are extensions.
+    the end); C{version} (C{STSv1}), C{mode} and C{max_age} appear at least
+    once (the first of each counts, later ones are ignored), C{mx} at least
+    once unless the mode is C{none}; names and the known values are
+    case-sensitive; other fields are extensions.
     """
     if isinstance(body, (bytes, bytearray)):
         try:
@@ -296,7 +298,9 @@ def parse_policy(body: bytes | str) -> Policy:
         name, value = m.group(1), m.group(2)
         if name in _ONCE:
             if name in seen:
-                raise InvalidPolicy(f"{where}: a second {name} field")
+                # Only the first of a repeated field counts; the rest are
+                # ignored, whatever they say (RFC 8461 3.2).
+                continue
             seen[name] = value
         if name == "version":
             if value != "STSv1":
