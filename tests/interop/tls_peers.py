@@ -466,7 +466,7 @@ class MatrixPostfix(PostfixInstance):
 class ScriptedMessage:
     recipients: list[str]
     data: bytes
-    tls: bool = False  # never: this server cannot do TLS
+    tls: bool = False  # the session was encrypted (mode "tls")
 
 
 class ScriptedPeer:
@@ -483,15 +483,19 @@ class ScriptedPeer:
         TLS layer is missing would; the session goes on in plain SMTP;
       - C{"hang"}: answers C{220}, then reads and discards whatever comes,
         answering nothing, until the client closes or C{hang_for} seconds
-        have passed.
+        have passed;
+      - C{"tls"}: a real STARTTLS with C{tls_context} (an C{ssl.SSLContext}
+        holding the server's certificate); the session goes on encrypted
+        and its messages say so;
+      - C{"no-starttls"}: does not advertise STARTTLS at all.
 
     Serves each connection in a thread; L{stop} ends it.
     """
 
-    MODES = ("drop", "refuse", "plaintext", "hang")
+    MODES = ("drop", "refuse", "plaintext", "hang", "tls", "no-starttls")
 
     def __init__(self, address: str, port: int, hostname: str, refuse: bool = False,
-                 mode: str = "drop", hang_for: float = 60.0) -> None:
+                 mode: str = "drop", hang_for: float = 60.0, tls_context=None) -> None:
         if refuse:
             mode = "refuse"
         if mode not in self.MODES:
@@ -499,6 +503,9 @@ class ScriptedPeer:
         self.hostname = hostname
         self.mode = mode
         self.hang_for = hang_for
+        if (mode == "tls") != (tls_context is not None):
+            raise ValueError("mode tls goes with a tls_context, and only it")
+        self.tls_context = tls_context
         self.messages: list[ScriptedMessage] = []
         self.starttls_seen = 0
         self.hellos: list[bytes] = []  # what the plaintext mode read after its 220
@@ -564,14 +571,16 @@ class ScriptedPeer:
             wfile.flush()
         try:
             reply(f"220 {self.hostname} ESMTP scripted")
-            sender, rcpts = None, []
+            sender, rcpts, encrypted = None, [], False
             while True:
                 line = rfile.readline(2048)
                 if not line:
                     return
                 verb = line.strip().split(b" ", 1)[0].upper()
                 if verb in (b"EHLO", b"HELO"):
-                    if verb == b"EHLO":
+                    if verb == b"EHLO" and (self.mode == "no-starttls" or encrypted):
+                        reply(f"250-{self.hostname}\r\n250-PIPELINING\r\n250 8BITMIME")
+                    elif verb == b"EHLO":
                         reply(f"250-{self.hostname}\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
                               "250 STARTTLS")
                     else:
@@ -589,6 +598,14 @@ class ScriptedPeer:
                     if self.mode == "hang":
                         self._hang(sock)
                         return
+                    if self.mode == "tls":
+                        try:
+                            sock = self.tls_context.wrap_socket(sock, server_side=True)
+                        except (OSError, ValueError):
+                            return  # the client refused our certificate
+                        rfile, wfile = sock.makefile("rb"), sock.makefile("wb")
+                        sender, rcpts, encrypted = None, [], True
+                        continue
                     hello = self._read_hello(rfile)  # plaintext
                     if not hello:
                         return
@@ -616,7 +633,8 @@ class ScriptedPeer:
                             break
                         chunks.append(data[1:] if data.startswith(b"..") else data)
                     with self.lock:
-                        self.messages.append(ScriptedMessage(list(rcpts), b"".join(chunks)))
+                        self.messages.append(ScriptedMessage(list(rcpts), b"".join(chunks),
+                                                             tls=encrypted))
                     sender, rcpts = None, []
                     reply("250 2.0.0 Ok: queued")
                 elif verb == b"RSET":
