@@ -5,6 +5,7 @@ The operator's command line::
     twisted-mta queue list|show|flush|hold|release|delete ... --config FILE
     twisted-mta user add|delete|list USERS-FILE ...
     twisted-mta tls explain DOMAIN|--message QUEUE-ID --config FILE [--json]
+    twisted-mta tls publish --config FILE [--json]
 
 Exit status 0 on success, 1 when the configuration is bad or an entry is
 not found (the reason on stderr, one line), 2 on usage errors.  The queue
@@ -505,6 +506,117 @@ def cmd_tls_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tls_publish(args: argparse.Namespace) -> int:
+    """
+    What to publish for our own domains, checked against what is
+    published now; exit 1 when a check warns.
+
+    The report is built without a reactor; when a check asks for a
+    domain's published policy (its TXT id is not ours), the policies are
+    fetched with Twisted and the report is built again from the same
+    answers, so the reactor runs only when it is needed, and once.
+    """
+    config = _config(args)
+    if config is None:
+        return 1
+    from datetime import datetime, timezone
+
+    from twisted_mta.tls import publish
+    keys = publish.load_keys(config.tls)
+    now = datetime.now(timezone.utc)
+    fetched: dict[str, Any] = {}
+    wanted: list[str] = []
+
+    def policy(domain: str):
+        if domain not in fetched:
+            wanted.append(domain)
+            raise publish.LookupFailed("not fetched yet")
+        if isinstance(fetched[domain], Exception):
+            raise fetched[domain]
+        return fetched[domain]
+
+    lookups = _publish_lookups(config, policy)
+    report = publish.build(config, keys, lookups, now)
+    if wanted:
+        fetched.update(_fetch_policies(config, wanted))
+        report = publish.build(config, keys, lookups, now)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(publish.format_report(report), end="")
+    return report.exit_code
+
+
+def _publish_lookups(config, policy):
+    """
+    L{publish.Lookups} through the configured resolver (C{[dns]
+    nameservers}, or the system's when unset), DNSSEC-aware.
+    """
+    import dns.exception
+    import dns.resolver
+
+    from twisted_mta.tls import dnssec, publish
+
+    servers = config.dns.nameservers
+    if not servers:
+        try:
+            system = dns.resolver.Resolver()
+        except dns.exception.DNSException as e:
+            def failed(name: str) -> publish.Answer:
+                raise publish.LookupFailed(f"no resolver to ask: {e}")
+            return publish.Lookups(tlsa=failed, txt=failed, policy=policy)
+        servers = tuple(f"[{s}]:{system.port}" if ":" in s else f"{s}:{system.port}"
+                        for s in system.nameservers)
+    resolver = dnssec.make_resolver(servers, config.dns.timeout, config.dns.trusted_resolvers)
+    return publish.dns_lookups(resolver, policy)
+
+
+def _fetch_policies(config, domains: list[str]) -> dict[str, Any]:
+    """
+    The MTA-STS policy each of C{domains} serves now, or the
+    L{publish.LookupFailed} saying why there is none.  The policy host's
+    address comes from C{[dns] nameservers} when set, never the system's
+    resolver then.
+    """
+    from twisted.internet import defer, task
+    from twisted.internet.threads import deferToThread
+
+    from twisted_mta.outbound.mx import MXError, lookup_addresses, make_resolver
+    from twisted_mta.tls import publish
+    from twisted_mta.tls.sts_fetch import PolicyFetcher
+
+    resolve = None
+    if config.dns.nameservers:
+        plain = make_resolver(config.dns.nameservers, config.dns.timeout)
+
+        def addresses(host: str) -> list[str]:
+            try:
+                return lookup_addresses(plain, host)
+            except MXError as e:
+                raise OSError(str(e)) from None
+
+        def resolve(host: str):
+            return deferToThread(addresses, host)
+    results: dict[str, Any] = {}
+
+    def fetched(policy, domain: str) -> None:
+        results[domain] = policy
+
+    def failed(failure, domain: str) -> None:
+        results[domain] = publish.LookupFailed(str(failure.value))
+
+    def run(reactor):
+        fetcher = PolicyFetcher(reactor, resolve=resolve)
+        return defer.gatherResults([
+            fetcher.fetch(d).addCallbacks(fetched, failed, callbackArgs=(d,), errbackArgs=(d,))
+            for d in domains])
+    try:
+        task.react(run)
+    except SystemExit:
+        pass
+    return results
+
+
 class _WallClock:
     def seconds(self) -> float:
         return time.time()
@@ -619,6 +731,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--forget", metavar="DOMAIN", help="drop one domain's history")
     g.add_argument("--forget-all", action="store_true", help="drop all TLS history")
     thistory.set_defaults(func=cmd_tls_history)
+    tpublish = tls_sub.add_parser(
+        "publish", help="the DANE, MTA-STS and TLS-RPT records to publish for our own "
+        "domains, checked against what is published now")
+    tpublish.add_argument("-c", "--config", required=True, help="the MTA's configuration file")
+    tpublish.add_argument("--json", action="store_true", help="print JSON for scripts")
+    tpublish.set_defaults(func=cmd_tls_publish)
 
     user = sub.add_parser("user", help="manage the AUTH users file (scrypt hashes)")
     user_sub = user.add_subparsers(dest="action", required=True)
