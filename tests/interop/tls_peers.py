@@ -211,7 +211,11 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
 
 
-def _write(directory: str, stem: str, chain: list[bytes], key: bytes) -> tuple[str, str]:
+def write_pem(directory: str, stem: str, chain: list[bytes], key: bytes) -> tuple[str, str]:
+    """
+    C{<stem>.crt} (the PEM blocks of C{chain}, leaf first) and C{<stem>.key}
+    (mode 0600) in C{directory}: their paths.
+    """
     cert_path = os.path.join(directory, f"{stem}.crt")
     key_path = os.path.join(directory, f"{stem}.key")
     with open(cert_path, "wb") as f:
@@ -312,7 +316,7 @@ def make_certificates(directory: str, trusted: trustme.CA, peers=PEERS) -> dict[
               extra_chain: list[bytes] = ()) -> None:
         leaf = ca.issue_cert(*names, not_before=dates[0], not_after=dates[1])
         chain = [b.bytes() for b in leaf.cert_chain_pems] + list(extra_chain)
-        cert, key = _write(directory, stem, chain, leaf.private_key_pem.bytes())
+        cert, key = write_pem(directory, stem, chain, leaf.private_key_pem.bytes())
         out[stem] = CertFiles(cert, key, dates[0], dates[1], names)
 
     issue("relay", trusted, (RELAY_HOST,))
@@ -335,11 +339,11 @@ def make_certificates(directory: str, trusted: trustme.CA, peers=PEERS) -> dict[
             issue(p.name, trustme.CA(organization_name="tls-matrix unknown CA"), names)
         elif p.cert == "self-signed":
             cert_pem, key_pem = self_signed(names, *usual)
-            cert, key = _write(directory, p.name, [cert_pem], key_pem)
+            cert, key = write_pem(directory, p.name, [cert_pem], key_pem)
             out[p.name] = CertFiles(cert, key, usual[0], usual[1], names)
         elif p.cert == "weak":
             cert_pem, key_pem = weak_leaf(trusted, names, *usual)
-            cert, key = _write(directory, p.name, [cert_pem], key_pem)
+            cert, key = write_pem(directory, p.name, [cert_pem], key_pem)
             out[p.name] = CertFiles(cert, key, usual[0], usual[1], names)
         else:
             raise ValueError(f"unknown certificate kind {p.cert!r}")
@@ -347,7 +351,7 @@ def make_certificates(directory: str, trusted: trustme.CA, peers=PEERS) -> dict[
             # A key of another certificate: smtpd logs "key values mismatch",
             # disables TLS, still advertises STARTTLS and answers 454.
             stray = trusted.issue_cert("stray.invalid")
-            _, key = _write(directory, p.name + "-stray", [b""], stray.private_key_pem.bytes())
+            _, key = write_pem(directory, p.name + "-stray", [b""], stray.private_key_pem.bytes())
             out[p.name] = attrs.evolve(out[p.name], key=key)
     return out
 
