@@ -16,11 +16,14 @@ L{twisted_mta.queue.control}); list and show only read.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
 import time
 from typing import Any
+
+import attrs
 
 from twisted_mta.config import ConfigError, load_config
 from twisted_mta.queue import control
@@ -435,9 +438,13 @@ def cmd_tls_explain(args: argparse.Namespace) -> int:
 
     @defer.inlineCallbacks
     def run(reactor):
+        resolver = DNSResolver(config.dns)
+        published = tap.make_published(config, reactor, deferToThread, resolver)
         for domain in domains:
             reports.append((yield explain(config, domain, reactor, deferToThread,
-                                          message=message, tls=engine)))
+                                          resolver=resolver, message=message, tls=engine,
+                                          published=published)))
+    from twisted_mta.outbound.attempt import DNSResolver
     try:
         task.react(lambda reactor: run(reactor))
     except SystemExit as e:
@@ -448,6 +455,97 @@ def cmd_tls_explain(args: argparse.Namespace) -> int:
     else:
         print("\n".join(format_report(r) for r in reports), end="")
     return 0
+
+
+def cmd_tls_sts(args: argparse.Namespace) -> int:
+    """
+    C{tls sts list}: the MTA-STS policies in the cache; C{tls sts show
+    DOMAIN}: what delivery would use now (fetching when it would);
+    C{tls sts refresh DOMAIN}: fetch now, whatever the cache says.
+    """
+    config = _config(args)
+    if config is None:
+        return 1
+    if not config.outbound.tls.mta_sts:
+        print("twisted-mta: MTA-STS is off ([outbound.tls] mta_sts = false)", file=sys.stderr)
+        return 1
+    from twisted.internet import defer, task
+    from twisted.internet.threads import deferToThread
+
+    from twisted_mta import tap
+    from twisted_mta.outbound.attempt import DNSResolver
+    from twisted_mta.tls.engine import sts_summary
+    from twisted_mta.tls.sts import examine_sts_records
+    from twisted_mta.tls.sts_cache import Lookup
+    out: list[dict] = []
+
+    def entry_json(entry) -> dict:
+        return {"domain": entry.domain, "mode": entry.policy.mode, "id": entry.policy_id,
+                "max_age": entry.policy.max_age, "mx": list(entry.policy.mx),
+                "fetched": _utc(entry.fetched_at), "expires": _utc(entry.expires)}
+
+    @defer.inlineCallbacks
+    def run(reactor):
+        resolver = DNSResolver(config.dns)
+        cache = tap.make_published(config, reactor, deferToThread, resolver).sts_cache
+        if args.sts_action == "list":
+            out.extend(entry_json(e) for e in cache.entries().values())
+            return
+        if args.sts_action == "show":
+            lookup: Lookup = yield cache.policy_for(args.domain)
+        else:
+            try:
+                records = yield deferToThread(resolver.sts_txt, args.domain)
+            except Exception as e:
+                records, why = [], f"TXT lookup failed: {e}"
+            else:
+                why = ""
+            record, txt_why = examine_sts_records(records)
+            lookup = yield cache.refresh(args.domain, record)
+            if txt_why or why:
+                lookup = attrs.evolve(lookup, why="; ".join(w for w in (why, txt_why,
+                                                                        lookup.why) if w))
+        shown = {"domain": lookup.domain, "mode": lookup.mode, "source": lookup.source,
+                 "txt_id": lookup.record.id if lookup.record else None, "why": lookup.why,
+                 "summary": sts_summary(lookup) if lookup.policy is not None else None}
+        if lookup.error is not None:
+            shown["fetch_error"] = {"result_type": lookup.error.result_type,
+                                    "detail": lookup.error.detail}
+        if lookup.entry is not None:
+            shown["cached"] = entry_json(lookup.entry)
+        out.append(shown)
+    try:
+        task.react(lambda reactor: run(reactor))
+    except SystemExit as e:
+        if e.code:
+            return int(e.code)
+    if args.json:
+        print(json.dumps(out if args.sts_action == "list" else out[0], indent=2))
+        return 0
+    if args.sts_action == "list":
+        if not out:
+            print("no MTA-STS policies cached")
+        for e in out:
+            print(f"{e['domain']}: mode {e['mode']}, id {e['id']}, mx {', '.join(e['mx'])}; "
+                  f"fetched {e['fetched']}, in force until {e['expires']}")
+        return 0
+    e = out[0]
+    print(f"{e['domain']}: " + (e["summary"] or f"no policy in force (mode {e['mode']})"))
+    print(f"  from: {e['source']}; TXT id {e['txt_id'] or 'none'}")
+    if e.get("cached"):
+        c = e["cached"]
+        print(f"  cached: fetched {c['fetched']}, in force until {c['expires']}")
+    if e.get("fetch_error"):
+        f = e["fetch_error"]
+        print(f"  fetch failed: {f['result_type']}: {f['detail']}")
+    if e["why"]:
+        print(f"  why: {e['why']}")
+    return 0
+
+
+def _utc(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime(
+        "%Y-%m-%d %H:%M:%S UTC")
 
 
 def cmd_tls_history(args: argparse.Namespace) -> int:
@@ -731,6 +829,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--forget", metavar="DOMAIN", help="drop one domain's history")
     g.add_argument("--forget-all", action="store_true", help="drop all TLS history")
     thistory.set_defaults(func=cmd_tls_history)
+    tsts = tls_sub.add_parser("sts", help="the MTA-STS policy cache: list, show, refresh")
+    sts_sub = tsts.add_subparsers(dest="sts_action", required=True)
+    for name, words in (("list", "the policies in the cache"),
+                        ("show", "what delivery to DOMAIN would use now (fetches if it would)"),
+                        ("refresh", "fetch DOMAIN's policy now, whatever the cache says")):
+        p = sts_sub.add_parser(name, help=words)
+        if name != "list":
+            p.add_argument("domain")
+        p.add_argument("-c", "--config", required=True, help="the MTA's configuration file")
+        p.add_argument("--json", action="store_true", help="print JSON for scripts")
+        p.set_defaults(func=cmd_tls_sts)
     tpublish = tls_sub.add_parser(
         "publish", help="the DANE, MTA-STS and TLS-RPT records to publish for our own "
         "domains, checked against what is published now")

@@ -309,7 +309,7 @@ def make_published(config: Config, reactor, run_blocking, resolver):
                           sts_cache=cache)
     if tls.dane and dane_resolver is None:
         published.dane_state = attrs.evolve(published.dane_state, reason=(
-            "DANE is off: no name server is configured ([dns] nameservers) and the "
+            "no name server is configured ([dns] nameservers) and the "
             "system's resolver configuration names none"))
     return published
 

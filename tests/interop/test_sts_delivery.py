@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import email
 import http.server
+import json
 import os
 import ssl
 import threading
@@ -31,7 +32,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.interop.dns import NSDServer, require_nsd, zone
 from tests.interop.support import MTAProcess, free_port, make_tempdir, wait_for
-from tests.interop.test_operate import events, send
+from tests.interop.test_operate import cli_ok, events, send
 from tests.interop.tls_peers import ScriptedPeer, free_port_on_all
 
 ZONE = "sts.test"
@@ -235,3 +236,36 @@ class MTASTSDeliveryTests(SynchronousTestCase):
         (message,) = self.received("mx-good", again)
         trace = email.message_from_bytes(message.data)["X-Twisted-MTA-TLS"]
         self.assertIn("policy mta-sts", trace)
+
+    def test_operator_commands(self) -> None:
+        """tls explain shows the policy, where it came from, and the host it refuses; tls sts list/show/refresh show the cache and a failed fetch."""
+        report = json.loads(cli_ok(self.mta, "tls", "explain", f"enforce-unlisted.{ZONE}",
+                                   "--json"))
+        self.assertEqual(report["mta_sts"]["mode"], "enforce")
+        self.assertEqual(report["mta_sts"]["mx"], [f"mx-good.{ZONE}"])
+        self.assertEqual(report["mta_sts"]["id"], "20261203")
+        (host,) = report["hosts"]
+        self.assertEqual((host["source"], host["policy"]), ("mta-sts", "mta-sts"))
+        self.assertEqual(host["refused"]["tls_failure"]["kind"], "sts-mx-mismatch")
+        self.assertEqual(host["refused"]["decision"]["action"], "defer")
+        self.assertIn("not one of the mail servers", host["refused"]["sender_would_read"])
+        self.assertEqual(host["addresses"], [])  # never contacted
+        text = cli_ok(self.mta, "tls", "explain", f"enforce-ok.{ZONE}")
+        self.assertIn("decided by: MTA-STS (the domain's policy, mode enforce)", text)
+        self.assertIn("certificate verified", text)
+        self.assertIn("MTA-STS: mode enforce, id 20261203", text)
+
+        cached = json.loads(cli_ok(self.mta, "tls", "sts", "list", "--json"))
+        self.assertEqual(sorted(e["domain"] for e in cached),
+                         sorted(f"{d}.{ZONE}" for d in ("enforce-ok", "enforce-unlisted")))
+        shown = json.loads(cli_ok(self.mta, "tls", "sts", "show", f"testing-unlisted.{ZONE}",
+                                  "--json"))
+        self.assertEqual((shown["mode"], shown["source"]), ("testing", "fetched"))
+        again = json.loads(cli_ok(self.mta, "tls", "sts", "show", f"testing-unlisted.{ZONE}",
+                                  "--json"))
+        self.assertEqual((again["mode"], again["source"]), ("testing", "cache"))
+        self.assertEqual(len(self.policy_host.requests), 3)  # the cache was used
+        failed = json.loads(cli_ok(self.mta, "tls", "sts", "refresh", f"fetch-404.{ZONE}",
+                                   "--json"))
+        self.assertEqual(failed["fetch_error"]["result_type"], "sts-policy-fetch-error")
+        self.assertIsNone(failed["summary"])

@@ -232,7 +232,8 @@ class Attempt:
         facts = None
         if hop.smarthost is None and ctx.published is not None:
             if mx_facts is None:
-                facts_host = attrs.evolve(facts_host, why=ctx.published.dane_state.reason)
+                facts_host = attrs.evolve(facts_host, why="DANE is off: " +
+                                          ctx.published.dane_state.reason)
             facts = pub.Facts(hop.domain, mx_facts, facts_host, sts)
         choice = ctx.tls.choose(hop.domain, host, hop.smarthost, facts)
         plan = HostPlan(host, record.preference, port, addresses, choice, facts, error)
@@ -361,11 +362,12 @@ class Attempt:
             history=self.history.get(hop.domain) if self.history and hop.domain else None,
             ratchet=choice.ratcheted, dane=choice.dane, sts=choice.sts_enforced)
 
-    def decide(self, e: SessionFailed, txn: Transaction):
+    def decide(self, e: SessionFailed, txn: Transaction, dry_run: bool = False):
         """
         What follows a TLS failure for one message: the fallback decider's
-        answer after the hard rules (logged and counted), its situation,
-        and for a deferral the recipients' outcome (the failure explained).
+        answer after the hard rules (logged and counted, unless
+        C{dry_run}), and for a deferral the recipients' outcome (the
+        failure explained).
         """
         hop, failure, choice = self.hop, e.tls_failure, e.choice
         situation = self.situation(failure, choice, txn)
@@ -373,6 +375,16 @@ class Attempt:
             decision = fb.decide(_OperatorOverride(), failure, situation)
         else:
             decision = fb.decide(self.ctx.tls.decider(choice.fallback), failure, situation)
+        if not dry_run:
+            self.log_decision(e, txn, decision)
+        outcome = None
+        if decision.action == fb.DEFER:
+            outcome = self.ctx.tls.outcome(failure, choice, domain_of(txn, hop), decision,
+                                           situation)
+        return decision, outcome
+
+    def log_decision(self, e: SessionFailed, txn: Transaction, decision) -> None:
+        hop, failure, choice = self.hop, e.tls_failure, e.choice
         log.info("outbound: TLS to {peer} failed ({kind}); policy {policy} "
                  "({why}), fallback {decider}: {action} ({reason})",
                  event="outbound.tls_decision", destination=hop.key, host=failure.host,
@@ -380,16 +392,11 @@ class Attempt:
                  detail=failure.detail, policy=choice.requirements.policy,
                  why=choice.reason, decider=decision.decider, action=decision.action,
                  rule=decision.rule, later=decision.later, reason=decision.reason,
-                 queue_ids=txn.queue_id)
+                 source=choice.source, queue_ids=txn.queue_id)
         self.ctx.notify("tls.decision", {
             "kind": failure.kind, "domain": hop.domain or hop.key,
             "policy": choice.requirements.policy, "action": decision.action,
-            "decider": decision.decider})
-        outcome = None
-        if decision.action == fb.DEFER:
-            outcome = self.ctx.tls.outcome(failure, choice, domain_of(txn, hop), decision,
-                                           situation)
-        return decision, outcome
+            "decider": decision.decider, "source": choice.source})
 
     @defer.inlineCallbacks
     def open_fallback(self, mode: tuple):

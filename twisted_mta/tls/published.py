@@ -40,7 +40,7 @@ OFF = "off"  # DANE is off (configuration, or no validating resolver)
 @attrs.frozen
 class DaneState:
     """
-    Whether DANE is in use, and why, in one line.
+    Whether DANE is in use, and why, in one line (without "DANE is on/off").
     """
 
     enabled: bool
@@ -124,7 +124,7 @@ class Published:
         self.check_names = check_names
         self.sts_cache = sts_cache
         if dane_resolver is None:
-            self.dane_state = DaneState(False, "DANE is off ([outbound.tls] dane = false)")
+            self.dane_state = DaneState(False, "[outbound.tls] dane = false")
         else:
             self.dane_state = DaneState(False, "the check that the resolver validates has "
                                                "not finished")
@@ -154,14 +154,14 @@ class Published:
             log.info("tls: DANE is on: {reason}", reason=validation.reason,
                      event="tls.dane-on")
         else:
-            self.dane_state = DaneState(False, f"DANE is off: {validation.reason}")
+            self.dane_state = DaneState(False, validation.reason)
             log.warn("tls: DANE is off: {reason}", reason=validation.reason,
                      event="tls.dane-off")
         return self.dane_state
 
     def _check_failed(self, failure) -> DaneState:
         why = f"the check that the resolver validates failed: {failure.getErrorMessage()}"
-        self.dane_state = DaneState(False, f"DANE is off: {why}")
+        self.dane_state = DaneState(False, why)
         log.warn("tls: DANE is off: {reason}", reason=why, event="tls.dane-off")
         return self.dane_state
 
