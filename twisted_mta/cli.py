@@ -519,6 +519,8 @@ def cmd_tls_sts(args: argparse.Namespace) -> int:
     except SystemExit as e:
         if e.code:
             return int(e.code)
+    if args.sts_action != "list":
+        _tell_running_mta(config, "stsreload", out[0]["domain"])
     if args.json:
         print(json.dumps(out if args.sts_action == "list" else out[0], indent=2))
         return 0
@@ -541,6 +543,25 @@ def cmd_tls_sts(args: argparse.Namespace) -> int:
     if e["why"]:
         print(f"  why: {e['why']}")
     return 0
+
+
+def _tell_running_mta(config, action: str, target: str) -> None:
+    """
+    When an MTA owns the spool, ask it to act (here: re-read a policy this
+    command fetched into the cache); quietly nothing when none runs.
+    """
+    if _not_yet(config):
+        return
+    spool = Spool(config.spool)
+    try:
+        spool.lock()
+    except SpoolError:
+        try:
+            control.request(spool, action, target)
+        except (control.ControlError, OSError):
+            pass
+        return
+    spool.unlock()
 
 
 def _utc(t: float) -> str:

@@ -404,7 +404,8 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
         local=MaildirDelivery(LocalDirectory(config.local), config.hostname, run_blocking),
         remote=RemoteDelivery(outbound, config.outbound, run_blocking))
     manager = QueueManager(config, spool, reactor, run_blocking, targets,
-                           observers=[metrics], tls_history=history)
+                           observers=[metrics], tls_history=history,
+                           sts_cache=published.sts_cache if published is not None else None)
     metrics.watch_queue(lambda: manager.states)
     manager.setServiceParent(top)
     ctx, users = prepared.server_tls, prepared.users

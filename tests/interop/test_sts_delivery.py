@@ -72,6 +72,7 @@ class PolicyHost:
 
     def __init__(self, port: int, certificate: trustme.LeafCert) -> None:
         self.requests: list[str] = []
+        self.overrides: dict[str, tuple] = {}  # domain -> policy served instead of CASES
         host = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -79,7 +80,8 @@ class PolicyHost:
                 name = (self.headers.get("Host") or "").split(":")[0]
                 host.requests.append(name)
                 domain = name.removeprefix("mta-sts.").removesuffix("." + ZONE)
-                status, mode, mx = CASES.get(domain, ("", (404, "", [])))[1]
+                status, mode, mx = host.overrides.get(domain) or \
+                    CASES.get(domain, ("", (404, "", [])))[1]
                 body = policy_text(mode, mx) if status == 200 else b"not here\n"
                 self.send_response(status)
                 self.send_header("Content-Type", "text/plain")
@@ -227,6 +229,18 @@ class MTASTSDeliveryTests(SynchronousTestCase):
         self.assertEqual(
             sorted(e["domain"] for e in events(self.mta) if e.get("event") == "tls.sts-fetched"),
             sorted(f"{d}.{ZONE}" for d in CASES if d != "fetch-404"))
+
+        # the operator refreshes a policy that changed (same TXT id): the running
+        # MTA re-reads it, and the deferred message goes out under it
+        self.policy_host.overrides["enforce-unlisted"] = (200, "testing",
+                                                           [f"mx-good.{ZONE}"])
+        refreshed = json.loads(cli_ok(self.mta, "tls", "sts", "refresh",
+                                      f"enforce-unlisted.{ZONE}", "--json"))
+        self.assertEqual(refreshed["mode"], "testing")
+        self.event("tls.sts-reloaded", domain=f"enforce-unlisted.{ZONE}")
+        cli_ok(self.mta, "queue", "flush")
+        (message,) = self.received("mx-other", tokens["enforce-unlisted"])
+        self.assertFalse(message.tls)
 
         # restart with the policy host gone: the cached policy still applies
         self.policy_host.stop()

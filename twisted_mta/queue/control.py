@@ -17,7 +17,8 @@ import time
 from twisted_mta.model import is_queue_id
 from twisted_mta.queue.spool import QueueIdError, Spool, check_queue_id as _check_id
 
-ACTIONS = ("flush", "hold", "release", "delete", "tlsforget")
+ACTIONS = ("flush", "hold", "release", "delete", "tlsforget", "stsreload")
+DOMAIN_ACTIONS = ("tlsforget", "stsreload")  # name a domain, not a queue id
 ALL = "ALL"
 # One-shot TLS overrides for the next attempt of one message, written as
 # "release:relaxed" or "flush:cleartext" (audited in the log and the trace).
@@ -55,11 +56,11 @@ def check_queue_id(queue_id: str) -> str:
 def valid_target(action: str, target: str) -> bool:
     """
     Whether C{target} can be what a request of C{action} names: C{ALL}, a
-    queue id, or for C{tlsforget} a domain name.
+    queue id, or for C{tlsforget} and C{stsreload} a domain name.
     """
     if target == ALL:
         return True
-    if split_action(action)[0] == "tlsforget":
+    if split_action(action)[0] in DOMAIN_ACTIONS:
         return _DOMAIN.fullmatch(target) is not None
     return is_queue_id(target)
 
@@ -77,7 +78,7 @@ def request(spool: Spool, action: str, queue_id: str = ALL) -> str:
             override not in OVERRIDES or base not in ("flush", "release"))):
         raise ControlError(f"unknown action {action!r}")
     if not valid_target(base, queue_id):
-        if base != "tlsforget":
+        if base not in DOMAIN_ACTIONS:
             check_queue_id(queue_id)
         raise ControlError(f"{queue_id[:80]!r} is not a domain name")
     directory = control_dir(spool)

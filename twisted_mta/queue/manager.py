@@ -85,7 +85,7 @@ class QueueManager(service.Service):
 
     def __init__(self, config: Config, spool: Spool, clock, run_blocking: RunBlocking,
                  targets: Targets, rand: Callable[[], float] = random.random,
-                 observers: list | None = None, tls_history=None) -> None:
+                 observers: list | None = None, tls_history=None, sts_cache=None) -> None:
         self.config = config
         self.spool = spool
         self.clock = clock
@@ -93,6 +93,7 @@ class QueueManager(service.Service):
         self.rand = rand
         self.targets = targets
         self.tls_history = tls_history  # a TLSHistory: the operator's "tls history --forget"
+        self.sts_cache = sts_cache  # a PolicyCache: "tls sts refresh" asks it to re-read a file
         self.observers = observers if observers is not None else []  # (name, event): metrics
         self.directory = LocalDirectory(config.local)
         self.entries: dict[str, Envelope] = {}

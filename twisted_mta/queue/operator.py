@@ -64,6 +64,12 @@ class OperatorRequests:
         if action == "flush" and qid == control.ALL:
             self.manager.flush()
             return "all entries due now"
+        if action == "stsreload":
+            cache = self.manager.sts_cache
+            if cache is None:
+                return "MTA-STS is off"
+            found = yield cache.reload(qid)
+            return "MTA-STS policy reloaded" if found else "no MTA-STS policy cached for it"
         if action == "tlsforget":
             if self.manager.tls_history is None:
                 return "no TLS history"

@@ -342,6 +342,36 @@ class PolicyCache:
         d.addCallback(self._answer, key, record, "refresh asked for")
         return d
 
+    def reload(self, domain: str) -> defer.Deferred:
+        """
+        Re-read C{domain}'s file (C{tls sts refresh} wrote it while the
+        MTA was running); fires with whether a policy is cached now.  A
+        missing or unusable file drops the entry.
+        """
+        key = _key(domain)
+        if key is None:
+            return defer.succeed(False)
+
+        def read() -> CacheEntry | None:
+            try:
+                with open(entry_path(self.directory, key), encoding="utf-8") as f:
+                    entry = CacheEntry.from_json(json.load(f))
+            except (OSError, ValueError):
+                return None
+            return entry if entry.domain == key else None
+
+        def got(entry: CacheEntry | None) -> bool:
+            if entry is None:
+                self._entries.pop(key, None)
+            else:
+                self._entries[key] = entry
+                self._quiet.pop(key, None)
+            log.info("tls: MTA-STS policy of {domain} reloaded: {policy}", domain=key,
+                     policy=entry.policy.describe() if entry else "none cached",
+                     event="tls.sts-reloaded")
+            return entry is not None
+        return self.run_blocking(read).addCallback(got)
+
     def forget(self, domain: str | None = None) -> defer.Deferred:
         """
         Drop the policy of C{domain} (every domain's for None), in memory
