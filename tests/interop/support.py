@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import os
 import shutil
 import signal
@@ -90,6 +91,77 @@ def make_tempdir(testcase, prefix: str, mode: int = 0o700) -> str:
     os.chmod(path, mode)
     testcase.addCleanup(shutil.rmtree, path, True)
     return path
+
+
+# The tail of an MTA configuration for a run judged from one delivery
+# attempt per message: nothing is retried by itself, no delay warnings,
+# the log as JSON lines in EVENTS_FILE (read with json_lines).
+EVENTS_FILE = "events.jsonl"
+ONE_ATTEMPT_JSON_LOG = (
+    '[queue]\nretry_schedule = ["1h"]\njitter = 0\ndelay_warning = false\n\n'
+    f'[logging]\nformat = "json"\nfile = "{EVENTS_FILE}"\n')
+
+
+def json_lines(path: str) -> list[dict]:
+    """
+    The JSON objects in C{path}, one a line (a line that does not parse,
+    such as one being written, is passed over); none for a missing file.
+    """
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+    except FileNotFoundError:
+        pass
+    return out
+
+
+class WorkDirs:
+    """
+    The temporary directories of a long interop run (a matrix, a lab):
+    L{make} one per process or purpose; L{finish} removes them all, or,
+    when the environment variable C{keep_env} is set, keeps them and names
+    them on stderr so that logs and spools can be read after the run.
+    """
+
+    def __init__(self, label: str, keep_env: str) -> None:
+        self.label = label
+        self.keep_env = keep_env
+        self.dirs: list[str] = []
+
+    def make(self, prefix: str, mode: int = 0o700) -> str:
+        path = tempfile.mkdtemp(prefix=f"twisted-mta-{self.label}-{prefix}-")
+        os.chmod(path, mode)
+        self.dirs.append(path)
+        return path
+
+    def finish(self) -> None:
+        if os.environ.get(self.keep_env):
+            sys.stderr.write(f"{self.label} work directories kept: {' '.join(self.dirs)}\n")
+            return
+        for d in self.dirs:
+            shutil.rmtree(d, True)
+
+
+def stop_each(*stoppers: Callable[[], object] | None) -> list[str]:
+    """
+    Call every stopper (those that are None or false are skipped), going
+    on after one fails, so that one process that will not stop leaves
+    none of the others running; what went wrong, a line each.
+    """
+    problems = []
+    for stop in stoppers:
+        if not stop:
+            continue
+        try:
+            stop()
+        except Exception as e:
+            problems.append(f"stopping: {e!r}")
+    return problems
 
 
 def subprocess_env() -> dict[str, str]:

@@ -37,11 +37,9 @@ import email.policy
 import json
 import os
 import re
-import shutil
 import smtplib
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 
@@ -51,8 +49,9 @@ from twisted.trial import unittest
 
 from tests.interop.dns import NSDServer, require_nsd
 from tests.interop.support import (
-    LOCAL_DOMAIN, LOOPBACK, MTAProcess, PROJECT_ROOT, free_port, make_message,
-    message_files, postfix_unavailable, subprocess_env,
+    EVENTS_FILE, LOCAL_DOMAIN, LOOPBACK, ONE_ATTEMPT_JSON_LOG, MTAProcess, PROJECT_ROOT,
+    WorkDirs, free_port, json_lines, make_message, message_files, postfix_unavailable,
+    stop_each, subprocess_env,
 )
 from tests.interop.tls_peers import (
     PEERS, RELAY_ADDRESS, RELAY_HOST, CertFiles, MatrixPostfix, Peer,
@@ -541,17 +540,11 @@ class MatrixRun:
         self.mismatches: dict[str, list[str]] = {}
         self.timings: dict[str, float] = {}
         self.notes: list[str] = []
-        self.dirs: list[str] = []
+        self.work = WorkDirs("tlsmatrix", KEEP_ENV)
         self.settled: dict[str, bool] = {}
         self._token_of_file: dict[str, str | None] = {}
 
     # -- set-up -------------------------------------------------------------------------
-
-    def _tempdir(self, prefix: str, mode: int = 0o700) -> str:
-        path = tempfile.mkdtemp(prefix=f"twisted-mta-tlsmatrix-{prefix}-")
-        os.chmod(path, mode)
-        self.dirs.append(path)
-        return path
 
     def run(self) -> "MatrixRun":
         t0 = time.monotonic()
@@ -559,11 +552,11 @@ class MatrixRun:
         self.nsd = self.postfix = self.mta = None
         self.scripted: dict[str, ScriptedPeer] = {}  # by peer name
         try:
-            self.nsd = NSDServer(self._tempdir("nsd"), matrix_zone()).start()
-            certdir = self._tempdir("certs", 0o755)
+            self.nsd = NSDServer(self.work.make("nsd"), matrix_zone()).start()
+            certdir = self.work.make("certs", 0o755)
             self.ca = trustme.CA(organization_name="tls-matrix trusted CA")
             self.certs = make_certificates(certdir, self.ca)
-            self.postfix = MatrixPostfix(self._tempdir("postfix", 0o755), self.port, self.certs,
+            self.postfix = MatrixPostfix(self.work.make("postfix", 0o755), self.port, self.certs,
                                          [c.rcpt for c in self.all])
             self.postfix.start()
             for p in PEERS:
@@ -595,7 +588,7 @@ class MatrixRun:
         return self
 
     def _start_mta(self) -> MTAProcess:
-        tmp = self._tempdir("mta")
+        tmp = self.work.make("mta")
         with open(os.path.join(tmp, "ca.pem"), "wb") as f:
             f.write(self.ca.cert_pem.bytes())
         P = self.port
@@ -637,19 +630,9 @@ class MatrixRun:
                     if c.decider != DEFAULT:
                         lines.append(f'tls_fallback = "{c.decider}"')
                 lines.append("")
-        lines += [
-            "[queue]",
-            # Nothing retries by itself: the second attempt is the flush's.
-            'retry_schedule = ["1h"]',
-            "jitter = 0",
-            "delay_warning = false",
-            "",
-            "[logging]",
-            'format = "json"',
-            'file = "events.jsonl"',
-            "",
-        ]
-        self.events_path = os.path.join(tmp, "events.jsonl")
+        # Nothing retries by itself: the second attempt is the flush's.
+        lines.append(ONE_ATTEMPT_JSON_LOG)
+        self.events_path = os.path.join(tmp, EVENTS_FILE)
         mta = MTAProcess(tmp, "\n".join(lines), port=free_port())
         return mta.start()
 
@@ -666,19 +649,10 @@ class MatrixRun:
                     raise AssertionError(f"refused at submission: {refused}")
 
     def _stop(self) -> None:
-        for what in ([self.mta and self.mta.cleanup]
-                     + [peer.stop for peer in self.scripted.values()]
-                     + [self.postfix and self.postfix.stop, self.nsd and self.nsd.stop]):
-            if what:
-                try:
-                    what()
-                except Exception as e:
-                    self.notes.append(f"stopping: {e!r}")
-        if os.environ.get(KEEP_ENV):
-            sys.stderr.write("tls matrix work directories kept: " + " ".join(self.dirs) + "\n")
-            return
-        for d in self.dirs:
-            shutil.rmtree(d, True)
+        self.notes += stop_each(self.mta and self.mta.cleanup,
+                                *(peer.stop for peer in self.scripted.values()),
+                                self.postfix and self.postfix.stop, self.nsd and self.nsd.stop)
+        self.work.finish()
 
     # -- watching -------------------------------------------------------------------------
 
@@ -776,17 +750,7 @@ class MatrixRun:
     # -- recording -----------------------------------------------------------------------
 
     def _events(self) -> list[dict]:
-        out = []
-        try:
-            with open(self.events_path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        out.append(json.loads(line))
-                    except ValueError:
-                        continue
-        except FileNotFoundError:
-            pass
-        return out
+        return json_lines(self.events_path)
 
     def _collect(self, seen: dict, dsns: dict, queue: list[dict], before: dict | None) -> None:
         by_rcpt = pending_recipients(queue)

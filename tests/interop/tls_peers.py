@@ -26,6 +26,7 @@ import socketserver
 import threading
 import time
 import warnings
+from typing import Iterable
 
 import attrs
 import trustme
@@ -377,6 +378,37 @@ def legacy_cipher() -> str:
 # -- the Postfix that plays every Postfix peer ----------------------------------------
 
 
+def virtual_delivery(base: str, recipients: Iterable[str]) -> tuple[str, dict[str, str]]:
+    """
+    What a Postfix playing peers needs to store mail for C{recipients}
+    with virtual(8): C{<base>} (made, mode 0755), C{<base>/vmail} (the
+    postfix user's) and C{<base>/maps/mailboxes}, which puts each address
+    in C{<vmail>/<domain>/<local part>/} (a Maildir).  Returns the vmail
+    directory and the main.cf parameters (the caller adds
+    C{virtual_mailbox_domains}).
+    """
+    os.makedirs(base, exist_ok=True)
+    os.chmod(base, 0o755)
+    vmail = os.path.join(base, "vmail")
+    os.makedirs(vmail)
+    shutil.chown(vmail, "postfix", "postfix")
+    maps = os.path.join(base, "maps")
+    os.makedirs(maps)
+    mailbox_map = os.path.join(maps, "mailboxes")
+    with open(mailbox_map, "w") as f:  # virtual(8) allows no regexp substitution here
+        for address in recipients:
+            local, _, domain = address.lower().partition("@")
+            f.write(f"{address.lower()} {domain}/{local}/\n")
+    uid, gid = pwd.getpwnam("postfix").pw_uid, grp.getgrnam("postfix").gr_gid
+    return vmail, {
+        "virtual_mailbox_base": vmail,
+        "virtual_mailbox_maps": f"texthash:{mailbox_map}",
+        "virtual_uid_maps": f"static:{uid}",
+        "virtual_gid_maps": f"static:{gid}",
+        "virtual_transport": "virtual",
+    }
+
+
 class MatrixPostfix(PostfixInstance):
     """
     One private Postfix: the relay (relay.tls.test) on the main smtpd
@@ -391,31 +423,15 @@ class MatrixPostfix(PostfixInstance):
 
     def __init__(self, base: str, port: int, certs: dict[str, CertFiles],
                  recipients: list[str], peers=PEERS) -> None:
-        os.makedirs(base, exist_ok=True)
-        os.chmod(base, 0o755)
-        self.vmail = os.path.join(base, "vmail")
-        os.makedirs(self.vmail)
-        shutil.chown(self.vmail, "postfix", "postfix")
-        maps = os.path.join(base, "maps")
-        os.makedirs(maps)
-        domains_map = os.path.join(maps, "domains.re")
-        mailbox_map = os.path.join(maps, "mailboxes")
+        self.vmail, delivery = virtual_delivery(base, recipients)
+        domains_map = os.path.join(base, "maps", "domains.re")
         with open(domains_map, "w") as f:
             f.write(f"/\\.{ZONE_ORIGIN}$/ OK\n")
-        with open(mailbox_map, "w") as f:  # virtual(8) allows no regexp substitution here
-            for address in recipients:
-                local, _, domain = address.lower().partition("@")
-                f.write(f"{address.lower()} {domain}/{local}/\n")
-        uid, gid = pwd.getpwnam("postfix").pw_uid, grp.getgrnam("postfix").gr_gid
         self.cipher = legacy_cipher()
         relay = certs["relay"]
         main = {
             "virtual_mailbox_domains": f"regexp:{domains_map}",
-            "virtual_mailbox_base": self.vmail,
-            "virtual_mailbox_maps": f"texthash:{mailbox_map}",
-            "virtual_uid_maps": f"static:{uid}",
-            "virtual_gid_maps": f"static:{gid}",
-            "virtual_transport": "virtual",
+            **delivery,
             "smtpd_recipient_restrictions": "permit_mynetworks, reject_unauth_destination",
             "smtpd_tls_security_level": "may",
             "smtpd_tls_cert_file": relay.cert,
