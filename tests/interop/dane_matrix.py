@@ -695,7 +695,9 @@ def render_doc(run: MatrixRun, describe: str) -> str:
         "event's failure class.",
         "",
         "Verdicts: `verified` delivered over TLS with the certificate authenticated by "
-        "DANE; `encrypted` delivered over TLS, not authenticated; `cleartext` delivered "
+        "DANE; `encrypted` delivered over TLS, not authenticated (Postfix's `Trusted`, "
+        "a certificate that matched while the server's name was not authenticated, counts "
+        "here); `cleartext` delivered "
         "without TLS; `deferred` kept for a later attempt; `missing` nothing within "
         f"{SETTLE_TIMEOUT:g} s. The expected verdict is RFC 7672's (and issue 12's); **≠** "
         "marks a verdict that differs from it.",
@@ -730,6 +732,13 @@ def render_doc(run: MatrixRun, describe: str) -> str:
     out += ["", "## Cases", ""]
     for case in run.cases:
         out.append(f"- `{case.name}` (RFC {case.rfc}): {case.what}.")
+    out += ["", "## tls explain", "",
+            "What `twisted-mta tls explain DOMAIN --json` says decided, for a few cases:", ""]
+    for name, report in run.tls_explain.items():
+        hosts = report.get("hosts") if isinstance(report, dict) else None
+        said = (f"source `{hosts[0].get('source')}`, policy `{hosts[0].get('policy')}`"
+                if hosts else f"no answer ({str(report)[:200]})")
+        out.append(f"- `{name}`: {said}")
     total = run.timings.get("total", 0)
     parts = ", ".join(f"{k} {v:.1f} s" for k, v in run.timings.items() if k != "total")
     out += ["", "## Run", "", f"{len(run.cases)} cases, {total:.1f} s in all ({parts})."]
