@@ -44,12 +44,10 @@ import email.policy
 import json
 import os
 import re
-import shutil
 import signal
 import smtplib
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 import uuid
@@ -61,8 +59,8 @@ from twisted.trial import unittest
 
 from tests.interop.dns import NSDServer, require_nsd
 from tests.interop.support import (
-    LOCAL_DOMAIN, LOOPBACK, MTAProcess, free_port, make_message, message_files,
-    postfix_unavailable, subprocess_env,
+    EVENTS_FILE, LOCAL_DOMAIN, LOOPBACK, MTAProcess, WorkDirs, free_port, json_lines,
+    make_message, message_files, postfix_unavailable, stop_each, subprocess_env,
 )
 from tests.interop.tls_peers import (
     PEERS, RELAY_ADDRESS, CertFiles, MatrixPostfix, Peer, free_port_on_all,
@@ -119,16 +117,10 @@ class Lab:
     """
 
     def __init__(self) -> None:
-        self.dirs: list[str] = []
+        self.work = WorkDirs("operate", KEEP_ENV)
         self.nsd = self.postfix = None
         self.serial = 1
         self.switched_to = "valid"
-
-    def _tempdir(self, prefix: str, mode: int = 0o700) -> str:
-        path = tempfile.mkdtemp(prefix=f"twisted-mta-operate-{prefix}-")
-        os.chmod(path, mode)
-        self.dirs.append(path)
-        return path
 
     def zones(self) -> dict[str, str]:
         target = BY_NAME[self.switched_to]
@@ -137,26 +129,18 @@ class Lab:
 
     def start(self) -> "Lab":
         self.port = free_port_on_all((RELAY_ADDRESS,) + tuple(p.address for p in OP_PEERS))
-        self.nsd = NSDServer(self._tempdir("nsd"), self.zones()).start()
+        self.nsd = NSDServer(self.work.make("nsd"), self.zones()).start()
         self.ca = trustme.CA(organization_name=CA_NAME, organization_unit_name=CA_UNIT)
-        self.certs = make_certificates(self._tempdir("certs", 0o755), self.ca, OP_PEERS)
-        self.postfix = MatrixPostfix(self._tempdir("postfix", 0o755), self.port, self.certs,
+        self.certs = make_certificates(self.work.make("certs", 0o755), self.ca, OP_PEERS)
+        self.postfix = MatrixPostfix(self.work.make("postfix", 0o755), self.port, self.certs,
                                      RECIPIENTS, OP_PEERS)
         self.postfix.start()
         return self
 
     def stop(self) -> None:
-        for what in (self.postfix and self.postfix.stop, self.nsd and self.nsd.stop):
-            if what:
-                try:
-                    what()
-                except Exception as e:
-                    sys.stderr.write(f"test_operate: stopping: {e!r}\n")
-        if os.environ.get(KEEP_ENV):
-            sys.stderr.write("test_operate work directories kept: " + " ".join(self.dirs) + "\n")
-            return
-        for d in self.dirs:
-            shutil.rmtree(d, True)
+        for problem in stop_each(self.postfix and self.postfix.stop, self.nsd and self.nsd.stop):
+            sys.stderr.write(f"test_operate: {problem}\n")
+        self.work.finish()
 
     # -- DNS --------------------------------------------------------------------------
 
@@ -267,7 +251,7 @@ def mta_config(lab: Lab, tls: list[str], *, outbound: list[str] = (),
 
 
 def make_mta(lab: Lab, prefix: str, config: str) -> MTAProcess:
-    tmp = lab._tempdir(prefix)
+    tmp = lab.work.make(prefix)
     with open(os.path.join(tmp, "ca.pem"), "wb") as f:
         f.write(lab.ca.cert_pem.bytes())
     return MTAProcess(tmp, config, port=free_port())
@@ -375,17 +359,7 @@ def best_in_file(mta: MTAProcess, domain: str) -> str:
 
 
 def events(mta: MTAProcess) -> list[dict]:
-    out = []
-    try:
-        with open(os.path.join(mta.tmpdir, "events.jsonl"), encoding="utf-8") as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    continue
-    except FileNotFoundError:
-        pass
-    return out
+    return json_lines(os.path.join(mta.tmpdir, EVENTS_FILE))
 
 
 def trace(msg) -> str | None:
