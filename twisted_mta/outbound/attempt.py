@@ -224,6 +224,9 @@ class Attempt:
             addresses = found.addresses
             if found.status == dnssec_status.ERROR:
                 error = failures.outcome("dns-temp", domain=host, why=found.reason or "failed")
+            elif found.status == dnssec_status.BOGUS:
+                error = failures.outcome("dns-temp", domain=host, why="its addresses failed "
+                                         f"DNSSEC validation ({found.reason})")
         else:
             try:
                 addresses = tuple((yield ctx.run_blocking(ctx.resolver.addresses, host)))

@@ -455,6 +455,10 @@ def _why(rule: str, failure: TLSFailure, choice: Choice, domain: str,
                 "without encryption")
     elif rule == "requiretls":
         text = "The sender required TLS for this message (REQUIRETLS)"
+    elif choice.source == "dane" and failure.kind in ("dane-lookup-failed", "dnssec-bogus"):
+        text = (f"The mail servers of {domain} are listed in DNSSEC-signed DNS, so whether "
+                f"{failure.host} publishes DANE (TLSA) records, and which, must be known "
+                "before anything is sent to it")
     elif choice.source == "dane" and rule == "policy":
         text = (f"{failure.host} publishes DANE (TLSA) records in DNSSEC-signed DNS, which "
                 f"require {_requirement(choice, rule)}")

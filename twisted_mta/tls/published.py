@@ -194,12 +194,12 @@ class Published:
     def _host(self, host: str, port: int, mx: MXFacts) -> Host:
         resolver = self.dane_resolver
         addresses = dnssec.addresses_secure(resolver, host)
+        if not mx.secure:  # (bogus addresses are then just unusable: no address)
+            return Host(host, port, NO_DANE, "the MX records are not DNSSEC-signed, so the "
+                        "hosts' TLSA records do not count (RFC 7672 2.2.1)", addresses)
         if addresses.status == dnssec.BOGUS:
             return Host(host, port, DEFER, f"the addresses of {host} failed DNSSEC validation "
                         f"({addresses.reason})", addresses, failure_kind="dnssec-bogus")
-        if not mx.secure:
-            return Host(host, port, NO_DANE, "the MX records are not DNSSEC-signed, so the "
-                        "hosts' TLSA records do not count (RFC 7672 2.2.1)", addresses)
         if not addresses.secure:
             return Host(host, port, NO_DANE, f"the addresses of {host} are not "
                         "DNSSEC-signed, so its TLSA records do not count", addresses)
