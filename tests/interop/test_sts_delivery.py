@@ -31,7 +31,9 @@ import trustme
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.interop.dns import NSDServer, require_nsd, zone
-from tests.interop.support import MTAProcess, free_port, make_tempdir, wait_for
+from tests.interop.support import (
+    ONE_ATTEMPT_JSON_LOG, MTAProcess, free_port, make_tempdir, wait_for,
+)
 from tests.interop.test_operate import cli_ok, events, send
 from tests.interop.tls_peers import ScriptedPeer, free_port_on_all
 
@@ -153,18 +155,10 @@ class MTASTSDeliveryTests(SynchronousTestCase):
             f"sts_port = {self.https_port}",
             'sts_fetch_timeout = "5s"',
             "",
-            "[queue]",
-            'retry_schedule = ["1h"]',
-            "jitter = 0",
-            "delay_warning = false",
-            "",
             "[relay]",
             'trusted_networks = ["127.0.0.0/8"]',
             "",
-            "[logging]",
-            'format = "json"',
-            'file = "events.jsonl"',
-            "",
+            ONE_ATTEMPT_JSON_LOG,
         ])
         self.mta = MTAProcess(os.path.join(self.tmp, "mta"), config, port=free_port())
         with open(os.path.join(self.mta.tmpdir, "ca.pem"), "wb") as f:
