@@ -112,6 +112,26 @@ class ConfigCommandTests(SynchronousTestCase):
         self.assertEqual(code, 1)
         self.assertEqual(err, f"twisted-mta: {path}: server.bogus: unknown key\n")
 
+    def test_check_sts_ca_file(self):
+        """A missing or non-PEM [outbound.tls] sts_ca_file fails config check in one line, as it would fail start-up; sts_port must be a TCP port."""
+        folder = self.mktemp()
+        os.makedirs(folder)
+        base = ('[server]\nhostname = "h.test"\nspool = "s"\n[[listeners]]\nrole = "mx"\n'
+                'endpoint = "tcp:2525"\n[dns]\nnameservers = ["127.0.0.1:9"]\n'
+                '[outbound.tls]\n')
+        with open(os.path.join(folder, "junk.pem"), "w") as f:
+            f.write("not a certificate\n")
+        for extra, words in (('sts_ca_file = "missing.pem"\n', "missing.pem: No such file"),
+                             ('sts_ca_file = "junk.pem"\n', "junk.pem: no PEM certificate"),
+                             ("sts_port = 70000\n", "must be a TCP port")):
+            path = os.path.join(folder, "mta.toml")
+            with open(path, "w") as f:
+                f.write(base + extra)
+            code, out, err = run_cli("config", "check", path)
+            self.assertEqual(code, 1, err)
+            self.assertIn(words, err)
+            self.assertEqual(len(err.splitlines()), 1, err)
+
     def test_show_fills_defaults(self):
         """config show prints every effective key, defaults included."""
         code, out, err = run_cli("config", "show", EXAMPLE)

@@ -391,7 +391,7 @@ class OutboundTLSSettings:
     sts_fetch_timeout: Duration = 10  # the whole fetch: DNS, connect, TLS, body
     sts_refresh_interval: Duration = 86400  # refresh a cached policy after (at most) this
     sts_retry_interval: Duration = 300  # after a failed fetch, no new one for this long
-    sts_port: int = attrs.field(default=443, validator=_at_least(1))  # tests use another
+    sts_port: int = attrs.field(default=443, validator=_port)  # tests use another
 
 
 @attrs.frozen

@@ -114,6 +114,8 @@ def prepare(config: Config) -> Prepared:
     except dns.exception.DNSException as e:
         raise PrepareError(f"{config.path}: dns.nameservers: none set, and the system's "
                            f"resolver configuration cannot be used: {e}")
+    if config.outbound.tls.mta_sts:
+        _trust_root(config.outbound.tls.sts_ca_file)  # fails here, not at start-up
     if config.logging.file:
         folder = os.path.dirname(config.logging.file)
         if not os.path.isdir(folder):
@@ -303,15 +305,14 @@ def make_published(config: Config, reactor, run_blocking, resolver):
                             refresh_interval=tls.sts_refresh_interval,
                             retry_interval=tls.sts_retry_interval)
         cache.load()
-    published = Published(run_blocking=run_blocking, dane_resolver=dane_resolver,
-                          check_names=(dns_settings.dnssec_secure_name,
-                                       dns_settings.dnssec_bogus_name),
-                          sts_cache=cache)
+    no_resolver = None
     if tls.dane and dane_resolver is None:
-        published.dane_state = attrs.evolve(published.dane_state, reason=(
-            "no name server is configured ([dns] nameservers) and the "
-            "system's resolver configuration names none"))
-    return published
+        no_resolver = ("no name server is configured ([dns] nameservers) and the system's "
+                       "resolver configuration names none")
+    return Published(run_blocking=run_blocking, dane_resolver=dane_resolver,
+                     check_names=(dns_settings.dnssec_secure_name,
+                                  dns_settings.dnssec_bogus_name),
+                     sts_cache=cache, no_resolver=no_resolver)
 
 
 def system_nameservers() -> list[str]:
@@ -326,16 +327,26 @@ def system_nameservers() -> list[str]:
 def _trust_root(path: str | None):
     """
     The roots in the PEM file C{path} for policy hosts' HTTPS; None for the
-    system's.
+    system's.  L{PrepareError} (one line) for a file that cannot be read
+    or holds no certificate.
     """
     if path is None:
         return None
+    from OpenSSL import crypto
     from twisted.internet import ssl
-    with open(path, "rb") as f:
-        data = f.read()
-    marker = b"-----END CERTIFICATE-----"
-    pems = [block + marker for block in data.split(marker) if b"-----BEGIN" in block]
-    return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(p) for p in pems])
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        marker = b"-----END CERTIFICATE-----"
+        pems = [block + marker for block in data.split(marker) if b"-----BEGIN" in block]
+        roots = [ssl.Certificate.loadPEM(p) for p in pems]
+    except OSError as e:
+        raise PrepareError(f"outbound.tls.sts_ca_file: {path}: {e.strerror}")
+    except (crypto.Error, ValueError) as e:
+        raise PrepareError(f"outbound.tls.sts_ca_file: {path}: not a PEM certificate ({e})")
+    if not roots:
+        raise PrepareError(f"outbound.tls.sts_ca_file: {path}: no PEM certificate in it")
+    return ssl.trustRootFromCertificates(roots)
 
 
 def make_service(config, reactor, owner: tuple[int, int] | None = None,

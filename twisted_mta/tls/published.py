@@ -118,12 +118,20 @@ class Published:
     """
 
     def __init__(self, *, run_blocking: Callable, dane_resolver=None,
-                 check_names: tuple[str, str] = ("", ""), sts_cache=None) -> None:
+                 check_names: tuple[str, str] = ("", ""), sts_cache=None,
+                 no_resolver: str | None = None) -> None:
+        """
+        C{no_resolver}: why DANE, on by configuration, has no resolver to
+        ask (warned once at start).
+        """
         self.run_blocking = run_blocking
         self.dane_resolver = dane_resolver
         self.check_names = check_names
         self.sts_cache = sts_cache
-        if dane_resolver is None:
+        self.no_resolver = no_resolver
+        if no_resolver is not None:
+            self.dane_state = DaneState(False, no_resolver)
+        elif dane_resolver is None:
             self.dane_state = DaneState(False, "[outbound.tls] dane = false")
         else:
             self.dane_state = DaneState(False, "the check that the resolver validates has "
@@ -140,6 +148,9 @@ class Published:
         """
         if self._ready is None:
             if self.dane_resolver is None:
+                if self.no_resolver is not None:
+                    log.warn("tls: DANE is off: {reason}", reason=self.no_resolver,
+                             event="tls.dane-off")
                 self._ready = defer.succeed(self.dane_state)
             else:
                 secure, bogus = self.check_names
