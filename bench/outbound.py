@@ -54,7 +54,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import Any, Iterable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -296,38 +296,46 @@ class TwistedOut(inbound.TwistedMTA):
 
     def fill(self, count: int, size: int, recipients: int) -> None:
         """
-        Write C{count} entries into the (fresh) spool with the spool API:
-        envelope header first, then the message with CRLF line ends; each
-        commit fsyncs the file and new/ (the spool runs inline here).
+        Write C{count} entries, due now, into the (fresh) spool.
         """
-        from twisted_mta.model import Envelope, Recipient
-        from twisted_mta.queue.spool import Spool
-
-        spool = Spool(self.spool)
-        spool.lock()
-        try:
-            now = time.time()
-            for i in range(count):
-                writer = spool.new_message()
-                rcpt = recipient(i % recipients)
-                message = make_message(writer.queue_id, rcpt, size, now)
-                env = Envelope(queue_id=writer.queue_id, sender=SENDER,
-                               recipients=(Recipient(address=rcpt),), arrival=now,
-                               next_attempt=0.0, size=len(message))
-                writer.write(env.to_header())
-                writer.write(message)
-                outcome: list[Any] = []
-                writer.commit(env).addBoth(outcome.append)
-                if not outcome or not isinstance(outcome[0], Envelope):
-                    raise BenchError(f"spool commit of entry {i} did not succeed: {outcome!r}")
-        finally:
-            spool.unlock()
+        write_entries(self.spool, ((recipient(i % recipients), 0.0) for i in range(count)),
+                      size)
 
     def backlog_left(self) -> int:
         return count_files(self.spool, ("new", "cur"))
 
     def cpu_ticks(self) -> int:
         return proc_cpu_ticks(self.pid)
+
+
+def write_entries(spool_path: str, entries: Iterable[tuple[str, float]], size: int) -> None:
+    """
+    Write one queue entry per C{(recipient, next_attempt)} into the spool
+    at C{spool_path} (no MTA running) with the spool API: envelope header
+    first, then the message with CRLF line ends; each commit fsyncs the
+    file and new/ (the spool runs inline here).
+    """
+    from twisted_mta.model import Envelope, Recipient
+    from twisted_mta.queue.spool import Spool
+
+    spool = Spool(spool_path)
+    spool.lock()
+    try:
+        now = time.time()
+        for i, (rcpt, when) in enumerate(entries):
+            writer = spool.new_message()
+            message = make_message(writer.queue_id, rcpt, size, now)
+            env = Envelope(queue_id=writer.queue_id, sender=SENDER,
+                           recipients=(Recipient(address=rcpt),), arrival=now,
+                           next_attempt=when, size=len(message))
+            writer.write(env.to_header())
+            writer.write(message)
+            outcome: list[Any] = []
+            writer.commit(env).addBoth(outcome.append)
+            if not outcome or not isinstance(outcome[0], Envelope):
+                raise BenchError(f"spool commit of entry {i} did not succeed: {outcome!r}")
+    finally:
+        spool.unlock()
 
 
 def make_message(qid: str, rcpt: str, size: int, now: float) -> bytes:
