@@ -18,6 +18,7 @@ import attrs
 from twisted.internet import defer, endpoints, error
 from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from twisted_mta import failures
 from twisted_mta.config import DNSSettings, OutboundSettings
@@ -155,6 +156,66 @@ def sts_words(facts: pub.Facts) -> str:
     return f"of {facts.domain} (mx: {', '.join(policy.mx) or 'none'})"
 
 
+# The connections a destination opens close together (a burst of queued
+# messages) share one set of look-ups: MX, addresses, TLSA, the MTA-STS
+# TXT record.  Without it each connection repeats them all, and with DANE
+# and MTA-STS on that costs a third of the delivery rate
+# (docs/benchmarks.md, "DANE and MTA-STS: look-up cost").
+SHARE_LOOKUPS = 10.0  # seconds a result is reused after it arrived
+
+
+class _Shared:
+    """
+    Results of look-ups, by key, shared by every caller while in flight
+    and for L{SHARE_LOOKUPS} seconds after; a failure is handed to those
+    waiting and then forgotten (the next caller asks again).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, _SharedEntry] = {}
+
+    def get(self, key: tuple, clock, make: Callable[[], defer.Deferred]) -> defer.Deferred:
+        entry = self._entries.get(key)
+        if entry is None or not (entry.pending or clock.seconds() < entry.until):
+            entry = self._entries[key] = _SharedEntry()
+            d = defer.maybeDeferred(make)
+            d.addBoth(self._done, key, entry, clock)
+        return entry.wait()
+
+    def clear(self) -> None:
+        """Forget every result (those in flight still reach their waiters)."""
+        self._entries.clear()
+
+    def _done(self, result, key: tuple, entry: _SharedEntry, clock) -> None:
+        entry.pending = False
+        if isinstance(result, Failure):
+            if self._entries.get(key) is entry:
+                del self._entries[key]
+        else:
+            entry.result, entry.until = result, clock.seconds() + SHARE_LOOKUPS
+        waiters, entry.waiters = entry.waiters, []
+        for d in waiters:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+
+class _SharedEntry:
+    def __init__(self) -> None:
+        self.pending = True
+        self.result = None
+        self.until = 0.0
+        self.waiters: list[defer.Deferred] = []
+
+    def wait(self) -> defer.Deferred:
+        if not self.pending:
+            return defer.succeed(self.result)
+        d = defer.Deferred()
+        self.waiters.append(d)
+        return d
+
+
 @attrs.frozen
 class Attempt:
     """
@@ -164,13 +225,27 @@ class Attempt:
 
     ctx: AttemptContext
     hop: NextHop
+    shared: _Shared = attrs.field(factory=_Shared, eq=False, repr=False)
 
     @property
     def history(self) -> TLSHistory | None:
         return self.ctx.history
 
+    def hosts(self) -> defer.Deferred:
+        """
+        L{look_up_hosts}, shared by the connections opened close together.
+        """
+        return self.shared.get(("hosts",), self.ctx.clock, self.look_up_hosts)
+
+    def host_plan(self, record: mx.MXHost, port: int, mx_facts, sts) -> defer.Deferred:
+        """
+        L{plan_host}, shared by the connections opened close together.
+        """
+        return self.shared.get(("host", record.name, port), self.ctx.clock,
+                               lambda: self.plan_host(record, port, mx_facts, sts))
+
     @defer.inlineCallbacks
-    def hosts(self):
+    def look_up_hosts(self):
         """
         Where C{hop} goes: C{(records, port, mx, sts)}, the MX hosts to
         try (or the smarthost) as L{mx.MXHost}, the port, the DNSSEC-aware
@@ -203,7 +278,7 @@ class Attempt:
         return None
 
     @defer.inlineCallbacks
-    def host_plan(self, record: mx.MXHost, port: int, mx_facts, sts):
+    def plan_host(self, record: mx.MXHost, port: int, mx_facts, sts):
         """
         One host's L{HostPlan}: its addresses and the policy for it (an
         explicit entry, else what it publishes: DANE, then MTA-STS, else

@@ -140,12 +140,13 @@ class OutboundPool:
 
     def revive(self) -> None:
         """
-        Forget which destinations are dead (an operator's flush means: try
-        now, really).
+        Forget which destinations are dead, and the look-ups their recent
+        connections shared (an operator's flush means: try now, really).
         """
         for dest in self._destinations.values():
             dest.dead_outcome = dest.dead_failure = None
             dest.limit = None
+            dest.attempt.shared.clear()
 
     def stop(self) -> None:
         """
