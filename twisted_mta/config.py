@@ -50,6 +50,7 @@ _LOCAL_PART = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$")
 
 # Field types whose structure hooks check and convert what the file says.
 Duration = NewType("Duration", int)  # seconds: 30, or "30s", "5m", "4h", "5d"
+ZeroOrDuration = NewType("ZeroOrDuration", int)  # the same, or 0 (off)
 FilePath = NewType("FilePath", str)  # resolved against the file's directory
 HostName = NewType("HostName", str)  # checked, lower-cased
 Domain = NewType("Domain", str)  # the same, in a list of domains
@@ -79,10 +80,11 @@ class _Invalid(ValueError):
         self.key = key
 
 
-def parse_duration(value: object) -> int:
+def parse_duration(value: object, zero: bool = False) -> int:
     """
     Seconds from an integer or a string like C{30s}, C{5m}, C{4h}, C{5d};
-    L{ValueError} (with the words for the operator) for anything else.
+    L{ValueError} (with the words for the operator) for anything else, and
+    for 0 unless C{zero}.
     """
     if isinstance(value, int) and not isinstance(value, bool):
         seconds = value
@@ -91,8 +93,8 @@ def parse_duration(value: object) -> int:
         if not m:
             raise _Invalid(f"must be a duration like 30s, 5m, 4h or 5d, not {value!r}")
         seconds = int(m.group(1)) * _UNITS[m.group(2)]
-    if seconds <= 0:
-        raise _Invalid(f"must be a positive duration, not {value!r}")
+    if seconds < 0 or seconds == 0 and not zero:
+        raise _Invalid(f"must be a positive duration{' or 0' if zero else ''}, not {value!r}")
     return seconds
 
 
@@ -313,6 +315,9 @@ class DNSSettings:
     nameservers: tuple[str, ...] = attrs.field(default=(), validator=_each(
         _is_nameserver, "must list IP addresses (with an optional :port), not {!r}"))
     timeout: Duration = 10
+    # The longest an answer is reused inside the MTA (its TTL when shorter);
+    # 0: every look-up asks the name server.
+    cache_ttl: ZeroOrDuration = ZeroOrDuration(60)
     # Besides loopback, the resolvers whose AD bit (DNSSEC validated) DANE
     # believes: a validating resolver on another host of a trusted network.
     trusted_resolvers: tuple[str, ...] = attrs.field(default=(), validator=_each(
@@ -652,6 +657,7 @@ _converter.register_structure_hook(int, _scalar(int, "an integer"))
 _converter.register_structure_hook(bool, _scalar(bool, "true or false"))
 _converter.register_structure_hook(float, _scalar((int, float), "a number", float))
 _converter.register_structure_hook(Duration, lambda v, _: parse_duration(v))
+_converter.register_structure_hook(ZeroOrDuration, lambda v, _: parse_duration(v, zero=True))
 _converter.register_structure_hook(FilePath, _path)
 _converter.register_structure_hook(HostName, _host_name("host name"))
 _converter.register_structure_hook(Domain, _host_name("domain"))

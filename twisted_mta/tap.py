@@ -293,7 +293,8 @@ def make_published(config: Config, reactor, run_blocking, resolver):
         servers = dns_settings.nameservers or tuple(system_nameservers())
         if servers:
             dane_resolver = dnssec.make_resolver(servers, dns_settings.timeout,
-                                                 dns_settings.trusted_resolvers)
+                                                 dns_settings.trusted_resolvers,
+                                                 dns_settings.cache_ttl)
     cache = None
     if tls.mta_sts:
         fetcher = PolicyFetcher(

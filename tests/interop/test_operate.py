@@ -222,7 +222,8 @@ def lab() -> Lab:
 def mta_config(lab: Lab, tls: list[str], *, outbound: list[str] = (),
                queue: list[str] = ()) -> str:
     lines = [
-        f'[dns]\nnameservers = ["{lab.nsd.address}"]\ntimeout = "5s"\n',
+        # no DNS cache: switch() repoints an MX under a running MTA
+        f'[dns]\nnameservers = ["{lab.nsd.address}"]\ntimeout = "5s"\ncache_ttl = 0\n',
         "[outbound]",
         f"port = {lab.port}",
         'connect_timeout = "5s"',

@@ -514,3 +514,27 @@ class ValidatesTests(Base):
         self.assertFalse(result)
         self.assertIn("not believed", result.reason)
         self.assertEqual(server.queries, [])
+
+
+class CappedCacheTests(SynchronousTestCase):
+    """[dns] cache_ttl: answers reused for their TTL, never longer than the cap; 0 is no cache."""
+
+    def test_cap(self) -> None:
+        import time
+
+        from twisted_mta.tls.dnssec import CappedCache, cache_for
+
+        class Answer:
+            def __init__(self, ttl: float) -> None:
+                self.expiration = time.time() + ttl
+
+        cache = cache_for(60)
+        self.assertIsInstance(cache, CappedCache)
+        long, short = Answer(3600), Answer(5)
+        cache.put(("long", 1, 1), long)
+        cache.put(("short", 1, 1), short)
+        self.assertLessEqual(long.expiration, time.time() + 60)
+        self.assertGreater(long.expiration, time.time() + 55)
+        self.assertLessEqual(short.expiration, time.time() + 5)
+        self.assertIs(cache.get(("long", 1, 1)), long)
+        self.assertIsNone(cache_for(0))

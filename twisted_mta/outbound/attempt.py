@@ -47,7 +47,8 @@ class DNSResolver:
     """
 
     def __init__(self, settings: DNSSettings) -> None:
-        self._resolver = mx.make_resolver(settings.nameservers or None, settings.timeout)
+        self._resolver = mx.make_resolver(settings.nameservers or None, settings.timeout,
+                                          settings.cache_ttl)
 
     def mx(self, domain: str) -> list[mx.MXHost]:
         return mx.lookup_mx(self._resolver, domain)

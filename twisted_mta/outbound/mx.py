@@ -23,7 +23,9 @@ import dns.rdatatype
 import dns.resolver
 
 from twisted_mta import failures
-from twisted_mta.tls.dnssec import BOGUS, ERROR, NODATA, NXDOMAIN, DNSResult, split_server
+from twisted_mta.tls.dnssec import (
+    BOGUS, ERROR, NODATA, NXDOMAIN, DNSResult, cache_for, split_server,
+)
 from twisted_mta.model import Outcome
 
 
@@ -43,10 +45,12 @@ class MXError(Exception):
         self.outcome = outcome
 
 
-def make_resolver(nameservers: tuple[str, ...] | None, timeout: float) -> dns.resolver.Resolver:
+def make_resolver(nameservers: tuple[str, ...] | None, timeout: float,
+                  cache_ttl: float = 0.0) -> dns.resolver.Resolver:
     """
     A resolver for C{nameservers} (C{"host"} or C{"host:port"}), or the
-    system's configuration when C{None}.
+    system's configuration when C{None}; answers cached for at most
+    C{cache_ttl} seconds (their TTL when shorter).
     """
     if not nameservers:
         resolver = dns.resolver.Resolver()
@@ -61,6 +65,7 @@ def make_resolver(nameservers: tuple[str, ...] | None, timeout: float) -> dns.re
         resolver.port = ports.pop() if len(ports) == 1 else 53
     resolver.lifetime = timeout
     resolver.timeout = min(timeout, 5.0)
+    resolver.cache = cache_for(cache_ttl)
     return resolver
 
 

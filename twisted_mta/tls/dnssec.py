@@ -46,6 +46,7 @@ pool.  The resolver never reads /etc/resolv.conf (C{configure=False}).
 from __future__ import annotations
 
 import ipaddress
+import time
 from typing import Iterable, Sequence
 
 import attrs
@@ -237,6 +238,28 @@ def is_trusted(server: str, trusted: Iterable[str] = (), trust_loopback: bool = 
     return any(address == _ip(t) for t in trusted)
 
 
+class CappedCache(dns.resolver.Cache):
+    """
+    dnspython's cache (answers and denials, each for its TTL), keeping none
+    longer than C{max_ttl} seconds: the connections of a burst to many
+    domains reuse their look-ups, and a changed record is seen soon.
+    Failures (SERVFAIL, timeouts) are never cached.
+    """
+
+    def __init__(self, max_ttl: float) -> None:
+        super().__init__()
+        self.max_ttl = max_ttl
+
+    def put(self, key, value) -> None:
+        value.expiration = min(value.expiration, time.time() + self.max_ttl)
+        super().put(key, value)
+
+
+def cache_for(max_ttl: float) -> CappedCache | None:
+    """The cache for C{[dns] cache_ttl} seconds; None for 0 (no cache)."""
+    return CappedCache(max_ttl) if max_ttl > 0 else None
+
+
 class DNSSECResolver:
     """
     A dnspython stub resolver (C{configure=False}) for C{nameservers}
@@ -246,7 +269,8 @@ class DNSSECResolver:
     """
 
     def __init__(self, nameservers: Sequence[str], timeout: float = 10.0,
-                 trusted: Iterable[str] = (), trust_loopback: bool = True) -> None:
+                 trusted: Iterable[str] = (), trust_loopback: bool = True,
+                 cache_ttl: float = 0.0) -> None:
         if not nameservers:
             raise ValueError("DNSSECResolver needs at least one nameserver")
         servers = [split_server(s) for s in nameservers]
@@ -264,7 +288,7 @@ class DNSSECResolver:
         self.resolver.flags = dns.flags.RD | dns.flags.AD
         self.resolver.lifetime = timeout
         self.resolver.timeout = min(timeout, 5.0)
-        self.resolver.cache = None
+        self.resolver.cache = cache_for(cache_ttl)
 
     @property
     def trusted(self) -> bool:
@@ -426,12 +450,13 @@ def _with_ede(words: str, ede: tuple[tuple[int, str], ...]) -> str:
 
 
 def make_resolver(nameservers: Sequence[str], timeout: float = 10.0,
-                  trusted: Iterable[str] = ()) -> DNSSECResolver:
+                  trusted: Iterable[str] = (), cache_ttl: float = 0.0) -> DNSSECResolver:
     """
     The resolver for DANE: C{nameservers} as in C{[dns] nameservers},
-    C{trusted} the addresses (besides loopback) whose AD bit is believed.
+    C{trusted} the addresses (besides loopback) whose AD bit is believed,
+    C{cache_ttl} as C{[dns] cache_ttl}.
     """
-    return DNSSECResolver(nameservers, timeout, trusted)
+    return DNSSECResolver(nameservers, timeout, trusted, cache_ttl=cache_ttl)
 
 
 def mx_secure(resolver: DNSSECResolver, domain: str) -> DNSResult:
