@@ -295,15 +295,25 @@ class PluginTests(SynchronousTestCase):
         self.assertEqual(err.getvalue(), "twistd: /nonexistent.toml: no such file\n")
 
     def test_service_tree(self):
-        """make_service builds the thread pool, spool lock, queue manager and one service per listener."""
-        config = make_config(self.mktemp(), listeners=[
-            {"role": "mx", "endpoint": "tcp:2525"}, {"role": "submission", "endpoint": "tcp:2587"}])
-        svc = tap.make_service(config, MemoryReactorClock())
-        lock = [s for s in svc if isinstance(s, tap.SpoolLockService)][0]
-        self.addCleanup(lock.spool.unlock)
-        names = sorted(s.name for s in svc if s.name)
-        self.assertEqual(names, ["listener-mx-tcp:2525", "listener-submission-tcp:2587",
-                                 "queue-manager"])
+        """make_service builds the thread pool, spool lock, queue manager and one service per listener; with workers, the listeners only open their sockets and the worker pool comes last (it stops first)."""
+        from twisted_mta.workers import SharedListener, WorkerPool
+        for workers in (0, 2):
+            config = make_config(self.mktemp(), server={"workers": workers}, listeners=[
+                {"role": "mx", "endpoint": "tcp:2525"},
+                {"role": "submission", "endpoint": "tcp:2587"}])
+            svc = tap.make_service(config, MemoryReactorClock())
+            lock = [s for s in svc if isinstance(s, tap.SpoolLockService)][0]
+            lock.spool.unlock()
+            names = sorted(s.name for s in svc if s.name)
+            self.assertEqual(names, ["listener-mx-tcp:2525", "listener-submission-tcp:2587",
+                                     "queue-manager"] + (["workers"] if workers else []))
+            shared = [s for s in svc if isinstance(s, SharedListener)]
+            self.assertEqual(len(shared), 2 if workers else 0)
+            if workers:
+                pool = svc.getServiceNamed("workers")
+                self.assertIsInstance(pool, WorkerPool)
+                self.assertEqual((pool.count, pool.listeners), (2, shared))
+                self.assertIs(list(svc)[-1], pool)  # stops first
 
     def test_second_instance_on_same_spool(self):
         """A second instance on the same spool exits 1 with one line saying the spool is in use."""
@@ -441,11 +451,12 @@ class BacklogTests(SynchronousTestCase):
     def test_backlog_reaches_listen(self):
         """The listener is opened with that backlog."""
         reactor = MemoryReactorClock()
-        config = make_config(self.mktemp(), listeners=[{"role": "mx", "endpoint": "tcp:2525"}])
+        config = make_config(self.mktemp(), listeners=[{"role": "mx", "endpoint": "tcp:2525"}],
+                             server={"workers": 0})
         svc = tap.make_service(config, reactor)
         lock = [s for s in svc if isinstance(s, tap.SpoolLockService)][0]
         self.addCleanup(lock.spool.unlock)
-        svc.getServiceNamed("listener-mx-tcp:2525").startService()
+        svc.getServiceNamed("listener-mx-tcp:2525").privilegedStartService()
         self.assertEqual(reactor.tcpServers[0][2], 1024)
 
 

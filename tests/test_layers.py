@@ -33,6 +33,7 @@ STAGES = [
     (5, "twisted_mta.delivery"), (5, "twisted_mta.inbound"),
     # tls explain runs the outbound attempt in a dry run: an operator tool.
     (6, "twisted_mta.tls.probe"), (6, "twisted_mta.tap"), (6, "twisted_mta.cli"),
+    (6, "twisted_mta.workers"), (6, "twisted_mta.worker"),
     (6, "twisted_mta"),
 ]
 NAMES = {0: "the data model", 1: "the basics", 2: "the TLS engine and DSNs", 3: "the queue",

@@ -456,6 +456,11 @@ class Config:
     hostname: HostName
     spool: FilePath
     listeners: tuple[Listener, ...]
+    # Processes that receive mail beside the one that runs the queue and
+    # delivers (docs/architecture.md, "Processes"); None: one per CPU
+    # core; 0: everything in one process.
+    workers: int | None = attrs.field(default=None, validator=attrs.validators.optional(
+        _at_least(0)))
     tls: TLSServerSettings = TLSServerSettings()
     local: LocalSettings = LocalSettings()
     relay: RelaySettings = RelaySettings()
@@ -482,6 +487,9 @@ class Config:
             d["queue"]["delay_warning"] = False
         out: dict[str, Any] = {"server": {"hostname": d.pop("hostname"),
                                           "spool": d.pop("spool")}}
+        workers = d.pop("workers", None)
+        if workers is not None:
+            out["server"]["workers"] = workers
         routes = d["outbound"].pop("routes")
         if routes:
             d["outbound"]["routes"] = {domain: host for domain, host in routes}
@@ -693,8 +701,8 @@ def parse_config(raw: dict[str, Any], path: str) -> Config:
     server = raw.get("server", {})
     if not isinstance(server, dict):
         raise ConfigError(path, "server", "must be a table")
-    unknown = sorted(set(raw) & {"path", "hostname", "spool"}) + sorted(
-        f"server.{k}" for k in set(server) - {"hostname", "spool"})
+    unknown = sorted(set(raw) & {"path", "hostname", "spool", "workers"}) + sorted(
+        f"server.{k}" for k in set(server) - {"hostname", "spool", "workers"})
     if unknown:
         raise ConfigError(path, unknown[0], "unknown key")
     listeners = raw.get("listeners")
@@ -709,7 +717,7 @@ def parse_config(raw: dict[str, Any], path: str) -> Config:
         config = _converter.structure(fields, Config)
     except (cattrs.BaseValidationError, _Invalid) as e:
         key, message = _explain(e)
-        if key in ("hostname", "spool"):
+        if key in ("hostname", "spool", "workers"):
             key = f"server.{key}"
         raise ConfigError(path, key, message)
     finally:

@@ -116,6 +116,15 @@ def prepare(config: Config) -> Prepared:
                            f"resolver configuration cannot be used: {e}")
     if config.outbound.tls.mta_sts:
         _trust_root(config.outbound.tls.sts_ca_file)  # fails here, not at start-up
+    from twisted_mta.workers import SHAREABLE, worker_count
+    if worker_count(config):
+        for n, listener in enumerate(config.listeners):
+            kind = listener.endpoint.split(":", 1)[0].lower()
+            if kind not in SHAREABLE:
+                raise PrepareError(
+                    f"{config.path}: listeners[{n}].endpoint: a {kind!r} endpoint cannot be "
+                    f"shared with worker processes (use {', '.join(SHAREABLE)}), or set "
+                    "[server] workers = 0")
     if config.logging.file:
         folder = os.path.dirname(config.logging.file)
         if not os.path.isdir(folder):
@@ -421,14 +430,21 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
     metrics.watch_queue(lambda: manager.states)
     manager.setServiceParent(top)
     ctx, users = prepared.server_tls, prepared.users
+    from twisted_mta.workers import SharedListener, WorkerPool, worker_count
+    workers = worker_count(config)
+    shared = []
     for listener in config.listeners:
-        factory = InboundFactory(config, listener.role, spool, reactor,
-                                 on_queued=manager.enqueue, tls_context=ctx,
-                                 users=users, run_blocking=run_blocking)
-        endpoint = endpoints.serverFromString(reactor, with_backlog(listener.endpoint))
-        if listener.role == "submissions":
-            endpoint = endpoints.wrapServerTLS(ctx, endpoint)
-        svc = _endpoint_service(endpoint, factory)
+        if workers:  # the workers receive: here the socket is only opened
+            svc = SharedListener(reactor, with_backlog(listener.endpoint))
+            shared.append(svc)
+        else:
+            factory = InboundFactory(config, listener.role, spool, reactor,
+                                     on_queued=manager.enqueue, tls_context=ctx,
+                                     users=users, run_blocking=run_blocking)
+            endpoint = endpoints.serverFromString(reactor, with_backlog(listener.endpoint))
+            if listener.role == "submissions":
+                endpoint = endpoints.wrapServerTLS(ctx, endpoint)
+            svc = _endpoint_service(endpoint, factory)
         svc.setName(f"listener-{listener.role}-{listener.endpoint}")
         svc.setServiceParent(top)
     if config.metrics.endpoint:
@@ -439,6 +455,9 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
                                 site)
         svc.setName(f"metrics-{config.metrics.endpoint}")
         svc.setServiceParent(top)
+    if workers:
+        WorkerPool(config, reactor, workers, shared, spool, manager,
+                   run_blocking).setServiceParent(top)
     top.metrics = metrics
     return top
 

@@ -323,7 +323,8 @@ class MTAProcess:
 
     def __init__(self, tmpdir: str, extra_config: str = "", *, port: int | None = None,
                  spool: str = "spool", users: Iterable[str] = ("alice", "bob", "postmaster"),
-                 hostname: str = MTA_HOSTNAME, config_name: str = "mta.toml") -> None:
+                 hostname: str = MTA_HOSTNAME, config_name: str = "mta.toml",
+                 workers: int | None = None) -> None:
         self.tmpdir = os.path.abspath(tmpdir)
         os.makedirs(self.tmpdir, exist_ok=True)
         self.port = port if port is not None else free_port()
@@ -338,7 +339,8 @@ class MTAProcess:
             "[server]\n"
             f'hostname = "{hostname}"\n'
             f'spool = "{spool}"\n'
-            "\n[[listeners]]\n"
+            + (f"workers = {workers}\n" if workers is not None else "")
+            + "\n[[listeners]]\n"
             'role = "mx"\n'
             f'endpoint = "tcp:{self.port}:interface={LOOPBACK}"\n'
             "\n[local]\n"

@@ -33,7 +33,9 @@ class MetricsTests(unittest.TestCase):
         os.makedirs(self.base)
         self.smtp_port, self.metrics_port = free_port(), free_port()
         config = parse_config({
-            "server": {"hostname": "mx.metrics.test", "spool": "spool"},
+            # one process: this test reads the service in-process (the
+            # workers' counts are checked in test_workers)
+            "server": {"hostname": "mx.metrics.test", "spool": "spool", "workers": 0},
             "listeners": [{"role": "mx",
                            "endpoint": f"tcp:{self.smtp_port}:interface=127.0.0.1"}],
             "local": {"domains": ["example.test"], "users": ["alice", "postmaster"],

@@ -1,0 +1,125 @@
+"""
+Receiving workers (L{twisted_mta.workers}), as twistd runs them: the main
+process opens the listener and delivers, the workers receive; a worker
+killed at any moment is started again and loses nothing (what it queued
+but could not report is found in new/); killing the main process takes
+the workers with it, so a restart binds the port again at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import time
+import urllib.request
+import uuid
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.interop.support import (
+    LOCAL_DOMAIN, LOOPBACK, MTAProcess, files_containing, free_port, make_message,
+    make_tempdir, pid_alive, wait_for,
+)
+from twisted_mta.model import Envelope, Recipient
+from twisted_mta.queue.spool import Spool
+
+TIMEOUT = 20.0
+ALICE = f"alice@{LOCAL_DOMAIN}"
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is C{pid} that run a worker."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", encoding="ascii") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and b"twisted_mta.worker" in cmdline:
+            out.append(int(name))
+    return sorted(out)
+
+
+def send(port: int, count: int = 1) -> list[str]:
+    tokens = []
+    with smtplib.SMTP(LOOPBACK, port, local_hostname="client.example.test",
+                      timeout=30) as client:
+        for _ in range(count):
+            token = uuid.uuid4().hex
+            client.sendmail("sender@client.example.test", [ALICE], make_message(token))
+            tokens.append(token)
+    return tokens
+
+
+class WorkerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.metrics_port = free_port()
+        self.mta = MTAProcess(make_tempdir(self, "workers"), workers=2, extra_config=(
+            f'[metrics]\nendpoint = "tcp:{self.metrics_port}:interface=127.0.0.1"\n'))
+        self.addCleanup(self.mta.cleanup)
+        self.mta.start()
+        self.workers = wait_for(lambda: len(children(self.mta.pid)) == 2 and
+                                children(self.mta.pid), TIMEOUT,
+                                lambda: f"two workers; {self.mta.describe()}")
+
+    def delivered(self, tokens: list[str]) -> None:
+        maildir = self.mta.maildir("alice")
+        wait_for(lambda: all(files_containing(maildir, t.encode()) for t in tokens), TIMEOUT,
+                 lambda: f"{len(tokens)} messages delivered; {self.mta.describe()}")
+        for token in tokens:
+            self.assertEqual(len(files_containing(maildir, token.encode())), 1, token)
+
+    def test_workers_receive_and_the_main_process_delivers(self) -> None:
+        tokens = []
+        for _ in range(8):  # several connections: the kernel spreads them
+            tokens += send(self.mta.port, 3)
+        self.delivered(tokens)
+        self.assertIn("workers: worker 1 started", self.mta.output())
+        self.assertEqual(children(self.mta.pid), self.workers)  # none died
+        # what the workers received is counted where the metrics are served
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/",
+                                    timeout=10) as r:
+            text = r.read().decode()
+        self.assertIn('twisted_mta_messages_received_total{listener="mx"} 24.0', text)
+
+    def test_a_killed_worker_is_replaced_and_nothing_is_lost(self) -> None:
+        # An entry a worker committed but never reported (it died at that
+        # instant): written straight into new/, unknown to the main process.
+        spool = Spool(self.mta.spool)
+        writer = spool.new_message()
+        orphan = uuid.uuid4().hex
+        envelope = Envelope(queue_id=writer.queue_id, sender="sender@client.example.test",
+                            recipients=(Recipient(ALICE),), arrival=time.time(),
+                            client={"protocol": "ESMTP", "listener": "mx"})
+        writer.write(envelope.to_header())
+        writer.write(make_message(orphan))
+        self.successResultOf(writer.commit(envelope))
+        os.kill(self.workers[0], signal.SIGKILL)
+        replaced = wait_for(lambda: (lambda now: len(now) == 2 and self.workers[0] not in now
+                                     and now)(children(self.mta.pid)),
+                            TIMEOUT, lambda: f"a new worker; {self.mta.describe()}")
+        self.assertIn(self.workers[1], replaced)
+        self.assertIn("workers: worker 0 ended (signal SIGKILL)", self.mta.output())
+        self.delivered([orphan] + send(self.mta.port, 5))
+
+    def test_killing_the_main_process_takes_the_workers_down(self) -> None:
+        before = self.mta.pid
+        self.mta.kill()
+        wait_for(lambda: not any(pid_alive(p) for p in self.workers), 5.0,
+                 lambda: f"workers {self.workers} still alive after their parent {before} died")
+        self.mta.start()  # the port is free again at once
+        wait_for(lambda: len(children(self.mta.pid)) == 2, TIMEOUT, "two new workers")
+        self.delivered(send(self.mta.port, 2))
+
+    def test_sigterm_stops_everything(self) -> None:
+        # twistd ends by re-raising the signal that stopped it
+        self.assertIn(self.mta.stop(), (0, -signal.SIGTERM), self.mta.output())
+        self.assertIn("Server Shut Down.", self.mta.output())
+        wait_for(lambda: not any(pid_alive(p) for p in self.workers), 5.0,
+                 lambda: f"workers {self.workers} still alive after a clean stop")

@@ -1,0 +1,135 @@
+"""
+One receiving worker (L{twisted_mta.workers}): started by the main
+process as C{python -m twisted_mta.worker --config FILE --listener
+N:FD:FAMILY ...}, it serves SMTP on the listening sockets it inherited
+(the configuration's listener N on file descriptor FD), writes each
+message into the shared spool, and reports its queue id on file
+descriptor 3.  It stops when its standard input (a pipe from the main
+process) closes, on SIGTERM, and, on Linux, when the main process dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import socket
+import sys
+
+from twisted.internet import defer
+from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+from twisted.python import threadpool
+
+log = Logger(namespace="twisted_mta.worker")
+
+FAMILIES = {"inet": socket.AF_INET, "inet6": socket.AF_INET6, "unix": socket.AF_UNIX}
+NOTIFY_FD = 3
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """On Linux, SIGKILL when the main process dies, however it dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # it died before we asked
+        os._exit(1)
+
+
+class _ParentPipe:
+    """Standard input from the main process: its end closing means stop."""
+
+    def __init__(self, reactor) -> None:
+        self.reactor = reactor
+        os.set_blocking(0, False)
+
+    def fileno(self) -> int:
+        return 0
+
+    def logPrefix(self) -> str:
+        return "worker-parent-pipe"
+
+    def doRead(self):
+        from twisted.internet import main
+        try:
+            data = os.read(0, 4096)
+        except BlockingIOError:
+            return None
+        return None if data else main.CONNECTION_DONE
+
+    def connectionLost(self, reason) -> None:
+        self.reactor.removeReader(self)
+        if self.reactor.running:
+            self.reactor.stop()
+
+
+def notify(envelope) -> None:
+    """Tell the main process a message was queued (one short line: atomic)."""
+    os.write(NOTIFY_FD, f"queued {envelope.queue_id}\n".encode("ascii"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="twisted_mta.worker")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--listener", action="append", default=[],
+                        help="N:FD:FAMILY: the configuration's listener N on FD")
+    args = parser.parse_args(argv)
+    die_with_parent()
+
+    from twisted.internet import reactor
+    from twisted.internet.threads import deferToThreadPool
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from twisted_mta.config import ConfigError, load_config
+    from twisted_mta.inbound.server import InboundFactory
+    from twisted_mta.logsetup import install_json_log
+    from twisted_mta.queue.spool import Spool
+    from twisted_mta.tlsserver import server_context
+    from twisted_mta.users import UserDatabase
+
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)],
+                                     redirectStandardIO=False)
+    try:
+        config = load_config(args.config)
+        ctx = server_context(config.tls)
+        users = UserDatabase.load(config.auth.users_file) if config.auth.enabled else None
+        if config.logging.format == "json":
+            install_json_log(config.logging.file)
+    except (ConfigError, OSError, Exception) as e:  # one line, as the main process says
+        print(f"twisted-mta worker {args.index}: cannot start: {e}", file=sys.stderr)
+        return 1
+    pool = threadpool.ThreadPool(minthreads=2, maxthreads=16, name="worker-io")
+    pool.start()
+    reactor.addSystemEventTrigger("after", "shutdown", pool.stop)
+
+    def run_blocking(f, *a):
+        return deferToThreadPool(reactor, pool, f, *a)
+
+    spool = Spool(config.spool, run_blocking=run_blocking)
+    ports = []
+    for spec in args.listener:
+        n, fd, family = spec.split(":")
+        role = config.listeners[int(n)].role
+        factory = InboundFactory(config, role, spool, reactor, on_queued=notify,
+                                 tls_context=ctx, users=users, run_blocking=run_blocking)
+        if role == "submissions":
+            factory = TLSMemoryBIOFactory(ctx, False, factory)
+        ports.append(reactor.adoptStreamPort(int(fd), FAMILIES[family], factory))
+        os.close(int(fd))
+    reactor.addReader(_ParentPipe(reactor))
+
+    @defer.inlineCallbacks
+    def close_ports():
+        yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in ports])
+    reactor.addSystemEventTrigger("before", "shutdown", close_ports)
+    log.info("worker {index}: receiving on {count} listener(s)", index=args.index,
+             count=len(ports), event="workers.ready")
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""
+Processes (docs/architecture.md, "Processes"): the main process owns the
+spool, runs the queue and delivers; C{[server] workers} child processes
+receive mail.  One Python process uses one core (one GIL), so receiving
+in children and delivering in the parent puts a 2-core machine's second
+core to work on the mail users compare: received and delivered.
+
+ - The main process opens every listener's socket (as root, before twistd
+   drops privileges) and never accepts on it; each worker adopts the same
+   sockets (C{adoptStreamPort}) and the kernel hands each new connection
+   to one of them.
+ - A worker writes each message into the shared spool exactly as the main
+   process would (C{new/}, fsync'd before the 250), then tells the main
+   process its queue id on a pipe; the main process reads the entry and
+   queues it.  Only the main process touches a queued entry after that,
+   so queue ownership, the control directory (queue and tls commands),
+   TLS history and shadow records stay with one process as before.
+ - A worker that dies is started again; entries it queued whose notice
+   never arrived are found in C{new/} then, so nothing acknowledged is
+   lost.  A worker whose parent dies stops at once (its end of the pipe
+   to the parent closes, and Linux sends it SIGKILL).
+ - Limits (connections per address, in total, stress) and the AUTH
+   failure limiter count per receiving process.
+
+L{twisted_mta.worker} is the child's side.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, endpoints, protocol
+from twisted.logger import Logger
+
+log = Logger()
+
+RESTART_DELAY = 0.5  # seconds before a dead worker is started again
+RESTART_MAX_DELAY = 30.0  # ... doubling while it keeps dying young
+YOUNG = 10.0  # a worker that dies younger than this counts as crashing
+STOP_TIMEOUT = 8.0  # SIGTERM, then SIGKILL after this long
+LISTENER_FD_BASE = 10  # the child's fd of the first listener
+FAMILIES = {socket.AF_INET: "inet", socket.AF_INET6: "inet6", socket.AF_UNIX: "unix"}
+SHAREABLE = ("tcp", "tcp6", "unix")  # endpoint kinds whose socket a worker can adopt
+
+
+def worker_count(config) -> int:
+    """C{[server] workers}, or one per CPU core when not set."""
+    if config.workers is not None:
+        return config.workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+
+
+class SharedSocket(protocol.Factory):
+    """The main process listens but never accepts: nothing is built."""
+
+    noisy = False
+
+    def buildProtocol(self, addr):  # pragma: no cover - never reading
+        return None
+
+
+class SharedListener(service.Service):
+    """
+    One listener's socket, opened by the main process (in
+    C{privilegedStartService}, like any listener) and handed to the workers;
+    the main process never accepts on it.
+    """
+
+    def __init__(self, reactor, description: str) -> None:
+        self.reactor = reactor
+        self.description = description
+        self.port = None
+
+    def privilegedStartService(self) -> None:
+        service.Service.privilegedStartService(self)
+        self._open()
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        if self.port is None:  # started without the privileged step (tests)
+            self._open()
+
+    def _open(self) -> None:
+        ports: list = []
+        failures: list = []
+        endpoint = endpoints.serverFromString(self.reactor, self.description)
+        endpoint.listen(SharedSocket()).addCallbacks(ports.append, failures.append)
+        if failures:
+            failures[0].raiseException()
+        self.port = ports[0]
+        self.port.stopReading()  # the workers accept
+
+    @property
+    def fileno(self) -> int:
+        return self.port.fileno()
+
+    @property
+    def family(self) -> str:
+        return FAMILIES[self.port.addressFamily]
+
+    def stopService(self):
+        service.Service.stopService(self)
+        if self.port is not None:
+            return self.port.stopListening()
+
+
+class _Worker(protocol.ProcessProtocol):
+    def __init__(self, pool: "WorkerPool", index: int, started: float) -> None:
+        self.pool = pool
+        self.index = index
+        self.started = started
+        self.buffer = b""
+        self.ended = defer.Deferred()
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        if fd != 3:
+            return
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for line in lines:
+            words = line.decode("ascii", "replace").split()
+            if len(words) == 2 and words[0] == "queued":
+                self.pool.queued(words[1])
+
+    def processEnded(self, reason) -> None:
+        self.pool.ended(self, reason.value)
+        self.ended.callback(None)
+
+
+class WorkerPool(service.Service):
+    """
+    Starts C{count} workers on C{listeners} (L{SharedListener}s, in the
+    order of C{config.listeners}), queues what they receive with
+    C{manager}, restarts the ones that die, and stops them all (SIGTERM,
+    then SIGKILL) when the service stops.
+    """
+
+    name = "workers"
+
+    def __init__(self, config, reactor, count: int, listeners: list[SharedListener],
+                 spool, manager, run_blocking) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.count = count
+        self.listeners = listeners
+        self.spool = spool
+        self.manager = manager
+        self.run_blocking = run_blocking
+        self.workers: dict[int, Any] = {}  # index -> (process transport, _Worker)
+        self.delays: dict[int, float] = {}
+        self.stopping = False
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        for index in range(self.count):
+            self.spawn(index)
+
+    def spawn(self, index: int) -> None:
+        if self.stopping:
+            return
+        import twisted_mta
+        root = os.path.dirname(os.path.dirname(os.path.abspath(twisted_mta.__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get(
+            "PYTHONPATH", "").split(os.pathsep) if p])
+        args = [sys.executable, "-m", "twisted_mta.worker", "--config", self.config.path,
+                "--index", str(index)]
+        fds: dict[int, Any] = {0: "w", 1: 1, 2: 2, 3: "r"}
+        for n, listener in enumerate(self.listeners):
+            fds[LISTENER_FD_BASE + n] = listener.fileno
+            args += ["--listener", f"{n}:{LISTENER_FD_BASE + n}:{listener.family}"]
+        worker = _Worker(self, index, self.reactor.seconds())
+        transport = self.reactor.spawnProcess(worker, sys.executable, args, env=env,
+                                              childFDs=fds)
+        self.workers[index] = (transport, worker)
+        log.info("workers: worker {index} started (pid {pid})", index=index,
+                 pid=transport.pid, event="workers.started")
+
+    def queued(self, queue_id: str) -> None:
+        """A worker queued C{queue_id}: read the entry and queue it here."""
+        if queue_id in self.manager.entries:
+            return
+        d = self.run_blocking(self.spool.load, queue_id)
+        d.addCallback(self._enqueue, queue_id)
+        d.addErrback(lambda f: log.failure("workers: cannot queue {queue_id} that a worker "
+                                           "received", f, queue_id=queue_id,
+                                           event="workers.error"))
+
+    def _enqueue(self, envelope, queue_id: str) -> None:
+        if queue_id not in self.manager.entries and not self.stopping:
+            self.manager.enqueue(envelope)
+
+    def ended(self, worker: _Worker, reason: Exception) -> None:
+        if self.workers.get(worker.index, (None, None))[1] is worker:
+            del self.workers[worker.index]
+        if self.stopping:
+            return
+        young = self.reactor.seconds() - worker.started < YOUNG
+        delay = min(self.delays.get(worker.index, RESTART_DELAY / 2) * 2, RESTART_MAX_DELAY) \
+            if young else RESTART_DELAY
+        self.delays[worker.index] = delay
+        log.warn("workers: worker {index} ended ({why}); starting it again in {delay:g} s",
+                 index=worker.index, why=_why(reason), delay=delay, event="workers.ended")
+        self.adopt_orphans()
+        self.reactor.callLater(delay, self.spawn, worker.index)
+
+    def adopt_orphans(self) -> None:
+        """
+        Queue what a dead worker committed to C{new/} but could not report.
+        """
+        d = self.run_blocking(_listing, os.path.join(self.spool.path, "new"))
+
+        def found(names: list[str]) -> None:
+            for name in names:
+                if name not in self.manager.entries:
+                    self.queued(name)
+        d.addCallback(found)
+        d.addErrback(lambda f: log.failure("workers: cannot read new/", f,
+                                           event="workers.error"))
+
+    def stopService(self):
+        service.Service.stopService(self)
+        self.stopping = True
+        waiting = []
+        for transport, worker in list(self.workers.values()):
+            waiting.append(worker.ended)
+            _signal(transport, "TERM")
+            kill = self.reactor.callLater(STOP_TIMEOUT, _signal, transport, "KILL")
+            worker.ended.addBoth(lambda result, call=kill: call.active() and call.cancel())
+        return defer.DeferredList(waiting)
+
+
+def _signal(transport, name: str) -> None:
+    try:
+        transport.signalProcess(name)
+    except Exception:  # already gone
+        pass
+
+
+def _listing(path: str) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except FileNotFoundError:
+        return []
+
+
+def _why(reason: Exception) -> str:
+    code = getattr(reason, "exitCode", None)
+    sig = getattr(reason, "signal", None)
+    if sig:
+        try:
+            return f"signal {signal.Signals(sig).name}"
+        except ValueError:
+            return f"signal {sig}"
+    return f"exit code {code}"
