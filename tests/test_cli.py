@@ -537,6 +537,40 @@ class QueueCommandTests(SynchronousTestCase):
         self.assertEqual((entry["queue_id"], entry["state"], entry["attempts"]), (self.qid, "cur", 3))
         self.assertGreater(entry["age_seconds"], 7000)
 
+    def test_list_json_streams_the_same_array(self):
+        """--json is written item by item, and reads exactly as json.dumps(list, indent=2) would print it, for none, one and several entries."""
+        items = [{"queue_id": "A", "n": [1, {"x": ""}]}, {"queue_id": "B"}, {}]
+        for count in range(4):
+            out = io.StringIO()
+            with redirect_stdout(out):
+                cli._print_json_array(iter(items[:count]))
+            self.assertEqual(out.getvalue(), json.dumps(items[:count], indent=2) + "\n")
+
+    def test_list_many_keeps_columns_of_the_first_rows(self):
+        """Past WIDTH_ROWS entries, rows are printed as read with the first rows' column widths, and all are counted."""
+        from twisted_mta.queue.spool import Spool
+        self.patch(cli, "WIDTH_ROWS", 1)
+        real = Spool.iter_scan
+
+        def three(spool):
+            [entry] = real(spool)
+            for n in range(3):
+                yield (f"{entry[0][:-1]}{n}", *entry[1:])
+        self.patch(Spool, "iter_scan", three)
+        code, out, err = run_cli("queue", "list", "-c", self.conf)
+        lines = out.splitlines()
+        self.assertEqual((code, len(lines), lines[-1]), (0, 6, "3 entries"), out)
+        self.assertEqual({line.index("<a@remote.test>") for line in lines[1:4]}, {
+            lines[0].index("SENDER")})
+
+    def test_show_reads_one_entry(self):
+        """queue show finds its entry without reading the others."""
+        from twisted_mta.queue.spool import Spool
+        self.patch(Spool, "iter_scan", lambda spool: self.fail("queue show scanned the spool"))
+        code, out, err = run_cli("queue", "show", self.qid, "-c", self.conf)
+        self.assertEqual(code, 0, err)
+        self.assertIn(f"Queue ID:      {self.qid} (cur/)", out)
+
     def test_show(self):
         """queue show lists each recipient with its state and outcome."""
         code, out, err = run_cli("queue", "show", self.qid, "-c", self.conf)

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import sys
+import textwrap
 import time
 from typing import Any
 
@@ -164,21 +166,65 @@ def _not_yet(config) -> str | None:
     return f"the spool {config.spool} does not exist yet"
 
 
-def _scan(spool: Spool):
+def _spool_error(spool: Spool, e: OSError) -> None:
+    where = f" ({e.filename})" if e.filename else ""
+    print(f"twisted-mta: cannot read the spool {spool.path}: {e.strerror or e}{where}",
+          file=sys.stderr)
+
+
+def _find(spool: Spool, queue_id: str):
     """
-    Every entry (L{Spool.scan}), or None after saying why the spool
-    cannot be read.
+    One entry as L{Spool.find} gives it: C{(found, entry or None)}, where
+    C{found} is False after saying why the spool cannot be read.
     """
     try:
-        return spool.scan()
+        return True, spool.find(queue_id)
     except OSError as e:
-        where = f" ({e.filename})" if e.filename else ""
-        print(f"twisted-mta: cannot read the spool {spool.path}: {e.strerror or e}{where}",
-              file=sys.stderr)
-        return None
+        _spool_error(spool, e)
+        return False, None
+
+
+# Rows whose widths set the columns of `queue list`: the rest are printed
+# as they are read (a longer cell shifts its row), so memory stays flat.
+WIDTH_ROWS = 1000
+
+
+def _list_row(qid: str, state: str, env: Envelope | None, problem: str | None,
+              now: float) -> tuple[str, ...]:
+    if env is None:
+        return (qid, state, "?", "?", "?", "-", f"unreadable: {problem}")
+    pending = len(env.pending())
+    rcpts = f"{len(env.recipients)} ({pending} pending)" if pending != len(env.recipients) \
+        else str(len(env.recipients))
+    if state == "hold":
+        nxt = "held"
+    elif env.next_attempt <= now:
+        nxt = "due now"
+    else:
+        nxt = "in " + _duration(env.next_attempt - now)
+    last = env.last_outcome
+    return (qid, state, _duration(now - env.arrival), f"<{env.sender}>", rcpts, nxt,
+            str(last) if last else "-")
+
+
+def _print_json_array(items) -> None:
+    """
+    C{json.dumps(list(items), indent=2)}, written one item at a time.
+    """
+    out = sys.stdout
+    first = True
+    for item in items:
+        out.write("[\n" if first else ",\n")
+        first = False
+        out.write(textwrap.indent(json.dumps(item, indent=2), "  "))
+    out.write("[]\n" if first else "\n]\n")
 
 
 def cmd_queue_list(args: argparse.Namespace) -> int:
+    """
+    Entries are read, formatted and printed one at a time (L{Spool.iter_scan}),
+    so a queue of 100,000 lists in the memory of a few.
+    """
     config = _config(args)
     if config is None:
         return 1
@@ -187,36 +233,26 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
         print("[]" if args.json else f"The queue is empty ({missing}).")
         return 0
     now = time.time()
-    entries = _scan(Spool(config.spool))
-    if entries is None:
+    spool = Spool(config.spool)
+    entries = spool.iter_scan()
+    try:
+        if args.json:
+            _print_json_array(_entry_json(*e, now) for e in entries)
+            return 0
+        header = ("QUEUE ID", "STATE", "AGE", "SENDER", "RECIPIENTS", "NEXT ATTEMPT",
+                  "LAST ERROR")
+        rows = [header] + [_list_row(*e, now) for e in itertools.islice(entries, WIDTH_ROWS)]
+        if len(rows) == 1:
+            print("The queue is empty.")
+            return 0
+        widths = [max(len(r[i]) for r in rows) for i in range(6)]
+        total = -1  # the header is no entry
+        for r in itertools.chain(rows, (_list_row(*e, now) for e in entries)):
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[6])
+            total += 1
+    except OSError as e:
+        _spool_error(spool, e)
         return 1
-    if args.json:
-        print(json.dumps([_entry_json(*e, now) for e in entries], indent=2))
-        return 0
-    if not entries:
-        print("The queue is empty.")
-        return 0
-    rows = [("QUEUE ID", "STATE", "AGE", "SENDER", "RECIPIENTS", "NEXT ATTEMPT", "LAST ERROR")]
-    for qid, state, env, problem in entries:
-        if env is None:
-            rows.append((qid, state, "?", "?", "?", "-", f"unreadable: {problem}"))
-            continue
-        pending = len(env.pending())
-        rcpts = f"{len(env.recipients)} ({pending} pending)" if pending != len(env.recipients) \
-            else str(len(env.recipients))
-        if state == "hold":
-            nxt = "held"
-        elif env.next_attempt <= now:
-            nxt = "due now"
-        else:
-            nxt = "in " + _duration(env.next_attempt - now)
-        last = env.last_outcome
-        rows.append((qid, state, _duration(now - env.arrival), f"<{env.sender}>", rcpts, nxt,
-                     str(last) if last else "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(6)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[6])
-    total = len(entries)
     print(f"\n{total} entr{'y' if total == 1 else 'ies'}")
     return 0
 
@@ -246,12 +282,11 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     now = time.time()
-    entries = _scan(Spool(config.spool))
-    if entries is None:
+    readable, found = _find(Spool(config.spool), args.queue_id)
+    if not readable:
         return 1
-    for qid, state, env, problem in entries:
-        if qid != args.queue_id:
-            continue
+    if found is not None:
+        qid, state, env, problem = found
         if args.json:
             print(json.dumps(_entry_json(qid, state, env, problem, now), indent=2))
             return 0
@@ -412,14 +447,15 @@ def cmd_tls_explain(args: argparse.Namespace) -> int:
             print(f"twisted-mta: no queue entry {args.message}: {missing}, so the queue is "
                   "empty", file=sys.stderr)
             return 1
-        entries = _scan(Spool(config.spool))
-        if entries is None:
+        if _bad_queue_id(args.message):
+            return 2
+        readable, found = _find(Spool(config.spool), args.message)
+        if not readable:
             return 1
-        found = [env for qid, _, env, _ in entries if qid == args.message and env]
-        if not found:
+        env = found[2] if found is not None else None
+        if env is None:
             print(f"twisted-mta: no queue entry {args.message}", file=sys.stderr)
             return 1
-        env = found[0]
         message = {"age": time.time() - env.arrival, "attempts": env.attempts,
                    "tls_failures": env.tls_failures}
         domains = sorted({r.address.rpartition("@")[2].lower() for r in env.pending()})

@@ -50,6 +50,21 @@ class SpoolTests(SynchronousTestCase):
         self.assertEqual(self.spool.read_message(qid), b"Subject: x\r\n\r\nbody\r\n")
         self.assertEqual(self.spool.load(qid), envelope(qid))
 
+    def test_iter_scan_reads_one_entry_at_a_time(self):
+        """iter_scan reads an entry only when asked for it (a queue of any size lists in constant memory), in scan's order; find reads one entry without listing."""
+        qids = sorted(self.commit() for _ in range(3))
+        reads = []
+        real = self.spool.read
+        self.patch(self.spool, "read", lambda qid, *a: (reads.append(qid), real(qid, *a))[1])
+        it = self.spool.iter_scan()
+        first = next(it)
+        self.assertEqual((first[0], first[1], reads), (qids[0], "new", [qids[0]]))
+        self.assertEqual([e[0] for e in it], qids[1:])
+        self.assertEqual(self.spool.scan(), [(q, "new", envelope(q), None) for q in qids])
+        self.patch(self.spool, "_names", lambda name: self.fail("find listed " + name))
+        self.assertEqual(self.spool.find(qids[1]), (qids[1], "new", envelope(qids[1]), None))
+        self.assertIsNone(self.spool.find("NOSUCHENTRY"))
+
     def test_commit_fsyncs_before_firing(self):
         """The commit's Deferred fires only after the file and new/ were fsync'd."""
         calls = []

@@ -645,9 +645,13 @@ class Spool:
         with os.scandir(self._dir(name)) as it:
             return [entry for entry in it if not entry.name.startswith(".")]
 
-    def _names(self, name: str) -> Iterator[str]:
-        for entry in self._listing(name):
-            yield entry.name
+    def _names(self, name: str) -> list[str]:
+        """
+        The names in one spool directory: strings only, no L{os.DirEntry}
+        (a tenth of the memory for a large queue).
+        """
+        with os.scandir(self._dir(name)) as it:
+            return [entry.name for entry in it if not entry.name.startswith(".")]
 
     def read(self, queue_id: str, state: str, has_state_file: bool) -> EntryRead:
         """
@@ -749,19 +753,40 @@ class Spool:
         damaged entry has no envelope and says why; nothing raises but a
         spool directory that cannot be listed (L{OSError}).
         """
+        return list(self.iter_scan())
+
+    def iter_scan(self) -> Iterator[tuple[str, str, Envelope | None, str | None]]:
+        """
+        L{scan} one entry at a time, in the same order: what is held at
+        once is one entry and the names of one directory, so listing a
+        queue of any size takes constant memory per entry.
+        """
         state_ids = {n[:-5] for n in self._names("envelopes") if n.endswith(".json")}
-        out = []
         for state in STATE_DIRS:
             for qid in sorted(self._names(state)):
-                try:
-                    entry = self.read(qid, state, qid in state_ids)
-                except FileNotFoundError:
-                    continue  # finished while we looked
-                except Exception as e:
-                    out.append((qid, state, None, _why(e)))
-                    continue
-                out.append((qid, state, entry.envelope, entry.problem))
-        return out
+                found = self._scan_one(qid, state, qid in state_ids)
+                if found is not None:
+                    yield found
+
+    def find(self, queue_id: str) -> tuple[str, str, Envelope | None, str | None] | None:
+        """
+        One entry as L{scan} shows it, or C{None} when there is none,
+        without listing the spool.
+        """
+        state = self.state_of(queue_id)
+        if state is None:
+            return None
+        return self._scan_one(queue_id, state, os.path.exists(self.envelope_path(queue_id)))
+
+    def _scan_one(self, qid: str, state: str, has_state_file: bool
+                  ) -> tuple[str, str, Envelope | None, str | None] | None:
+        try:
+            entry = self.read(qid, state, has_state_file)
+        except FileNotFoundError:
+            return None  # finished while we looked
+        except Exception as e:
+            return (qid, state, None, _why(e))
+        return (qid, state, entry.envelope, entry.problem)
 
     # -- start-up ---------------------------------------------------------
 
