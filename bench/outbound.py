@@ -256,6 +256,10 @@ connections_per_destination = 20
 idle_time = "5s"
 messages_per_connection = 100
 
+[dns]
+# all mail goes to the smarthost; nothing may ask the system's resolver
+nameservers = ["127.0.0.1:9"]
+
 [outbound.smarthost]
 host = "[127.0.0.1]:{sink}"
 """

@@ -23,6 +23,8 @@ from twisted_mta.queue.spool import Spool
 # loopback (9, discard), so a lookup fails at once and no query ever
 # leaves the machine through the system resolver.
 LOOPBACK_DNS = '[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = "1s"\n'
+# The same as a parsed table, for configurations built from dicts.
+LOOPBACK_DNS_TABLE = {"nameservers": ["127.0.0.1:9"], "timeout": "1s"}
 
 
 def make_config(base: str, **sections: dict[str, Any]) -> Config:
@@ -39,6 +41,7 @@ def make_config(base: str, **sections: dict[str, Any]) -> Config:
             "aliases": {"info": ["alice", "bob"], "sales@example.org": "bob",
                         "loop1": "loop2", "loop2": "loop1"},
         },
+        "dns": dict(LOOPBACK_DNS_TABLE),  # never the system resolver
     }
     for name, value in sections.items():
         if isinstance(value, dict) and isinstance(raw.get(name), dict):

@@ -295,8 +295,8 @@ def make_published(config: Config, reactor, run_blocking, resolver):
     from twisted_mta.tls.sts_cache import PolicyCache, cache_directory
     from twisted_mta.tls.sts_fetch import PolicyFetcher
     tls, dns_settings = config.outbound.tls, config.dns
-    if not (tls.dane or tls.mta_sts):
-        return None
+    if not (tls.dane or tls.mta_sts) or config.outbound.smarthost is not None:
+        return None  # (with a smarthost for every domain, no MX is ever used)
     dane_resolver = None
     if tls.dane:
         servers = dns_settings.nameservers or tuple(system_nameservers())

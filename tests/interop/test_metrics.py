@@ -15,6 +15,7 @@ from twisted.internet import reactor, threads
 from twisted.trial import unittest
 
 from twisted_mta.config import parse_config
+from tests.support import LOOPBACK_DNS_TABLE
 from twisted_mta.tap import make_service
 from tests.interop.support import free_port
 
@@ -41,6 +42,7 @@ class MetricsTests(unittest.TestCase):
             "local": {"domains": ["example.test"], "users": ["alice", "postmaster"],
                       "mailbox": "mail/{user}/Maildir"},
             "metrics": {"endpoint": f"tcp:{self.metrics_port}:interface=127.0.0.1"},
+            "dns": LOOPBACK_DNS_TABLE,
         }, os.path.join(self.base, "mta.toml"))
         self.service = make_service(config, reactor)
         self.service.startService()
