@@ -103,9 +103,12 @@ def write_config(args: argparse.Namespace, sink: int) -> tuple[str, int]:
     return path, port
 
 
-def measure(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of C{cmd} (by GNU time), its output discarded."""
-    proc = subprocess.run(["/usr/bin/time", "-f", "TIME %e %M", *cmd],
+def measure(cmd: list[str], cwd: str) -> tuple[float, float]:
+    """
+    Wall seconds and peak RSS (MB) of C{cmd} (by GNU time), its output
+    discarded; run in C{cwd}, so PYTHONPATH (another checkout) is obeyed.
+    """
+    proc = subprocess.run(["/usr/bin/time", "-f", "TIME %e %M", *cmd], cwd=cwd,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     line = [x for x in proc.stderr.splitlines() if x.startswith("TIME ")]
     if proc.returncode or not line:
@@ -118,7 +121,7 @@ def list_(args: argparse.Namespace) -> None:
     config, _ = write_config(args, 9)
     out = {}
     for name, extra in (("list", ()), ("list_json", ("--json",))):
-        wall, peak = measure(cli(config, "queue", "list", *extra))
+        wall, peak = measure(cli(config, "queue", "list", *extra), args.dir)
         out[name] = {"seconds": round(wall, 2), "peak_rss_mb": round(peak, 1)}
     print(json.dumps(out))
 
@@ -182,7 +185,8 @@ def run(args: argparse.Namespace) -> None:
         prober.start()
         time.sleep(1)
         flushed = time.perf_counter()
-        subprocess.run(cli(config, "queue", "flush"), check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(cli(config, "queue", "flush"), check=True, stdout=subprocess.DEVNULL,
+                       cwd=args.dir)
         peak = 0.0
         while time.perf_counter() - flushed < (args.sigterm_after or args.flush_time):
             peak = max(peak, tree_rss_mb(proc.pid)[0])

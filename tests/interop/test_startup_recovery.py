@@ -136,16 +136,16 @@ class StartupFailureTests(unittest.TestCase):
         self.assertOneLineFailure(result, took, mta.port, mta.spool, "cannot create spool")
 
     def test_recovery_that_raises(self) -> None:
-        """Recovery raising at start-up (here: an injected OSError, as from a spool directory that cannot be read) stops twistd: exit 1 within 10 s, one line saying what failed, the port closed; before, the process stayed alive, listening without a greeting."""
+        """Recovery raising at start-up (here: an injected OSError from the directory listing, Spool.recover_start, as from a spool directory that cannot be read) stops twistd: exit 1 within 10 s, one line saying what failed, the port closed; before, the process stayed alive, listening without a greeting."""
         tmp = make_tempdir(self, "startup")
         mta = MTAProcess(tmp)
         self.addCleanup(mta.cleanup)
         prelude = (
             "import errno, os\n"
             "from twisted_mta.queue import spool\n"
-            "def recover(self):\n"
+            "def recover_start(self):\n"
             "    raise OSError(errno.EIO, os.strerror(errno.EIO), os.path.join(self.path, 'new'))\n"
-            "spool.Spool.recover = recover\n"
+            "spool.Spool.recover_start = recover_start\n"
             "from twisted.scripts.twistd import run; run()\n")
         result, took = run([TWISTD[0], "-c", prelude], mta.config_path, tmp)
         self.assertOneLineFailure(result, took, mta.port, "start-up failed",

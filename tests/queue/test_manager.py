@@ -679,3 +679,134 @@ class DamagedFileTests(ManagerTestBase):
         outcome = stored.recipients[0].outcome
         self.assertEqual((stored.recipients[0].state, outcome.enhanced), ("pending", "4.3.0"))
         self.assertIn("could not read the queued message", outcome.text)
+
+
+class HangingTarget(RecordingTarget):
+    """
+    A target whose deliveries end when the test says: C{finish(outcome)}
+    fires the oldest one still open.
+    """
+
+    def __init__(self, name):
+        super().__init__(name, Outcome(451, "4.4.1", "later"))
+        self.open = []
+
+    def deliver(self, request):
+        self.requests.append(request)
+        d = defer.Deferred()
+        self.open.append((request, d))
+        return d
+
+    def finish(self, outcome):
+        request, d = self.open.pop(0)
+        d.callback({r.address: outcome for r in request.recipients})
+
+
+class LargeQueueTests(ManagerTestBase):
+    """
+    A large queue stays smooth: one timer for all entries, bounded work
+    per reactor turn, a stop that waits only for what is in flight, and a
+    start-up that reads the spool in batches.
+    """
+
+    LATER = Outcome(451, "4.4.1", "later")
+
+    def setUp(self):
+        super().setUp()
+        self.config = make_config(self.base, queue={"retry_schedule": [60, 600], "jitter": 0,
+                                                    "lifetime": 3600,
+                                                    "delivery_concurrency": 3})
+        self.remote = HangingTarget("remote")
+
+    def large_manager(self, count, run_blocking=None):
+        qids = [self.queue([f"u{i}@elsewhere.test"]).queue_id for i in range(count)]
+        m = QueueManager(self.config, self.spool, self.clock,
+                         run_blocking or self.run_blocking,
+                         Targets(local=RecordingTarget("local", self.LATER), remote=self.remote))
+        m.startService()
+        self.addCleanup(m.stopService)
+        return m, qids
+
+    def test_one_timer_for_all_entries(self):
+        """Thirty entries due at thirty times hold one timer between them (plus the control poll), not one each; each is attempted at its time."""
+        m, qids = self.large_manager(30)
+        for i, qid in enumerate(qids):
+            m.schedule(qid, T0 + 100 + i)
+        self.assertLessEqual(len(self.clock.getDelayedCalls()), 2)
+        self.clock.advance(100)
+        self.assertEqual([r.envelope.queue_id for r in self.remote.requests], [qids[0]])
+        self.clock.advance(1)
+        self.assertEqual(len(self.remote.requests), 2)
+
+    def test_attempts_bounded_by_concurrency_and_per_turn(self):
+        """Of twelve due entries, a pump starts at most ATTEMPTS_PER_TURN and never more than delivery_concurrency at once; the next starts when one ends."""
+        from twisted_mta.queue import manager
+        self.patch(manager, "ATTEMPTS_PER_TURN", 2)
+        m, qids = self.large_manager(12)
+        m._pump()
+        self.assertEqual(len(self.remote.requests), 2)
+        self.clock.advance(0)
+        self.assertEqual(len(self.remote.requests), 3)
+        self.remote.finish(self.LATER)
+        self.assertEqual(len(self.remote.requests), 4)
+        self.assertEqual(len(m.active), 3)
+
+    def test_flush_in_batches(self):
+        """A flush makes FLUSH_BATCH entries due per reactor turn, skipping held ones, until all are."""
+        from twisted_mta.queue import manager
+        self.patch(manager, "FLUSH_BATCH", 3)
+        m, qids = self.large_manager(7)
+        for qid in qids:
+            m.schedule(qid, T0 + 3600)
+        m.states[qids[6]] = "hold"
+        m.unschedule(qids[6])
+        m.flush()
+        due = [q for q, t in m._due_at.items() if t <= T0]
+        self.assertEqual(len(due), 3)
+        self.clock.advance(0)
+        started = [r.envelope.queue_id for r in self.remote.requests]
+        self.assertEqual(len(started), 3)  # delivery_concurrency
+        self.assertEqual(sorted([q for q, t in m._due_at.items() if t <= T0] + started),
+                         sorted(qids[:6]))
+
+    def test_stop_waits_only_for_attempts_in_flight(self):
+        """SIGTERM with twelve entries due: stopping waits for the three in flight, starts none of the others, and leaves them in the spool."""
+        m, qids = self.large_manager(12)
+        self.clock.advance(0)
+        self.assertEqual(len(self.remote.requests), 3)
+        d = m.stopService()
+        self.assertNoResult(d)
+        for _ in range(3):
+            self.remote.finish(self.LATER)
+        self.successResultOf(d)
+        self.assertEqual(len(self.remote.requests), 3)
+        self.assertEqual(sorted(entry[0] for entry in self.spool.scan()), sorted(qids))
+
+    def test_start_up_reads_the_spool_in_batches(self):
+        """At start the entries are read LOAD_BATCH at a time in the I/O threads, each batch scheduled as it comes; operator requests are read once all are in, and an entry queued meanwhile keeps its state."""
+        from twisted_mta.queue import manager
+        self.patch(manager, "LOAD_BATCH", 2)
+        calls = []
+
+        def later(f, *args):
+            d = defer.Deferred()
+            calls.append((f, args, d))
+            return d
+
+        def run_next():
+            f, args, d = calls.pop(0)
+            d.callback(f(*args))
+
+        m, qids = self.large_manager(5, later)
+        self.assertEqual(m.entries, {})
+        self.assertNoResult(m.loaded)
+        run_next()
+        self.assertEqual(sorted(m.entries), qids[:2])
+        m.enqueue(self.spool.load(qids[3]))
+        m.states[qids[3]] = "cur"  # as if attempted meanwhile
+        self.assertIsNone(m._control)
+        run_next()
+        run_next()
+        self.successResultOf(m.loaded)
+        self.assertEqual((sorted(m.entries), m.states[qids[3]]), (qids, "cur"))
+        self.assertTrue(m._control.running)

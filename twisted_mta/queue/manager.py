@@ -20,8 +20,10 @@ attempt queues it without delivering again.
 from __future__ import annotations
 
 import errno
+import heapq
+import itertools
 import random
-from typing import Callable
+from typing import Callable, Iterator
 
 import attrs
 from twisted.application import service
@@ -44,6 +46,12 @@ from twisted_mta.tls.failure import TLS_KINDS
 log = Logger()
 
 CONTROL_INTERVAL = 1.0  # seconds between looks into spool/control/
+# Bounds on the work of one reactor turn, so that a queue of 100,000 never
+# stalls the other clients: attempts started, entries made due by a flush,
+# entries read per trip to the I/O threads at start-up.
+ATTEMPTS_PER_TURN = 100
+FLUSH_BATCH = 2000
+LOAD_BATCH = 500
 def retry_delay(schedule: tuple[int, ...], attempts: int, jitter: float,
                 rand: Callable[[], float] = random.random) -> float:
     """
@@ -98,54 +106,99 @@ class QueueManager(service.Service):
         self.directory = LocalDirectory(config.local)
         self.entries: dict[str, Envelope] = {}
         self.states: dict[str, str] = {}
-        self._timers: dict[str, object] = {}
+        # When each scheduled entry is due, and a heap of (due, queue id)
+        # over it with one timer at its head: a float and a tuple per
+        # entry, where a DelayedCall each cost ten times that.  A heap
+        # item whose time is not the entry's in _due_at is stale (the
+        # entry was rescheduled or unscheduled) and skipped.
+        self._due_at: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._wake = None  # the DelayedCall at the head's due time
+        self._pumping = False
+        self._flushing: Iterator[str] | None = None
         self._recovering: set[str] = set()
         self._unsaved: set[str] = set()  # results in memory the disk refused
-        self.active: dict[str, defer.Deferred] = {}
-        self._semaphore = defer.DeferredSemaphore(config.queue.delivery_concurrency)
+        self.active: dict[str, defer.Deferred] = {}  # attempts in flight
+        self._concurrency = config.queue.delivery_concurrency
         self._stopping = False
         self._control: task.LoopingCall | None = None
+        self.loaded: defer.Deferred | None = None  # fires when start-up has read the spool
         self.operator = OperatorRequests(self)
         self.notices = Notices(config, spool, clock, run_blocking, self.directory,
                                self.enqueue, self._notify)
 
     def startService(self) -> None:
+        """
+        Read the spool's directories now (quick), and the entries in
+        batches in the I/O threads (L{loaded} fires when all are in): the
+        listeners open while a large queue is still being read.
+        """
         service.Service.startService(self)
         self._stopping = False
-        report = self.spool.recover()
+        plan = self.spool.recover_start()
+        self.loaded = self._load(plan)
+
+    @defer.inlineCallbacks
+    def _load(self, plan):
+        count = 0
+        quarantined = len(plan.quarantined)
+        pending = plan.pending
+        for start in range(0, len(pending), LOAD_BATCH):
+            if self._stopping:
+                return
+            batch = pending[start:start + LOAD_BATCH]
+            try:
+                report = yield self.run_blocking(self.spool.recover_entries, batch)
+            except Exception:
+                # (a spool directory that cannot be changed): the others load
+                log.failure("queue: could not read {count} entries from {first}; they wait "
+                            "for the next start", count=len(batch), first=batch[0][0],
+                            event="queue.error")
+                continue
+            quarantined += len(report.quarantined)
+            for envelope, state in report.entries:
+                qid = envelope.queue_id
+                if qid in self.entries or self._stopping:
+                    continue  # queued meanwhile (a worker's orphan)
+                count += 1
+                self.entries[qid] = envelope
+                self.states[qid] = state
+                if state != "hold":
+                    self._recovering.add(qid)
+                    self.schedule(qid, envelope.next_attempt)
         log.info("queue: {count} entries in {spool} ({debris} debris and {orphans} orphan "
                  "state files removed, {quarantined} quarantined)", event="queue.recovered",
-                 count=len(report.entries), spool=self.spool.path,
-                 debris=report.removed_debris, orphans=report.removed_orphans,
-                 quarantined=len(report.quarantined))
-        for envelope, state in report.entries:
-            self.entries[envelope.queue_id] = envelope
-            self.states[envelope.queue_id] = state
-            if state == "hold":
-                continue
-            self._recovering.add(envelope.queue_id)
-            self.schedule(envelope.queue_id, envelope.next_attempt)
+                 count=count, spool=self.spool.path, debris=plan.removed_debris,
+                 orphans=plan.removed_orphans, quarantined=quarantined)
+        if self._stopping:
+            return
         self._control = task.LoopingCall(self.operator.poll)
         self._control.clock = self.clock
         self._control.start(CONTROL_INTERVAL, now=False)
 
     def stopService(self) -> defer.Deferred:
+        """
+        Start nothing more and wait only for the attempts in flight (at
+        most C{delivery_concurrency}): whatever else was due stays in the
+        spool, due at the next start, so stopping takes the same time at
+        any queue size.
+        """
         service.Service.stopService(self)
         self._stopping = True
         if self._control is not None and self._control.running:
             self._control.stop()
-        for timer in self._timers.values():
-            if timer.active():
-                timer.cancel()
-        self._timers.clear()
+        if self._wake is not None and self._wake.active():
+            self._wake.cancel()
+        self._wake = None
+        self._due_at.clear()
+        self._heap = []
+        self._flushing = None
         for target in self.targets:
             target.stop()
         return defer.DeferredList(list(self.active.values()))
 
     def unschedule(self, qid: str) -> None:
-        timer = self._timers.pop(qid, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._due_at.pop(qid, None)  # its heap item is stale now
 
     # -- scheduling -----------------------------------------------------------
 
@@ -163,25 +216,104 @@ class QueueManager(service.Service):
         self.schedule(envelope.queue_id, self.clock.seconds())
 
     def flush(self) -> None:
-        now = self.clock.seconds()
-        for qid, state in self.states.items():
-            if state != "hold":
+        """
+        Make every entry not held due now, L{FLUSH_BATCH} per reactor turn;
+        the attempts then start as capacity allows (L{_pump}).
+        """
+        self._flushing = iter(list(self.states))
+        self._flush_batch(self.clock.seconds())
+
+    def _flush_batch(self, now: float) -> None:
+        batch = self._flushing
+        if batch is None or self._stopping:
+            return
+        done = 0
+        for qid in itertools.islice(batch, FLUSH_BATCH):
+            done += 1
+            if self.states.get(qid, "hold") != "hold":
                 self.schedule(qid, now)
+        if done == FLUSH_BATCH:
+            self.clock.callLater(0, self._flush_batch, now)
+        elif self._flushing is batch:
+            self._flushing = None
 
     def schedule(self, qid: str, when: float) -> None:
         if self._stopping:
             return
-        old = self._timers.pop(qid, None)
-        if old is not None and old.active():
-            old.cancel()
-        delay = max(0.0, when - self.clock.seconds())
-        self._timers[qid] = self.clock.callLater(delay, self._due, qid)
+        self._due_at[qid] = when
+        heapq.heappush(self._heap, (when, qid))
+        self._compact()
+        self._arm(when)
 
-    def _due(self, qid: str) -> None:
-        self._timers.pop(qid, None)
-        if qid in self.active or qid not in self.entries:
+    def _compact(self) -> None:
+        """
+        Rebuild the heap when most of it is stale (after flushes, a drain).
+        """
+        if len(self._heap) > 2 * len(self._due_at) + 1024:
+            self._heap = [(when, qid) for qid, when in self._due_at.items()]
+            heapq.heapify(self._heap)
+
+    def _arm(self, when: float) -> None:
+        """
+        Have the one timer fire by C{when}.
+        """
+        wake = self._wake
+        if wake is not None and wake.active():
+            if wake.getTime() <= when:
+                return
+            wake.cancel()
+        self._wake = self.clock.callLater(max(0.0, when - self.clock.seconds()), self._run_due)
+
+    def _run_due(self) -> None:
+        self._wake = None
+        self._pump()
+
+    def _head(self) -> float | None:
+        """
+        The due time of the first scheduled entry, dropping stale items.
+        """
+        heap, due_at = self._heap, self._due_at
+        while heap:
+            when, qid = heap[0]
+            if due_at.get(qid) == when:
+                return when
+            heapq.heappop(heap)
+        return None
+
+    def _pump(self) -> None:
+        """
+        Start the due attempts there is room for: at most
+        L{ATTEMPTS_PER_TURN} in one turn, the rest in the next ones.  An
+        attempt that ends pumps again, so a due entry waits in the heap,
+        not as a Deferred of its own.
+        """
+        if self._pumping or self._stopping:
             return
-        d = self._semaphore.run(self._attempt, qid)
+        self._pumping = True
+        try:
+            now = self.clock.seconds()
+            started = 0
+            while started < ATTEMPTS_PER_TURN and len(self.active) < self._concurrency:
+                when = self._head()
+                if when is None or when > now:
+                    break
+                _, qid = heapq.heappop(self._heap)
+                del self._due_at[qid]
+                if qid in self.active or qid not in self.entries:
+                    continue  # being attempted: it is scheduled again when it ends
+                started += 1
+                self._start(qid)
+        finally:
+            self._pumping = False
+        if self._stopping:
+            return
+        self._compact()
+        when = self._head()
+        if when is not None and (when > now or len(self.active) < self._concurrency):
+            self._arm(when)  # else the next attempt to end pumps
+
+    def _start(self, qid: str) -> None:
+        d = defer.maybeDeferred(self._attempt, qid)
         self.active[qid] = d
         d.addErrback(self._crashed, qid)
         d.addBoth(self._finished, qid)
@@ -214,6 +346,7 @@ class QueueManager(service.Service):
 
     def _finished(self, _: object, qid: str) -> None:
         self.active.pop(qid, None)
+        self._pump()
 
     # -- one attempt ------------------------------------------------------------
 

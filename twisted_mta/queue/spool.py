@@ -355,6 +355,20 @@ class RecoveryReport:
 
 
 @attrs.frozen
+class RecoveryPlan:
+    """
+    What the quick first part of recovery (L{Spool.recover_start}) found:
+    the entries still to read, as (queue id, state dir, has a state file),
+    in queue id order.
+    """
+
+    pending: tuple[tuple[str, str, bool], ...]
+    removed_debris: int
+    removed_orphans: int
+    quarantined: tuple[str, ...]
+
+
+@attrs.frozen
 class EntryRead:
     """
     One queue entry as found on disk, read without changing anything
@@ -823,7 +837,10 @@ class Spool:
     def recover(self) -> RecoveryReport:
         """
         Bring the spool to a consistent state after any kind of stop and
-        return every live entry.  Needs the lock.
+        return every live entry.  Needs the lock.  The same as
+        L{recover_start} and then L{recover_entries} of all it found,
+        which the queue manager does in batches so that start-up does not
+        wait for a large queue.
 
         Nothing found in an entry stops it: a damaged queue file (see
         L{read}) is moved to corrupt/ (C{queue.quarantined}), an unusable
@@ -831,6 +848,18 @@ class Spool:
         state or the envelope it was accepted with (C{queue.state-lost}),
         each logged.  Only a spool directory that cannot be read or
         changed raises (L{OSError}).
+        """
+        plan = self.recover_start()
+        report = self.recover_entries(plan.pending)
+        return attrs.evolve(report, removed_debris=plan.removed_debris,
+                            removed_orphans=plan.removed_orphans,
+                            quarantined=plan.quarantined + report.quarantined)
+
+    def recover_start(self) -> RecoveryPlan:
+        """
+        The part of L{recover} that reads directories only: debris in
+        tmp/, copies of one entry, envelopes/; the entries themselves are
+        left for L{recover_entries}.  Needs the lock.
         """
         debris = 0
         for entry in self._listing("tmp"):
@@ -848,12 +877,12 @@ class Spool:
         # The same name in two state directories (a copy): the later state
         # wins (an operator's hold above all), the other is set aside.
         for state in STATE_DIRS:
-            for entry in self._listing(state):
-                earlier = messages.get(entry.name)
+            for name in self._names(state):
+                earlier = messages.get(name)
                 if earlier is not None:
-                    self._quarantine(entry.name, earlier, f"another copy is in {state}/")
-                    quarantined.append(entry.name)
-                messages[entry.name] = state
+                    self._quarantine(name, earlier, f"another copy is in {state}/")
+                    quarantined.append(name)
+                messages[name] = state
 
         orphans = 0
         state_ids = set()
@@ -871,10 +900,24 @@ class Spool:
                 log.info("spool: removed {name} from envelopes/: no queue entry of that name",
                          name=name, event="queue.orphan-removed")
 
+        if quarantined:
+            fsync_dir(self._dir("corrupt"))
+        return RecoveryPlan(
+            pending=tuple((qid, state, qid in state_ids)
+                          for qid, state in sorted(messages.items())),
+            removed_debris=debris, removed_orphans=orphans, quarantined=tuple(quarantined))
+
+    def recover_entries(self, pending) -> RecoveryReport:
+        """
+        Read the entries of a L{RecoveryPlan} (all or a batch): damaged ones
+        go to corrupt/, unusable states are removed, as L{recover} says;
+        returns the live ones (the report's counts of debris and orphans
+        are 0: they belong to the plan).  Needs the lock.
+        """
         entries = []
         restarted = []
-        for qid, state in sorted(messages.items()):
-            has_file = qid in state_ids
+        quarantined: list[str] = []
+        for qid, state, has_file in pending:
             try:
                 entry = self.read(qid, state, has_file)
             except FileNotFoundError:
@@ -909,6 +952,5 @@ class Spool:
             entries.append((entry.envelope, state))
         if quarantined:
             fsync_dir(self._dir("corrupt"))
-        return RecoveryReport(entries=tuple(entries), removed_debris=debris,
-                              removed_orphans=orphans, quarantined=tuple(quarantined),
-                              restarted=tuple(restarted))
+        return RecoveryReport(entries=tuple(entries), removed_debris=0, removed_orphans=0,
+                              quarantined=tuple(quarantined), restarted=tuple(restarted))
