@@ -127,12 +127,12 @@ def list_(args: argparse.Namespace) -> None:
 
 
 class Prober(threading.Thread):
-    """Connects every 20 ms and notes the longest wait for a banner."""
+    """Connects every 20 ms and notes each wait for a banner."""
 
     def __init__(self, port: int) -> None:
         super().__init__(daemon=True)
         self.port = port
-        self.worst = 0.0
+        self.waits: list[tuple[float, float]] = []  # (when, seconds)
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -141,11 +141,20 @@ class Prober(threading.Thread):
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=60) as s:
                     s.recv(512)
-                    self.worst = max(self.worst, time.perf_counter() - start)
+                    self.waits.append((start, time.perf_counter() - start))
                     s.sendall(b"QUIT\r\n")
             except OSError:
                 pass
             time.sleep(0.02)
+
+    def summary(self, since: float, until: float = float("inf")) -> dict:
+        waits = sorted(w for t, w in self.waits if since <= t < until)
+        if not waits:
+            return {}
+        return {"probes": len(waits), "p50_ms": round(1000 * waits[len(waits) // 2], 1),
+                "p99_ms": round(1000 * waits[int(len(waits) * 0.99)], 1),
+                "max_ms": round(1000 * waits[-1], 1),
+                "over_100ms": sum(w > 0.1 for w in waits)}
 
 
 def wait_log(path: str, needle: str, timeout: float) -> float | None:
@@ -183,15 +192,17 @@ def run(args: argparse.Namespace) -> None:
         out["rss_idle_mb"] = [round(x) for x in tree_rss_mb(proc.pid)]
         prober = Prober(port)
         prober.start()
-        time.sleep(1)
+        idle = time.perf_counter()
+        time.sleep(5)
         flushed = time.perf_counter()
+        out["banner_idle"] = prober.summary(idle, flushed)
         subprocess.run(cli(config, "queue", "flush"), check=True, stdout=subprocess.DEVNULL,
                        cwd=args.dir)
         peak = 0.0
         while time.perf_counter() - flushed < (args.sigterm_after or args.flush_time):
             peak = max(peak, tree_rss_mb(proc.pid)[0])
             time.sleep(0.5)
-        out["flush_worst_banner_s"] = round(prober.worst, 3)
+        out["banner_during_flush"] = prober.summary(flushed)
         out["rss_main_peak_during_flush_mb"] = round(peak)
         if args.sigterm_after:
             term = time.perf_counter()

@@ -739,7 +739,7 @@ class LargeQueueTests(ManagerTestBase):
         self.assertEqual(len(self.remote.requests), 2)
 
     def test_attempts_bounded_by_concurrency_and_per_turn(self):
-        """Of twelve due entries, a pump starts at most ATTEMPTS_PER_TURN and never more than delivery_concurrency at once; the next starts when one ends."""
+        """Of twelve due entries, a pump starts at most ATTEMPTS_PER_TURN and never more than delivery_concurrency at once; the next starts in the turn after one ends."""
         from twisted_mta.queue import manager
         self.patch(manager, "ATTEMPTS_PER_TURN", 2)
         m, qids = self.large_manager(12)
@@ -748,6 +748,8 @@ class LargeQueueTests(ManagerTestBase):
         self.clock.advance(0)
         self.assertEqual(len(self.remote.requests), 3)
         self.remote.finish(self.LATER)
+        self.assertEqual(len(self.remote.requests), 3)
+        self.clock.advance(0)
         self.assertEqual(len(self.remote.requests), 4)
         self.assertEqual(len(m.active), 3)
 
@@ -810,3 +812,15 @@ class LargeQueueTests(ManagerTestBase):
         self.successResultOf(m.loaded)
         self.assertEqual((sorted(m.entries), m.states[qids[3]]), (qids, "cur"))
         self.assertTrue(m._control.running)
+
+    def test_many_entries_due_in_the_past_arm_the_timer_once(self):
+        """Entries made due at a time already past (a flush's "now") re-use the armed timer instead of replacing it for each."""
+        m, qids = self.large_manager(5)
+        self.clock.advance(0)  # the loaded entries start
+        self.clock.advance(10)
+        calls = []
+        real = self.clock.callLater
+        self.patch(self.clock, "callLater", lambda *a, **kw: (calls.append(a), real(*a, **kw))[1])
+        for qid in qids:
+            m.schedule(qid, T0)
+        self.assertEqual(len(calls), 1)

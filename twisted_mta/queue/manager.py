@@ -49,7 +49,7 @@ CONTROL_INTERVAL = 1.0  # seconds between looks into spool/control/
 # Bounds on the work of one reactor turn, so that a queue of 100,000 never
 # stalls the other clients: attempts started, entries made due by a flush,
 # entries read per trip to the I/O threads at start-up.
-ATTEMPTS_PER_TURN = 100
+ATTEMPTS_PER_TURN = 20
 FLUSH_BATCH = 2000
 LOAD_BATCH = 500
 def retry_delay(schedule: tuple[int, ...], attempts: int, jitter: float,
@@ -93,8 +93,10 @@ class QueueManager(service.Service):
 
     def __init__(self, config: Config, spool: Spool, clock, run_blocking: RunBlocking,
                  targets: Targets, rand: Callable[[], float] = random.random,
-                 observers: list | None = None, tls_history=None, sts_cache=None) -> None:
+                 observers: list | None = None, tls_history=None, sts_cache=None,
+                 after_load: Callable[[], object] | None = None) -> None:
         self.config = config
+        self.after_load = after_load  # called once start-up has read the spool
         self.spool = spool
         self.clock = clock
         self.run_blocking = run_blocking
@@ -172,6 +174,8 @@ class QueueManager(service.Service):
                  orphans=plan.removed_orphans, quarantined=quarantined)
         if self._stopping:
             return
+        if self.after_load is not None:
+            self.after_load()
         self._control = task.LoopingCall(self.operator.poll)
         self._control.clock = self.clock
         self._control.start(CONTROL_INTERVAL, now=False)
@@ -257,12 +261,13 @@ class QueueManager(service.Service):
         """
         Have the one timer fire by C{when}.
         """
+        now = self.clock.seconds()
         wake = self._wake
         if wake is not None and wake.active():
-            if wake.getTime() <= when:
+            if wake.getTime() <= max(when, now):  # (a flush's "now" is already past)
                 return
             wake.cancel()
-        self._wake = self.clock.callLater(max(0.0, when - self.clock.seconds()), self._run_due)
+        self._wake = self.clock.callLater(max(0.0, when - now), self._run_due)
 
     def _run_due(self) -> None:
         self._wake = None
@@ -284,8 +289,8 @@ class QueueManager(service.Service):
         """
         Start the due attempts there is room for: at most
         L{ATTEMPTS_PER_TURN} in one turn, the rest in the next ones.  An
-        attempt that ends pumps again, so a due entry waits in the heap,
-        not as a Deferred of its own.
+        attempt that ends arms a pump for the next turn, so a due entry
+        waits in the heap, not as a Deferred of its own.
         """
         if self._pumping or self._stopping:
             return
@@ -346,7 +351,11 @@ class QueueManager(service.Service):
 
     def _finished(self, _: object, qid: str) -> None:
         self.active.pop(qid, None)
-        self._pump()
+        if not self._stopping:
+            # The next turn starts the next ones (coalesced: one pump for all
+            # the attempts that end in this turn), so one turn's work is
+            # bounded, not one new attempt per ended one.
+            self._arm(self.clock.seconds())
 
     # -- one attempt ------------------------------------------------------------
 
