@@ -90,7 +90,7 @@ class SmallestCellTests(unittest.TestCase):
         out = tempdir(self)
         result = subprocess.run(
             [sys.executable, SCRIPT, "local", "--sessions", "1", "--sizes", "1024",
-             "--messages", "20", "--repeats", "1", "--workdir", out,
+             "--messages", "20", "--repeats", "1", "--quiet-wait", "0", "--workdir", out,
              "--json", os.path.join(out, "result.json")],
             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=110)
         self.assertEqual(result.returncode, 0, result.stderr[-4000:])
