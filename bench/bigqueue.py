@@ -33,6 +33,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from inbound import children_of, kb, proc_status  # noqa: E402
 from outbound import Sink, free_port, poll_banner, write_entries  # noqa: E402
 
 CONFIG = """\
@@ -59,22 +60,10 @@ def cli(config: str, *args: str) -> list[str]:
             "sys.exit(main())", *args, "--config", config]
 
 
-def rss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except FileNotFoundError:
-        pass
-    return 0
-
-
 def tree_rss_mb(pid: int) -> tuple[float, float]:
     """RSS of C{pid} and of all its children, in MB."""
-    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
-                          text=True).stdout.split()
-    return rss_kb(pid) / 1024, sum(rss_kb(int(k)) for k in kids) / 1024
+    return (kb(proc_status(pid).get("VmRSS")) / 1024,
+            sum(kb(proc_status(k).get("VmRSS")) for k in children_of(pid)) / 1024)
 
 
 def count_entries(spool: str) -> int:

@@ -193,7 +193,8 @@ class ManagerTests(ManagerTestBase):
         for _ in range(10):
             self.clock.advance(600)
         self.assertIsNone(self.spool.message_path(env.queue_id))
-        [dsn] = m.entries.values()
+        [qid] = m.entries
+        dsn = self.successResultOf(m.envelope(qid))  # idle: read from the spool
         self.assertEqual((dsn.sender, [r.address for r in dsn.recipients]), ("", ["s@remote.test"]))
         report = self.parse(self.spool.read_message(dsn.queue_id))
         status = report.get_payload()[1].get_payload()[1]
@@ -257,7 +258,8 @@ class ManagerTests(ManagerTestBase):
         m.enqueue(env)
         self.clock.advance(0)
         self.clock.advance(0)
-        [report] = m.entries.values()
+        [qid] = m.entries
+        report = self.successResultOf(m.envelope(qid))
         self.assertEqual([r.address for r in report.recipients], ["pm@remote.test"])
         self.assertEqual(report.client.get("double_bounce"), "yes")
         for _ in range(8):
@@ -282,13 +284,14 @@ class ManagerTests(ManagerTestBase):
         self.clock.advance(60)
         m._stopping = True  # like a crash: no chance to write anything at stop
         m2 = self.restart(m)
-        entry = m2.entries[env.queue_id]
+        self.assertIsNone(m2.entries[env.queue_id])  # not due for 600 s: not held in memory
+        entry = self.successResultOf(m2.envelope(env.queue_id))
         self.assertEqual((entry.attempts, entry.next_attempt), (2, T0 + 660))
         self.assertEqual(entry.last_outcome, UNREACHABLE)
         self.clock.advance(599)
-        self.assertEqual(m2.entries[env.queue_id].attempts, 2)
+        self.assertEqual(self.successResultOf(m2.envelope(env.queue_id)).attempts, 2)
         self.clock.advance(1)
-        self.assertEqual(m2.entries[env.queue_id].attempts, 3)
+        self.assertEqual(self.successResultOf(m2.envelope(env.queue_id)).attempts, 3)
 
     def test_recipient_outcome_written_at_once(self):
         """When a recipient is delivered while another is deferred, the recorded state says so immediately."""
@@ -824,3 +827,59 @@ class LargeQueueTests(ManagerTestBase):
         for qid in qids:
             m.schedule(qid, T0)
         self.assertEqual(len(calls), 1)
+
+
+class IdleEntryTests(ManagerTestBase):
+    def test_idle_entry_holds_no_envelope_and_is_read_when_due(self):
+        """An entry deferred for longer than IDLE_AFTER keeps no envelope in memory; when due it is read from the spool and attempted with its recorded state; one due sooner keeps its envelope."""
+        from twisted_mta.queue import manager
+        m = self.manager()
+        env = self.queue(["x@elsewhere.test"])
+        m.enqueue(env)
+        self.clock.advance(0)
+        self.assertIsNotNone(m.entries[env.queue_id])  # retried in 60 s
+        self.patch(manager, "IDLE_AFTER", 30)
+        self.clock.advance(60)
+        self.assertIsNone(m.entries[env.queue_id])  # retried in 600 s
+        self.assertEqual(len(self.outbound.sent), 2)
+        self.clock.advance(600)
+        self.assertEqual(len(self.outbound.sent), 3)
+        self.assertEqual(self.spool.load(env.queue_id).attempts, 3)
+
+    def test_idle_entry_gone_from_disk_is_forgotten(self):
+        """An idle entry whose queue file vanished is forgotten, logged, when it comes due."""
+        from twisted_mta.queue import manager
+        self.patch(manager, "IDLE_AFTER", 30)
+        m = self.manager()
+        env = self.queue(["x@elsewhere.test"])
+        m.enqueue(env)
+        self.clock.advance(0)
+        self.assertIsNone(m.entries[env.queue_id])
+        self.spool.remove(env.queue_id)
+        self.clock.advance(60)
+        self.assertNotIn(env.queue_id, m.entries)
+        self.assertEqual(len(self.outbound.sent), 1)
+
+    def test_tables_rebuilt_when_the_queue_drains(self):
+        """Once the queue has drained below a quarter of its peak, its tables are copied (a dict keeps its size otherwise) and freed memory is released; what is left stays."""
+        from twisted_mta.queue import manager
+        self.patch(manager, "SHRINK_FROM", 4)
+        released = []
+        self.patch(manager, "release_memory", lambda: released.append(1))
+        ok = Outcome(250, "2.0.0", "ok")
+        m = QueueManager(self.config, self.spool, self.clock, self.run_blocking,
+                         Targets(local=RecordingTarget("local", ok),
+                                 remote=RecordingTarget("remote", ok)))
+        m.startService()
+        self.addCleanup(m.stopService)
+        table = m.entries
+        held = self.queue(["x@elsewhere.test"])
+        m.enqueue(held)
+        m.states[held.queue_id] = "hold"
+        m.unschedule(held.queue_id)
+        for i in range(9):
+            m.enqueue(self.queue([f"u{i}@elsewhere.test"]))
+        self.clock.advance(0)
+        self.assertEqual(list(m.entries), [held.queue_id])
+        self.assertIsNot(m.entries, table)
+        self.assertTrue(released)

@@ -52,6 +52,10 @@ CONTROL_INTERVAL = 1.0  # seconds between looks into spool/control/
 ATTEMPTS_PER_TURN = 20
 FLUSH_BATCH = 2000
 LOAD_BATCH = 500
+# An entry not due for this long keeps no envelope in memory (None in
+# QueueManager.entries): it is read from the spool when it is attempted.
+IDLE_AFTER = 300.0
+SHRINK_FROM = 4096  # below this many entries at the peak, tables are left alone
 def retry_delay(schedule: tuple[int, ...], attempts: int, jitter: float,
                 rand: Callable[[], float] = random.random) -> float:
     """
@@ -106,7 +110,9 @@ class QueueManager(service.Service):
         self.sts_cache = sts_cache  # a PolicyCache: "tls sts refresh" asks it to re-read a file
         self.observers = observers if observers is not None else []  # (name, event): metrics
         self.directory = LocalDirectory(config.local)
-        self.entries: dict[str, Envelope] = {}
+        # Every entry; its envelope while it is due soon, being attempted or
+        # ahead of the disk, else None (idle: on disk only, see IDLE_AFTER).
+        self.entries: dict[str, Envelope | None] = {}
         self.states: dict[str, str] = {}
         # When each scheduled entry is due, and a heap of (due, queue id)
         # over it with one timer at its head: a float and a tuple per
@@ -120,6 +126,7 @@ class QueueManager(service.Service):
         self._flushing: Iterator[str] | None = None
         self._recovering: set[str] = set()
         self._unsaved: set[str] = set()  # results in memory the disk refused
+        self._peak = 0  # the most entries since the tables were last rebuilt
         self.active: dict[str, defer.Deferred] = {}  # attempts in flight
         self._concurrency = config.queue.delivery_concurrency
         self._stopping = False
@@ -163,11 +170,13 @@ class QueueManager(service.Service):
                 if qid in self.entries or self._stopping:
                     continue  # queued meanwhile (a worker's orphan)
                 count += 1
-                self.entries[qid] = envelope
+                self.entries[qid] = envelope if state != "hold" and not self._idle(
+                    envelope) else None
                 self.states[qid] = state
                 if state != "hold":
                     self._recovering.add(qid)
                     self.schedule(qid, envelope.next_attempt)
+        self._peak = max(self._peak, len(self.entries))
         log.info("queue: {count} entries in {spool} ({debris} debris and {orphans} orphan "
                  "state files removed, {quarantined} quarantined)", event="queue.recovered",
                  count=count, spool=self.spool.path, debris=plan.removed_debris,
@@ -201,6 +210,19 @@ class QueueManager(service.Service):
             target.stop()
         return defer.DeferredList(list(self.active.values()))
 
+    def _idle(self, envelope: Envelope) -> bool:
+        return envelope.next_attempt - self.clock.seconds() >= IDLE_AFTER
+
+    def envelope(self, qid: str) -> defer.Deferred:
+        """
+        The current envelope of a known entry: the one in memory, or for
+        an idle entry the one on disk (read in the I/O threads).
+        """
+        envelope = self.entries.get(qid)
+        if envelope is not None:
+            return defer.succeed(envelope)
+        return self.run_blocking(self.spool.load, qid)
+
     def unschedule(self, qid: str) -> None:
         self._due_at.pop(qid, None)  # its heap item is stale now
 
@@ -217,6 +239,7 @@ class QueueManager(service.Service):
             self._notify("inbound.queued", {"listener": envelope.client.get("listener", "")})
         self.entries[envelope.queue_id] = envelope
         self.states[envelope.queue_id] = "new"
+        self._peak = max(self._peak, len(self.entries))
         self.schedule(envelope.queue_id, self.clock.seconds())
 
     def flush(self) -> None:
@@ -344,7 +367,7 @@ class QueueManager(service.Service):
         else:
             log.failure("queue: attempt for {queue_id} crashed; retrying later", failure,
                         queue_id=qid, event="queue.error")
-        if envelope is None or self.states.get(qid) == "hold":
+        if qid not in self.entries or self.states.get(qid) == "hold":
             return
         self._recovering.add(qid)
         self.schedule(qid, self.clock.seconds() + delay)
@@ -362,6 +385,15 @@ class QueueManager(service.Service):
     @defer.inlineCallbacks
     def _attempt(self, qid: str):
         envelope = self.entries[qid]
+        if envelope is None:  # idle until now: read it
+            try:
+                envelope = yield self.run_blocking(self.spool.load, qid)
+            except FileNotFoundError:
+                self._vanished(qid)
+                return
+            if qid not in self.entries:
+                return  # deleted meanwhile
+            self.entries[qid] = envelope
         if qid in self._unsaved:
             # The last results are in memory only: write them, and the next
             # attempt comes at the time they set.
@@ -578,12 +610,43 @@ class QueueManager(service.Service):
         self._unsaved.discard(qid)
         self.states[qid] = target
         self.schedule(qid, envelope.next_attempt)
+        if self._idle(envelope):
+            self.entries[qid] = None  # on disk as it is: nothing held until it is due
 
     def forget(self, qid: str) -> None:
         self._unsaved.discard(qid)
         self.entries.pop(qid, None)
         self.states.pop(qid, None)
         self._recovering.discard(qid)
+        if self._peak > SHRINK_FROM and len(self.entries) * 4 < self._peak:
+            self._shrink()
+
+    def _shrink(self) -> None:
+        """
+        The queue has drained to a quarter of its peak: copy the tables (a
+        dict never shrinks by itself) and give freed memory back to the
+        system, so a drained queue does not keep the memory of a full one.
+        """
+        self.entries = dict(self.entries)
+        self.states = dict(self.states)
+        self._due_at = dict(self._due_at)
+        self._recovering = set(self._recovering)
+        self._heap = [(when, qid) for qid, when in self._due_at.items()]
+        heapq.heapify(self._heap)
+        self._peak = len(self.entries)
+        release_memory()
+
+
+def release_memory() -> None:
+    """
+    Ask the C library to return free heap pages to the system (glibc's
+    malloc_trim; nothing elsewhere).
+    """
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _owing(envelope: Envelope, recipients: list[Recipient], pending: bool) -> Envelope:

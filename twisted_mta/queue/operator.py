@@ -53,7 +53,7 @@ class OperatorRequests:
     def carry_out(self, action: str, qid: str):
         action, override = control.split_action(action)
         if override is not None and qid in self.manager.entries:
-            envelope = attrs.evolve(self.manager.entries[qid], tls_override=override)
+            envelope = attrs.evolve((yield self.manager.envelope(qid)), tls_override=override)
             yield self.manager.run_blocking(self.manager.spool.update, envelope, self.manager.states[qid])
             self.manager.entries[qid] = envelope
             log.warn("{queue_id}: operator allows {override} TLS for its next attempt only",
