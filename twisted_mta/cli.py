@@ -21,7 +21,6 @@ import itertools
 import json
 import os
 import sys
-import textwrap
 import time
 from typing import Any
 
@@ -216,7 +215,9 @@ def _print_json_array(items) -> None:
     for item in items:
         out.write("[\n" if first else ",\n")
         first = False
-        out.write(textwrap.indent(json.dumps(item, indent=2), "  "))
+        # (no line of json.dumps's output is blank: indenting every line is
+        # what the whole array's dumps would do)
+        out.write("  " + json.dumps(item, indent=2).replace("\n", "\n  "))
     out.write("[]\n" if first else "\n]\n")
 
 
