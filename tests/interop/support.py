@@ -29,7 +29,6 @@ import trustme
 
 import twisted_mta
 from tests.interop.requires import missing, under_ci
-from tests.support import LOOPBACK_DNS
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(twisted_mta.__file__)))
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -350,7 +349,8 @@ class MTAProcess:
             "\n" + extra_config
         )
         if "[dns]" not in extra_config:
-            text += "\n" + LOOPBACK_DNS  # never the system resolver
+            # never the system resolver (the same as tests.support.LOOPBACK_DNS)
+            text += '\n[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = "1s"\n'
         with open(self.config_path, "w", encoding="utf-8") as f:
             f.write(text)
 

@@ -17,7 +17,6 @@ from tests.test_cli import run_cli
 from twisted_mta.model import HEADER_NAME, Envelope, Recipient, is_queue_id
 from twisted_mta.queue import control
 from twisted_mta.queue.spool import XATTR, Spool
-from tests.support import LOOPBACK_DNS
 
 BAD_IDS = ("../../victim", "../victim", "..", ".", "a/b", "/etc/passwd", "ID:2,S", "a b",
            "X" * 65, "")
@@ -31,7 +30,8 @@ class QueueIdTests(SynchronousTestCase):
         self.conf = os.path.join(self.base, "mta.toml")
         with open(self.conf, "w") as f:
             f.write('[server]\nhostname = "mx.example.test"\nspool = "spool/q"\n'
-                    '[[listeners]]\nrole = "mx"\nendpoint = "tcp:2525"\n' + LOOPBACK_DNS)
+                    '[[listeners]]\nrole = "mx"\nendpoint = "tcp:2525"\n'
+                    '[dns]\nnameservers = ["127.0.0.1:9"]\n')  # never the system resolver
         self.spool = Spool(os.path.join(self.base, "spool", "q"))
         self.spool.create()
         # What "../../victim" would name from spool/q/new/.
@@ -121,7 +121,8 @@ class UnreadableEntryTests(SynchronousTestCase):
         self.conf = os.path.join(base, "mta.toml")
         with open(self.conf, "w") as f:
             f.write('[server]\nhostname = "mx.example.test"\nspool = "spool"\n'
-                    '[[listeners]]\nrole = "mx"\nendpoint = "tcp:2525"\n' + LOOPBACK_DNS)
+                    '[[listeners]]\nrole = "mx"\nendpoint = "tcp:2525"\n'
+                    '[dns]\nnameservers = ["127.0.0.1:9"]\n')  # never the system resolver
         spool = Spool(os.path.join(base, "spool"))
         spool.create()
         # A header whose client is an array.
