@@ -30,6 +30,9 @@ STAGES = [
     (2, "twisted_mta.tls"), (2, "twisted_mta.dsn"), (2, "twisted_mta.failures"),
     (3, "twisted_mta.queue"),
     (4, "twisted_mta.outbound"),
+    # TLS reporting counts the outbound leg's TLS outcomes and queues its
+    # reports like any message: beside the outbound leg.
+    (4, "twisted_mta.tlsrpt"),
     (5, "twisted_mta.delivery"), (5, "twisted_mta.inbound"),
     # tls explain runs the outbound attempt in a dry run: an operator tool.
     (6, "twisted_mta.tls.probe"), (6, "twisted_mta.tap"), (6, "twisted_mta.cli"),
