@@ -114,3 +114,98 @@ class MaildirTests(SynchronousTestCase):
         """EACCES is a temporary 451 4.3.0, not a bounce."""
         outcome = maildir.classify_os_error(OSError(errno.EACCES, "Permission denied"))
         self.assertEqual((outcome.code, outcome.enhanced), (451, "4.3.0"))
+
+
+class MaildirRecreatedTests(SynchronousTestCase):
+    """
+    A Maildir is made once per process; one removed later (a user's
+    clean-up) is made again, and a tmp/ copy a crash left is replaced.
+    """
+
+    def setUp(self):
+        self.base = self.mktemp()
+        os.makedirs(self.base)
+        self.msg = os.path.join(self.base, "queued")
+        self.env = Envelope(queue_id="Q7", sender="s@remote.test",
+                            recipients=(Recipient("alice@example.test"),), arrival=1_800_000_000.0)
+        with open(self.msg, "wb") as f:
+            f.write(self.env.to_header())
+            f.write(b"Subject: hi\r\n\r\nbody\r\n")
+        self.md = os.path.join(self.base, "alice", "Maildir")
+        self.target = LocalTarget(index=0, address="alice@example.test", maildir=self.md)
+
+    def test_removed_maildir_is_made_again(self):
+        """After the first delivery the Maildir is deleted; the next delivery makes it again."""
+        import shutil
+        self.assertEqual(deliver(self.msg, self.env, [self.target], "h")["alice@example.test"].code, 250)
+        shutil.rmtree(self.md)
+        self.assertEqual(deliver(self.msg, self.env, [self.target], "h")["alice@example.test"].code, 250)
+        self.assertEqual(len(os.listdir(os.path.join(self.md, "new"))), 1)
+        self.assertEqual(os.listdir(os.path.join(self.md, "tmp")), [])
+
+    def test_stale_tmp_copy_replaced(self):
+        """A half-written copy of the same name in tmp/ is replaced, not delivered."""
+        maildir.ensure_maildir(self.md)
+        name = maildir_name(self.env, 0, "h")
+        with open(os.path.join(self.md, "tmp", name), "wb") as f:
+            f.write(b"half")
+        deliver(self.msg, self.env, [self.target], "h")
+        with open(os.path.join(self.md, "new", name), "rb") as f:
+            self.assertTrue(f.read().endswith(b"body\n"))
+        self.assertEqual(os.listdir(os.path.join(self.md, "tmp")), [])
+
+
+class DirectorySyncTests(SynchronousTestCase):
+    """
+    Concurrent deliveries into one Maildir share the fsync of new/, and
+    nobody returns before an fsync that started after its own call.
+    """
+
+    def test_concurrent_callers_share_fsyncs(self):
+        import threading
+        import time
+        calls = []  # (start, end) of each fsync
+        returned = {}
+        gate = threading.Event()
+
+        def slow_fsync(path):
+            start = time.monotonic()
+            gate.wait(5)
+            time.sleep(0.02)
+            calls.append((start, time.monotonic()))
+
+        self.patch(maildir, "fsync_dir", slow_fsync)
+        syncer = maildir.DirectorySync()
+
+        def caller(i):
+            called = time.monotonic()
+            syncer.sync("/nowhere")
+            returned[i] = (called, time.monotonic())
+
+        threads = [threading.Thread(target=caller, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        time.sleep(0.1)
+        gate.set()
+        for t in threads:
+            t.join(10)
+        self.assertEqual(len(returned), 12)
+        self.assertLessEqual(len(calls), 3)  # one running, then one for everyone who waited
+        for called, back in returned.values():
+            self.assertTrue(any(start >= called and end <= back for start, end in calls),
+                            (called, back, calls))
+
+    def test_failed_fsync_is_not_shared_as_success(self):
+        """An fsync that raised covers nobody: the next caller runs its own."""
+        n = []
+
+        def failing_once(path):
+            n.append(path)
+            if len(n) == 1:
+                raise OSError(errno.EIO, "I/O error")
+
+        self.patch(maildir, "fsync_dir", failing_once)
+        syncer = maildir.DirectorySync()
+        self.assertRaises(OSError, syncer.sync, "/d")
+        syncer.sync("/d")
+        self.assertEqual(len(n), 2)

@@ -2,7 +2,8 @@
 Deliver a queued message into local Maildirs (maildir(5)).
 
 Each copy is written to the Maildir's tmp/, fsync'd, hard-linked into new/
-(the moment of delivery) and the new/ directory fsync'd.  The file name is
+(the moment of delivery) and the new/ directory fsync'd (one fsync shared
+by the deliveries into that Maildir that run at the same time).  The file name is
 derived from the queue entry and the recipient's position, so delivering
 the same recipient twice (after a crash between delivery and the envelope
 update) finds the name taken and counts as already delivered: delivery is
@@ -52,6 +53,73 @@ def maildir_name(envelope: Envelope, index: int, hostname: str) -> str:
 def ensure_maildir(path: str) -> None:
     for sub in ("tmp", "new", "cur"):
         os.makedirs(os.path.join(path, sub), 0o700, exist_ok=True)
+
+
+_known: set[str] = set()  # Maildirs this process has made sure of
+
+
+def ensure_maildir_once(path: str) -> None:
+    """
+    L{ensure_maildir} the first time in this process (three failing
+    mkdirs per delivery otherwise).  A Maildir removed later is made
+    again by L{deliver}, which retries once when its tmp/ is gone.
+    """
+    if path not in _known:
+        ensure_maildir(path)
+        _known.add(path)
+
+
+class DirectorySync:
+    """
+    Coalesce the fsyncs of one directory across the I/O threads: a caller
+    that renamed or linked a file into it waits for one fsync that started
+    after its own change, and callers that arrive while one runs share the
+    next.  Twenty deliveries into one busy Maildir cost one or two
+    directory fsyncs instead of twenty.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._ticket = 0  # changes announced
+        self._done = 0  # changes covered by a finished fsync
+        self._running = False
+
+    def sync(self, path: str) -> None:
+        with self._cond:
+            self._ticket += 1
+            mine = self._ticket
+            while self._done < mine and self._running:
+                self._cond.wait()
+            if self._done >= mine:
+                return
+            self._running = True
+            covers = self._ticket  # every change announced so far happened before this fsync
+        ok = False
+        try:
+            fsync_dir(path)
+            ok = True
+        finally:
+            with self._cond:
+                self._running = False
+                if ok:
+                    self._done = max(self._done, covers)
+                self._cond.notify_all()
+
+
+_syncs: dict[str, DirectorySync] = {}
+_syncs_lock = threading.Lock()
+
+
+def sync_dir(path: str) -> None:
+    """
+    fsync the directory C{path}, shared with concurrent callers
+    (L{DirectorySync}).
+    """
+    with _syncs_lock:
+        syncer = _syncs.get(path)
+        if syncer is None:
+            syncer = _syncs[path] = DirectorySync()
+    syncer.sync(path)
 
 
 TMP_MAX_AGE = 36 * 3600  # maildir(5): tmp/ files untouched this long are debris
@@ -166,7 +234,7 @@ def deliver(message_path: str, envelope: Envelope, targets: Iterable[LocalTarget
     for target in targets:
         name = maildir_name(envelope, target.index, hostname)
         try:
-            ensure_maildir(target.maildir)
+            ensure_maildir_once(target.maildir)
             clean_tmp_once(target.maildir)
             new_path = os.path.join(target.maildir, "new", name)
             if recovering and (os.path.exists(new_path) or _already_in_cur(target.maildir, name)):
@@ -175,16 +243,20 @@ def deliver(message_path: str, envelope: Envelope, targets: Iterable[LocalTarget
             head = f"Return-Path: <{sender}>\nDelivered-To: {target.address}\n".encode("utf-8")
             tmp_path = os.path.join(target.maildir, "tmp", name)
             try:
+                _copy(message_path, offset, head, tmp_path)
+            except FileExistsError:  # a copy a crash left behind
                 os.unlink(tmp_path)
-            except FileNotFoundError:
-                pass
-            _copy(message_path, offset, head, tmp_path)
+                _copy(message_path, offset, head, tmp_path)
+            except FileNotFoundError:  # the Maildir was removed since we made it
+                _known.discard(target.maildir)
+                ensure_maildir_once(target.maildir)
+                _copy(message_path, offset, head, tmp_path)
             try:
                 os.link(tmp_path, new_path)
             except FileExistsError:
                 pass  # delivered before a crash: idempotent
             os.unlink(tmp_path)
-            fsync_dir(os.path.join(target.maildir, "new"))
+            sync_dir(os.path.join(target.maildir, "new"))
             results[target.address] = DELIVERED
         except OSError as e:
             results[target.address] = classify_os_error(e)
