@@ -463,3 +463,44 @@ class RecoveryRegressionTests(SynchronousTestCase):
                          lambda: self.spool.envelope_path(bad)):
                 self.assertRaises(QueueIdError, call)
         self.assertTrue(os.path.exists(outside))
+
+
+class BatchedTests(SynchronousTestCase):
+    """
+    Items handed to L{Batched} while a batch runs go together in the next
+    hop, and each caller gets its own item's result or failure.
+    """
+
+    def test_items_batched_while_one_runs(self):
+        from twisted.internet import defer
+        from twisted_mta.queue.spool import Batched
+        hops = []
+
+        def run(fn):
+            d = defer.Deferred()
+            hops.append((fn, d))
+            return d
+
+        def fn(item):
+            if item == "bad":
+                raise ValueError(item)
+            return item.upper()
+
+        batched = Batched(run, fn)
+        first = batched("a")
+        rest = [batched("b"), batched("bad"), batched("c")]
+        self.assertEqual(len(hops), 1)  # b, bad, c wait for the running hop
+        hops[0][1].callback(hops[0][0]())
+        self.assertEqual(self.successResultOf(first), "A")
+        self.assertEqual(len(hops), 2)  # one hop for the three that waited
+        hops[1][1].callback(hops[1][0]())
+        self.assertEqual(self.successResultOf(rest[0]), "B")
+        self.failureResultOf(rest[1], ValueError)
+        self.assertEqual(self.successResultOf(rest[2]), "C")
+
+    def test_a_failed_hop_fails_its_batch(self):
+        from twisted.internet import defer
+        from twisted_mta.queue.spool import Batched
+        batched = Batched(lambda fn: defer.fail(RuntimeError("pool stopped")), str)
+        self.failureResultOf(batched("x"), RuntimeError)
+        self.failureResultOf(batched("y"), RuntimeError)  # the next call starts a new hop

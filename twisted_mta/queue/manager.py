@@ -40,7 +40,7 @@ from twisted_mta.model import (
 )
 from twisted_mta.queue.notices import Notices
 from twisted_mta.queue.operator import OperatorRequests
-from twisted_mta.queue.spool import RunBlocking, Spool
+from twisted_mta.queue.spool import Batched, RunBlocking, Spool
 from twisted_mta.tls.failure import TLS_KINDS
 
 log = Logger()
@@ -133,6 +133,7 @@ class QueueManager(service.Service):
         self._control: task.LoopingCall | None = None
         self.loaded: defer.Deferred | None = None  # fires when start-up has read the spool
         self.operator = OperatorRequests(self)
+        self._remove = Batched(run_blocking, lambda qid: self.spool.remove(qid))  # finished entries, a batch per hop
         self.notices = Notices(config, spool, clock, run_blocking, self.directory,
                                self.enqueue, self._notify)
 
@@ -588,7 +589,7 @@ class QueueManager(service.Service):
         self.entries[qid] = envelope
         if envelope.finished and not any(r.dsn_pending for r in envelope.recipients):
             try:
-                yield self.run_blocking(self.spool.remove, qid)
+                yield self._remove(qid)
             except Exception:
                 self._unsaved.add(qid)
                 raise

@@ -42,7 +42,7 @@ import os
 import shutil
 import stat
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import attrs
 from twisted.internet import defer
@@ -208,6 +208,52 @@ class _GroupSync:
                 self._start()
 
         self._run(sync_all).addBoth(finished)
+
+
+class Batched:
+    """
+    Run C{fn} for many items in one hop to the I/O pool: items that arrive
+    while a batch runs go together in the next.  Each caller gets its own
+    item's result or failure.  A hop costs more than an unlink, so a busy
+    queue removes its finished entries a batch at a time.
+    """
+
+    def __init__(self, run_blocking: RunBlocking, fn: Callable[[Any], Any]) -> None:
+        self._run = run_blocking
+        self._fn = fn
+        self._running = False
+        self._waiting: list[tuple[Any, defer.Deferred]] = []
+
+    def __call__(self, item: Any) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self._waiting.append((item, d))
+        if not self._running:
+            self._start()
+        return d
+
+    def _start(self) -> None:
+        batch, self._waiting = self._waiting, []
+        self._running = True
+        fn = self._fn
+
+        def run_all() -> list:
+            out = []
+            for item, _ in batch:
+                try:
+                    out.append(fn(item))
+                except Exception:
+                    out.append(Failure())
+            return out
+
+        def finished(results: object) -> None:
+            self._running = False
+            for i, (_, d) in enumerate(batch):
+                r = results if isinstance(results, Failure) else results[i]
+                d.errback(r) if isinstance(r, Failure) else d.callback(r)
+            if self._waiting:
+                self._start()
+
+        self._run(run_all).addBoth(finished)
 
 
 class QueueIdGenerator:
@@ -567,6 +613,7 @@ class Spool:
                 os.unlink(os.path.join(self.path, state, queue_id))
             except FileNotFoundError:
                 continue
+            break
         try:
             os.unlink(self.envelope_path(queue_id))
         except FileNotFoundError:
