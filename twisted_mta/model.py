@@ -73,6 +73,45 @@ def from_header(data: bytes) -> tuple["Envelope", int]:
     return Envelope.from_json(raw), end
 
 
+TLS_REQUIRED = b"tls-required"  # the header field of RFC 8689 3, lower-cased
+
+
+def tls_required_no(values: list[bytes]) -> bool:
+    """
+    Whether the C{TLS-Required} header fields of a message (their values,
+    unfolded) tag it "TLS-Required: No" (RFC 8689 3, 4.1): exactly one
+    field, whose value is C{No} in any case.  Two fields, or another
+    value, tag nothing: the header may relax the recipient's policy only
+    when it says so plainly.
+    """
+    return len(values) == 1 and values[0].strip().lower() == b"no"
+
+
+def tls_required_values(headers: bytes) -> list[bytes]:
+    """
+    The unfolded values of the C{TLS-Required} fields in a message's
+    header section (C{headers}: the message from its first byte; reading
+    stops at the first empty line).
+    """
+    values: list[bytes] = []
+    current: list[bytes] | None = None
+    for line in headers.split(b"\n"):
+        line = line.rstrip(b"\r")
+        if not line:
+            break
+        if line[:1] in (b" ", b"\t"):
+            if current is not None:
+                current.append(line)
+            continue
+        name, colon, value = line.partition(b":")
+        if current is not None:
+            values.append(b" ".join(v.strip() for v in current if v.strip()))
+        current = [value] if colon and name.strip().lower() == TLS_REQUIRED else None
+    if current is not None:
+        values.append(b" ".join(v.strip() for v in current if v.strip()))
+    return values
+
+
 @attrs.frozen
 class Outcome:
     """
@@ -147,6 +186,13 @@ class Envelope:
     envid: str | None = None  # DSN ENVID, decoded
     tls_failures: int = 0  # attempts that failed on TLS (the fallback decider weighs it)
     tls_override: str | None = None  # operator's one-shot: "relaxed" or "cleartext"
+    # RFC 8689: the sender asked for REQUIRETLS (MAIL FROM ... REQUIRETLS):
+    # every hop verified TLS to a validated MX that advertises REQUIRETLS.
+    requiretls: bool = False
+    # RFC 8689 4.1: no REQUIRETLS, and the message carries one
+    # "TLS-Required: No" header field: the recipient's published TLS policy
+    # (DANE, MTA-STS) is not enforced for it.
+    tls_required_no: bool = False
     # The queue file's length in octets (envelope header included), known
     # from the commit on and recorded with the state; 0 when unknown (the
     # header is written before it is known).  Not part of equality.
@@ -256,6 +302,8 @@ def _dump(env: Envelope) -> dict[str, Any]:
         **({"envid": env.envid} if env.envid is not None else {}),
         **({"tls_failures": env.tls_failures} if env.tls_failures else {}),
         **({"tls_override": env.tls_override} if env.tls_override else {}),
+        **({"requiretls": True} if env.requiretls else {}),
+        **({"tls_required_no": True} if env.tls_required_no else {}),
         **({"file_size": env.file_size} if env.file_size else {}),
         "recipients": [
             {
@@ -278,7 +326,7 @@ def _dump(env: Envelope) -> dict[str, Any]:
 ENVELOPE_FIELDS = frozenset({
     "version", "queue_id", "sender", "arrival", "size", "client", "attempts",
     "next_attempt", "last_outcome", "warned", "ret", "envid", "tls_failures",
-    "tls_override", "recipients", "file_size"})
+    "tls_override", "recipients", "file_size", "requiretls", "tls_required_no"})
 RECIPIENT_FIELDS = frozenset({
     "address", "original", "state", "outcome", "done_at", "notify", "orcpt", "dsn_pending"})
 OUTCOME_FIELDS = frozenset({
@@ -469,6 +517,9 @@ def _load(raw: dict[str, Any]) -> Envelope:
         if not isinstance(value, str):
             raise EnvelopeError(f"envelope.client.{key[:40]}: expected a string, "
                                 f"got {_kind(value)}")
+    if f.boolean("requiretls") and f.boolean("tls_required_no"):
+        raise EnvelopeError("envelope: requiretls and tls_required_no exclude each other "
+                            "(RFC 8689 4.1: with REQUIRETLS the header is ignored)")
     return Envelope(
         queue_id=queue_id,
         sender=f.string("sender"),
@@ -484,6 +535,8 @@ def _load(raw: dict[str, Any]) -> Envelope:
         envid=f.string("envid", None),
         tls_failures=f.integer("tls_failures", 0),
         tls_override=f.choice("tls_override", TLS_OVERRIDES),
+        requiretls=f.boolean("requiretls"),
+        tls_required_no=f.boolean("tls_required_no"),
         file_size=f.integer("file_size", 0),
     )
 

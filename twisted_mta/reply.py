@@ -100,6 +100,10 @@ TLS_ALREADY = R(503, "5.5.1", "TLS already active")
 NEED_EHLO = R(503, "5.5.1", "Send EHLO or HELO first")
 PARAM_UNKNOWN = R(555, "5.5.4", "Unsupported parameter")
 TLS_REQUIRED = R(530, "5.7.0", "Must issue a STARTTLS command first")
+# RFC 8689 2 names no reply for REQUIRETLS outside TLS; 530 with 5.7.10
+# ("Encryption needed", RFC 5248) says what the client can do about it.
+REQUIRETLS_NEEDS_TLS = R(530, "5.7.10", "REQUIRETLS is only accepted over TLS: issue "
+                                        "STARTTLS first")
 NO_SUCH_USER = R(550, "5.1.1", "No such user here")
 RELAY_DENIED = R(550, "5.7.1", "Relaying denied")
 MESSAGE_TOO_BIG = R(552, "5.3.4", "Message size exceeds the limit")

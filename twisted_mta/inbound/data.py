@@ -21,6 +21,7 @@ from twisted_mta import reply
 from twisted_mta.reply import Reply
 
 _RECEIVED = b"received:"
+_TLS_REQUIRED = b"tls-required:"
 _HEADER = re.compile(rb"[!-9;-~]+:")
 
 
@@ -47,6 +48,10 @@ class DataReader:
         self.size = 0
         self.received_count = 0
         self.error: Reply | None = None
+        # The values of the TLS-Required header fields (RFC 8689 3), unfolded:
+        # the server tags the message "TLS-Required: No" from them.
+        self.tls_required: list[bytes] = []
+        self._in_tls_required = False
 
     def _fail(self, error: Reply) -> None:
         if self.error is None:
@@ -151,6 +156,16 @@ class DataReader:
                 self._in_headers = False
             elif _HEADER.match(line) or (self._seen_header and line[:1] in (b" ", b"\t")):
                 self._seen_header = True
+                if line[:1] in (b" ", b"\t"):
+                    if self._in_tls_required and len(self.tls_required[-1]) < 1000:
+                        self.tls_required[-1] = b" ".join(
+                            v for v in (self.tls_required[-1], line.strip()) if v)
+                else:
+                    # Two fields already decide (no tag): keep no more.
+                    self._in_tls_required = (line[:13].lower() == _TLS_REQUIRED
+                                             and len(self.tls_required) < 2)
+                    if self._in_tls_required:
+                        self.tls_required.append(line[13:].strip())
                 if line[:9].lower() == _RECEIVED:
                     self.received_count += 1
                     if self.received_count > self._max_received:

@@ -47,7 +47,7 @@ from twisted_mta.config import Config
 from twisted_mta.dsn import params as dsn_params
 from twisted_mta.inbound.data import DataReader
 from twisted_mta.local import AliasLoop, LocalDirectory, UnknownRecipient
-from twisted_mta.model import Envelope, Recipient
+from twisted_mta.model import Envelope, Recipient, tls_required_no
 from twisted_mta.queue.spool import RunBlocking, Spool, run_inline
 from twisted_mta.users import UserDatabase
 from twisted_mta.reply import Reply
@@ -647,6 +647,8 @@ class InboundESMTP(smtp.ESMTP):
         }
         if self.canStartTLS and not self.tls_active:
             ext[b"STARTTLS"] = None
+        if self.tls_active:  # RFC 8689 2: only a TLS session may carry REQUIRETLS
+            ext[b"REQUIRETLS"] = None
         if self._auth_offered():
             ext[b"AUTH"] = [b"PLAIN", b"LOGIN"]
         return ext
@@ -736,6 +738,12 @@ class InboundESMTP(smtp.ESMTP):
                     return reply.PARAM_UNKNOWN.with_text("BODY must be 7BIT or 8BITMIME")
             elif key == "AUTH":
                 continue  # RFC 4954 5: ignored from unauthenticated clients
+            elif key == "REQUIRETLS":  # RFC 8689 2: a keyword without a value
+                if value is not None:
+                    return reply.BAD_MAIL_SYNTAX.with_text(
+                        "Syntax: REQUIRETLS takes no value")
+                if not self.tls_active:
+                    return reply.REQUIRETLS_NEEDS_TLS
             elif key in ("RET", "ENVID"):
                 try:
                     (dsn_params.parse_ret if key == "RET" else dsn_params.parse_envid)(value)
@@ -849,6 +857,7 @@ class InboundESMTP(smtp.ESMTP):
             ret=(self.mail_params.get("RET") or "").upper() or None,
             envid=(dsn_params.parse_envid(self.mail_params["ENVID"])
                    if self.mail_params.get("ENVID") else None),
+            requiretls="REQUIRETLS" in self.mail_params,
         )
 
     def _received_header(self, queue_id: str) -> bytes:
@@ -880,6 +889,10 @@ class InboundESMTP(smtp.ESMTP):
             self.send(reader.error)
             return
         envelope = attrs.evolve(self._envelope, size=reader.size)
+        if not envelope.requiretls and tls_required_no(reader.tls_required):
+            # RFC 8689 4.1: without REQUIRETLS the header tags the message
+            # (with it the header is ignored, and relayed as it came).
+            envelope = attrs.evolve(envelope, tls_required_no=True)
         self._busy = True
         self._disarm()  # the client waits for us, not we for it
         d = writer.commit(envelope)

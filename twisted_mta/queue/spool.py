@@ -49,7 +49,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_mta.model import Envelope, EnvelopeError, from_header, header_end, is_queue_id
+from twisted_mta.model import (
+    Envelope, EnvelopeError, from_header, header_end, is_queue_id, tls_required_no,
+    tls_required_values,
+)
 
 log = Logger()
 
@@ -116,6 +119,9 @@ def write_file_durably(path: str, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+HEADER_SCAN = 65536  # octets of a message read for its TLS-Required field
 
 
 def _head(f) -> tuple[Envelope, int]:
@@ -741,6 +747,13 @@ class Spool:
             with open(path, "rb") as f:
                 header, offset = _head(f)
                 size = os.fstat(f.fileno()).st_size
+                if not header.requiretls:
+                    # "TLS-Required: No" is read at the end of DATA, after
+                    # the envelope header was written: an entry recovered
+                    # from its header reads it again (RFC 8689 4.1).
+                    f.seek(offset)
+                    if tls_required_no(tls_required_values(f.read(HEADER_SCAN))):
+                        header = attrs.evolve(header, tls_required_no=True)
         except FileNotFoundError:
             raise
         except (EnvelopeError, OSError) as e:
