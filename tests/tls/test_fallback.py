@@ -126,6 +126,8 @@ def expected(decider: str, kind: str, s: fb.Situation) -> str:
 def hard_rules(action: str, s: fb.Situation) -> str:
     if action in (C, R) and (s.dane or s.sts):
         return D  # what the destination publishes: never cleartext, never relaxed
+    if s.requiretls and action != D:
+        return D  # RFC 8689 4.2.1: verified TLS to this server, or not sent at all
     if action == C and (s.implicit_tls or s.credentials or s.requiretls or s.ratchet):
         return D
     return action
@@ -152,6 +154,7 @@ SITUATIONS = [
     dict(credentials=True, tls_failures=5, age=7200),
     dict(credentials=True),
     dict(requiretls=True, tls_failures=5, age=7200),
+    dict(requiretls=True, tls_failures=5, age=7200, relay="[relay.example]:465"),
     dict(ratchet="example.com used verified TLS on 1 March 2026", tls_failures=5, age=7200),
 ]
 

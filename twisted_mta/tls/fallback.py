@@ -237,7 +237,8 @@ def decide(decider, failure: TLSFailure, situation: Situation) -> Decision:
     DANE failure) and an MTA-STS destination in mode enforce never go to
     cleartext nor to a relaxed retry; implicit TLS, a connection with our
     login, a REQUIRETLS message and a ratcheted destination never go to
-    cleartext, and no deferral promises it; a relaxed retry only follows
+    cleartext, and no deferral promises it; a REQUIRETLS message never
+    goes to a relaxed retry nor through the relay either (RFC 8689 4.2.1); a relaxed retry only follows
     a certificate failure; without a relay there is no via-relay.
     The result names the rule that decided (C{rule}) and what a deferral
     leads to (C{later}): the words a sender reads are made from it.
@@ -259,6 +260,12 @@ def decide(decider, failure: TLSFailure, situation: Situation) -> Decision:
         # checked proves nothing they promise.
         rule, why = published
         d = Decision(DEFER, why, d.decider, later=TLS_ONLY, rule=rule)
+    if situation.requiretls and d.action in (RELAXED, VIA_RELAY):
+        # RFC 8689 4.2.1: a certificate that is not checked proves nothing,
+        # and the relay's session would not be held to REQUIRETLS either.
+        d = Decision(DEFER, "the message requires TLS (REQUIRETLS): no retry without "
+                     "certificate checks, no other route", d.decider, later=TLS_ONLY,
+                     rule="requiretls")
     if d.action == VIA_RELAY and not situation.relay:
         d = Decision(DEFER, "no secure relay is configured", d.decider, rule="no-relay")
     forbidden = cleartext_forbidden(situation, failure)
