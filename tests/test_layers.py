@@ -28,6 +28,9 @@ STAGES = [
     (1, "twisted_mta.metrics"), (1, "twisted_mta.logsetup"), (1, "twisted_mta.tlsserver"),
     (1, "twisted_mta.dsn.params"),
     (2, "twisted_mta.tls"), (2, "twisted_mta.dsn"), (2, "twisted_mta.failures"),
+    # DKIM signing: TLS reports now, all outbound mail later (the queue's
+    # notices and the outbound leg both sign).
+    (2, "twisted_mta.dkim"),
     (3, "twisted_mta.queue"),
     (4, "twisted_mta.outbound"),
     # TLS reporting counts the outbound leg's TLS outcomes and queues its

@@ -87,7 +87,8 @@ class PackagingTests(SynchronousTestCase):
                    for req in meta["requires"] if "extra ==" not in req}
         self.assertEqual(set(runtime), {
             "twisted", "pyopenssl", "cryptography", "service-identity", "dnspython",
-            "zope.interface", "attrs", "prometheus-client", "cattrs"})
+            "zope.interface", "attrs", "prometheus-client", "cattrs", "dkimpy", "pynacl",
+            "treq"})
         self.assertIn("<", runtime["twisted"], "Twisted needs an upper bound (private internals)")
         self.assertIn("trustme>=1.2; extra == \"test\"", meta["requires"])
 

@@ -47,6 +47,10 @@ _HOSTNAME = re.compile(
     r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
 )
 _LOCAL_PART = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$")
+_CONTACT = re.compile(
+    r"^(mailto:)?[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@"
+    r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
 
 # Field types whose structure hooks check and convert what the file says.
 Duration = NewType("Duration", int)  # seconds: 30, or "30s", "5m", "4h", "5d"
@@ -216,6 +220,52 @@ class PublishSettings:
         "enforce", "testing", "none"))
     sts_max_age: Duration = 604800
     tlsrpt_rua: tuple[str, ...] = ()  # default: mailto:tlsrpt@<domain>
+
+
+@attrs.frozen
+class TLSRPTSettings:
+    """
+    SMTP TLS Reporting (RFC 8460): the daily reports we send to the domains
+    we deliver to. Opt-in: a report names the organization that sends it.
+    """
+
+    enabled: bool = False  # count TLS sessions per policy domain and day, and report them
+    organization_name: str | None = None  # the report's organization-name (required when on)
+    contact_info: str | None = None  # the report's contact-info: an address (or mailto:address)
+    submitter: HostName | None = None  # TLS-Report-Submitter (default: contact_info's domain)
+    skip_domains: tuple[Domain, ...] = ()  # policy domains never counted nor reported
+
+    def __attrs_post_init__(self) -> None:
+        if self.contact_info is not None and not _CONTACT.match(self.contact_info):
+            raise _Invalid(f"must be an address (local@domain) or mailto:address, "
+                           f"not {self.contact_info!r}", "contact_info")
+        if not self.enabled:
+            return
+        for key in ("organization_name", "contact_info"):
+            if not getattr(self, key):
+                raise _Invalid("is required when enabled is true", key)
+        if self.submitter is not None and self.submitter != self.contact_domain:
+            # RFC 8460 5.3: the submitter MUST match contact-info's domain
+            raise _Invalid(f"must be the domain of contact_info ({self.contact_domain}), "
+                           "as RFC 8460 requires", "submitter")
+
+    @property
+    def contact_address(self) -> str | None:
+        """
+        The contact-info as the report writes it: an addr-spec.
+        """
+        if self.contact_info is None:
+            return None
+        return self.contact_info.removeprefix("mailto:")
+
+    @property
+    def contact_domain(self) -> str | None:
+        address = self.contact_address
+        return None if address is None else address.rpartition("@")[2].lower()
+
+    @property
+    def submitter_domain(self) -> str | None:
+        return self.submitter or self.contact_domain
 
 
 @attrs.frozen
@@ -450,6 +500,54 @@ class MetricsSettings:
     endpoint: str | None = attrs.field(default=None, validator=_endpoint)  # Prometheus page
 
 
+DKIM_ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
+# Signed when present (RFC 6376 5.4.1's list, the MIME headers, and the
+# TLS report's own headers); From always.
+DKIM_HEADERS = (
+    "from", "sender", "reply-to", "subject", "date", "message-id", "to", "cc",
+    "mime-version", "content-type", "content-transfer-encoding", "content-id",
+    "content-description", "in-reply-to", "references", "list-id", "list-help",
+    "list-unsubscribe", "list-subscribe", "list-post", "list-owner", "list-archive",
+    "tls-report-domain", "tls-report-submitter", "tls-required",
+)
+_HEADER_NAME = re.compile(r"^[!-9;-~]+$")
+
+
+@attrs.frozen
+class DKIMKey:
+    """
+    The key one signing domain signs with (its public half published at
+    C{<selector>._domainkey.<domain>}).
+    """
+
+    selector: str = attrs.field(validator=_valid(
+        lambda s: bool(_HOSTNAME.match(s)), "is not a DNS name: {!r}"))
+    key_file: FilePath  # PEM (PKCS#1 or PKCS#8); for Ed25519 also dkimpy's base64 seed
+    algorithm: str = attrs.field(default="rsa-sha256", validator=_one_of(*DKIM_ALGORITHMS))
+
+
+def _dkim_domains(_, attribute, pairs: tuple[tuple[str, Any], ...]) -> None:
+    for domain, _value in pairs:
+        if not _HOSTNAME.match(domain):
+            raise _Invalid("must be a domain", attribute.name, domain)
+
+
+@attrs.frozen
+class DKIMSettings:
+    """
+    DKIM signing (RFC 6376): TLS reports sent by mail now, all outbound
+    mail later.  The keys are read and checked at start-up (tap.prepare).
+    """
+
+    headers: tuple[str, ...] = attrs.field(default=DKIM_HEADERS, validator=[
+        _each(lambda h: bool(_HEADER_NAME.match(h)), "must list header names, not {!r}"),
+        _valid(lambda hs: "from" in [h.lower() for h in hs], "must include \"from\"")])
+    domains: tuple[tuple[str, DKIMKey], ...] = attrs.field(default=(), validator=_dkim_domains)
+
+    def key_for(self, domain: str) -> DKIMKey | None:
+        return dict(self.domains).get(domain.lower().rstrip("."))
+
+
 @attrs.frozen
 class Config:
     path: str
@@ -470,9 +568,11 @@ class Config:
     auth: AuthSettings = AuthSettings()
     logging: LoggingSettings = LoggingSettings()
     metrics: MetricsSettings = MetricsSettings()
+    dkim: DKIMSettings = DKIMSettings()
     dns: DNSSettings = DNSSettings()
     outbound: OutboundSettings = OutboundSettings()
     publish: PublishSettings = PublishSettings()
+    tlsrpt: TLSRPTSettings = TLSRPTSettings()
 
     def to_dict(self) -> dict[str, Any]:
         """
@@ -493,6 +593,7 @@ class Config:
         routes = d["outbound"].pop("routes")
         if routes:
             d["outbound"]["routes"] = {domain: host for domain, host in routes}
+        d["dkim"]["domains"] = {domain: key for domain, key in d["dkim"]["domains"]}
         tls = d["outbound"]["tls"]
         for key in ("domains", "mx_hosts"):
             entries = tls.pop(key)

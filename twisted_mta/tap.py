@@ -33,6 +33,7 @@ from twisted_mta.users import UserDatabase, UsersFileError
 if TYPE_CHECKING:
     from twisted.internet.ssl import CertificateOptions
 
+    from twisted_mta.dkim import Signer
     from twisted_mta.outbound.attempt import DNSResolver
     from twisted_mta.tls.engine import TLSEngine
     from twisted_mta.tls.entries import TLSEntry
@@ -58,6 +59,7 @@ class Prepared:
     server_tls: CertificateOptions | None  # our certificate; None without [tls]
     users: UserDatabase | None  # the AUTH users; None without [auth]
     resolver: DNSResolver  # outbound DNS
+    dkim: Signer | None = None  # the [dkim] keys, read and checked; None without keys
 
 
 def prepare_tls(config: Config) -> tuple[TLSEngine, tuple[TLSEntry, ...]]:
@@ -129,8 +131,15 @@ def prepare(config: Config) -> Prepared:
         folder = os.path.dirname(config.logging.file)
         if not os.path.isdir(folder):
             raise PrepareError(f"{config.path}: logging.file: no such directory: {folder}")
+    signer = None
+    if config.dkim.domains:
+        from twisted_mta.dkim import DKIMKeyError, Signer
+        try:
+            signer = Signer.from_config(config)
+        except DKIMKeyError as e:
+            raise PrepareError(str(e))
     return Prepared(tls=engine, tls_entries=entries, server_tls=ctx, users=users,
-                    resolver=resolver)
+                    resolver=resolver, dkim=signer)
 
 
 class Options(usage.Options):
