@@ -52,6 +52,21 @@ TABLE = [
      "local-error", 451, "4.3.0", True, "Local delivery error (Input/output error)"),
     (lambda: failures.outcome("no-such-mailbox", address="nobody@example.test"),
      "no-such-mailbox", 550, "5.1.1", False, "No such local mailbox: nobody@example.test"),
+    (lambda: failures.outcome("requiretls-unsupported", remote_mta="mx.example.org",
+                              host="mx.example.org"),
+     "requiretls-unsupported", 554, "5.7.30", False,
+     "the sender asked that this message travel only over verified TLS (REQUIRETLS), and "
+     "mx.example.org does not support that"),
+    (lambda: failures.outcome("requiretls-mx-unvalidated", domain="example.org",
+                              why="its MX answer is not DNSSEC-signed and it has no MTA-STS "
+                                  "policy"),
+     "requiretls-mx-unvalidated", 554, "5.7.30", False,
+     "the mail servers of example.org to be authenticated by DNSSEC or an MTA-STS policy; its "
+     "MX answer is not DNSSEC-signed"),
+    (lambda: failures.outcome("requiretls-no-tls", why=f"{PEER} does not offer STARTTLS"),
+     "requiretls-no-tls", 554, "5.7.10", False,
+     f"and no such connection was possible: {PEER} does not offer STARTTLS; the message was "
+     "not sent"),
     (lambda: failures.expired(failures.outcome("connect-failed", peer=PEER, why="timed out")),
      "expired", 554, "5.4.7", False, "Delivery time expired; last error: 451 4.4.1"),
     (lambda: failures.tls(TLSFailure("certificate-expired", host="mx.example.org",

@@ -61,6 +61,21 @@ CAUSES: dict[str, Cause] = {
     "8bit": Cause(554, "5.6.3", "the message contains 8-bit characters and {peer} does not "
                                 "accept 8-bit mail (no 8BITMIME); this server does not "
                                 "convert messages to 7 bits (RFC 6152)"),
+    # -- REQUIRETLS (RFC 8689 4.2.1): the message is not sent, and the sender
+    # learns why at once (the RFC asks for a non-delivery notification) ------------------
+    "requiretls-unsupported": Cause(
+        554, "5.7.30", "the sender asked that this message travel only over verified TLS "
+                       "(REQUIRETLS), and {host} does not support that (it did not offer "
+                       "REQUIRETLS after STARTTLS); the message was not sent"),
+    "requiretls-mx-unvalidated": Cause(
+        554, "5.7.30", "the sender asked that this message travel only over verified TLS "
+                       "(REQUIRETLS), which needs the mail servers of {domain} to be "
+                       "authenticated by DNSSEC or an MTA-STS policy; {why}; the message was "
+                       "not sent"),
+    "requiretls-no-tls": Cause(
+        554, "5.7.10", "the sender asked that this message travel only over verified TLS "
+                       "(REQUIRETLS), and no such connection was possible: {why}; the message "
+                       "was not sent"),
     # -- local delivery ----------------------------------------------------------------
     "no-such-mailbox": Cause(550, "5.1.1", "No such local mailbox: {address}"),
     "mailbox-full": Cause(452, "4.2.2", "Mailbox full or disk full ({why})"),
@@ -147,6 +162,10 @@ def expired(last: Outcome | None) -> Outcome:
         return attrs.evolve(last, code=554, enhanced="5" + last.enhanced[1:],
                             text=last.final_text or last.text, final_text=None)
     return outcome("expired", last=f"; last error: {last}" if last else "")
+
+
+REQUIRETLS_KINDS = frozenset({"requiretls-unsupported", "requiretls-mx-unvalidated",
+                              "requiretls-no-tls"})
 
 
 def is_temporary(o: Outcome) -> bool:
