@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+import attrs
+
 from twisted.internet import defer, error, task
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -48,15 +50,17 @@ class FakeManager:
         self.queued: list[str] = []
 
     def enqueue(self, envelope) -> None:
-        self.entries[envelope] = envelope
+        self.entries[getattr(envelope, "queue_id", envelope)] = envelope
         self.queued.append(envelope)
 
 
 class FakeSpool:
     def __init__(self, path: str) -> None:
         self.path = path
+        self.loaded: list[str] = []
 
     def load(self, queue_id: str) -> str:
+        self.loaded.append(queue_id)
         return queue_id  # the "envelope" is its id here
 
 
@@ -97,6 +101,40 @@ class WorkerPoolTests(SynchronousTestCase):
         proto.childDataReceived(3, b"2\nqueued A1\nnonsense line\n")
         proto.childDataReceived(1, b"queued C3\n")  # not the report pipe
         self.assertEqual(self.manager.queued, ["A1", "B2"])
+
+    def test_report_with_envelope_needs_no_spool_read(self) -> None:
+        """
+        A report carrying the envelope's JSON is queued as sent; one whose
+        JSON is damaged or names another entry is read from the spool.
+        """
+        from twisted_mta.model import Envelope, Recipient
+        env = Envelope(queue_id="E1", sender="a@b.test", recipients=(Recipient("c@d.test"),),
+                       arrival=1_800_000_000.0)
+        other = attrs.evolve(env, queue_id="E9")
+        proto = self.reactor.spawned[0][0]
+        proto.childDataReceived(3, b"queued E1 " + env.to_json(compact=True) + b"\n")
+        proto.childDataReceived(3, b"queued E2 {not json\n")
+        proto.childDataReceived(3, b"queued E3 " + other.to_json(compact=True) + b"\n")
+        self.assertEqual(self.manager.queued, [env, "E2", "E3"])
+        self.assertEqual(self.pool.spool.loaded, ["E2", "E3"])
+
+    def test_worker_notice_carries_the_envelope_when_short(self) -> None:
+        """The worker's line: the envelope's JSON up to PIPE_BUF, else the id alone."""
+        from twisted_mta import worker
+        from twisted_mta.model import Envelope, Recipient
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        self.patch(worker, "NOTIFY_FD", w)
+        small = Envelope(queue_id="S1", sender="a@b.test", recipients=(Recipient("c@d.test"),),
+                         arrival=1_800_000_000.0)
+        big = attrs.evolve(small, queue_id="B1", recipients=tuple(
+            Recipient(f"user{i}@d.test") for i in range(200)))
+        worker.notify(small)
+        worker.notify(big)
+        lines = os.read(r, 65536).split(b"\n")
+        self.assertEqual(lines[0], b"queued S1 " + small.to_json(compact=True))
+        self.assertEqual(lines[1], b"queued B1")
 
     def test_restart_backs_off_while_dying_young(self) -> None:
         delays = []

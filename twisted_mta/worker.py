@@ -65,9 +65,20 @@ class _ParentPipe:
             self.reactor.stop()
 
 
+NOTICE_MAX = 4096  # PIPE_BUF: a write this short reaches the pipe whole
+
+
 def notify(envelope) -> None:
-    """Tell the main process a message was queued (one short line: atomic)."""
-    os.write(NOTIFY_FD, f"queued {envelope.queue_id}\n".encode("ascii"))
+    """
+    Tell the main process a message was queued: C{queued ID ENVELOPE} (its
+    compact JSON, which has no newline), so the main process need not read
+    the entry back from the spool; a large envelope goes as the id alone.
+    """
+    line = b"queued " + envelope.queue_id.encode("ascii")
+    data = envelope.to_json(compact=True)
+    if len(line) + len(data) + 2 <= NOTICE_MAX:
+        line += b" " + data
+    os.write(NOTIFY_FD, line + b"\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,8 @@ from twisted.application import service
 from twisted.internet import defer, endpoints, protocol
 from twisted.logger import Logger
 
+from twisted_mta.model import Envelope, EnvelopeError
+
 log = Logger()
 
 RESTART_DELAY = 0.5  # seconds before a dead worker is started again
@@ -124,9 +126,10 @@ class _Worker(protocol.ProcessProtocol):
         self.buffer += data
         *lines, self.buffer = self.buffer.split(b"\n")
         for line in lines:
-            words = line.decode("ascii", "replace").split()
-            if len(words) == 2 and words[0] == "queued":
-                self.pool.queued(words[1])
+            words = line.split(b" ", 2)
+            if len(words) >= 2 and words[0] == b"queued":
+                self.pool.queued(words[1].decode("ascii", "replace"),
+                                 words[2] if len(words) == 3 else None)
 
     def processEnded(self, reason) -> None:
         self.pool.ended(self, reason.value)
@@ -182,10 +185,22 @@ class WorkerPool(service.Service):
         log.info("workers: worker {index} started (pid {pid})", index=index,
                  pid=transport.pid, event="workers.started")
 
-    def queued(self, queue_id: str) -> None:
-        """A worker queued C{queue_id}: read the entry and queue it here."""
+    def queued(self, queue_id: str, data: bytes | None = None) -> None:
+        """
+        A worker queued C{queue_id}: queue it here, with the envelope it
+        sent (C{data}, as written into the entry), else as read from the
+        spool.
+        """
         if queue_id in self.manager.entries:
             return
+        if data is not None:
+            try:
+                envelope = Envelope.from_json(data)
+            except EnvelopeError:
+                envelope = None
+            if envelope is not None and envelope.queue_id == queue_id:
+                self._enqueue(envelope, queue_id)
+                return
         d = self.run_blocking(self.spool.load, queue_id)
         d.addCallback(self._enqueue, queue_id)
         d.addErrback(lambda f: log.failure("workers: cannot queue {queue_id} that a worker "
