@@ -6,11 +6,13 @@ The operator's command line::
     twisted-mta user add|delete|list USERS-FILE ...
     twisted-mta tls explain DOMAIN|--message QUEUE-ID --config FILE [--json]
     twisted-mta tls publish --config FILE [--json]
+    twisted-mta tls inbox --config FILE [--since 7d] [--mailbox USER|PATH] [--json]
 
 Exit status 0 on success, 1 when the configuration is bad or an entry is
 not found (the reason on stderr, one line), 2 on usage errors.  The queue
 commands that change something ask the running MTA (see
 L{twisted_mta.queue.control}); list and show only read.
+(tls inbox has its own: 0 nothing to fix, 1 failures reported, 2 cannot read.)
 """
 
 from __future__ import annotations
@@ -818,6 +820,57 @@ def cmd_tls_shadow_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tls_inbox(args: argparse.Namespace) -> int:
+    """
+    Summarise the TLS reports (RFC 8460) other senders sent to our report
+    mailbox.  Exit 0 when no report names a failure, 1 when one does or a
+    file in the window is no readable report, 2 when the mailbox (or the
+    configuration) cannot be read: a script can tell "look at it" from
+    "could not look".
+    """
+    from datetime import datetime, timedelta, timezone
+
+    from twisted_mta.config import parse_duration
+    from twisted_mta.tlsrpt import inbox
+    seconds = None
+    if args.since != "all":
+        try:
+            seconds = parse_duration(args.since)
+        except ValueError as e:
+            print(f"twisted-mta: --since {e} (or all)", file=sys.stderr)
+            return 2
+    config = _config(args)
+    if config is None:
+        return 2
+    try:
+        boxes = inbox.find_mailboxes(config, args.mailbox)
+    except inbox.MailboxError as e:
+        print(f"twisted-mta: {e}", file=sys.stderr)
+        return 2
+    now = datetime.now(timezone.utc)
+    since = now - timedelta(seconds=seconds) if seconds is not None else None
+    try:
+        summary = inbox.summarize(inbox.read_maildirs(b.path for b in boxes if b.exists),
+                                  now, since)
+    except OSError as e:
+        print(f"twisted-mta: cannot read the report mailbox {e.filename}: {e.strerror}",
+              file=sys.stderr)
+        return 2
+    if args.json:
+        out = {"mailboxes": [{"name": b.name, "path": b.path, "exists": b.exists}
+                             for b in boxes]}
+        out.update(summary.to_dict())
+        print(json.dumps(out, indent=2))
+    else:
+        print(inbox.format_text(summary, [b.path for b in boxes],
+                                None if since is None else args.since), end="")
+        for b in boxes:
+            if not b.exists:
+                print(f"({b.name}: its Maildir {b.path} does not exist yet: no mail has "
+                      "arrived for it)")
+    return summary.exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="twisted-mta", description="twisted-mta operator tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -904,6 +957,18 @@ def build_parser() -> argparse.ArgumentParser:
     tpublish.add_argument("-c", "--config", required=True, help="the MTA's configuration file")
     tpublish.add_argument("--json", action="store_true", help="print JSON for scripts")
     tpublish.set_defaults(func=cmd_tls_publish)
+    tinbox = tls_sub.add_parser(
+        "inbox", help="summarise the TLS reports (RFC 8460) other senders sent to our report "
+        "mailbox: what failed, where, and what to fix")
+    tinbox.add_argument("-c", "--config", required=True, help="the MTA's configuration file")
+    tinbox.add_argument("--since", metavar="DURATION", default="7d",
+                        help="only reports that end within the last 24h, 7d, 30d, ... "
+                        "or all (default 7d)")
+    tinbox.add_argument("--mailbox", metavar="USER|PATH",
+                        help="the local address or Maildir path to read (default: [tlsrpt] "
+                        "inbox, else the mailto: addresses tls publish suggests)")
+    tinbox.add_argument("--json", action="store_true", help="print JSON for scripts")
+    tinbox.set_defaults(func=cmd_tls_inbox)
 
     user = sub.add_parser("user", help="manage the AUTH users file (scrypt hashes)")
     user_sub = user.add_subparsers(dest="action", required=True)
