@@ -1,0 +1,78 @@
+"""
+The reading side of TLS reporting end to end: our MTA (twistd, a real
+process) receives report mails over SMTP for its report address, delivers
+them into that mailbox's Maildir, and C{twisted-mta tls inbox --json}
+summarises them, naming the one that is malformed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import smtplib
+import subprocess
+import sys
+
+from twisted.trial import unittest
+
+from tests.interop.support import (
+    LOCAL_DOMAIN, LOOPBACK, make_tempdir, message_files, start_mta, subprocess_env, wait_for,
+)
+from tests.tlsrpt.test_inbox import as_gzip, as_json, google_like, microsoft_like, report_mail
+
+
+class InboxTests(unittest.TestCase):
+
+    def test_reports_received_and_summarised(self) -> None:
+        """Four report mails sent over SMTP to tlsrpt@ are delivered into its Maildir; tls inbox --json counts the two good reports (the duplicate once), the failure worst first, and names the malformed one."""
+        mta = start_mta(self, make_tempdir(self, "tlsrpt-inbox"),
+                        users=("alice", "postmaster", "tlsrpt"))
+        yesterday = (datetime.datetime.now(datetime.timezone.utc).date()
+                     - datetime.timedelta(days=1)).isoformat()
+        google = report_mail(as_gzip(google_like(yesterday, host=f"mx2.{LOCAL_DOMAIN}")))
+        mails = [
+            google,
+            google,  # sent twice (two rua URIs to the same box): counted once
+            report_mail(as_json(microsoft_like(yesterday, yesterday)), "application/json",
+                        "report.json"),
+            report_mail(b"\x1f\x8b\x08\x00this is no gzip", filename="broken.json.gz"),
+        ]
+        recipient = f"tlsrpt@{LOCAL_DOMAIN}"
+        with smtplib.SMTP(LOOPBACK, mta.port, timeout=10) as smtp:
+            smtp.ehlo("reporter.example.test")
+            for mail in mails:
+                refused = smtp.sendmail("tlsrpt-noreply@reporter.example.test", [recipient], mail)
+                self.assertEqual(refused, {})
+        maildir = mta.maildir("tlsrpt")
+        files = wait_for(lambda: len(message_files(maildir)) == 4 and message_files(maildir),
+                         20, lambda: f"4 messages in {maildir}; {mta.describe()}")
+        broken = [f for f in files if b"broken.json.gz" in open(f, "rb").read()]
+        self.assertEqual(len(broken), 1)
+
+        result = subprocess.run(
+            [sys.executable, "-m", "twisted_mta.cli", "tls", "inbox", "--json",
+             "-c", mta.config_path],
+            cwd=mta.tmpdir, env=subprocess_env(), stdin=subprocess.DEVNULL,
+            capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(result.stderr, "")
+        data = json.loads(result.stdout)
+        self.assertEqual(data["mailboxes"], [{"name": recipient, "path": maildir,
+                                              "exists": True}])
+        self.assertEqual((data["files"], data["reports"], data["duplicates"]), (4, 2, 1))
+        self.assertEqual(data["malformed"], [{"file": broken[0],
+                                              "reason": data["malformed"][0]["reason"]}])
+        self.assertIn("bad gzip", data["malformed"][0]["reason"])
+        (problem,) = data["problems"]
+        self.assertEqual((problem["organization"], problem["mx_host"], problem["result_type"],
+                          problem["sessions"]),
+                         ("Google LLC", f"mx2.{LOCAL_DOMAIN}", "certificate-expired", 1204))
+        self.assertTrue(problem["text"].startswith(
+            f"Google LLC saw 1,204 sessions to mx2.{LOCAL_DOMAIN} fail with "
+            "certificate-expired on "), problem["text"])
+        self.assertEqual(data["healthy"], [{"organization": "Microsoft Corporation",
+                                            "sessions": 5326}])
+        # Read only: the four messages are where delivery put them.
+        self.assertEqual(message_files(maildir), files)
+        self.assertTrue(all(os.path.dirname(f).endswith("new") for f in files))
