@@ -388,7 +388,7 @@ class SummaryTests(SynchronousTestCase):
         rows = {(r.organization, r.host): (r.successes, dict(r.failures)) for r in s.rows}
         self.assertEqual(rows, {
             ("Google LLC", "mx2.example.org"): (0, {"certificate-expired": 1204}),
-            ("Google LLC", "example.org"): (9000, {}),
+            ("Google LLC", None): (9000, {}),
             ("Microsoft Corporation", "mx1.example.org"): (5326, {}),
             ("Company-X", "mx2.mail.example.org"): (0, {"starttls-not-supported": 7}),
             ("Company-X", "mx-backup.mail.example.org"): (0, {"validation-failure": 3}),
@@ -532,6 +532,20 @@ class WordsTests(SynchronousTestCase):
         self.assertIn("X509_V_ERR_CERT_REVOKED", inbox.hint(self.problem(
             result_type="validation-failure", reason_codes=("X509_V_ERR_CERT_REVOKED",))))
 
+    def test_no_host_named(self):
+        """A failure that names no MX host, under a policy that names none, is the domain's MX hosts."""
+        p = self.problem(host=None, result_type="tlsa-invalid")
+        self.assertEqual(inbox.sentence(p, NOW.date()),
+                         "Google saw 1,204 sessions to the MX hosts of example.org fail with "
+                         "tlsa-invalid since 1 December")
+        self.assertIn("the TLSA records of the MX hosts of example.org no longer match",
+                      inbox.hint(p))
+        report = google_like()
+        del report["policies"][0]["failure-details"][0]["receiving-mx-hostname"]
+        (problem,) = summarize(report).problems
+        self.assertEqual((problem.host, problem.where), (None, "the MX hosts of example.org"))
+        self.assertIsNone(problem.to_dict(NOW.date())["mx_host"])
+
     def test_plain_words(self):
         """A line per problem with its hint under it, then the healthy senders in one line."""
         lines = inbox.plain_words(summarize(google_like(), microsoft_like(),
@@ -557,6 +571,11 @@ class WordsTests(SynchronousTestCase):
         header = [line for line in lines if line.startswith("ORGANIZATION")]
         self.assertEqual(len(header), 1)
         self.assertIn("certificate-expired 1,204", text)
+        row = [line.split() for line in lines if line.startswith("Google LLC  ")]
+        self.assertEqual([r[:8] for r in row],
+                         [["Google", "LLC", "mx2.example.org", "1,204", "0", "1,204",
+                           "2026-12-01", "certificate-expired"],
+                          ["Google", "LLC", "the", "MX", "hosts", "of", "example.org", "9,000"]])
         self.assertEqual(lines[-2:], ["Not readable as TLS reports:",
                                       "  /m/new/x: bad gzip: cut short"])
 

@@ -577,7 +577,7 @@ class Row:
     """
 
     organization: str
-    host: str
+    host: str | None  # None: the report names none (the policy's MX hosts)
     domains: tuple[str, ...]
     successes: int
     failures: tuple[tuple[str, int], ...]  # (result type, sessions), most first
@@ -588,6 +588,10 @@ class Row:
     @property
     def failed(self) -> int:
         return sum(n for _, n in self.failures)
+
+    @property
+    def where(self) -> str:
+        return _where(self.host, self.domains)
 
     @property
     def sessions(self) -> int:
@@ -609,7 +613,7 @@ class Problem:
     """
 
     organization: str
-    host: str
+    host: str | None  # None: the report names none (the policy's MX hosts)
     result_type: str
     sessions: int
     first_day: datetime.date
@@ -617,6 +621,10 @@ class Problem:
     ongoing: bool  # seen in the organization's latest report day
     domains: tuple[str, ...]
     reason_codes: tuple[str, ...] = ()
+
+    @property
+    def where(self) -> str:
+        return _where(self.host, self.domains)
 
     def to_dict(self, today: datetime.date) -> dict[str, Any]:
         return {"organization": self.organization, "mx_host": self.host,
@@ -676,12 +684,16 @@ def _rfc3339(t: datetime.datetime) -> str:
     return t.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _policy_host(policy: PolicyResult) -> str:
+def _policy_host(policy: PolicyResult) -> str | None:
     """
     Where a policy's counts that name no MX host go: its mx-host (all of
-    them), else its domain.
+    them; a pattern such as C{*.mail.example.org} stays one), else None.
     """
-    return ", ".join(policy.mx_hosts) if policy.mx_hosts else policy.domain
+    return ", ".join(policy.mx_hosts) if policy.mx_hosts else None
+
+
+def _where(host: str | None, domains: tuple[str, ...]) -> str:
+    return host or f"the MX hosts of {' and '.join(domains) or 'the domain'}"
 
 
 def summarize(results: Iterable[FileResult], now: datetime.datetime,
@@ -691,8 +703,8 @@ def summarize(results: Iterable[FileResult], now: datetime.datetime,
     None), each (organization, report-id) once.  A file with no readable
     report is listed when it arrived (its mtime) after C{since}.
     """
-    rows: dict[tuple[str, str], _Counts] = defaultdict(_Counts)
-    fails: dict[tuple[str, str, str], _Failure] = defaultdict(_Failure)
+    rows: dict[tuple[str, str | None], _Counts] = defaultdict(_Counts)
+    fails: dict[tuple[str, str | None, str], _Failure] = defaultdict(_Failure)
     latest: dict[str, datetime.date] = {}
     seen: set[tuple[str, str]] = set()
     files = duplicates = older = 0
@@ -721,7 +733,7 @@ def summarize(results: Iterable[FileResult], now: datetime.datetime,
                 counts.successes += policy.successes
                 counts.domains.add(policy.domain)
                 detailed = 0
-                by_place: list[tuple[str, str, int, str | None]] = []
+                by_place: list[tuple[str | None, str, int, str | None]] = []
                 for d in policy.details:
                     detailed += d.count
                     by_place.append((d.mx_host or home, d.result_type, d.count, d.reason_code))
@@ -747,7 +759,7 @@ def summarize(results: Iterable[FileResult], now: datetime.datetime,
              failures=tuple(sorted(c.failures.items(), key=lambda kv: (-kv[1], kv[0]))),
              first_day=c.first, last_day=c.last, reports=len(c.reports))
          for (org, host), c in rows.items() if c.first is not None),
-        key=lambda r: (-r.failed, r.organization.lower(), r.host)))
+        key=lambda r: (-r.failed, r.organization.lower(), r.host or "")))
     problems = tuple(sorted(
         (Problem(organization=org, host=host, result_type=rt, sessions=f.count,
                  first_day=f.first, last_day=f.last, ongoing=f.last >= latest[org],
@@ -755,7 +767,7 @@ def summarize(results: Iterable[FileResult], now: datetime.datetime,
                  reason_codes=tuple(c for c, _ in sorted(f.reason_codes.items(),
                                                          key=lambda kv: (-kv[1], kv[0]))))
          for (org, host, rt), f in fails.items()),
-        key=lambda p: (-p.sessions, p.organization.lower(), p.host, p.result_type)))
+        key=lambda p: (-p.sessions, p.organization.lower(), p.host or "", p.result_type)))
     failing = {p.organization for p in problems}
     sessions: dict[str, int] = defaultdict(int)
     for r in out_rows:
@@ -793,7 +805,7 @@ def sentence(problem: Problem, today: datetime.date) -> str:
         start = (str(first.day) if (first.year, first.month) == (last.year, last.month)
                  else _day(first, today, year=first.year != last.year))
         when = f"from {start} to {_day(last, today)}"
-    return (f"{problem.organization} saw {_sessions(problem.sessions)} to {problem.host} "
+    return (f"{problem.organization} saw {_sessions(problem.sessions)} to {problem.where} "
             f"fail with {problem.result_type} {when}")
 
 
@@ -805,7 +817,8 @@ def hint(problem: Problem) -> str:
     """
     What to check for one result type (RFC 8460 §4.3), in a line.
     """
-    host, rt = problem.host, problem.result_type
+    host, rt = problem.where, problem.result_type
+    tlsa = f"_25._tcp.{problem.host}" if problem.host else host
     policies = ", ".join(f"https://mta-sts.{d}/.well-known/mta-sts.txt" for d in problem.domains)
     hints = {
         "starttls-not-supported":
@@ -824,7 +837,7 @@ def hint(problem: Problem) -> str:
             + (f": {', '.join(problem.reason_codes[:3])}" if problem.reason_codes else
                " (it gave none: ask the contact in its report)"),
         "tlsa-invalid":
-            f"the TLSA records of _25._tcp.{host} no longer match its certificate: publish the "
+            f"the TLSA records of {tlsa} no longer match its certificate: publish the "
             "records of the key it serves (twisted-mta tls publish prints them) and keep the "
             "old ones until the new key is in use",
         "dnssec-invalid":
@@ -892,18 +905,19 @@ def format_text(summary: Summary, mailboxes: Iterable[str], since_words: str | N
         lines.extend(words)
     if summary.rows:
         lines.append("")
-        header = ("ORGANIZATION", "MX HOST", "SESSIONS", "FAILED", "DAYS", "FAILURES")
+        header = ("ORGANIZATION", "MX HOST", "SESSIONS", "OK", "FAILED", "DAYS", "FAILURES")
         table = [header] + [
-            (r.organization, r.host, f"{r.sessions:,}", f"{r.failed:,}",
+            (r.organization, r.where, f"{r.sessions:,}", f"{r.successes:,}", f"{r.failed:,}",
              r.first_day.isoformat() + ("" if r.last_day == r.first_day
                                         else ".." + r.last_day.isoformat()[5:]),
              ", ".join(f"{rt} {n:,}" for rt, n in r.failures) or "-")
             for r in summary.rows]
-        widths = [max(len(row[i]) for row in table) for i in range(5)]
+        widths = [max(len(row[i]) for row in table) for i in range(6)]
         for row in table:
-            cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1]),
-                     row[2].rjust(widths[2]), row[3].rjust(widths[3]), row[4].ljust(widths[4])]
-            lines.append("  ".join(cells) + "  " + row[5])
+            cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
+            cells += [row[i].rjust(widths[i]) for i in (2, 3, 4)]
+            cells.append(row[5].ljust(widths[5]))
+            lines.append("  ".join(cells) + "  " + row[6])
     if summary.unreadable:
         lines.append("")
         lines.append("Not readable as TLS reports:")
