@@ -6,6 +6,7 @@ The operator's command line::
     twisted-mta user add|delete|list USERS-FILE ...
     twisted-mta tls explain DOMAIN|--message QUEUE-ID --config FILE [--json]
     twisted-mta tls publish --config FILE [--json]
+    twisted-mta tls report show [DOMAIN] [--day YYYY-MM-DD] --config FILE [--json]
     twisted-mta tls inbox --config FILE [--since 7d] [--mailbox USER|PATH] [--json]
 
 Exit status 0 on success, 1 when the configuration is bad or an entry is
@@ -788,6 +789,58 @@ def _ago(seconds: float) -> str:
     return f"{seconds}s"
 
 
+def cmd_tls_report_show(args: argparse.Namespace) -> int:
+    """
+    The TLS-RPT reports (RFC 8460) of a UTC day so far, from the day files
+    the MTA writes (at most a second behind it; it need not run): one line
+    per policy domain, or the reports' exact JSON.
+    """
+    from twisted_mta.tlsrpt import report, store
+    day = args.day or datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    try:
+        datetime.date.fromisoformat(day)
+    except ValueError:
+        print(f"twisted-mta: --day must be a date like 2026-12-03, not {day!r}",
+              file=sys.stderr)
+        return 2
+    config = _config(args)
+    if config is None:
+        return 1
+    t = config.tlsrpt
+    try:
+        counts = store.load_day(store.directory_of(config.spool), day)
+    except store.DamagedDay as e:
+        print(f"twisted-mta: the TLS-RPT counts of {day} cannot be read: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"twisted-mta: cannot read the TLS-RPT counts of {day}: {e.strerror}",
+              file=sys.stderr)
+        return 1
+    domains = sorted(counts.domains) if counts is not None else []
+    if args.domain:
+        wanted = report.a_label(args.domain)
+        domains = [d for d in domains if report.a_label(d) == wanted]
+    submitter = t.submitter_domain or config.hostname
+    reports = [report.build(day, d, counts.counts(d), t.organization_name or config.hostname,
+                            t.contact_address or f"postmaster@{config.hostname}",
+                            report.report_id(day, d, submitter)) for d in domains]
+    if args.json:
+        print(json.dumps(reports[0] if args.domain and reports else reports, indent=2,
+                         ensure_ascii=False))
+        return 0
+    for d in domains:
+        print(report.describe(day, d, counts.counts(d)))
+    if not domains:
+        what = f"with {args.domain} " if args.domain else ""
+        print(f"No TLS sessions {what}counted on {day}.")
+    if counts is not None and counts.dropped:
+        print(f"({counts.dropped:,} sessions with further domains were not counted: "
+              f"the day reached {store.MAX_DOMAINS:,} domains)")
+    if not t.enabled:
+        print("([tlsrpt] enabled is false: the MTA counts nothing)")
+    return 0
+
+
 def cmd_tls_shadow_report(args: argparse.Namespace) -> int:
     config = _config(args)
     if config is None:
@@ -957,6 +1010,17 @@ def build_parser() -> argparse.ArgumentParser:
     tpublish.add_argument("-c", "--config", required=True, help="the MTA's configuration file")
     tpublish.add_argument("--json", action="store_true", help="print JSON for scripts")
     tpublish.set_defaults(func=cmd_tls_publish)
+    treport = tls_sub.add_parser(
+        "report", help="the TLS reports (RFC 8460) this MTA sends: what it counted")
+    report_sub = treport.add_subparsers(dest="report_action", required=True)
+    rshow = report_sub.add_parser(
+        "show", help="the reports of a UTC day so far (default today), as they would be sent")
+    rshow.add_argument("domain", nargs="?", metavar="DOMAIN", help="only this policy domain")
+    rshow.add_argument("--day", metavar="YYYY-MM-DD", help="the UTC day (default today)")
+    rshow.add_argument("-c", "--config", required=True, help="the MTA's configuration file")
+    rshow.add_argument("--json", action="store_true",
+                       help="the reports' JSON (one object with DOMAIN, else a list)")
+    rshow.set_defaults(func=cmd_tls_report_show)
     tinbox = tls_sub.add_parser(
         "inbox", help="summarise the TLS reports (RFC 8460) other senders sent to our report "
         "mailbox: what failed, where, and what to fix")

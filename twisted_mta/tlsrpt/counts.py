@@ -83,7 +83,15 @@ class Detail:
         return {k: v for k, v in zip(DETAIL_FIELDS, values) if v}
 
     def to_json(self, count: int) -> dict[str, Any]:
-        return {"result-type": self.result_type, **self.fields(), "failed-session-count": count}
+        """
+        The failure-details entry, its keys in the order of RFC 8460 4.4.
+        """
+        fields = self.fields()
+        reason = fields.pop("failure-reason-code", None)
+        out = {"result-type": self.result_type, **fields, "failed-session-count": count}
+        if reason:
+            out["failure-reason-code"] = reason
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> tuple[Detail, int]:

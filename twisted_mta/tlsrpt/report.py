@@ -9,6 +9,7 @@ pure functions, no I/O.
 - L{filename}: the file name of 5.1,
   C{submitter!policy-domain!begin!end!unique-id.json.gz};
 - L{day_bounds}: the day's first and last second, for the file name;
+- L{report_id}: an id that is the same for the same day and domain;
 - L{describe}: one domain's day in plain words (C{tls report show}).
 
 Choices where the RFC leaves room (docs/tls.md, "TLS reporting"):
@@ -101,6 +102,16 @@ def build(day: str | datetime.date, policy_domain: str, counts: Iterable[PolicyC
         "report-id": report_id,
         "policies": policies,
     }
+
+
+def report_id(day: str | datetime.date, policy_domain: str, submitter: str) -> str:
+    """
+    A report id that is the same for the same day, domain and submitter
+    (so a report sent twice can be told as one, RFC 8460 5.3), in the
+    C{left@right} form the Subject's Report-ID takes:
+    C{"2026-12-03.example.org@example.net"}.
+    """
+    return f"{as_date(day).isoformat()}.{a_label(policy_domain)}@{a_label(submitter)}"
 
 
 def to_json(report: dict[str, Any]) -> bytes:
