@@ -234,11 +234,31 @@ class TLSRPTSettings:
     contact_info: str | None = None  # the report's contact-info: an address (or mailto:address)
     submitter: HostName | None = None  # TLS-Report-Submitter (default: contact_info's domain)
     skip_domains: tuple[Domain, ...] = ()  # policy domains never counted nor reported
+    # Reading (twisted-mta tls inbox): the local user or alias whose Maildir
+    # holds the reports others send us (default: the local mailto: addresses
+    # tls publish suggests, tlsrpt@ each local domain).
+    inbox: str | None = None
+    # Sending (RFC 8460 5): the daily run starts after UTC midnight plus a
+    # random delay up to send_delay; https: rua get a POST that is retried
+    # for https_retry_for (the RFC says up to 24 hours), each try bounded by
+    # https_timeout, the collector's certificate checked against ca_file
+    # (default: the system's roots).  Reports by mail come from from_address
+    # (default tlsrpt-noreply@<submitter>), signed with [dkim]'s key of the
+    # submitter domain.
+    send_delay: ZeroOrDuration = ZeroOrDuration(3600)
+    https_timeout: Duration = 60
+    https_retry_for: ZeroOrDuration = ZeroOrDuration(86400)
+    ca_file: FilePath | None = None
+    from_address: str | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.contact_info is not None and not _CONTACT.match(self.contact_info):
             raise _Invalid(f"must be an address (local@domain) or mailto:address, "
                            f"not {self.contact_info!r}", "contact_info")
+        if self.from_address is not None and not _CONTACT.match(self.from_address) \
+                or (self.from_address or "").startswith("mailto:"):
+            raise _Invalid(f"must be an address (local@domain), not {self.from_address!r}",
+                           "from_address")
         if not self.enabled:
             return
         for key in ("organization_name", "contact_info"):
@@ -447,6 +467,10 @@ class OutboundTLSSettings:
     sts_refresh_interval: Duration = 86400  # refresh a cached policy after (at most) this
     sts_retry_interval: Duration = 300  # after a failed fetch, no new one for this long
     sts_port: int = attrs.field(default=443, validator=_port)  # tests use another
+    # RFC 8689 4.2.2: a message with "TLS-Required: No" (and no REQUIRETLS) is
+    # sent without the recipient's published policy (DANE, MTA-STS) holding
+    # it back; false: such messages are treated like any other.
+    honor_tls_required_no: bool = True
 
 
 @attrs.frozen
@@ -883,6 +907,7 @@ def _check(config: Config) -> None:
     files = [("outbound.tls.ca_file", tls.ca_file), ("outbound.tls.explanation", tls.explanation)]
     for table, entries in (("domains", tls.domains), ("mx_hosts", tls.mx_hosts)):
         files += [(f"outbound.tls.{table}.{key}.ca_file", e.ca_file) for key, e in entries]
+    files.append(("tlsrpt.ca_file", config.tlsrpt.ca_file))
     for key, value in files:
         if value is not None and not os.path.isfile(value):
             raise error(key, f"no such file: {value}")

@@ -106,6 +106,14 @@ class Metrics:
             "decider allowed it.", ["policy", "domain", "decider"], registry=r)
         self.shadow = Counter("twisted_mta_tls_shadow_failures", "Sessions a shadow policy "
                               "would have refused.", ["kind", "shadow", "domain"], registry=r)
+        self.tls_required_no = Counter(
+            "twisted_mta_tls_required_no_deliveries", "Delivery attempts of messages tagged "
+            "\"TLS-Required: No\" (RFC 8689): the recipient's published TLS policy (DANE, "
+            "MTA-STS) was not enforced for them.", ["domain"], registry=r)
+        self.requiretls_refused = Counter(
+            "twisted_mta_requiretls_refused_hosts", "Mail servers not used for a REQUIRETLS "
+            "message (RFC 8689), by why: requiretls-unsupported, requiretls-mx-unvalidated, "
+            "requiretls-no-tls.", ["kind", "domain"], registry=r)
 
     def watch_queue(self, states: Callable[[], dict[str, str]]) -> None:
         self.registry.register(_QueueCollector(states))
@@ -131,6 +139,10 @@ class Metrics:
                                                 e["decider"]).inc()
         elif name == "tls.shadow":
             self.shadow.labels(e["kind"], e["shadow"], self.domain(e["domain"])).inc()
+        elif name == "tls.required_no":
+            self.tls_required_no.labels(self.domain(e["domain"])).inc()
+        elif name == "tls.requiretls_refused":
+            self.requiretls_refused.labels(e["kind"], self.domain(e["domain"])).inc()
 
     def resource(self):
         from prometheus_client.twisted import MetricsResource

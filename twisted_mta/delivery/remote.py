@@ -48,13 +48,15 @@ class RemoteDelivery:
             return {a: outcome for a in addresses}
         by_address = {r.address: r for r in request.recipients}
         sent = []
-        for hop, addrs in next_hops(addresses, self.settings).items():
+        for hop, addrs in next_hops(addresses, self.settings, envelope.requiretls,
+                                    envelope.tls_required_no).items():
             dsn = tuple((by_address[a].notify, by_address[a].orcpt) for a in addrs)
             txn = Transaction(envelope.sender, addrs, message, dsn=dsn, ret=envelope.ret,
                               envid=envelope.envid, queue_id=envelope.queue_id,
                               age=request.now - envelope.arrival,
                               attempts=envelope.attempts, tls_failures=envelope.tls_failures,
-                              tls_override=envelope.tls_override)
+                              tls_override=envelope.tls_override,
+                              requiretls=envelope.requiretls)
             sent.append(self.pool.deliver(hop, txn))
         results: dict[str, Outcome] = {}
         for part in (yield defer.gatherResults(sent, consumeErrors=True)):

@@ -37,6 +37,7 @@ from twisted_mta.tls.published import Published
 from twisted_mta.tls.sts import lookup_sts_txt
 from twisted_mta.tls.handshake import PolicyCreator, shadow_verdict
 from twisted_mta.tls.history import TLSHistory, _day
+from twisted_mta.tlsrpt import events as tlsrpt
 
 log = Logger()
 
@@ -257,14 +258,16 @@ class Attempt:
         hop, ctx = self.hop, self.ctx
         if hop.smarthost is not None:
             return [mx.MXHost(0, hop.smarthost.host)], hop.smarthost.port, None, None
-        published = ctx.published
+        # "TLS-Required: No" (RFC 8689 4.2.2): what the recipient publishes
+        # (DANE, MTA-STS) is not asked for, so it cannot hold the message.
+        published = ctx.published if not hop.tls_required_no else None
         dane = published is not None and (yield published.dane_enabled())
         sts = published.sts(hop.domain) if published is not None else defer.succeed(None)
         sts.addErrback(self._sts_failed)
         facts = None
         try:
             if dane:
-                facts = yield published.mx(hop.domain)
+                facts = yield ctx.published.mx(hop.domain)
                 records = mx.from_dnssec(facts.result, hop.domain)
             else:
                 records = yield ctx.run_blocking(ctx.resolver.mx, hop.domain)
@@ -309,16 +312,24 @@ class Attempt:
             except mx.MXError as e:
                 error = e.outcome
         facts = None
-        if hop.smarthost is None and ctx.published is not None:
+        if hop.smarthost is None and ctx.published is not None and not hop.tls_required_no:
             if mx_facts is None:
                 facts_host = attrs.evolve(facts_host, why="DANE is off: " +
                                           ctx.published.dane_state.reason)
             facts = pub.Facts(hop.domain, mx_facts, facts_host, sts)
         choice = ctx.tls.choose(hop.domain, host, hop.smarthost, facts)
+        if hop.requiretls:
+            choice = requiretls_choice(choice)
         plan = HostPlan(host, record.preference, port, addresses, choice, facts, error)
         refused = self.refusal(plan)
         if refused is not None:
             return attrs.evolve(plan, failure=refused, error=None)
+        if hop.requiretls and hop.smarthost is None and error is None:
+            unvalidated = mx_unvalidated(hop.domain, host, mx_facts, sts)
+            if unvalidated is not None:
+                return attrs.evolve(plan, error=failures.outcome(
+                    "requiretls-mx-unvalidated", remote_mta=host, domain=hop.domain,
+                    why=unvalidated))
         if error is None and not addresses:
             plan = attrs.evolve(plan, error=failures.outcome("no-address", host=host))
         return plan
@@ -354,6 +365,10 @@ class Attempt:
         records, port, mx_facts, sts = yield self.hosts()
         last: Outcome | None = None
         tls_failed: SessionFailed | None = None
+        # For REQUIRETLS: a host not reached (it may be later) and a host
+        # that fails the REQUIRETLS checks (it will not be, by itself).
+        unreached: Outcome | None = None
+        refused: Outcome | None = None
         for record in records:
             plan = yield self.host_plan(record, port, mx_facts, sts)
             if plan.failure is not None:
@@ -364,9 +379,16 @@ class Attempt:
                 continue
             if plan.error is not None:
                 last = plan.error
+                if plan.error.kind in failures.REQUIRETLS_KINDS:
+                    refused = refused or plan.error
+                    self.log_requiretls(plan.host, plan.error)
+                elif failures.is_temporary(plan.error):
+                    unreached = unreached or plan.error
                 continue
             choice, note = self.with_history(plan.choice)
-            if relax and choice.source not in ("dane", "mta-sts"):
+            if hop_tag := self.hop.tag:
+                note = f"{hop_tag}; {note}" if note else hop_tag
+            if relax and choice.source not in ("dane", "mta-sts") and not self.hop.requiretls:
                 # An operator's relaxed retry never undoes what the
                 # destination publishes (DANE keeps its records; MTA-STS
                 # keeps the check).
@@ -380,20 +402,36 @@ class Attempt:
                     if e.tls_failure is not None:
                         e.choice = choice
                         tls_failed = e
+                    elif e.outcome.kind in failures.REQUIRETLS_KINDS:
+                        refused = refused or e.outcome
+                        self.log_requiretls(plan.host, e.outcome)
+                    elif failures.is_temporary(e.outcome):
+                        unreached = unreached or e.outcome
                     if not e.next_host:
                         raise
                     continue
                 return client
+        if self.hop.requiretls:
+            raise requiretls_failure(unreached, refused, tls_failed, last, self.hop.key)
         if tls_failed is not None:
             raise tls_failed
         raise SessionFailed(last or failures.outcome("no-mail-server",
                                                      destination=self.hop.key))
+
+    def log_requiretls(self, host: str, outcome: Outcome) -> None:
+        log.info("outbound: {host} not used for {domain}: {why}", host=host,
+                 domain=self.hop.domain or self.hop.key, why=outcome.text, kind=outcome.kind,
+                 event="outbound.requiretls_refused")
+        self.ctx.notify("tls.requiretls_refused", {"kind": outcome.kind,
+                                                   "domain": self.hop.domain or self.hop.key})
 
     def log_refusal(self, plan: HostPlan) -> None:
         f = plan.failure
         log.info("outbound: {host} not used for {domain}: {why}", host=plan.host,
                  domain=self.hop.domain, why=f.describe(), kind=f.kind,
                  source=plan.choice.source, event="outbound.host_refused")
+        self.report_tls(plan.choice, None, plan.host, plan.failure.address or None,
+                        failure=plan.failure)
 
     def with_history(self, choice):
         """
@@ -403,7 +441,10 @@ class Attempt:
         """
         hop = self.hop
         if self.history is None or hop.smarthost is not None or \
-                choice.source in ("dane", "mta-sts"):  # these require more already
+                choice.source in ("dane", "mta-sts") or hop.tls_required_no:
+            # DANE and MTA-STS require more already; the ratchet stands in for
+            # a policy the recipient never published, which "TLS-Required: No"
+            # sets aside like a published one.
             return choice, None
         entry = self.history.get(hop.domain)
         if entry is None:
@@ -437,7 +478,7 @@ class Attempt:
             tls_failures=txn.tls_failures,
             implicit_tls=sh is not None and sh.tls == "implicit",
             credentials=sh is not None and sh.username is not None,
-            requiretls=False, relay=relay.destination if relay else None,
+            requiretls=hop.requiretls, relay=relay.destination if relay else None,
             history=self.history.get(hop.domain) if self.history and hop.domain else None,
             ratchet=choice.ratcheted, dane=choice.dane, sts=choice.sts_enforced)
 
@@ -457,7 +498,14 @@ class Attempt:
         if not dry_run:
             self.log_decision(e, txn, decision)
         outcome = None
-        if decision.action == fb.DEFER:
+        if decision.action == fb.DEFER and hop.requiretls:
+            # RFC 8689 4.2.1: no MX left that meets the requirements: not
+            # sent, and the sender is told (a permanent failure, 5.7.10).
+            outcome = failures.outcome("requiretls-no-tls", remote_mta=failure.host,
+                                       why=failure.describe())
+            if not dry_run:
+                self.log_requiretls(failure.host, outcome)
+        elif decision.action == fb.DEFER:
             outcome = self.ctx.tls.outcome(failure, choice, domain_of(txn, hop), decision,
                                            situation)
         return decision, outcome
@@ -550,19 +598,39 @@ class Attempt:
         client = OutboundClient(
             helo=self.ctx.helo, host=host, address=address, port=port,
             tls=creator, requirements=req, credentials=credentials,
-            own_names=self.ctx.own_names, timeouts=self.ctx.timeouts, run_blocking=self.ctx.run_blocking)
+            own_names=self.ctx.own_names, timeouts=self.ctx.timeouts, run_blocking=self.ctx.run_blocking,
+            requiretls=hop.requiretls)
         client.callLater = self.ctx.clock.callLater
         try:
             yield self.ctx.connect(address, port, client, creator if implicit else None)
         except (error.ConnectError, error.TimeoutError, OSError) as e:
             raise SessionFailed(failures.outcome("connect-failed", remote_mta=host,
                                                  peer=client.peer, why=_connect_reason(e)))
-        client = yield client.established
+        try:
+            client = yield client.established
+        except SessionFailed as e:
+            if e.tls_failure is not None and not dry_run:
+                self.report_tls(choice, note, host, address, failure=e.tls_failure,
+                                client=client)
+            raise
+        if hop.requiretls and not (creator and client.tls_done and creator.record.verified):
+            # The policy checks failed to demand it (a DANE RRset with no
+            # usable record authenticates nothing): REQUIRETLS still does.
+            client.quit()
+            why = (creator.record.unverified_reason if creator and client.tls_done
+                   else "no TLS") or "not verified"
+            raise SessionFailed(failures.outcome(
+                "requiretls-no-tls", remote_mta=host,
+                why=f"the certificate of {client.peer} was not authenticated ({why})"))
         tls_text = creator.record.describe() if creator and client.tls_done else "no TLS"
         if dry_run:
             return client
+        verdict = None
         if choice.shadow is not None and note is None:
-            self.shadow(choice, creator, client)
+            verdict = self.shadow(choice, creator, client)
+        self.report_tls(choice, note, host, address, client=client, tls=bool(
+            creator and client.tls_done), starttls=req.starttls,
+            failure=verdict if tlsrpt.testing_sts(choice) else None)
         if self.history is not None and hop.smarthost is None and not (
                 note or "").startswith(("fallback", "override")):
             level = ("none" if not (creator and client.tls_done) else
@@ -585,7 +653,27 @@ class Attempt:
         return client
 
 
-    def shadow(self, choice, creator, client) -> None:
+    def report_tls(self, choice, note: str | None, host: str, address: str | None, *,
+                   failure: TLSFailure | None = None, client=None, tls: bool = False,
+                   starttls: str = "required") -> None:
+        """
+        Tell the observers (TLS reporting) how a TLS session with a
+        recipient domain's host went (L{tlsrpt.result}); not for smarthosts
+        and routes, "TLS-Required: No" mail, nor sessions of a fallback,
+        an operator's override or skipped TLS (their first failure counted).
+        """
+        hop = self.hop
+        if hop.smarthost is not None or not hop.domain or hop.tls_required_no or \
+                any(w in (note or "") for w in ("fallback", "override", "tls-skipped")):
+            return
+        event = tlsrpt.result(
+            hop.domain, choice, self.ctx.clock.seconds(), failure=failure, host=host,
+            address=address, local=getattr(client, "local_address", None),
+            helo=getattr(client, "server_name", None), tls=tls, starttls=starttls)
+        if event is not None:
+            self.ctx.notify(tlsrpt.EVENT, event)
+
+    def shadow(self, choice, creator, client) -> TLSFailure | None:
         hop = self.hop
         verdict = None
         facts = choice.published
@@ -599,7 +687,7 @@ class Attempt:
                                      client.capabilities, client.host, client.address,
                                      client.port)
         if verdict is None:
-            return
+            return None
         event = {"time": self.ctx.clock.seconds(), "domain": hop.domain or hop.key,
                  "host": client.host, "address": client.address, "port": client.port,
                  "policy": choice.requirements.policy, "shadow": choice.shadow.policy,
@@ -608,6 +696,66 @@ class Attempt:
         log.info("outbound: {shadow} (shadow) would refuse {host}[{address}] for {domain}: "
                  "{reason}", event="tls.shadow", **event)
         self.ctx.notify("tls.shadow", event)
+        return verdict
+
+
+def requiretls_choice(choice: Choice) -> Choice:
+    """
+    The policy raised for a REQUIRETLS message (RFC 8689 4.2.1): STARTTLS
+    required and the certificate authenticated, by DANE where the server
+    publishes TLSA records, else by the WebPKI for the MX host's name.
+    """
+    req = choice.requirements
+    raised = attrs.evolve(req, starttls="required", verify=req.verify or req.tlsa is None)
+    return attrs.evolve(choice, requirements=raised,
+                        reason=f"{choice.reason}; raised by REQUIRETLS (verified TLS)")
+
+
+def mx_unvalidated(domain: str, host: str, mx_facts, sts) -> str | None:
+    """
+    Why C{host} is not a validated MX host of C{domain} for REQUIRETLS
+    (RFC 8689 4.2.1), or None when it is: the MX answer was DNSSEC-secure,
+    or the domain's MTA-STS policy lists the host.  Any mode with a policy
+    (enforce or testing) counts: the MX check of RFC 8461 4.1 is the same
+    in both, only what a failure does differs, and here REQUIRETLS says
+    what a failure does.  Mode none has no policy (RFC 8461 5).
+    """
+    if mx_facts is not None and mx_facts.secure:
+        return None
+    policy = sts.policy if sts is not None else None
+    if policy is not None and policy.mode in ("enforce", "testing") and policy.matches(host):
+        return None
+    dns = ("DNSSEC validation is off here (DANE is off)" if mx_facts is None
+           else f"the MX answer of {domain} is not DNSSEC-signed")
+    if sts is None:
+        words = "MTA-STS is off here"
+    elif policy is None:
+        words = f"{domain} has no MTA-STS policy in force"
+    elif policy.mode not in ("enforce", "testing"):
+        words = f"the MTA-STS policy of {domain} is in mode {policy.mode}"
+    else:
+        words = f"the MTA-STS policy of {domain} does not list {host}"
+    return f"{dns}, and {words}"
+
+
+def requiretls_failure(unreached: Outcome | None, refused: Outcome | None,
+                       tls_failed: SessionFailed | None, last: Outcome | None,
+                       destination: str = "") -> SessionFailed:
+    """
+    The end of a REQUIRETLS attempt in which no host served: a host that
+    could not be reached may be later (the message waits, as any other);
+    otherwise the REQUIRETLS failure, which no later attempt changes: a
+    server without REQUIRETLS or an MX that nothing validates (5.7.30), or
+    no verified TLS (the TLS failure goes through the fallback decider,
+    whose hard rule makes it 5.7.10).
+    """
+    if unreached is not None:
+        return SessionFailed(unreached)
+    if refused is not None:
+        return SessionFailed(refused)
+    if tls_failed is not None:
+        return tls_failed
+    return SessionFailed(last or failures.outcome("no-mail-server", destination=destination))
 
 
 @attrs.frozen

@@ -63,6 +63,7 @@ class Transaction:
     attempts: int = 0
     tls_failures: int = 0
     tls_override: str | None = None  # the operator's one-shot "relaxed" or "cleartext"
+    requiretls: bool = False  # RFC 8689: MAIL FROM carries REQUIRETLS
 
 
 class SessionFailed(Exception):
@@ -100,7 +101,7 @@ class OutboundClient(smtp.ESMTPClient):
                  requirements: TLSRequirements = TLSRequirements("none", starttls="never"),
                  credentials: tuple[str, str] | None = None,
                  own_names: frozenset[str] = frozenset(), timeouts: Timeouts = Timeouts(),
-                 run_blocking: Callable | None = None) -> None:
+                 run_blocking: Callable | None = None, requiretls: bool = False) -> None:
         secret = credentials[1].encode("utf-8") if credentials else None
         starttls = tls if requirements.starttls != "never" else None
         smtp.ESMTPClient.__init__(self, secret, starttls, helo)
@@ -118,7 +119,12 @@ class OutboundClient(smtp.ESMTPClient):
         self.own_names = own_names
         self.timeouts = timeouts
         self.run_blocking = run_blocking
+        # RFC 8689 4.2.1: the EHLO inside TLS must list REQUIRETLS, or this
+        # session is not for REQUIRETLS mail.
+        self.requiretls = requiretls
         self.capabilities: dict[str, str] = {}
+        self.local_address: str | None = None
+        self.server_name: str | None = None
         self.established: defer.Deferred = defer.Deferred()
         self.closed: defer.Deferred = defer.Deferred()
         self.ready = False
@@ -136,6 +142,8 @@ class OutboundClient(smtp.ESMTPClient):
 
     def connectionMade(self) -> None:
         smtp.ESMTPClient.connectionMade(self)
+        # For TLS reporting (RFC 8460 sending-mta-ip): gone once closed.
+        self.local_address = getattr(self.transport.getHost(), "host", None)
         self.tls_started = self.implicit = self._tlsMode
         self._failresponse = self._greeting_failed
         # Implicit TLS: the handshake comes before the greeting.
@@ -159,7 +167,13 @@ class OutboundClient(smtp.ESMTPClient):
             name, _, value = line.decode("ascii", "replace").partition(" ")
             caps[name.upper()] = value.strip()
         self.capabilities = caps
+        if lines and not self.server_name:  # the name in the EHLO reply (RFC 8460 -helo)
+            self.server_name = lines[0].split(b" ", 1)[0].decode("ascii", "replace") or None
         if self._loops_back(lines[0] if lines else b""):
+            return
+        if self.requiretls and self._tlsMode and "REQUIRETLS" not in caps:
+            self._fail(SessionFailed(failures.outcome(
+                "requiretls-unsupported", remote_mta=self._remote(), host=self.peer)))
             return
         items = {k.encode(): (v.encode() or None) for k, v in caps.items()}
         return self.tryTLS(code, resp, items)
@@ -368,6 +382,8 @@ class OutboundClient(smtp.ESMTPClient):
             params.append(f"RET={txn.ret}")
         if dsn and txn.envid is not None:
             params.append(f"ENVID={xtext_encode(txn.envid)}")
+        if txn.requiretls:
+            params.append("REQUIRETLS")
         state.dsn_passed = dsn
         mail = ("MAIL FROM:<%s>" % txn.sender + "".join(" " + p for p in params)).encode()
         commands: list[tuple[str, bytes, str | None]] = []
@@ -399,6 +415,11 @@ class OutboundClient(smtp.ESMTPClient):
                                     size=txn.message.size, peer=self.peer, limit=limit)
         if txn.message.eight_bit and "8BITMIME" not in self.capabilities:
             return failures.outcome("8bit", remote_mta=self._remote(), peer=self.peer)
+        if txn.requiretls and not (self.requiretls and self.tls_done
+                                   and "REQUIRETLS" in self.capabilities):
+            # Never on a session that was not set up (and checked) for it.
+            return failures.outcome("requiretls-unsupported", remote_mta=self._remote(),
+                                    host=self.peer)
         return None
 
     def _reply(self, code: int, resp: bytes) -> None:

@@ -102,7 +102,18 @@ class OutboundPool:
         """
         if self._stopping:
             return defer.succeed(_all(txn, failures.outcome("shutting-down")))
-        if txn.tls_override == "relaxed":
+        if hop.tls_required_no:
+            log.info("outbound: {queue_id} for {destination} carries \"TLS-Required: No\": "
+                     "the recipient's published TLS policy (DANE, MTA-STS) is not enforced "
+                     "for it (RFC 8689)", event="outbound.tls_required_no",
+                     queue_id=txn.queue_id, destination=hop.key, domain=domain_of(txn, hop))
+            self.ctx.notify("tls.required_no", {"domain": domain_of(txn, hop)})
+        if txn.tls_override == "relaxed" and hop.requiretls:
+            # No operator override relaxes what the sender required.
+            log.warn("outbound: {queue_id} requires TLS (REQUIRETLS): the operator's relaxed "
+                     "override does not apply", event="outbound.tls_override",
+                     queue_id=txn.queue_id)
+        elif txn.tls_override == "relaxed":
             return self._one_off(hop, txn)
         try:
             key = self._key(hop)
@@ -134,9 +145,9 @@ class OutboundPool:
         smarthost's, among domains whose TLS policy there is the same.
         """
         if hop.smarthost is None:
-            return hop.domain
+            return hop.domain if hop.tag is None else (hop.domain, hop.tag)
         c = self.tls.choose(hop.domain, hop.smarthost.host, hop.smarthost)
-        return (hop.key, c.requirements, c.fallback, c.shadow, c.ratchet)
+        return (hop.key, c.requirements, c.fallback, c.shadow, c.ratchet, hop.tag)
 
     def revive(self) -> None:
         """
