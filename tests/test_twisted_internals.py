@@ -346,3 +346,45 @@ class TimeoutTests(SynchronousTestCase):
             "TimeoutMixin.callLater as the scheduler of setTimeout",
             f"{SERVER} and twisted_mta/outbound/pool.py", "set to the injected clock"))
         p.setTimeout(None)
+
+
+class LogObserverTests(SynchronousTestCase):
+    """
+    L{twisted_mta.logsetup.speed_up_text_log} finds twistd's text log
+    observer in the global publisher's private observer list and swaps its
+    formatter.
+    """
+
+    def test_publisher_keeps_observers_in_a_list(self):
+        from twisted.logger import LogPublisher, globalLogPublisher
+
+        publisher = LogPublisher()
+        observer = lambda event: None  # noqa: E731
+        publisher.addObserver(observer)
+        self.assertIsInstance(globalLogPublisher, LogPublisher,
+                              changed("globalLogPublisher", "twisted_mta/logsetup.py",
+                                      "searches for twistd's observer"))
+        self.assertIn(observer, getattr(publisher, "_observers", ()),
+                      gone("LogPublisher._observers", "twisted_mta/logsetup.py",
+                           "searches for twistd's text observer"))
+
+    def test_twistd_text_observer(self):
+        import io
+
+        from twisted.application import app
+        from twisted.logger import FileLogObserver, textFileLogObserver
+        from twisted.scripts import _twistd_unix
+
+        from twisted_mta.logsetup import TWISTED_TEXT_FORMATTER
+
+        observer = textFileLogObserver(io.StringIO())
+        how = "recognises twistd's text observer by its formatter"
+        self.assertIsInstance(observer, FileLogObserver,
+                              changed("textFileLogObserver", "twisted_mta/logsetup.py", how))
+        self.assertEqual(getattr(observer.formatEvent, "__qualname__", None),
+                         TWISTED_TEXT_FORMATTER,
+                         changed("textFileLogObserver's formatter", "twisted_mta/logsetup.py", how))
+        for runner in (app.AppLogger, _twistd_unix.UnixAppLogger):
+            self.assertIn("textFileLogObserver(", inspect.getsource(runner._getLogObserver),
+                          changed(f"{runner.__name__}._getLogObserver", "twisted_mta/logsetup.py",
+                                  how))

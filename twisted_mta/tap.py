@@ -24,7 +24,7 @@ from twisted.python import threadpool, usage
 
 from twisted_mta.config import Config, ConfigError, OutboundTLSSettings, load_config
 from twisted_mta.inbound.server import InboundFactory
-from twisted_mta.logsetup import install_json_log
+from twisted_mta.logsetup import install_json_log, speed_up_text_log
 from twisted_mta.queue.manager import QueueManager
 from twisted_mta.queue.spool import Spool, SpoolError
 from twisted_mta.tlsserver import TLSSetupError, server_context
@@ -131,6 +131,8 @@ def prepare(config: Config) -> Prepared:
         folder = os.path.dirname(config.logging.file)
         if not os.path.isdir(folder):
             raise PrepareError(f"{config.path}: logging.file: no such directory: {folder}")
+    if config.tlsrpt.enabled:
+        _trust_root(config.tlsrpt.ca_file, "tlsrpt.ca_file")  # fails here, not at start-up
     signer = None
     if config.dkim.domains:
         from twisted_mta.dkim import DKIMKeyError, Signer
@@ -251,6 +253,7 @@ class MTAService(OrderedMultiService):
                 self._abandon(f"{child.name or type(child).__name__} cannot start", e)
 
     def startService(self) -> None:
+        speed_up_text_log()  # twistd's text log, begun by now: same lines, cheaper
         service.Service.startService(self)
         for child in self:
             try:
@@ -343,7 +346,7 @@ def system_nameservers() -> list[str]:
         return []
 
 
-def _trust_root(path: str | None):
+def _trust_root(path: str | None, key: str = "outbound.tls.sts_ca_file"):
     """
     The roots in the PEM file C{path} for policy hosts' HTTPS; None for the
     system's.  L{PrepareError} (one line) for a file that cannot be read
@@ -360,11 +363,11 @@ def _trust_root(path: str | None):
         pems = [block + marker for block in data.split(marker) if b"-----BEGIN" in block]
         roots = [ssl.Certificate.loadPEM(p) for p in pems]
     except OSError as e:
-        raise PrepareError(f"outbound.tls.sts_ca_file: {path}: {e.strerror}")
+        raise PrepareError(f"{key}: {path}: {e.strerror}")
     except (crypto.Error, ValueError) as e:
-        raise PrepareError(f"outbound.tls.sts_ca_file: {path}: not a PEM certificate ({e})")
+        raise PrepareError(f"{key}: {path}: not a PEM certificate ({e})")
     if not roots:
-        raise PrepareError(f"outbound.tls.sts_ca_file: {path}: no PEM certificate in it")
+        raise PrepareError(f"{key}: {path}: no PEM certificate in it")
     return ssl.trustRootFromCertificates(roots)
 
 
@@ -439,6 +442,9 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
                            after_load=freeze_gc)
     metrics.watch_queue(lambda: manager.states)
     manager.setServiceParent(top)
+    if config.tlsrpt.enabled:
+        make_report_schedule(config, reactor, run_blocking, spool, manager, prepared,
+                             [metrics], outbound.observers).setServiceParent(top)
     ctx, users = prepared.server_tls, prepared.users
     from twisted_mta.workers import SharedListener, WorkerPool, worker_count
     workers = worker_count(config)
@@ -470,6 +476,44 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
                    run_blocking).setServiceParent(top)
     top.metrics = metrics
     return top
+
+
+def make_report_schedule(config: Config, reactor, run_blocking, spool: Spool,
+                         manager: QueueManager, prepared: Prepared, observers: list,
+                         outbound_observers: list):
+    """
+    The daily TLS reports (RFC 8460): their sender (mail through the
+    queue, HTTPS with treq) and schedule; C{tls report send --now} reaches
+    it through the queue manager's operator requests.
+    """
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+
+    from twisted_mta.metrics import notify
+    from twisted_mta.outbound.mx import make_resolver
+    from twisted_mta.tlsrpt import record, store
+    from twisted_mta.tlsrpt.schedule import ReportSchedule, from_address
+    from twisted_mta.tlsrpt.send import HTTPSReports, MailReports, ReportSender
+
+    settings = config.tlsrpt
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    agent = Agent(reactor, BrowserLikePolicyForHTTPS(
+        _trust_root(settings.ca_file, "tlsrpt.ca_file")), pool=pool)
+    client = HTTPClient(agent)
+    dns = config.dns
+    resolver = make_resolver(dns.nameservers or None, dns.timeout, dns.cache_ttl)
+    mail = MailReports(spool, manager.enqueue, prepared.dkim, reactor,
+                       from_address(settings), config.hostname)
+    sender = ReportSender(mail, HTTPSReports(reactor, client.request, settings.https_timeout,
+                                             settings.https_retry_for),
+                          lambda name, e: notify(observers, name, e, log, "tlsrpt.error"))
+    aggregate = next((o for o in outbound_observers if isinstance(o, store.Aggregate)), None)
+    schedule = ReportSchedule(
+        settings, store.directory_of(config.spool), sender,
+        lambda domain: run_blocking(record.discover, resolver, domain), reactor, run_blocking,
+        aggregate=aggregate)
+    manager.tlsrpt = schedule
+    return schedule
 
 
 def freeze_gc() -> None:

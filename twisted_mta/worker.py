@@ -17,7 +17,7 @@ import socket
 import sys
 
 from twisted.internet import defer
-from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+from twisted.logger import FileLogObserver, Logger, globalLogBeginner
 from twisted.python import threadpool
 
 log = Logger(namespace="twisted_mta.worker")
@@ -96,12 +96,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from twisted_mta.config import ConfigError, load_config
     from twisted_mta.inbound.server import InboundFactory
-    from twisted_mta.logsetup import install_json_log
+    from twisted_mta.logsetup import classic_text_formatter, install_json_log
     from twisted_mta.queue.spool import Spool
     from twisted_mta.tlsserver import server_context
     from twisted_mta.users import UserDatabase
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)],
+    globalLogBeginner.beginLoggingTo([FileLogObserver(sys.stdout, classic_text_formatter())],
                                      redirectStandardIO=False)
     try:
         config = load_config(args.config)
