@@ -669,6 +669,17 @@ class MailboxTests(SynchronousTestCase):
         (box,) = inbox.find_mailboxes(config, None)
         self.assertEqual(box.path, os.path.join(base, "mail", "alice", "Maildir"))
 
+    def test_configured_inbox(self):
+        """[tlsrpt] inbox names the mailbox when --mailbox does not."""
+        config, base = self.config(aliases={"reports": ["alice"]})
+        import attrs
+        config = attrs.evolve(config, tlsrpt=attrs.evolve(config.tlsrpt, inbox="reports"))
+        (box,) = inbox.find_mailboxes(config, None)
+        self.assertEqual(box, inbox.Mailbox(os.path.join(base, "mail", "alice", "Maildir"),
+                                            "reports"))
+        (box,) = inbox.find_mailboxes(config, "tlsrpt")
+        self.assertEqual(box.path, os.path.join(base, "mail", "tlsrpt", "Maildir"))
+
     def test_named_user_and_alias(self):
         """--mailbox names a user or an alias, with or without the domain."""
         config, base = self.config(aliases={"reports": ["alice"]})

@@ -489,9 +489,8 @@ def default_addresses(config) -> tuple[str, ...]:
     C{_smtp._tls} records (C{[publish] tlsrpt_rua}, by default
     C{tlsrpt@} each local domain).
     """
-    inbox = getattr(getattr(config, "tlsrpt", None), "inbox", None)
-    if inbox:
-        return (inbox,)
+    if config.tlsrpt.inbox:
+        return (config.tlsrpt.inbox,)
     rua = config.publish.tlsrpt_rua
     if rua:
         return tuple(u[len("mailto:"):].partition("?")[0] for u in rua
