@@ -423,11 +423,18 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
     published = make_published(config, reactor, run_blocking, prepared.resolver)
     if published is not None:
         PublishedService(published).setServiceParent(top)
+    observers = [ShadowLog(config.spool, run_blocking), metrics]
+    if config.tlsrpt.enabled:  # TLS reporting counts the TLS outcomes (RFC 8460)
+        from twisted_mta.tlsrpt.store import Aggregate, AggregateService, directory_of
+        aggregate = Aggregate(directory_of(config.spool), reactor, run_blocking,
+                              config.tlsrpt.skip_domains)
+        AggregateService(aggregate).setServiceParent(top)  # stops after the manager
+        observers.append(aggregate)
     outbound = OutboundPool(
         settings=config.outbound, hostname=config.hostname, clock=reactor,
         run_blocking=run_blocking, resolver=prepared.resolver,
         connect=tcp_connector(reactor, config.outbound.connect_timeout),
-        observers=[ShadowLog(config.spool, run_blocking), metrics], history=history,
+        observers=observers, history=history,
         tls=prepared.tls, published=published)
     from twisted_mta.delivery.local import MaildirDelivery
     from twisted_mta.delivery.remote import RemoteDelivery

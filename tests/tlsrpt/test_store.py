@@ -127,6 +127,30 @@ class AggregateTests(SynchronousTestCase):
         [c] = self.on_disk().counts("example.org")
         self.assertEqual(c.successes, 2)
 
+    def test_events_while_start_reads(self):
+        """Sessions counted before today's file is read are added to it, the file read once."""
+        self.agg("tls.result", event())
+        self.successResultOf(self.agg.stop())
+        pending = []
+
+        def run(f, *args):
+            if f is store.write_day:
+                return defer.maybeDeferred(f, *args)
+            d = defer.Deferred()
+            pending.append((d, f, args))
+            return d
+        agg = store.Aggregate(self.dir, self.clock, run)
+        started = agg.start()
+        agg("tls.result", event())
+        self.clock.advance(1)  # the write waits for the read under way
+        self.assertEqual(len(pending), 1)
+        d, f, args = pending.pop()
+        d.callback(f(*args))
+        self.successResultOf(started)
+        self.successResultOf(agg.flush())
+        self.assertEqual(pending, [])
+        self.assertEqual(self.on_disk().counts("example.org")[0].successes, 2)
+
     def test_damaged_file_set_aside(self):
         os.makedirs(self.dir, exist_ok=True)
         for junk in (b'{"format": 1, "day": "2026-12-03", "domains": {"a": [{}]}}',

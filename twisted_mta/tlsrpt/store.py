@@ -34,6 +34,7 @@ import re
 from typing import Any, Callable, Iterable
 
 import attrs
+from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -339,6 +340,7 @@ class Aggregate:
         self.interval = interval
         self.days: dict[str, DayCounts] = {}
         self._read: set[str] = set()  # days whose file has been merged in
+        self._reading: dict[str, defer.Deferred] = {}  # reads under way
         self._dirty: set[str] = set()
         self._timer = None
         self._writing: defer.Deferred | None = None
@@ -451,9 +453,20 @@ class Aggregate:
 
     async def _read_day(self, day: str) -> None:
         """
-        Merge the day's file into memory (once per day); a damaged one is
-        set aside, with one log line.
+        Merge the day's file into memory (once per day, however many ask
+        at once); a damaged one is set aside, with one log line.
         """
+        if day in self._read:
+            return
+        d = self._reading.get(day)
+        if d is None:
+            d = self._reading[day] = defer.ensureDeferred(self._merge_day(day))
+            d.addBoth(lambda r: (self._reading.pop(day, None), r)[1])
+        waiter = defer.Deferred()
+        d.addBoth(lambda r: (waiter.callback(None), r)[1])
+        await waiter
+
+    async def _merge_day(self, day: str) -> None:
         def read():
             try:
                 return load_day(self.directory, day), None
@@ -484,6 +497,27 @@ class Aggregate:
                 found.merge(counts, self.max_domains, self.max_details)
                 self.days[day] = found
         self.days.setdefault(day, DayCounts(day))
+
+
+class AggregateService(service.Service):
+    """
+    Starts the aggregate (today's counts read) and, at shutdown, writes
+    what is not yet on disk; placed before the queue manager so it stops
+    after the last delivery attempt.
+    """
+
+    name = "tlsrpt-aggregate"
+
+    def __init__(self, aggregate: Aggregate) -> None:
+        self.aggregate = aggregate
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        self.aggregate.start()
+
+    def stopService(self) -> defer.Deferred:
+        service.Service.stopService(self)
+        return self.aggregate.stop()
 
 
 def _why(e: BaseException) -> str:
