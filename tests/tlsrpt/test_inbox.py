@@ -359,6 +359,23 @@ class MalformedTests(SynchronousTestCase):
             inbox.reports_in(msg.as_bytes())
         self.assertTrue(str(caught.exception).startswith("bad.json: bad JSON"))
 
+    def test_sender_text_made_safe(self):
+        """What a sender wrote is printed without control characters (no terminal escapes), cut short when long."""
+        report = _with(("organization-name",), "Evil\x1b[2J\x1b]0;pwned\x07 Corp\n")
+        report = _with(D0 + ("result-type",), "Certificate-Expired\r\n" + "x" * 500, report)
+        (r,) = inbox.reports_in(as_json(report))
+        self.assertEqual(r.organization, "Evil [2J ]0;pwned Corp")
+        result_type = r.policies[0].details[0].result_type
+        self.assertTrue(result_type.startswith("certificate-expired xxx"), result_type)
+        self.assertEqual(len(result_type), inbox.MAX_TEXT)
+        with self.assertRaises(inbox.Malformed) as caught:
+            inbox.reports_in(plain_mail(b"hi\n").replace(b"Subject: hello",
+                                                          b"Subject: a\x1b[31mred"))
+        self.assertNotIn("\x1b", str(caught.exception))
+        with self.assertRaises(inbox.Malformed) as caught:
+            inbox.reports_in(as_json(_with(("organization-name",), "\x1b\x07")))
+        self.assertEqual(str(caught.exception), "organization-name: is empty")
+
     def test_unknown_fields_ignored(self):
         """Fields the RFC does not name are ignored (the format is extensible)."""
         report = _with(("x-extension",), {"anything": [1, 2]})

@@ -65,12 +65,29 @@ LOOSE_TYPES = ("application/gzip", "application/x-gzip", "application/json",
 REPORT_NAMES = (".json.gz", ".json")
 POLICY_TYPES = ("tlsa", "sts", "no-policy-found")
 NOT_DETAILED = "not-detailed"
+# What a sender wrote is shown at most this long.
+MAX_TEXT = 200
+_CONTROL = dict.fromkeys(list(range(0x20)) + [0x7f] + list(range(0x80, 0xa0)), " ")
+
+
+def clean(text: str, limit: int = MAX_TEXT) -> str:
+    """
+    C{text} from a report or a mail, safe to print: control characters
+    (a terminal escape a sender slipped into its organization-name, a
+    newline in a reason) become spaces, runs of spaces one, at most
+    C{limit} characters.
+    """
+    text = " ".join(text.translate(_CONTROL).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class Malformed(Exception):
     """
     A file holds no readable report; C{str()} is the reason, one line.
     """
+
+    def __str__(self) -> str:
+        return clean(super().__str__(), 400)
 
 
 @attrs.frozen
@@ -229,7 +246,7 @@ class _Fields:
         elif not isinstance(value, kind):
             words = {str: "a string", list: "an array", dict: "an object"}[kind]
             raise Malformed(f"{self.path(key)}: must be {words}, not {_type_words(value)}")
-        if kind is str and required and not value.strip():
+        if kind is str and required and not clean(value):
             raise Malformed(f"{self.path(key)}: is empty")
         return value
 
@@ -264,24 +281,29 @@ def _detail(value: Any, where: str) -> FailureDetail:
     count = f.get("failed-session-count", int)
     for key in ("receiving-mx-helo", "additional-information"):
         f.get(key, str, required=False)
+    code = f.get("failure-reason-code", str, required=False)
     return FailureDetail(
-        result_type=result_type.strip().lower(), count=count,
+        result_type=clean(result_type).lower(), count=count,
         mx_host=_host(f.get("receiving-mx-hostname", str, required=False)),
-        sending_mta_ip=f.get("sending-mta-ip", str, required=False),
-        receiving_ip=f.get("receiving-ip", str, required=False),
-        reason_code=f.get("failure-reason-code", str, required=False))
+        sending_mta_ip=_optional(f.get("sending-mta-ip", str, required=False)),
+        receiving_ip=_optional(f.get("receiving-ip", str, required=False)),
+        reason_code=_optional(code))
+
+
+def _optional(text: str | None) -> str | None:
+    return clean(text) or None if text is not None else None
 
 
 def _host(name: str | None) -> str | None:
-    if name is None or not name.strip():
+    if name is None or not clean(name):
         return None
-    return name.strip().rstrip(".").lower()
+    return clean(name).rstrip(".").lower()
 
 
 def _policy(value: Any, where: str) -> PolicyResult:
     f = _Fields(value, where)
     p = _Fields(f.get("policy", dict), f.path("policy"))
-    policy_type = p.get("policy-type", str).strip().lower()
+    policy_type = clean(p.get("policy-type", str)).lower()
     if policy_type not in POLICY_TYPES:
         raise Malformed(f"{p.path('policy-type')}: must be one of {', '.join(POLICY_TYPES)}, "
                         f"not {policy_type[:40]!r}")
@@ -302,13 +324,13 @@ def parse_report(data: bytes) -> Report:
     One report from its JSON, checked against RFC 8460 §4.4.
     """
     f = _Fields(load_json(data), "")
-    organization = f.get("organization-name", str).strip()
+    organization = clean(f.get("organization-name", str))
     r = _Fields(f.get("date-range", dict), "date-range")
     start, end = _datetime(r, "start-datetime"), _datetime(r, "end-datetime")
     if end < start:
         raise Malformed("date-range: ends before it starts")
-    contact = f.get("contact-info", str).strip()
-    report_id = f.get("report-id", str).strip()
+    contact = clean(f.get("contact-info", str))
+    report_id = f.get("report-id", str).strip()  # compared, never printed
     policies = f.get("policies", list)
     return Report(organization=organization, contact=contact, report_id=report_id,
                   start=start, end=end,
@@ -640,7 +662,7 @@ class Unreadable:
     reason: str
 
     def line(self) -> str:
-        return f"{self.path}: {self.reason}"
+        return f"{clean(self.path, 1000)}: {self.reason}"
 
 
 @attrs.frozen
