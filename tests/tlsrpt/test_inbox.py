@@ -209,6 +209,25 @@ class ParseTests(SynchronousTestCase):
                          (datetime.date(2026, 12, 1), datetime.date(2026, 12, 1)))
         self.assertEqual(report.policies[0].mx_hosts, ("mx1.example.org",))
 
+    def test_several_policies(self):
+        """Three policies of three kinds in one report; hosts lower-cased, the root dot gone."""
+        (report,) = inbox.reports_in(report_mail(as_gzip(several_policies())))
+        self.assertEqual([(p.policy_type, p.domain, p.mx_hosts, p.successes, p.failures)
+                          for p in report.policies],
+                         [("tlsa", "example.org", ("mx1.example.org",), 12, 2),
+                          ("sts", "example.net", ("mx1.example.net", "mx2.example.net"), 3, 0),
+                          ("no-policy-found", "example.com", (), 1, 0)])
+        self.assertEqual(report.policies[0].details[0].mx_host, "mx1.example.org")
+        self.assertEqual((report.first_day, report.last_day),
+                         (datetime.date(2026, 12, 1), datetime.date(2026, 12, 1)))
+        s = summarize(several_policies())
+        rows = {r.where: (r.successes, r.failed) for r in s.rows}
+        self.assertEqual(rows, {"mx1.example.org": (12, 2),
+                                "mx1.example.net, mx2.example.net": (3, 0),
+                                "the MX hosts of example.com": (1, 0)})
+        (problem,) = s.problems
+        self.assertIn("no TLSA record matched", inbox.hint(problem))
+
     def test_two_report_parts(self):
         """A mail with two report parts gives both reports."""
         msg = EmailMessage()
@@ -220,6 +239,49 @@ class ParseTests(SynchronousTestCase):
                            subtype="tlsrpt+json", filename="b.json")
         self.assertEqual([r.organization for r in inbox.reports_in(msg.as_bytes())],
                          ["Google LLC", "Company-X"])
+
+
+def several_policies() -> dict:
+    """
+    One sender, three policy domains: a DANE one (two TLSA records, its MX
+    host named), an MTA-STS one with two MX hosts, and one that published
+    nothing; offsets and fractions in the dates, the optional detail
+    fields given.
+    """
+    return {
+        "organization-name": "Mail Provider Y",
+        "date-range": {"start-datetime": "2026-12-01T00:00:00.000+00:00",
+                       "end-datetime": "2026-12-01T23:59:59.999+00:00"},
+        "contact-info": "mailto:tlsrpt@provider-y.example",
+        "report-id": "<y-2026-12-01-0001@provider-y.example>",
+        "policies": [
+            {"policy": {"policy-type": "tlsa",
+                        "policy-string": ["3 1 1 AAAA", "2 1 1 BBBB"],
+                        "policy-domain": "example.org", "mx-host": ["mx1.example.org"]},
+             "summary": {"total-successful-session-count": 12,
+                         "total-failure-session-count": 2},
+             "failure-details": [{"result-type": "tlsa-invalid",
+                                  "sending-mta-ip": "192.0.2.9",
+                                  "receiving-mx-hostname": "mx1.example.org.",
+                                  "receiving-mx-helo": "mx1.example.org",
+                                  "receiving-ip": "198.51.100.1",
+                                  "failed-session-count": 2,
+                                  "additional-information": "https://y.example/why",
+                                  "failure-reason-code": "no TLSA record matched"}]},
+            {"policy": {"policy-type": "sts",
+                        "policy-string": ["version: STSv1", "mode: enforce",
+                                          "mx: mx1.example.net", "mx: mx2.example.net",
+                                          "max_age: 86400"],
+                        "policy-domain": "example.net",
+                        "mx-host": ["mx1.example.net", "mx2.example.net"]},
+             "summary": {"total-successful-session-count": 3,
+                         "total-failure-session-count": 0},
+             "failure-details": []},
+            {"policy": {"policy-type": "no-policy-found", "policy-domain": "Example.COM"},
+             "summary": {"total-successful-session-count": 1,
+                         "total-failure-session-count": 0}},
+        ],
+    }
 
 
 def _without(path: tuple, report: dict | None = None) -> dict:

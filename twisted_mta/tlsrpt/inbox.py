@@ -880,9 +880,13 @@ def hint(problem: Problem) -> str:
         NOT_DETAILED: "the sender counted failures without saying which: ask the contact in its "
                       "report",
     }
-    return hints.get(rt, f"an unregistered result type: read the sender's report"
-                         + (f" (failure-reason-code {problem.reason_codes[0]})"
-                            if problem.reason_codes else ""))
+    if rt not in hints:
+        return ("an unregistered result type: read the sender's report"
+                + (f" (failure-reason-code {problem.reason_codes[0]})"
+                   if problem.reason_codes else ""))
+    if problem.reason_codes and rt != "validation-failure":
+        return f"{hints[rt]} (the sender says: {', '.join(problem.reason_codes[:3])})"
+    return hints[rt]
 
 
 def plain_words(summary: Summary) -> list[str]:
