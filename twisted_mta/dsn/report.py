@@ -92,7 +92,8 @@ def _human(hostname: str, envelope: Envelope, failed: Iterable[FailedRecipient],
         if success:
             lines.append("    delivered" if f.action == "delivered" else
                          f"    relayed to {f.remote_mta or 'another server'}")
-        elif outcome is not None and outcome.kind in TLS_KINDS:
+        elif outcome is not None and (outcome.kind in TLS_KINDS or
+                                      (outcome.kind or "").startswith("requiretls-")):
             # Written for a person already (server, facts, policy, advice).
             lines.extend(textwrap.wrap(outcome.text, 72, initial_indent="    ",
                                        subsequent_indent="    ", break_on_hyphens=False))
@@ -102,6 +103,15 @@ def _human(hostname: str, envelope: Envelope, failed: Iterable[FailedRecipient],
             lines.append(f"    the reason: {outcome.code} {outcome.enhanced} {outcome.text}")
         lines.append("")
     attached = "Your message is" if full else "The headers of your message are"
+    if envelope.requiretls:
+        # RFC 8689 5: the content never comes back, and this report travels
+        # under the same demand for verified TLS as the message did.
+        lines += [
+            "Your message required TLS all the way (REQUIRETLS), so only its",
+            "headers are attached, and this notification is sent with",
+            "REQUIRETLS too.",
+            "",
+        ]
     lines += [
         f"{attached} attached. If you need help, forward this",
         f"notification to the postmaster of {hostname}.",
@@ -200,7 +210,9 @@ def _report(hostname: str, envelope: Envelope, recipients: list[FailedRecipient]
     C{original_headers} is the header section, or the whole message when
     the sender asked for it (RET=FULL): then it is attached as such.
     """
-    full = envelope.ret == "FULL" and not success and _has_body(original_headers)
+    # RFC 8689 5: a REQUIRETLS message's report behaves as RET=HDRS.
+    full = (envelope.ret == "FULL" and not envelope.requiretls and not success
+            and _has_body(original_headers))
     report = MIMEMultipart("report", report_type="delivery-status", boundary=boundary)
     report["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
     report["To"] = _field(f"<{to}>")
@@ -227,6 +239,34 @@ def _report(hostname: str, envelope: Envelope, recipients: list[FailedRecipient]
     # Long fields stay on one line (up to RFC 5322's 998): folding right
     # after "Diagnostic-Code:" trips simple parsers.
     return report.as_bytes(policy=SMTP.clone(max_line_length=998))
+
+
+REDACTED_NOTE = (
+    "The headers of the original message were removed from this notification:\n"
+    "it was to be sent only over verified TLS (REQUIRETLS), and the way back\n"
+    "to you does not offer that (RFC 8689 section 5).\n")
+
+
+def redact(report: bytes) -> bytes | None:
+    """
+    A DSN without the original message's headers or content (the
+    C{text/rfc822-headers} or C{message/rfc822} part), and a note that
+    says why, for a REQUIRETLS report whose own way back lacks REQUIRETLS
+    (RFC 8689 5: such a report is redacted rather than lost).  None when
+    C{report} is not a C{multipart/report} we can take apart.
+    """
+    import email
+    msg = email.message_from_bytes(report, policy=SMTP)
+    if msg.get_content_type() != "multipart/report" or not msg.is_multipart():
+        return None
+    parts = msg.get_payload()
+    kept = [p for p in parts if p.get_content_type() not in (
+        "text/rfc822-headers", "message/rfc822", "message/rfc822-headers")]
+    if len(kept) == len(parts):
+        return None
+    kept.append(MIMEText(REDACTED_NOTE, "plain", "us-ascii"))
+    msg.set_payload(kept)
+    return msg.as_bytes(policy=SMTP.clone(max_line_length=998))
 
 
 def _header_section(message: bytes) -> bytes:

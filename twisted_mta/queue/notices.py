@@ -16,8 +16,9 @@ from twisted.logger import Logger
 
 from twisted_mta.config import Config
 from twisted_mta.dsn.report import (
-    FailedRecipient, delay_report, failure_report, success_report,
+    FailedRecipient, delay_report, failure_report, redact, success_report,
 )
+from twisted_mta.failures import REQUIRETLS_KINDS
 from twisted_mta.local import LocalDirectory
 from twisted_mta.model import Envelope, MessageGone, Recipient
 from twisted_mta.queue.spool import RunBlocking, Spool
@@ -97,6 +98,8 @@ class Notices:
                 failed = [r for r in failed if r.wants("FAILURE")]
                 if not failed:
                     return True
+        if not to and until is None and not success and self._redactable(envelope, failed):
+            return (yield self._send_redacted(envelope, failed))
         if not to:
             # A bounce that cannot be delivered goes to the postmaster, once:
             # a failing report to the postmaster is only logged.
@@ -107,7 +110,9 @@ class Notices:
                 return True
             to, client["double_bounce"] = postmaster, "yes"
         try:
-            if envelope.ret == "FULL" and not success and envelope.size <= FULL_RETURN_LIMIT:
+            # RFC 8689 5: a REQUIRETLS message's report behaves as RET=HDRS.
+            if envelope.ret == "FULL" and not success and envelope.size <= FULL_RETURN_LIMIT \
+                    and not envelope.requiretls:
                 headers = yield self.run_blocking(self.spool.read_message, qid)
             else:
                 headers = yield self.run_blocking(self.spool.read_headers, qid)
@@ -133,9 +138,11 @@ class Notices:
                     hostname=self.config.hostname, envelope=envelope, delayed=listed,
                     original_headers=headers, now=now, until=until)
             writer = self.spool.new_message()
+            # RFC 8689 5: the report of a REQUIRETLS message is REQUIRETLS too.
             dsn = Envelope(queue_id=writer.queue_id, sender="",
                            recipients=(Recipient(address=to),),
-                           arrival=now, next_attempt=now, size=len(report), client=client)
+                           arrival=now, next_attempt=now, size=len(report), client=client,
+                           requiretls=envelope.requiretls)
             writer.write(dsn.to_header())
             writer.write(report)
             yield writer.commit(dsn)
@@ -152,6 +159,62 @@ class Notices:
                  sender=to, count=len(failed),
                  recipients=[r.address for r in failed])
         self.enqueue(dsn)
+        return True
+
+    @staticmethod
+    def _redactable(envelope: Envelope, failed: list[Recipient]) -> bool:
+        """
+        Whether a failed bounce is a REQUIRETLS report that its way back
+        refused for want of REQUIRETLS alone (RFC 8689 5: that "SHOULD NOT
+        cause a bounce to be discarded"), and not already a redacted copy.
+        """
+        return (envelope.requiretls and not envelope.sender and bool(failed)
+                and "redacted_from" not in envelope.client
+                and all(r.outcome is not None and r.outcome.kind in REQUIRETLS_KINDS
+                        for r in failed))
+
+    @defer.inlineCallbacks
+    def _send_redacted(self, envelope: Envelope, failed: list[Recipient]):
+        """
+        Send the REQUIRETLS report again without the original message's
+        headers and without REQUIRETLS, to the same recipients: what it
+        protected is gone, and the sender still learns what happened.
+        """
+        qid = envelope.queue_id
+        to = ", ".join(r.address for r in failed)
+        try:
+            report = yield self.run_blocking(self.spool.read_message, qid)
+        except FileNotFoundError as e:
+            raise MessageGone(str(e))
+        except OSError as e:
+            return self._not_queued(qid, to, e)
+        redacted = redact(report)
+        if redacted is None:
+            log.warn("{queue_id}: a REQUIRETLS report could not be redacted; not sent",
+                     event="dsn.suppressed", queue_id=qid)
+            return True
+        try:
+            now = self.clock.seconds()
+            writer = self.spool.new_message()
+            copy = Envelope(queue_id=writer.queue_id, sender="",
+                            recipients=tuple(Recipient(address=r.address) for r in failed),
+                            arrival=now, next_attempt=now, size=len(redacted),
+                            client={"protocol": "local", "redacted_from": qid})
+            writer.write(copy.to_header())
+            writer.write(redacted)
+            yield writer.commit(copy)
+        except OSError as e:
+            return self._not_queued(qid, to, e)
+        except Exception:
+            log.failure("{queue_id}: could not queue a redacted report; will try again",
+                        queue_id=qid, event="dsn.error")
+            return False
+        self.notify("dsn.queued", {"kind": "redacted"})
+        log.info("{queue_id}: REQUIRETLS report refused on its way back ({kind}); a redacted "
+                 "copy {dsn_id} without the original headers and without REQUIRETLS queued "
+                 "for <{sender}>", event="dsn.redacted", queue_id=qid, dsn_id=copy.queue_id,
+                 kind=failed[0].outcome.kind, sender=to)
+        self.enqueue(copy)
         return True
 
     def _not_queued(self, qid: str, to: str, e: OSError) -> bool:
