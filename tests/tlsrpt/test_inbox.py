@@ -284,6 +284,40 @@ def several_policies() -> dict:
     }
 
 
+class OurOwnReportTests(SynchronousTestCase):
+    """
+    A report our sending side writes (L{twisted_mta.tlsrpt.report} and
+    L{twisted_mta.tlsrpt.send}) reads here as what it says: the two sides
+    agree on the format.
+    """
+
+    def test_round_trip(self):
+        """The report mail our sending side builds gives its organization, counts and failures."""
+        from twisted_mta.tlsrpt import counts, report, send
+        policy = counts.Policy("sts", ("version: STSv1", "mode: enforce", "mx: mx2.example.org",
+                                       "max_age: 86400"), ("mx2.example.org",))
+        detail = counts.Detail("certificate-expired", "192.0.2.1", "mx2.example.org",
+                               None, "198.51.100.2", "X509_V_ERR_CERT_HAS_EXPIRED")
+        pc = counts.PolicyCounts(policy, successes=20, failures=4, details={detail: 4})
+        day = "2026-12-01"
+        data = report.build(day, "example.org", [pc], "Our Org", "mailto:tlsrpt@our.example",
+                            report.report_id(day, "example.org", "our.example"))
+        begin, end = report.day_bounds(day)
+        r = send.Report("example.org", "our.example", data, report.to_gzip(data),
+                        report.filename("our.example", "example.org", begin, end))
+        raw = send.report_message(r, from_address="tlsrpt-noreply@our.example",
+                                  to="tlsrpt@example.org", now=0.0, hostname="mx.our.example")
+        (got,) = inbox.reports_in(raw)
+        self.assertEqual((got.organization, got.contact, got.report_id),
+                         ("Our Org", "tlsrpt@our.example",
+                          "2026-12-01.example.org@our.example"))
+        (p,) = got.policies
+        self.assertEqual((p.successes, p.failures, p.mx_hosts), (20, 4, ("mx2.example.org",)))
+        self.assertEqual(p.details, (inbox.FailureDetail(
+            "certificate-expired", 4, "mx2.example.org", "192.0.2.1", "198.51.100.2",
+            "X509_V_ERR_CERT_HAS_EXPIRED"),))
+
+
 def _without(path: tuple, report: dict | None = None) -> dict:
     r = copy.deepcopy(report or rfc_like())
     node = r
