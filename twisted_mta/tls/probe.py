@@ -50,9 +50,24 @@ def explain(config: Config, domain: str, reactor, run_blocking, resolver=None,
                          published=published)
     domain = domain.lower().rstrip(".")
     smarthost = settings.smarthost_for(domain)
-    hop = NextHop(domain=domain, smarthost=smarthost)
+    message = message or {}
+    hop = NextHop(domain=domain, smarthost=smarthost,
+                  requiretls=bool(message.get("requiretls")),
+                  tls_required_no=bool(message.get("tls_required_no"))
+                  and not message.get("requiretls") and settings.tls.honor_tls_required_no)
     attempt = Attempt(ctx, hop)  # the delivery attempt's own steps, in a dry run
     report: dict[str, Any] = {"domain": domain, "hosts": []}
+    if message.get("requiretls"):
+        report["message_tag"] = (
+            "REQUIRETLS: verified TLS to an MX host validated by DNSSEC or MTA-STS, which "
+            "must offer REQUIRETLS (RFC 8689); otherwise the message is returned (5.7.30 or "
+            "5.7.10)")
+    elif message.get("tls_required_no"):
+        report["message_tag"] = (
+            "TLS-Required: No: the recipient's DANE and MTA-STS are not enforced (RFC 8689)"
+            if hop.tls_required_no else
+            "TLS-Required: No, not honoured here ([outbound.tls] honor_tls_required_no = "
+            "false)")
     report["route"] = (f"smarthost {smarthost.destination} ({smarthost.tls})"
                        if smarthost is not None else "MX")
     if published is not None and smarthost is None:
@@ -232,6 +247,8 @@ def _cert(c) -> dict[str, Any]:
 
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"{report['domain']}: delivered by {report['route']}"]
+    if "message_tag" in report:
+        lines.append(f"  the message: {report['message_tag']}")
     if "dane" in report:
         d = report["dane"]
         lines.append(f"  DANE: {'on' if d['enabled'] else 'off'} ({d['why']})")
