@@ -430,6 +430,32 @@ class MalformedTests(SynchronousTestCase):
             self.assertIn(words, reason, name)
             self.assertNotIn("\n", reason, name)
 
+    def test_mutations(self):
+        """Bytes flipped, cut and inserted in report files give a report or Malformed, nothing else."""
+        import random
+        rnd = random.Random(8460)
+        seeds = [report_mail(as_gzip(google_like())), as_json(several_policies()),
+                 report_mail(as_json(rfc_like()), "application/tlsrpt+json", "r.json"),
+                 as_gzip(microsoft_like())]
+        outcomes = set()
+        for _ in range(1500):
+            b = bytearray(rnd.choice(seeds))
+            for _ in range(rnd.randint(1, 6)):
+                pos, op = rnd.randrange(len(b)), rnd.random()
+                if op < 0.4:
+                    b[pos] = rnd.randrange(256)
+                elif op < 0.7:
+                    del b[pos:pos + rnd.randint(1, 40)]
+                else:
+                    b[pos:pos] = bytes(rnd.randrange(256) for _ in range(rnd.randint(1, 8)))
+            try:
+                inbox.reports_in(bytes(b))
+                outcomes.add("read")
+            except inbox.Malformed as e:
+                self.assertNotIn("\n", str(e))
+                outcomes.add("malformed")
+        self.assertEqual(outcomes, {"read", "malformed"})
+
     def test_gzip_bomb(self):
         """A gzip that decompresses past 20 MB is refused, without decompressing it all."""
         bomb = gzip.compress(b"\0" * (21 * 1024 * 1024))
@@ -749,6 +775,21 @@ class MaildirTests(SynchronousTestCase):
         (result,) = inbox.read_maildirs([maildir])
         self.assertEqual(os.path.basename(result.path), "big")
         self.assertIn("too large", result.problem)
+
+    def test_parser_surprise(self):
+        """An exception the email package might raise on one file names that file; the rest are read."""
+        maildir = write_maildir(self.mktemp(), {"1.a": b"From: x\r\n\r\nhi",
+                                                "2.b": as_json(microsoft_like())})
+
+        def surprise(raw):
+            if raw.startswith(b"From"):
+                raise IndexError("list index out of range")
+            return real(raw)
+        real = inbox.reports_in
+        self.patch(inbox, "reports_in", surprise)
+        results = list(inbox.read_maildirs([maildir]))
+        self.assertEqual([r.problem for r in results],
+                         ["could not be parsed: IndexError: list index out of range", None])
 
     def test_unreadable_file(self):
         """A name in new/ that cannot be read as a file is named with the reason."""

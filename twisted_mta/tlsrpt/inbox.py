@@ -471,6 +471,11 @@ def read_file(path: str) -> FileResult | None:
         return FileResult(path, problem=str(e), mtime=st.st_mtime)
     except RecursionError:  # a MIME tree nested beyond reason
         return FileResult(path, problem="MIME parts nested too deeply", mtime=st.st_mtime)
+    except Exception as e:
+        # The email package on input no fuzzing here found: one file's
+        # surprise must not hide every other report.
+        return FileResult(path, problem=clean(f"could not be parsed: {type(e).__name__}: {e}"),
+                          mtime=st.st_mtime)
 
 
 def read_maildirs(maildirs: Iterable[str]) -> Iterator[FileResult]:
