@@ -7,6 +7,7 @@ The operator's command line::
     twisted-mta tls explain DOMAIN|--message QUEUE-ID --config FILE [--json]
     twisted-mta tls publish --config FILE [--json]
     twisted-mta tls report show [DOMAIN] [--day YYYY-MM-DD] --config FILE [--json]
+    twisted-mta tls report send --now [DOMAIN] --config FILE
     twisted-mta tls inbox --config FILE [--since 7d] [--mailbox USER|PATH] [--json]
 
 Exit status 0 on success, 1 when the configuration is bad or an entry is
@@ -306,6 +307,10 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
             print(f"From:          {client.get('helo', '')} [{client.get('ip', '')}] via "
                   f"{client.get('protocol', '')}" + (f", {client['tls']}" if client.get("tls") else ""))
         print(f"Size:          {env.size} octets")
+        if env.requiretls or env.tls_required_no:
+            print("TLS:           " + (
+                "REQUIRETLS (verified TLS on every hop, RFC 8689)" if env.requiretls else
+                "TLS-Required: No (the recipient's DANE and MTA-STS are not enforced)"))
         print(f"Attempts:      {env.attempts}")
         if state == "hold":
             print("Next attempt:  none (held)")
@@ -461,7 +466,8 @@ def cmd_tls_explain(args: argparse.Namespace) -> int:
             print(f"twisted-mta: no queue entry {args.message}", file=sys.stderr)
             return 1
         message = {"age": time.time() - env.arrival, "attempts": env.attempts,
-                   "tls_failures": env.tls_failures}
+                   "tls_failures": env.tls_failures, "requiretls": env.requiretls,
+                   "tls_required_no": env.tls_required_no}
         domains = sorted({r.address.rpartition("@")[2].lower() for r in env.pending()})
     if args.domain:
         domains.append(args.domain)
@@ -841,6 +847,48 @@ def cmd_tls_report_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tls_report_send(args: argparse.Namespace) -> int:
+    """
+    Ask the running MTA to send today's TLS reports so far (its operator
+    requests, like C{queue flush}); the outcomes go to its log
+    (C{tlsrpt.sent}, C{tlsrpt.failed}).  Only the running MTA sends: it
+    owns the queue the mailed reports go through.
+    """
+    config = _config(args)
+    if config is None:
+        return 1
+    if not config.tlsrpt.enabled:
+        print("twisted-mta: TLS reporting is off ([tlsrpt] enabled = false): nothing to send",
+              file=sys.stderr)
+        return 1
+    target = control.ALL
+    if args.domain:
+        target = args.domain.strip().rstrip(".").lower()
+        if not control.valid_target("tlsrptsend", target):
+            print(f"twisted-mta: {args.domain[:80]!r} is not a domain name", file=sys.stderr)
+            return 1
+    missing = _not_yet(config)
+    spool = Spool(config.spool)
+    if not missing:
+        try:
+            spool.lock()
+        except SpoolError:
+            try:
+                control.request(spool, "tlsrptsend", target)
+            except (control.ControlError, OSError) as e:
+                print(f"twisted-mta: cannot ask the running MTA: {e}", file=sys.stderr)
+                return 1
+            what = f"for {target} " if target != control.ALL else ""
+            print(f"requested: the running MTA sends today's TLS reports {what}within a "
+                  "second; each one is logged (events tlsrpt.sent, tlsrpt.failed)")
+            return 0
+        spool.unlock()
+    why = missing or f"nothing holds the spool {spool.path}"
+    print(f"twisted-mta: the MTA is not running ({why}): start it to send reports; the days "
+          "it has not reported go a minute after it starts", file=sys.stderr)
+    return 1
+
+
 def cmd_tls_shadow_report(args: argparse.Namespace) -> int:
     config = _config(args)
     if config is None:
@@ -1021,6 +1069,13 @@ def build_parser() -> argparse.ArgumentParser:
     rshow.add_argument("--json", action="store_true",
                        help="the reports' JSON (one object with DOMAIN, else a list)")
     rshow.set_defaults(func=cmd_tls_report_show)
+    rsend = report_sub.add_parser(
+        "send", help="send today's reports so far now, through the running MTA")
+    rsend.add_argument("domain", nargs="?", metavar="DOMAIN", help="only this policy domain")
+    rsend.add_argument("--now", action="store_true", required=True,
+                       help="today's counts so far (the whole day still goes after midnight)")
+    rsend.add_argument("-c", "--config", required=True, help="the MTA's configuration file")
+    rsend.set_defaults(func=cmd_tls_report_send)
     tinbox = tls_sub.add_parser(
         "inbox", help="summarise the TLS reports (RFC 8460) other senders sent to our report "
         "mailbox: what failed, where, and what to fix")

@@ -136,8 +136,10 @@ class FakeRequest:
     def __init__(self, clock: Clock, script: list) -> None:
         self.clock, self.script, self.calls = clock, list(script), []
 
-    def __call__(self, method, url, data=None, headers=None, unbuffered=False):
-        self.calls.append((self.clock.seconds(), method, url, data, headers, unbuffered))
+    def __call__(self, method, url, data=None, headers=None, unbuffered=False,
+                 allow_redirects=True):
+        self.calls.append((self.clock.seconds(), method, url, data, headers,
+                           unbuffered and not allow_redirects))
         answer = self.script.pop(0)
         if answer is None:
             return defer.Deferred()
@@ -160,7 +162,7 @@ class HTTPSTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(poster.post(report, self.URL)),
                          (True, "HTTP 201"))
         (_, method, url, data, headers, unbuffered), = self.request.calls
-        self.assertEqual((method, url), (b"POST", self.URL.encode()))
+        self.assertEqual((method, url), ("POST", self.URL))
         self.assertEqual(headers, {b"Content-Type": [b"application/tlsrpt+gzip"]})
         self.assertEqual(json.loads(gzip.decompress(data)), REPORT)
         self.assertTrue(unbuffered)

@@ -17,8 +17,8 @@ import time
 from twisted_mta.model import is_queue_id
 from twisted_mta.queue.spool import QueueIdError, Spool, check_queue_id as _check_id
 
-ACTIONS = ("flush", "hold", "release", "delete", "tlsforget", "stsreload")
-DOMAIN_ACTIONS = ("tlsforget", "stsreload")  # name a domain, not a queue id
+ACTIONS = ("flush", "hold", "release", "delete", "tlsforget", "stsreload", "tlsrptsend")
+DOMAIN_ACTIONS = ("tlsforget", "stsreload", "tlsrptsend")  # name a domain, not a queue id
 ALL = "ALL"
 # One-shot TLS overrides for the next attempt of one message, written as
 # "release:relaxed" or "flush:cleartext" (audited in the log and the trace).
@@ -56,7 +56,8 @@ def check_queue_id(queue_id: str) -> str:
 def valid_target(action: str, target: str) -> bool:
     """
     Whether C{target} can be what a request of C{action} names: C{ALL}, a
-    queue id, or for C{tlsforget} and C{stsreload} a domain name.
+    queue id, or for C{tlsforget}, C{stsreload} and C{tlsrptsend} a domain
+    name.
     """
     if target == ALL:
         return True

@@ -108,6 +108,7 @@ class QueueManager(service.Service):
         self.targets = targets
         self.tls_history = tls_history  # a TLSHistory: the operator's "tls history --forget"
         self.sts_cache = sts_cache  # a PolicyCache: "tls sts refresh" asks it to re-read a file
+        self.tlsrpt = None  # the TLS report schedule: "tls report send --now" (set by tap)
         self.observers = observers if observers is not None else []  # (name, event): metrics
         self.directory = LocalDirectory(config.local)
         # Every entry; its envelope while it is due soon, being attempted or

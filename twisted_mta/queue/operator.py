@@ -1,7 +1,8 @@
 """
 Operator requests (C{twisted-mta queue flush|hold|release|delete},
-C{tls history --forget}, one-shot TLS overrides): read from the spool's
-control/ directory every second and carried out between attempts.
+C{tls history --forget}, C{tls report send --now}, one-shot TLS
+overrides): read from the spool's control/ directory every second and
+carried out between attempts.
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ class OperatorRequests:
                 return "MTA-STS is off"
             found = yield cache.reload(qid)
             return "MTA-STS policy reloaded" if found else "no MTA-STS policy cached for it"
+        if action == "tlsrptsend":
+            if self.manager.tlsrpt is None:
+                return "TLS reporting is off ([tlsrpt] enabled = false)"
+            return self.manager.tlsrpt.send_now(None if qid == control.ALL else qid)
         if action == "tlsforget":
             if self.manager.tls_history is None:
                 return "no TLS history"

@@ -146,12 +146,13 @@ class HTTPSReports:
     POSTs a report (RFC 8460 §5.4): 2xx is sent; anything else is tried
     again after 1, 2, 4, ... minutes (at most an hour apart) until
     C{retry_for} seconds have passed since the first try, then given up.
+    A redirect is not followed (it counts as a failure).
     """
 
     def __init__(self, clock, request: Callable[..., defer.Deferred], timeout: float,
                  retry_for: float) -> None:
         self.clock = clock
-        self.request = request  # treq.request-like: (method, url, data=, headers=, ...)
+        self.request = request  # treq's HTTPClient.request (tests: a fake)
         self.timeout = timeout
         self.retry_for = retry_for
         self.pending: set[defer.Deferred] = set()  # the waits between tries (stop cancels)
@@ -168,9 +169,9 @@ class HTTPSReports:
         while True:
             tries += 1
             try:
-                d = self.request(b"POST", url.encode("ascii"), data=report.body,
+                d = self.request("POST", url, data=report.body,
                                  headers={b"Content-Type": [GZIP_TYPE.encode()]},
-                                 unbuffered=True)
+                                 unbuffered=True, allow_redirects=False)
                 d.addTimeout(self.timeout, self.clock)
                 response = yield d
                 code = response.code
@@ -254,6 +255,14 @@ class ReportSender:
         the mail on disk in the queue, the POST answered with 2xx or given
         up.  Never fails.
         """
+        return self.start(report, ruas)[1]
+
+    def start(self, report: Report, ruas: tuple[Rua, ...]
+              ) -> tuple[defer.Deferred, defer.Deferred]:
+        """
+        L{send}, with a first Deferred that fires as soon as the mail
+        parts are done (on disk), while the POSTs may still be retrying.
+        """
         unsigned = [r for r in ruas if r.scheme == "mailto"] and (
             self.mail is None or not self.mail.can_sign(report))
         if unsigned:
@@ -262,7 +271,9 @@ class ReportSender:
                      "signature); https: addresses still get it", event="tlsrpt.unsigned",
                      domain=report.policy_domain, submitter=report.submitter,
                      report_id=report.report_id)
-        return defer.gatherResults([self._one(report, rua, bool(unsigned)) for rua in ruas])
+        each = [self._one(report, rua, bool(unsigned)) for rua in ruas]
+        mail = defer.gatherResults([d for d, rua in zip(each, ruas) if rua.scheme == "mailto"])
+        return mail, defer.gatherResults(each)
 
     @defer.inlineCallbacks
     def _one(self, report: Report, rua: Rua, unsigned: bool):
