@@ -114,6 +114,14 @@ class Metrics:
             "twisted_mta_requiretls_refused_hosts", "Mail servers not used for a REQUIRETLS "
             "message (RFC 8689), by why: requiretls-unsupported, requiretls-mx-unvalidated, "
             "requiretls-no-tls.", ["kind", "domain"], registry=r)
+        self.tlsrpt_reports = Counter(
+            "twisted_mta_tlsrpt_reports", "TLS reports (RFC 8460) by delivery method (mailto, "
+            "https) and result: sent (queued as mail, or POSTed with 2xx), failed (not "
+            "mailed, or the POST given up).", ["method", "result"], registry=r)
+        self.tlsrpt_domains = Counter(
+            "twisted_mta_tlsrpt_domains", "Policy domains a TLS report was made for (one per "
+            "domain and day, and one per early report of tls report send --now).",
+            registry=r)
 
     def watch_queue(self, states: Callable[[], dict[str, str]]) -> None:
         self.registry.register(_QueueCollector(states))
@@ -143,6 +151,10 @@ class Metrics:
             self.tls_required_no.labels(self.domain(e["domain"])).inc()
         elif name == "tls.requiretls_refused":
             self.requiretls_refused.labels(e["kind"], self.domain(e["domain"])).inc()
+        elif name in ("tlsrpt.sent", "tlsrpt.failed"):
+            self.tlsrpt_reports.labels(e["method"], name.removeprefix("tlsrpt.")).inc()
+        elif name == "tlsrpt.report":
+            self.tlsrpt_domains.inc()
 
     def resource(self):
         from prometheus_client.twisted import MetricsResource

@@ -226,6 +226,7 @@ class SenderTests(SynchronousTestCase):
         self.assertEqual([e["rua"] for e in self.logged("tlsrpt.failed")],
                          ["mailto:rua@example.org"])
         self.assertEqual(self.counted, [
+            ("tlsrpt.report", {"domain": "example.org"}),
             ("tlsrpt.failed", {"method": "mailto", "domain": "example.org"}),
             ("tlsrpt.sent", {"method": "https", "domain": "example.org"})])
 
@@ -242,3 +243,19 @@ class SenderTests(SynchronousTestCase):
         self.assertFalse(outcome.sent)
         self.assertIn("No space left on device", outcome.detail)
         self.assertIn("ENOSPC", outcome.detail)
+
+
+class MetricsTests(SynchronousTestCase):
+    def test_counted(self) -> None:
+        from twisted_mta.metrics import Metrics
+        m = Metrics()
+        m("tlsrpt.report", {"domain": "example.org"})
+        m("tlsrpt.sent", {"method": "mailto", "domain": "example.org"})
+        m("tlsrpt.failed", {"method": "https", "domain": "example.org"})
+        m("tlsrpt.failed", {"method": "https", "domain": "example.org"})
+        value = m.registry.get_sample_value
+        self.assertEqual(value("twisted_mta_tlsrpt_domains_total"), 1)
+        self.assertEqual(value("twisted_mta_tlsrpt_reports_total",
+                               {"method": "mailto", "result": "sent"}), 1)
+        self.assertEqual(value("twisted_mta_tlsrpt_reports_total",
+                               {"method": "https", "result": "failed"}), 2)

@@ -271,6 +271,7 @@ class ReportSender:
                      "signature); https: addresses still get it", event="tlsrpt.unsigned",
                      domain=report.policy_domain, submitter=report.submitter,
                      report_id=report.report_id)
+        self.notify("tlsrpt.report", {"domain": report.policy_domain})
         each = [self._one(report, rua, bool(unsigned)) for rua in ruas]
         mail = defer.gatherResults([d for d, rua in zip(each, ruas) if rua.scheme == "mailto"])
         return mail, defer.gatherResults(each)
