@@ -494,21 +494,25 @@ def make_report_schedule(config: Config, reactor, run_blocking, spool: Spool,
     it through the queue manager's operator requests.
     """
     from treq.client import HTTPClient
-    from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+    from twisted.web.client import Agent, HTTPConnectionPool
 
     from twisted_mta.metrics import notify
-    from twisted_mta.outbound.mx import make_resolver
+    from twisted_mta.outbound.mx import lookup_addresses, make_resolver
     from twisted_mta.tlsrpt import record, store
     from twisted_mta.tlsrpt.schedule import ReportSchedule, from_address
-    from twisted_mta.tlsrpt.send import HTTPSReports, MailReports, ReportSender
+    from twisted_mta.tlsrpt.send import (
+        CollectorEndpoints, HTTPSReports, MailReports, ReportSender,
+    )
 
     settings = config.tlsrpt
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    agent = Agent(reactor, BrowserLikePolicyForHTTPS(
-        _trust_root(settings.ca_file, "tlsrpt.ca_file")), pool=pool)
-    client = HTTPClient(agent)
     dns = config.dns
     resolver = make_resolver(dns.nameservers or None, dns.timeout, dns.cache_ttl)
+    collectors = CollectorEndpoints(
+        reactor, lambda host: run_blocking(lookup_addresses, resolver, host),
+        _trust_root(settings.ca_file, "tlsrpt.ca_file"), settings.https_timeout)
+    agent = Agent.usingEndpointFactory(reactor, collectors,
+                                       pool=HTTPConnectionPool(reactor, persistent=False))
+    client = HTTPClient(agent)
     mail = MailReports(spool, manager.enqueue, prepared.dkim, reactor,
                        from_address(settings), config.hostname)
     sender = ReportSender(mail, HTTPSReports(reactor, client.request, settings.https_timeout,

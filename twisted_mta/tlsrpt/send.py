@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import email.utils
 import errno
+import ipaddress
 import uuid
 from email.message import EmailMessage
 from email.policy import SMTP
@@ -22,7 +23,9 @@ from typing import Callable
 
 import attrs
 from twisted.internet import defer
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from twisted_mta.model import Envelope, Recipient
 from twisted_mta.tlsrpt.record import Rua
@@ -236,6 +239,73 @@ class _Discard:
 
     def connectionLost(self, reason) -> None:
         pass
+
+
+@implementer(IStreamClientEndpoint)
+class _CollectorEndpoint:
+    """
+    TCP to the first address of C{host} (our resolver: the same name
+    servers as delivery) that answers, then TLS checked for C{host}.
+    """
+
+    def __init__(self, owner: CollectorEndpoints, host: str, port: int) -> None:
+        self.owner, self.host, self.port = owner, host, port
+
+    @defer.inlineCallbacks
+    def connect(self, factory):
+        from twisted.internet import endpoints, ssl
+        from twisted.internet.error import ConnectError, DNSLookupError
+
+        owner = self.owner
+        if _is_ip(self.host):
+            addresses = [self.host]
+        else:
+            addresses = yield owner.resolve(self.host)
+            if not addresses:
+                raise DNSLookupError(f"{self.host} has no address")
+        creator = ssl.optionsForClientTLS(self.host, trustRoot=owner.trust_root)
+        last: Exception | None = None
+        for address in addresses:
+            kind = endpoints.TCP6ClientEndpoint if ":" in address else \
+                endpoints.TCP4ClientEndpoint
+            tcp = kind(owner.reactor, address, self.port, timeout=owner.timeout)
+            try:
+                protocol = yield endpoints.wrapClientTLS(creator, tcp).connect(factory)
+                return protocol
+            except ConnectError as e:
+                last = e
+        raise last if last is not None else ConnectError(f"{self.host}: no address answered")
+
+
+class CollectorEndpoints:
+    """
+    The endpoints the HTTPS agent reaches report collectors by: host names
+    resolved through our resolver (not the system's), the certificate
+    checked against C{trust_root} (None: the system's roots) for the name
+    in the rua URL.  Only https: URLs.
+    """
+
+    def __init__(self, reactor, resolve: Callable[[str], defer.Deferred], trust_root,
+                 timeout: float) -> None:
+        self.reactor = reactor
+        self.resolve = resolve  # host -> Deferred[list of addresses]
+        self.trust_root = trust_root
+        self.timeout = timeout
+
+    def endpointForURI(self, uri):
+        from twisted.web.error import SchemeNotSupported
+        if uri.scheme != b"https":
+            raise SchemeNotSupported(f"only https: reports, not {uri.scheme!r}")
+        host = uri.host.decode("ascii").strip("[]")
+        return _CollectorEndpoint(self, host, uri.port)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class ReportSender:

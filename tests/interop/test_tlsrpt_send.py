@@ -1,0 +1,239 @@
+"""
+Sending TLS reports end to end: our MTA (twistd, a real process) delivers
+a few messages to a domain whose MX is a STARTTLS peer on loopback, the
+private nsd publishing the domain's C{_smtp._tls} record with a mailto:
+and an https: rua and the submitter's DKIM key; C{tls report send --now}
+asks the running MTA to report.  Checked: the mailed report reaches the
+rua domain's MX (through our queue and outbound leg), its DKIM signature
+verifies with dkimpy against the key nsd serves, its JSON counts the
+sessions; the HTTPS collector (a Twisted web server with a trustme
+certificate, its own process) got a POST of application/tlsrpt+gzip whose
+body is the same report.
+
+Nothing leaves the machine: DNS is the private nsd, the peers listen on
+127.0.78.x, the collector's name resolves through nsd too.
+"""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+import gzip
+import json
+import os
+import ssl
+import subprocess
+import sys
+
+import dkim
+import dns.resolver
+import trustme
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.interop.dns import NSDServer, require_nsd, zone
+from tests.interop.support import (
+    ONE_ATTEMPT_JSON_LOG, MTAProcess, free_port, make_tempdir, subprocess_env, wait_for,
+)
+from tests.interop.test_operate import cli_ok, events, send
+from tests.interop.tls_peers import ScriptedPeer, free_port_on_all
+from twisted_mta.tlsrpt import store
+
+ZONE = "rpt.test"
+DEST, REPORTS, COLLECTOR = "127.0.78.2", "127.0.78.3", "127.0.78.10"
+TIMEOUT = 30.0
+
+
+def server_context(certificate: trustme.LeafCert) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    certificate.configure_cert(context)
+    return context
+
+
+def txt(text: str) -> str:
+    """
+    TXT rdata: the text in strings of at most 255 octets.
+    """
+    return " ".join(f'"{text[i:i + 255]}"' for i in range(0, len(text), 255))
+
+
+class SendReportTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        require_nsd()
+        self.tmp = make_tempdir(self, "tlsrpt-send")
+        ca = trustme.CA()
+        port = free_port_on_all((DEST, REPORTS))
+        self.https_port = free_port_on_all((COLLECTOR,))
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        public = base64.b64encode(key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).decode()
+        records = [
+            ("dest", "MX", f"10 mx-dest.{ZONE}."),
+            ("mx-dest", "A", DEST),
+            ("reports", "MX", f"10 mx-reports.{ZONE}."),
+            ("mx-reports", "A", REPORTS),
+            ("collector", "A", COLLECTOR),
+            ("_smtp._tls.dest", "TXT", txt(
+                f"v=TLSRPTv1; rua=mailto:tlsrpt@reports.{ZONE},"
+                f"https://collector.{ZONE}:{self.https_port}/v1/tlsrpt")),
+            ("rpt._domainkey.sender", "TXT", txt(f"v=DKIM1; k=rsa; s=tlsrpt; p={public}")),
+        ]
+        self.nsd = NSDServer(os.path.join(self.tmp, "nsd"), {ZONE: zone(ZONE, records)})
+        os.makedirs(self.nsd.workdir, exist_ok=True)
+        self.nsd.start()
+        self.addCleanup(self.nsd.stop)
+        self.peers = {
+            name: ScriptedPeer(address, port, f"mx-{name}.{ZONE}", mode="tls",
+                               tls_context=server_context(ca.issue_cert(f"mx-{name}.{ZONE}")))
+            for name, address in (("dest", DEST), ("reports", REPORTS))}
+        for peer in self.peers.values():
+            self.addCleanup(peer.stop)
+        self.collected = os.path.join(self.tmp, "collected")
+        os.makedirs(self.collected)
+        self.start_collector(ca.issue_cert(f"collector.{ZONE}"))
+
+        config = "\n".join([
+            "[dns]",
+            f'nameservers = ["{self.nsd.address}"]',
+            'timeout = "5s"',
+            "",
+            "[outbound]",
+            f"port = {port}",
+            'connect_timeout = "5s"',
+            "",
+            "[outbound.tls]",
+            'policy = "opportunistic"',
+            'ca_file = "ca.pem"',
+            "dane = false",
+            "mta_sts = false",
+            "",
+            "[relay]",
+            'trusted_networks = ["127.0.0.0/8"]',
+            "",
+            "[tlsrpt]",
+            "enabled = true",
+            'organization_name = "Interop Sender"',
+            f'contact_info = "tlsrpt@sender.{ZONE}"',
+            'ca_file = "ca.pem"',
+            'https_timeout = "10s"',
+            "",
+            f'[dkim.domains."sender.{ZONE}"]',
+            'selector = "rpt"',
+            'key_file = "dkim.pem"',
+            "",
+            ONE_ATTEMPT_JSON_LOG,
+        ])
+        self.mta = MTAProcess(os.path.join(self.tmp, "mta"), config, port=free_port())
+        ca.cert_pem.write_to_path(os.path.join(self.mta.tmpdir, "ca.pem"))
+        with open(os.path.join(self.mta.tmpdir, "dkim.pem"), "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+        self.addCleanup(self.mta.cleanup)
+        self.mta.start()
+
+    def start_collector(self, certificate: trustme.LeafCert) -> None:
+        pem = os.path.join(self.tmp, "collector.pem")
+        certificate.private_key_and_cert_chain_pem.write_to_path(pem)
+        self.collector = subprocess.Popen(
+            [sys.executable, "-m", "tests.interop.tlsrpt_collector", COLLECTOR,
+             str(self.https_port), pem, self.collected],
+            env=subprocess_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
+
+        def stop() -> None:
+            self.collector.kill()
+            self.collector.wait(10)
+        self.addCleanup(stop)
+        line = self.collector.stdout.readline()
+        if line.strip() != "ready":
+            raise AssertionError(f"the collector did not start: {line}"
+                                 f"{self.collector.stdout.read()}")
+
+    def dns_txt(self, name: bytes, timeout: float = 5) -> bytes | None:
+        """
+        dkimpy's dnsfunc, asking the private nsd.
+        """
+        resolver = dns.resolver.Resolver(configure=False)
+        host, port = self.nsd.address.split(":")
+        resolver.nameservers, resolver.port, resolver.lifetime = [host], int(port), timeout
+        try:
+            answer = resolver.resolve(name.decode(), "TXT")
+        except dns.exception.DNSException:
+            return None
+        return b"".join(answer[0].strings)
+
+    def test_report_sent_by_mail_and_https(self) -> None:
+        tokens = [send(self.mta, f"user{i}@dest.{ZONE}", f"message {i}") for i in range(3)]
+        wait_for(lambda: len(self.peers["dest"].messages) == 3, TIMEOUT,
+                 lambda: f"3 messages at mx-dest; {self.mta.describe()}")
+        self.assertTrue(all(m.tls for m in self.peers["dest"].messages))
+        self.assertTrue(all(any(t.encode() in m.data for m in self.peers["dest"].messages)
+                            for t in tokens))
+        directory = store.directory_of(self.mta.spool)
+
+        def counted():
+            day = store.list_days(directory)
+            counts = store.load_day(directory, day[-1]) if day else None
+            return counts is not None and f"dest.{ZONE}" in counts.domains and \
+                sum(c.successes for c in counts.counts(f"dest.{ZONE}")) == 3
+        wait_for(counted, TIMEOUT, lambda: f"3 sessions counted; {self.mta.describe()}")
+
+        out = cli_ok(self.mta, "tls", "report", "send", "--now", f"dest.{ZONE}")
+        self.assertIn("the running MTA sends today's TLS reports for dest.rpt.test", out)
+
+        # by mail: through our queue and outbound leg to the rua domain's MX
+        def mailed():
+            return [m for m in self.peers["reports"].messages
+                    if b"TLS-Report-Domain: dest.rpt.test" in m.data]
+        (report_mail,) = wait_for(mailed, TIMEOUT, lambda: f"a report at mx-reports; "
+                                  f"{self.mta.describe()}")
+        self.assertEqual(report_mail.recipients, [f"tlsrpt@reports.{ZONE}"])
+        self.assertTrue(report_mail.tls)
+        data = report_mail.data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        self.assertTrue(dkim.verify(data, dnsfunc=self.dns_txt, tlsrpt="strict"),
+                        data[:2000].decode(errors="replace"))
+        msg = email.message_from_bytes(data, policy=email.policy.default)
+        self.assertEqual(msg.get_content_type(), "multipart/report")
+        self.assertEqual(msg.get_param("report-type"), "tlsrpt")
+        self.assertEqual(msg["TLS-Report-Submitter"], f"sender.{ZONE}")
+        self.assertEqual(msg["TLS-Required"], "No")
+        self.assertEqual(msg["From"], f"tlsrpt-noreply@sender.{ZONE}")
+        _, attachment = msg.get_payload()
+        self.assertEqual(attachment.get_content_type(), "application/tlsrpt+gzip")
+        name = attachment.get_filename()
+        self.assertRegex(name, r"^sender\.rpt\.test!dest\.rpt\.test!\d+!\d+!T\d{6}Z\.json\.gz$")
+        mailed_report = json.loads(gzip.decompress(attachment.get_content()))
+        self.assertEqual(mailed_report["organization-name"], "Interop Sender")
+        self.assertEqual(mailed_report["contact-info"], f"tlsrpt@sender.{ZONE}")
+        (policy,) = mailed_report["policies"]
+        self.assertEqual(policy["policy"]["policy-domain"], f"dest.{ZONE}")
+        self.assertEqual(policy["summary"], {"total-successful-session-count": 3,
+                                             "total-failure-session-count": 0})
+        self.assertIn(f"Report-ID: <{mailed_report['report-id']}>", msg["Subject"])
+
+        # by HTTPS: the same report, POSTed to the collector
+        def posted():
+            return sorted(n for n in os.listdir(self.collected) if n.endswith(".json"))
+        (first,) = wait_for(posted, TIMEOUT, lambda: f"a POST at the collector; "
+                            f"{self.mta.describe()}")
+        with open(os.path.join(self.collected, first)) as f:
+            post = json.load(f)
+        self.assertEqual(post["path"], "/v1/tlsrpt")
+        self.assertEqual(post["content_type"], "application/tlsrpt+gzip")
+        self.assertEqual(json.loads(gzip.decompress(base64.b64decode(post["body"]))),
+                         mailed_report)
+
+        # each logged, with the report id; the day is not marked (--now)
+        sent = wait_for(lambda: len([e for e in events(self.mta)
+                                     if e.get("event") == "tlsrpt.sent"]) == 2 and
+                        [e for e in events(self.mta) if e.get("event") == "tlsrpt.sent"],
+                        TIMEOUT, lambda: f"two tlsrpt.sent events; {self.mta.describe()}")
+        self.assertEqual(sorted(e["rua"] for e in sent), [
+            f"https://collector.{ZONE}:{self.https_port}/v1/tlsrpt",
+            f"mailto:tlsrpt@reports.{ZONE}"])
+        self.assertEqual({e["report_id"] for e in sent}, {mailed_report["report-id"]})
+        today = store.list_days(directory)[-1]
+        self.assertEqual(store.sent_domains(directory, today), set())
