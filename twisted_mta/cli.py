@@ -924,10 +924,10 @@ def cmd_tls_shadow_report(args: argparse.Namespace) -> int:
 def cmd_tls_inbox(args: argparse.Namespace) -> int:
     """
     Summarise the TLS reports (RFC 8460) other senders sent to our report
-    mailbox.  Exit 0 when no report names a failure, 1 when one does or a
-    file in the window is no readable report, 2 when the mailbox (or the
-    configuration) cannot be read: a script can tell "look at it" from
-    "could not look".
+    mailbox.  Exit 0 when no report names a failure, 1 when one does, 2
+    when the mailbox (or the configuration) cannot be read: a script can
+    tell "fix something" from "could not look".  Broken reports and other
+    mail are named but leave the status alone (nothing to fix here).
     """
     from datetime import datetime, timedelta, timezone
 

@@ -17,7 +17,8 @@ import sys
 from twisted.trial import unittest
 
 from tests.interop.support import (
-    LOCAL_DOMAIN, LOOPBACK, make_tempdir, message_files, start_mta, subprocess_env, wait_for,
+    LOCAL_DOMAIN, LOOPBACK, make_message, make_tempdir, message_files, start_mta,
+    subprocess_env, wait_for,
 )
 from tests.tlsrpt.test_inbox import as_gzip, as_json, google_like, microsoft_like, report_mail
 
@@ -25,7 +26,7 @@ from tests.tlsrpt.test_inbox import as_gzip, as_json, google_like, microsoft_lik
 class InboxTests(unittest.TestCase):
 
     def test_reports_received_and_summarised(self) -> None:
-        """Four report mails sent over SMTP to tlsrpt@ are delivered into its Maildir; tls inbox --json counts the two good reports (the duplicate once), the failure worst first, and names the malformed one."""
+        """Four report mails and one other mail sent over SMTP to tlsrpt@ are delivered into its Maildir; tls inbox --json counts the two good reports (the duplicate once), the failure, names the malformed one and the other mail, and exits 1 for the failure."""
         mta = start_mta(self, make_tempdir(self, "tlsrpt-inbox"),
                         users=("alice", "postmaster", "tlsrpt"))
         yesterday = (datetime.datetime.now(datetime.timezone.utc).date()
@@ -37,6 +38,7 @@ class InboxTests(unittest.TestCase):
             report_mail(as_json(microsoft_like(yesterday, yesterday)), "application/json",
                         "report.json"),
             report_mail(b"\x1f\x8b\x08\x00this is no gzip", filename="broken.json.gz"),
+            make_message("spam-token", subject="You have won", recipient="tlsrpt@example.test"),
         ]
         recipient = f"tlsrpt@{LOCAL_DOMAIN}"
         with smtplib.SMTP(LOOPBACK, mta.port, timeout=10) as smtp:
@@ -45,9 +47,10 @@ class InboxTests(unittest.TestCase):
                 refused = smtp.sendmail("tlsrpt-noreply@reporter.example.test", [recipient], mail)
                 self.assertEqual(refused, {})
         maildir = mta.maildir("tlsrpt")
-        files = wait_for(lambda: len(message_files(maildir)) == 4 and message_files(maildir),
-                         20, lambda: f"4 messages in {maildir}; {mta.describe()}")
+        files = wait_for(lambda: len(message_files(maildir)) == 5 and message_files(maildir),
+                         20, lambda: f"5 messages in {maildir}; {mta.describe()}")
         broken = [f for f in files if b"broken.json.gz" in open(f, "rb").read()]
+        spam = [f for f in files if b"spam-token" in open(f, "rb").read()]
         self.assertEqual(len(broken), 1)
 
         result = subprocess.run(
@@ -60,10 +63,13 @@ class InboxTests(unittest.TestCase):
         data = json.loads(result.stdout)
         self.assertEqual(data["mailboxes"], [{"name": recipient, "path": maildir,
                                               "exists": True}])
-        self.assertEqual((data["files"], data["reports"], data["duplicates"]), (4, 2, 1))
+        self.assertEqual((data["files"], data["reports"], data["duplicates"]), (5, 2, 1))
         self.assertEqual(data["malformed"], [{"file": broken[0],
                                               "reason": data["malformed"][0]["reason"]}])
         self.assertIn("bad gzip", data["malformed"][0]["reason"])
+        self.assertEqual(data["not_reports"], [
+            {"file": spam[0], "reason": "no TLS report in it (text/plain, Subject: You have won "
+                                        "spam-token)"}])
         (problem,) = data["problems"]
         self.assertEqual((problem["organization"], problem["mx_host"], problem["result_type"],
                           problem["sessions"]),
@@ -73,6 +79,6 @@ class InboxTests(unittest.TestCase):
             "certificate-expired on "), problem["text"])
         self.assertEqual(data["healthy"], [{"organization": "Microsoft Corporation",
                                             "sessions": 5326}])
-        # Read only: the four messages are where delivery put them.
+        # Read only: the messages are where delivery put them.
         self.assertEqual(message_files(maildir), files)
         self.assertTrue(all(os.path.dirname(f).endswith("new") for f in files))

@@ -428,6 +428,8 @@ class MalformedTests(SynchronousTestCase):
                 inbox.reports_in(raw)
             reason = str(caught.exception)
             self.assertIn(words, reason, name)
+            self.assertEqual(isinstance(caught.exception, inbox.NotAReport),
+                             words == "no TLS report in it" or "(text/plain" in words, name)
             self.assertNotIn("\n", reason, name)
 
     def test_mutations(self):
@@ -564,9 +566,13 @@ class SummaryTests(SynchronousTestCase):
         recent = inbox.FileResult("/m/new/a", problem="bad JSON", mtime=NOW.timestamp() - 60)
         old = inbox.FileResult("/m/new/b", problem="bad JSON",
                                mtime=NOW.timestamp() - 30 * 86400)
-        s = summarize(unreadable=[recent, old])
+        spam = inbox.FileResult("/m/new/c", problem="no TLS report in it (text/plain)",
+                                mtime=NOW.timestamp() - 60, not_report=True)
+        s = summarize(unreadable=[recent, old, spam])
         self.assertEqual(s.unreadable, (inbox.Unreadable("/m/new/a", "bad JSON"),))
-        self.assertEqual(s.exit_code, 1)
+        self.assertEqual(s.other_mail, (inbox.Unreadable("/m/new/c",
+                                                         "no TLS report in it (text/plain)"),))
+        self.assertEqual(s.exit_code, 0)  # named, but nothing to fix on our side
 
     def test_problems_worst_first(self):
         """One problem per (organization, host, result type), most sessions first."""
@@ -588,7 +594,7 @@ class SummaryTests(SynchronousTestCase):
         self.assertEqual(s.healthy, (("Microsoft Corporation", 5326), ("Quiet Sender", 3)))
 
     def test_exit_code(self):
-        """0 when nothing failed and everything read, 1 with a failure."""
+        """0 when no sender reported a failure, 1 when one did."""
         self.assertEqual(summarize(microsoft_like()).exit_code, 0)
         self.assertEqual(summarize().exit_code, 0)
         self.assertEqual(summarize(microsoft_like(), google_like()).exit_code, 1)
@@ -597,7 +603,8 @@ class SummaryTests(SynchronousTestCase):
         """to_dict is the documented shape."""
         d = summarize(google_like(), microsoft_like()).to_dict()
         self.assertEqual(set(d), {"since", "now", "files", "reports", "duplicates", "older",
-                                  "problems", "healthy", "rows", "malformed", "exit_code"})
+                                  "problems", "healthy", "rows", "malformed", "not_reports",
+                                  "exit_code"})
         self.assertEqual(d["since"], "2026-11-26T12:00:00Z")
         self.assertEqual(d["problems"][0], {
             "organization": "Google LLC", "mx_host": "mx2.example.org",
@@ -701,11 +708,14 @@ class WordsTests(SynchronousTestCase):
         """The text output: a head line, the words, the table, the unreadable files."""
         bad = inbox.FileResult("/m/new/x", problem="bad gzip: cut short",
                                mtime=NOW.timestamp())
-        s = summarize(google_like(), google_like(), microsoft_like(), unreadable=[bad])
+        spam = inbox.FileResult("/m/new/y", problem="no TLS report in it (text/plain)",
+                                mtime=NOW.timestamp(), not_report=True)
+        s = summarize(google_like(), google_like(), microsoft_like(), unreadable=[bad, spam])
         text = inbox.format_text(s, ["/m"], "7d")
         lines = text.splitlines()
         self.assertEqual(lines[0], "TLS reports in /m since 26 November (7d): 2 reports from 2 "
-                                   "organizations (1 duplicate counted once; 1 unreadable file).")
+                                   "organizations (1 duplicate counted once; 1 unreadable file; "
+                                   "1 other mail).")
         self.assertIn("Google LLC saw 1,204 sessions", text)
         header = [line for line in lines if line.startswith("ORGANIZATION")]
         self.assertEqual(len(header), 1)
@@ -715,8 +725,11 @@ class WordsTests(SynchronousTestCase):
                          [["Google", "LLC", "mx2.example.org", "1,204", "0", "1,204",
                            "2026-12-01", "certificate-expired"],
                           ["Google", "LLC", "the", "MX", "hosts", "of", "example.org", "9,000"]])
-        self.assertEqual(lines[-2:], ["Not readable as TLS reports:",
-                                      "  /m/new/x: bad gzip: cut short"])
+        self.assertEqual(lines[-5:], ["Not readable as TLS reports:",
+                                      "  /m/new/x: bad gzip: cut short",
+                                      "",
+                                      "Other mail in the report mailbox (no TLS report in it):",
+                                      "  /m/new/y: no TLS report in it (text/plain)"])
 
 
 def write_maildir(base: str, files: dict[str, bytes], sub: str = "new") -> str:
@@ -912,31 +925,38 @@ class CommandTests(SynchronousTestCase):
         self.assertIn("No failures reported by Microsoft Corporation (5,326 sessions).", out)
 
     def test_json(self):
-        """--json: the documented shape, the malformed file named with its reason."""
+        """--json: the documented shape, the malformed file and the other mail named with their reasons."""
         self.fill({"1.a.h": report_mail(as_gzip(google_like(self.day))),
                    "2.b.h": report_mail(b"\x1f\x8b\x08garbage"),
-                   "3.c.h": report_mail(as_gzip(google_like(self.old)))})
+                   "3.c.h": report_mail(as_gzip(google_like(self.old))),
+                   "4.d.h": plain_mail(b"Buy now!\n")})
         code, out, err = run_cli("tls", "inbox", "-c", self.conf, "--json")
         self.assertEqual((code, err), (1, ""))
         data = json.loads(out)
         self.assertEqual(data["mailboxes"], [{"name": "tlsrpt@example.org",
                                               "path": self.maildir, "exists": True}])
-        self.assertEqual((data["files"], data["reports"], data["older"]), (3, 1, 1))
+        self.assertEqual((data["files"], data["reports"], data["older"]), (4, 1, 1))
         self.assertEqual(data["malformed"][0]["file"], os.path.join(self.maildir, "new", "2.b.h"))
         self.assertIn("bad gzip", data["malformed"][0]["reason"])
+        self.assertEqual(data["not_reports"], [
+            {"file": os.path.join(self.maildir, "new", "4.d.h"),
+             "reason": "no TLS report in it (text/plain, Subject: hello)"}])
         self.assertEqual(data["problems"][0]["sessions"], 1204)
         self.assertEqual(data["exit_code"], 1)
 
     def test_since_all_and_healthy(self):
-        """--since all reaches back to the old report; all healthy: exit 0."""
+        """--since all reaches back to the old report; all healthy, a broken report and spam beside: exit 0."""
         self.fill({"1.a.h": as_json(google_like(self.old, failures=0)),
-                   "2.a.h": as_json(microsoft_like(self.old, self.old))})
+                   "2.a.h": as_json(microsoft_like(self.old, self.old)),
+                   "3.a.h": report_mail(b"{", "application/tlsrpt+json", "x.json"),
+                   "4.a.h": plain_mail(b"Buy now!\n")})
         code, out, _ = run_cli("tls", "inbox", "-c", self.conf, "--since", "all")
         self.assertEqual(code, 0, out)
-        self.assertIn("2 reports from 2 organizations", out)
+        self.assertIn("2 reports from 2 organizations (1 unreadable file; 1 other mail)", out)
         code, out, _ = run_cli("tls", "inbox", "-c", self.conf, "--since", "24h")
         self.assertEqual(code, 0, out)
-        self.assertIn("0 reports from 0 organizations (2 older reports left out)", out)
+        self.assertIn("0 reports from 0 organizations (2 older reports left out; "
+                      "1 unreadable file; 1 other mail)", out)
 
     def test_mailbox_path(self):
         """--mailbox PATH reads that Maildir."""

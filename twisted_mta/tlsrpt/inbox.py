@@ -90,6 +90,13 @@ class Malformed(Exception):
         return clean(super().__str__(), 400)
 
 
+class NotAReport(Malformed):
+    """
+    A mail with no TLS report in it at all: other mail (or spam: a report
+    address is public, in DNS) that reached the report mailbox.
+    """
+
+
 @attrs.frozen
 class FailureDetail:
     result_type: str
@@ -143,6 +150,7 @@ class FileResult:
     reports: tuple[Report, ...] = ()
     problem: str | None = None
     mtime: float = 0.0
+    not_report: bool = False  # the problem is that it is other mail (L{NotAReport})
 
 
 # -- decoding ----------------------------------------------------------------
@@ -380,7 +388,7 @@ def reports_in(raw: bytes) -> tuple[Report, ...]:
             return (parse_payload(body),)  # a mail whose body is the report
     if not parts:
         subject = " ".join(str(message.get("Subject", "")).split())[:60]
-        raise Malformed(f"no TLS report in it ({message.get_content_type()}"
+        raise NotAReport(f"no TLS report in it ({message.get_content_type()}"
                         + (f", Subject: {subject}" if subject else "") + ")")
     reports = []
     for i, part in enumerate(parts):
@@ -467,6 +475,8 @@ def read_file(path: str) -> FileResult | None:
             os.close(fd)
     try:
         return FileResult(path, reports=reports_in(raw), mtime=st.st_mtime)
+    except NotAReport as e:
+        return FileResult(path, problem=str(e), mtime=st.st_mtime, not_report=True)
     except Malformed as e:
         return FileResult(path, problem=str(e), mtime=st.st_mtime)
     except RecursionError:  # a MIME tree nested beyond reason
@@ -681,15 +691,18 @@ class Summary:
     rows: tuple[Row, ...]
     problems: tuple[Problem, ...]
     healthy: tuple[tuple[str, int], ...]  # (organization, sessions) with no failure
-    unreadable: tuple[Unreadable, ...]
+    unreadable: tuple[Unreadable, ...]  # reports (or files) that do not read
+    other_mail: tuple[Unreadable, ...] = ()  # mails with no report in them
 
     @property
     def exit_code(self) -> int:
         """
-        0: nothing to look at; 1: a sender reported failures, or a file in
-        the window is no readable report.
+        0: no sender reported a failure; 1: one did.  Files that are no
+        readable report are named but change nothing here: a sender's bug
+        or spam to a public address is nothing to fix on our MX hosts, and
+        a cron job that mails on 1 should not fire for it.
         """
-        return 1 if self.problems or self.unreadable else 0
+        return 1 if self.problems else 0
 
     def to_dict(self) -> dict[str, Any]:
         today = self.now.date()
@@ -702,6 +715,7 @@ class Summary:
             "healthy": [{"organization": o, "sessions": n} for o, n in self.healthy],
             "rows": [r.to_dict() for r in self.rows],
             "malformed": [{"file": u.path, "reason": u.reason} for u in self.unreadable],
+            "not_reports": [{"file": u.path, "reason": u.reason} for u in self.other_mail],
             "exit_code": self.exit_code,
         }
 
@@ -727,7 +741,8 @@ def summarize(results: Iterable[FileResult], now: datetime.datetime,
     """
     Count the reports of C{results} that end after C{since} (all when
     None), each (organization, report-id) once.  A file with no readable
-    report is listed when it arrived (its mtime) after C{since}.
+    report, or other mail, is listed when it arrived (its mtime) after
+    C{since}.
     """
     rows: dict[tuple[str, str | None], _Counts] = defaultdict(_Counts)
     fails: dict[tuple[str, str | None, str], _Failure] = defaultdict(_Failure)
@@ -735,11 +750,13 @@ def summarize(results: Iterable[FileResult], now: datetime.datetime,
     seen: set[tuple[str, str]] = set()
     files = duplicates = older = 0
     unreadable = []
+    other_mail = []
     for result in results:
         files += 1
         if result.problem is not None:
             if since is None or result.mtime >= since.timestamp():
-                unreadable.append(Unreadable(result.path, result.problem))
+                (other_mail if result.not_report else unreadable).append(
+                    Unreadable(result.path, result.problem))
             continue
         for report in result.reports:
             if since is not None and report.end <= since:
@@ -802,7 +819,7 @@ def summarize(results: Iterable[FileResult], now: datetime.datetime,
                            key=lambda on: (-on[1], on[0].lower())))
     return Summary(since=since, now=now, files=files, reports=len(seen), duplicates=duplicates,
                    older=older, rows=out_rows, problems=problems, healthy=healthy,
-                   unreadable=tuple(unreadable))
+                   unreadable=tuple(unreadable), other_mail=tuple(other_mail))
 
 
 # -- words -------------------------------------------------------------------
@@ -928,6 +945,9 @@ def format_text(summary: Summary, mailboxes: Iterable[str], since_words: str | N
     if summary.unreadable:
         n = len(summary.unreadable)
         extras.append(f"{n} unreadable file{'' if n == 1 else 's'}")
+    if summary.other_mail:
+        n = len(summary.other_mail)
+        extras.append(f"{n} other mail{'' if n == 1 else 's'}")
     lines = [head + (f" ({'; '.join(extras)})" if extras else "") + "."]
     words = plain_words(summary)
     if words:
@@ -952,4 +972,8 @@ def format_text(summary: Summary, mailboxes: Iterable[str], since_words: str | N
         lines.append("")
         lines.append("Not readable as TLS reports:")
         lines.extend(f"  {u.line()}" for u in summary.unreadable)
+    if summary.other_mail:
+        lines.append("")
+        lines.append("Other mail in the report mailbox (no TLS report in it):")
+        lines.extend(f"  {u.line()}" for u in summary.other_mail)
     return "\n".join(lines) + "\n"
