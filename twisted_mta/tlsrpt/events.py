@@ -90,7 +90,8 @@ def result(domain: str, choice, time: float, *, failure=None, host: str,
     """
     event: dict[str, Any] = {"time": time, "domain": domain, **policy_of(choice)}
     if failure is not None:
-        reason = failure.kind + (f": {failure.detail}" if failure.detail else "")
+        detail = failure.detail if failure.detail not in failure.kind else ""
+        reason = failure.kind + (f": {detail}" if detail else "")
         event.update({"result": failure.tlsrpt_result, "failure-reason-code": reason})
     elif tls:
         event["result"] = SUCCESS
