@@ -896,7 +896,7 @@ def hint(problem: Problem) -> str:
             f"the MTA-STS policy at {policies or 'the policy host'} does not parse: compare it "
             "with what twisted-mta tls publish prints",
         "sts-webpki-invalid":
-            f"the certificate of the MTA-STS policy host"
+            "the certificate of the MTA-STS policy host"
             + (f" mta-sts.{problem.domains[0]}" if len(problem.domains) == 1 else "")
             + " is not valid: renew it, serve the full chain, check its names",
         NOT_DETAILED: "the sender counted failures without saying which: ask the contact in its "
