@@ -35,6 +35,13 @@ Decisions where the RFC is silent:
    senders may pick the same simple ids).
  - a failure count in C{summary} above the sum of the details is shown as
    result type C{not-detailed} (the sender truncated its details).
+ - a mail with no report in it at all is other mail (L{NotAReport}: a
+   report address is public and draws spam), named apart from broken
+   reports; neither changes the exit status, which says whether a sender
+   reported failures (1) or not (0): nothing about them is ours to fix.
+ - successes are counted per policy by the senders, failures per MX
+   host: a policy's successes go to its C{mx-host}, else to "the MX hosts
+   of" its domain.
 """
 
 from __future__ import annotations
@@ -44,11 +51,15 @@ import email
 import email.policy
 import json
 import os
+import urllib.parse
 import zlib
 from collections import defaultdict
 from typing import Any, Iterable, Iterator
 
 import attrs
+
+from twisted_mta.config import Config
+from twisted_mta.local import AliasLoop, LocalDirectory, UnknownRecipient
 
 # A report larger than this once decompressed is refused (a gzip bomb);
 # real daily reports are kilobytes.
@@ -519,7 +530,7 @@ class Mailbox:
         return os.path.isdir(self.path)
 
 
-def default_addresses(config) -> tuple[str, ...]:
+def default_addresses(config: Config) -> tuple[str, ...]:
     """
     The report addresses when the command names none: C{[tlsrpt] inbox},
     else the local C{mailto:} addresses that C{tls publish} puts in the
@@ -530,19 +541,17 @@ def default_addresses(config) -> tuple[str, ...]:
         return (config.tlsrpt.inbox,)
     rua = config.publish.tlsrpt_rua
     if rua:
-        return tuple(u[len("mailto:"):].partition("?")[0] for u in rua
+        return tuple(urllib.parse.unquote(u[len("mailto:"):].partition("?")[0]) for u in rua
                      if u.lower().startswith("mailto:"))
     return tuple(f"tlsrpt@{d}" for d in config.local.domains)
 
 
-def find_mailboxes(config, name: str | None) -> tuple[Mailbox, ...]:
+def find_mailboxes(config: Config, name: str | None) -> tuple[Mailbox, ...]:
     """
     The Maildirs to read: C{name} is a path (it has a C{/}) or a local
     address or name (a user or an alias, expanded as delivery does); with
     no C{name}, L{default_addresses}.  L{MailboxError} when none is found.
     """
-    from twisted_mta.local import AliasLoop, LocalDirectory, UnknownRecipient
-
     if name is not None and ("/" in name or name.startswith("~")):
         path = os.path.abspath(os.path.expanduser(name))
         if not os.path.isdir(path):
