@@ -257,6 +257,7 @@ class _CollectorEndpoint:
         from twisted.internet.error import ConnectError, DNSLookupError
 
         owner = self.owner
+        factory.noisy = False  # no "Starting factory" line per report
         if _is_ip(self.host):
             addresses = [self.host]
         else:
