@@ -441,12 +441,12 @@ class Aggregate:
                     self._failing = True
                     log.error("tlsrpt: cannot write the counts of {day} in {directory}: "
                               "{why}; trying again every second", day=day,
-                              directory=self.directory, why=_why(e), event="tlsrpt.error")
+                              directory=self.directory, why=_why(e), event="tlsrpt.store_error")
                 continue
             if self._failing:
                 self._failing = False
                 log.info("tlsrpt: the counts of {day} are written again", day=day,
-                         event="tlsrpt.recovered")
+                         event="tlsrpt.store_recovered")
             if day < today and day not in self._dirty:
                 del self.days[day]  # a past day: no more events will come
                 self._read.discard(day)
