@@ -905,7 +905,8 @@ class InboundESMTP(smtp.ESMTP):
                  event="inbound.queued", queue_id=envelope.queue_id, sender=envelope.sender,
                  count=len(envelope.recipients),
                  recipients=[r.address for r in envelope.recipients],
-                 size=envelope.size, peer=self.peer_ip)
+                 size=envelope.size, peer=self.peer_ip, requiretls=envelope.requiretls,
+                 tls_required_no=envelope.tls_required_no)
         self.factory.storage.stored(self.factory.clock.seconds())
         self._reset_transaction()
         self.send(reply.OK.with_text(f"Ok: queued as {envelope.queue_id}"))
