@@ -177,7 +177,30 @@ class FakePublished:
         return defer.succeed(_sts("enforce", mx=("nothing.peer.test",)))
 
 
+class ListingPublished(FakePublished):
+    """An MTA-STS policy (mode testing) that lists both MX hosts of peer.test."""
+
+    def sts(self, domain):
+        self.asked.append("sts")
+        return defer.succeed(_sts("testing", mx=("mx1.peer.test", "mx2.peer.test")))
+
+
 class PoolTests(PoolTestBase):
+    def test_validated_mx_without_starttls_each_host_then_5_7_10(self):
+        """MX hosts validated by MTA-STS (mode testing) but without STARTTLS: each is tried, nothing is sent, 5.7.10 at once; the domain's TLS history is not charged with a failure only REQUIRETLS saw."""
+        from tests.tls.test_history import history_path
+        from twisted_mta.tls.history import TLSHistory
+        pool = self.pool(tls={"fallback": "now"})
+        pool.ctx.published = ListingPublished()
+        pool.history = TLSHistory(history_path(self.mktemp()), self.clock, self.run_blocking)
+        r = self.deliver(pool, NextHop("peer.test", requiretls=True), self.req_txn("x@peer.test"))
+        self.flush()
+        o = r[0]["x@peer.test"]
+        self.assertEqual((o.code, o.enhanced, o.kind), (554, "5.7.10", "requiretls-no-tls"))
+        self.assertEqual(sorted(a for a, _ in self.connects), ["192.0.2.1", "192.0.2.2"])
+        self.assertNotIn(b"DATA", self.commands())
+        self.assertIsNone(pool.history.get("peer.test"))
+
     def req_txn(self, *rcpts):
         return attrs.evolve(self.txn(*rcpts), requiretls=True)
 

@@ -245,7 +245,11 @@ class OutboundPool:
             dest.dead_failure = e if tls else None
             waiting, dest.waiting = list(dest.waiting), deque()
             if tls:
-                if self.history is not None and dest.hop.smarthost is None:
+                # A REQUIRETLS session demands more than the domain's own
+                # policy (a verified certificate): its failures are not the
+                # domain's TLS history.
+                if self.history is not None and dest.hop.smarthost is None and \
+                        not dest.hop.requiretls:
                     self.history.record_failure(dest.hop.domain, e.tls_failure.kind)
                 self._after_tls_failure(dest, e, waiting)
             else:
