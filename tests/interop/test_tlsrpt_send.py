@@ -10,6 +10,11 @@ sessions; the HTTPS collector (a Twisted web server with a trustme
 certificate, its own process) got a POST of application/tlsrpt+gzip whose
 body is the same report.
 
+The rua domain publishes MTA-STS (mode enforce, served by the same HTTPS
+server) while its MX shows a certificate nobody vouches for: an ordinary
+message to it is held back, the report (TLS-Required: No) is delivered
+anyway, as RFC 8460 3 requires, and that session is not counted.
+
 Nothing leaves the machine: DNS is the private nsd, the peers listen on
 127.0.78.x, the collector's name resolves through nsd too.
 """
@@ -63,7 +68,7 @@ class SendReportTests(SynchronousTestCase):
     def setUp(self) -> None:
         require_nsd()
         self.tmp = make_tempdir(self, "tlsrpt-send")
-        ca = trustme.CA()
+        ca, stranger = trustme.CA(), trustme.CA()
         port = free_port_on_all((DEST, REPORTS))
         self.https_port = free_port_on_all((COLLECTOR,))
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -75,6 +80,8 @@ class SendReportTests(SynchronousTestCase):
             ("reports", "MX", f"10 mx-reports.{ZONE}."),
             ("mx-reports", "A", REPORTS),
             ("collector", "A", COLLECTOR),
+            ("_mta-sts.reports", "TXT", '"v=STSv1; id=20261203"'),
+            ("mta-sts.reports", "A", COLLECTOR),
             ("_smtp._tls.dest", "TXT", txt(
                 f"v=TLSRPTv1; rua=mailto:tlsrpt@reports.{ZONE},"
                 f"https://collector.{ZONE}:{self.https_port}/v1/tlsrpt")),
@@ -86,13 +93,13 @@ class SendReportTests(SynchronousTestCase):
         self.addCleanup(self.nsd.stop)
         self.peers = {
             name: ScriptedPeer(address, port, f"mx-{name}.{ZONE}", mode="tls",
-                               tls_context=server_context(ca.issue_cert(f"mx-{name}.{ZONE}")))
-            for name, address in (("dest", DEST), ("reports", REPORTS))}
+                               tls_context=server_context(issuer.issue_cert(f"mx-{name}.{ZONE}")))
+            for name, address, issuer in (("dest", DEST, ca), ("reports", REPORTS, stranger))}
         for peer in self.peers.values():
             self.addCleanup(peer.stop)
         self.collected = os.path.join(self.tmp, "collected")
         os.makedirs(self.collected)
-        self.start_collector(ca.issue_cert(f"collector.{ZONE}"))
+        self.start_collector(ca.issue_cert(f"collector.{ZONE}", f"mta-sts.reports.{ZONE}"))
 
         config = "\n".join([
             "[dns]",
@@ -107,7 +114,9 @@ class SendReportTests(SynchronousTestCase):
             'policy = "opportunistic"',
             'ca_file = "ca.pem"',
             "dane = false",
-            "mta_sts = false",
+            'sts_ca_file = "ca.pem"',
+            f"sts_port = {self.https_port}",
+            'sts_fetch_timeout = "5s"',
             "",
             "[relay]",
             'trusted_networks = ["127.0.0.0/8"]',
@@ -137,9 +146,13 @@ class SendReportTests(SynchronousTestCase):
     def start_collector(self, certificate: trustme.LeafCert) -> None:
         pem = os.path.join(self.tmp, "collector.pem")
         certificate.private_key_and_cert_chain_pem.write_to_path(pem)
+        policy = os.path.join(self.tmp, "mta-sts.txt")
+        with open(policy, "wb") as f:
+            f.write(f"version: STSv1\r\nmode: enforce\r\nmx: mx-reports.{ZONE}\r\n"
+                    "max_age: 86400\r\n".encode())
         self.collector = subprocess.Popen(
             [sys.executable, "-m", "tests.interop.tlsrpt_collector", COLLECTOR,
-             str(self.https_port), pem, self.collected],
+             str(self.https_port), pem, self.collected, policy],
             env=subprocess_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True)
 
@@ -181,6 +194,14 @@ class SendReportTests(SynchronousTestCase):
                 sum(c.successes for c in counts.counts(f"dest.{ZONE}")) == 3
         wait_for(counted, TIMEOUT, lambda: f"3 sessions counted; {self.mta.describe()}")
 
+        # an ordinary message to the rua domain: its MTA-STS policy holds it back
+        held = send(self.mta, f"someone@reports.{ZONE}", "held back")
+        decision = wait_for(lambda: [e for e in events(self.mta)
+                                     if e.get("event") == "outbound.tls_decision"
+                                     and e.get("kind") == "certificate-untrusted"], TIMEOUT,
+                            lambda: f"a TLS decision for reports.{ZONE}; {self.mta.describe()}")
+        self.assertEqual((decision[0]["action"], decision[0]["policy"]), ("defer", "mta-sts"))
+
         out = cli_ok(self.mta, "tls", "report", "send", "--now", f"dest.{ZONE}")
         self.assertIn("the running MTA sends today's TLS reports for dest.rpt.test", out)
 
@@ -191,7 +212,9 @@ class SendReportTests(SynchronousTestCase):
         (report_mail,) = wait_for(mailed, TIMEOUT, lambda: f"a report at mx-reports; "
                                   f"{self.mta.describe()}")
         self.assertEqual(report_mail.recipients, [f"tlsrpt@reports.{ZONE}"])
-        self.assertTrue(report_mail.tls)
+        self.assertTrue(report_mail.tls)  # STARTTLS still used, the certificate not judged
+        self.assertEqual([m for m in self.peers["reports"].messages
+                          if held.encode() in m.data], [])
         data = report_mail.data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         self.assertTrue(dkim.verify(data, dnsfunc=self.dns_txt, tlsrpt="strict"),
                         data[:2000].decode(errors="replace"))
@@ -237,3 +260,11 @@ class SendReportTests(SynchronousTestCase):
         self.assertEqual({e["report_id"] for e in sent}, {mailed_report["report-id"]})
         today = store.list_days(directory)[-1]
         self.assertEqual(store.sent_domains(directory, today), set())
+        # the report's own session is not counted; the held message's failure is
+        def reports_counts():
+            counts = store.load_day(directory, today).counts(f"reports.{ZONE}")
+            return (sum(c.successes for c in counts), sum(c.failures for c in counts))
+        wait_for(lambda: reports_counts() == (0, 1), 5,
+                 lambda: f"(successes, failures) for reports.{ZONE}: {reports_counts()}")
+        required_no = [e for e in events(self.mta) if e.get("event") == "outbound.tls_required_no"]
+        self.assertEqual([e["domain"] for e in required_no], [f"reports.{ZONE}"])
