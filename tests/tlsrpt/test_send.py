@@ -259,3 +259,58 @@ class MetricsTests(SynchronousTestCase):
                                {"method": "mailto", "result": "sent"}), 1)
         self.assertEqual(value("twisted_mta_tlsrpt_reports_total",
                                {"method": "https", "result": "failed"}), 2)
+
+
+class CollectorEndpointsTests(SynchronousTestCase):
+    """
+    The HTTPS agent's way to a collector: our resolver for names, the
+    certificate checked for the URL's name, only https.
+    """
+
+    def endpoints(self, answers):
+        from twisted.internet.testing import MemoryReactorClock
+
+        from twisted_mta.tlsrpt.send import CollectorEndpoints
+        self.reactor = MemoryReactorClock()
+        self.asked = []
+
+        def resolve(host):
+            self.asked.append(host)
+            return defer.succeed(answers)
+        return CollectorEndpoints(self.reactor, resolve, None, 30)
+
+    def uri(self, text: str):
+        from twisted.web.client import URI
+        return URI.fromBytes(text.encode())
+
+    def test_name_resolved_by_us(self) -> None:
+        from twisted.internet.protocol import Factory
+        endpoints = self.endpoints(["192.0.2.7", "2001:db8::7"])
+        endpoint = endpoints.endpointForURI(self.uri("https://collector.example:8443/r"))
+        factory = Factory()
+        endpoint.connect(factory)
+        self.assertEqual(self.asked, ["collector.example"])
+        (host, port, _, timeout, _), = self.reactor.tcpClients
+        self.assertEqual((host, port, timeout), ("192.0.2.7", 8443, 30))
+        self.assertFalse(factory.noisy)
+
+    def test_address_literal(self) -> None:
+        from twisted.internet.protocol import Factory
+        endpoints = self.endpoints([])
+        endpoints.endpointForURI(self.uri("https://[2001:db8::9]/r")).connect(Factory())
+        self.assertEqual(self.asked, [])
+        (host, port, _, _, _), = self.reactor.tcpClients
+        self.assertEqual((host, port), ("2001:db8::9", 443))
+
+    def test_no_address(self) -> None:
+        from twisted.internet.error import DNSLookupError
+        from twisted.internet.protocol import Factory
+        endpoints = self.endpoints([])
+        d = endpoints.endpointForURI(self.uri("https://collector.example/")).connect(Factory())
+        self.failureResultOf(d, DNSLookupError)
+
+    def test_https_only(self) -> None:
+        from twisted.web.error import SchemeNotSupported
+        endpoints = self.endpoints([])
+        self.assertRaises(SchemeNotSupported, endpoints.endpointForURI,
+                          self.uri("http://collector.example/"))
