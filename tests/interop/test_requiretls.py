@@ -15,7 +15,7 @@ MX host has a certificate nobody vouches for is delivered, and the same
 message without the header is not.
 
 Nothing leaves the machine: DNS is the private nsd, every server listens
-on 127.0.0.1 or 127.0.78.x.
+on 127.0.0.1 or 127.0.80.x.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ from tests.interop.test_sts_delivery import policy_text, server_context
 from tests.interop.tls_peers import ScriptedPeer, free_port_on_all
 
 ZONE = "rtls.test"
-POSTFIX, NOTLS, BADCERT, HELD = "127.0.78.6", "127.0.78.7", "127.0.78.8", "127.0.78.9"
-POLICY_ADDRESS = "127.0.78.10"
+POSTFIX, NOTLS, BADCERT, HELD = "127.0.80.6", "127.0.80.7", "127.0.80.8", "127.0.80.9"
+POLICY_ADDRESS = "127.0.80.10"
 ALICE = "alice@example.test"
 TIMEOUT = 40.0
 
