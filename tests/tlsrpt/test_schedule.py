@@ -224,6 +224,22 @@ class ScheduleTests(SynchronousTestCase):
         self.assertEqual(len(self.mail.queued), 1)
         self.assertEqual(store.list_days(self.directory), [])  # sent, so pruned
 
+    def test_stopped_is_tried_again(self) -> None:
+        """
+        A POST still retrying when the MTA stops does not mark the day: the
+        next run (after the restart) sends the report again.
+        """
+        self.answers["https://c.web.example/r"] = 503
+        self.count(YESTERDAY, ["web.example"])
+        self.clock.advance(6 * 3600)
+        self.schedule.startService()
+        self.successResultOf(self.schedule.run())
+        self.successResultOf(self.schedule.stopService())
+        self.assertEqual(store.sent_domains(self.directory, YESTERDAY), set())
+        (failed,) = self.logged("tlsrpt.failed")
+        self.assertIn("stopped", failed["detail"])
+        self.assertEqual(store.list_days(self.directory), [YESTERDAY])
+
     def test_old_days_pruned(self) -> None:
         self.count("2026-11-20", ["dns.example"])
         self.dns_fails.add("dns.example")

@@ -187,6 +187,12 @@ class HTTPSTests(SynchronousTestCase):
         self.assertEqual(times, [0, 60, 180, 420, 900, 1860])  # next would be 3780 > 3600
         self.assertIn("gave up after 6 tries", detail)
 
+    def test_stop_cancels_the_request(self) -> None:
+        poster = self.poster([None])
+        d = poster.post(make_report(), self.URL)
+        poster.stop()
+        self.failureResultOf(d, defer.CancelledError)
+
     def test_stop_cancels_the_wait(self) -> None:
         poster = self.poster([500, 200])
         d = poster.post(make_report(), self.URL)
@@ -241,6 +247,7 @@ class SenderTests(SynchronousTestCase):
         outcome, = self.successResultOf(sender.send(make_report(), (
             Rua("mailto", "rua@example.org"),)))
         self.assertFalse(outcome.sent)
+        self.assertFalse(outcome.final)
         self.assertIn("No space left on device", outcome.detail)
         self.assertIn("ENOSPC", outcome.detail)
 

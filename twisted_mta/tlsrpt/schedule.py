@@ -140,9 +140,11 @@ class ReportSchedule(service.Service):
         return f"sending today's TLS reports{' for ' + domain if domain else ''}"
 
     async def _counts(self, day: str):
-        counts = self.aggregate.snapshot(day) if self.aggregate is not None else None
-        if counts is not None:
-            return counts
+        today = store.day_of(self.clock.seconds())
+        if self.aggregate is not None and day == today:  # newer than its file
+            counts = self.aggregate.snapshot(day)
+            if counts is not None:
+                return counts
         try:
             return await self.run_blocking(store.load_day, self.directory, day)
         except store.DamagedDay as e:
@@ -176,6 +178,10 @@ class ReportSchedule(service.Service):
                 log.warn("tlsrpt: {domain}: {why}; its report for {day} waits for the next "
                          "run", domain=domain, why=str(e), day=day, event="tlsrpt.dns")
                 continue
+            except Exception:
+                log.failure("tlsrpt: looking up the TLSRPT record of {domain} failed",
+                            domain=domain, event="tlsrpt.error")
+                continue
             if found.record is None:
                 if found.why != "no TLSRPT record":  # published, but invalid: say so once
                     log.warn("tlsrpt: {domain} publishes no valid TLSRPT record ({why}): "
@@ -199,10 +205,8 @@ class ReportSchedule(service.Service):
         self.sending.discard(d)
         if at or not isinstance(outcomes, list):
             return None
-        unqueued = [o for o in outcomes if o.rua.scheme == "mailto" and not o.sent
-                    and o.detail.startswith("could not be queued")]
-        if unqueued:  # the disk refused it: the next run tries again
-            return None
+        if not all(o.final for o in outcomes):  # (the disk refused it, the MTA stopped)
+            return None  # the next run tries again
         return self._mark(day, domain, report.report_id)
 
     def _mark(self, day: str, domain: str, note: str) -> defer.Deferred:

@@ -60,6 +60,9 @@ class Outcome:
     rua: Rua
     sent: bool
     detail: str  # the queue id, the HTTP status, or why it failed
+    # Done with for good (sent, given up, no key); False when the next run
+    # should try again: the disk refused the mail, or the MTA stopped.
+    final: bool = True
 
 
 def _day(report: dict, key: str) -> str:
@@ -158,7 +161,7 @@ class HTTPSReports:
         self.request = request  # treq's HTTPClient.request (tests: a fake)
         self.timeout = timeout
         self.retry_for = retry_for
-        self.pending: set[defer.Deferred] = set()  # the waits between tries (stop cancels)
+        self.pending: set[defer.Deferred] = set()  # requests and waits (stop cancels them)
 
     @defer.inlineCallbacks
     def post(self, report: Report, url: str):
@@ -176,7 +179,11 @@ class HTTPSReports:
                                  headers={b"Content-Type": [GZIP_TYPE.encode()]},
                                  unbuffered=True, allow_redirects=False)
                 d.addTimeout(self.timeout, self.clock)
-                response = yield d
+                self.pending.add(d)
+                try:
+                    response = yield d
+                finally:
+                    self.pending.discard(d)
                 code = response.code
                 try:
                     response.deliverBody(_Discard())  # closes, unread
@@ -360,15 +367,16 @@ class ReportSender:
                 except Exception as e:
                     name = errno.errorcode.get(getattr(e, "errno", None) or 0, "")
                     outcome = Outcome(rua, False, f"could not be queued: {_why(e)}"
-                                      + (f" [{name}]" if name else ""))
+                                      + (f" [{name}]" if name else ""), final=False)
         else:
+            final = True
             try:
                 sent, detail = yield self.https.post(report, rua.target)
             except defer.CancelledError:
-                sent, detail = False, "stopped (the MTA stopped)"
+                sent, detail, final = False, "stopped (the MTA stopped); sent again later", False
             except Exception as e:
                 sent, detail = False, _why(e)
-            outcome = Outcome(rua, sent, detail)
+            outcome = Outcome(rua, sent, detail, final)
         if outcome.sent:
             log.info("TLS report for {domain} sent to {rua}: {detail}", event="tlsrpt.sent",
                      domain=report.policy_domain, rua=uri, detail=outcome.detail,
