@@ -132,8 +132,8 @@ class KeyErrorTests(SynchronousTestCase):
             Signer.from_config(config)
         text = str(e.exception)
         self.assertNotIn("\n", text)
-        self.assertIn(f"dkim.domains.example.test.key_file: {os.path.join(os.path.abspath(base), name)}",
-                      text)
+        path = os.path.join(os.path.abspath(base), name)
+        self.assertIn(f"dkim.domains.example.test.key_file: {path}", text)
         return text
 
     def pem(self, key) -> bytes:

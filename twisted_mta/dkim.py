@@ -96,8 +96,9 @@ def load_key(domain: str, key: DKIMKey) -> SigningKey:
             serialization.NoEncryption()))
         public_der = private.public_key().public_bytes(  # RFC 8463: the raw 32 octets
             serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        try:
-            import nacl.signing  # noqa: F401 (dkimpy signs Ed25519 with PyNaCl)
+        try:  # dkimpy signs Ed25519 with PyNaCl
+            import importlib
+            importlib.import_module("nacl.signing")
         except ImportError:
             raise DKIMKeyError("ed25519-sha256 needs PyNaCl (pip install pynacl)")
     return SigningKey(domain=domain, selector=key.selector, algorithm=key.algorithm,

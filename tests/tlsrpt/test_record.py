@@ -88,7 +88,8 @@ class ExamineRecordsTests(SynchronousTestCase):
             ([b"v=spf1 -all", self.GOOD], True, ""),  # others are discarded
             ([b"v=TLSRPTv2; rua=" + M.encode(), self.GOOD], True, ""),
             ([self.GOOD, self.GOOD], False, "2 TLSRPT records"),
-            ([self.GOOD, b"v=TLSRPTv1; x=1"], False, "2 TLSRPT records"),  # one invalid still counts
+            # one invalid record still counts as one
+            ([self.GOOD, b"v=TLSRPTv1; x=1"], False, "2 TLSRPT records"),
             ([], False, "no TLSRPT record"),
             ([b"v=spf1 -all"], False, "no TLSRPT record"),
             ([b"v=TLSRPTv1; rua=mailto:\xff@x.example"], False, "not ASCII"),
