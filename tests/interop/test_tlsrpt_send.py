@@ -4,9 +4,9 @@ a few messages to a domain whose MX is a STARTTLS peer on loopback, the
 private nsd publishing the domain's C{_smtp._tls} record with a mailto:
 and an https: rua and the submitter's DKIM key; C{tls report send --now}
 asks the running MTA to report.  Checked: the mailed report reaches the
-rua domain's MX (through our queue and outbound leg), its DKIM signature
-verifies with dkimpy against the key nsd serves, its JSON counts the
-sessions; the HTTPS collector (a Twisted web server with a trustme
+rua domain's MX, a real Postfix that delivers it into a Maildir (through
+our queue and outbound leg, from <>), its DKIM signature verifies with
+dkimpy against the key nsd serves, its JSON counts the sessions; the HTTPS collector (a Twisted web server with a trustme
 certificate, its own process) got a POST of application/tlsrpt+gzip whose
 body is the same report.
 
@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import base64
 import email
+import grp
 import email.policy
 import gzip
 import json
 import os
+import pwd
+import shutil
 import ssl
 import subprocess
 import sys
@@ -36,11 +39,12 @@ import dns.resolver
 import trustme
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.interop.dns import NSDServer, require_nsd, zone
 from tests.interop.support import (
-    ONE_ATTEMPT_JSON_LOG, MTAProcess, free_port, make_tempdir, subprocess_env, wait_for,
+    ONE_ATTEMPT_JSON_LOG, MTAProcess, free_port, make_tempdir, message_files,
+    postfix_unavailable, start_postfix, subprocess_env, wait_for,
 )
 from tests.interop.test_operate import cli_ok, events, send
 from tests.interop.tls_peers import ScriptedPeer, free_port_on_all
@@ -67,6 +71,9 @@ def txt(text: str) -> str:
 class SendReportTests(SynchronousTestCase):
     def setUp(self) -> None:
         require_nsd()
+        why = postfix_unavailable()
+        if why:
+            raise SkipTest(why)
         self.tmp = make_tempdir(self, "tlsrpt-send")
         ca, stranger = trustme.CA(), trustme.CA()
         port = free_port_on_all((DEST, REPORTS))
@@ -91,12 +98,11 @@ class SendReportTests(SynchronousTestCase):
         os.makedirs(self.nsd.workdir, exist_ok=True)
         self.nsd.start()
         self.addCleanup(self.nsd.stop)
-        self.peers = {
-            name: ScriptedPeer(address, port, f"mx-{name}.{ZONE}", mode="tls",
-                               tls_context=server_context(issuer.issue_cert(f"mx-{name}.{ZONE}")))
-            for name, address, issuer in (("dest", DEST, ca), ("reports", REPORTS, stranger))}
-        for peer in self.peers.values():
-            self.addCleanup(peer.stop)
+        self.peers = {"dest": ScriptedPeer(DEST, port, f"mx-dest.{ZONE}", mode="tls",
+                                           tls_context=server_context(
+                                               ca.issue_cert(f"mx-dest.{ZONE}")))}
+        self.addCleanup(self.peers["dest"].stop)
+        self.start_postfix(port, stranger.issue_cert(f"mx-reports.{ZONE}"))
         self.collected = os.path.join(self.tmp, "collected")
         os.makedirs(self.collected)
         self.start_collector(ca.issue_cert(f"collector.{ZONE}", f"mta-sts.reports.{ZONE}"))
@@ -142,6 +148,38 @@ class SendReportTests(SynchronousTestCase):
                                       serialization.NoEncryption()))
         self.addCleanup(self.mta.cleanup)
         self.mta.start()
+
+    def start_postfix(self, port: int, certificate: trustme.LeafCert) -> None:
+        """
+        The rua domain's MX: a real Postfix on REPORTS:port with STARTTLS
+        (a certificate our MTA does not trust) that delivers
+        tlsrpt@reports.rpt.test into a Maildir.
+        """
+        base = make_tempdir(self, "postfix", 0o755)
+        cert_path, key_path = os.path.join(base, "cert.pem"), os.path.join(base, "key.pem")
+        with open(cert_path, "wb") as f:
+            for blob in certificate.cert_chain_pems:
+                f.write(blob.bytes())
+        certificate.private_key_pem.write_to_path(key_path)
+        os.chmod(key_path, 0o600)
+        vmail = os.path.join(base, "vmail")
+        os.makedirs(vmail)
+        shutil.chown(vmail, "postfix", "postfix")
+        self.report_maildir = os.path.join(vmail, "tlsrpt")
+        uid, gid = pwd.getpwnam("postfix").pw_uid, grp.getgrnam("postfix").gr_gid
+        self.postfix = start_postfix(self, None, {
+            "myhostname": f"mx-reports.{ZONE}",
+            "virtual_mailbox_domains": f"reports.{ZONE}",
+            "virtual_mailbox_base": vmail,
+            "virtual_mailbox_maps": f"inline:{{ tlsrpt@reports.{ZONE}=tlsrpt/ }}",
+            "virtual_uid_maps": f"static:{uid}",
+            "virtual_gid_maps": f"static:{gid}",
+            "virtual_transport": "virtual",
+            "smtpd_tls_security_level": "may",
+            "smtpd_tls_cert_file": cert_path,
+            "smtpd_tls_key_file": key_path,
+            "smtpd_tls_received_header": "yes",
+        }, base=base, smtpd_port=port, listen=REPORTS)
 
     def start_collector(self, certificate: trustme.LeafCert) -> None:
         pem = os.path.join(self.tmp, "collector.pem")
@@ -207,18 +245,20 @@ class SendReportTests(SynchronousTestCase):
 
         # by mail: through our queue and outbound leg to the rua domain's MX
         def mailed():
-            return [m for m in self.peers["reports"].messages
-                    if b"TLS-Report-Domain: dest.rpt.test" in m.data]
-        (report_mail,) = wait_for(mailed, TIMEOUT, lambda: f"a report at mx-reports; "
-                                  f"{self.mta.describe()}")
-        self.assertEqual(report_mail.recipients, [f"tlsrpt@reports.{ZONE}"])
-        self.assertTrue(report_mail.tls)  # STARTTLS still used, the certificate not judged
-        self.assertEqual([m for m in self.peers["reports"].messages
-                          if held.encode() in m.data], [])
-        data = report_mail.data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            return [f for f in message_files(self.report_maildir)
+                    if b"TLS-Report-Domain: dest.rpt.test" in open(f, "rb").read()]
+        (path,) = wait_for(mailed, TIMEOUT, lambda: f"a report in {self.report_maildir}; "
+                           f"{self.mta.describe()}\n{self.postfix.describe()}")
+        with open(path, "rb") as f:
+            data = f.read().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        self.assertFalse([f for f in message_files(self.report_maildir)
+                          if held.encode() in open(f, "rb").read()])
         self.assertTrue(dkim.verify(data, dnsfunc=self.dns_txt, tlsrpt="strict"),
                         data[:2000].decode(errors="replace"))
         msg = email.message_from_bytes(data, policy=email.policy.default)
+        self.assertEqual(msg["Delivered-To"], f"tlsrpt@reports.{ZONE}")
+        self.assertEqual(msg["Return-Path"], "<>")  # from the null reverse-path
+        self.assertIn("(using TLS", msg["Received"])  # STARTTLS still used
         self.assertEqual(msg.get_content_type(), "multipart/report")
         self.assertEqual(msg.get_param("report-type"), "tlsrpt")
         self.assertEqual(msg["TLS-Report-Submitter"], f"sender.{ZONE}")
