@@ -152,14 +152,24 @@ class AggregateTests(SynchronousTestCase):
         self.assertEqual(self.on_disk().counts("example.org")[0].successes, 2)
 
     def test_damaged_file_set_aside(self):
+        """A day file that cannot be read is set aside and named in one log line; counting goes on."""
+        from twisted.logger import globalLogPublisher
+        logged = []
+
+        def observe(e):
+            if e.get("event") == "tlsrpt.damaged":
+                logged.append(e)
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
         os.makedirs(self.dir, exist_ok=True)
         for junk in (b'{"format": 1, "day": "2026-12-03", "domains": {"a": [{}]}}',
                      b"\x00\x00garbage"):
             with open(os.path.join(self.dir, f"{DAY}.json"), "wb") as f:
                 f.write(junk)
             agg = self.make()
-            errors = self.flushLoggedErrors()
-            self.assertEqual(errors, [])
+            self.assertEqual(self.flushLoggedErrors(), [])
+            self.assertEqual(len(logged), 1)
+            self.assertIn(f"{DAY}.json.damaged-", logged.pop()["where"])
             self.assertNotIn(f"{DAY}.json", os.listdir(self.dir))
             self.assertTrue(any(n.startswith(f"{DAY}.json.damaged-") for n in
                                 os.listdir(self.dir)))
