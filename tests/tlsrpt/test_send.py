@@ -80,6 +80,26 @@ class MessageTests(SynchronousTestCase):
         self.assertEqual(attachment.get_filename(),
                          "sender.test!example.org!1796169600!1796255999.json.gz")
         self.assertEqual(json.loads(gzip.decompress(attachment.get_content())), REPORT)
+        # the boundary is ours, not the text "None" of a boundary not made yet
+        boundary = msg.get_boundary()
+        self.assertTrue(boundary.startswith("=_tlsrpt_"), boundary)
+        self.assertIn(b"\r\n--" + boundary.encode() + b"--\r\n", raw)
+
+    def test_organization_not_ascii(self) -> None:
+        """
+        organization_name is free text: a name that is not ASCII makes a
+        quoted-printable text part (found by parsedmarc's test), not an error.
+        """
+        named = {**REPORT, "organization-name": "Exämple Sender"}
+        report = Report(policy_domain="example.org", submitter="sender.test", report=named,
+                        body=tlsreport.to_gzip(named), filename=make_report().filename)
+        raw = report_message(report, from_address=default_from("sender.test"),
+                             to="rua@example.org", now=NOW, hostname="mx.sender.test")
+        self.assertTrue(raw.isascii())
+        text, attachment = parse(raw).get_payload()
+        self.assertEqual(text["Content-Transfer-Encoding"], "quoted-printable")
+        self.assertIn("from Exämple Sender for", text.get_content())
+        self.assertEqual(json.loads(gzip.decompress(attachment.get_content())), named)
 
 
 class MailTests(SynchronousTestCase):

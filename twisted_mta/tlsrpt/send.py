@@ -98,12 +98,15 @@ def report_message(report: Report, *, from_address: str, to: str, now: float,
             f"from {start} to {end}: {ok} successful and {failed} failed TLS sessions.\n"
             f"The report is attached as {report.filename}.\n"
             f"Contact: {r.get('contact-info', '')}\n")
-    msg.set_content(text, cte="7bit")
+    # organization_name may be any text: 7bit only while it is ASCII.
+    msg.set_content(text, cte="7bit" if text.isascii() else "quoted-printable")
     msg.add_attachment(report.body, maintype="application", subtype="tlsrpt+gzip",
                        filename=report.filename)
-    # multipart/mixed from add_attachment; RFC 8460 5.3 wants multipart/report
+    # multipart/mixed from add_attachment; RFC 8460 5.3 wants multipart/report.
+    # Its boundary is made here: add_attachment leaves it to the generator,
+    # so get_boundary() would still be None.
     msg.replace_header("Content-Type", 'multipart/report; report-type="tlsrpt"; '
-                       f'boundary="{msg.get_boundary()}"')
+                       f'boundary="=_tlsrpt_{uuid.uuid4().hex}"')
     return msg.as_bytes(policy=SMTP.clone(max_line_length=998))
 
 
