@@ -314,7 +314,7 @@ class MTAProcess:
     twisted-mta run as C{twistd -n mta --config <tmpdir>/mta.toml}.
 
     The configuration has one C{mx} listener on a free loopback port, the
-    local domain C{example.test} with C{users}, and the spool and Maildirs
+    local C{domains} (C{example.test}) with C{users}, and the spool and Maildirs
     under C{tmpdir} (relative paths, so resolution against the config file's
     directory is exercised too).  C{extra_config} is appended verbatim (e.g.
     a C{[tls]} table).  Output of every run is appended to C{mta.log}.
@@ -323,7 +323,7 @@ class MTAProcess:
     def __init__(self, tmpdir: str, extra_config: str = "", *, port: int | None = None,
                  spool: str = "spool", users: Iterable[str] = ("alice", "bob", "postmaster"),
                  hostname: str = MTA_HOSTNAME, config_name: str = "mta.toml",
-                 workers: int | None = None) -> None:
+                 workers: int | None = None, domains: Iterable[str] = (LOCAL_DOMAIN,)) -> None:
         self.tmpdir = os.path.abspath(tmpdir)
         os.makedirs(self.tmpdir, exist_ok=True)
         self.port = port if port is not None else free_port()
@@ -334,6 +334,7 @@ class MTAProcess:
         self.process: subprocess.Popen | None = None
         self.runs = 0
         user_list = ", ".join(f'"{u}"' for u in users)
+        domain_list = ", ".join(f'"{d}"' for d in domains)
         text = (
             "[server]\n"
             f'hostname = "{hostname}"\n'
@@ -343,7 +344,7 @@ class MTAProcess:
             'role = "mx"\n'
             f'endpoint = "tcp:{self.port}:interface={LOOPBACK}"\n'
             "\n[local]\n"
-            f'domains = ["{LOCAL_DOMAIN}"]\n'
+            f"domains = [{domain_list}]\n"
             f"users = [{user_list}]\n"
             'mailbox = "mail/{user}/Maildir"\n'
             "\n" + extra_config

@@ -9,7 +9,10 @@ The cases: a REQUIRETLS message submitted to A over STARTTLS is relayed to
 B with REQUIRETLS and B keeps the flag in its queue (it is still pending
 there: B's next hop is down); the same message to Postfix bounces at A
 with 5.7.30 and a headers-only report, to a server without STARTTLS with
-5.7.10; B refuses REQUIRETLS in cleartext (530) and lists it only after
+5.7.10; over two hops (client -> A -> B -> Postfix) it bounces at B, the
+hop whose next hop lacks REQUIRETLS, and B's headers-only report comes
+back to the sender's mailbox at A with REQUIRETLS (A is the MTA-STS
+validated MX of the sender's domain); B refuses REQUIRETLS in cleartext (530) and lists it only after
 STARTTLS; a "TLS-Required: No" message to an MTA-STS enforce domain whose
 MX host has a certificate nobody vouches for is delivered, and the same
 message without the header is not.
@@ -36,9 +39,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.interop.dns import NSDServer, require_nsd, zone
 from tests.interop.support import (
-    LOOPBACK, ONE_ATTEMPT_JSON_LOG, MTAProcess, RawSMTP, free_port, make_message,
+    LOCAL_DOMAIN, LOOPBACK, ONE_ATTEMPT_JSON_LOG, MTAProcess, RawSMTP, free_port, make_message,
     make_tempdir, message_files, postfix_unavailable, start_postfix, wait_for,
-    write_server_cert,
 )
 from tests.interop.test_operate import cli_ok, events
 from tests.interop.test_sts_delivery import policy_text, server_context
@@ -47,7 +49,9 @@ from tests.interop.tls_peers import ScriptedPeer, free_port_on_all
 ZONE = "rtls.test"
 POSTFIX, NOTLS, BADCERT, HELD = "127.0.80.6", "127.0.80.7", "127.0.80.8", "127.0.80.9"
 POLICY_ADDRESS = "127.0.80.10"
+A_MX = "127.0.80.11"  # A as the MX of its own domain (where B's reports go)
 ALICE = "alice@example.test"
+ALICE_A = f"alice@a.{ZONE}"  # the same mailbox at A, in a domain B can look up
 TIMEOUT = 40.0
 
 # domain -> (MX host, its address, the MTA-STS mode it publishes)
@@ -57,15 +61,19 @@ DOMAINS = {
     "notls": ("mx-notls", NOTLS, "testing"),  # testing mode validates the MX too
     "badcert": ("mx-bad", BADCERT, "enforce"),
     "held": ("mx-held", HELD, "enforce"),  # nobody listens: B's next hop is down
+    "twohop": ("mx-b", LOOPBACK, "enforce"),  # B, which passes it on to Postfix
+    "a": ("mx-a", A_MX, "enforce"),  # our MTA A: B's reports come back here
 }
 
 
 def records() -> list[tuple[str, str, str]]:
     out = []
     for domain, (mx, address, _) in DOMAINS.items():
-        out += [(mx, "A", address), (domain, "MX", f"10 {mx}.{ZONE}."),
+        out += [(domain, "MX", f"10 {mx}.{ZONE}."),
                 (f"_mta-sts.{domain}", "TXT", '"v=STSv1; id=20261203"'),
                 (f"mta-sts.{domain}", "A", POLICY_ADDRESS)]
+        if (mx, "A", address) not in out:  # mx-b serves two domains
+            out.append((mx, "A", address))
     return out
 
 
@@ -144,7 +152,7 @@ class RequireTLSTests(SynchronousTestCase):
         self.nsd.start()
         self.addCleanup(self.nsd.stop)
         ca, stranger = trustme.CA(), trustme.CA()
-        port = free_port_on_all((POSTFIX, NOTLS, BADCERT, HELD))
+        port = free_port_on_all((POSTFIX, NOTLS, BADCERT, HELD, A_MX))
         self.peers = {
             "notls": ScriptedPeer(NOTLS, port, f"mx-notls.{ZONE}", mode="no-starttls"),
             "badcert": ScriptedPeer(BADCERT, port, f"mx-bad.{ZONE}", mode="tls",
@@ -172,27 +180,35 @@ class RequireTLSTests(SynchronousTestCase):
 
         # B: mx-b.rtls.test on 127.0.0.1:port, our MTA, REQUIRETLS inside TLS.
         # It passes relay.rtls.test on through a route whose host is down, so
-        # the message stays in its queue.
-        route = (f'[outbound.routes."relay.{ZONE}"]\nhost = "[{HELD}]:{port}"\n')
+        # the message stays in its queue, and twohop.rtls.test to Postfix (by
+        # its name: the certificate is checked against it), which lacks
+        # REQUIRETLS, so such a message bounces at B.
+        route = (f'[outbound.routes."relay.{ZONE}"]\nhost = "[{HELD}]:{port}"\n'
+                 f'[outbound.routes."twohop.{ZONE}"]\nhost = "mx-postfix.{ZONE}:{port}"\n')
         self.b = MTAProcess(os.path.join(self.tmp, "b"),
                             mta_config(self.nsd, port, https_port, route),
                             port=port, hostname=f"mx-b.{ZONE}")
         write_cert(ca, self.b.tmpdir, f"mx-b.{ZONE}")
         self.addCleanup(self.b.cleanup)
-        # A: the sender, submitted to over STARTTLS (its certificate for 127.0.0.1).
+        # A: the sender, submitted to over STARTTLS on 127.0.0.1; also
+        # mx-a.rtls.test on A_MX:port, the MX of a.rtls.test (one of its local
+        # domains), where B sends its reports.  One certificate for both names.
+        listener = f'[[listeners]]\nrole = "mx"\nendpoint = "tcp:{port}:interface={A_MX}"\n'
         self.a = MTAProcess(os.path.join(self.tmp, "a"),
-                            mta_config(self.nsd, port, https_port), port=free_port())
-        self.a_ca = write_server_cert(self.a.tmpdir)
-        ca.cert_pem.write_to_path(os.path.join(self.a.tmpdir, "ca.pem"))
+                            mta_config(self.nsd, port, https_port, listener), port=free_port(),
+                            domains=(LOCAL_DOMAIN, f"a.{ZONE}"))
+        write_cert(ca, self.a.tmpdir, LOOPBACK, f"mx-a.{ZONE}")
+        self.a_ca = ca
         self.addCleanup(self.a.cleanup)
         self.b.start()
         self.a.start()
 
     # -- helpers ---------------------------------------------------------------
 
-    def submit(self, rcpt: str, requiretls: bool = False, header: str | None = None) -> str:
+    def submit(self, rcpt: str, requiretls: bool = False, header: str | None = None,
+               sender: str = ALICE) -> str:
         token = uuid.uuid4().hex
-        message = make_message(token, subject="rfc8689", sender=ALICE, recipient=rcpt)
+        message = make_message(token, subject="rfc8689", sender=sender, recipient=rcpt)
         if header:
             message = (header + "\r\n").encode() + message
         with smtplib.SMTP(LOOPBACK, self.a.port, local_hostname="client.example.test",
@@ -203,7 +219,7 @@ class RequireTLSTests(SynchronousTestCase):
                 client.starttls(context=context)
                 client.ehlo()
                 self.assertTrue(client.has_extn("requiretls"), client.esmtp_features)
-            refused = client.sendmail(ALICE, [rcpt], message,
+            refused = client.sendmail(sender, [rcpt], message,
                                       mail_options=["REQUIRETLS"] if requiretls else [])
         self.assertEqual(refused, {})
         return token
@@ -279,6 +295,57 @@ class RequireTLSTests(SynchronousTestCase):
         self.assertEqual(code, "5.7.10")
         self.assertIn("does not offer encryption", words)
         self.assertEqual(self.peers["notls"].messages, [])
+
+    def test_requiretls_bounce_at_second_hop(self) -> None:
+        """
+        client -> A -> B -> Postfix: A relays a REQUIRETLS message to B, B's
+        next hop (Postfix 3.7) lacks REQUIRETLS, so B bounces it with
+        5.7.30.  The headers-only report goes back B -> A with MAIL FROM:<>
+        REQUIRETLS: A lists REQUIRETLS inside TLS and MTA-STS validates its
+        MX host, so the report travels the REQUIRETLS way and the
+        redacted-copy path (dsn.redacted) is not taken.
+        """
+        rcpt = f"user@twohop.{ZONE}"
+        token = self.submit(rcpt, requiretls=True, sender=ALICE_A)
+
+        # A -> B with REQUIRETLS; B keeps the flag
+        queued = self.event(self.b, "inbound.queued", requiretls=True, sender=ALICE_A)
+        self.assertEqual(queued["recipients"], [rcpt])
+        connected = self.event(self.a, "outbound.connected", destination=f"twohop.{ZONE}")
+        self.assertTrue(connected["verified"])
+        self.assertIn("requiretls", connected["note"])
+
+        # B -> Postfix: verified TLS, no REQUIRETLS after STARTTLS, so no MAIL
+        refused = self.event(self.b, "outbound.requiretls_refused",
+                             kind="requiretls-unsupported")
+        self.assertEqual(refused["host"], f"mx-postfix.{ZONE}")
+        disconnect = wait_for(lambda: [line for line in self.postfix.maillog().splitlines()
+                                       if "disconnect from" in line and "ehlo=" in line],
+                              TIMEOUT, self.postfix.describe)
+        self.assertEqual(len(disconnect), 1, disconnect)
+        self.assertIn("starttls=1", disconnect[0])
+        self.assertNotIn("mail=", disconnect[0])
+        self.assertEqual([e for e in events(self.a)
+                          if e.get("event") == "outbound.requiretls_refused"], [])
+
+        # B -> A: the report, from <>, with REQUIRETLS, over verified TLS to mx-a
+        back = self.event(self.b, "outbound.connected", destination=f"a.{ZONE}")
+        self.assertTrue(back["verified"])
+        self.assertEqual(back["source"], "mta-sts")
+        self.assertIn("requiretls", back["note"])
+        report = self.event(self.a, "inbound.queued", sender="", requiretls=True)
+        self.assertEqual(report["recipients"], [ALICE_A])
+        dsn = self.dsn(token)  # in alice's Maildir at A; never the content
+        code, words = self.status(dsn)
+        self.assertEqual(code, "5.7.30")
+        self.assertIn(f"mx-postfix.{ZONE}", words)
+        self.assertIn("only its headers are attached", words)
+        self.assertEqual(dsn["Return-Path"], "<>")
+        # the trace header B wrote on the report (the attached headers carry A's)
+        self.assertIn("requiretls", " ".join(dsn["X-Twisted-MTA-TLS"].split()))
+        self.assertEqual([e for e in events(self.b) if e.get("event") == "dsn.redacted"], [])
+        wait_for(lambda: json.loads(cli_ok(self.b, "queue", "list", "--json")) == [],
+                 TIMEOUT, lambda: f"B still holds mail; {self.b.describe()}")
 
     def test_cleartext_refusal_and_advertising(self) -> None:
         """B lists REQUIRETLS only after STARTTLS and answers MAIL ... REQUIRETLS in cleartext with 530 5.7.10."""
