@@ -6,9 +6,12 @@ and an https: rua and the submitter's DKIM key; C{tls report send --now}
 asks the running MTA to report.  Checked: the mailed report reaches the
 rua domain's MX, a real Postfix that delivers it into a Maildir (through
 our queue and outbound leg, from <>), its DKIM signature verifies with
-dkimpy against the key nsd serves, its JSON counts the sessions; the HTTPS collector (a Twisted web server with a trustme
-certificate, its own process) got a POST of application/tlsrpt+gzip whose
-body is the same report.
+dkimpy against the key nsd serves, its JSON counts the sessions; the
+HTTPS collector (a Twisted web server with a trustme certificate, its own
+process) got a POST of application/tlsrpt+gzip whose
+body is the same report.  parsedmarc (an independent RFC 8460 parser)
+accepts the delivered mail and the POSTed body, and reads back the report
+we sent.
 
 The rua domain publishes MTA-STS (mode enforce, served by the same HTTPS
 server) while its MX shows a certificate nobody vouches for: an ordinary
@@ -47,6 +50,7 @@ from tests.interop.support import (
     postfix_unavailable, start_postfix, subprocess_env, wait_for,
 )
 from tests.interop.test_operate import cli_ok, events, send
+from tests.interop.test_tlsrpt_parsedmarc import assert_reads, read_file, read_mail
 from tests.interop.tls_peers import ScriptedPeer, free_port_on_all
 from twisted_mta.tlsrpt import store
 
@@ -276,6 +280,14 @@ class SendReportTests(SynchronousTestCase):
         self.assertEqual(policy["summary"], {"total-successful-session-count": 3,
                                              "total-failure-session-count": 0})
         self.assertIn(f"Report-ID: <{mailed_report['report-id']}>", msg["Subject"])
+        # an independent parser (parsedmarc) accepts the delivered mail as it lies
+        # in the Maildir and reads back what we sent
+        with open(path, "rb") as f:
+            read = read_mail(f.read())
+        assert_reads(self, read, mailed_report)
+        self.assertEqual((read["organization_name"], read["policies"][0]["policy_domain"],
+                          read["policies"][0]["successful_session_count"]),
+                         ("Interop Sender", f"dest.{ZONE}", 3))
 
         # by HTTPS: the same report, POSTed to the collector
         def posted():
@@ -288,6 +300,7 @@ class SendReportTests(SynchronousTestCase):
         self.assertEqual(post["content_type"], "application/tlsrpt+gzip")
         self.assertEqual(json.loads(gzip.decompress(base64.b64decode(post["body"]))),
                          mailed_report)
+        assert_reads(self, read_file(base64.b64decode(post["body"])), mailed_report)
 
         # each logged, with the report id; the day is not marked (--now)
         sent = wait_for(lambda: len([e for e in events(self.mta)
