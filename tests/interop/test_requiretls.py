@@ -52,6 +52,7 @@ POLICY_ADDRESS = "127.0.80.10"
 A_MX = "127.0.80.11"  # A as the MX of its own domain (where B's reports go)
 ALICE = "alice@example.test"
 ALICE_A = f"alice@a.{ZONE}"  # the same mailbox at A, in a domain B can look up
+ALICE_NONE = f"alice@a-none.{ZONE}"  # and in one whose MX B cannot validate
 TIMEOUT = 40.0
 
 # domain -> (MX host, its address, the MTA-STS mode it publishes)
@@ -63,6 +64,7 @@ DOMAINS = {
     "held": ("mx-held", HELD, "enforce"),  # nobody listens: B's next hop is down
     "twohop": ("mx-b", LOOPBACK, "enforce"),  # B, which passes it on to Postfix
     "a": ("mx-a", A_MX, "enforce"),  # our MTA A: B's reports come back here
+    "a-none": ("mx-a", A_MX, "none"),  # A again, but mode none validates no MX
 }
 
 
@@ -72,7 +74,7 @@ def records() -> list[tuple[str, str, str]]:
         out += [(domain, "MX", f"10 {mx}.{ZONE}."),
                 (f"_mta-sts.{domain}", "TXT", '"v=STSv1; id=20261203"'),
                 (f"mta-sts.{domain}", "A", POLICY_ADDRESS)]
-        if (mx, "A", address) not in out:  # mx-b serves two domains
+        if (mx, "A", address) not in out:  # mx-b and mx-a serve two domains each
             out.append((mx, "A", address))
     return out
 
@@ -196,7 +198,7 @@ class RequireTLSTests(SynchronousTestCase):
         listener = f'[[listeners]]\nrole = "mx"\nendpoint = "tcp:{port}:interface={A_MX}"\n'
         self.a = MTAProcess(os.path.join(self.tmp, "a"),
                             mta_config(self.nsd, port, https_port, listener), port=free_port(),
-                            domains=(LOCAL_DOMAIN, f"a.{ZONE}"))
+                            domains=(LOCAL_DOMAIN, f"a.{ZONE}", f"a-none.{ZONE}"))
         write_cert(ca, self.a.tmpdir, LOOPBACK, f"mx-a.{ZONE}")
         self.a_ca = ca
         self.addCleanup(self.a.cleanup)
@@ -296,25 +298,21 @@ class RequireTLSTests(SynchronousTestCase):
         self.assertIn("does not offer encryption", words)
         self.assertEqual(self.peers["notls"].messages, [])
 
-    def test_requiretls_bounce_at_second_hop(self) -> None:
+    def bounce_at_b(self, sender: str) -> str:
         """
-        client -> A -> B -> Postfix: A relays a REQUIRETLS message to B, B's
-        next hop (Postfix 3.7) lacks REQUIRETLS, so B bounces it with
-        5.7.30.  The headers-only report goes back B -> A with MAIL FROM:<>
-        REQUIRETLS: A lists REQUIRETLS inside TLS and MTA-STS validates its
-        MX host, so the report travels the REQUIRETLS way and the
-        redacted-copy path (dsn.redacted) is not taken.
+        client -> A -> B -> Postfix: submit a REQUIRETLS message from
+        C{sender} to A for twohop.rtls.test; check that it reached B with
+        REQUIRETLS and that B refused Postfix 3.7 (no REQUIRETLS after
+        STARTTLS), which got no MAIL.  Return the message's token.
         """
         rcpt = f"user@twohop.{ZONE}"
-        token = self.submit(rcpt, requiretls=True, sender=ALICE_A)
-
+        token = self.submit(rcpt, requiretls=True, sender=sender)
         # A -> B with REQUIRETLS; B keeps the flag
-        queued = self.event(self.b, "inbound.queued", requiretls=True, sender=ALICE_A)
+        queued = self.event(self.b, "inbound.queued", requiretls=True, sender=sender)
         self.assertEqual(queued["recipients"], [rcpt])
         connected = self.event(self.a, "outbound.connected", destination=f"twohop.{ZONE}")
         self.assertTrue(connected["verified"])
         self.assertIn("requiretls", connected["note"])
-
         # B -> Postfix: verified TLS, no REQUIRETLS after STARTTLS, so no MAIL
         refused = self.event(self.b, "outbound.requiretls_refused",
                              kind="requiretls-unsupported")
@@ -327,7 +325,17 @@ class RequireTLSTests(SynchronousTestCase):
         self.assertNotIn("mail=", disconnect[0])
         self.assertEqual([e for e in events(self.a)
                           if e.get("event") == "outbound.requiretls_refused"], [])
+        return token
 
+    def test_requiretls_bounce_at_second_hop(self) -> None:
+        """
+        client -> A -> B -> Postfix: B, whose next hop lacks REQUIRETLS,
+        bounces with 5.7.30.  The headers-only report goes back B -> A with
+        MAIL FROM:<> REQUIRETLS: A lists REQUIRETLS inside TLS and MTA-STS
+        validates its MX host, so the report travels the REQUIRETLS way and
+        the redacted-copy path (dsn.redacted) is not taken.
+        """
+        token = self.bounce_at_b(ALICE_A)
         # B -> A: the report, from <>, with REQUIRETLS, over verified TLS to mx-a
         back = self.event(self.b, "outbound.connected", destination=f"a.{ZONE}")
         self.assertTrue(back["verified"])
@@ -346,6 +354,43 @@ class RequireTLSTests(SynchronousTestCase):
         self.assertEqual([e for e in events(self.b) if e.get("event") == "dsn.redacted"], [])
         wait_for(lambda: json.loads(cli_ok(self.b, "queue", "list", "--json")) == [],
                  TIMEOUT, lambda: f"B still holds mail; {self.b.describe()}")
+
+    def test_requiretls_bounce_redacted_on_the_way_back(self) -> None:
+        """
+        The same two hops, from a sender whose domain (a-none.rtls.test,
+        MX mx-a, MTA-STS mode none) gives B nothing to validate A's MX host
+        by: B's REQUIRETLS report cannot go back, so a redacted copy (the
+        original headers removed, a note why) goes to the same address
+        without REQUIRETLS (RFC 8689 5: the bounce is not discarded).
+        """
+        token = self.bounce_at_b(ALICE_NONE)
+        unvalidated = self.event(self.b, "outbound.requiretls_refused",
+                                 kind="requiretls-mx-unvalidated")
+        self.assertEqual((unvalidated["host"], unvalidated["domain"]),
+                         (f"mx-a.{ZONE}", f"a-none.{ZONE}"))
+        redacted = self.event(self.b, "dsn.redacted", sender=ALICE_NONE)
+        self.assertEqual(redacted["kind"], "requiretls-mx-unvalidated")
+        report = self.event(self.a, "inbound.queued", sender="")
+        self.assertEqual(report["recipients"], [ALICE_NONE])
+        self.assertFalse(report["requiretls"])
+
+        def found():
+            return [path for path in message_files(self.a.maildir("alice"))
+                    if b"multipart/report" in open(path, "rb").read()]
+        [path] = wait_for(found, TIMEOUT, lambda: f"no report; {self.a.describe()}")
+        with open(path, "rb") as f:
+            data = f.read()
+        self.assertNotIn(token.encode(), data)  # neither the headers nor the content
+        dsn = email.message_from_bytes(data, policy=email.policy.compat32)
+        self.assertEqual(dsn["To"], f"<{ALICE_NONE}>")
+        human, status, note = dsn.get_payload()
+        self.assertEqual([p.get_content_type() for p in dsn.get_payload()],
+                         ["text/plain", "message/delivery-status", "text/plain"])
+        self.assertEqual(str(status.get_payload()[1]["Status"]).strip(), "5.7.30")
+        self.assertIn(f"mx-postfix.{ZONE}", " ".join(human.get_payload().split()))
+        self.assertIn("headers of the original message were removed",
+                      " ".join(note.get_payload().split()))
+        self.assertNotIn("requiretls", " ".join(dsn["X-Twisted-MTA-TLS"].split()))
 
     def test_cleartext_refusal_and_advertising(self) -> None:
         """B lists REQUIRETLS only after STARTTLS and answers MAIL ... REQUIRETLS in cleartext with 530 5.7.10."""
