@@ -9,7 +9,7 @@ import email
 from email import policy
 
 from twisted_mta import failures
-from twisted_mta.dsn.report import REDACTED_NOTE, redact
+from twisted_mta.dsn.report import REDACTED_NOTE, REDACTED_WORDS, REQUIRETLS_WORDS, redact
 from tests.queue.test_manager import FakeOutbound, ManagerTestBase, UNREACHABLE
 from twisted.internet import defer
 
@@ -100,3 +100,31 @@ class RequireTLSReportTests(ManagerTestBase):
         self.assertEqual(msg.get_payload()[2].get_payload().replace("\r\n", "\n"),
                          REDACTED_NOTE)
         self.assertIsNone(redact(b"Subject: x\r\n\r\nplain\r\n"))
+
+    def test_redacted_words(self):
+        """The redacted copy's text no longer says the headers are attached or that it comes with REQUIRETLS: it says why neither holds, and keeps the failure and the help sentence (refilled); text that is not ours is left alone."""
+        m = self.manager()
+        qid, _ = self.bounce_of(m, requiretls=True)
+        original = email.message_from_bytes(self.spool.read_message(qid), policy=policy.compat32)
+        self.assertIn(REQUIRETLS_WORDS,
+                      original.get_payload()[0].get_payload().replace("\r\n", "\n"))
+        msg = email.message_from_bytes(redact(self.spool.read_message(qid)),
+                                       policy=policy.compat32)
+        text = msg.get_payload()[0].get_payload().replace("\r\n", "\n")
+        self.assertNotIn(REQUIRETLS_WORDS, text)
+        self.assertNotIn("attached", text)
+        self.assertIn("\n\n" + REDACTED_WORDS + "\n", text)
+        words = " ".join(text.split())
+        self.assertIn("mx.elsewhere.test[192.0.2.1]:25 does not support that", words)
+        self.assertTrue(words.endswith(
+            "headers of your message. If you need help, forward this notification to the "
+            f"postmaster of {self.config.hostname}."), words[-200:])
+        help_lines = text.split(REDACTED_WORDS)[1].strip().splitlines()
+        self.assertEqual(len(help_lines), 2, help_lines)
+        self.assertLessEqual(max(len(line) for line in help_lines), 72)
+        # a report whose text is not the one we write keeps it as it was
+        data = self.spool.read_message(qid).replace(b"REQUIRETLS too.", b"REQUIRETLS also.")
+        plain = email.message_from_bytes(data, policy=policy.compat32)
+        redone = email.message_from_bytes(redact(data), policy=policy.compat32)
+        self.assertEqual(redone.get_payload()[0].get_payload(),
+                         plain.get_payload()[0].get_payload())

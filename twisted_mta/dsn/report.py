@@ -106,17 +106,25 @@ def _human(hostname: str, envelope: Envelope, failed: Iterable[FailedRecipient],
     if envelope.requiretls:
         # RFC 8689 5: the content never comes back, and this report travels
         # under the same demand for verified TLS as the message did.
-        lines += [
-            "Your message required TLS all the way (REQUIRETLS), so only its",
-            "headers are attached, and this notification is sent with",
-            "REQUIRETLS too.",
-            "",
-        ]
+        lines += REQUIRETLS_WORDS.splitlines() + [""]
     lines += [
         f"{attached} attached. If you need help, forward this",
         f"notification to the postmaster of {hostname}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+# The closing words of a report on a REQUIRETLS message, and what redact
+# puts in their place (so the copy does not claim what it no longer does).
+REQUIRETLS_WORDS = (
+    "Your message required TLS all the way (REQUIRETLS), so only its\n"
+    "headers are attached, and this notification is sent with\n"
+    "REQUIRETLS too.\n")
+REDACTED_WORDS = (
+    "Your message required TLS all the way (REQUIRETLS), and the way\n"
+    "back to you does not offer that, so this notification is sent\n"
+    "without REQUIRETLS and without the headers of your message.\n")
+_HEADERS_ATTACHED = "The headers of your message are attached. "
 
 
 def _status_fields(hostname: str, envelope: Envelope, failed: Iterable[FailedRecipient],
@@ -252,8 +260,10 @@ def redact(report: bytes) -> bytes | None:
     A DSN without the original message's headers or content (the
     C{text/rfc822-headers} or C{message/rfc822} part), and a note that
     says why, for a REQUIRETLS report whose own way back lacks REQUIRETLS
-    (RFC 8689 5: such a report is redacted rather than lost).  None when
-    C{report} is not a C{multipart/report} we can take apart.
+    (RFC 8689 5: such a report is redacted rather than lost).  The text
+    for the sender no longer says that the headers are attached or that
+    it comes with REQUIRETLS.  None when C{report} is not a
+    C{multipart/report} we can take apart.
     """
     import email
     msg = email.message_from_bytes(report, policy=SMTP)
@@ -264,9 +274,31 @@ def redact(report: bytes) -> bytes | None:
         "text/rfc822-headers", "message/rfc822", "message/rfc822-headers")]
     if len(kept) == len(parts):
         return None
+    if kept[0].get_content_type() == "text/plain":
+        kept[0] = _redacted_words(kept[0])
     kept.append(MIMEText(REDACTED_NOTE, "plain", "us-ascii"))
     msg.set_payload(kept)
     return msg.as_bytes(policy=SMTP.clone(max_line_length=998))
+
+
+def _redacted_words(part: Message) -> Message:
+    """
+    The text part of a REQUIRETLS report with its closing words made true
+    of the redacted copy (the help sentence refilled); unchanged when it is
+    not the text L{_human} wrote.
+    """
+    charset = part.get_content_charset() or "us-ascii"
+    try:
+        text = part.get_payload(decode=True).decode(charset).replace("\r\n", "\n")
+    except (LookupError, UnicodeDecodeError, AttributeError):
+        return part
+    if REQUIRETLS_WORDS not in text or _HEADERS_ATTACHED not in text:
+        return part
+    head, _, tail = text.replace(REQUIRETLS_WORDS, REDACTED_WORDS).rpartition("\n\n")
+    tail = textwrap.fill(tail.replace(_HEADERS_ATTACHED, "", 1), 72,
+                         break_on_hyphens=False, break_long_words=False)
+    text = f"{head}\n\n{tail}\n"
+    return MIMEText(text, "plain", "us-ascii" if text.isascii() else "utf-8")
 
 
 def _header_section(message: bytes) -> bytes:
