@@ -1,5 +1,5 @@
 """
-bench/published.py (the DANE and MTA-STS look-up cost benchmark): every
+scripts/bench published (the DANE and MTA-STS look-up cost benchmark): every
 configuration it writes points DNS at its private resolver on loopback,
 and its smoke run (C{--quick}, ~15 s) completes with every message at the
 sink under the expected policy source.
@@ -22,16 +22,14 @@ from twisted.trial import unittest
 from tests.interop.dnssec import LDNS_SIGNZONE, UNBOUND
 from tests.interop.dns import NSD
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
 
 
 def load_bench():
-    """bench/published.py as a module (bench/ is not a package)."""
-    sys.path.insert(0, BENCH)
-    try:
-        import published
-    finally:
-        sys.path.remove(BENCH)
+    """scripts/benchlib/published.py (scripts/ is not on the path)."""
+    if SCRIPTS not in sys.path:
+        sys.path.insert(0, SCRIPTS)
+    from benchlib import published
     return published
 
 
@@ -72,11 +70,11 @@ class QuickRunTests(unittest.TestCase):
                                            ("cc", shutil.which("cc")))
                    if not path]
         if missing or not os.path.exists("/usr/include/openssl/ssl.h"):
-            raise pyunit.SkipTest(f"bench/published.py needs {missing or 'libssl-dev'}")
+            raise pyunit.SkipTest(f"scripts/bench published needs {missing or 'libssl-dev'}")
         out = tempfile.mkdtemp(prefix="twisted-mta-bench-published-")
         self.addCleanup(shutil.rmtree, out, True)
         result = subprocess.run(
-            [sys.executable, os.path.join(BENCH, "published.py"), "--quick", "--workdir", out,
+            [sys.executable, os.path.join(SCRIPTS, "bench"), "published", "--quick", "--workdir", out,
              "--json", os.path.join(out, "result.json")],
             capture_output=True, text=True, timeout=150, stdin=subprocess.DEVNULL)
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])

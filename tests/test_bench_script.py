@@ -1,7 +1,9 @@
 """
 scripts/bench (issue 13): no configuration it writes can send a DNS query
-off the machine, and its smallest cell runs to the end with every message
-counted in the Maildirs.
+off the machine; its pure parts (the plan of rounds, the summary with
+paired ratios, the table, percentiles, the arguments) from tables; and
+its cheapest modes run to the end with every message counted where it
+must land.
 """
 
 from __future__ import annotations
@@ -23,8 +25,12 @@ from twisted.trial import unittest
 from tests.interop.support import postfix_unavailable
 from twisted_mta.config import load_config
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      "scripts", "bench")
+SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+SCRIPT = os.path.join(SCRIPTS, "bench")
+if SCRIPTS not in sys.path:
+    sys.path.insert(0, SCRIPTS)
+
+from benchlib import core, modes  # noqa: E402
 
 
 def load_bench() -> ModuleType:
@@ -43,33 +49,48 @@ def tempdir(testcase: unittest.TestCase) -> str:
     return path
 
 
+def run(server: str, cell: tuple[int, int], rate: float, **kw: float) -> dict:
+    """A run's raw figures as run_once returns them, the rest made up."""
+    return {"server": server, "sessions": cell[0], "size": cell[1], "messages": 100,
+            "seconds": 100 / rate, "msg_per_s": rate, "peak_rss": 2**20 * 10,
+            "peak_pss": 2**20 * 5, "server_cpu": 0.5, "other_cpu": 0.1} | kw
+
+
 class ConfigTests(unittest.SynchronousTestCase):
+    def assertLoopbackDNS(self, path: str) -> dict:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+        servers = raw["dns"]["nameservers"]
+        self.assertTrue(servers)
+        for server in servers:
+            self.assertTrue(ipaddress.ip_address(server.rpartition(":")[0]).is_loopback, server)
+        return raw
+
     def test_mta_dns_on_loopback(self) -> None:
         """Every twisted-mta variant asks only a loopback nameserver, and the config loads."""
-        bench = load_bench()
-        for name, workers in bench.SERVERS.items():
+        for name, workers in core.SERVERS.items():
             if name == "postfix":
                 continue
-            mta = bench.make_mta(os.path.join(tempdir(self), name), workers)
-            with open(mta.config_path, "rb") as f:
-                raw = tomllib.load(f)
-            servers = raw["dns"]["nameservers"]
-            self.assertTrue(servers)
-            for server in servers:
-                host = server.rpartition(":")[0]
-                self.assertTrue(ipaddress.ip_address(host).is_loopback, server)
+            mta = core.make_mta(os.path.join(tempdir(self), name), workers)
+            raw = self.assertLoopbackDNS(mta.config_path)
             self.assertEqual(raw["server"].get("workers"), workers)
             self.assertGreaterEqual(raw["limits"]["connections_per_ip"], 100)
             self.assertEqual(load_config(mta.config_path).workers, workers)
+
+    def test_remote_mail_to_loopback_smarthost(self) -> None:
+        """The relaying modes' config sends remote mail to 127.0.0.1 and DNS to loopback."""
+        mta = core.make_mta(tempdir(self), None, core.smarthost(2525) + modes.JSON_LOG)
+        raw = self.assertLoopbackDNS(mta.config_path)
+        self.assertEqual(raw["outbound"]["smarthost"]["host"], "[127.0.0.1]:2525")
+        config = load_config(mta.config_path)
+        self.assertEqual(config.dns.nameservers, ("127.0.0.1:9",))
 
     def test_postfix_looks_nothing_up(self) -> None:
         """Postfix has DNS off, no relay host, and only an error transport off the box."""
         why = postfix_unavailable()
         if why:
             raise unittest.SkipTest(why)
-        bench = load_bench()
-        postfix = bench.make_postfix(tempdir(self))
-        main = postfix.params
+        main = core.make_postfix(tempdir(self)).params
         self.assertEqual(main["smtp_dns_support_level"], "disabled")
         self.assertEqual(main["disable_dns_lookups"], "yes")
         self.assertEqual(main["smtpd_peername_lookup"], "no")
@@ -77,30 +98,137 @@ class ConfigTests(unittest.SynchronousTestCase):
         self.assertTrue(main["default_transport"].startswith("error:"))
         self.assertTrue(main["relay_transport"].startswith("error:"))
         self.assertEqual(main["virtual_mailbox_domains"], "example.test")
+        relaying = core.make_postfix(tempdir(self), 2525).params
+        self.assertEqual(relaying["relayhost"], "[127.0.0.1]:2525")
+        self.assertEqual(relaying["smtp_dns_support_level"], "disabled")
+        self.assertNotIn("default_transport", relaying)
 
 
-class SmallestCellTests(unittest.TestCase):
+class PureTests(unittest.SynchronousTestCase):
+    def test_plan_rotates(self) -> None:
+        """Each round runs every server once; each server goes first once in three rounds."""
+        cell = {"sessions": 1}
+        todo = core.plan([cell], 3, ["a", "b", "c"])
+        self.assertEqual([name for name, _ in todo],
+                         ["a", "b", "c", "b", "c", "a", "c", "a", "b"])
+        self.assertTrue(all(c is cell for _, c in todo))
+
+    def test_percentile(self) -> None:
+        """Nearest rank: p50 and p99 of 1..100 are 50 and 99; one value is every percentile."""
+        values = list(range(100, 0, -1))
+        self.assertEqual((core.percentile(values, 50), core.percentile(values, 99)), (50, 99))
+        self.assertEqual(core.percentile([7.0], 99), 7.0)
+        self.assertEqual(core.percentile([1, 2, 3], 100), 3)
+
+    def test_summary_pairs_rounds(self) -> None:
+        """Medians, min-max, the ratio of the medians, and the spread of per-round ratios."""
+        cell = (20, 1024)
+        runs = [run("postfix", cell, 100), run("workers=auto", cell, 50),
+                run("workers=auto", cell, 90), run("postfix", cell, 200),
+                run("postfix", cell, 300), run("workers=auto", cell, 330)]
+        rows = core.summary(modes.MODES["local"], runs)
+        self.assertEqual([r["server"] for r in rows], ["postfix", "workers=auto"])
+        ours = rows[1]
+        self.assertEqual((ours["msg_per_s"], ours["min"], ours["max"]), (90, 50, 330))
+        self.assertAlmostEqual(ours["ratio"], 90 / 200)
+        self.assertAlmostEqual(ours["paired_min"], 0.45)  # 90 / 200
+        self.assertAlmostEqual(ours["paired_max"], 1.1)  # 330 / 300
+        self.assertNotIn("ratio", rows[0])
+        self.assertEqual(ours["peak_rss_mb"], 10)
+        self.assertEqual(ours["cpu_ms_per_msg"], 5)
+
+    def test_table(self) -> None:
+        """One line per cell and server, with the ratio and its paired spread."""
+        cell = (1, 1024)
+        rows = core.summary(modes.MODES["local"], [run("postfix", cell, 200),
+                                                   run("workers=0", cell, 100)])
+        text = core.table(modes.MODES["local"], rows)
+        self.assertIn("| 1 x 1 KiB | workers=0 | 100.0 (100.0-100.0) | 0.50x (0.50-0.50) |",
+                      text)
+        self.assertIn("| 1 x 1 KiB | postfix | 200.0 (200.0-200.0) |  |", text)
+
+    def test_latency_compares_p99(self) -> None:
+        """The latency mode compares p99 (lower is better) and names it in the table."""
+        mode = modes.MODES["latency"]
+        cell = (20, 1024)
+        rows = core.summary(mode, [run("postfix", cell, 100, p99_ms=40.0),
+                                   run("workers=auto", cell, 100, p99_ms=30.0)])
+        self.assertEqual(rows[1]["ratio"], 0.75)
+        self.assertIn("p99 ms (min-max)", core.table(mode, rows))
+
+    def test_tls_notes(self) -> None:
+        """The tls mode adds each server's verified/cleartext ratio."""
+        mode = modes.MODES["tls"]
+        rows = [{"cell": mode.label({"messages": 10, "size": 1024, "tls": tls}),
+                 "server": "postfix", "msg_per_s": rate} for tls, rate in ((False, 400),
+                                                                           (True, 300))]
+        self.assertEqual(mode.notes(rows), "\npostfix: verified TLS / cleartext 0.75.\n")
+
+    def test_cells(self) -> None:
+        """Arguments to cells: the defaults, --quick, and explicit lists."""
+        bench = load_bench()
+        a = bench.parser().parse_args(["local"])
+        self.assertEqual(len(modes.MODES["local"].cells(False, a)), 6)
+        self.assertEqual([(c["sessions"], c["messages"])
+                          for c in modes.MODES["local"].cells(True, a)], [(1, 200), (20, 200)])
+        a = bench.parser().parse_args(["e2e", "--sessions", "5,50", "--messages", "7"])
+        self.assertEqual([(c["sessions"], c["size"], c["messages"])
+                          for c in modes.MODES["e2e"].cells(False, a)],
+                         [(5, 1024, 7), (50, 1024, 7)])
+        self.assertEqual([c["tls"] for c in modes.MODES["tls"].cells(True, a)], [False, True])
+
+    def test_bad_arguments(self) -> None:
+        """An unknown mode or server: one clear error line and status 2, no traceback."""
+        bench = load_bench()
+        for argv in (["nosuchmode"], ["local", "--servers", "postfix,exim"]):
+            with self.assertRaises(SystemExit) as caught:
+                bench.main(argv)
+            self.assertEqual(caught.exception.code, 2)
+
+    def test_message_size(self) -> None:
+        """A made-up message's body has the size asked for, in CRLF lines."""
+        message = core.make_message("q1", core.LOCAL_RCPT, 1024)
+        head, _, body = message.partition(b"\r\n\r\n")
+        self.assertEqual(len(body), 1024)
+        self.assertTrue(body.endswith(b"\r\n"))
+        self.assertIn(b"To: <alice@example.test>", head)
+
+
+class SmokeTests(unittest.TestCase):
     timeout = 120
 
-    def test_one_session(self) -> None:
-        """One round of 20 one-KiB messages, one session: every server delivers all."""
+    def smoke(self, mode: str, *args: str) -> tuple[dict, str]:
         why = postfix_unavailable()
         if why:
             raise unittest.SkipTest(why)
         out = tempdir(self)
         result = subprocess.run(
-            [sys.executable, SCRIPT, "local", "--sessions", "1", "--sizes", "1024",
-             "--messages", "20", "--repeats", "1", "--quiet-wait", "0", "--workdir", out,
-             "--json", os.path.join(out, "result.json")],
+            [sys.executable, SCRIPT, mode, "--quick", "--quiet-wait", "0", "--workdir", out,
+             "--json", os.path.join(out, "result.json"), *args],
             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=110)
         self.assertEqual(result.returncode, 0, result.stderr[-4000:])
         with open(os.path.join(out, "result.json")) as f:
             report = json.load(f)
-        bench = load_bench()
-        self.assertEqual(sorted(r["server"] for r in report["runs"]), sorted(bench.SERVERS))
-        for run in report["runs"]:
-            self.assertEqual(run["messages"], 20)
-            self.assertGreater(run["msg_per_s"], 0)
-            self.assertGreater(run["peak_rss"], 0)
-        self.assertIn("| 1 x 1 KiB | workers=auto |", result.stdout)
         self.assertEqual(sorted(os.listdir(out)), ["result.json"])  # nothing left behind
+        return report, result.stdout
+
+    def test_local_one_session(self) -> None:
+        """One round of 20 one-KiB messages, one session: every server delivers all."""
+        report, stdout = self.smoke("local", "--sessions", "1", "--messages", "20")
+        self.assertEqual(sorted(r["server"] for r in report["runs"]), sorted(core.SERVERS))
+        for r in report["runs"]:
+            self.assertEqual(r["messages"], 20)
+            self.assertGreater(r["msg_per_s"], 0)
+            self.assertGreater(r["peak_rss"], 0)
+        self.assertIn("| 1 x 1 KiB | workers=auto |", stdout)
+        self.assertIn("load average", stdout)
+
+    def test_e2e(self) -> None:
+        """End to end: the sink got exactly what smtp-source sent, through both servers."""
+        report, stdout = self.smoke("e2e", "--messages", "50", "--sessions", "5")
+        self.assertEqual(sorted(r["server"] for r in report["runs"]),
+                         ["postfix", "workers=auto"])
+        for r in report["runs"]:
+            self.assertEqual(r["messages"], 50)
+            self.assertGreater(r["seconds"], 0)
+        self.assertIn("| 5 x 1 KiB | workers=auto |", stdout)

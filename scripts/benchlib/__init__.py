@@ -1,0 +1,1 @@
+"""scripts/bench's modes and the core they share (issue 13)."""
