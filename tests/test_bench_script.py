@@ -185,6 +185,18 @@ class PureTests(unittest.SynchronousTestCase):
                 bench.main(argv)
             self.assertEqual(caught.exception.code, 2)
 
+    def test_docs_block(self) -> None:
+        """--docs replaces only its mode's block, and adds the block when missing."""
+        doc = ("# B\n<!-- scripts/bench e2e -->\nold\n<!-- end scripts/bench e2e -->\n"
+               "kept\n")
+        self.assertEqual(core.replace_block(doc, "e2e", "new\n"),
+                         "# B\n<!-- scripts/bench e2e -->\nnew\n<!-- end scripts/bench e2e -->\n"
+                         "kept\n")
+        added = core.replace_block(doc, "tls", "t")
+        self.assertTrue(added.startswith(doc.rstrip("\n")))
+        self.assertTrue(added.endswith("<!-- scripts/bench tls -->\nt\n"
+                                       "<!-- end scripts/bench tls -->\n"))
+
     def test_message_size(self) -> None:
         """A made-up message's body has the size asked for, in CRLF lines."""
         message = core.make_message("q1", core.LOCAL_RCPT, 1024)

@@ -29,7 +29,7 @@ from typing import Any
 
 from .core import (
     CLOSED_PORT, LOOPBACK, BenchError, describe_machine, fill_spool, log, machine, make_mta,
-    memory, percentile, remote_rcpt, smarthost, tree, wait_until, write_json)
+    memory, percentile, remote_rcpt, report, smarthost, tree, wait_until, write_json)
 from .modes import JSON_LOG, ints
 
 
@@ -191,8 +191,8 @@ def main(a: Any) -> int:
         log(f"bigqueue {n}: {json.dumps(runs[-1])}")
     info["load_after"] = os.getloadavg()
     workers = "unset" if a.workers is None else a.workers
-    print("scripts/bench bigqueue: " + describe_machine(info)
-          + f" twisted-mta alone, [server] workers {workers}; one run per size.\n")
-    print(table(runs))
+    report("bigqueue", "`scripts/bench bigqueue`: " + describe_machine(info)
+           + f" twisted-mta alone, [server] workers {workers}; one run per size.\n\n"
+           + table(runs), a.docs)
     write_json(a.json, {"mode": "bigqueue", "machine": info, "runs": runs})
     return 0

@@ -692,8 +692,37 @@ def write_json(path: str | None, report: dict[str, Any]) -> None:
             json.dump(report, f, indent=1)
 
 
+DOCS = os.path.join(ROOT, "docs", "benchmarks.md")
+
+
+def replace_block(doc: str, mode: str, text: str) -> str:
+    """
+    C{doc} with the figures between C{<!-- scripts/bench MODE -->} and
+    C{<!-- end scripts/bench MODE -->} replaced by C{text}; the markers
+    are added at the end when missing.
+    """
+    start, end = f"<!-- scripts/bench {mode} -->", f"<!-- end scripts/bench {mode} -->"
+    block = f"{start}\n{text.strip()}\n{end}"
+    head, found, rest = doc.partition(start)
+    if not found or end not in rest:
+        return doc.rstrip("\n") + "\n\n" + block + "\n"
+    return head + block + rest.partition(end)[2]
+
+
+def report(mode: str, text: str, docs: str | None) -> None:
+    """Print the figures; with C{docs}, put them in that file's block for the mode too."""
+    print(text)
+    if docs:
+        with open(docs, encoding="utf-8") as f:
+            doc = f.read()
+        with open(docs, "w", encoding="utf-8") as f:
+            f.write(replace_block(doc, mode, text))
+        log(f"{mode}: figures written into {docs}")
+
+
 def run_rounds(mode: Mode, cells: list[dict[str, Any]], repeats: int, servers: list[str],
-               workdir: str, quiet_wait: float, json_path: str | None) -> int:
+               workdir: str, quiet_wait: float, json_path: str | None,
+               docs: str | None = None) -> int:
     """The whole comparison: every run of the plan, then the table and the JSON."""
     todo = plan(cells, repeats, servers)
     info = machine()
@@ -712,9 +741,8 @@ def run_rounds(mode: Mode, cells: list[dict[str, Any]], repeats: int, servers: l
     info["load_after"] = os.getloadavg()
     rows = summary(mode, runs)
     others = statistics.median(r["other_cpu"] / r["seconds"] for r in runs)
-    print(f"scripts/bench {mode.name}: " + describe_machine(info, others)
-          + f" Medians of {repeats}; ratios to Postfix with the min-max of the per-round "
-          "ratios.\n")
-    print(table(mode, rows))
+    report(mode.name, f"`scripts/bench {mode.name}`: " + describe_machine(info, others)
+           + f" Medians of {repeats}; ratios to Postfix with the min-max of the per-round "
+           "ratios.\n\n" + table(mode, rows), docs)
     write_json(json_path, {"mode": mode.name, "machine": info, "summary": rows, "runs": runs})
     return 0

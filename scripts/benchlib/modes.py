@@ -124,7 +124,7 @@ class EndToEnd(Local):
     rcpt = remote_rcpt(0)
 
     def cells(self, quick: bool, a: Any) -> list[dict[str, Any]]:
-        return [{"sessions": s, "size": z, "messages": a.messages or (300 if quick else 5000)}
+        return [{"sessions": s, "size": z, "messages": a.messages or (300 if quick else 10_000)}
                 for z in ints(a.sizes, "1024") for s in ints(a.sessions, "20")]
 
     def setup(self, run: Run) -> None:
@@ -234,7 +234,7 @@ class TLS(Outbound):
     PEER_NAME = "peer.bench.test"
 
     def cells(self, quick: bool, a: Any) -> list[dict[str, Any]]:
-        return [{"tls": tls, "size": z, "messages": a.messages or (300 if quick else 5000)}
+        return [{"tls": tls, "size": z, "messages": a.messages or (300 if quick else 10_000)}
                 for z in ints(a.sizes, "1024") for tls in (False, True)]
 
     def label(self, cell: dict[str, Any]) -> str:

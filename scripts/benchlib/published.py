@@ -35,7 +35,7 @@ from typing import Any
 
 from .core import (
     BenchError, Peer, build_tlssink, describe_machine, fill_spool, log, machine, machine_cpu,
-    tree_cpu, wait_until, write_json)
+    report, tree_cpu, wait_until, write_json)
 
 ZONE = "pub.test"
 VARIANTS = ("with", "without")
@@ -246,7 +246,7 @@ def main(a: Any) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     info["load_after"] = os.getloadavg()
     summary = summarize(runs)
-    print("scripts/bench published: " + describe_machine(info) + "\n")
-    print(table(summary, domains * per_domain, domains))
+    report("published", "`scripts/bench published`: " + describe_machine(info) + "\n\n"
+           + table(summary, domains * per_domain, domains), a.docs)
     write_json(a.json, {"mode": "published", "machine": info, "summary": summary, "runs": runs})
     return 0
