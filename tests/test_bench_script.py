@@ -180,7 +180,8 @@ class PureTests(unittest.SynchronousTestCase):
     def test_bad_arguments(self) -> None:
         """An unknown mode or server: one clear error line and status 2, no traceback."""
         bench = load_bench()
-        for argv in (["nosuchmode"], ["local", "--servers", "postfix,exim"]):
+        for argv in (["nosuchmode"], ["local", "--servers", "postfix,exim"],
+                     ["e2e", "--sessions", "1,x"], ["bigqueue", "--entries", "0"]):
             with self.assertRaises(SystemExit) as caught:
                 bench.main(argv)
             self.assertEqual(caught.exception.code, 2)

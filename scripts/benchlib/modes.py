@@ -154,8 +154,10 @@ class Outbound(EndToEnd):
     N messages already queued, never attempted, then released to
     C{smtp-sink}; the clock runs from the release until the sink has the
     last one.  twisted-mta: entries due in a day written into its spool
-    before it starts, then C{queue flush}, timed from the log line that
-    says the MTA took the request (it looks every second).  Postfix:
+    before it starts, then C{queue flush}, timed from the request (the
+    MTA looks for requests every second: up to 1 s of the time is that
+    wait, C{taken_after_s} in the JSON, when it logged it had done the
+    flush).  Postfix:
     C{smtp-source} into the hold queue, then C{postsuper -H ALL} and
     C{postqueue -f}, timed from just before C{postsuper}.
     """
@@ -213,12 +215,14 @@ class Outbound(EndToEnd):
         wait_until(lambda: run.peer.messages >= n, 900,
                    lambda: f"the sink has {run.peer.messages} of {n}", check)
         t1 = time.time()
+        result = {"messages": n, "seconds": t1 - t0}
         if server.mta:
+            # It looks for requests every second: up to 1 s of the time is that wait.
             taken = [e["log_time"] for e in events(run) if e.get("event") == "queue.operator"]
             if not taken:
                 raise BenchError("no queue.operator event for the flush")
-            t0 = taken[0]
-        return {"messages": n, "seconds": t1 - t0}
+            result["taken_after_s"] = taken[0] - t0
+        return result
 
 
 class TLS(Outbound):
