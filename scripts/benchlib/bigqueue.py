@@ -10,7 +10,10 @@ started on it: launch to the 220 banner, to the log's C{queue.recovered}
 (fully loaded), the RSS of its processes idle; a client connecting every
 20 ms times the banner for 5 s idle and during a C{queue flush} (every
 attempt goes to a closed loopback port and is deferred again); then
-SIGTERM: seconds to exit, and every entry must still be in the spool.
+SIGTERM: seconds to exit, and every entry must still be in the spool;
+then restarted with C{smtp-sink} as its smarthost, a flush delivers every
+entry (the sink must have exactly N), and RSS is read 10 s after the
+spool is empty, beside that of the same MTA idle on an empty spool.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ import time
 from typing import Any
 
 from .core import (
-    CLOSED_PORT, LOOPBACK, BenchError, describe_machine, fill_spool, log, machine, make_mta,
-    memory, percentile, remote_rcpt, report, smarthost, tree, wait_until, write_json)
+    CLOSED_PORT, LOOPBACK, BenchError, Peer, count_files, describe_machine, fill_spool, log,
+    machine, make_mta, memory, percentile, remote_rcpt, report, smarthost, tree, wait_until, write_json)
 from .modes import JSON_LOG, ints
 
 
@@ -90,7 +93,12 @@ def measure(entries: int, a: Any) -> dict[str, Any]:
     base = tempfile.mkdtemp(prefix="bench-bigqueue-", dir=a.workdir)
     mta = make_mta(base, a.workers, smarthost(CLOSED_PORT) + "\n" + JSON_LOG)
     out: dict[str, Any] = {"entries": entries, "workers": a.workers}
+    peer = None
     try:
+        mta.start(timeout=60)  # the yardstick: the same MTA idle on an empty spool
+        time.sleep(2)
+        out["rss_empty_mb"] = rss_mb(mta.pid)
+        mta.stop()
         t = time.monotonic()
         fill_spool(mta.spool, (remote_rcpt(i) for i in range(entries)), 1024,
                    time.time() + 3600)
@@ -98,23 +106,27 @@ def measure(entries: int, a: Any) -> dict[str, Any]:
         out["queue_list"] = timed_command(cli(mta.config_path, "queue", "list"), base)
         out["queue_list_json"] = timed_command(cli(mta.config_path, "queue", "list", "--json"),
                                                base)
-        launch = time.time()
-        mta.start(timeout=600)
-        out["banner_s"] = round(time.time() - launch, 2)
         events = os.path.join(base, "events.jsonl")
 
         def loaded() -> list[dict]:
             from tests.interop.support import json_lines
             return [e for e in json_lines(events) if e.get("event") == "queue.recovered"]
 
+        starts = len(loaded())  # the empty start's
+        launch = time.time()
+        mta.start(timeout=600)
+        out["banner_s"] = round(time.time() - launch, 2)
+
         def alive() -> None:
             if not mta.running:
                 raise BenchError(f"the MTA died; {mta.describe()[-3000:]}")
 
-        wait_until(lambda: loaded(), 900, lambda: "no queue.recovered in the log", alive, 0.1)
-        out["loaded_s"] = round(loaded()[0]["log_time"] - launch, 2)
-        if loaded()[0].get("count") != entries:
-            raise BenchError(f"loaded {loaded()[0].get('count')} entries of {entries}")
+        wait_until(lambda: len(loaded()) > starts, 900, lambda: "no queue.recovered in the log",
+                   alive, 0.1)
+        recovered = loaded()[starts]
+        out["loaded_s"] = round(recovered["log_time"] - launch, 2)
+        if recovered.get("count") != entries:
+            raise BenchError(f"loaded {recovered.get('count')} entries of {entries}")
         time.sleep(2)
         out["rss_idle_mb"] = rss_mb(mta.pid)
         prober = Prober(mta.port)
@@ -139,10 +151,30 @@ def measure(entries: int, a: Any) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             out["sigterm_exit_s"] = None
         prober.done.set()
-        left = sum(len(os.listdir(os.path.join(mta.spool, d))) for d in ("new", "cur", "hold"))
+        left = count_files(mta.spool, ("new", "cur", "hold"))
         out["entries_after"] = left
         if left != entries:
             raise BenchError(f"{left} entries left of {entries} after SIGTERM")
+        # The drain: the smarthost is now smtp-sink, then a flush delivers all.
+        peer = Peer(base)
+        with open(mta.config_path, encoding="utf-8") as f:
+            text = f.read().replace(f"]:{CLOSED_PORT}\"", f"]:{peer.port}\"")
+        with open(mta.config_path, "w", encoding="utf-8") as f:
+            f.write(text)
+        mta.start(timeout=600)
+        wait_until(lambda: len(loaded()) > starts + 1, 900, lambda: "not loaded again", alive,
+                   0.1)
+        start = time.monotonic()
+        subprocess.run(cli(mta.config_path, "queue", "flush"), check=True, cwd=base,
+                       stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        wait_until(lambda: peer.messages >= entries and not count_files(mta.spool, (
+            "new", "cur", "hold")), 7200, lambda: f"the sink has {peer.messages} of {entries}",
+            alive, 0.2)
+        out["drain_s"] = round(time.monotonic() - start, 1)
+        time.sleep(2 if a.quick else 10)
+        out["rss_after_drain_mb"] = rss_mb(mta.pid)
+        if peer.messages != entries:
+            raise BenchError(f"the sink has {peer.messages} messages for {entries} entries")
         return out
     except BenchError:
         raise
@@ -150,6 +182,8 @@ def measure(entries: int, a: Any) -> dict[str, Any]:
         raise BenchError(f"bigqueue {entries}: {e}\n{mta.describe()[-3000:]}") from e
     finally:
         mta.cleanup()
+        if peer is not None:
+            peer.stop()
         shutil.rmtree(base, True)
 
 
@@ -163,7 +197,10 @@ ROWS = (("fill, written without fsync, s", "fill_s"),
          "banner_during_flush"),
         ("RSS peak during the flush, MB", "rss_peak_during_flush_mb"),
         ("SIGTERM during the flush to exit, s", "sigterm_exit_s"),
-        ("entries in the spool after", "entries_after"))
+        ("entries in the spool after", "entries_after"),
+        ("then all delivered to smtp-sink after a flush, s", "drain_s"),
+        ("RSS after the drain, MB", "rss_after_drain_mb"),
+        ("RSS of the same MTA idle on an empty spool, MB", "rss_empty_mb"))
 
 
 def cell(v: Any) -> str:
