@@ -151,10 +151,12 @@ class PureTests(unittest.SynchronousTestCase):
         """The latency mode compares p99 (lower is better) and names it in the table."""
         mode = modes.MODES["latency"]
         cell = (20, 1024)
-        rows = core.summary(mode, [run("postfix", cell, 100, p99_ms=40.0),
-                                   run("workers=auto", cell, 100, p99_ms=30.0)])
+        rows = core.summary(mode, [run("postfix", cell, 100, p99_ms=40.0, p50_ms=10.0),
+                                   run("workers=auto", cell, 100, p99_ms=30.0, p50_ms=12.0)])
         self.assertEqual(rows[1]["ratio"], 0.75)
-        self.assertIn("p99 ms (min-max)", core.table(mode, rows))
+        text = core.table(mode, rows)
+        self.assertIn("p99 ms (min-max)", text)
+        self.assertIn("20 x 1 KiB postfix 10.0 ms; 20 x 1 KiB workers=auto 12.0 ms", text)
 
     def test_tls_notes(self) -> None:
         """The tls mode adds each server's verified/cleartext ratio."""

@@ -513,6 +513,7 @@ class Mode:
     servers = "postfix,workers=auto"  # the default --servers
     metric = "msg_per_s"  # the figure compared, higher is better
     lower_is_better = False
+    also = ("msg_per_s",)  # more figures whose medians the summary keeps
 
     def cells(self, quick: bool, args: Any) -> list[dict[str, Any]]:
         raise NotImplementedError
@@ -617,6 +618,7 @@ def summary(mode: Mode, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                    "cpu_ms_per_msg": statistics.median(
                        1000 * r["server_cpu"] / r["messages"] for r in rs),
                    "other_cores": max(r["other_cpu"] / r["seconds"] for r in rs)}
+            row |= {k: statistics.median(r[k] for r in rs) for k in mode.also if k != key}
             if pf and name != "postfix":
                 paired = [r[key] / p[key] for r, p in zip(rs, pf)]
                 row |= {"ratio": row[key] / statistics.median(p[key] for p in pf),
@@ -642,6 +644,8 @@ def table(mode: Mode, rows: list[dict[str, Any]]) -> str:
               "Others' cores: the machine's busy CPU time (steal included) that the server, "
               "its peer, the client and this script did not use, per second of the run, the "
               "most of the cell's runs: other work on the machine and kernel threads.\n")
+    if mode.lower_is_better:
+        legend += f"Lower is better: a ratio under 1 means a smaller {unit} than Postfix's.\n"
     return "\n".join(lines) + "\n" + legend + mode.notes(rows)
 
 

@@ -306,6 +306,11 @@ class Latency(Local):
     servers = "postfix,workers=auto"
     metric = "p99_ms"
     lower_is_better = True
+    also = ("p50_ms", "msg_per_s")
+
+    def notes(self, rows: list[dict[str, Any]]) -> str:
+        return "\np50, median of the rounds: " + "; ".join(
+            f"{r['cell']} {r['server']} {r['p50_ms']:.1f} ms" for r in rows) + ".\n"
 
     def cells(self, quick: bool, a: Any) -> list[dict[str, Any]]:
         return [{"sessions": s, "size": z, "messages": a.messages or (200 if quick else 4000)}
