@@ -430,6 +430,8 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
                               config.tlsrpt.skip_domains)
         AggregateService(aggregate).setServiceParent(top)  # stops after the manager
         observers.append(aggregate)
+        if published is not None and published.sts_cache is not None:
+            published.sts_cache.observers.append(aggregate)  # failed policy fetches
     outbound = OutboundPool(
         settings=config.outbound, hostname=config.hostname, clock=reactor,
         run_blocking=run_blocking, resolver=prepared.resolver,

@@ -696,6 +696,38 @@ class CacheTests(SynchronousTestCase):
         self.fetcher.answer("example.org", ENFORCE)
         self.assertEqual(self.successResultOf(second).source, "fetched")
 
+    def test_failed_fetches_told_once_each(self):
+        """
+        Every failed fetch, and only those, tells the observers one
+        tls.result for TLS reporting (RFC 8460 4.3.2.1), however many
+        callers waited for it: under the cached policy when a refresh
+        failed (its policy string and mx patterns), else under sts alone.
+        """
+        told = []
+        cache = self.cache(retry_interval=300, observers=[lambda n, e: told.append((n, e))])
+        first, second = cache.get("example.org", A), cache.get("example.org", A)
+        self.fetcher.answer("example.org", StsFetchError("example.org", "connection refused"))
+        self.successResultOf(first), self.successResultOf(second)
+        self.assertEqual(told, [("tls.result", {
+            "time": T0, "domain": "example.org", "policy-type": "sts",
+            "result": "sts-policy-fetch-error",
+            "failure-reason-code": "connection refused "
+                                   "(https://mta-sts.example.org/.well-known/mta-sts.txt)"})])
+        self.clock.advance(300)
+        d = cache.get("example.org", A)
+        self.fetcher.answer("example.org", ENFORCE)
+        self.successResultOf(d)
+        self.assertEqual(len(told), 1)  # a fetch that worked tells nothing
+        self.clock.advance(10)
+        d = cache.get("example.org", B)  # a new id: fetched again, and this one fails
+        self.fetcher.answer("example.org", StsWebPKIError("example.org", "expired"))
+        self.successResultOf(d)
+        name, event = told[1]
+        self.assertEqual((event["result"], event["policy-string"], event["mx-host"]),
+                         (WEBPKI_INVALID, ["version: STSv1", "mode: enforce",
+                                           *(f"mx: {m}" for m in ENFORCE.mx),
+                                           f"max_age: {ENFORCE.max_age}"], list(ENFORCE.mx)))
+
     def test_fetch_that_ends_at_once(self):
         """A fetch that has its answer at once (a synchronous fetcher) still answers its caller."""
         cache = PolicyCache(self.directory, lambda d: defer.succeed(ENFORCE), self.clock,

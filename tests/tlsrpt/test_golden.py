@@ -94,3 +94,36 @@ class GoldenReportTests(SynchronousTestCase):
                                                p["summary"]["total-failure-session-count"])
                   for p in golden["policies"]}
         self.assertEqual(totals, {"sts": (1204, 22), "tlsa": (311, 4), "no-policy-found": (9, 0)})
+
+
+class FetchFailureReportTests(SynchronousTestCase):
+    def test_failed_policy_fetch_in_the_report(self) -> None:
+        """
+        A failed MTA-STS policy fetch (the policy cache's event, no cached
+        policy) is counted and reported as one failure under sts without a
+        policy string, and the report still follows the schema.
+        """
+        from twisted_mta.tls.sts import StsFetchError
+        from twisted_mta.tls.sts_cache import fetch_failure_event
+
+        clock = task.Clock()
+        clock.advance(NOON)
+        directory = self.mktemp()
+        aggregate = store.Aggregate(directory, clock, lambda f, *a: defer.maybeDeferred(f, *a))
+        self.successResultOf(aggregate.start())
+        aggregate("tls.result", fetch_failure_event(
+            "example.org", StsFetchError("example.org", "connection refused"), NOON, None))
+        self.successResultOf(aggregate.flush())
+        day = store.load_day(directory, "2026-12-03")
+        built = report.build("2026-12-03", "example.org", day.counts("example.org"),
+                             "Example Sender Ltd", "mailto:tlsrpt-noreply@sender.example",
+                             report.report_id("2026-12-03", "example.org", "sender.example"))
+        validate(self, built)
+        [policy] = built["policies"]
+        self.assertEqual(policy["policy"], {"policy-type": "sts", "policy-domain": "example.org"})
+        self.assertEqual(policy["summary"], {"total-successful-session-count": 0,
+                                             "total-failure-session-count": 1})
+        self.assertEqual(policy["failure-details"], [{
+            "result-type": "sts-policy-fetch-error", "failed-session-count": 1,
+            "failure-reason-code": "connection refused "
+                                   "(https://mta-sts.example.org/.well-known/mta-sts.txt)"}])

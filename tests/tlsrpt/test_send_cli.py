@@ -151,6 +151,22 @@ class ServiceTests(SynchronousTestCase):
         self.assertIsInstance(schedule, ReportSchedule)
         self.assertIs(svc.getServiceNamed("queue-manager").tlsrpt, schedule)
 
+    def test_policy_fetch_failures_counted(self) -> None:
+        """With MTA-STS on, the policy cache tells the aggregate of failed fetches."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from tests.support import make_config
+        from twisted_mta import tap
+        from twisted_mta.tlsrpt.store import Aggregate
+        config = make_config(self.mktemp(), tlsrpt={
+            "enabled": True, "organization_name": "Org", "contact_info": "tlsrpt@sender.test"},
+            outbound={"tls": {"mta_sts": True, "dane": False}})
+        svc = tap.make_service(config, MemoryReactorClock())
+        lock = [s for s in svc if isinstance(s, tap.SpoolLockService)][0]
+        self.addCleanup(lock.spool.unlock)
+        published = [s for s in svc if isinstance(s, tap.PublishedService)][0].published
+        self.assertEqual([type(o) for o in published.sts_cache.observers], [Aggregate])
+
     def test_off(self) -> None:
         svc = self.services()
         self.assertNotIn("tlsrpt-reports", [s.name for s in svc])

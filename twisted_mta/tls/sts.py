@@ -344,6 +344,18 @@ def _mx_pattern(value: str, where: str) -> str:
 
 # -- failures of a policy fetch -------------------------------------------------------------
 
+def report_strings(policy) -> list[str]:
+    """
+    A policy as RFC 8460 4.5's C{policy-string}: one element per line,
+    one C{mx:} element per pattern (what TLS reports name it by).
+    """
+    lines = ["version: STSv1", f"mode: {policy.mode}"]
+    lines += [f"mx: {m}" for m in policy.mx]
+    lines.append(f"max_age: {policy.max_age}")
+    lines += [f"{k}: {v}" for k, v in policy.extensions]
+    return lines
+
+
 class StsError(Exception):
     """
     A policy could not be had: C{result_type} is the TLS-RPT result type,

@@ -44,9 +44,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from twisted_mta.metrics import notify
 from twisted_mta.tls.sts import (
     InvalidPolicy, Policy, StsError, StsFetchError, StsRecord, examine_sts_records,
-    normalize_domain, parse_policy,
+    normalize_domain, parse_policy, report_strings,
 )
 
 log = Logger()
@@ -194,6 +195,23 @@ class _Inflight:
         self.waiters: list[defer.Deferred] = []
 
 
+def fetch_failure_event(domain: str, error: StsError, now: float,
+                        entry: "CacheEntry | None") -> dict:
+    """
+    The C{tls.result} event of a failed policy fetch: under the cached
+    policy when one is still known (a refresh failed), else under
+    C{sts} with no policy string; the reason names what failed and the
+    policy's URL.
+    """
+    event: dict = {"time": now, "domain": domain, "policy-type": "sts",
+                   "result": error.result_type,
+                   "failure-reason-code": f"{error.detail} ({error.url})"}
+    if entry is not None:
+        event["policy-string"] = report_strings(entry.policy)
+        event["mx-host"] = list(entry.policy.mx)
+    return event
+
+
 class PolicyCache:
     """
     The policies in force, per domain, on disk under C{directory}.
@@ -208,13 +226,19 @@ class PolicyCache:
     @param txt_lookup: for L{policy_for}: C{txt_lookup(domain)} returns (or
         fires with) the TXT records at C{_mta-sts.<domain>}; a failure
         counts as no record.
+    @param observers: told C{("tls.result", event)} of every fetch that
+        failed, for TLS reporting (RFC 8460 4.3.2.1: the domain learns
+        that its policy host is broken, C{sts-policy-fetch-error} and the
+        others of L{StsError.result_type}), once per fetch, whatever the
+        number of messages that waited for it.
     """
 
     def __init__(self, directory: str, fetch: Callable[[str], defer.Deferred], clock,
                  run_blocking, *, txt_lookup: Callable | None = None,
                  refresh_interval: float = 86400.0, retry_interval: float = 300.0,
-                 min_lifetime: float = 60.0) -> None:
+                 min_lifetime: float = 60.0, observers: list | None = None) -> None:
         self.directory = directory
+        self.observers = observers if observers is not None else []
         self.fetch = fetch
         self.clock = clock
         self.run_blocking = run_blocking
@@ -429,6 +453,8 @@ class PolicyCache:
             log.info("tls: MTA-STS policy of {domain} not fetched ({result_type}): {detail}",
                      domain=key, result_type=error.result_type, detail=error.detail,
                      policy_id=policy_id, event="tls.sts-fetch-failed")
+            notify(self.observers, "tls.result", fetch_failure_event(
+                key, error, now, self._entries.get(key)), log, "tls.sts-error")
             outcome: object = error
         elif result.mode == "none":
             self._quiet[key] = Quiet(policy_id, now + max(result.max_age, self.min_lifetime),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted_mta.tls.sts import report_strings
 from twisted_mta.tlsrpt.counts import NO_POLICY, STS, SUCCESS, TLSA
 
 EVENT = "tls.result"
@@ -65,16 +66,7 @@ def testing_sts(choice) -> bool:
         lookup.policy is not None and lookup.policy.mode == "testing"
 
 
-def sts_strings(policy) -> list[str]:
-    """
-    An MTA-STS policy as RFC 8460 4.5's policy-string: one element per
-    line, one C{mx:} element per pattern.
-    """
-    lines = ["version: STSv1", f"mode: {policy.mode}"]
-    lines += [f"mx: {m}" for m in policy.mx]
-    lines.append(f"max_age: {policy.max_age}")
-    lines += [f"{k}: {v}" for k, v in policy.extensions]
-    return lines
+sts_strings = report_strings  # RFC 8460 4.5's policy-string of an MTA-STS policy
 
 
 def result(domain: str, choice, time: float, *, failure=None, host: str,
