@@ -430,14 +430,22 @@ def lookup_sts_txt(resolver, domain: str) -> list[bytes]:
     when there are none (NXDOMAIN, no TXT).  Blocking: run it in the I/O
     pool.  Raises L{StsDNSError} for a failure (SERVFAIL, timeout).
     """
+    return txt_strings(resolver, txt_name(domain), StsDNSError)
+
+
+def txt_strings(resolver, name: str, error: type[Exception]) -> list[bytes]:
+    """
+    The TXT records at C{name} (MTA-STS's and TLS-RPT's), each as its
+    strings joined without spaces; empty for NXDOMAIN or no TXT; any other
+    DNS failure raises C{error} with one line of words.  Blocking.
+    """
     import dns.exception
     import dns.resolver
 
     try:
-        answer = resolver.resolve(txt_name(domain), "TXT")
+        answer = resolver.resolve(name, "TXT")
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
         return []
     except dns.exception.DNSException as e:
-        raise StsDNSError(f"TXT lookup for {txt_name(domain)} failed: "
-                          f"{e or type(e).__name__}") from None
+        raise error(f"TXT lookup for {name} failed: {e or type(e).__name__}") from None
     return [b"".join(rdata.strings) for rdata in answer]

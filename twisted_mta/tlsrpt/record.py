@@ -22,6 +22,7 @@ import urllib.parse
 import attrs
 
 from twisted_mta.address import AddressError, parse_mailbox
+from twisted_mta.tls.sts import txt_strings
 
 VERSION = "v=TLSRPTv1;"
 _WSP = " \t"
@@ -173,16 +174,7 @@ def lookup_txt(resolver, domain: str) -> list[bytes]:
     C{dns.resolver.Resolver}), each as its strings joined without spaces;
     empty for NXDOMAIN or no TXT.  Blocking: run it in the I/O pool.
     """
-    import dns.exception
-    import dns.resolver
-    try:
-        answer = resolver.resolve(txt_name(domain), "TXT")
-    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-        return []
-    except dns.exception.DNSException as e:
-        raise TLSRPTDNSError(f"TXT lookup for {txt_name(domain)} failed: "
-                             f"{e or type(e).__name__}") from None
-    return [b"".join(rdata.strings) for rdata in answer]
+    return txt_strings(resolver, txt_name(domain), TLSRPTDNSError)
 
 
 def discover(resolver, domain: str) -> Discovery:

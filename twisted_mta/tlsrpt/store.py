@@ -38,6 +38,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from twisted_mta.queue.spool import fsync_dir
 from twisted_mta.tlsrpt.counts import Detail, Policy, PolicyCounts, SUCCESS, from_event
 
 log = Logger()
@@ -206,7 +207,7 @@ def write_day(directory: str, day: str, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _fsync_directory(directory)
+    fsync_dir(directory)
 
 
 def set_aside(directory: str, day: str, now: float) -> str:
@@ -218,7 +219,7 @@ def set_aside(directory: str, day: str, now: float) -> str:
         "%Y%m%dT%H%M%SZ")
     target = os.path.join(directory, f"{day}.json.damaged-{stamp}")
     os.replace(day_path(directory, day), target)
-    _fsync_directory(directory)
+    fsync_dir(directory)
     return target
 
 
@@ -249,7 +250,7 @@ def mark_sent(directory: str, day: str, domain: str, note: str = "") -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(where, name))
-    _fsync_directory(where)
+    fsync_dir(where)
 
 
 def sent_domains(directory: str, day: str) -> set[str]:
@@ -290,7 +291,7 @@ def prune(directory: str, today: str, keep_days: int = KEEP_DAYS) -> list[str]:
                 os.unlink(os.path.join(where, name))
             os.rmdir(where)
     if removed:
-        _fsync_directory(directory)
+        fsync_dir(directory)
     return removed
 
 
@@ -307,14 +308,6 @@ def _sent_days(directory: str) -> list[str]:
             continue
         out.append(name)
     return out
-
-
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- the counting observer (the main process) ---------------------------------------------
