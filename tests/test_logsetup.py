@@ -76,6 +76,31 @@ class FormatterTests(SynchronousTestCase):
                 del event["log_level"]
             self.assertEqual(fmt(event), twisted_line(event), extra)
 
+    def test_flattened_events_same_text(self) -> None:
+        """
+        Events the JSON log flattened first (it runs before twistd's text
+        observer) give Twisted's text too, and take the fast path.
+        """
+        from twisted.logger import eventAsJSON
+        import twisted_mta.logsetup as ls
+        fmt = classic_text_formatter()
+        for extra in EVENTS:
+            event = dict(BASE, **extra)
+            if event.get("log_level", 0) is None:
+                del event["log_level"]
+            try:
+                eventAsJSON(event)  # flattens in place, as jsonFileLogObserver does
+            except Exception:
+                continue  # Twisted cannot flatten it (a missing field): not our case
+            self.assertEqual(fmt(event), twisted_line(event), extra)
+        calls = []
+        self.patch(ls, "formatEventAsClassicLogText", lambda *a, **k: calls.append(a))
+        event = dict(BASE, log_format="{a} and {b!r}", a=1, b="x")
+        eventAsJSON(event)
+        self.assertIn("log_flattened", event)
+        ls.classic_text_formatter()(event)
+        self.assertEqual(calls, [])
+
     def test_fast_path_taken(self) -> None:
         """A plain event does not go through Twisted's formatter (else nothing is gained)."""
         import twisted_mta.logsetup as ls

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import string
 from typing import Callable
 
 from twisted.logger import (
@@ -36,11 +37,12 @@ def classic_text_formatter(time_format: str | None = timeFormatRFC3339
     L{textFileLogObserver} (C{"{time} [{system}] {text}\\n"}), at a fraction
     of the cost for the plain events that make up nearly all of our log:
     the time stamp is formatted once per second, and a format without
-    calls is filled in by C{str.format_map}.  Anything else (a failure
-    with its traceback, a flattened event, a format that needs calls or
-    names a missing field) goes to Twisted's own formatter, so the output
-    is the same line for line.  Logging was a fifth of the main process's
-    time at full load (docs/benchmarks.md).
+    calls is filled in by C{str.format_map} (also for an event the JSON
+    log has flattened in place: its own fields give the same text).
+    Anything else (a failure with its traceback, a format that needs calls
+    or names a missing field) goes to Twisted's own formatter, so the
+    output is the same line for line.  Logging was a fifth of the main
+    process's time at full load (docs/benchmarks.md).
     """
     last_second: list = [None, ""]
 
@@ -49,8 +51,12 @@ def classic_text_formatter(time_format: str | None = timeFormatRFC3339
 
     def format_event(event: dict) -> str | None:
         fmt = event.get("log_format")
-        if type(fmt) is not str or "log_failure" in event or "log_flattened" in event \
-                or "()" in fmt:
+        if type(fmt) is not str or "log_failure" in event or "()" in fmt:
+            return slow(event)
+        # A flattened event (the JSON log, when it runs first, flattens the
+        # shared event in place) formats the same from its own fields,
+        # except that Twisted's flattened text ignores format specs.
+        if "log_flattened" in event and _has_spec(fmt):
             return slow(event)
         try:
             text = fmt.format_map(event)
@@ -75,6 +81,22 @@ def classic_text_formatter(time_format: str | None = timeFormatRFC3339
         return f"{stamp} [{system}] {text}".replace("\n", "\n\t") + "\n"
 
     return format_event
+
+
+_specs: dict[str, bool] = {}  # format -> has a field with a format spec
+
+
+def _has_spec(fmt: str) -> bool:
+    found = _specs.get(fmt)
+    if found is None:
+        try:
+            found = any(spec for _, name, spec, _ in string.Formatter().parse(fmt)
+                        if name is not None)
+        except ValueError:
+            found = True
+        if len(_specs) < 10_000:  # formats are the code's constants: a few hundred
+            _specs[fmt] = found
+    return found
 
 
 TWISTED_TEXT_FORMATTER = "textFileLogObserver.<locals>.formatEvent"
