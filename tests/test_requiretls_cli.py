@@ -9,7 +9,6 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import LOOPBACK_DNS
 from tests.test_cli import run_cli
 from twisted_mta.model import Envelope, Recipient
 from twisted_mta.queue.spool import Spool
@@ -23,7 +22,8 @@ class QueueShowTests(SynchronousTestCase):
         conf = os.path.join(base, "mta.toml")
         with open(conf, "w") as f:
             f.write('[server]\nhostname = "mx.example.test"\nspool = "spool"\n'
-                    '[[listeners]]\nrole = "mx"\nendpoint = "tcp:2525"\n' + LOOPBACK_DNS)
+                    '[[listeners]]\nrole = "mx"\nendpoint = "tcp:2525"\n'
+                    '[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = "1s"\n')
         spool = Spool(os.path.join(base, "spool"))
         spool.create()
         w = spool.new_message()

@@ -19,7 +19,7 @@ from email.message import EmailMessage
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import LOOPBACK_DNS, make_config
+from tests.support import make_config
 from tests.test_cli import run_cli
 from twisted_mta.tlsrpt import inbox
 
@@ -896,7 +896,7 @@ class CommandTests(SynchronousTestCase):
                     '[[listeners]]\nrole = "mx"\nendpoint = "tcp:2525"\n'
                     '[local]\ndomains = ["example.org"]\nusers = ["alice", "tlsrpt"]\n'
                     'postmaster = "alice"\n'
-                    + LOOPBACK_DNS)
+                    '[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = "1s"\n')
         self.maildir = os.path.join(base, "mail", "tlsrpt", "Maildir")
         today = datetime.datetime.now(UTC).date()
         self.day = (today - datetime.timedelta(days=1)).isoformat()
