@@ -137,15 +137,10 @@ class Notices:
                 report = delay_report(
                     hostname=self.config.hostname, envelope=envelope, delayed=listed,
                     original_headers=headers, now=now, until=until)
-            writer = self.spool.new_message()
             # RFC 8689 5: the report of a REQUIRETLS message is REQUIRETLS too.
-            dsn = Envelope(queue_id=writer.queue_id, sender="",
-                           recipients=(Recipient(address=to),),
-                           arrival=now, next_attempt=now, size=len(report), client=client,
-                           requiretls=envelope.requiretls)
-            writer.write(dsn.to_header())
-            writer.write(report)
-            yield writer.commit(dsn)
+            dsn = yield self.spool.queue_local(
+                report, sender="", recipients=(Recipient(address=to),), arrival=now,
+                next_attempt=now, client=client, requiretls=envelope.requiretls)
         except OSError as e:
             return self._not_queued(qid, to, e)
         except Exception:
@@ -195,14 +190,9 @@ class Notices:
             return True
         try:
             now = self.clock.seconds()
-            writer = self.spool.new_message()
-            copy = Envelope(queue_id=writer.queue_id, sender="",
-                            recipients=tuple(Recipient(address=r.address) for r in failed),
-                            arrival=now, next_attempt=now, size=len(redacted),
-                            client={"protocol": "local", "redacted_from": qid})
-            writer.write(copy.to_header())
-            writer.write(redacted)
-            yield writer.commit(copy)
+            copy = yield self.spool.queue_local(
+                redacted, sender="", recipients=tuple(Recipient(address=r.address) for r in failed),
+                arrival=now, next_attempt=now, client={"protocol": "local", "redacted_from": qid})
         except OSError as e:
             return self._not_queued(qid, to, e)
         except Exception:

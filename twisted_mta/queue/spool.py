@@ -107,15 +107,37 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def replace_file_durably(path: str, data: bytes, mode: int = 0o600) -> None:
+    """
+    Replace C{path} with C{data} so that a crash at any instant leaves
+    the old file or the new one, whole: a temporary file beside it,
+    fsync, rename over it, fsync of the directory.
+    """
+    directory = os.path.dirname(path)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(directory)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def write_file_durably(path: str, data: bytes) -> None:
     """
     Create C{path} (which must not exist), write C{data} and fsync it.
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        _write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -562,6 +584,19 @@ class Spool:
 
     def new_message(self) -> MessageWriter:
         return MessageWriter(self, self.new_queue_id())
+
+    def queue_local(self, message: bytes, **fields) -> defer.Deferred:
+        """
+        Queue a message this MTA wrote itself (a DSN, a TLS report): its
+        envelope is C{Envelope(**fields)} with a new queue id and the
+        message's size.  Fires with the envelope once the entry is on disk
+        (L{MessageWriter.commit}), fails as the commit does.
+        """
+        writer = self.new_message()
+        envelope = Envelope(queue_id=writer.queue_id, size=len(message), **fields)
+        writer.write(envelope.to_header())
+        writer.write(message)
+        return writer.commit(envelope)
 
     def discard_debris(self, queue_id: str) -> None:
         for name in (queue_id, queue_id + ".json"):

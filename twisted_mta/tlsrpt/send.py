@@ -137,15 +137,10 @@ class MailReports:
         message = report_message(report, from_address=self.from_address(report.submitter),
                                  to=to, now=now, hostname=self.hostname)
         message = self.signer.sign(message, report.submitter, tlsrpt=True)
-        writer = self.spool.new_message()
-        entry = Envelope(queue_id=writer.queue_id, sender="",
-                         recipients=(Recipient(address=to, notify=()),),
-                         arrival=now, next_attempt=now, size=len(message),
-                         client={"protocol": "local", "tlsrpt_for": report.policy_domain},
-                         tls_required_no=True)
-        writer.write(entry.to_header())
-        writer.write(message)
-        entry = yield writer.commit(entry)
+        entry = yield self.spool.queue_local(
+            message, sender="", recipients=(Recipient(address=to, notify=()),), arrival=now,
+            next_attempt=now, client={"protocol": "local", "tlsrpt_for": report.policy_domain},
+            tls_required_no=True)
         self.enqueue(entry)
         return entry.queue_id
 

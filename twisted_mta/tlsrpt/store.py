@@ -38,7 +38,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from twisted_mta.queue.spool import fsync_dir
+from twisted_mta.queue.spool import fsync_dir, replace_file_durably
 from twisted_mta.tlsrpt.counts import Detail, Policy, PolicyCounts, SUCCESS, from_event
 
 log = Logger()
@@ -196,18 +196,7 @@ def write_day(directory: str, day: str, data: bytes) -> None:
     rename, fsync of the directory.
     """
     os.makedirs(directory, exist_ok=True)
-    path = day_path(directory, day)
-    tmp = os.path.join(directory, f".{day}.json.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(directory)
+    replace_file_durably(day_path(directory, day), data, 0o640)
 
 
 def set_aside(directory: str, day: str, now: float) -> str:
@@ -243,14 +232,7 @@ def mark_sent(directory: str, day: str, domain: str, note: str = "") -> None:
     """
     where = _sent_dir(directory, day)
     os.makedirs(where, exist_ok=True)
-    name = _marker_name(domain)
-    tmp = os.path.join(where, f".{name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(note)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(where, name))
-    fsync_dir(where)
+    replace_file_durably(os.path.join(where, _marker_name(domain)), note.encode("utf-8"), 0o644)
 
 
 def sent_domains(directory: str, day: str) -> set[str]:
