@@ -782,13 +782,6 @@ class Spool:
             with open(path, "rb") as f:
                 header, offset = _head(f)
                 size = os.fstat(f.fileno()).st_size
-                if not header.requiretls:
-                    # "TLS-Required: No" is read at the end of DATA, after
-                    # the envelope header was written: an entry recovered
-                    # from its header reads it again (RFC 8689 4.1).
-                    f.seek(offset)
-                    if tls_required_no(tls_required_values(f.read(HEADER_SCAN))):
-                        header = attrs.evolve(header, tls_required_no=True)
         except FileNotFoundError:
             raise
         except (EnvelopeError, OSError) as e:
@@ -830,6 +823,20 @@ class Spool:
                 else:
                     states.append(env)
         current = max(states, key=lambda c: c.attempts) if states else header
+        if not states and not header.requiretls:
+            # "TLS-Required: No" is read at the end of DATA, after the
+            # envelope header was written, and kept in the recorded state:
+            # an entry recovered from its header alone reads it again (RFC
+            # 8689 4.1).
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    if tls_required_no(tls_required_values(f.read(HEADER_SCAN))):
+                        current = header = attrs.evolve(header, tls_required_no=True)
+            except FileNotFoundError:
+                raise
+            except OSError as e:
+                return damaged(_why(e))
 
         problem = length_problem(size, offset, current)
         if problem:
