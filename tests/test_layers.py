@@ -27,6 +27,8 @@ STAGES = [
     (1, "twisted_mta.users"), (1, "twisted_mta.config"), (1, "twisted_mta.local"),
     (1, "twisted_mta.metrics"), (1, "twisted_mta.logsetup"), (1, "twisted_mta.tlsserver"),
     (1, "twisted_mta.dsn.params"),
+    # The 7-bit conversion (RFC 6152): pure functions over a message's bytes.
+    (1, "twisted_mta.downgrade"),
     (2, "twisted_mta.tls"), (2, "twisted_mta.dsn"), (2, "twisted_mta.failures"),
     # DKIM signing: TLS reports now, all outbound mail later (the queue's
     # notices and the outbound leg both sign).
