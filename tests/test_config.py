@@ -492,3 +492,92 @@ class ShowRoundTripTests(SynchronousTestCase):
         self.assertIsNone(config.queue.delay_warning)
         self.assertIs(config.to_dict()["queue"]["delay_warning"], False)
         self.assertEqual(make_config(self.mktemp()).to_dict()["queue"]["delay_warning"], 4 * 3600)
+
+
+class LocalDeliveryConfigTests(SynchronousTestCase):
+    """
+    [local] delivery, [local.lmtp] and [local.routes."domain"]: Maildir by
+    default, LMTP per domain or everywhere, one clear line when wrong.
+    """
+
+    HEAD = ('[server]\nhostname = "mx.example.test"\nspool = "spool"\n'
+            '[[listeners]]\nrole = "mx"\nendpoint = "tcp:2525"\n'
+            '[dns]\nnameservers = ["127.0.0.1:9"]\n'
+            '[local]\ndomains = ["example.test", "example.org"]\n'
+            'users = ["alice", "postmaster"]\n')
+
+    def load(self, text: str):
+        path = self.mktemp() + ".toml"
+        with open(path, "w") as f:
+            f.write(self.HEAD + text)
+        return load_config(path)
+
+    def error(self, text: str) -> str:
+        with self.assertRaises(ConfigError) as cm:
+            self.load(text)
+        return f"{cm.exception.key}: {cm.exception.message}"
+
+    def test_maildir_is_the_default(self):
+        local = self.load("").local
+        self.assertEqual(local.delivery, "maildir")
+        self.assertEqual(local.delivery_for("example.org").kind, "maildir")
+        self.assertIsNone(local.lmtp.address)
+        self.assertEqual((local.lmtp.recipient, local.lmtp.connect_timeout,
+                          local.lmtp.command_timeout, local.lmtp.data_timeout),
+                         ("{user}@{domain}", 30, 300, 600))
+
+    def test_route_per_domain(self):
+        """A route sends one domain to LMTP; a relative unix: path is resolved against the file's directory; the route may name its own server and recipient form."""
+        config = self.load('[local.lmtp]\naddress = "unix:run/lmtp"\n'
+                           '[local.routes."Example.Org"]\ndelivery = "lmtp"\n'
+                           'recipient = "{user}"\n')
+        base = os.path.dirname(os.path.abspath(config.path))
+        org = config.local.delivery_for("example.org")
+        self.assertEqual((org.kind, org.address, org.recipient),
+                         ("lmtp", "unix:" + os.path.join(base, "run", "lmtp"), "{user}"))
+        self.assertEqual(config.local.delivery_for("example.test").kind, "maildir")
+        other = self.load('delivery = "lmtp"\n[local.lmtp]\naddress = "tcp:[::1]:24"\n'
+                          '[local.routes."example.test"]\ndelivery = "maildir"\n'
+                          '[local.routes."example.org"]\n'
+                          'address = "tcp:LOCALHOST:2424"\ndelivery = "lmtp"\n')
+        self.assertEqual(other.local.delivery_for("example.test").kind, "maildir")
+        self.assertEqual(other.local.delivery_for("example.org").address, "tcp:localhost:2424")
+
+    def test_round_trip(self):
+        config = self.load('[local.lmtp]\naddress = "tcp:127.0.0.1:24"\n'
+                           '[local.routes."example.org"]\ndelivery = "lmtp"\n')
+        again = parse_config(config.to_dict(), config.path)
+        self.assertEqual(again.local, config.local)
+        self.assertEqual(config.to_dict()["local"]["routes"],
+                         {"example.org": {"delivery": "lmtp"}})
+
+    def test_errors(self):
+        """Each mistake is one line naming the key."""
+        cases = [
+            ('[local.lmtp]\naddress = "lmtp.sock"\n', "local.lmtp.address: is not an LMTP "
+             "server address (must be \"unix:/path/to/socket\" or \"tcp:host:port\"): "
+             "'lmtp.sock'"),
+            ('[local.lmtp]\naddress = "tcp:127.0.0.1:0"\n', "port 0 is out of range"),
+            ('[local.lmtp]\naddress = "tcp:[1.2.3.4]:24"\n', "is not an IPv6 address"),
+            ('[local.lmtp]\nrecipient = "{domain}"\n', "local.lmtp.recipient: must contain "
+             "{user}"),
+            ('[local.lmtp]\nrecipient = "{user}@{host}"\n', "has a bad placeholder"),
+            ('[local.routes."example.org"]\ndelivery = "lmtp"\n', "local.lmtp.address: is "
+             "required: local.routes.example.org has delivery = \"lmtp\""),
+            ('[local.routes."example.net"]\ndelivery = "maildir"\n',
+             "local.routes.example.net: is not one of local.domains"),
+            ('[local.routes."example.org"]\ndelivery = "mbox"\n', "must be one of maildir, "
+             "lmtp, not 'mbox'"),
+            ('[local.routes."example.org"]\n', "local.routes.example.org.delivery: is required"),
+            ('[local.lmtp]\nadress = "unix:/x"\n', "local.lmtp.adress: unknown key"),
+        ]
+        for text, expected in cases:
+            self.assertIn(expected, self.error(text), text)
+        whole = self.HEAD.replace("users", 'delivery = "lmtp"\nusers')
+        path = self.mktemp() + ".toml"
+        with open(path, "w") as f:
+            f.write(whole)
+        with self.assertRaises(ConfigError) as cm:
+            load_config(path)
+        self.assertEqual(cm.exception.key, "local.lmtp.address")
+        self.assertIn('is required when local.delivery is "lmtp"', cm.exception.message)

@@ -288,6 +288,88 @@ class TLSRPTSettings:
         return self.submitter or self.contact_domain
 
 
+LOCAL_DELIVERIES = ("maildir", "lmtp")
+_LMTP_TCP = re.compile(r"^tcp:(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+):(\d{1,5})$")
+
+
+def parse_lmtp_address(address: str) -> tuple[str, str, int]:
+    """
+    C{("unix", path, 0)} or C{("tcp", host, port)} from an LMTP server
+    address as the configuration writes it (C{unix:/run/dovecot/lmtp},
+    C{tcp:127.0.0.1:24}, C{tcp:[::1]:24}); L{ValueError} otherwise.
+    """
+    if address.startswith("unix:") and len(address) > 5:
+        return "unix", address[5:], 0
+    m = _LMTP_TCP.match(address)
+    if m:
+        host, port = m.group(1), int(m.group(2))
+        if host.startswith("["):
+            host = host[1:-1]
+            if ":" not in host or not is_ip(host):
+                raise ValueError(f"{host!r} is not an IPv6 address")
+        elif not (_HOSTNAME.match(host) or is_ip(host)):
+            raise ValueError(f"{host!r} is not a host name or IP address")
+        if not 0 < port < 65536:
+            raise ValueError(f"port {port} is out of range")
+        return "tcp", host.lower(), port
+    raise ValueError("must be \"unix:/path/to/socket\" or \"tcp:host:port\"")
+
+
+LMTPAddress = NewType("LMTPAddress", str)  # unix:PATH (resolved like a path) or tcp:HOST:PORT
+
+
+def _recipient_template(_, attribute, template: str | None) -> None:
+    if template is None:
+        return
+    if "{user}" not in template:
+        raise _Invalid("must contain {user}, e.g. \"{user}@{domain}\" or \"{user}\"",
+                       attribute.name)
+    try:
+        template.format(user="u", domain="d")
+    except (KeyError, IndexError, ValueError) as e:
+        raise _Invalid(f"has a bad placeholder ({e}); use {{user}} and {{domain}}",
+                       attribute.name)
+
+
+@attrs.frozen
+class LMTPSettings:
+    """
+    The LMTP server (RFC 2033) local mail is handed to where delivery is
+    "lmtp", e.g. Dovecot's lmtp service.
+    """
+
+    address: LMTPAddress | None = None
+    # What RCPT TO names: {user} (as listed in [local] users) and {domain}
+    # (lower-cased); "{user}" for a userdb keyed by the bare name.
+    recipient: str = attrs.field(default="{user}@{domain}", validator=_recipient_template)
+    lhlo_name: HostName | None = None  # None: server.hostname
+    connect_timeout: Duration = 30
+    command_timeout: Duration = 300  # the greeting and each reply to LHLO, MAIL, RCPT, DATA
+    data_timeout: Duration = 600  # sending the message, and each reply after its final dot
+
+
+@attrs.frozen
+class LocalRoute:
+    """
+    How mail for one local domain is stored, when not as [local] delivery says.
+    """
+
+    delivery: str = attrs.field(validator=_one_of(*LOCAL_DELIVERIES))
+    address: LMTPAddress | None = None  # default: [local.lmtp] address
+    recipient: str | None = attrs.field(default=None, validator=_recipient_template)
+
+
+@attrs.frozen
+class LocalDelivery:
+    """
+    The effective delivery of one local domain (L{LocalSettings.delivery_for}).
+    """
+
+    kind: str  # "maildir" or "lmtp"
+    address: str | None = None  # the LMTP server, for "lmtp"
+    recipient: str = "{user}@{domain}"
+
+
 @attrs.frozen
 class LocalSettings:
     domains: tuple[Domain, ...] = ()
@@ -297,6 +379,11 @@ class LocalSettings:
     mailbox: FilePath = attrs.field(default="mail/{user}/Maildir", validator=_mailbox)
     aliases: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
     postmaster: str = "postmaster"
+    # How local mail is stored: "maildir" (our own writer) or "lmtp" (handed
+    # to [local.lmtp]'s server); [local.routes."domain"] overrides per domain.
+    delivery: str = attrs.field(default="maildir", validator=_one_of(*LOCAL_DELIVERIES))
+    lmtp: LMTPSettings = LMTPSettings()
+    routes: tuple[tuple[str, LocalRoute], ...] = ()
 
     def __attrs_post_init__(self) -> None:
         if self.domains and not self.users and not self.aliases:
@@ -305,6 +392,28 @@ class LocalSettings:
         if self.domains and "@" not in self.postmaster and self.postmaster.lower() not in known:
             raise _Invalid(f"names {self.postmaster!r}, which is neither a local user nor an "
                            "alias", "postmaster")
+        for domain, route in self.routes:
+            if domain not in self.domains:
+                raise _Invalid("is not one of local.domains", "routes", domain)
+            if route.delivery == "lmtp" and route.address is None and self.lmtp.address is None:
+                raise _Invalid("is required: local.routes." + domain + " has delivery = "
+                               "\"lmtp\" and names no address", "lmtp", "address")
+        if self.delivery == "lmtp" and self.lmtp.address is None:
+            raise _Invalid("is required when local.delivery is \"lmtp\" (e.g. "
+                           "\"unix:/run/dovecot/lmtp\" or \"tcp:127.0.0.1:24\")", "lmtp",
+                           "address")
+
+    def delivery_for(self, domain: str) -> LocalDelivery:
+        """
+        How mail for the local C{domain} is stored: its route, else the default.
+        """
+        route = dict(self.routes).get(domain.lower())
+        kind = route.delivery if route is not None else self.delivery
+        if kind == "maildir":
+            return LocalDelivery("maildir")
+        return LocalDelivery(
+            "lmtp", address=(route and route.address) or self.lmtp.address,
+            recipient=(route and route.recipient) or self.lmtp.recipient)
 
 
 @attrs.frozen
@@ -618,6 +727,9 @@ class Config:
         if routes:
             d["outbound"]["routes"] = {domain: host for domain, host in routes}
         d["dkim"]["domains"] = {domain: key for domain, key in d["dkim"]["domains"]}
+        local_routes = d["local"].pop("routes")
+        if local_routes:
+            d["local"]["routes"] = {domain: route for domain, route in local_routes}
         tls = d["outbound"]["tls"]
         for key in ("domains", "mx_hosts"):
             entries = tls.pop(key)
@@ -668,6 +780,17 @@ def _path(value: object, _) -> str:
     if not text:
         raise _Invalid("must not be empty")
     return os.path.normpath(os.path.join(_base.get(), os.path.expanduser(text)))
+
+
+def _lmtp_address(value: object, _) -> str:
+    text = _converter.structure(value, str)
+    try:
+        kind, where, port = parse_lmtp_address(text)
+    except ValueError as e:
+        raise _Invalid(f"is not an LMTP server address ({e}): {text!r}")
+    if kind == "unix":
+        return "unix:" + _path(where, None)
+    return f"tcp:[{where}]:{port}" if ":" in where else f"tcp:{where}:{port}"
 
 
 def _host_name(words: str) -> Callable:
@@ -792,6 +915,7 @@ _converter.register_structure_hook(float, _scalar((int, float), "a number", floa
 _converter.register_structure_hook(Duration, lambda v, _: parse_duration(v))
 _converter.register_structure_hook(ZeroOrDuration, lambda v, _: parse_duration(v, zero=True))
 _converter.register_structure_hook(FilePath, _path)
+_converter.register_structure_hook(LMTPAddress, _lmtp_address)
 _converter.register_structure_hook(HostName, _host_name("host name"))
 _converter.register_structure_hook(Domain, _host_name("domain"))
 _converter.register_structure_hook_func(lambda t: t == Duration | None, _optional_duration)

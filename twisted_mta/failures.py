@@ -81,6 +81,11 @@ CAUSES: dict[str, Cause] = {
     "mailbox-full": Cause(452, "4.2.2", "Mailbox full or disk full ({why})"),
     "mailbox-unwritable": Cause(451, "4.3.0", "Cannot write to the mailbox ({why})"),
     "local-error": Cause(451, "4.3.0", "Local delivery error ({why})"),
+    # An LMTP server that will not start a session is our own mail store
+    # misbehaving (down for maintenance, misconfigured): local mail waits
+    # rather than bouncing, whatever code it gave (Postfix does the same
+    # with lmtp_skip_5xx_greeting).
+    "lmtp-refused": Cause(451, "4.3.0", "{peer} refused the LMTP session: {said}"),
     # -- ourselves -------------------------------------------------------------------------
     "message-unreadable": Cause(451, "4.3.0", "could not read the queued message: {why}"),
     "internal": Cause(451, "4.3.0", "{why}"),

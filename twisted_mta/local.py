@@ -82,12 +82,20 @@ class LocalDirectory:
             raise UnknownRecipient(address)
         out.append(f"{user}@{domain}")
 
-    def maildir_for(self, address: str) -> str:
+    def mailbox_of(self, address: str) -> tuple[str, str]:
         """
-        The Maildir path of a final local address from L{expand}.
+        The user (as configured) and the lower-cased domain of a final
+        local address from L{expand}; L{UnknownRecipient} if it is none.
         """
         local, _, domain = address.rpartition("@")
         user = self._users.get(local.lower())
         if user is None or not self.is_local_domain(domain):
             raise UnknownRecipient(address)
-        return self.settings.mailbox.format(user=user, domain=domain.lower())
+        return user, domain.lower()
+
+    def maildir_for(self, address: str) -> str:
+        """
+        The Maildir path of a final local address from L{expand}.
+        """
+        user, domain = self.mailbox_of(address)
+        return self.settings.mailbox.format(user=user, domain=domain)

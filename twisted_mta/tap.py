@@ -438,12 +438,11 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
         connect=tcp_connector(reactor, config.outbound.connect_timeout),
         observers=observers, history=history,
         tls=prepared.tls, published=published)
-    from twisted_mta.delivery.local import MaildirDelivery
     from twisted_mta.delivery.remote import RemoteDelivery
-    from twisted_mta.local import LocalDirectory
+    from twisted_mta.delivery.routing import make_local_target
     from twisted_mta.queue.manager import Targets
     targets = Targets(
-        local=MaildirDelivery(LocalDirectory(config.local), config.hostname, run_blocking),
+        local=make_local_target(config.local, config.hostname, reactor, run_blocking),
         remote=RemoteDelivery(outbound, config.outbound, run_blocking))
     manager = QueueManager(config, spool, reactor, run_blocking, targets,
                            observers=[metrics], tls_history=history,
