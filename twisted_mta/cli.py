@@ -438,6 +438,38 @@ def cmd_user_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dkim_record(args: argparse.Namespace) -> int:
+    """
+    The DKIM key records to publish, one zone-file line per [dkim] domain
+    (or the one named), from the private keys the configuration names.
+    """
+    config = _config(args)
+    if config is None:
+        return 1
+    from twisted_mta.dkim import DKIMKeyError, Signer
+    try:
+        signer = Signer.from_config(config)
+    except DKIMKeyError as e:
+        print(f"twisted-mta: {e}", file=sys.stderr)
+        return 1
+    keys = sorted(signer.keys.values(), key=lambda k: k.domain)
+    if args.domain:
+        keys = [k for k in keys if k.domain == args.domain.lower().rstrip(".")]
+        if not keys:
+            print(f"twisted-mta: {config.path}: no [dkim.domains] key for {args.domain}",
+                  file=sys.stderr)
+            return 1
+    if not keys:
+        print(f"twisted-mta: {config.path}: [dkim] has no domains: nothing to publish",
+              file=sys.stderr)
+        return 1
+    for key in keys:
+        text = key.dns_record()
+        strings = " ".join(f'"{text[i:i + 255]}"' for i in range(0, len(text), 255))
+        print(f"{key.dns_name}. IN TXT {strings}")
+    return 0
+
+
 def cmd_tls_explain(args: argparse.Namespace) -> int:
     config = _config(args)
     if config is None:
@@ -1088,6 +1120,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "inbox, else the mailto: addresses tls publish suggests)")
     tinbox.add_argument("--json", action="store_true", help="print JSON for scripts")
     tinbox.set_defaults(func=cmd_tls_inbox)
+
+    dkim = sub.add_parser("dkim", help="DKIM signing: the records to publish")
+    dkim_sub = dkim.add_subparsers(dest="action", required=True)
+    drecord = dkim_sub.add_parser(
+        "record", help="the TXT record of each [dkim] key (or DOMAIN's), as zone-file lines")
+    drecord.add_argument("domain", nargs="?")
+    drecord.add_argument("-c", "--config", required=True, help="the MTA's configuration file")
+    drecord.set_defaults(func=cmd_dkim_record)
 
     user = sub.add_parser("user", help="manage the AUTH users file (scrypt hashes)")
     user_sub = user.add_subparsers(dest="action", required=True)

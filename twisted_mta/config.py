@@ -644,6 +644,12 @@ DKIM_HEADERS = (
     "tls-report-domain", "tls-report-submitter", "tls-required",
 )
 _HEADER_NAME = re.compile(r"^[!-9;-~]+$")
+# RFC 6376 5.4.1 advises against signing these (dkimpy refuses them): they
+# are added or changed on the way by design.
+DKIM_UNSIGNABLE = ("return-path", "received", "comments", "keywords", "bcc", "resent-bcc",
+                   "dkim-signature")
+# Where the mail we sign comes from (docs/configuration.md, [dkim] sign).
+DKIM_SOURCES = ("authenticated", "trusted-networks", "sendmail", "dsn")
 
 
 @attrs.frozen
@@ -668,14 +674,20 @@ def _dkim_domains(_, attribute, pairs: tuple[tuple[str, Any], ...]) -> None:
 @attrs.frozen
 class DKIMSettings:
     """
-    DKIM signing (RFC 6376): TLS reports sent by mail now, all outbound
-    mail later.  The keys are read and checked at start-up (tap.prepare).
+    DKIM signing (RFC 6376) of the mail that is ours (C{sign}: its sources)
+    and of the TLS reports.  The keys are read and checked at start-up
+    (tap.prepare).
     """
 
     headers: tuple[str, ...] = attrs.field(default=DKIM_HEADERS, validator=[
         _each(lambda h: bool(_HEADER_NAME.match(h)), "must list header names, not {!r}"),
+        _each(lambda h: h.lower() not in DKIM_UNSIGNABLE,
+              "must not list {!r}: it changes on the way (RFC 6376 5.4.1)"),
         _valid(lambda hs: "from" in [h.lower() for h in hs], "must include \"from\"")])
     domains: tuple[tuple[str, DKIMKey], ...] = attrs.field(default=(), validator=_dkim_domains)
+    sign: tuple[str, ...] = attrs.field(default=DKIM_SOURCES, validator=_each(
+        lambda v: v in DKIM_SOURCES, f"must list some of {', '.join(DKIM_SOURCES)}, not {{!r}}"))
+    subdomains: bool = False  # a domain's key also signs for its subdomains
 
     def key_for(self, domain: str) -> DKIMKey | None:
         return dict(self.domains).get(domain.lower().rstrip("."))

@@ -447,7 +447,7 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
     manager = QueueManager(config, spool, reactor, run_blocking, targets,
                            observers=[metrics], tls_history=history,
                            sts_cache=published.sts_cache if published is not None else None,
-                           after_load=freeze_gc)
+                           after_load=freeze_gc, signer=prepared.dkim)
     metrics.watch_queue(lambda: manager.states)
     manager.setServiceParent(top)
     if config.tlsrpt.enabled:
@@ -464,7 +464,8 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
         else:
             factory = InboundFactory(config, listener.role, spool, reactor,
                                      on_queued=manager.enqueue, tls_context=ctx,
-                                     users=users, run_blocking=run_blocking)
+                                     users=users, run_blocking=run_blocking,
+                                     signer=prepared.dkim)
             endpoint = endpoints.serverFromString(reactor, with_backlog(listener.endpoint))
             if listener.role == "submissions":
                 endpoint = endpoints.wrapServerTLS(ctx, endpoint)

@@ -107,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         ctx = server_context(config.tls)
         users = UserDatabase.load(config.auth.users_file) if config.auth.enabled else None
+        signer = None
+        if config.dkim.domains:  # checked by the main process already
+            from twisted_mta.dkim import Signer
+            signer = Signer.from_config(config)
         if config.logging.format == "json":
             install_json_log(config.logging.file)
     except (ConfigError, OSError, Exception) as e:  # one line, as the main process says
@@ -125,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         n, fd, family = spec.split(":")
         role = config.listeners[int(n)].role
         factory = InboundFactory(config, role, spool, reactor, on_queued=notify,
-                                 tls_context=ctx, users=users, run_blocking=run_blocking)
+                                 tls_context=ctx, users=users, run_blocking=run_blocking,
+                                 signer=signer)
         if role == "submissions":
             factory = TLSMemoryBIOFactory(ctx, False, factory)
         ports.append(reactor.adoptStreamPort(int(fd), FAMILIES[family], factory))

@@ -44,6 +44,7 @@ from zope.interface import implementer
 from twisted_mta import reply
 from twisted_mta.address import Address, AddressError, parse_mail_from, parse_rcpt_to
 from twisted_mta.config import Config
+from twisted_mta.dkim import Signer, sign_queued, sign_source
 from twisted_mta.dsn import params as dsn_params
 from twisted_mta.inbound.data import DataReader
 from twisted_mta.local import AliasLoop, LocalDirectory, UnknownRecipient
@@ -181,10 +182,11 @@ class InboundFactory(smtp.SMTPFactory):
 
     def __init__(self, config: Config, role: str, spool: Spool, clock: Any,
                  on_queued: Callable[[Envelope], None], tls_context: Any = None,
-                 users: UserDatabase | None = None, run_blocking: RunBlocking = run_inline
-                 ) -> None:
+                 users: UserDatabase | None = None, run_blocking: RunBlocking = run_inline,
+                 signer: Signer | None = None) -> None:
         smtp.SMTPFactory.__init__(self)
         self.users = users
+        self.signer = signer  # [dkim]: signs the mail that is ours before its commit
         self.run_blocking = run_blocking
         self.config = config
         self.role = role
@@ -341,7 +343,7 @@ class InboundESMTP(smtp.ESMTP):
         self._closing = True  # nothing more to read or time out
         self._disarm()
         self._stop_data_clock()
-        if self._writer is not None:
+        if self._writer is not None and not self._busy:  # busy: being committed
             self._writer.abort()
             self._writer = None
             log.info("connection from {peer} lost during DATA; message discarded",
@@ -895,7 +897,10 @@ class InboundESMTP(smtp.ESMTP):
             envelope = attrs.evolve(envelope, tls_required_no=True)
         self._busy = True
         self._disarm()  # the client waits for us, not we for it
-        d = writer.commit(envelope)
+        # DKIM signing, the last change to the message (docs/configuration.md [dkim]).
+        d = sign_queued(self.factory.signer, writer, envelope, sign_source(
+            self.user is not None, self.factory.is_trusted(self.peer_ip)))
+        d.addCallback(writer.commit)
         d.addCallbacks(self._queued, self._queue_failed)
         d.addBoth(self._resume)
 

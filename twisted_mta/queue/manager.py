@@ -98,7 +98,7 @@ class QueueManager(service.Service):
     def __init__(self, config: Config, spool: Spool, clock, run_blocking: RunBlocking,
                  targets: Targets, rand: Callable[[], float] = random.random,
                  observers: list | None = None, tls_history=None, sts_cache=None,
-                 after_load: Callable[[], object] | None = None) -> None:
+                 after_load: Callable[[], object] | None = None, signer=None) -> None:
         self.config = config
         self.after_load = after_load  # called once start-up has read the spool
         self.spool = spool
@@ -136,7 +136,7 @@ class QueueManager(service.Service):
         self.operator = OperatorRequests(self)
         self._remove = Batched(run_blocking, lambda qid: self.spool.remove(qid))  # finished entries, a batch per hop
         self.notices = Notices(config, spool, clock, run_blocking, self.directory,
-                               self.enqueue, self._notify)
+                               self.enqueue, self._notify, signer=signer)
 
     def startService(self) -> None:
         """

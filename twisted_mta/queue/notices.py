@@ -15,6 +15,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twisted_mta.config import Config
+from twisted_mta.dkim import Signer
 from twisted_mta.dsn.report import (
     FailedRecipient, delay_report, failure_report, redact, success_report,
 )
@@ -39,8 +40,9 @@ def _success_action(r: Recipient) -> str:
 class Notices:
     def __init__(self, config: Config, spool: Spool, clock, run_blocking: RunBlocking,
                  directory: LocalDirectory, enqueue: Callable[[Envelope], None],
-                 notify: Callable[[str, dict], None]) -> None:
+                 notify: Callable[[str, dict], None], signer: Signer | None = None) -> None:
         self.config = config
+        self.signer = signer  # [dkim]: signs the DSNs when "dsn" is in [dkim] sign
         self.spool = spool
         self.clock = clock
         self.run_blocking = run_blocking
@@ -137,6 +139,8 @@ class Notices:
                 report = delay_report(
                     hostname=self.config.hostname, envelope=envelope, delayed=listed,
                     original_headers=headers, now=now, until=until)
+            if self.signer is not None and self.signer.signs("dsn"):
+                report = yield self.run_blocking(self.signer.sign_local, report, "dsn", qid)
             # RFC 8689 5: the report of a REQUIRETLS message is REQUIRETLS too.
             dsn = yield self.spool.queue_local(
                 report, sender="", recipients=(Recipient(address=to),), arrival=now,

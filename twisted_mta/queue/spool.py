@@ -347,7 +347,7 @@ class MessageWriter:
 
     def _append(self, data: bytes) -> None:
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)  # read: rewrite
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view):]
@@ -356,6 +356,56 @@ class MessageWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    def rewrite(self, change: Callable[[bytes], bytes | None]) -> defer.Deferred:
+        """
+        Replace the message by C{change(message)} (unless it returns None),
+        for a step between the end of data and L{commit} that needs the
+        whole message (DKIM signing: a header field on top, 8-bit parts
+        converted).  C{message} is what was written after the envelope
+        header, read back from C{tmp/} (bounded: [limits] message_size);
+        C{change} runs in the I/O threads.  Fires with the change in size
+        (octets); after a failure, L{abort}.
+        """
+        pending = self._take()
+        size = self.size
+
+        def run() -> int:
+            self._append(pending)
+            data = bytearray()
+            while len(data) < size:
+                more = os.pread(self._fd, size - len(data), len(data))
+                if not more:
+                    raise OSError(errno.EIO, f"{self.path} is shorter than written")
+                data += more
+            start = header_end(data)
+            if start < 0:
+                raise EnvelopeError("the envelope header is incomplete")
+            new = change(bytes(data[start:]))
+            if new is None:
+                return 0
+            view, offset = memoryview(new), start
+            while view:
+                n = os.pwrite(self._fd, view, offset)
+                view, offset = view[n:], offset + n
+            os.ftruncate(self._fd, offset)
+            os.lseek(self._fd, 0, os.SEEK_END)
+            return offset - size
+
+        # A Deferred of its own: a callback of the caller's may chain the
+        # commit onto this writer's disk operations (self._tail).
+        result = defer.Deferred()
+
+        def changed(delta: int) -> None:
+            self.size += delta
+            result.callback(delta)
+
+        def broken(failure: Failure) -> Failure:
+            result.errback(failure)
+            return failure  # commit fails too; abort() drops the file
+
+        self._then(run).addCallbacks(changed, broken)
+        return result
 
     def commit(self, envelope: Envelope) -> defer.Deferred:
         """
