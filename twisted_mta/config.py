@@ -462,6 +462,7 @@ class InboundSettings:
                                     validator=_one_of(*BARE_NEWLINE_POLICIES))
     banner: str = attrs.field(default="ESMTP", validator=_valid(
         lambda v: "\r" not in v and "\n" not in v, "must be one line"))
+    chunking: bool = True  # advertise CHUNKING and take BDAT (RFC 3030)
 
 
 @attrs.frozen
@@ -596,6 +597,12 @@ class OutboundSettings:
     idle_time: Duration = 5  # an idle connection waits this long for another message
     dead_destination_time: Duration = 60  # after every host failed, fail fast this long
     messages_per_connection: int = attrs.field(default=100, validator=_at_least(1))
+    # RFC 3030: send with BDAT when the server offers CHUNKING, in chunks of
+    # at most chunk_size octets (each one is read into memory whole).
+    chunking: bool = True
+    chunk_size: int = attrs.field(default=1024 * 1024, validator=_valid(
+        lambda v: 4096 <= v <= 64 * 1024 * 1024,
+        "must be between 4096 and 67108864 octets, not {}"))
     smarthost: Smarthost | None = None
     routes: tuple[tuple[str, Smarthost], ...] = attrs.field(  # (domain or .parent, smarthost)
         default=(), validator=_domain_keys)

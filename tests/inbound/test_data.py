@@ -137,3 +137,62 @@ class DataReaderTests(SynchronousTestCase):
         stored, rest, reader, done = read(stream, [])
         self.assertTrue(done)
         self.assertLess(time.process_time() - start, 5.0)
+
+
+def read_raw(stream: bytes, cuts, **kw):
+    """
+    Feed C{stream} in raw (BDAT) mode split at C{cuts}, carrying the
+    unconsumed partial line as the server does; return (stored, reader).
+    """
+    out = []
+    options = dict(max_size=10_000_000, max_line=1000, max_received=100, bare_newline="normalize")
+    options.update(kw)
+    reader = DataReader(out.append, raw=True, **options)
+    carry = b""
+    for a, b in zip([0] + cuts, cuts + [len(stream)]):
+        data = carry + stream[a:b]
+        consumed, done = reader.feed(data)
+        assert not done
+        carry = data[consumed:]
+    reader.finish(carry)
+    return b"".join(out), reader
+
+
+class RawModeTests(SynchronousTestCase):
+    def test_no_end_of_data_no_unstuffing(self):
+        """In raw mode a dot line is text and a leading dot stays; the result is the DATA reader's for the stuffed stream."""
+        stream = b"Subject: a\r\n\r\n.\r\n..x\r\n.y\r\nQUIT\r\n"
+        stored, reader = read_raw(stream, [])
+        self.assertEqual(stored, stream)
+        self.assertEqual(reader.size, len(stream))
+
+    def test_agrees_with_data_reader(self):
+        """For random messages split at random points, raw mode stores what DATA stores for the same message dot-stuffed, with the same size and errors."""
+        def stuff(message):  # RFC 5321 4.5.2 on CRLF lines, as the DATA reader reads them
+            lines = message.split(b"\r\n")
+            return b"\r\n".join(b"." + l if l[:1] == b"." else l for l in lines) + b".\r\n"
+        rnd = random.Random(4321)
+        atoms = [b"a", b"bc", b" ", b"\r\n", b".", b"..", b"\r", b"\n", b"\r\n.", b"x" * 50,
+                 b"\r\n\r\n", b"Received: x\r\n", b"\x00", b"z" * 400]
+        for trial in range(400):
+            body = b"Subject: s\r\n\r\n" + b"".join(
+                rnd.choice(atoms) for _ in range(rnd.randint(0, 60))) + b"\r\n"
+            cuts = sorted(rnd.sample(range(1, len(body)), min(len(body) - 1, rnd.randint(0, 6))))
+            stored, reader = read_raw(body, cuts, max_size=2000)
+            expected, rest, data_reader, done = read(stuff(body), [], max_size=2000)
+            self.assertTrue(done)
+            if data_reader.error is None:  # else the message is dropped: no matter
+                self.assertEqual(stored, expected, (body, cuts))
+            self.assertEqual(reader.size, data_reader.size, body)
+            self.assertEqual(reader.error, data_reader.error, body)
+
+    def test_last_line_without_crlf(self):
+        """finish() stores the last partial line with CRLF; a trailing CR is its line end."""
+        self.assertEqual(read_raw(b"Subject: a\r\n\r\nend", [15])[0], b"Subject: a\r\n\r\nend\r\n")
+        self.assertEqual(read_raw(b"Subject: a\r\n\r\nend\r", [17])[0], b"Subject: a\r\n\r\nend\r\n")
+
+    def test_long_last_line(self):
+        """A long line at the very end is refused, not kept."""
+        stored, reader = read_raw(b"Subject: a\r\n\r\n" + b"y" * 3000, [100, 2000])
+        self.assertEqual(reader.error.code, 554)
+        self.assertEqual(reader.size, 14 + 3000)

@@ -18,7 +18,7 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual(h.greeting, ["220 mx.example.test ESMTP"])
 
     def test_ehlo_advertises_exactly_our_extensions(self):
-        """EHLO lists PIPELINING, SIZE, 8BITMIME, ENHANCEDSTATUSCODES, DSN; no STARTTLS or AUTH without TLS."""
+        """EHLO lists PIPELINING, SIZE, 8BITMIME, ENHANCEDSTATUSCODES, DSN, CHUNKING; no STARTTLS or AUTH without TLS."""
         h = ServerHarness(self)
         self.assertEqual(h.ehlo(), [
             "250-mx.example.test Hello [192.0.2.10]",
@@ -26,7 +26,8 @@ class SessionTests(SynchronousTestCase):
             "250-SIZE 26214400",
             "250-8BITMIME",
             "250-ENHANCEDSTATUSCODES",
-            "250 DSN",
+            "250-DSN",
+            "250 CHUNKING",
         ])
 
     def test_ehlo_advertises_starttls_with_certificate(self):
@@ -152,7 +153,7 @@ class SessionTests(SynchronousTestCase):
         for i in range(len(data)):
             lines += h.send(data[i:i + 1])
         self.assertEqual([line[:3] for line in lines],
-                         ["250"] * 6 + ["250", "250", "354", "250", "221"])
+                         ["250"] * 7 + ["250", "250", "354", "250", "221"])
         self.assertTrue(h.queued_messages()[0].endswith(b"\r\n.x\r\n" + b"y" * 500 + b"\r\n"))
 
     def test_rset_clears_transaction(self):

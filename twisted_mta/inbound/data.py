@@ -10,6 +10,12 @@ rewritten as CRLF ("normalize", as Postfix does) or makes the message fail
 bounded: the reader keeps at most one partial line, and lines over the limit
 are counted but not kept.  Errors do not stop the reading: the reader keeps
 going to the real end of data so the session stays in step with the client.
+
+BDAT (RFC 3030) feeds the same reader in raw mode: the server counts the
+chunk's octets, so no line ends the data and no dot is removed, but every
+other rule above (bare CR/LF, NUL, line length, size, header checks) applies
+unchanged.  The message we store, and later send onward with DATA, is
+therefore the same canonical CRLF text whichever command brought it in.
 """
 
 from __future__ import annotations
@@ -35,8 +41,9 @@ class DataReader:
     """
 
     def __init__(self, write: Callable[[bytes], None], *, max_size: int, max_line: int,
-                 max_received: int, bare_newline: str) -> None:
+                 max_received: int, bare_newline: str, raw: bool = False) -> None:
         self._write = write
+        self._raw = raw  # BDAT: no end-of-data line, no dot-unstuffing
         self._max_size = max_size
         self._max_line = max_line  # octets, including CRLF
         self._max_received = max_received
@@ -88,11 +95,12 @@ class DataReader:
                 self._skipping_tail = False
                 self.size += len(line) + 2
                 continue
-            if line == b".":
-                done = True
-                break
-            if line[:1] == b".":
-                line = line[1:]
+            if not self._raw:
+                if line == b".":
+                    done = True
+                    break
+                if line[:1] == b".":
+                    line = line[1:]
             self._line(line, out)
         self._fast_until = max(0, self._fast_until - pos)
         if out and self.error is None:
@@ -108,9 +116,12 @@ class DataReader:
         left to the line-by-line path, which reports it; the run is then not
         tried again, so hostile input costs linear time.
         """
-        if buf.startswith(b".", pos):
+        if self._raw:
+            dot = -1
+        elif buf.startswith(b".", pos):
             return pos
-        dot = buf.find(b"\r\n.", pos)
+        else:
+            dot = buf.find(b"\r\n.", pos)
         end = dot + 2 if dot >= 0 else buf.rfind(b"\r\n", pos) + 2
         if end - pos < 2:
             return pos
@@ -125,6 +136,24 @@ class DataReader:
         self.size += len(seg)
         out.append(seg)
         return end
+
+    def finish(self, rest: bytes) -> None:
+        """
+        The end of a raw (BDAT) message: C{rest} is what L{feed} left
+        unconsumed, a last line without its CRLF.  It is stored with one, as
+        every line is; a lone CR at its end counts as that line's end (under
+        "reject" it is refused like any bare CR).
+        """
+        out: list[bytes] = []
+        if self._skipping_tail:
+            self._skipping_tail = False
+            self.size += len(rest)
+        elif rest:
+            if self._normalize and rest.endswith(b"\r"):
+                rest = rest[:-1]
+            self._line(rest, out)
+        if out and self.error is None:
+            self._write(b"".join(out))
 
     def _note_long_line(self, length: int) -> None:
         self._fail(reply.DATA_LINE_TOO_LONG.with_text(

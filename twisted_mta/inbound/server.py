@@ -20,6 +20,14 @@ defects (see docs/architecture.md) are fixed by owning the input loop:
     ${stress?...}), the running ones at once.
 
 The 250 after DATA is sent only when the queue says the entry is durable.
+
+BDAT (RFC 3030 CHUNKING) goes through the same DataReader, in raw mode: the
+chunk's octets are counted here and handed to the reader as they arrive
+(at most one partial line is carried between reads), so the bare CR/LF,
+NUL, line length, size and header rules of DATA apply to them unchanged,
+memory stays bounded, and the 250 after BDAT LAST waits for the same
+durable commit.  A refused chunk is still read to its end (RFC 3030 2) so
+that no octet of it is ever taken for a command.
 """
 
 from __future__ import annotations
@@ -308,6 +316,19 @@ class InboundESMTP(smtp.ESMTP):
         self.tls_info: dict[str, str] | None = None
         self.user: str | None = None  # the authenticated user
         self._continuation: Callable[[bytes], None] | None = None  # AUTH's next line
+        # BDAT: a message in progress (reader and writer set), the octets of
+        # the chunk still to read (None: not inside a chunk), and what to do
+        # at the chunk's end.
+        self._bdat = False
+        self._bdat_declared = 0  # the chunk sizes of this message so far
+        self._bdat_chunks = 0  # BDAT commands of this message so far (0: DATA)
+        self._bdat_carry = b""  # a partial line the reader left, at most one line
+        self._bdat_failed = False  # a chunk of this transaction was refused
+        self._chunk_left: int | None = None
+        self._chunk_size = 0
+        self._chunk_last = False
+        self._chunk_refusal: Reply | None = None  # the chunk is read and discarded
+        self._chunk_counts = True  # whether the refusal counts as an error
         self._reset_transaction()
 
     # -- connection -------------------------------------------------------
@@ -346,8 +367,9 @@ class InboundESMTP(smtp.ESMTP):
         if self._writer is not None and not self._busy:  # busy: being committed
             self._writer.abort()
             self._writer = None
-            log.info("connection from {peer} lost during DATA; message discarded",
-                     event="inbound.data-aborted", peer=self.peer_ip)
+            log.info("connection from {peer} lost during {command}; message discarded",
+                     event="inbound.data-aborted", peer=self.peer_ip,
+                     command="BDAT" if self._bdat else "DATA")
         if self._counted:
             self._counted = False
             self.factory.session_ended(self)
@@ -356,7 +378,7 @@ class InboundESMTP(smtp.ESMTP):
     # -- time limits ----------------------------------------------------------
 
     def _idle_limit(self) -> float:
-        normal = (self.limits.data_timeout if self._reader is not None
+        normal = (self.limits.data_timeout if self._in_data()
                   else self.limits.command_timeout)
         cap = self.factory.stress_timeout()
         return normal if cap is None else min(normal, cap)
@@ -392,7 +414,7 @@ class InboundESMTP(smtp.ESMTP):
     def timeoutConnection(self) -> None:
         self._idle_until = None
         log.info("timeout for {peer}: idle in {phase}", event="inbound.timeout",
-                 peer=self.peer_ip, phase="data" if self._reader is not None else "command",
+                 peer=self.peer_ip, phase="data" if self._in_data() else "command",
                  limit="idle", stress=self.factory.stressed)
         self.send(reply.TIMEOUT)
         self._close()
@@ -440,7 +462,7 @@ class InboundESMTP(smtp.ESMTP):
         moved it on (a new timer then; no timer is touched per octet).
         """
         self._data_call = None
-        if self._reader is None or self._closing:
+        if not self._in_data() or self._closing:
             return
         now = self.factory.clock.seconds()
         deadline, which = self._data_deadline()
@@ -513,7 +535,7 @@ class InboundESMTP(smtp.ESMTP):
         if self._closing:
             return
         self._inbuf += data
-        if self._reader is not None:
+        if self._reader is not None and not self._bdat:  # DATA; BDAT counts its chunks
             self._data_octets += len(data)
             self._arm()
         self._process()
@@ -528,6 +550,8 @@ class InboundESMTP(smtp.ESMTP):
                 self._writer.abort()
                 self._writer = None
             self._reader = None
+            self._bdat = False
+            self._chunk_left = None
             self._stop_data_clock()
             self._busy = False
             self._reset_transaction()
@@ -536,7 +560,10 @@ class InboundESMTP(smtp.ESMTP):
 
     def _consume(self) -> None:
         while self._inbuf and not self._busy and not self._closing:
-            if self._reader is not None:
+            if self._chunk_left is not None:
+                self._read_chunk()
+                continue
+            if self._reader is not None and not self._bdat:
                 consumed, done = self._reader.feed(self._inbuf)
                 self._inbuf = self._inbuf[consumed:]
                 if not done:
@@ -587,7 +614,17 @@ class InboundESMTP(smtp.ESMTP):
 
     # -- session state --------------------------------------------------------
 
+    def _in_data(self) -> bool:
+        """
+        Whether message data is being read: after DATA's 354, inside a BDAT
+        chunk, or between the chunks of a BDAT message.
+        """
+        return self._reader is not None or self._chunk_left is not None
+
     def _reset_transaction(self) -> None:
+        if self._bdat:  # RSET, EHLO, STARTTLS between chunks: RFC 3030 2, discard them
+            self._discard_bdat_message()
+        self._bdat_failed = False
         self.sender: Any = _NOT_SET
         self.mail_params: dict[str, str | None] = {}
         self.recipients: list[Recipient] = []
@@ -647,6 +684,8 @@ class InboundESMTP(smtp.ESMTP):
             b"ENHANCEDSTATUSCODES": None,
             b"DSN": None,
         }
+        if self.config.inbound.chunking:
+            ext[b"CHUNKING"] = None
         if self.canStartTLS and not self.tls_active:
             ext[b"STARTTLS"] = None
         if self.tls_active:  # RFC 8689 2: only a TLS session may carry REQUIRETLS
@@ -715,6 +754,7 @@ class InboundESMTP(smtp.ESMTP):
             return
         self.sender = parsed.address
         self.mail_params = parsed.params
+        self._bdat_failed = False  # a new message: its chunks are welcome
         self.send(reply.SENDER_OK)
 
     def _may_send_as(self, address: Address | None) -> bool:
@@ -758,6 +798,9 @@ class InboundESMTP(smtp.ESMTP):
     def smtp_RCPT(self, arg: str) -> None:
         if self.sender is _NOT_SET:
             self.send(reply.NEED_MAIL)
+            return
+        if self._bdat:  # the envelope was written with the first chunk
+            self.send(reply.RCPT_AFTER_BDAT)
             return
         try:
             parsed = parse_rcpt_to(arg)
@@ -825,10 +868,23 @@ class InboundESMTP(smtp.ESMTP):
         if self.sender is _NOT_SET:
             self.send(reply.NEED_MAIL)
             return
+        if self._bdat:
+            self.send(reply.DATA_AFTER_BDAT)
+            return
         if not self.recipients:
             self.send(reply.NO_VALID_RECIPIENTS)
             return
+        self._start_message(raw=False)
+        self._start_data_clock()
+        self.send(reply.START_INPUT)
+
+    def _start_message(self, raw: bool) -> None:
+        """
+        Open the spool file for the transaction's message and the reader
+        that fills it: one for DATA and BDAT alike.
+        """
         self._writer = self.factory.spool.new_message()
+        self._bdat_chunks = 0
         self._envelope = self._make_envelope(self._writer.queue_id)
         self._writer.write(self._envelope.to_header())
         self._writer.write(self._received_header(self._writer.queue_id))
@@ -838,10 +894,129 @@ class InboundESMTP(smtp.ESMTP):
             max_line=self.limits.data_line_length,
             max_received=self.limits.received_headers,
             bare_newline=self.config.inbound.bare_newline,
+            raw=raw,
         )
         self._arm()
-        self._start_data_clock()
-        self.send(reply.START_INPUT)
+
+    # -- BDAT (RFC 3030) ------------------------------------------------------
+
+    def smtp_BDAT(self, arg: str) -> None:
+        if not self.config.inbound.chunking:  # not offered: an unknown command
+            self.send(reply.UNKNOWN_COMMAND)
+            return
+        parts = arg.split()
+        if (not 1 <= len(parts) <= 2 or not parts[0].isdigit()
+                or (len(parts) == 2 and parts[1].upper() != "LAST")):
+            # Without a count the chunk's end is unknown, so its octets and
+            # the next commands cannot be told apart: stop here.
+            log.info("malformed BDAT from {peer}; closing", event="inbound.bdat-syntax",
+                     peer=self.peer_ip)
+            self.send(reply.BDAT_SYNTAX)
+            self._close()
+            return
+        size, last = int(parts[0]), len(parts) == 2
+        # The rest of a refused message is not counted again as errors.
+        counts = not self._bdat_failed
+        refusal = self._bdat_refusal(size)
+        if refusal is None:
+            if not self._bdat:
+                self._start_message(raw=True)
+                self._bdat = True
+                self._bdat_declared = self._bdat_chunks = 0
+                self._start_data_clock()
+            self._bdat_declared += size
+            self._bdat_chunks += 1
+        if refusal is not None and self._data_call is None:
+            self._start_data_clock()  # a discarded chunk is read under the same limits
+        self._chunk_left, self._chunk_size, self._chunk_last = size, size, last
+        self._chunk_refusal, self._chunk_counts = refusal, counts
+        self._arm()
+        if size == 0:
+            self._chunk_done()
+
+    def _bdat_refusal(self, size: int) -> Reply | None:
+        """
+        Why the chunk that follows cannot be taken (it is then read and
+        discarded), or None.
+        """
+        if self._bdat_failed:
+            return reply.BDAT_AFTER_FAILURE
+        if self.sender is _NOT_SET:
+            return reply.NEED_MAIL
+        if not self.recipients:
+            return reply.NO_VALID_RECIPIENTS
+        if (self._bdat_declared if self._bdat else 0) + size > self.limits.message_size:
+            # Refused on its declared size before reading (RFC 1870 and
+            # 3030): nothing of it or of the rest of the message is stored.
+            log.info("message from {peer} refused: BDAT chunks of {size} octets exceed the "
+                     "limit", event="inbound.data-refused", peer=self.peer_ip,
+                     size=self._bdat_declared + size, reply="message too big")
+            self._reset_transaction()
+            self._bdat_failed = True
+            return reply.MESSAGE_TOO_BIG.with_text(
+                f"Message exceeds the size limit of {self.limits.message_size} octets")
+        return None
+
+    def _read_chunk(self) -> None:
+        """
+        Take what has arrived of the current chunk (never more), and feed it
+        to the reader unless the chunk is discarded.
+        """
+        n = min(self._chunk_left, len(self._inbuf))
+        if n == len(self._inbuf):
+            data, self._inbuf = self._inbuf, b""
+        else:
+            data, self._inbuf = self._inbuf[:n], self._inbuf[n:]
+        self._chunk_left -= n
+        self._data_octets += n
+        self._arm()
+        if self._chunk_refusal is None:
+            data = self._bdat_carry + data if self._bdat_carry else data
+            consumed, _ = self._reader.feed(data)
+            self._bdat_carry = data[consumed:]
+        if self._chunk_left == 0:
+            self._chunk_done()
+
+    def _chunk_done(self) -> None:
+        """
+        The chunk's octets are all read: answer it.
+        """
+        self._chunk_left = None
+        refusal, self._chunk_refusal = self._chunk_refusal, None
+        self._arm()
+        if refusal is not None:
+            if self._chunk_last:
+                self._bdat_failed = False  # that was the refused message's end
+            if not self._bdat:
+                self._stop_data_clock()
+            self.send(refusal, error=self._chunk_counts)
+            return
+        reader = self._reader
+        if self._chunk_last:
+            reader.finish(self._bdat_carry)
+            self._bdat_carry = b""
+            self._bdat = False
+            self._end_of_data()
+            return
+        if reader.error is not None:
+            # Refused now rather than at LAST: the client must not send more
+            # chunks (RFC 3030 2), and those it pipelined are discarded.
+            log.info("message from {peer} refused: {reply}", event="inbound.data-refused",
+                     peer=self.peer_ip, reply=str(reader.error.text))
+            self._reset_transaction()
+            self._bdat_failed = True
+            self.send(reader.error)
+            return
+        self.send(reply.OK.with_text(f"Ok: {self._chunk_size} octets received"))
+
+    def _discard_bdat_message(self) -> None:
+        self._bdat = False
+        self._bdat_carry = b""
+        self._reader = None
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+        self._stop_data_clock()
 
     def _make_envelope(self, queue_id: str) -> Envelope:
         now = self.factory.clock.seconds()
@@ -911,6 +1086,7 @@ class InboundESMTP(smtp.ESMTP):
                  count=len(envelope.recipients),
                  recipients=[r.address for r in envelope.recipients],
                  size=envelope.size, peer=self.peer_ip, requiretls=envelope.requiretls,
+                 command="BDAT" if self._bdat_chunks else "DATA", chunks=self._bdat_chunks,
                  tls_required_no=envelope.tls_required_no)
         self.factory.storage.stored(self.factory.clock.seconds())
         self._reset_transaction()

@@ -599,7 +599,8 @@ class Attempt:
             helo=self.ctx.helo, host=host, address=address, port=port,
             tls=creator, requirements=req, credentials=credentials,
             own_names=self.ctx.own_names, timeouts=self.ctx.timeouts, run_blocking=self.ctx.run_blocking,
-            requiretls=hop.requiretls)
+            requiretls=hop.requiretls,
+            chunk_size=self.ctx.settings.chunk_size if self.ctx.settings.chunking else None)
         client.callLater = self.ctx.clock.callLater
         try:
             yield self.ctx.connect(address, port, client, creator if implicit else None)

@@ -10,7 +10,10 @@ where Twisted's single-message model stops fitting an MTA:
    carry SIZE= and BODY=, and RCPTs can be pipelined (RFC 2920);
  - after STARTTLS's 220 the line buffer is emptied, so cleartext injected
    behind the 220 is never read as the encrypted server's reply;
- - the body is dot-stuffed statefully (L{twisted_mta.outbound.message});
+ - the body is dot-stuffed statefully (L{twisted_mta.outbound.message}),
+   or sent unstuffed in counted BDAT chunks (RFC 3030) when the server
+   offers CHUNKING, pipelined behind MAIL and RCPT when it offers
+   PIPELINING (Twisted has no BDAT);
  - each recipient gets its own outcome, and a connection stays open for
    the next message instead of RSET + QUIT;
  - every failure, before or during a transaction, becomes an L{Outcome}
@@ -101,7 +104,8 @@ class OutboundClient(smtp.ESMTPClient):
                  requirements: TLSRequirements = TLSRequirements("none", starttls="never"),
                  credentials: tuple[str, str] | None = None,
                  own_names: frozenset[str] = frozenset(), timeouts: Timeouts = Timeouts(),
-                 run_blocking: Callable | None = None, requiretls: bool = False) -> None:
+                 run_blocking: Callable | None = None, requiretls: bool = False,
+                 chunk_size: int | None = None) -> None:
         secret = credentials[1].encode("utf-8") if credentials else None
         starttls = tls if requirements.starttls != "never" else None
         smtp.ESMTPClient.__init__(self, secret, starttls, helo)
@@ -122,6 +126,7 @@ class OutboundClient(smtp.ESMTPClient):
         # RFC 8689 4.2.1: the EHLO inside TLS must list REQUIRETLS, or this
         # session is not for REQUIRETLS mail.
         self.requiretls = requiretls
+        self.chunk_size = chunk_size  # None: never BDAT
         self.capabilities: dict[str, str] = {}
         self.local_address: str | None = None
         self.server_name: str | None = None
@@ -356,6 +361,14 @@ class OutboundClient(smtp.ESMTPClient):
     def pipelining(self) -> bool:
         return "PIPELINING" in self.capabilities
 
+    @property
+    def chunking(self) -> bool:
+        """
+        Whether messages go with BDAT on this session: we may and the
+        server offers CHUNKING.
+        """
+        return bool(self.chunk_size) and "CHUNKING" in self.capabilities
+
     def send(self, txn: Transaction) -> defer.Deferred:
         """
         Run one mail transaction; fires with C{{recipient: Outcome}}, one
@@ -401,7 +414,10 @@ class OutboundClient(smtp.ESMTPClient):
                 kind, _, address = orcpt.partition(";")
                 line += f" ORCPT={kind};{xtext_encode(address)}"
             commands.append(("RCPT", line.encode(), rcpt))
-        commands.append(("DATA", b"DATA", None))
+        if self.chunking:
+            commands.append(("BODY", b"", None))  # the BDAT chunks go here
+        else:
+            commands.append(("DATA", b"DATA", None))
         state.start(commands, self.pipelining)
         return state.done
 
@@ -457,20 +473,33 @@ class _TransactionState:
         self.pipelined = False
         self.finished = False
         self.dsn_passed = False
+        self.bdat_chunks = 0  # BDAT commands sent
+        self._acked: defer.Deferred | None = None  # the reply to a lock-step chunk
 
     def start(self, commands, pipelined: bool) -> None:
         self.pipelined = pipelined
         c = self.client
         c.setTimeout(c.timeouts.command)
         if pipelined:
+            body = commands[-1][0] == "BODY"
+            if body:
+                commands = commands[:-1]
             self.awaiting.extend(commands)
             c.transport.write(b"".join(line + b"\r\n" for _, line, _ in commands))
+            if body:  # RFC 3030 4.2: the chunks may follow at once
+                self._send_chunks()
         else:
             self.unsent.extend(commands)
             self._send_next()
 
     def _send_next(self) -> None:
         command = self.unsent.popleft()
+        if command[0] == "BODY":
+            if self.accepted and self.mail_failed is None:
+                self._send_chunks()
+            else:
+                self._finish(self.mail_failed, needs_rset=True)
+            return
         self.awaiting.append(command)
         self.client.sendLine(command[1])
 
@@ -499,6 +528,11 @@ class _TransactionState:
             if not self.pipelined and not self.unsent[0][0] == "RCPT" and not self.accepted:
                 self._finish(None, needs_rset=True)
                 return
+        elif kind in ("BDAT", "LAST"):
+            self._chunk_reply(kind == "LAST", code, resp)
+            return
+        if self.awaiting and self.awaiting[0][0] in ("BDAT", "LAST"):
+            self.stage = "BDAT"  # the pipelined chunks' replies are next
         elif kind == "DATA":
             self.stage = "DATA"
             if code == 354:
@@ -530,6 +564,87 @@ class _TransactionState:
         if not self.pipelined and self.unsent:
             self._send_next()
 
+    def _chunk_reply(self, last: bool, code: int, resp: bytes) -> None:
+        """
+        The reply to one BDAT: every chunk gets one (RFC 3030 2); the one
+        after LAST ends the message like the reply after DATA's dot.
+        """
+        peer = self.client.peer
+        if self.mail_failed is not None or not self.accepted:
+            # Pipelined chunks nobody was to receive, refused (or taken
+            # empty) by the server: the envelope replies already decided.
+            self._finish(self.mail_failed, needs_rset=True)
+            return
+        if code >= 300 or (last and code < 200):
+            # RFC 3030 2: no more chunks after a failed one; RSET before the next.
+            self._finish(reply_outcome(peer, "BDAT", code, resp), needs_rset=True)
+            return
+        if last:
+            outcome = reply_outcome(peer, "BDAT LAST", code, resp)
+            if self.dsn_passed:
+                outcome = attrs.evolve(outcome, dsn_passed=True)
+            self._finish(outcome, needs_rset=False)
+            return
+        if self._acked is not None:
+            d, self._acked = self._acked, None
+            d.callback(None)
+
+    @defer.inlineCallbacks
+    def _send_chunks(self):
+        """
+        Send the message in BDAT chunks of at most the client's chunk size,
+        the last with LAST: each chunk after its reply (or, pipelining, as
+        fast as the transport takes them).  A message too big for memory
+        is read a chunk at a time in the I/O pool.
+        """
+        c = self.client
+        message = self.txn.message
+        self.stage = "BDAT"
+        trace = c.trace.encode("utf-8", "replace") + b"\r\n" if c.trace else b""
+        total = len(trace) + message.size
+        body = message.body  # else read from the queue file
+        step = c.chunk_size
+        pacer = _Pacer(c.transport) if self.pipelined else None
+        sent = 0
+        try:
+            while not self.finished:
+                want = min(step, total - sent)
+                head = trace[sent:sent + want]
+                start, n = sent + len(head) - len(trace), want - len(head)  # in the body
+                if body is not None:
+                    rest = body[start:start + n]
+                elif n:
+                    rest = yield c.run_blocking(message.read_raw, start, n)
+                else:
+                    rest = b""
+                piece = head + rest if head else rest
+                if self.finished:
+                    break
+                if len(piece) != want:
+                    raise OSError(f"the queue file ended {total - sent - len(piece)} octets "
+                                  "early")
+                sent += want
+                last = sent == total
+                command = b"BDAT %d%s" % (want, b" LAST" if last else b"")
+                self.bdat_chunks += 1
+                self.awaiting.append(("LAST" if last else "BDAT", command, None))
+                c.resetTimeout()
+                c.setTimeout(c.timeouts.data)
+                c.transport.writeSequence([command, b"\r\n", piece])
+                if last:
+                    break
+                if pacer is not None:
+                    yield pacer.wait()
+                else:
+                    self._acked = defer.Deferred()
+                    yield self._acked
+        except Exception as e:
+            self.abort(failures.outcome("message-unreadable", why=e))
+            c._fail(SessionFailed(failures.outcome("internal", why=e)), close=True)
+        finally:
+            if pacer is not None:
+                pacer.stop()
+
     @defer.inlineCallbacks
     def _send_body(self):
         c = self.client
@@ -537,8 +652,9 @@ class _TransactionState:
         try:
             if c.trace:
                 c.transport.write(c.trace.encode("utf-8", "replace") + b"\r\n")
-            if message.data is not None:
-                c.transport.write(message.data)
+            data = message.stuffed()
+            if data is not None:
+                c.transport.write(data)
             else:
                 pacer = _Pacer(c.transport)
                 chunks = message.chunks()
@@ -569,6 +685,9 @@ class _TransactionState:
         if self.finished:
             return
         self.finished = True
+        if self._acked is not None:  # wake the chunk sender: it stops
+            d, self._acked = self._acked, None
+            d.callback(None)
         for rcpt in self.txn.recipients:
             if rcpt not in self.results:
                 self.results[rcpt] = outcome or failures.outcome("no-result",

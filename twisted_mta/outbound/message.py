@@ -7,6 +7,9 @@ the inbound DATA reader left it).  Stuffing is done here, statefully across
 chunks, so that a line starting with "." is stuffed wherever a chunk
 boundary falls; Twisted's own C{transformChunk} misses both the first line
 and chunk boundaries (ARCHITECTURE.md, "Twisted pitfalls").
+
+BDAT (RFC 3030) sends the same octets unstuffed, counted: L{OutgoingMessage}
+keeps a small message as stored and stuffs it only when DATA is used.
 """
 
 from __future__ import annotations
@@ -65,7 +68,26 @@ class OutgoingMessage:
     offset: int  # where the message starts in the queue file
     size: int  # octets of the message, before stuffing (the SIZE= value)
     eight_bit: bool  # contains octets above 127 (needs 8BITMIME)
-    data: bytes | None  # the stuffed message with its final ".", when small enough
+    data: bytes | None  # the stuffed message with its final ".", if made already
+    body: bytes | None = None  # the message as stored, when small enough (BDAT sends it)
+
+    def stuffed(self) -> bytes | None:
+        """
+        The message for DATA, dot-stuffed and ended, when it is in memory
+        (else use L{chunks}).
+        """
+        if self.data is not None:
+            return self.data
+        return stuff(self.body) if self.body is not None else None
+
+    def read_raw(self, start: int, length: int) -> bytes:
+        """
+        C{length} octets of the message as stored from C{start}, blocking
+        (run from the I/O pool); fewer only when the file is shorter.
+        """
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + start)
+            return f.read(length)
 
     def chunks(self):
         """
@@ -105,7 +127,7 @@ def load(path: str, expect: Envelope | None = None) -> OutgoingMessage:
         if size <= WHOLE_LIMIT and len(head) == total:
             body = head[start:]
             return OutgoingMessage(path=path, offset=start, size=size,
-                                   eight_bit=not body.isascii(), data=stuff(body))
+                                   eight_bit=not body.isascii(), data=None, body=body)
         eight_bit = not head[start:].isascii()
         while not eight_bit:
             chunk = f.read(CHUNK)
