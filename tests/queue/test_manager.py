@@ -168,7 +168,7 @@ class ManagerTests(ManagerTestBase):
                                   ("one.test", ("a@one.test", "b@one.test")),
                                   ("two.test", ("c@two.test",))])
         txn = self.outbound.sent[0][1]
-        self.assertEqual(txn.message.data, b"Subject: t\r\n\r\nhello\r\n.\r\n")
+        self.assertEqual(txn.message.stuffed(), b"Subject: t\r\n\r\nhello\r\n.\r\n")
 
     def test_retry_only_pending_and_on_schedule(self):
         """Retries follow the schedule and never redeliver a delivered recipient."""

@@ -267,8 +267,9 @@ class LMTPClient(LineOnlyReceiver):
         message = self.job.message
         self._arm(self.timeouts.data)
         try:
-            if message.data is not None:
-                self.transport.write(message.data)
+            data = message.stuffed()  # in memory (small messages), stuffed now
+            if data is not None:
+                self.transport.write(data)
             else:
                 pacer = _Pacer(self.transport)
                 chunks = message.chunks()
