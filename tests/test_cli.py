@@ -295,7 +295,7 @@ class PluginTests(SynchronousTestCase):
         self.assertEqual(err.getvalue(), "twistd: /nonexistent.toml: no such file\n")
 
     def test_service_tree(self):
-        """make_service builds the thread pool, spool lock, queue manager and one service per listener; with workers, the listeners only open their sockets and the worker pool comes last (it stops first)."""
+        """make_service builds the thread pool, spool lock, queue manager, the maildrop's pickup and one service per listener; with workers, the listeners only open their sockets and the worker pool comes last (it stops first); the pickup stays in the main process, so one process takes each drop."""
         from twisted_mta.workers import SharedListener, WorkerPool
         for workers in (0, 2):
             config = make_config(self.mktemp(), server={"workers": workers}, listeners=[
@@ -306,7 +306,8 @@ class PluginTests(SynchronousTestCase):
             lock.spool.unlock()
             names = sorted(s.name for s in svc if s.name)
             self.assertEqual(names, ["listener-mx-tcp:2525", "listener-submission-tcp:2587",
-                                     "queue-manager"] + (["workers"] if workers else []))
+                                     "pickup", "queue-manager"]
+                             + (["workers"] if workers else []))
             shared = [s for s in svc if isinstance(s, SharedListener)]
             self.assertEqual(len(shared), 2 if workers else 0)
             if workers:

@@ -29,6 +29,8 @@ STAGES = [
     (1, "twisted_mta.dsn.params"),
     # The 7-bit conversion (RFC 6152): pure functions over a message's bytes.
     (1, "twisted_mta.downgrade"),
+    # the maildrop file: written by the sendmail command, read by the pickup
+    (1, "twisted_mta.maildrop"),
     (2, "twisted_mta.tls"), (2, "twisted_mta.dsn"), (2, "twisted_mta.failures"),
     # DKIM signing: TLS reports now, all outbound mail later (the queue's
     # notices and the outbound leg both sign).
@@ -41,7 +43,7 @@ STAGES = [
     (5, "twisted_mta.delivery"), (5, "twisted_mta.inbound"),
     # tls explain runs the outbound attempt in a dry run: an operator tool.
     (6, "twisted_mta.tls.probe"), (6, "twisted_mta.tap"), (6, "twisted_mta.cli"),
-    (6, "twisted_mta.workers"), (6, "twisted_mta.worker"),
+    (6, "twisted_mta.workers"), (6, "twisted_mta.worker"), (6, "twisted_mta.sendmail"),
     (6, "twisted_mta"),
 ]
 NAMES = {0: "the data model", 1: "the basics", 2: "the TLS engine and DSNs", 3: "the queue",

@@ -9,6 +9,7 @@ The operator's command line::
     twisted-mta tls report show [DOMAIN] [--day YYYY-MM-DD] --config FILE [--json]
     twisted-mta tls report send --now [DOMAIN] --config FILE
     twisted-mta tls inbox --config FILE [--since 7d] [--mailbox USER|PATH] [--json]
+    twisted-mta sendmail [sendmail's flags] [RECIPIENT ...]   (twisted_mta.sendmail)
 
 Exit status 0 on success, 1 when the configuration is bad or an entry is
 not found (the reason on stderr, one line), 2 on usage errors.  The queue
@@ -153,7 +154,8 @@ def _config(args: argparse.Namespace):
     The configuration named by C{--config}, or None after saying why.
     """
     try:
-        return load_config(args.config)
+        # mailq (sendmail -bp) lists the queue without opening the keys.
+        return load_config(args.config, getattr(args, "check_files", True))
     except ConfigError as e:
         print(f"twisted-mta: {e}", file=sys.stderr)
         return None
@@ -1129,6 +1131,11 @@ def build_parser() -> argparse.ArgumentParser:
     drecord.add_argument("-c", "--config", required=True, help="the MTA's configuration file")
     drecord.set_defaults(func=cmd_dkim_record)
 
+    # Only for the help: main() hands "sendmail ..." to twisted_mta.sendmail
+    # before argparse sees sendmail's own flags.
+    sub.add_parser("sendmail", add_help=False,
+                   help="submit a message like sendmail(8): -t, -i, -f, -F, -bs, -bv, -bp "
+                   "(docs/operations.md)")
     user = sub.add_parser("user", help="manage the AUTH users file (scrypt hashes)")
     user_sub = user.add_subparsers(dest="action", required=True)
     add = user_sub.add_parser("add", help="add a user or change a password")
@@ -1147,7 +1154,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SENDMAIL_NAMES = ("sendmail", "mailq", "newaliases")
+
+
+def _list_queue(config_path: str) -> int:
+    return cmd_queue_list(argparse.Namespace(config=config_path, json=False, check_files=False))
+
+
+def sendmail_main(argv: list[str] | None = None) -> int:
+    """
+    The sendmail command (L{twisted_mta.sendmail}), with C{-bp} listing
+    the queue as C{queue list} does.
+    """
+    from twisted_mta import sendmail
+    return sendmail.main(argv, list_queue=_list_queue)
+
+
+def sendmail_script() -> None:
+    """
+    The console script C{twisted-mta-sendmail}.
+    """
+    sys.exit(sendmail_main())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """
+    The operator's commands; invoked as sendmail, mailq or newaliases
+    (argv[0], a link), or as C{twisted-mta sendmail ...}, the sendmail
+    command (L{twisted_mta.sendmail}), whose flags are sendmail's own.
+    """
+    if argv is None:
+        prog = os.path.basename(sys.argv[0]) if sys.argv else ""
+        if prog in SENDMAIL_NAMES:
+            return sendmail_main([prog] + sys.argv[1:])
+        argv = sys.argv[1:]
+    if argv[:1] == ["sendmail"]:
+        return sendmail_main(argv)
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -701,6 +701,18 @@ class DKIMSettings:
 
 
 @attrs.frozen
+class SendmailSettings:
+    """
+    The local submission command (C{twisted-mta sendmail}) and the pickup
+    of its maildrop.
+    """
+
+    # The domain of the From and envelope sender it makes for a user, and of
+    # a bare recipient name (Postfix's myorigin); None: [server] hostname.
+    domain: HostName | None = None
+
+
+@attrs.frozen
 class Config:
     path: str
     hostname: HostName
@@ -725,6 +737,7 @@ class Config:
     outbound: OutboundSettings = OutboundSettings()
     publish: PublishSettings = PublishSettings()
     tlsrpt: TLSRPTSettings = TLSRPTSettings()
+    sendmail: SendmailSettings = SendmailSettings()
 
     def to_dict(self) -> dict[str, Any]:
         """
@@ -944,9 +957,13 @@ _converter.register_structure_hook_func(_is_table, _table)
 _converter.register_structure_hook_factory(attrs.has, _classes)
 
 
-def load_config(path: str) -> Config:
+def load_config(path: str, check_files: bool = True) -> Config:
     """
     Read and validate C{path}; raise L{ConfigError} for anything wrong.
+
+    @param check_files: also check the files the configuration names (keys,
+        users file, ...); the sendmail command, run by any user, reads the
+        configuration without them (it may not read the MTA's secrets).
     """
     try:
         with open(path, "rb") as f:
@@ -959,10 +976,10 @@ def load_config(path: str) -> Config:
         raise ConfigError(path, "", "permission denied")
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, "", f"not valid TOML: {e}")
-    return parse_config(raw, path)
+    return parse_config(raw, path, check_files)
 
 
-def parse_config(raw: dict[str, Any], path: str) -> Config:
+def parse_config(raw: dict[str, Any], path: str, check_files: bool = True) -> Config:
     """
     The configuration from the file's parsed TOML.
     """
@@ -993,7 +1010,8 @@ def parse_config(raw: dict[str, Any], path: str) -> Config:
     if not os.path.isabs(config.local.mailbox):  # the default, not structured
         mailbox = os.path.join(base, config.local.mailbox)
         config = attrs.evolve(config, local=attrs.evolve(config.local, mailbox=mailbox))
-    _check(config)
+    if check_files:
+        _check(config)
     return config
 
 

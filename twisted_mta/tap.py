@@ -395,6 +395,11 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
 
     spool = Spool(config.spool, run_blocking=run_blocking)
     spool.lock()
+    from twisted_mta.inbound.pickup import prepare_maildrop
+    try:
+        prepare_maildrop(config.spool, owner)
+    except OSError as e:
+        raise SpoolError(f"cannot prepare the maildrop in {config.spool}: {e.strerror}")
     if owner is not None:
         spool.chown(*owner)
     SpoolLockService(spool).setServiceParent(top)
@@ -450,6 +455,10 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
                            after_load=freeze_gc, signer=prepared.dkim)
     metrics.watch_queue(lambda: manager.states)
     manager.setServiceParent(top)
+    # The sendmail command's drops: picked up here, in the process that
+    # owns the spool (never in a worker), after the manager has started.
+    from twisted_mta.inbound.pickup import PickupService
+    PickupService(config, spool, reactor, run_blocking, manager.enqueue).setServiceParent(top)
     if config.tlsrpt.enabled:
         make_report_schedule(config, reactor, run_blocking, spool, manager, prepared,
                              [metrics], outbound.observers).setServiceParent(top)

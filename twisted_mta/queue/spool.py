@@ -620,8 +620,14 @@ class Spool:
         top = os.stat(self.path)
         if top.st_uid == uid and (gid == -1 or top.st_gid == gid):
             return
+        maildrop = os.path.join(self.path, "maildrop")
         for root, dirs, files in os.walk(self.path):
             os.chown(root, uid, gid)
+            if root == maildrop:
+                # Drops belong to the users who wrote them: the pickup
+                # reads who that was from the owner.
+                dirs[:] = []
+                continue
             for name in files:
                 os.chown(os.path.join(root, name), uid, gid)
 
