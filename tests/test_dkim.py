@@ -240,8 +240,16 @@ def signer_for(testcase, domains: dict[str, str], **dkim_table) -> Signer:
 
 
 def h_tag(signed: bytes) -> list[bytes]:
-    field = signed[:signed.index(b"\r\n", signed.index(b"b="))]
-    unfolded = field.replace(b"\r\n", b"").replace(b" ", b"").replace(b"\t", b"")
+    """
+    The h= of the DKIM-Signature field C{signed} starts with (CRLF or LF).
+    """
+    lines = signed.split(b"\n")
+    field = lines[0]
+    for line in lines[1:]:
+        if line[:1] not in (b" ", b"\t"):
+            break
+        field += line
+    unfolded = b"".join(field.split())
     return unfolded.split(b";h=")[1].split(b";")[0].split(b":")
 
 
@@ -452,6 +460,34 @@ class InboundSigningTests(SynchronousTestCase):
         self.assertGreater(len(message), 300_000)
         self.assertTrue(dkim.verify(message, dnsfunc=dnsfunc_for(signer)))
         self.assertIsNone(h.spool.read(h.queued[0].queue_id, "new", False).problem)
+
+    def test_threaded_io(self) -> None:
+        """
+        With the I/O in threads (here: calls held until run), the commit
+        follows the signing and the 250 only the commit.
+        """
+        from twisted.internet import defer
+        held = []
+
+        def run_blocking(f, *args):
+            d = defer.Deferred()
+            held.append((d, f, args))
+            return d
+
+        h, signer = self.session("127.0.0.1")
+        h.spool.run_blocking = h.factory.run_blocking = run_blocking
+        h.spool.group_sync._run = run_blocking
+        h.start_transaction(rcpts=("bob@example.test",), sender="alice@example.test")
+        self.assertEqual(h.send(self.BODY), [])
+        for _ in range(20):
+            if not held:
+                break
+            d, f, args = held.pop(0)
+            d.callback(f(*args))
+        reply = h.read()
+        self.assertEqual(reply[0][:3], "250", reply)
+        [message] = h.queued_messages()
+        self.assertTrue(dkim.verify(message, dnsfunc=dnsfunc_for(signer)))
 
     def test_write_failure(self) -> None:
         """

@@ -392,17 +392,20 @@ class MessageWriter:
             os.lseek(self._fd, 0, os.SEEK_END)
             return offset - size
 
-        # A Deferred of its own: a callback of the caller's may chain the
-        # commit onto this writer's disk operations (self._tail).
+        # A Deferred of its own, fired once the disk operations so far are
+        # done and self._tail starts afresh: a callback of the caller's
+        # chains the commit onto self._tail, which must not be the
+        # Deferred running that callback.
         result = defer.Deferred()
 
         def changed(delta: int) -> None:
             self.size += delta
+            self._tail = defer.succeed(None)
             result.callback(delta)
 
-        def broken(failure: Failure) -> Failure:
+        def broken(failure: Failure) -> None:
+            self._tail = defer.fail(failure)  # commit fails too; abort() drops the file
             result.errback(failure)
-            return failure  # commit fails too; abort() drops the file
 
         self._then(run).addCallbacks(changed, broken)
         return result
