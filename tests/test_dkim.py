@@ -489,6 +489,22 @@ class InboundSigningTests(SynchronousTestCase):
         [message] = h.queued_messages()
         self.assertTrue(dkim.verify(message, dnsfunc=dnsfunc_for(signer)))
 
+    def test_bdat(self) -> None:
+        """
+        A message in BDAT chunks (RFC 3030) is signed like one after DATA.
+        """
+        h, signer = self.session("127.0.0.1")
+        h.ehlo()
+        h.send("MAIL FROM:<alice@example.test>\r\n")
+        h.send("RCPT TO:<bob@example.test>\r\n")
+        first, rest = MESSAGE[:40], MESSAGE[40:]
+        h.send(b"BDAT %d\r\n" % len(first) + first)
+        reply = h.send(b"BDAT %d LAST\r\n" % len(rest) + rest)
+        self.assertEqual(reply[-1][:3], "250", reply)
+        [message] = h.queued_messages()
+        self.assertTrue(message.startswith(b"DKIM-Signature:"))
+        self.assertTrue(dkim.verify(message, dnsfunc=dnsfunc_for(signer)))
+
     def test_write_failure(self) -> None:
         """
         The file cannot be read back or rewritten: 451, and nothing stays in
@@ -687,3 +703,44 @@ class EightBitTests(SynchronousTestCase):
         received = message.index(b"Received:")
         self.assertEqual(h.queued[0].size, len(message) - (message.index(b"From:") - received))
         self.assertIsNone(h.spool.read(h.queued[0].queue_id, "new", False).problem)
+
+
+class PickupSigningTests(SynchronousTestCase):
+    """
+    Mail from the sendmail command is signed when the maildrop is picked
+    up, before its commit.
+    """
+
+    def pickup(self, **dkim_table):
+        from twisted.internet.task import Clock
+
+        from twisted_mta import maildrop
+        from twisted_mta.inbound.pickup import PickupService, prepare_maildrop
+        from twisted_mta.queue.spool import Spool, run_inline
+        signer = signer_for(self, {"example.test": "ed25519-sha256"}, **dkim_table)
+        config = make_config(self.mktemp())
+        clock = Clock()
+        clock.advance(1796334547)
+        spool = Spool(config.spool, run_inline)
+        spool.create()
+        drops = prepare_maildrop(spool.path)
+        with open(os.path.join(drops, maildrop.drop_name(clock.seconds())), "wb") as f:
+            f.write(maildrop.encode(maildrop.Drop("cron@example.test", ("x@remote.test",),
+                                                  MESSAGE)))
+        queued = []
+        service = PickupService(config, spool, clock, run_inline, queued.append,
+                                wall=clock.seconds, signer=signer)
+        service.startService()
+        self.addCleanup(service.stopService)
+        [envelope] = queued
+        return spool.read_message(envelope.queue_id), envelope, signer
+
+    def test_signed(self) -> None:
+        message, envelope, signer = self.pickup()
+        self.assertTrue(message.startswith(b"DKIM-Signature:"), message[:100])
+        self.assertTrue(dkim.verify(message, dnsfunc=dnsfunc_for(signer)))
+        self.assertTrue(message.endswith(MESSAGE))
+
+    def test_not_listed(self) -> None:
+        message, _, _ = self.pickup(sign=["authenticated"])
+        self.assertNotIn(b"DKIM-Signature", message)

@@ -458,7 +458,8 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
     # The sendmail command's drops: picked up here, in the process that
     # owns the spool (never in a worker), after the manager has started.
     from twisted_mta.inbound.pickup import PickupService
-    PickupService(config, spool, reactor, run_blocking, manager.enqueue).setServiceParent(top)
+    PickupService(config, spool, reactor, run_blocking, manager.enqueue,
+                  signer=prepared.dkim).setServiceParent(top)
     if config.tlsrpt.enabled:
         make_report_schedule(config, reactor, run_blocking, spool, manager, prepared,
                              [metrics], outbound.observers).setServiceParent(top)

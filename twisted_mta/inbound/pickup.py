@@ -42,6 +42,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from twisted_mta.config import Config
+from twisted_mta.dkim import Signer, sign_queued
 from twisted_mta.local import AliasLoop, LocalDirectory, UnknownRecipient
 from twisted_mta.maildrop import (
     MAGIC, MAX_META, Drop, DropError, decode, is_drop_name, maildrop_path,
@@ -194,8 +195,10 @@ class PickupService(service.Service):
 
     def __init__(self, config: Config, spool: Spool, clock, run_blocking: RunBlocking,
                  enqueue: Callable[[Envelope], None], check: Check | None = None,
-                 interval: float = 1.0, wall: Callable[[], float] = time.time) -> None:
+                 interval: float = 1.0, wall: Callable[[], float] = time.time,
+                 signer: Signer | None = None) -> None:
         self.config = config
+        self.signer = signer  # [dkim]: signs the drops when "sendmail" is in [dkim] sign
         self.spool = spool
         self.clock = clock
         self.run_blocking = run_blocking
@@ -314,6 +317,7 @@ class PickupService(service.Service):
                                      writer.queue_id, now))
         writer.write(drop.message)
         try:
+            envelope = yield sign_queued(self.signer, writer, envelope, "sendmail")
             committed = yield writer.commit(envelope)
         except Exception:
             # A full disk: the drop stays, and the next poll tries again.
