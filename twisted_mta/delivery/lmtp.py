@@ -491,7 +491,7 @@ class LMTPDelivery:
         answered = [o for o in results.values() if o.kind == "reply"]
         if not answered:  # the session itself failed: once per attempt, not per recipient
             some = next(iter(results.values()))
-            log.info("{queue_id}: {server}: {reply}; {count} recipient(s) deferred",
+            log.info("{queue_id}: {count} recipient(s) deferred: {reply}",
                      event="lmtp.failed", queue_id=request.envelope.queue_id,
                      server=self.address, reply=str(some), count=len(results))
         return {**decided, **results}
