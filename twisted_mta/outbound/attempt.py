@@ -650,7 +650,8 @@ class Attempt:
                  source=choice.source, dane=dane.status if dane is not None else None,
                  destination=hop.key, verified=bool(creator and creator.record.verified),
                  version=creator.record.version if creator else None,
-                 cipher=creator.record.cipher if creator else None)
+                 cipher=creator.record.cipher if creator else None,
+                 chunking=client.chunking)
         return client
 
 
