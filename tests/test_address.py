@@ -56,3 +56,56 @@ class AddressTests(SynchronousTestCase):
                     "FROM:<a@" + "b" * 250 + ".test>"):
             with self.assertRaises(AddressError, msg=bad):
                 parse_mail_from(bad)
+
+
+class UTF8AddressTests(SynchronousTestCase):
+    """RFC 6531 3.3: UTF-8 in local parts and domains, only with SMTPUTF8."""
+
+    # (path, local part, domain) accepted with SMTPUTF8
+    ACCEPTED = [
+        ("用户@例子.test", "用户", "例子.test"),
+        ("jörg@Bücher.Example", "jörg", "bücher.example"),
+        ('"jö sé"@remote.test', '"jö sé"', "remote.test"),
+        ("ascii@remote.test", "ascii", "remote.test"),
+        ("δοκιμή@παράδειγμα.δοκιμή", "δοκιμή", "παράδειγμα.δοκιμή"),
+    ]
+    # paths refused even with SMTPUTF8
+    REFUSED = [
+        "a\u0085b@remote.test",  # C1 control
+        "a@ä..test",
+        "ä" * 33 + "@remote.test",  # 66 octets
+        "a@" + "ä" * 130 + ".test",  # longer than 255 octets
+        "a b@remote.test",
+        "a@\u2024.test",  # ONE DOT LEADER: not valid IDNA
+    ]
+
+    def test_accepted(self):
+        """Each UTF-8 path parses with SMTPUTF8, local part kept, domain lower-cased."""
+        for path, local, domain in self.ACCEPTED:
+            a = parse_mail_from(f"FROM:<{path}> SMTPUTF8").address
+            self.assertEqual((a.local, a.domain), (local, domain), path)
+            r = parse_rcpt_to(f"TO:<{path}>", utf8=True).address
+            self.assertEqual((r.local, r.domain), (local, domain), path)
+
+    def test_refused(self):
+        """Each bad path is refused even with SMTPUTF8."""
+        for path in self.REFUSED:
+            with self.assertRaises(AddressError, msg=path):
+                parse_rcpt_to(f"TO:<{path}>", utf8=True)
+
+    def test_needs_smtputf8(self):
+        """Without SMTPUTF8 a UTF-8 path is NonASCIIAddress (5.6.7), not a syntax error."""
+        from twisted_mta.address import NonASCIIAddress
+        for path, _, _ in self.ACCEPTED[:3]:
+            with self.assertRaises(NonASCIIAddress, msg=path):
+                parse_mail_from(f"FROM:<{path}>")
+            with self.assertRaises(NonASCIIAddress, msg=path):
+                parse_rcpt_to(f"TO:<{path}>")
+
+    def test_a_label(self):
+        """U-labels become A-labels by IDNA2008 (ß stays ß, unlike IDNA 2003's 'ss')."""
+        from twisted_mta.address import a_label
+        for u, a in (("例子.test", "xn--fsqu00a.test"), ("Straße.de", "xn--strae-oqa.de"),
+                     ("BÜCHER.example", "xn--bcher-kva.example"),
+                     ("Example.TEST", "example.test")):
+            self.assertEqual(a_label(u), a, u)

@@ -140,6 +140,18 @@ class ConvertedTests(SynchronousTestCase):
             self.assertLessEqual(len(line), 76)
         self.assertEqual(lines[-1], b"")  # the text's own CRLF stays a hard break
 
+    def test_global_report_part(self):
+        """An RFC 6533 message/global-headers part (a DSN's) is encoded as base64."""
+        import base64
+        out = downgrade(msg("Content-Type: multipart/report; boundary=b", "", "--b",
+                            "Content-Type: message/global-headers", "", "Subject: Grüße",
+                            "--b--", ""))
+        self.assertTrue(out.isascii())
+        head, _, rest = out.partition(b"Content-Type: message/global-headers\r\n")
+        encoded = rest.split(b"\r\n\r\n", 1)[1].split(b"--b--")[0]
+        self.assertIn(b"Content-Transfer-Encoding: base64", rest)
+        self.assertEqual(base64.b64decode(encoded), "Subject: Grüße".encode())
+
     def test_trailing_space_encoded(self):
         """Space at the end of a line is encoded (RFC 2045 6.7 (3))."""
         out = downgrade(msg("Content-Type: text/plain; charset=utf-8", "", "é ", ""))

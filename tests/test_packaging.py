@@ -88,7 +88,7 @@ class PackagingTests(SynchronousTestCase):
         self.assertEqual(set(runtime), {
             "twisted", "pyopenssl", "cryptography", "service-identity", "dnspython",
             "zope.interface", "attrs", "prometheus-client", "cattrs", "dkimpy", "pynacl",
-            "treq"})
+            "treq", "idna"})
         self.assertIn("<", runtime["twisted"], "Twisted needs an upper bound (private internals)")
         self.assertIn("trustme>=1.2; extra == \"test\"", meta["requires"])
 

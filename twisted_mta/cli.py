@@ -313,6 +313,8 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
             print("TLS:           " + (
                 "REQUIRETLS (verified TLS on every hop, RFC 8689)" if env.requiretls else
                 "TLS-Required: No (the recipient's DANE and MTA-STS are not enforced)"))
+        if env.smtputf8:
+            print("SMTPUTF8:      yes (UTF-8 addresses or header fields, RFC 6531)")
         print(f"Attempts:      {env.attempts}")
         if state == "hold":
             print("Next attempt:  none (held)")

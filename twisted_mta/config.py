@@ -25,6 +25,7 @@ import ipaddress
 import math
 import os
 import re
+import unicodedata
 import tomllib
 import typing
 from typing import Any, Callable, Mapping, NewType
@@ -47,6 +48,9 @@ _HOSTNAME = re.compile(
     r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
 )
 _LOCAL_PART = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$")
+# A local user's name: an RFC 5321 dot-atom character or UTF-8 (RFC 6531;
+# no C0/C1 controls), never "/" (it names a directory), at most 64 octets.
+_LOCAL_USER = re.compile(r"^[A-Za-z0-9!#$%&'*+=?^_`{|}~.\u00a0-\U0010ffff-]{1,64}$")
 _CONTACT = re.compile(
     r"^(mailto:)?[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@"
     r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
@@ -374,7 +378,8 @@ class LocalDelivery:
 class LocalSettings:
     domains: tuple[Domain, ...] = ()
     users: tuple[str, ...] = attrs.field(default=(), validator=_each(
-        lambda u: _LOCAL_PART.match(u) and not u.startswith(".") and "/" not in u,
+        lambda u: _LOCAL_USER.match(u) and not u.startswith(".") and "/" not in u
+        and len(u.encode("utf-8")) <= 64,
         "is not a valid mailbox name: {!r}"))
     mailbox: FilePath = attrs.field(default="mail/{user}/Maildir", validator=_mailbox)
     aliases: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
@@ -889,7 +894,8 @@ def _aliases(value: object, _) -> dict[str, tuple[str, ...]]:
         if not isinstance(targets, list) or not targets or \
                 not all(isinstance(t, str) for t in targets):
             raise _Invalid("must be an address or a non-empty list of addresses", name)
-        out[name.lower()] = tuple(targets)
+        # Keyed as local.LocalDirectory looks up: lower case, Unicode NFC.
+        out[unicodedata.normalize("NFC", name.lower())] = tuple(targets)
     return out
 
 

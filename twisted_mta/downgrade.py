@@ -44,6 +44,11 @@ UNSTRUCTURED = frozenset({"subject", "comments", "content-description"})
 SIGNED_TYPES = frozenset({"multipart/signed", "multipart/encrypted",
                           "application/pkcs7-mime", "application/x-pkcs7-mime"})
 IDENTITY = frozenset({"7bit", "8bit", "binary"})
+# RFC 6532 3.7 and RFC 6533 6: international messages and reports, which
+# may be encoded (base64) like any leaf.
+GLOBAL_TYPES = frozenset({"message/global", "message/global-headers",
+                          "message/global-delivery-status",
+                          "message/global-disposition-notification"})
 CRLF = b"\r\n"
 
 
@@ -162,7 +167,7 @@ def _convert(fields: list[Field], body: bytes | None, default: str, top: bool) -
         inner_fields, inner_body = _split_entity(body)
         return _join(_relabel(fields, cte),
                      _convert(inner_fields, inner_body, "text/plain", top=True))
-    if ctype.startswith("message/") and ctype != "message/global":
+    if ctype.startswith("message/") and ctype not in GLOBAL_TYPES:
         # RFC 2046 5.2: message/partial and external-body are 7-bit only.
         raise DowngradeRefused("malformed", f"a {ctype} part contains 8-bit characters")
     if cte not in IDENTITY:

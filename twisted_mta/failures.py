@@ -58,9 +58,22 @@ CAUSES: dict[str, Cause] = {
     # -- the message against the server ----------------------------------------------
     "too-big": Cause(552, "5.3.4", "the message ({size} bytes) is larger than {peer} accepts "
                                    "({limit} bytes)"),
-    "8bit": Cause(554, "5.6.3", "the message contains 8-bit characters and {peer} does not "
-                                "accept 8-bit mail (no 8BITMIME); this server does not "
-                                "convert messages to 7 bits (RFC 6152)"),
+    # 8-bit mail to a server without 8BITMIME is converted to 7 bits
+    # (downgrade.py, RFC 6152 3) unless that would break it:
+    "8bit-signed": Cause(554, "5.6.2", "{peer} does not accept 8-bit mail (no 8BITMIME), and "
+                                      "the message could not be converted to 7 bits for it: "
+                                      "{why}"),
+    "8bit-unconvertible": Cause(554, "5.6.3", "{peer} does not accept 8-bit mail (no "
+                                              "8BITMIME), and the message could not be "
+                                              "converted to 7 bits for it: {why}"),
+    # SMTPUTF8 (RFC 6531 3.2, 3.5): what needs it cannot go to a server
+    # without it (no downgrade of addresses or UTF-8 header fields).
+    "smtputf8-address": Cause(553, "5.6.7", "{peer} does not accept international (UTF-8) "
+                                            "email addresses (no SMTPUTF8), and {address} is "
+                                            "one; the message was not sent"),
+    "smtputf8-header": Cause(554, "5.6.9", "{peer} does not accept international (UTF-8) "
+                                           "mail (no SMTPUTF8), and the message has UTF-8 "
+                                           "in its header fields; the message was not sent"),
     # -- REQUIRETLS (RFC 8689 4.2.1): the message is not sent, and the sender
     # learns why at once (the RFC asks for a non-delivery notification) ------------------
     "requiretls-unsupported": Cause(

@@ -8,8 +8,11 @@ Maildir?).
 
 from __future__ import annotations
 
+import unicodedata
+
 import attrs
 
+from twisted_mta.address import AddressError, a_label
 from twisted_mta.config import LocalSettings
 
 MAX_ALIAS_DEPTH = 10
@@ -33,10 +36,21 @@ class LocalDirectory:
 
     @property
     def _users(self) -> dict[str, str]:
-        return {u.lower(): u for u in self.settings.users}
+        return {_key(u): u for u in self.settings.users}
 
     def is_local_domain(self, domain: str) -> bool:
-        return domain.lower() in self.settings.domains
+        """
+        Whether C{domain} is ours; a UTF-8 (U-label) domain is compared in
+        its A-label form, the form the configuration lists.
+        """
+        if domain.lower() in self.settings.domains:
+            return True
+        if domain.isascii():
+            return False
+        try:
+            return a_label(domain) in self.settings.domains
+        except AddressError:
+            return False
 
     @property
     def primary_domain(self) -> str:
@@ -65,7 +79,7 @@ class LocalDirectory:
         if not self.is_local_domain(domain):
             out.append(f"{local}@{domain}")
             return
-        key = local.lower()
+        key = _key(local)
         aliases = self.settings.aliases
         if (key == "postmaster" and key not in self._users and key not in aliases
                 and f"{key}@{domain}" not in aliases):
@@ -88,14 +102,26 @@ class LocalDirectory:
         local address from L{expand}; L{UnknownRecipient} if it is none.
         """
         local, _, domain = address.rpartition("@")
-        user = self._users.get(local.lower())
+        user = self._users.get(_key(local))
         if user is None or not self.is_local_domain(domain):
             raise UnknownRecipient(address)
         return user, domain.lower()
 
     def maildir_for(self, address: str) -> str:
         """
-        The Maildir path of a final local address from L{expand}.
+        The Maildir path of a final local address from L{expand}: the
+        user's name as configured (UTF-8 allowed, never "/" nor a leading
+        "."), the domain as an A-label: one safe directory name each.
         """
         user, domain = self.mailbox_of(address)
-        return self.settings.mailbox.format(user=user, domain=domain)
+        return self.settings.mailbox.format(user=user, domain=a_label(domain))
+
+
+def _key(local: str) -> str:
+    """
+    A local part as the users and aliases tables are keyed: lower case and,
+    for UTF-8 (RFC 6531), Unicode NFC, so a name typed decomposed finds
+    its mailbox.
+    """
+    key = local.lower()
+    return key if key.isascii() else unicodedata.normalize("NFC", key)

@@ -193,6 +193,9 @@ class Envelope:
     # "TLS-Required: No" header field: the recipient's published TLS policy
     # (DANE, MTA-STS) is not enforced for it.
     tls_required_no: bool = False
+    # RFC 6531: MAIL FROM had SMTPUTF8 (the addresses or the header may be
+    # UTF-8); sent on with SMTPUTF8 to servers that offer it.
+    smtputf8: bool = False
     # The queue file's length in octets (envelope header included), known
     # from the commit on and recorded with the state; 0 when unknown (the
     # header is written before it is known).  Not part of equality.
@@ -304,6 +307,7 @@ def _dump(env: Envelope) -> dict[str, Any]:
         **({"tls_override": env.tls_override} if env.tls_override else {}),
         **({"requiretls": True} if env.requiretls else {}),
         **({"tls_required_no": True} if env.tls_required_no else {}),
+        **({"smtputf8": True} if env.smtputf8 else {}),
         **({"file_size": env.file_size} if env.file_size else {}),
         "recipients": [
             {
@@ -326,7 +330,7 @@ def _dump(env: Envelope) -> dict[str, Any]:
 ENVELOPE_FIELDS = frozenset({
     "version", "queue_id", "sender", "arrival", "size", "client", "attempts",
     "next_attempt", "last_outcome", "warned", "ret", "envid", "tls_failures",
-    "tls_override", "recipients", "file_size", "requiretls", "tls_required_no"})
+    "tls_override", "recipients", "file_size", "requiretls", "tls_required_no", "smtputf8"})
 RECIPIENT_FIELDS = frozenset({
     "address", "original", "state", "outcome", "done_at", "notify", "orcpt", "dsn_pending"})
 OUTCOME_FIELDS = frozenset({
@@ -537,6 +541,7 @@ def _load(raw: dict[str, Any]) -> Envelope:
         tls_override=f.choice("tls_override", TLS_OVERRIDES),
         requiretls=f.boolean("requiretls"),
         tls_required_no=f.boolean("tls_required_no"),
+        smtputf8=f.boolean("smtputf8"),
         file_size=f.integer("file_size", 0),
     )
 

@@ -108,6 +108,10 @@ TLS_REQUIRED = R(530, "5.7.0", "Must issue a STARTTLS command first")
 # ("Encryption needed", RFC 5248) says what the client can do about it.
 REQUIRETLS_NEEDS_TLS = R(530, "5.7.10", "REQUIRETLS is only accepted over TLS: issue "
                                         "STARTTLS first")
+# RFC 6531 3.5: a UTF-8 path without the SMTPUTF8 parameter of MAIL.
+NON_ASCII_SENDER = R(550, "5.6.7", "Non-ASCII address needs SMTPUTF8: "
+                                   "MAIL FROM:<address> SMTPUTF8")
+NON_ASCII_RECIPIENT = R(553, "5.6.7", "Non-ASCII address needs SMTPUTF8 on the MAIL command")
 NO_SUCH_USER = R(550, "5.1.1", "No such user here")
 RELAY_DENIED = R(550, "5.7.1", "Relaying denied")
 MESSAGE_TOO_BIG = R(552, "5.3.4", "Message size exceeds the limit")

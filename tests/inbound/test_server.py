@@ -18,7 +18,7 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual(h.greeting, ["220 mx.example.test ESMTP"])
 
     def test_ehlo_advertises_exactly_our_extensions(self):
-        """EHLO lists PIPELINING, SIZE, 8BITMIME, ENHANCEDSTATUSCODES, DSN, CHUNKING; no STARTTLS or AUTH without TLS."""
+        """EHLO lists PIPELINING, SIZE, 8BITMIME, ENHANCEDSTATUSCODES, DSN, CHUNKING, SMTPUTF8; no STARTTLS or AUTH without TLS."""
         h = ServerHarness(self)
         self.assertEqual(h.ehlo(), [
             "250-mx.example.test Hello [192.0.2.10]",
@@ -27,6 +27,7 @@ class SessionTests(SynchronousTestCase):
             "250-8BITMIME",
             "250-ENHANCEDSTATUSCODES",
             "250-DSN",
+            "250-SMTPUTF8",
             "250 CHUNKING",
         ])
 
@@ -153,7 +154,7 @@ class SessionTests(SynchronousTestCase):
         for i in range(len(data)):
             lines += h.send(data[i:i + 1])
         self.assertEqual([line[:3] for line in lines],
-                         ["250"] * 7 + ["250", "250", "354", "250", "221"])
+                         ["250"] * 8 + ["250", "250", "354", "250", "221"])
         self.assertTrue(h.queued_messages()[0].endswith(b"\r\n.x\r\n" + b"y" * 500 + b"\r\n"))
 
     def test_rset_clears_transaction(self):
@@ -387,8 +388,8 @@ class SyntaxTests(SynchronousTestCase):
 
     def test_unknown_mail_parameter(self):
         """An unsupported MAIL parameter is 555."""
-        self.assertEqual(self.h.send("MAIL FROM:<a@remote.test> SMTPUTF8\r\n"),
-                         ["555 5.5.4 Unsupported MAIL parameter SMTPUTF8"])
+        self.assertEqual(self.h.send("MAIL FROM:<a@remote.test> XFOO\r\n"),
+                         ["555 5.5.4 Unsupported MAIL parameter XFOO"])
 
     def test_unknown_rcpt_parameter(self):
         """An unsupported RCPT parameter is 555."""
@@ -449,8 +450,17 @@ class SyntaxTests(SynchronousTestCase):
                          ["250 2.1.0 Sender ok"])
 
     def test_non_ascii_command(self):
-        """8-bit octets in a command are refused (no SMTPUTF8)."""
+        """
+        UTF-8 in a path without SMTPUTF8 is 550 5.6.7 (RFC 6531 3.5); 8-bit
+        octets in any other command, or that are not UTF-8, are invalid
+        characters (tests.inbound.test_smtputf8 has the whole table).
+        """
         self.assertEqual(self.h.send("MAIL FROM:<jösé@remote.test>\r\n".encode("utf-8")),
+                         ["550 5.6.7 Non-ASCII address needs SMTPUTF8: "
+                          "MAIL FROM:<address> SMTPUTF8"])
+        self.assertEqual(self.h.send("HELP ö\r\n".encode("utf-8")),
+                         ["500 5.5.2 Invalid character in command"])
+        self.assertEqual(self.h.send(b"MAIL FROM:<j\xf6s\xe9@remote.test>\r\n"),
                          ["500 5.5.2 Invalid character in command"])
 
     def test_nul_in_command(self):

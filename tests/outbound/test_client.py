@@ -372,17 +372,6 @@ class TransactionTests(SynchronousTestCase):
         self.assertEqual(s.sent()[0], b"MAIL FROM:<b@x.test> SIZE=18")
         self.assertEqual(s.client.messages, 2)
 
-    def test_eight_bit_to_server_without_8bitmime(self):
-        """8-bit content to a server without 8BITMIME is refused with a clear reason before MAIL (RFC 6152)."""
-        s = Session(self)
-        s.establish(b"250-mx.peer.test\r\n250 PIPELINING\r\n")
-        results = self.send(s, Transaction("a@x.test", ("x@peer.test",),
-                                           message("Subject: caf\u00e9\r\n\r\n\u00e9\r\n".encode())))
-        self.assertEqual(s.sent(), [])
-        r = results[0]["x@peer.test"]
-        self.assertEqual((r.code, r.enhanced), (554, "5.6.3"))
-        self.assertIn("8BITMIME", r.text)
-
     def test_eight_bit_declared(self):
         """8-bit content goes with BODY=8BITMIME when the server takes it."""
         s = Session(self)

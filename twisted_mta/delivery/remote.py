@@ -56,7 +56,7 @@ class RemoteDelivery:
                               age=request.now - envelope.arrival,
                               attempts=envelope.attempts, tls_failures=envelope.tls_failures,
                               tls_override=envelope.tls_override,
-                              requiretls=envelope.requiretls)
+                              requiretls=envelope.requiretls, smtputf8=envelope.smtputf8)
             sent.append(self.pool.deliver(hop, txn))
         results: dict[str, Outcome] = {}
         for part in (yield defer.gatherResults(sent, consumeErrors=True)):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import email.utils
 import re
 import textwrap
+import uuid
 from datetime import datetime, timezone
 from email.message import Message
 from email.mime.multipart import MIMEMultipart
@@ -143,8 +144,8 @@ def _status_fields(hostname: str, envelope: Envelope, failed: Iterable[FailedRec
             kind, _, address = r.orcpt.partition(";")
             block["Original-Recipient"] = _field(f"{kind}; {address}")
         elif r.original:
-            block["Original-Recipient"] = _field(f"rfc822; {r.original}")
-        block["Final-Recipient"] = _field(f"rfc822; {r.address}")
+            block["Original-Recipient"] = _field(f"{_address_type(r.original)}; {r.original}")
+        block["Final-Recipient"] = _field(f"{_address_type(r.address)}; {r.address}")
         block["Action"] = f.action or ("failed" if until is None else "delayed")
         outcome = r.outcome
         if f.action:
@@ -163,6 +164,11 @@ def _status_fields(hostname: str, envelope: Envelope, failed: Iterable[FailedRec
             block["Will-Retry-Until"] = _date(until)
         blocks.append(block)
     return blocks
+
+
+def _address_type(address: str) -> str:
+    """RFC 6533 3: a UTF-8 address is of type "utf-8", in a global report."""
+    return "rfc822" if address.isascii() else "utf-8"
 
 
 _SAID = re.compile(r" said: (.*) \(in reply to [^)]*\)$", re.S)
@@ -231,22 +237,51 @@ def _report(hostname: str, envelope: Envelope, recipients: list[FailedRecipient]
     report["Auto-Submitted"] = "auto-replied"
     text = _human(hostname, envelope, recipients, until, success, full)
     report.attach(MIMEText(text, "plain", "us-ascii" if text.isascii() else "utf-8"))
+    # RFC 6533: the report on an international message (SMTPUTF8) is a
+    # global one: UTF-8 addresses in its header and its status fields (type
+    # "utf-8"), message/global-delivery-status and message/global-headers
+    # (message/global for RET=FULL); it goes back with SMTPUTF8.
+    utf8 = envelope.smtputf8 or not to.isascii()
+    policy = SMTP.clone(max_line_length=998, utf8=utf8)
     status = Message()
-    status["Content-Type"] = "message/delivery-status"
-    status.set_payload(_status_fields(hostname, envelope, recipients, now, until))
+    blocks = _status_fields(hostname, envelope, recipients, now, until)
+    # The email package writes a message/* payload only as ASCII text: the
+    # 8-bit parts go in as placeholders, replaced by their octets after.
+    raw: dict[bytes, bytes] = {}
+
+    def octets(data: bytes) -> str:
+        token = f"@@{uuid.uuid4().hex}@@"
+        raw[token.encode("ascii")] = data
+        return token
+
+    if utf8:
+        status["Content-Type"] = "message/global-delivery-status"
+        status["Content-Transfer-Encoding"] = "8bit"
+        status.set_payload(octets(b"".join(b.as_bytes(policy=policy) for b in blocks)))
+    else:
+        status["Content-Type"] = "message/delivery-status"
+        for block in blocks:  # a server's reply may have had UTF-8 in its words
+            for name, value in block.items():
+                if not value.isascii():
+                    block.replace_header(name, value.encode("ascii", "replace").decode())
+        status.set_payload(blocks)
     report.attach(status)
     headers = Message()
     if full:
-        headers["Content-Type"] = "message/rfc822"
+        headers["Content-Type"] = "message/global" if utf8 else "message/rfc822"
     else:
-        headers["Content-Type"] = "text/rfc822-headers"
+        headers["Content-Type"] = "message/global-headers" if utf8 else "text/rfc822-headers"
         original_headers = _header_section(original_headers)
     headers["Content-Transfer-Encoding"] = "8bit"
-    headers.set_payload(original_headers.decode("utf-8", "replace"))
+    # The original octets as they came (8-bit header fields included).
+    headers.set_payload(octets(original_headers))
     report.attach(headers)
     # Long fields stay on one line (up to RFC 5322's 998): folding right
     # after "Diagnostic-Code:" trips simple parsers.
-    return report.as_bytes(policy=SMTP.clone(max_line_length=998))
+    out = report.as_bytes(policy=policy)
+    for token, data in raw.items():
+        out = out.replace(token, data, 1)
+    return out
 
 
 REDACTED_NOTE = (

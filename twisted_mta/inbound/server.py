@@ -50,7 +50,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_mta import reply
-from twisted_mta.address import Address, AddressError, parse_mail_from, parse_rcpt_to
+from twisted_mta.address import (
+    Address, AddressError, NonASCIIAddress, parse_mail_from, parse_rcpt_to,
+)
 from twisted_mta.config import Config
 from twisted_mta.dkim import Signer, sign_queued, sign_source
 from twisted_mta.dsn import params as dsn_params
@@ -73,7 +75,9 @@ RECIPIENT_OVERSHOOT = 1000
 # header stays within RFC 5322's 998 octets per line.
 HELO_NAME_MAX = 255
 # Control characters (but TAB) and 8-bit octets: commands are ASCII (RFC 5321 2.4).
-_FORBIDDEN_COMMAND_BYTES = bytes(b for b in range(256) if b < 32 and b != 9 or b >= 127)
+_FORBIDDEN_COMMAND_BYTES = bytes(b for b in range(256) if b < 32 and b != 9 or b == 127)
+# UTF-8 is allowed in the paths of MAIL and RCPT (RFC 6531 3.3), nowhere else.
+_UTF8_VERBS = frozenset({"MAIL", "RCPT"})
 
 
 class AuthFailureLimiter:
@@ -601,11 +605,19 @@ class InboundESMTP(smtp.ESMTP):
         if len(line.translate(None, _FORBIDDEN_COMMAND_BYTES)) != len(line):
             self.send(reply.INVALID_CHARS)
             return
-        text = line.decode("ascii").strip(" \t")
+        try:
+            text = line.decode("utf-8").strip(" \t")
+        except UnicodeDecodeError:
+            self.send(reply.INVALID_CHARS)
+            return
         if not text:
             self.send(reply.BAD_SYNTAX)
             return
         verb, _, arg = text.partition(" ")
+        if not text.isascii() and (verb.upper() not in _UTF8_VERBS
+                                   or any("\x80" <= c <= "\x9f" for c in text)):
+            self.send(reply.INVALID_CHARS)
+            return
         handler = getattr(self, "smtp_" + verb.upper(), None)
         if handler is None:
             self.send(reply.UNKNOWN_COMMAND)
@@ -631,8 +643,14 @@ class InboundESMTP(smtp.ESMTP):
         self._overshoot = 0  # RCPTs refused for the recipient limit
 
     @property
+    def smtputf8(self) -> bool:
+        """The transaction's MAIL had SMTPUTF8 (RFC 6531)."""
+        return "SMTPUTF8" in self.mail_params
+
+    @property
     def protocol_name(self) -> str:
-        name = "ESMTP" if self.esmtp else "SMTP"
+        # RFC 6531 4 (and 3.7.3): UTF8SMTP, UTF8SMTPS, UTF8SMTPA, UTF8SMTPSA.
+        name = "UTF8SMTP" if self.smtputf8 else ("ESMTP" if self.esmtp else "SMTP")
         if self.tls_active:
             name += "S"
         if self.user is not None:
@@ -683,6 +701,7 @@ class InboundESMTP(smtp.ESMTP):
             b"8BITMIME": None,
             b"ENHANCEDSTATUSCODES": None,
             b"DSN": None,
+            b"SMTPUTF8": None,  # RFC 6531 (with 8BITMIME, as 3.1 item 8 requires)
         }
         if self.config.inbound.chunking:
             ext[b"CHUNKING"] = None
@@ -739,6 +758,9 @@ class InboundESMTP(smtp.ESMTP):
             return
         try:
             parsed = parse_mail_from(arg)
+        except NonASCIIAddress:
+            self.send(reply.NON_ASCII_SENDER)
+            return
         except AddressError as e:
             if not arg.upper().startswith("FROM:"):
                 self.send(reply.BAD_MAIL_SYNTAX)
@@ -778,6 +800,9 @@ class InboundESMTP(smtp.ESMTP):
             elif key == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                     return reply.PARAM_UNKNOWN.with_text("BODY must be 7BIT or 8BITMIME")
+            elif key == "SMTPUTF8":  # RFC 6531 3.4: a keyword without a value
+                if value is not None:
+                    return reply.BAD_MAIL_SYNTAX.with_text("Syntax: SMTPUTF8 takes no value")
             elif key == "AUTH":
                 continue  # RFC 4954 5: ignored from unauthenticated clients
             elif key == "REQUIRETLS":  # RFC 8689 2: a keyword without a value
@@ -803,7 +828,10 @@ class InboundESMTP(smtp.ESMTP):
             self.send(reply.RCPT_AFTER_BDAT)
             return
         try:
-            parsed = parse_rcpt_to(arg)
+            parsed = parse_rcpt_to(arg, utf8=self.smtputf8)
+        except NonASCIIAddress:
+            self.send(reply.NON_ASCII_RECIPIENT)
+            return
         except AddressError as e:
             if not arg.upper().startswith("TO:"):
                 self.send(reply.BAD_RCPT_SYNTAX)
@@ -1035,6 +1063,7 @@ class InboundESMTP(smtp.ESMTP):
             envid=(dsn_params.parse_envid(self.mail_params["ENVID"])
                    if self.mail_params.get("ENVID") else None),
             requiretls="REQUIRETLS" in self.mail_params,
+            smtputf8=self.smtputf8,
         )
 
     def _received_header(self, queue_id: str) -> bytes:
@@ -1087,6 +1116,7 @@ class InboundESMTP(smtp.ESMTP):
                  recipients=[r.address for r in envelope.recipients],
                  size=envelope.size, peer=self.peer_ip, requiretls=envelope.requiretls,
                  command="BDAT" if self._bdat_chunks else "DATA", chunks=self._bdat_chunks,
+                 smtputf8=envelope.smtputf8,
                  tls_required_no=envelope.tls_required_no)
         self.factory.storage.stored(self.factory.clock.seconds())
         self._reset_transaction()

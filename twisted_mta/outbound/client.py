@@ -29,17 +29,23 @@ from typing import Callable
 import attrs
 from twisted.internet import defer, error, interfaces
 from twisted.mail import smtp
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_mta import failures
+from twisted_mta.address import AddressError, a_label
+from twisted_mta.downgrade import DowngradeRefused
 from twisted_mta.dsn.params import xtext_encode
+from twisted_mta.outbound import message as outgoing
 from twisted_mta.outbound.message import OutgoingMessage
 from twisted_mta.tls.dane import DaneVerdict
 from twisted_mta.tls.handshake import PolicyCreator, evaluate
 from twisted_mta.tls.failure import TLSFailure, classify_handshake_error
 from twisted_mta.tls.policy import TLSRequirements
 from twisted_mta.model import Outcome
+
+log = Logger()
 
 
 
@@ -67,6 +73,7 @@ class Transaction:
     tls_failures: int = 0
     tls_override: str | None = None  # the operator's one-shot "relaxed" or "cleartext"
     requiretls: bool = False  # RFC 8689: MAIL FROM carries REQUIRETLS
+    smtputf8: bool = False  # RFC 6531: received with SMTPUTF8 (UTF-8 addresses or header)
 
 
 class SessionFailed(Exception):
@@ -384,12 +391,83 @@ class OutboundClient(smtp.ESMTPClient):
             state.abort(refusal)
             self._txn = None
             return state.done
+        utf8 = txn.smtputf8 and "SMTPUTF8" in self.capabilities
+        if txn.smtputf8 and not utf8:
+            refusal = self._utf8_refusal(txn, state)
+            if refusal is not None:
+                state.abort(refusal)
+                self._txn = None
+                return state.done
+        if txn.message.eight_bit and "8BITMIME" not in self.capabilities:
+            # RFC 6152 3: convert to 7 bits (in the I/O pool) instead of bouncing.
+            state.stage = "the 7-bit conversion"
+            run = self.run_blocking or (lambda f, *a: defer.maybeDeferred(f, *a))
+            d = run(outgoing.seven_bit, txn.message)
+            d.addCallbacks(lambda m: self._begin(state, attrs.evolve(txn, message=m), utf8),
+                           lambda f: self._conversion_failed(state, f))
+            return state.done
+        self._begin(state, txn, utf8)
+        return state.done
+
+    def _utf8_refusal(self, txn: Transaction, state: "_TransactionState") -> Outcome | None:
+        """
+        A message received with SMTPUTF8, for a server without it (RFC 6531
+        3.2): an address whose local part is UTF-8 cannot go (5.6.7; a
+        UTF-8 domain goes as its A-label), nor UTF-8 header fields (5.6.9).
+        A recipient that cannot go gets its outcome in C{state}; the
+        returned outcome (for all) when nothing can.
+        """
+        if _wire_address(txn.sender) is None:
+            return failures.outcome("smtputf8-address", remote_mta=self._remote(),
+                                    peer=self.peer, address=f"the sender <{txn.sender}>")
+        if txn.message.header_eight_bit:
+            return failures.outcome("smtputf8-header", remote_mta=self._remote(),
+                                    peer=self.peer)
+        for rcpt in txn.recipients:
+            if _wire_address(rcpt) is None:
+                state.results[rcpt] = failures.outcome(
+                    "smtputf8-address", remote_mta=self._remote(), peer=self.peer,
+                    address=f"the recipient <{rcpt}>")
+        if len(state.results) == len(txn.recipients):
+            return state.results[txn.recipients[0]]
+        return None
+
+    def _conversion_failed(self, state: "_TransactionState", failure: Failure) -> None:
+        if state.finished:
+            return
+        if failure.check(DowngradeRefused):
+            e = failure.value
+            kind = "8bit-signed" if e.signed else "8bit-unconvertible"
+            log.info("{queue_id}: not converted to 7 bits for {peer}: {why}",
+                     event="outbound.downgrade-refused", queue_id=state.txn.queue_id,
+                     peer=self.peer, reason=e.reason, why=e.words)
+            outcome = failures.outcome(kind, remote_mta=self._remote(), peer=self.peer,
+                                       why=e.words)
+        else:
+            outcome = failures.outcome("message-unreadable", why=failure.getErrorMessage())
+        state.abort(outcome)
+
+    def _begin(self, state: "_TransactionState", txn: Transaction, utf8: bool) -> None:
+        """
+        Send the transaction's commands (C{utf8}: with SMTPUTF8).
+        """
+        if state.finished:  # the connection broke while the message was converted
+            return
+        if state.txn.message is not txn.message:
+            log.info("{queue_id}: converted to 7 bits for {peer} (no 8BITMIME), "
+                     "{before} -> {after} octets", event="outbound.downgraded",
+                     queue_id=txn.queue_id, peer=self.peer, before=state.txn.message.size,
+                     after=txn.message.size)
+        state.txn = txn
+        state.stage = "MAIL FROM"
         params = []
         if "SIZE" in self.capabilities:
             extra = len(self.trace.encode("utf-8", "replace")) + 2 if self.trace else 0
             params.append(f"SIZE={txn.message.size + extra}")
         if txn.message.eight_bit:
             params.append("BODY=8BITMIME")
+        if utf8:
+            params.append("SMTPUTF8")
         dsn = "DSN" in self.capabilities
         if dsn and txn.ret:
             params.append(f"RET={txn.ret}")
@@ -398,7 +476,8 @@ class OutboundClient(smtp.ESMTPClient):
         if txn.requiretls:
             params.append("REQUIRETLS")
         state.dsn_passed = dsn
-        mail = ("MAIL FROM:<%s>" % txn.sender + "".join(" " + p for p in params)).encode()
+        sender = txn.sender if utf8 else _wire_address(txn.sender)
+        mail = ("MAIL FROM:<%s>" % sender + "".join(" " + p for p in params)).encode()
         commands: list[tuple[str, bytes, str | None]] = []
         if self._needs_rset:
             commands.append(("RSET", b"RSET", None))
@@ -406,7 +485,9 @@ class OutboundClient(smtp.ESMTPClient):
         commands.append(("MAIL", mail, None))
         requests = dict(zip(txn.recipients, txn.dsn))
         for rcpt in txn.recipients:
-            line = f"RCPT TO:<{rcpt}>"
+            if rcpt in state.results:  # refused already (a UTF-8 address, no SMTPUTF8)
+                continue
+            line = f"RCPT TO:<{rcpt if utf8 else _wire_address(rcpt)}>"
             notify, orcpt = requests.get(rcpt, (None, None))
             if dsn and notify is not None:
                 line += " NOTIFY=" + (",".join(notify) or "NEVER")
@@ -419,7 +500,6 @@ class OutboundClient(smtp.ESMTPClient):
         else:
             commands.append(("DATA", b"DATA", None))
         state.start(commands, self.pipelining)
-        return state.done
 
     def _refuse(self, txn: Transaction) -> Outcome | None:
         """
@@ -429,8 +509,6 @@ class OutboundClient(smtp.ESMTPClient):
         if limit.isdigit() and int(limit) > 0 and txn.message.size > int(limit):
             return failures.outcome("too-big", remote_mta=self._remote(),
                                     size=txn.message.size, peer=self.peer, limit=limit)
-        if txn.message.eight_bit and "8BITMIME" not in self.capabilities:
-            return failures.outcome("8bit", remote_mta=self._remote(), peer=self.peer)
         if txn.requiretls and not (self.requiretls and self.tls_done
                                    and "REQUIRETLS" in self.capabilities):
             # Never on a session that was not set up (and checked) for it.
@@ -452,6 +530,23 @@ class OutboundClient(smtp.ESMTPClient):
         self._txn = None
         self._needs_rset = needs_rset
         self.setTimeout(None)
+
+
+def _wire_address(address: str) -> str | None:
+    """
+    C{address} as it may go to a server without SMTPUTF8: ASCII as it is,
+    a UTF-8 domain as its A-label; None when the local part is UTF-8 (or
+    the domain is not valid IDNA).
+    """
+    if address.isascii():
+        return address
+    local, at, domain = address.rpartition("@")
+    if not at or not local.isascii():
+        return None
+    try:
+        return f"{local}@{a_label(domain)}"
+    except AddressError:
+        return None
 
 
 class _TransactionState:

@@ -18,6 +18,7 @@ import os
 
 import attrs
 
+from twisted_mta.downgrade import downgrade
 from twisted_mta.model import Envelope, EnvelopeError, header_end
 from twisted_mta.queue.spool import length_problem
 
@@ -70,6 +71,9 @@ class OutgoingMessage:
     eight_bit: bool  # contains octets above 127 (needs 8BITMIME)
     data: bytes | None  # the stuffed message with its final ".", if made already
     body: bytes | None = None  # the message as stored, when small enough (BDAT sends it)
+    # The header section has octets above 127 (UTF-8 header fields, RFC
+    # 6532: a message flagged SMTPUTF8 then needs a server that has it).
+    header_eight_bit: bool = False
 
     def stuffed(self) -> bytes | None:
         """
@@ -124,14 +128,45 @@ def load(path: str, expect: Envelope | None = None) -> OutgoingMessage:
             if problem:
                 raise EnvelopeError(problem)
         size = total - start
+        header_8 = not _header_section(head[start:]).isascii()
         if size <= WHOLE_LIMIT and len(head) == total:
             body = head[start:]
             return OutgoingMessage(path=path, offset=start, size=size,
-                                   eight_bit=not body.isascii(), data=None, body=body)
+                                   eight_bit=not body.isascii(), data=None, body=body,
+                                   header_eight_bit=header_8)
         eight_bit = not head[start:].isascii()
         while not eight_bit:
             chunk = f.read(CHUNK)
             if not chunk:
                 break
             eight_bit = not chunk.isascii()
-    return OutgoingMessage(path=path, offset=start, size=size, eight_bit=eight_bit, data=None)
+    return OutgoingMessage(path=path, offset=start, size=size, eight_bit=eight_bit, data=None,
+                           header_eight_bit=header_8)
+
+
+def _header_section(message: bytes) -> bytes:
+    """
+    The header section (all of C{message} when its end is not in it: a
+    header longer than what was read counts as the header).
+    """
+    end = message.find(b"\r\n\r\n")
+    return message if end < 0 else message[:end + 2]
+
+
+def seven_bit(message: OutgoingMessage) -> OutgoingMessage:
+    """
+    The message converted to 7 bits for a server without 8BITMIME
+    (L{twisted_mta.downgrade}), blocking: run it in the I/O pool.  Read
+    and converted in memory (the message is at most [limits]
+    message_size); raises L{twisted_mta.downgrade.DowngradeRefused} when
+    it must not be converted.
+    """
+    with open(message.path, "rb") as f:
+        f.seek(message.offset)
+        raw = f.read(message.size + 1)
+    if len(raw) != message.size:
+        raise EnvelopeError(f"{message.path}: the queue file changed size since it was read")
+    converted = downgrade(raw)
+    return attrs.evolve(message, size=len(converted), eight_bit=False, data=None,
+                        body=converted,
+                        header_eight_bit=not _header_section(converted).isascii())

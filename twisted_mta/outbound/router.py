@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import attrs
 
+from twisted_mta.address import AddressError, a_label
 from twisted_mta.config import OutboundSettings, Smarthost
 
 @attrs.frozen
@@ -50,8 +51,21 @@ def next_hops(addresses, outbound: OutboundSettings = OutboundSettings(),
     hops: dict[NextHop, list[str]] = {}
     no = tls_required_no and not requiretls and outbound.tls.honor_tls_required_no
     for address in addresses:
-        domain = address.rpartition("@")[2]
-        hop = NextHop(domain=domain.lower(), smarthost=outbound.smarthost_for(domain),
+        domain = _ascii_domain(address.rpartition("@")[2])
+        hop = NextHop(domain=domain, smarthost=outbound.smarthost_for(domain),
                       requiretls=requiretls, tls_required_no=no)
         hops.setdefault(hop, []).append(address)
     return {hop: tuple(addrs) for hop, addrs in hops.items()}
+
+
+def _ascii_domain(domain: str) -> str:
+    """
+    The domain as DNS, smarthost and TLS policy entries know it: a UTF-8
+    domain (SMTPUTF8, RFC 6531 3.2) as its A-label.  One that is not
+    valid IDNA (the server refuses those) stays as it is and fails its
+    MX lookup.
+    """
+    try:
+        return a_label(domain)
+    except AddressError:
+        return domain.lower()

@@ -144,7 +144,9 @@ class Notices:
             # RFC 8689 5: the report of a REQUIRETLS message is REQUIRETLS too.
             dsn = yield self.spool.queue_local(
                 report, sender="", recipients=(Recipient(address=to),), arrival=now,
-                next_attempt=now, client=client, requiretls=envelope.requiretls)
+                next_attempt=now, client=client, requiretls=envelope.requiretls,
+                # RFC 6533: the report on an international message is one too.
+                smtputf8=envelope.smtputf8 or not to.isascii())
         except OSError as e:
             return self._not_queued(qid, to, e)
         except Exception:
