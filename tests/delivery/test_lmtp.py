@@ -11,6 +11,7 @@ import os
 from twisted.internet import defer, error
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.protocols.basic import LineOnlyReceiver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -377,3 +378,85 @@ class RouterTests(SynchronousTestCase):
         router = make_local_target(everything.local, "mx", Clock(), sync)
         self.assertIs(router.target_for("a@example.test"), router.target_for("b@example.org"))
         self.assertIsInstance(router.target_for("a@example.org"), LMTPDelivery)
+
+
+# -- over an in-memory connection (iosim) ----------------------------------------
+
+
+class TinyLMTPServer(LineOnlyReceiver):
+    """
+    Just enough of an LMTP server (RFC 2033) to talk to: replies from
+    C{answers} (address -> code after the dot), the message kept unstuffed.
+    """
+
+    delimiter = b"\r\n"
+    MAX_LENGTH = 1 << 20
+
+    def __init__(self, answers: dict[bytes, int]) -> None:
+        self.answers = answers
+        self.rcpts: list[bytes] = []
+        self.lines: list[bytes] | None = None
+        self.message: bytes | None = None
+
+    def connectionMade(self):
+        self.sendLine(b"220 tiny LMTP")
+
+    def lineReceived(self, line):
+        if self.lines is not None:
+            if line == b".":
+                self.message = b"".join(x + b"\r\n" for x in self.lines)
+                self.lines = None
+                for rcpt in self.rcpts:
+                    code = self.answers.get(rcpt, 250)
+                    self.sendLine(b"%d %s <%s>" % (code, b"2.0.0 saved" if code == 250
+                                                   else b"4.2.2 full", rcpt))
+                return
+            self.lines.append(line[1:] if line.startswith(b".") else line)
+            return
+        verb = line[:4].upper()
+        if verb == b"LHLO":
+            # Split across two writes: the client must join a reply's lines.
+            self.transport.write(b"250-tiny\r\n250-PIPE")
+            self.transport.write(b"LINING\r\n250 8BITMIME\r\n")
+        elif verb == b"MAIL":
+            self.sendLine(b"250 2.1.0 ok")
+        elif verb == b"RCPT":
+            self.rcpts.append(line[9:-1])
+            self.sendLine(b"250 2.1.5 ok")
+        elif verb == b"DATA":
+            self.lines = []
+            self.sendLine(b"354 go ahead")
+        elif verb == b"QUIT":
+            self.sendLine(b"221 bye")
+            self.transport.loseConnection()
+
+
+class InMemoryConnectionTests(SynchronousTestCase):
+    def test_large_message_streamed_and_answered_per_recipient(self):
+        """A 2.5 MiB message (sent from the file in chunks, not from memory) with dot lines at chunk boundaries arrives byte for byte; each recipient gets its own reply, over a connection pumped by iosim."""
+        from twisted.test import iosim
+
+        from twisted_mta.outbound import message as outgoing
+        base = self.mktemp()
+        os.makedirs(base)
+        path = os.path.join(base, "queued")
+        env = Envelope(queue_id="Q1", sender="s@remote.test", arrival=1.0,
+                       recipients=(Recipient(A), Recipient(B)))
+        line = b"." + b"x" * 1021 + b"\r\n"  # 1 KiB lines, each starting with a dot
+        head = b"Subject: " + b"b" * (1024 - 13) + b"\r\n\r\n"  # 1 KiB: a line starts
+        body = head + line * 2560  # at each 1 MiB chunk boundary of outbound.message
+        with open(path, "wb") as f:
+            f.write(env.to_header() + body)
+        message = outgoing.load(path, None)
+        self.assertIsNone(message.stuffed(), "the message was not too big for memory")
+        clock = Clock()
+        client = LMTPClient(LMTPJob("s@remote.test", ((A, A), (B, B)), message), PEER, clock,
+                            LMTPTimeouts(), "mx.example.test", sync)
+        server = TinyLMTPServer({B.encode(): 452})
+        pump = iosim.connect(server, iosim.makeFakeServer(server),
+                             client, iosim.makeFakeClient(client))
+        pump.flush()
+        results = self.successResultOf(client.done)
+        self.assertEqual({a: o.code for a, o in results.items()}, {A: 250, B: 452})
+        self.assertEqual(server.message, body)
+        self.assertEqual(clock.getDelayedCalls(), [])
