@@ -358,6 +358,15 @@ class RouterTests(SynchronousTestCase):
         self.failureResultOf(LocalRouter(maildir, {"lmtp.test": lmtp}).deliver(self.request()),
                              MessageGone)
 
+    def test_targets_provide_the_interface(self):
+        """Both new targets satisfy IDeliveryTarget (the manager's Targets checks providedBy)."""
+        from zope.interface.verify import verifyObject
+        config = make_config(self.mktemp(), local={"lmtp": {"address": "unix:/run/l"}})
+        lmtp = LMTPDelivery(LocalDirectory(config.local), "unix:/run/l", "{user}",
+                            config.local.lmtp, "mx", Clock(), sync, connect=FakeServer().connect)
+        self.assertTrue(verifyObject(IDeliveryTarget, lmtp))
+        self.assertTrue(verifyObject(IDeliveryTarget, LocalRouter(lmtp, {})))
+
     def test_make_local_target(self):
         """Maildir everywhere (the default) is the Maildir target alone; a route makes a router whose LMTP domains share one target per server and recipient form."""
         base = self.mktemp()
