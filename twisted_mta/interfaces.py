@@ -50,8 +50,8 @@ class IFallbackDecider(Interface):
 
 class IDeliveryTarget(Interface):
     """
-    Where the queue manager hands recipients: local Maildirs, a remote
-    server by SMTP (and later LMTP).  The manager calls every target the
+    Where the queue manager hands recipients: local Maildirs, an LMTP
+    server for local mail, a remote server by SMTP.  The manager calls every target the
     same way and imports none of them; the service builder plugs them in.
     """
 

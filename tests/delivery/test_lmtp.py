@@ -288,6 +288,20 @@ class TargetTests(SynchronousTestCase):
         self.assertEqual(event["count"], 2)
         self.assertEqual(event["server"], "unix:/run/lmtp")
 
+    def test_connector(self):
+        """unix: connects to the socket path, tcp: to the address and port, with connect_timeout."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from twisted_mta.delivery.lmtp import lmtp_connector
+        reactor = MemoryReactorClock()
+        client = Session().client
+        lmtp_connector(reactor, "unix:/run/dovecot/lmtp", 7)(client)
+        lmtp_connector(reactor, "tcp:127.0.0.1:24", 8)(client)
+        lmtp_connector(reactor, "tcp:[::1]:2424", 9)(client)
+        self.assertEqual([(c[0], c[2]) for c in reactor.unixClients], [("/run/dovecot/lmtp", 7)])
+        self.assertEqual([(c[0], c[1], c[3]) for c in reactor.tcpClients],
+                         [("127.0.0.1", 24, 8), ("::1", 2424, 9)])
+
     def test_message_gone(self):
         """A vanished queue file is MessageGone, as for the Maildir target."""
         os.remove(self.path)

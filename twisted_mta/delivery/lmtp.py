@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_mta import failures
-from twisted_mta.config import LMTPSettings, parse_lmtp_address
+from twisted_mta.config import LMTPSettings, is_ip, parse_lmtp_address
 from twisted_mta.interfaces import IDeliveryTarget
 from twisted_mta.local import LocalDirectory, UnknownRecipient
 from twisted_mta.model import DeliveryRequest, MessageGone, Outcome
@@ -398,7 +398,7 @@ def lmtp_connector(reactor, address: str, timeout: float) -> Connect:
         endpoint = endpoints.UNIXClientEndpoint(reactor, where, timeout=timeout)
     elif ":" in where:
         endpoint = endpoints.TCP6ClientEndpoint(reactor, where, port, timeout=timeout)
-    elif where.replace(".", "").isdigit():
+    elif is_ip(where):
         endpoint = endpoints.TCP4ClientEndpoint(reactor, where, port, timeout=timeout)
     else:
         endpoint = endpoints.HostnameEndpoint(reactor, where, port, timeout=timeout)
