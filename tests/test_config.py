@@ -378,6 +378,9 @@ class OutboundConfigTests(SynchronousTestCase):
         self.assertIn("outbound.routes.bad domain!: must be a domain",
                       self.error('[outbound.routes."bad domain!"]\nhost = "r.test"\n'))
         self.assertIn("unknown key", self.error('[outbound]\nsmarthosts = 1\n'))
+        self.assertIn("sendmail.domain: is not a valid host name",
+                      self.error('[sendmail]\ndomain = "bad domain"\n'))
+        self.assertIn("sendmail.maildrop: unknown key", self.error('[sendmail]\nmaildrop = 1\n'))
 
     def test_dns_nameservers(self):
         c = self.load('[dns]\nnameservers = ["127.0.0.1:5353", "[::1]:53", "192.0.2.1"]\n'

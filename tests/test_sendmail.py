@@ -237,6 +237,14 @@ class SubmissionTests(unittest.TestCase):
         self.assertEqual(caught.exception.status, EX_USAGE)
         self.assertIn("bad recipient address 'a b@c'", str(caught.exception))
 
+    def test_only_ascii_addresses(self) -> None:
+        # The pickup takes ASCII addresses only: refused here, not after exit 0.
+        for sender, rcpt in (("", "jöran@example.test"), ("jöran@example.test", "bob")):
+            with self.subTest(sender=sender, rcpt=rcpt):
+                with self.assertRaises(Failed) as caught:
+                    self.sub.make(b"hi\r\n", sender, [rcpt], False, None)
+                self.assertIn(caught.exception.status, (EX_USAGE, EX_DATAERR))
+
     def test_full_name_flag_wins_over_gecos(self) -> None:
         drop = self.sub.make(b"hi\r\n", "", ["bob"], False, "Cron Daemon")
         self.assertIn(b"From: Cron Daemon <alice@mx.example.test>\r\n", drop.message)
@@ -393,6 +401,14 @@ class LocalSMTPTests(unittest.TestCase):
         self.assertIn(b"From: Alice Liddell <alice@mx.example.test>\r\n", drop.message)
         self.assertIn(b"Message-ID: <", drop.message)
         self.assertIn(f"Ok: dropped as {os.listdir(self.maildrop)[0]}".encode(), out)
+
+    def test_utf8_sender_refused_before_250(self) -> None:
+        out = self.dialogue([b"EHLO c\r\n", "MAIL FROM:<jöran@example.test> SMTPUTF8\r\n".encode(),
+                             b"RCPT TO:<bob@example.test>\r\n", b"DATA\r\n", b"hi\r\n",
+                             b".\r\n"])
+        last = [line for line in out.split(b"\r\n") if line][-1]
+        self.assertFalse(last.startswith(b"250"), out)
+        self.assertEqual(self.drops(), [])
 
     def test_sequence_errors(self) -> None:
         out = self.dialogue([b"RCPT TO:<a@b.test>\r\n", b"DATA\r\n", b"MAIL FROM:<a b>\r\n",

@@ -35,7 +35,8 @@ from twisted_mta.address import AddressError, parse_mail_from, parse_mailbox, pa
 from twisted_mta.config import Config, ConfigError, load_config
 from twisted_mta.local import AliasLoop, LocalDirectory, UnknownRecipient
 from twisted_mta.maildrop import (
-    MAX_RECIPIENTS, Drop, DropError, check_message, drop_name, encode, maildrop_path,
+    MAX_RECIPIENTS, Drop, DropError, check_address, check_message, drop_name, encode,
+    maildrop_path,
 )
 
 EX_OK, EX_USAGE, EX_DATAERR, EX_NOUSER = 0, 64, 65, 67
@@ -393,6 +394,13 @@ class Submission:
             raise Failed(EX_USAGE, "no recipients: name them on the command line, or use -t "
                          "to read them from the message")
         rcpts = list(dict.fromkeys(rcpts))
+        try:  # what the pickup will accept (ASCII addresses: no SMTPUTF8 here yet)
+            for rcpt in rcpts:
+                check_address(rcpt, "the recipient")
+            if sender:
+                check_address(sender, "the sender")
+        except DropError as e:
+            raise Failed(EX_DATAERR, str(e))
         if len(rcpts) > MAX_RECIPIENTS:
             raise Failed(EX_DATAERR, f"{len(rcpts)} recipients, more than {MAX_RECIPIENTS} "
                          "in one message")
