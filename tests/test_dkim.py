@@ -744,3 +744,38 @@ class PickupSigningTests(SynchronousTestCase):
     def test_not_listed(self) -> None:
         message, _, _ = self.pickup(sign=["authenticated"])
         self.assertNotIn(b"DKIM-Signature", message)
+
+
+class BenchTests(SynchronousTestCase):
+    """
+    scripts/bench dkim (scripts/benchlib/dkimsign.py): its messages, and a
+    run of two messages per cell that signs every one (it checks).
+    """
+
+    def load(self):
+        import sys
+        scripts = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "scripts")
+        if scripts not in sys.path:
+            sys.path.insert(0, scripts)
+        from benchlib import dkimsign
+        return dkimsign
+
+    def test_messages(self) -> None:
+        bench = self.load()
+        for size, eight_bit in bench.CELLS:
+            data = bench.message(size, eight_bit)
+            body = data[data.index(b"\r\n\r\n") + 4:]
+            self.assertLessEqual(size - 80, len(body))
+            self.assertLessEqual(len(body), size)
+            self.assertEqual(data.isascii(), not eight_bit)
+
+    def test_run(self) -> None:
+        bench = self.load()
+        base = self.mktemp()
+        os.makedirs(base)
+        rows = bench.run(base, 2)
+        self.assertEqual([(r["key"], r["size"], r["eight_bit"]) for r in rows],
+                         [(k, s, e) for k, _ in bench.ALGORITHMS for s, e in bench.CELLS])
+        self.assertTrue(all(r["sign_cpu_ms"] > 0 for r in rows))
+        self.assertEqual(len(bench.table(rows).splitlines()), 2 + len(rows))
