@@ -15,8 +15,9 @@ from twisted.internet.testing import StringTransport
 from zope.interface import directlyProvides, implementer
 
 from twisted_mta.config import Config, parse_config
+from twisted_mta.inbound.milter import MilterStage
 from twisted_mta.inbound.server import InboundFactory
-from twisted_mta.queue.spool import Spool
+from twisted_mta.queue.spool import Spool, run_inline
 
 
 # For every configuration a test writes: DNS goes to a closed port on
@@ -91,7 +92,8 @@ class ServerHarness:
 
     def __init__(self, testcase, role: str = "mx", peer: str = "192.0.2.10",
                  tls_context: Any = None, transport_factory=StringTransport,
-                 users: Any = None, **sections: dict[str, Any]) -> None:
+                 users: Any = None, milter_connect: Any = None,
+                 **sections: dict[str, Any]) -> None:
         base = testcase.mktemp()
         self.config = make_config(base, **sections)
         self.spool = Spool(self.config.spool)
@@ -100,9 +102,14 @@ class ServerHarness:
         self.queued: list = []
         self.clock = Clock()
         self.clock.advance(1_800_000_000)
+        milters = None
+        if milter_connect is not None:  # the first listener's milters, reached through it
+            milters = MilterStage([(n, self.config.milter(n))
+                                   for n in self.config.listeners[0].milters],
+                                  self.clock, milter_connect, run_inline)
         self.factory = InboundFactory(self.config, role, self.spool, self.clock,
                                       on_queued=self.queued.append, tls_context=tls_context,
-                                      users=users)
+                                      users=users, milters=milters)
         self.transport_factory = transport_factory
         self.peer = peer
         self.protocol, self.transport = self.connect()

@@ -31,6 +31,8 @@ STAGES = [
     (1, "twisted_mta.downgrade"),
     # the maildrop file: written by the sendmail command, read by the pickup
     (1, "twisted_mta.maildrop"),
+    # The milter codec: pure functions over bytes (its client is inbound.milter).
+    (1, "twisted_mta.milter_protocol"),
     (2, "twisted_mta.tls"), (2, "twisted_mta.dsn"), (2, "twisted_mta.failures"),
     # DKIM signing: TLS reports now, all outbound mail later (the queue's
     # notices and the outbound leg both sign).

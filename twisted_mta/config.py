@@ -40,6 +40,7 @@ BARE_NEWLINE_POLICIES = ("normalize", "reject")
 LOG_FORMATS = ("text", "json")
 TLS_MODES = ("starttls", "implicit")
 TLS_VERSION_NAMES = ("TLSv1.0", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+MILTER_DEFAULT_ACTIONS = ("accept", "tempfail", "reject")
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -189,10 +190,35 @@ def _domain_keys(_, attribute, pairs: tuple[tuple[str, Any], ...]) -> None:
                            domain)
 
 
+def _milter_address(_, attribute, text: str) -> None:
+    from twisted_mta.milter_protocol import parse_milter_address
+    try:
+        parse_milter_address(text)
+    except ValueError as e:
+        raise _Invalid(f"is not a milter address ({text!r}): {e}", attribute.name)
+
+
+@attrs.frozen
+class MilterSettings:
+    """
+    One milter (C{[milters.NAME]}), run by the listeners that name it.
+    The timeouts and the default action follow Postfix's milter_*.
+    """
+
+    address: str = attrs.field(validator=_milter_address)
+    connect_timeout: Duration = Duration(30)
+    command_timeout: Duration = Duration(30)
+    content_timeout: Duration = Duration(300)  # the end of message: the milter's edits
+    default_action: str = attrs.field(default="tempfail",
+                                      validator=_one_of(*MILTER_DEFAULT_ACTIONS))
+
+
 @attrs.frozen
 class Listener:
     role: str = attrs.field(validator=_one_of(*ROLES))
     endpoint: str = attrs.field(validator=_endpoint)
+    # Names of [milters.NAME] tables, run in this order on every session.
+    milters: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -743,6 +769,10 @@ class Config:
     publish: PublishSettings = PublishSettings()
     tlsrpt: TLSRPTSettings = TLSRPTSettings()
     sendmail: SendmailSettings = SendmailSettings()
+    milters: tuple[tuple[str, MilterSettings], ...] = ()
+
+    def milter(self, name: str) -> MilterSettings:
+        return dict(self.milters)[name.lower()]
 
     def to_dict(self) -> dict[str, Any]:
         """
@@ -767,6 +797,12 @@ class Config:
         local_routes = d["local"].pop("routes")
         if local_routes:
             d["local"]["routes"] = {domain: route for domain, route in local_routes}
+        milters = d.pop("milters")
+        if milters:
+            d["milters"] = {name: milter for name, milter in milters}
+        for listener in d["listeners"]:
+            if not listener["milters"]:
+                del listener["milters"]
         tls = d["outbound"]["tls"]
         for key in ("domains", "mx_hosts"):
             entries = tls.pop(key)
@@ -1079,6 +1115,10 @@ def _check(config: Config) -> None:
         if value is not None and not os.path.isfile(value):
             raise error(key, f"no such file: {value}")
     for i, listener in enumerate(config.listeners):
+        for name in listener.milters:
+            if name.lower() not in dict(config.milters):
+                raise error(f"listeners[{i}].milters",
+                            f"names {name!r}, but there is no [milters.{name}] table")
         if listener.role != "mx" and config.auth.enabled and not config.tls.enabled:
             raise error("tls.certificate", f"is required by listeners[{i}] ({listener.role}) "
                         "with [auth]: credentials never cross cleartext")

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python import threadpool, usage
 
 from twisted_mta.config import Config, ConfigError, OutboundTLSSettings, load_config
+from twisted_mta.inbound.milter import stage_for as milter_stage
 from twisted_mta.inbound.server import InboundFactory
 from twisted_mta.logsetup import install_json_log, speed_up_text_log
 from twisted_mta.queue.manager import QueueManager
@@ -475,7 +476,9 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
             factory = InboundFactory(config, listener.role, spool, reactor,
                                      on_queued=manager.enqueue, tls_context=ctx,
                                      users=users, run_blocking=run_blocking,
-                                     signer=prepared.dkim)
+                                     signer=prepared.dkim,
+                                     milters=milter_stage(config, listener, reactor,
+                                                          run_blocking))
             endpoint = endpoints.serverFromString(reactor, with_backlog(listener.endpoint))
             if listener.role == "submissions":
                 endpoint = endpoints.wrapServerTLS(ctx, endpoint)

@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
     from twisted_mta.config import ConfigError, load_config
+    from twisted_mta.inbound.milter import stage_for as milter_stage
     from twisted_mta.inbound.server import InboundFactory
     from twisted_mta.logsetup import classic_text_formatter, install_json_log
     from twisted_mta.queue.spool import Spool
@@ -127,10 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     ports = []
     for spec in args.listener:
         n, fd, family = spec.split(":")
-        role = config.listeners[int(n)].role
+        listener = config.listeners[int(n)]
+        role = listener.role
         factory = InboundFactory(config, role, spool, reactor, on_queued=notify,
                                  tls_context=ctx, users=users, run_blocking=run_blocking,
-                                 signer=signer)
+                                 signer=signer,
+                                 milters=milter_stage(config, listener, reactor, run_blocking))
         if role == "submissions":
             factory = TLSMemoryBIOFactory(ctx, False, factory)
         ports.append(reactor.adoptStreamPort(int(fd), FAMILIES[family], factory))

@@ -496,6 +496,26 @@ class ControlTests(ManagerTestBase):
         self.assertEqual(self.spool.load(qid).attempts, 2)
         self.assertEqual(os.listdir(os.path.join(self.spool.path, "control")), [])
 
+    def test_release_of_entry_committed_to_hold(self):
+        """An entry committed straight to hold/ (a milter's quarantine, never enqueued) is released and delivered."""
+        m = self.manager()
+        w = self.spool.new_message()
+        body = b"Subject: t\r\n\r\nhello\r\n"
+        env = Envelope(queue_id=w.queue_id, sender="s@remote.test",
+                       recipients=(Recipient(address="alice@example.test"),),
+                       arrival=self.clock.seconds(), next_attempt=self.clock.seconds(),
+                       size=len(body))
+        w.write(env.to_header())
+        w.write(body)
+        self.successResultOf(w.commit(env, hold=True))
+        self.clock.advance(5)
+        self.assertEqual(self.spool.state_of(env.queue_id), "hold")
+        self.assertEqual(self.maildir_files("alice"), [])
+        self.ask("release", env.queue_id)
+        self.clock.advance(0)
+        self.assertEqual(len(self.maildir_files("alice")), 1)
+        self.assertIsNone(self.spool.state_of(env.queue_id))
+
     def test_flush(self):
         """flush makes an entry (or all) due now instead of at its next attempt."""
         m, qid = self.deferred_entry()

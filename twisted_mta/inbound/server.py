@@ -42,6 +42,7 @@ from collections import Counter, OrderedDict, deque
 from typing import Any, Callable
 
 import attrs
+from twisted.internet import defer
 from twisted.internet.interfaces import (
     IHandshakeListener, IReactorTime, ISSLTransport, ITLSTransport)
 from twisted.logger import Logger
@@ -57,6 +58,7 @@ from twisted_mta.config import Config
 from twisted_mta.dkim import Signer, sign_queued, sign_source
 from twisted_mta.dsn import params as dsn_params
 from twisted_mta.inbound.data import DataReader
+from twisted_mta.inbound.milter import MilterChain, MilterStage
 from twisted_mta.local import AliasLoop, LocalDirectory, UnknownRecipient
 from twisted_mta.model import Envelope, Recipient, tls_required_no
 from twisted_mta.queue.spool import RunBlocking, Spool, run_inline
@@ -78,6 +80,11 @@ HELO_NAME_MAX = 255
 _FORBIDDEN_COMMAND_BYTES = bytes(b for b in range(256) if b < 32 and b != 9 or b == 127)
 # UTF-8 is allowed in the paths of MAIL and RCPT (RFC 6531 3.3), nowhere else.
 _UTF8_VERBS = frozenset({"MAIL", "RCPT"})
+
+
+def _params(params: dict[str, str | None]) -> list[str]:
+    """ESMTP parameters as the milter protocol passes them (KEY=VALUE)."""
+    return [k if v is None else f"{k}={v}" for k, v in params.items()]
 
 
 class AuthFailureLimiter:
@@ -195,8 +202,10 @@ class InboundFactory(smtp.SMTPFactory):
     def __init__(self, config: Config, role: str, spool: Spool, clock: Any,
                  on_queued: Callable[[Envelope], None], tls_context: Any = None,
                  users: UserDatabase | None = None, run_blocking: RunBlocking = run_inline,
-                 signer: Signer | None = None) -> None:
+                 signer: Signer | None = None,
+                 milters: MilterStage | None = None) -> None:
         smtp.SMTPFactory.__init__(self)
+        self.milters = milters  # the listener's milters (inbound.milter), if any
         self.users = users
         self.signer = signer  # [dkim]: signs the mail that is ours before its commit
         self.run_blocking = run_blocking
@@ -333,6 +342,7 @@ class InboundESMTP(smtp.ESMTP):
         self._chunk_last = False
         self._chunk_refusal: Reply | None = None  # the chunk is read and discarded
         self._chunk_counts = True  # whether the refusal counts as an error
+        self.milters: MilterChain | None = None
         self._reset_transaction()
 
     # -- connection -------------------------------------------------------
@@ -354,6 +364,8 @@ class InboundESMTP(smtp.ESMTP):
         f.session_started(self)
         log.info("connect from {peer} to {role} listener", event="inbound.connect",
                  peer=self.peer_ip, role=f.role)
+        if f.milters is not None:
+            self._milters_connect(peer)
         self.send(Reply(220, None, f"{self.host.decode()} {self.config.inbound.banner}"))
         self._arm()
 
@@ -374,6 +386,8 @@ class InboundESMTP(smtp.ESMTP):
             log.info("connection from {peer} lost during {command}; message discarded",
                      event="inbound.data-aborted", peer=self.peer_ip,
                      command="BDAT" if self._bdat else "DATA")
+        if self.milters is not None:
+            self.milters.close()
         if self._counted:
             self._counted = False
             self.factory.session_ended(self)
@@ -634,6 +648,8 @@ class InboundESMTP(smtp.ESMTP):
         return self._reader is not None or self._chunk_left is not None
 
     def _reset_transaction(self) -> None:
+        if getattr(self, "milters", None) is not None and self.sender is not _NOT_SET:
+            self.milters.abort()
         if self._bdat:  # RSET, EHLO, STARTTLS between chunks: RFC 3030 2, discard them
             self._discard_bdat_message()
         self._bdat_failed = False
@@ -666,6 +682,7 @@ class InboundESMTP(smtp.ESMTP):
         self.helo_name = self._helo_name(arg)
         self.esmtp = True
         self._reset_transaction()
+        self._milters_helo()
         lines = [f"{self.host.decode()} Hello [{self.peer_ip}]"]
         lines += [k.decode() + (" " + b" ".join(v).decode() if v else "")
                   for k, v in self.extensions().items()]
@@ -678,6 +695,7 @@ class InboundESMTP(smtp.ESMTP):
         self.helo_name = self._helo_name(arg)
         self.esmtp = False
         self._reset_transaction()
+        self._milters_helo()
         self.send(Reply(250, None, f"{self.host.decode()} Hello [{self.peer_ip}]"))
 
     def _helo_name(self, arg: str) -> str:
@@ -774,6 +792,14 @@ class InboundESMTP(smtp.ESMTP):
         if problem is not None:
             self.send(problem)
             return
+        if self.milters is not None:
+            self._milter_gate(self.milters.mail(
+                str(parsed.address or ""), _params(parsed.params), self._milter_macros()),
+                lambda: self._mail_ok(parsed))
+            return
+        self._mail_ok(parsed)
+
+    def _mail_ok(self, parsed) -> None:
         self.sender = parsed.address
         self.mail_params = parsed.params
         self._bdat_failed = False  # a new message: its chunks are welcome
@@ -866,6 +892,13 @@ class InboundESMTP(smtp.ESMTP):
             self.send(verdict)
             return
         given = str(parsed.address)
+        if self.milters is not None:
+            self._milter_gate(self.milters.rcpt(given, _params(parsed.params)),
+                              lambda: self._rcpt_ok(given, finals, notify, orcpt))
+            return
+        self._rcpt_ok(given, finals, notify, orcpt)
+
+    def _rcpt_ok(self, given: str, finals: tuple[str, ...], notify, orcpt) -> None:
         known = {r.address for r in self.recipients}
         for final in finals:
             if final not in known:
@@ -1101,14 +1134,27 @@ class InboundESMTP(smtp.ESMTP):
             envelope = attrs.evolve(envelope, tls_required_no=True)
         self._busy = True
         self._disarm()  # the client waits for us, not we for it
-        # DKIM signing, the last change to the message (docs/configuration.md [dkim]).
-        d = sign_queued(self.factory.signer, writer, envelope, sign_source(
-            self.user is not None, self.factory.is_trusted(self.peer_ip)))
-        d.addCallback(writer.commit)
-        d.addCallbacks(self._queued, self._queue_failed)
+        if self.milters is not None:
+            d = self._run_milters(writer, envelope)
+            d.addErrback(self._milter_stage_broken)
+        else:
+            d = self._sign_and_commit(writer, envelope)
         d.addBoth(self._resume)
 
-    def _queued(self, envelope: Envelope) -> None:
+    def _sign_and_commit(self, writer, envelope: Envelope, held: str | None = None):
+        """
+        DKIM signing, the last change to the message (docs/configuration.md
+        [dkim]; after the milters), then the commit: to hold/ when C{held}
+        (a milter's quarantine reason).
+        """
+        d = sign_queued(self.factory.signer, writer, envelope, sign_source(
+            self.user is not None, self.factory.is_trusted(self.peer_ip)))
+        d.addCallback(lambda env: writer.commit(env, hold=True) if held is not None
+                      else writer.commit(env))
+        d.addCallbacks(lambda env: self._queued(env, held=held), self._queue_failed)
+        return d
+
+    def _queued(self, envelope: Envelope, held: str | None = None) -> None:
         self._writer = None
         log.info("queued {queue_id} from <{sender}> for {count} recipient(s), {size} octets",
                  event="inbound.queued", queue_id=envelope.queue_id, sender=envelope.sender,
@@ -1117,10 +1163,12 @@ class InboundESMTP(smtp.ESMTP):
                  size=envelope.size, peer=self.peer_ip, requiretls=envelope.requiretls,
                  command="BDAT" if self._bdat_chunks else "DATA", chunks=self._bdat_chunks,
                  smtputf8=envelope.smtputf8,
-                 tls_required_no=envelope.tls_required_no)
+                 tls_required_no=envelope.tls_required_no, held=held)
         self.factory.storage.stored(self.factory.clock.seconds())
         self._reset_transaction()
         self.send(reply.OK.with_text(f"Ok: queued as {envelope.queue_id}"))
+        if held is not None:  # in hold/ until an operator releases it
+            return
         try:
             self.factory.on_queued(envelope)
         except Exception:
@@ -1144,6 +1192,105 @@ class InboundESMTP(smtp.ESMTP):
         if self.transport is not None and not self._closing:
             self._arm()
             self._process()
+
+    # -- milters (inbound.milter) -----------------------------------------------
+
+    def _milter_macros(self) -> dict[str, str]:
+        macros = {"j": self.host.decode(), "daemon_name": self.factory.role,
+                  "client_addr": self.peer_ip}
+        if self.user is not None:
+            macros["auth_authen"] = self.user
+            macros["auth_type"] = "PLAIN"
+        if self.tls_info:
+            macros.update(tls_version=self.tls_info["version"], cipher=self.tls_info["cipher"],
+                          cipher_bits=self.tls_info["bits"])
+        return macros
+
+    def _milters_connect(self, peer) -> None:
+        self.milters = self.factory.milters.session()
+        family = {"IPv4Address": "4", "IPv6Address": "6",
+                  "UNIXAddress": "L"}.get(type(peer).__name__, "U")
+        d = self.milters.connect(f"[{self.peer_ip}]", family, getattr(peer, "port", 0) or 0,
+                                 self.peer_ip, self._milter_macros())
+        d.addErrback(lambda f: log.failure("milters: connect stage failed", f,
+                                           event="milter.error"))
+
+    def _milters_helo(self) -> None:
+        # A refusal is answered at MAIL (the chain keeps it for the session).
+        if self.milters is not None:
+            self.milters.helo(self.helo_name or "", self._milter_macros()).addErrback(
+                lambda f: log.failure("milters: HELO stage failed", f, event="milter.error"))
+
+    def _milter_gate(self, d, then: Callable[[], None]) -> None:
+        """
+        Wait for the milters' verdict on a command: C{then} when they let
+        it pass, else their reply.
+        """
+        self._busy = True
+        self._disarm()
+
+        def decided(refusal: Reply | None) -> None:
+            if self.transport is None or self._closing:
+                return
+            if refusal is None:
+                then()
+            else:
+                self.send(refusal)
+
+        def broken(failure: Failure) -> None:
+            log.failure("milter stage failed", failure, event="milter.error")
+            self.send(reply.LOCAL_ERROR)
+
+        d.addCallbacks(decided, broken)
+        d.addBoth(self._resume)
+
+    def _milter_stage_broken(self, failure: Failure) -> None:
+        """A bug in the milter stage: the message is not taken, the client told 451."""
+        log.failure("milter stage failed", failure, event="milter.error")
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+        self._reset_transaction()
+        if self.transport is not None and not self._closing:
+            self.send(reply.LOCAL_ERROR)
+
+    def _run_milters(self, writer, envelope: Envelope):
+        """
+        The content past the milters, then the commit of what they
+        approved (with their edits), to hold/ when one quarantined it.
+        """
+        chain = self.milters
+        assert chain is not None
+        d = writer.flush()
+        d.addCallback(lambda _: chain.message(writer.path, writer.queue_id, envelope,
+                                              self.limits.message_size))
+
+        def decided(outcome):
+            if self.transport is None or self._closing or writer.closed:
+                writer.abort()
+                return None
+            if outcome.reply is not None or outcome.discard:
+                self._writer = None
+                writer.abort()
+                self._reset_transaction()
+                if outcome.discard:
+                    self.send(reply.OK.with_text("Ok: discarded by a mail filter"))
+                else:
+                    self.send(outcome.reply)
+                return None
+            final = outcome.envelope
+            d2 = writer.adopt(writer.path + ".milter") if outcome.rewritten else defer.succeed(None)
+            if outcome.rewritten:
+                final = attrs.evolve(final, size=outcome.size)
+            d2.addCallback(lambda _: self._sign_and_commit(writer, final, outcome.quarantine))
+            return d2
+
+        def failed(failure: Failure):
+            writer.abort()
+            return self._queue_failed(failure)
+
+        d.addCallbacks(decided, failed)
+        return d
 
     # -- AUTH (RFC 4954; PLAIN, RFC 4616; LOGIN) --------------------------------
 

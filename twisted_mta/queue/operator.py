@@ -11,6 +11,7 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from twisted_mta.model import is_queue_id
 from twisted_mta.queue import control
 
 log = Logger()
@@ -81,6 +82,14 @@ class OperatorRequests:
             found = self.manager.tls_history.forget(None if qid == control.ALL else qid)
             return "TLS history forgotten" if found else "no TLS history for it"
         state = self.manager.states.get(qid)
+        if state is None and is_queue_id(qid):
+            # A message a milter quarantined was committed straight to hold/
+            # by the inbound server (maybe in a worker): adopt it now.
+            found = yield self.manager.run_blocking(self.manager.spool.state_of, qid)
+            if found != "hold":
+                return "no such entry"
+            self.manager.entries[qid] = None  # as a held entry loaded at start-up
+            self.manager.states[qid] = state = "hold"
         if state is None:
             return "no such entry"
         if action == "flush":

@@ -410,18 +410,61 @@ class MessageWriter:
         self._then(run).addCallbacks(changed, broken)
         return result
 
-    def commit(self, envelope: Envelope) -> defer.Deferred:
+    def flush(self) -> defer.Deferred:
+        """
+        Write what is collected so far to C{tmp/} (no fsync): a milter
+        stage reads the message back from L{path} before the commit.
+        """
+        self._then(self._append, self._take())
+        return self._fork()
+
+    def _fork(self) -> defer.Deferred:
+        """
+        A Deferred that fires when the disk operations so far are done,
+        without the caller's callbacks joining the writer's own chain.
+        """
+        d: defer.Deferred = defer.Deferred()
+
+        def done(result):
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(None)
+            return result
+
+        self._tail.addBoth(done)
+        return d
+
+    def adopt(self, path: str) -> defer.Deferred:
+        """
+        Make the complete message at C{path} (in C{tmp/}, written by the
+        milter stage: new envelope header, edited headers and body) this
+        message, replacing what was written; L{commit} then fsyncs it.
+        """
+        def swap() -> None:
+            self._close_fd()
+            os.rename(path, self.path)
+            self._fd = os.open(self.path, os.O_RDWR)  # as _append: rewrite reads it
+            os.lseek(self._fd, 0, os.SEEK_END)
+            self.size = os.fstat(self._fd).st_size
+
+        self._then(swap)
+        return self._fork()
+
+    def commit(self, envelope: Envelope, hold: bool = False) -> defer.Deferred:
         """
         Make the entry durable; fires with C{envelope}, the in-memory state,
         with the queue file's length as L{Envelope.file_size}.
 
         The envelope the entry will be recovered with is the header written
-        first (L{Envelope.to_header}), not this argument.
+        first (L{Envelope.to_header}), not this argument.  With C{hold} the
+        entry goes to hold/ (a milter quarantined it), not new/.
         """
         self.closed = True
         spool = self.spool
         qid = self.queue_id
         rest = self._take()
+        state = "hold" if hold else "new"
 
         def durable() -> None:
             try:
@@ -429,11 +472,14 @@ class MessageWriter:
                 os.fsync(self._fd)
             finally:
                 self._close_fd()
-            os.rename(self.path, os.path.join(spool.path, "new", qid))
+            os.rename(self.path, os.path.join(spool.path, state, qid))
             self._renamed = True
+            if hold:  # rare: its own directory fsync, not the shared one of new/
+                fsync_dir(os.path.join(spool.path, state))
 
         d = self._then(durable)
-        d.addCallback(lambda _: spool.group_sync.sync())
+        if not hold:
+            d.addCallback(lambda _: spool.group_sync.sync())
         # Its length goes with the state (recorded after the first attempt):
         # recovery compares it with the file's.
         d.addCallback(lambda _: attrs.evolve(envelope, file_size=self.size))
@@ -451,10 +497,11 @@ class MessageWriter:
         if self._renamed:
             # The fsync of new/ failed after the rename: the sender is told
             # 451 (or the DSN is retried), so no entry may stay behind.
-            try:
-                os.unlink(os.path.join(self.spool.path, "new", self.queue_id))
-            except FileNotFoundError:
-                pass
+            for state in ("new", "hold"):
+                try:
+                    os.unlink(os.path.join(self.spool.path, state, self.queue_id))
+                except FileNotFoundError:
+                    pass
 
     def abort(self) -> defer.Deferred:
         """
@@ -658,7 +705,8 @@ class Spool:
         return writer.commit(envelope)
 
     def discard_debris(self, queue_id: str) -> None:
-        for name in (queue_id, queue_id + ".json"):
+        # .milter, .body: a milter stage's rewrite in progress (inbound.milter)
+        for name in (queue_id, queue_id + ".json", queue_id + ".milter", queue_id + ".body"):
             try:
                 os.unlink(os.path.join(self.path, "tmp", name))
             except FileNotFoundError:
