@@ -42,11 +42,12 @@ class Session:
     """
 
     def __init__(self, recipients=((A, A), (B, B), (C, C)), sender="s@remote.test",
-                 data=BODY, eight_bit=False, timeouts=LMTPTimeouts(command=30, data=60)):
+                 data=BODY, eight_bit=False, timeouts=LMTPTimeouts(command=30, data=60),
+                 smtputf8=False):
         message = OutgoingMessage(path="/nonexistent", offset=0, size=len(data),
                                   eight_bit=eight_bit, data=stuff(data))
         self.clock = Clock()
-        self.client = LMTPClient(LMTPJob(sender, tuple(recipients), message), PEER,
+        self.client = LMTPClient(LMTPJob(sender, tuple(recipients), message, smtputf8), PEER,
                                  self.clock, timeouts, "mx.example.test", sync)
         self.transport = StringTransport()
         self.client.makeConnection(self.transport)
@@ -200,6 +201,31 @@ class ClientTests(SynchronousTestCase):
         self.assertTrue(s.sent().startswith(b"LHLO mx.example.test\r\nMAIL FROM:<>\r\n"))
         s.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
         self.assertEqual(s.sent(), b"..\r\nx\r\n...y\r\n.\r\n")
+
+
+    def test_smtputf8_when_offered(self):
+        """A message received with SMTPUTF8 goes with it to a server that offers it, UTF-8 addresses as they are."""
+        u = "jürgen@example.test"
+        s = Session(recipients=((u, u),), sender="pelé@remote.test", smtputf8=True)
+        s.server(b"220 ready\r\n250-lmtp\r\n250-SMTPUTF8\r\n250 PIPELINING\r\n")
+        self.assertIn("MAIL FROM:<pelé@remote.test> SMTPUTF8\r\nRCPT TO:<jürgen@example.test>"
+                      "\r\n".encode(), s.sent())
+
+    def test_utf8_addresses_without_smtputf8(self):
+        """Dovecot 2.3 offers no SMTPUTF8: a UTF-8 local part of a recipient fails with 5.6.7 without being sent (the others go), a UTF-8 sender domain goes as its A-label, a UTF-8 sender local part fails everyone (RFC 6531 3.2)."""
+        u = "jürgen@example.test"
+        s = Session(recipients=((u, u), (A, A)), sender="s@bücher.example", smtputf8=True)
+        s.server(b"220 ready\r\n250-lmtp\r\n250 PIPELINING\r\n")
+        self.assertIn(b"MAIL FROM:<s@xn--bcher-kva.example>\r\nRCPT TO:<" + A.encode()
+                      + b">\r\nDATA\r\n", s.sent())
+        s.server(b"250 ok\r\n250 ok\r\n354 go\r\n250 2.0.0 saved\r\n")
+        self.assertEqual(s.codes(), {u: (553, "5.6.7"), A: (250, "2.0.0")})
+        self.assertIn("no SMTPUTF8", s.results[u].text)
+        s = Session(recipients=((A, A),), sender="pelé@remote.test", smtputf8=True)
+        s.server(b"220 ready\r\n250-lmtp\r\n250 PIPELINING\r\n")
+        self.assertEqual(s.codes(), {A: (553, "5.6.7")})
+        self.assertIn("the sender <pelé@remote.test>", s.results[A].text)
+        self.assertNotIn(b"MAIL", s.sent())
 
 
 # -- the target ------------------------------------------------------------------

@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_mta import failures
+from twisted_mta.address import AddressError, a_label
 from twisted_mta.config import LMTPSettings, is_ip, parse_lmtp_address
 from twisted_mta.interfaces import IDeliveryTarget
 from twisted_mta.local import LocalDirectory, UnknownRecipient
@@ -64,6 +65,7 @@ class LMTPJob:
     sender: str
     recipients: tuple[tuple[str, str], ...]  # (queue address, RCPT address)
     message: outgoing.OutgoingMessage
+    smtputf8: bool = False  # received with SMTPUTF8 (RFC 6531)
 
 
 class LMTPClient(LineOnlyReceiver):
@@ -99,6 +101,7 @@ class LMTPClient(LineOnlyReceiver):
         self._lines: list[bytes] = []
         self._accepted: list[str] = []  # queue addresses whose RCPT got 2xx, in order
         self._unsent: deque[tuple[str, str]] = deque()  # RCPTs to send, lock-step
+        self._sender = job.sender  # as it goes on the wire
         self._mail_failed: Outcome | None = None
         self._timer = None
         self._quitting = False
@@ -186,7 +189,15 @@ class LMTPClient(LineOnlyReceiver):
         for cap in resp.split(b"\n")[1:]:
             self.capabilities.add(cap.decode("ascii", "replace").strip().upper())
         self.pipelined = "PIPELINING" in self.capabilities
-        mail = f"MAIL FROM:<{self.job.sender}>"
+        utf8 = self.job.smtputf8 and "SMTPUTF8" in self.capabilities
+        recipients = self.job.recipients
+        if not utf8:
+            recipients = self._ascii_only()
+            if not recipients:
+                return
+        mail = f"MAIL FROM:<{self._sender}>"
+        if utf8:
+            mail += " SMTPUTF8"
         if self.job.message.eight_bit and "8BITMIME" in self.capabilities:
             mail += " BODY=8BITMIME"
         if any(c.split()[0] == "SIZE" for c in self.capabilities if c):
@@ -194,13 +205,44 @@ class LMTPClient(LineOnlyReceiver):
         self.stage = "MAIL FROM"
         self._expect.append(("MAIL", None))
         if self.pipelined:
-            rcpts = [f"RCPT TO:<{to}>" for _, to in self.job.recipients]
-            self._expect.extend(("RCPT", address) for address, _ in self.job.recipients)
+            rcpts = [f"RCPT TO:<{to}>" for _, to in recipients]
+            self._expect.extend(("RCPT", address) for address, _ in recipients)
             self._expect.append(("DATA", None))
             self._send(mail, *rcpts, "DATA")
         else:
-            self._unsent.extend(self.job.recipients)
+            self._unsent.extend(recipients)
             self._send(mail)
+
+    def _ascii_only(self) -> tuple[tuple[str, str], ...]:
+        """
+        A server without SMTPUTF8 takes no UTF-8 address (RFC 6531 3.2):
+        a UTF-8 domain goes as its A-label; a recipient whose local part is
+        UTF-8 fails (5.6.7), and so does everyone when the sender's does.
+        The recipients that can go; when none, the session is over.
+        (UTF-8 header fields go as they are: the server stores the message,
+        it sends it nowhere.)
+        """
+        sender = _wire_address(self.job.sender)
+        if sender is None:
+            self._finish(self._utf8_refused(f"the sender <{self.job.sender}>"))
+            self._quit()
+            return ()
+        self._sender = sender
+        keep = []
+        for address, to in self.job.recipients:
+            wire = _wire_address(to)
+            if wire is None:
+                self.results[address] = self._utf8_refused(f"the recipient <{to}>")
+            else:
+                keep.append((address, wire))
+        if not keep:
+            self._finish(None)
+            self._quit()
+        return tuple(keep)
+
+    def _utf8_refused(self, address: str) -> Outcome:
+        return failures.outcome("smtputf8-address", remote_mta=self.remote_mta, peer=self.peer,
+                                address=address)
 
     def _refused(self, code: int, resp: bytes, command: str) -> None:
         said = f"{code} " + " ".join(
@@ -212,7 +254,7 @@ class LMTPClient(LineOnlyReceiver):
 
     def _reply_MAIL(self, code: int, resp: bytes, _) -> None:
         if code // 100 != 2:
-            self._mail_failed = self._said(f"MAIL FROM:<{self.job.sender}>", code, resp)
+            self._mail_failed = self._said(f"MAIL FROM:<{self._sender}>", code, resp)
             if not self.pipelined:
                 self._finish(self._mail_failed)
                 self._quit()
@@ -332,6 +374,22 @@ class LMTPClient(LineOnlyReceiver):
         for address, _ in self.job.recipients:
             self.results.setdefault(address, missing)
         self.done.callback(dict(self.results))
+
+
+def _wire_address(address: str) -> str | None:
+    """
+    C{address} as it may go to a server without SMTPUTF8: ASCII as it is,
+    a UTF-8 domain as its A-label; None when the local part is UTF-8.
+    """
+    if address.isascii():
+        return address
+    local, at, domain = address.rpartition("@")
+    if not at or not local.isascii():
+        return None
+    try:
+        return f"{local}@{a_label(domain)}"
+    except AddressError:
+        return None
 
 
 class _Pacer:
@@ -476,7 +534,8 @@ class LMTPDelivery:
         except Exception as e:
             outcome = failures.outcome("message-unreadable", why=e)
             return {**decided, **{a: outcome for a in addresses}}
-        job = LMTPJob(request.envelope.sender, tuple(recipients), message)
+        job = LMTPJob(request.envelope.sender, tuple(recipients), message,
+                      smtputf8=request.envelope.smtputf8)
         client = LMTPClient(job, self.peer, self.clock, self.timeouts,
                             self.settings.lhlo_name or self.hostname, self.run_blocking,
                             remote_mta=self.remote_mta)
