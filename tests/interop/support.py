@@ -323,7 +323,8 @@ class MTAProcess:
     def __init__(self, tmpdir: str, extra_config: str = "", *, port: int | None = None,
                  spool: str = "spool", users: Iterable[str] = ("alice", "bob", "postmaster"),
                  hostname: str = MTA_HOSTNAME, config_name: str = "mta.toml",
-                 workers: int | None = None, domains: Iterable[str] = (LOCAL_DOMAIN,)) -> None:
+                 workers: int | None = None, domains: Iterable[str] = (LOCAL_DOMAIN,),
+                 twistd_args: Iterable[str] = ()) -> None:
         self.tmpdir = os.path.abspath(tmpdir)
         os.makedirs(self.tmpdir, exist_ok=True)
         self.port = port if port is not None else free_port()
@@ -333,6 +334,7 @@ class MTAProcess:
         self.log_path = os.path.join(self.tmpdir, config_name + ".log")
         self.process: subprocess.Popen | None = None
         self.runs = 0
+        self.twistd_args = list(twistd_args)  # e.g. --uid/--gid, before "mta"
         user_list = ", ".join(f'"{u}"' for u in users)
         domain_list = ", ".join(f'"{d}"' for d in domains)
         text = (
@@ -389,7 +391,8 @@ class MTAProcess:
             log.write(f"===== run {self.runs} =====\n".encode())
             log.flush()
             self.process = subprocess.Popen(
-                TWISTD + ["-n", "--pidfile=", "mta", "--config", self.config_path],
+                TWISTD + ["-n", "--pidfile=", *self.twistd_args, "mta", "--config",
+                          self.config_path],
                 cwd=self.tmpdir, env=subprocess_env(), stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT)
 

@@ -17,7 +17,9 @@ maildrop and is delivered when it starts; C{-t} with Bcc reaches the Bcc
 recipient and no delivered copy shows the Bcc header; C{echo hi |
 sendmail -t} (with a To line) as C{nobody}; C{-bs}; other users cannot
 list, read or remove a drop; garbage in the maildrop is set aside while
-the next message still arrives.
+the next message still arrives; and with twistd running the MTA as
+C{daemon} (C{--uid}/C{--gid}), the maildrop belongs to daemon (mode 3733)
+and the MTA reads nobody's drop through its group.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import email.policy
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -331,3 +334,41 @@ class SendmailTests(unittest.TestCase):
         self.assertEqual(sorted(os.listdir(os.path.join(self.mta.spool, "corrupt"))),
                          ["maildrop-JUNK1", "maildrop-JUNK2"])
         self.assertTrue(self.mta.running)
+
+
+class UnprivilegedMTATests(unittest.TestCase):
+    """
+    The MTA as packaged: twistd starts as root and runs as its own user
+    (here daemon, C{--uid}/C{--gid}); it reads nobody's drop through the
+    maildrop's group, without root.
+    """
+
+    def test_mta_user_reads_drops_by_group(self) -> None:
+        command = installed_command()
+        tmpdir = make_tempdir(self, "sendmail-uid", mode=0o711)
+        mail = os.path.join(tmpdir, "mail")
+        os.mkdir(mail)
+        os.chown(mail, 1, 1)  # the Maildirs are made by the MTA's user
+        mta = MTAProcess(tmpdir, EXTRA, domains=("example.test",), workers=0,
+                         twistd_args=["--uid=1", "--gid=1"])
+        self.addCleanup(mta.cleanup)
+        os.chmod(mta.config_path, 0o644)
+        mta.start()
+        drops = os.path.join(mta.spool, "maildrop")
+        st = os.stat(drops)
+        self.assertEqual((st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)), (1, 1, 0o3733))
+        self.assertEqual(stat.S_IMODE(os.stat(mta.spool).st_mode), 0o711)
+        result = command.run(AS_NOBODY, ["-v", "alice@example.test"],
+                             b"Subject: as daemon\n\nTOKEN-U1\n", config=mta.config_path)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        name = result.stderr.decode().split("dropped as ")[1].split()[0]
+        wait_for(lambda: files_containing(mta.maildir("alice"), b"TOKEN-U1"), 10,
+                 mta.describe)
+        [path] = files_containing(mta.maildir("alice"), b"TOKEN-U1")
+        self.assertEqual(os.stat(path).st_uid, 1)
+        with open(path, "rb") as f:
+            self.assertIn(b"from userid 65534 (nobody)", f.read())
+        [accepted] = [e for e in json_lines(os.path.join(mta.tmpdir, EVENTS_FILE))
+                      if e.get("event") == "pickup.accepted"]
+        self.assertEqual(accepted["drop"], name)
+        self.assertEqual(os.listdir(drops), [])
