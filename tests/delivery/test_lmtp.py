@@ -203,6 +203,37 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(s.sent(), b"..\r\nx\r\n...y\r\n.\r\n")
 
 
+    def test_slow_message_read_gets_data_timeout(self):
+        """A large message whose chunks come slowly from the I/O pool: the data_timeout (60) holds while it is sent, not the command_timeout (30); then everyone is deferred."""
+        from twisted_mta.outbound import message as outgoing
+        base = self.mktemp()
+        os.makedirs(base)
+        path = os.path.join(base, "queued")
+        env = Envelope(queue_id="Q1", sender="s@remote.test", arrival=1.0,
+                       recipients=(Recipient(A),))
+        with open(path, "wb") as f:
+            f.write(env.to_header() + b"Subject: big\r\n\r\n" + (b"x" * 78 + b"\r\n") * 20000)
+        message = outgoing.load(path, None)
+        self.assertIsNone(message.stuffed())
+        pending = []
+        clock = Clock()
+        client = LMTPClient(LMTPJob("s@remote.test", ((A, A),), message), PEER, clock,
+                            LMTPTimeouts(command=30, data=60), "mx.example.test",
+                            lambda f, *a: pending.append(f) or defer.Deferred())
+        transport = StringTransport()
+        client.makeConnection(transport)
+        client.dataReceived(CAPS.replace(b"250-lmtp", b"220 ready\r\n250-lmtp")
+                            + b"250 PIPELINING\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        self.assertEqual(len(pending), 1, "the first chunk was not asked for")
+        results = []
+        client.done.addCallback(results.append)
+        clock.advance(59)
+        self.assertEqual(results, [])
+        clock.advance(2)
+        [outcome] = results[0].values()
+        self.assertEqual((outcome.kind, outcome.code), ("timeout", 451))
+        self.assertIn("the message", outcome.text)
+
     def test_smtputf8_when_offered(self):
         """A message received with SMTPUTF8 goes with it to a server that offers it, UTF-8 addresses as they are."""
         u = "jürgen@example.test"

@@ -168,7 +168,9 @@ class LMTPClient(LineOnlyReceiver):
             self._arm(self._current_timeout())
 
     def _current_timeout(self) -> float:
-        return self.timeouts.data if self.stage == "the end of data" else self.timeouts.command
+        if self.stage in ("the message", "the end of data"):
+            return self.timeouts.data
+        return self.timeouts.command
 
     def _said(self, command: str, code: int, resp: bytes) -> Outcome:
         outcome = failures.reply(self.peer, command, code, resp)
