@@ -113,3 +113,36 @@ class ReportFieldTests(SynchronousTestCase):
             self.assertEqual(blocks[1]["Original-Recipient"],
                              "rfc822; x@y??Action: failed????Final-Recipient: rfc822; forged@z")
             self.assertIsNone(blocks[0]["X-Injected"])
+
+
+class UTF8OrcptTests(SynchronousTestCase):
+    """RFC 6533 3: UTF-8 original recipients under SMTPUTF8."""
+
+    def test_table(self):
+        """Each ORCPT value with and without SMTPUTF8: the stored form, or refused (None)."""
+        from twisted_mta.dsn.params import utf8_addr_xtext
+        table = [
+            # (value, with SMTPUTF8, without)
+            ("rfc822;j+C3+B6rg@example.test", "utf-8;jörg@example.test", None),
+            ("utf-8;j\\x{F6}rg@example.test", "utf-8;jörg@example.test", None),
+            ("utf-8;" + utf8_addr_xtext("a+b@例子.test"), "utf-8;a+b@例子.test", None),
+            ("utf-8;plain@example.test", "utf-8;plain@example.test", "utf-8;plain@example.test"),
+            ("rfc822;j+0D+0AX-Evil:+20yes@example.test", None, None),
+            ("rfc822;j+C2+85x@example.test", None, None),  # a C1 control (NEL)
+            ("utf-8;a\\x{D800}b@example.test", None, None),  # a surrogate
+            ("rfc822;j+C3x@example.test", None, None),  # not UTF-8
+        ]
+        for value, utf8, plain in table:
+            for flag, expected in ((True, utf8), (False, plain)):
+                if expected is None:
+                    with self.assertRaises(DSNParamError, msg=(value, flag)):
+                        parse_orcpt(value, utf8=flag)
+                else:
+                    self.assertEqual(parse_orcpt(value, utf8=flag), expected, (value, flag))
+
+    def test_escape_is_ascii(self):
+        """utf8_addr_xtext gives ASCII without '+', '=' or a bare backslash."""
+        from twisted_mta.dsn.params import utf8_addr_xtext
+        out = utf8_addr_xtext("jö+r=g\\@例子.test")
+        self.assertTrue(out.isascii())
+        self.assertEqual(out, "j\\x{F6}\\x{2B}r\\x{3D}g\\x{5C}@\\x{4F8B}\\x{5B50}.test")

@@ -77,9 +77,14 @@ def parse_notify(value: str | None) -> tuple[str, ...]:
     return tuple(v for v in NOTIFY_VALUES if v in items)
 
 
-def parse_orcpt(value: str | None) -> str:
+def parse_orcpt(value: str | None, utf8: bool = False) -> str:
     """
     C{addr-type;xtext} -> C{"addr-type;decoded"} (type lower-cased).
+
+    With C{utf8} (the transaction has SMTPUTF8, RFC 6533 3) the address
+    may be UTF-8: as xtext of its UTF-8 octets (what Postfix sends) or,
+    for the type C{utf-8}, with C{\\x{HEX}} escapes; its type is then
+    C{utf-8}.  Control characters are refused either way.
     """
     if not value or ";" not in value:
         raise DSNParamError("ORCPT must be addr-type;address, e.g. rfc822;user@example.com")
@@ -87,10 +92,37 @@ def parse_orcpt(value: str | None) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", kind) or not address:
         raise DSNParamError("ORCPT must be addr-type;address, e.g. rfc822;user@example.com")
     decoded = xtext_decode(address)
-    if not _PRINTABLE.fullmatch(decoded):
-        raise DSNParamError("ORCPT address must be printable US-ASCII once decoded "
-                            "(RFC 3461 4.2)")
-    return f"{kind.lower()};{decoded}"
+    kind = kind.lower()
+    if kind == "utf-8":
+        decoded = _EMBEDDED.sub(_unescape, decoded)
+    if _PRINTABLE.fullmatch(decoded):
+        return f"{kind};{decoded}"
+    if utf8 and not _CONTROLS.search(decoded) and "\ufffd" not in decoded:
+        return f"utf-8;{decoded}"
+    raise DSNParamError("ORCPT address must be printable US-ASCII once decoded "
+                        "(RFC 3461 4.2)" + (", or UTF-8 without controls (RFC 6533)"
+                                            if utf8 else ""))
+
+
+_EMBEDDED = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")  # RFC 6533 3: EmbeddedUnicodeChar
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _unescape(m: re.Match) -> str:
+    point = int(m.group(1), 16)
+    if point > 0x10FFFF or 0xD800 <= point <= 0xDFFF:
+        raise DSNParamError("ORCPT: \\x{...} is not a Unicode scalar value")
+    return chr(point)
+
+
+def utf8_addr_xtext(address: str) -> str:
+    """
+    C{address} as RFC 6533's utf-8-addr-xtext: ASCII as itself (but "+",
+    "=", "\\" and controls), everything else as C{\\x{HEX}}; ASCII
+    only, so it may go to any server.
+    """
+    return "".join(ch if "!" <= ch <= "~" and ch not in "+=\\" else f"\\x{{{ord(ch):X}}}"
+                   for ch in address)
 
 
 def parse_ret(value: str | None) -> str:

@@ -870,7 +870,7 @@ class InboundESMTP(smtp.ESMTP):
                 if key == "NOTIFY":
                     notify = dsn_params.parse_notify(value)
                 elif key == "ORCPT":
-                    orcpt = dsn_params.parse_orcpt(value)
+                    orcpt = dsn_params.parse_orcpt(value, utf8=self.smtputf8)
                 else:
                     self.send(reply.PARAM_UNKNOWN.with_text(f"Unsupported RCPT parameter {key}"))
                     return

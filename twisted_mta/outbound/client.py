@@ -36,7 +36,7 @@ from zope.interface import implementer
 from twisted_mta import failures
 from twisted_mta.address import AddressError, a_label
 from twisted_mta.downgrade import DowngradeRefused
-from twisted_mta.dsn.params import xtext_encode
+from twisted_mta.dsn.params import utf8_addr_xtext, xtext_encode
 from twisted_mta.outbound import message as outgoing
 from twisted_mta.outbound.message import OutgoingMessage
 from twisted_mta.tls.dane import DaneVerdict
@@ -493,7 +493,9 @@ class OutboundClient(smtp.ESMTPClient):
                 line += " NOTIFY=" + (",".join(notify) or "NEVER")
             if dsn and orcpt:
                 kind, _, address = orcpt.partition(";")
-                line += f" ORCPT={kind};{xtext_encode(address)}"
+                # RFC 6533 3: a UTF-8 original address travels escaped, in ASCII.
+                encoded = utf8_addr_xtext(address) if kind == "utf-8" else xtext_encode(address)
+                line += f" ORCPT={kind};{encoded}"
             commands.append(("RCPT", line.encode(), rcpt))
         if self.chunking:
             commands.append(("BODY", b"", None))  # the BDAT chunks go here
