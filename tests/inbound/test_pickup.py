@@ -247,7 +247,7 @@ class PickupTests(unittest.TestCase):
         self.assertEqual(rejected["why"], "refused: no spam")
 
     def test_a_failed_commit_leaves_the_drop(self) -> None:
-        name = self.drop(Drop("a@x.test", ("bob@example.test",), MESSAGE))
+        self.drop(Drop("a@x.test", ("bob@example.test",), MESSAGE))
         self.start()
         self.assertEqual(len(self.queued), 1)
         name = self.drop(Drop("a@x.test", ("bob@example.test",), MESSAGE))
@@ -259,14 +259,42 @@ class PickupTests(unittest.TestCase):
             return real(src, dst)
         self.patch(os, "rename", failing)
         self.clock.advance(1)
+        self.clock.advance(1)
         self.assertEqual(os.listdir(self.maildrop), [name])
         self.assertEqual(len(self.queued), 1)
-        self.assertEqual(len(self.named("pickup.error")), 1)
-        self.flushLoggedErrors(OSError)
+        [error] = self.named("pickup.error")  # once, not once a second
+        self.assertEqual(error["error"], "No space left on device")
         self.patch(os, "rename", real)
         self.clock.advance(1)
         self.assertEqual(os.listdir(self.maildrop), [])
         self.assertEqual(len(self.queued), 2)
+
+    def test_maildrop_removed_is_made_again(self) -> None:
+        self.start()
+        os.rmdir(self.maildrop)
+        self.clock.advance(1)
+        self.assertEqual(stat.S_IMODE(os.stat(self.maildrop).st_mode), MODE)
+        self.assertEqual(len(self.named("pickup.error")), 1)
+        self.drop(Drop("a@x.test", ("bob@example.test",), MESSAGE))
+        self.clock.advance(1)
+        self.assertEqual(len(self.queued), 1)
+
+    def test_unreadable_maildrop_logged_once(self) -> None:
+        self.start()
+        real = os.scandir
+
+        def refused(path):
+            raise PermissionError(13, "Permission denied", path)
+        self.patch(os, "scandir", refused)
+        for _ in range(5):
+            self.clock.advance(1)
+        [error] = self.named("pickup.error")
+        self.assertEqual(error["error"], "Permission denied")
+        self.patch(os, "scandir", real)
+        self.drop(Drop("a@x.test", ("bob@example.test",), MESSAGE))
+        self.clock.advance(1)
+        self.assertEqual(len(self.queued), 1)
+        self.assertEqual(len(self.named("pickup.recovered")), 1)
 
     def test_stop(self) -> None:
         service = self.start()

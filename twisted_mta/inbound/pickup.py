@@ -211,6 +211,8 @@ class PickupService(service.Service):
         self._loop: task.LoopingCall | None = None
         self._running: defer.Deferred | None = None
         self._stuck: set[str] = set()  # bad drops that could not be moved away
+        self._failing = False  # the maildrop could not be read at the last look
+        self._queue_failing = False  # the last drop could not be queued (a full disk)
 
     def startService(self) -> None:
         super().startService()
@@ -236,9 +238,9 @@ class PickupService(service.Service):
             return None
         self._running = running = defer.Deferred()
         d = self.run_blocking(self._list)
+        d.addCallback(self._listed)
         d.addCallback(self._take_all)
-        d.addErrback(lambda f: log.failure("pickup: cannot read {path}", f, path=self.path,
-                                           event="pickup.error"))
+        d.addErrback(self._list_failed)
 
         def done(_: object) -> None:
             self._running = None
@@ -246,9 +248,36 @@ class PickupService(service.Service):
         d.addBoth(done)
         return None
 
+    def _listed(self, names: list[str]) -> list[str]:
+        if self._failing:
+            self._failing = False
+            log.info("pickup: the maildrop {path} can be read again", path=self.path,
+                     event="pickup.recovered")
+        return names
+
+    def _list_failed(self, failure) -> None:
+        """
+        The maildrop cannot be read (removed, its permissions changed):
+        one line, not one a second, until it can be read again.
+        """
+        if self._failing:
+            return
+        self._failing = True
+        if failure.check(OSError):
+            log.error("pickup: cannot read the maildrop {path}: {error}; drops wait",
+                      path=self.path, error=failure.value.strerror or str(failure.value),
+                      event="pickup.error")
+        else:
+            log.failure("pickup: cannot read {path}", failure, path=self.path,
+                        event="pickup.error")
+
     def _list(self) -> list[str]:
         names = []
         now = self.wall()
+        if not os.path.isdir(self.path):
+            prepare_maildrop(self.spool.path)  # removed by hand: made again, as at start
+            log.warn("pickup: the maildrop {path} was missing; made it again", path=self.path,
+                     event="pickup.error")
         with os.scandir(self.path) as it:
             for entry in it:
                 if entry.name.startswith("."):
@@ -319,10 +348,18 @@ class PickupService(service.Service):
         try:
             envelope = yield sign_queued(self.signer, writer, envelope, "sendmail")
             committed = yield writer.commit(envelope)
+        except OSError as e:
+            # A full disk: the drop stays, and the next poll tries again;
+            # one line until a drop is queued again.
+            if not self._queue_failing:
+                self._queue_failing = True
+                log.error("pickup: could not queue {drop}: {error}; it waits in the maildrop",
+                          drop=picked.name, error=e.strerror or str(e), event="pickup.error")
+            return
         except Exception:
-            # A full disk: the drop stays, and the next poll tries again.
             log.failure("pickup: could not queue {drop}", drop=picked.name, event="pickup.error")
             return
+        self._queue_failing = False
         try:
             yield self.run_blocking(os.unlink, path)
         except FileNotFoundError:
