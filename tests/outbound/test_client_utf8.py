@@ -183,3 +183,30 @@ class RoutingTests(SynchronousTestCase):
         self.assertEqual({hop.domain: addrs for hop, addrs in hops.items()},
                          {"xn--fsqu00a.test": ("a@例子.test", "b@XN--FSQU00A.test"),
                           "xn--bcher-kva.test": ("c@bücher.test",)})
+
+
+class ConversionWaitTests(SynchronousTestCase):
+    def test_unexpected_reply_while_converting(self):
+        """
+        A reply while the message is being converted (nothing was sent):
+        a protocol error for the transaction, not a crash, and nothing is
+        sent when the conversion ends.
+        """
+        pending = defer.Deferred()
+        calls = []
+
+        def run_blocking(f, *args):
+            calls.append((f, args))
+            return pending
+
+        s = Session(self, run_blocking=run_blocking)
+        s.establish(SEVEN_BIT_EHLO)
+        results = send(s, Transaction("a@x.test", ("b@peer.test",),
+                                      message(self, ASCII_HEADER)))
+        s.feed(b"250 surprise\r\n")
+        r = results[0]["b@peer.test"]
+        self.assertEqual((r.code, r.kind), (451, "protocol-error"))
+        self.assertIn("unexpected reply", r.text)
+        f, args = calls[0]
+        pending.callback(f(*args))
+        self.assertNotIn(b"MAIL", b"".join(s.sent()))

@@ -519,8 +519,9 @@ class OutboundClient(smtp.ESMTPClient):
         return None
 
     def _reply(self, code: int, resp: bytes) -> None:
-        if self._txn is None:
-            # A reply nobody asked for: the server is confused.
+        if self._txn is None or not self._txn.awaiting:
+            # A reply nobody asked for (none is due while the message is
+            # converted to 7 bits, before MAIL): the server is confused.
             self._fail(SessionFailed(failures.outcome(
                 "protocol-error", remote_mta=self._remote(), peer=self.peer,
                 why=f" sent an unexpected reply: {code} "
