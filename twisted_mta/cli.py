@@ -305,7 +305,10 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
         print(f"Arrived:       {time.strftime('%Y-%m-%d %H:%M:%S %z', time.localtime(env.arrival))}"
               f" ({_duration(now - env.arrival)} ago)")
         client = env.client
-        if client:
+        if client.get("protocol") == "sendmail":  # a drop of the sendmail command
+            print(f"From:          uid {client.get('uid', '?')} ({client.get('user', '?')}) "
+                  "via the sendmail command")
+        elif client:
             print(f"From:          {client.get('helo', '')} [{client.get('ip', '')}] via "
                   f"{client.get('protocol', '')}" + (f", {client['tls']}" if client.get("tls") else ""))
         print(f"Size:          {env.size} octets")

@@ -173,6 +173,23 @@ class PickupTests(unittest.TestCase):
         self.assertEqual(len(self.queued), 2)
         self.assertEqual(self.queued[1].sender, "")
 
+    def test_queue_show_names_the_user(self) -> None:
+        import io
+        import sys
+        from twisted_mta import cli
+        self.drop(Drop("a@x.test", ("x@remote.test",), MESSAGE))
+        self.start()
+        config = os.path.join(os.path.dirname(self.config.spool), "test.toml")
+        with open(config, "w") as f:
+            f.write('[server]\nhostname = "mx.example.test"\nspool = "spool"\n'
+                    '[[listeners]]\nrole = "mx"\nendpoint = "tcp:2525"\n'
+                    '[dns]\nnameservers = ["127.0.0.1:9"]\n')
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.assertEqual(cli.main(["queue", "show", self.queued[0].queue_id, "-c", config]), 0)
+        self.assertIn(f"From:          uid {os.getuid()} ({user_name(os.getuid())}) via the "
+                      "sendmail command\n", out.getvalue())
+
     def test_unknown_local_user_is_kept_for_a_dsn(self) -> None:
         self.drop(Drop("a@x.test", ("nobody@example.test",), MESSAGE))
         self.start()
