@@ -166,6 +166,23 @@ class PureTests(unittest.SynchronousTestCase):
                                                                            (True, 300))]
         self.assertEqual(mode.notes(rows), "\npostfix: verified TLS / cleartext 0.75.\n")
 
+    def test_chunking_notes_and_config(self) -> None:
+        """The chunking mode labels its cells BDAT/DATA, adds the BDAT/DATA ratio per size, and turns [outbound] chunking on and off in a config that loads."""
+        mode = modes.MODES["chunking"]
+        rows = [{"cell": mode.label({"messages": 10, "size": size, "bdat": bdat}),
+                 "server": "workers=auto", "msg_per_s": rate}
+                for size, bdat, rate in ((1024, False, 400), (1024, True, 500),
+                                         (102400, False, 100), (102400, True, 110))]
+        self.assertEqual(mode.notes(rows), "\nworkers=auto, 10 messages of 1 KiB: BDAT / DATA "
+                                           "1.25; workers=auto, 10 messages of 100 KiB: BDAT / "
+                                           "DATA 1.10.\n")
+        for flag in (True, False):
+            mta = core.make_mta(tempdir(self), None, core.smarthost(
+                2525, f"chunking = {'true' if flag else 'false'}\n") + 'tls_policy = "none"\n')
+            config = load_config(mta.config_path)
+            self.assertIs(config.outbound.chunking, flag)
+            self.assertEqual(config.outbound.smarthost.tls_policy, "none")
+
     def test_cells(self) -> None:
         """Arguments to cells: the defaults, --quick, and explicit lists."""
         bench = load_bench()
@@ -178,6 +195,8 @@ class PureTests(unittest.SynchronousTestCase):
                           for c in modes.MODES["e2e"].cells(False, a)],
                          [(5, 1024, 7), (50, 1024, 7)])
         self.assertEqual([c["tls"] for c in modes.MODES["tls"].cells(True, a)], [False, True])
+        self.assertEqual([(c["size"], c["bdat"]) for c in modes.MODES["chunking"].cells(True, a)],
+                         [(1024, False), (1024, True)])
 
     def test_bad_arguments(self) -> None:
         """An unknown mode or server: one clear error line and status 2, no traceback."""
@@ -247,3 +266,14 @@ class SmokeTests(unittest.TestCase):
             self.assertEqual(r["messages"], 50)
             self.assertGreater(r["seconds"], 0)
         self.assertIn("| 5 x 1 KiB | workers=auto |", stdout)
+
+    def test_chunking(self) -> None:
+        """BDAT against DATA to tlssink offering CHUNKING: every message arrives, all of them with BDAT in the BDAT cell and none in the DATA cell."""
+        if shutil.which("cc") is None:
+            raise unittest.SkipTest("no C compiler to build tlssink")
+        report, stdout = self.smoke("chunking", "--messages", "30", "--sizes", "1024")
+        by = {r["bdat"]: r for r in report["runs"]}
+        self.assertEqual(by[True]["peer_bdat_messages"], 30)
+        self.assertEqual(by[False]["peer_bdat_messages"], 0)
+        self.assertEqual([by[b]["messages"] for b in (False, True)], [30, 30])
+        self.assertIn("BDAT / DATA", stdout)

@@ -81,10 +81,13 @@ def make_mta(base: str, workers: int | None, extra: str = "") -> MTAProcess:
                       + LOOPBACK_DNS, users=("alice", "postmaster"), workers=workers)
 
 
-def smarthost(port: int) -> str:
-    """twisted-mta's tables sending every remote domain to 127.0.0.1:C{port}."""
+def smarthost(port: int, outbound: str = "") -> str:
+    """
+    twisted-mta's tables sending every remote domain to 127.0.0.1:C{port};
+    C{outbound}: more lines of its [outbound] table.
+    """
     return ('[relay]\ntrusted_networks = ["127.0.0.0/8"]\n\n'
-            "[outbound]\nconnections = 100\nconnections_per_destination = 20\n\n"
+            "[outbound]\nconnections = 100\nconnections_per_destination = 20\n" + outbound + "\n"
             f'[outbound.smarthost]\nhost = "[{LOOPBACK}]:{port}"\n')
 
 
@@ -228,17 +231,18 @@ class Peer:
     """
     A counting sink on loopback: C{smtp-sink -c} (records C{sess=S quit=Q
     mesg=M}, CR-terminated) or C{tlssink} (lines C{S n}, C{T n version
-    cipher}, C{M n}).  A thread follows the counters.
+    cipher}, C{M n}, C{B n}; C{tlssink} is its binary, its key and chain,
+    and any further arguments).  A thread follows the counters.
     """
 
     _SINK = re.compile(r"sess=(\d+) quit=\d+ mesg=(\d+)")
 
-    def __init__(self, base: str, tlssink: tuple[str, str] | None = None) -> None:
+    def __init__(self, base: str, tlssink: tuple[str, ...] | None = None) -> None:
         self.port = free_port()
-        self.messages = self.sessions = self.tls = 0
+        self.messages = self.sessions = self.tls = self.bdat = 0
         self.tls_example = ""
         if tlssink:
-            cmd = [tlssink[0], str(self.port), tlssink[1]]
+            cmd = [tlssink[0], str(self.port), *tlssink[1:]]
         else:
             cmd = [SMTP_SINK, "-c", "-u", "postfix", "-m", "1000",
                    f"{LOOPBACK}:{self.port}", "4096"]
@@ -255,6 +259,8 @@ class Peer:
             self.sessions, self.messages = int(m.group(1)), int(m.group(2))
         elif rec[:2] == "M ":
             self.messages = int(rec[2:])
+        elif rec[:2] == "B ":
+            self.bdat = int(rec[2:])
         elif rec[:2] == "S ":
             self.sessions = int(rec[2:])
         elif rec[:2] == "T ":
@@ -473,7 +479,7 @@ class Run:
         self.server.start()
         return self.server
 
-    def start_peer(self, tlssink: tuple[str, str] | None = None) -> Peer:
+    def start_peer(self, tlssink: tuple[str, ...] | None = None) -> Peer:
         self.peer = Peer(self.base, tlssink)
         self.stops.append(self.peer.stop)
         return self.peer

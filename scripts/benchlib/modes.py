@@ -171,12 +171,12 @@ class Outbound(EndToEnd):
     def label(self, cell: dict[str, Any]) -> str:
         return f"{cell['messages']} messages of {cell['size'] // KIB} KiB"
 
-    def start(self, run: Run, port: int, mta: str = "", main: dict[str, str] | None = None
-              ) -> None:
+    def start(self, run: Run, port: int, mta: str = "", main: dict[str, str] | None = None,
+              outbound: str = "") -> None:
         c = run.cell
         due = time.time() + 86400
         server = run.start_server(
-            mta_extra=smarthost(port) + mta + "\n" + JSON_LOG, relay_port=port,
+            mta_extra=smarthost(port, outbound) + mta + "\n" + JSON_LOG, relay_port=port,
             postfix_main={"smtpd_end_of_data_restrictions": "check_client_access static:HOLD",
                           **(main or {})},
             fill=lambda s: fill_spool(s.mta.spool, (remote_rcpt(0),) * c["messages"],
@@ -294,6 +294,58 @@ class TLS(Outbound):
         return "\n" + "; ".join(out) + ".\n" if out else ""
 
 
+class Chunking(Outbound):
+    """
+    The outbound test to C{tlssink chunking} (it offers CHUNKING, which
+    smtp-sink does not), in cleartext, twisted-mta with C{[outbound]
+    chunking} on (BDAT, pipelined behind MAIL and RCPT: one round trip per
+    message) and off (DATA: two); the sink counts the messages that came
+    with BDAT, which must be all of them or none.  Postfix, if asked for
+    (C{--servers postfix,workers=auto}), sends DATA in both cells: its
+    smtp client has no BDAT.
+    """
+
+    name = "chunking"
+    servers = "workers=auto"
+
+    def cells(self, quick: bool, a: Any) -> list[dict[str, Any]]:
+        return [{"bdat": bdat, "size": z, "messages": a.messages or (300 if quick else 10_000)}
+                for z in ints(a.sizes, "1024" if quick else "1024,102400")
+                for bdat in (False, True)]
+
+    def label(self, cell: dict[str, Any]) -> str:
+        return super().label(cell) + (", BDAT" if cell["bdat"] else ", DATA")
+
+    def setup(self, run: Run) -> None:
+        import trustme
+
+        from .core import build_tlssink
+        chain = os.path.join(run.base, "peer.pem")
+        trustme.CA().issue_cert(LOOPBACK).private_key_and_cert_chain_pem.write_to_path(chain)
+        port = run.start_peer((build_tlssink(run.base), chain, "chunking")).port
+        # mta: keys of [outbound.smarthost], the last table smarthost() writes
+        self.start(run, port, 'tls_policy = "none"\n',
+                   outbound=f"chunking = {'true' if run.cell['bdat'] else 'false'}\n")
+
+    def check(self, run: Run, result: dict[str, Any]) -> None:
+        super().check(run, result)
+        n = run.cell["messages"]
+        want = n if run.cell["bdat"] and run.server.mta else 0
+        result["peer_bdat_messages"] = run.peer.bdat
+        if run.peer.bdat != want:
+            raise BenchError(f"{run.peer.bdat} of {n} messages came with BDAT, not {want}")
+
+    def notes(self, rows: list[dict[str, Any]]) -> str:
+        out = []
+        for name in dict.fromkeys(r["server"] for r in rows):
+            for size in dict.fromkeys(r["cell"].rsplit(", ", 1)[0] for r in rows):
+                by = {r["cell"].endswith("BDAT"): r["msg_per_s"] for r in rows
+                      if r["server"] == name and r["cell"].startswith(size + ", ")}
+                if len(by) == 2:
+                    out.append(f"{name}, {size}: BDAT / DATA {by[True] / by[False]:.2f}")
+        return "\n" + "; ".join(out) + ".\n" if out else ""
+
+
 class Latency(Local):
     """
     End of DATA to the 250, per message, at SESSIONS concurrent sessions,
@@ -372,4 +424,5 @@ async def send_all(port: int, sessions: int, messages: int, size: int) -> list[f
     return out
 
 
-MODES = {m.name: m for m in (Local(), Queue(), Outbound(), EndToEnd(), TLS(), Latency())}
+MODES = {m.name: m for m in (Local(), Queue(), Outbound(), EndToEnd(), TLS(), Chunking(),
+                             Latency())}

@@ -4,11 +4,14 @@
  * -lcrypto).  Like smtp-sink, which has no STARTTLS: one thread, epoll,
  * non-blocking sockets.  Accepts any EHLO/MAIL/RCPT, takes DATA up to
  * the lone ".", answers 250 and forgets the
- * message.  Events on stdout, one line each, unbuffered:
+ * message.  With a third argument "chunking" it also offers CHUNKING and
+ * takes BDAT (RFC 3030): counted octets, 250 per chunk (smtp-sink has no
+ * BDAT).  Events on stdout, one line each, unbuffered:
  *   S <sessions>                      a connection was accepted
  *   T <tls sessions> <version> <cipher>  a STARTTLS handshake completed
- *   M <messages>                      a message's final dot was received
- * usage: tlssink PORT KEY_AND_CHAIN.pem
+ *   M <messages>                      a message's final dot (or BDAT LAST) was received
+ *   B <messages>                      of them, the ones that came with BDAT
+ * usage: tlssink PORT KEY_AND_CHAIN.pem [chunking]
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -36,6 +39,8 @@ struct conn {
     int data;              /* inside DATA */
     int bol;               /* (DATA) at the beginning of a line */
     int closing;           /* close once the output is flushed */
+    int bdat_last;         /* the chunk being read is the message's last */
+    size_t bdat_left;      /* octets of the BDAT chunk still to come */
     size_t inlen, outlen, outoff;
     char in[INBUF];
     char out[OUTBUF];
@@ -43,7 +48,8 @@ struct conn {
 
 static SSL_CTX *ctx;
 static int ep;
-static unsigned long sessions, tls_sessions, messages;
+static unsigned long sessions, tls_sessions, messages, bdat_messages;
+static int chunking;
 
 static void event(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 #include <stdarg.h>
@@ -135,6 +141,7 @@ static int command(struct conn *c, const char *line, size_t n) {
     if (prefix(line, n, "EHLO")) {
         reply(c, "250-peer.bench.test\r\n250-PIPELINING\r\n250-SIZE 104857600\r\n"
                  "250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n");
+        if (chunking) reply(c, "250-CHUNKING\r\n");
         reply(c, c->ssl ? "250 SMTPUTF8\r\n" : "250-SMTPUTF8\r\n250 STARTTLS\r\n");
     } else if (prefix(line, n, "HELO")) {
         reply(c, "250 peer.bench.test\r\n");
@@ -149,6 +156,18 @@ static int command(struct conn *c, const char *line, size_t n) {
         reply(c, "354 End data with <CR><LF>.<CR><LF>\r\n");
         c->data = 1;
         c->bol = 1;
+    } else if (chunking && prefix(line, n, "BDAT ")) {
+        char num[32];
+        size_t k = 0;
+        while (5 + k < n && k < sizeof num - 1 && line[5 + k] >= '0' && line[5 + k] <= '9') {
+            num[k] = line[5 + k];
+            k++;
+        }
+        num[k] = 0;
+        if (!k) return -1;  /* the chunk's end is unknown */
+        c->bdat_left = strtoull(num, NULL, 10);
+        c->bdat_last = n >= 5 + k + 5 && strncasecmp(line + 5 + k, " LAST", 5) == 0;
+        return 2;
     } else if (prefix(line, n, "RSET") || prefix(line, n, "NOOP")) {
         reply(c, "250 2.0.0 Ok\r\n");
     } else if (prefix(line, n, "QUIT")) {
@@ -160,10 +179,32 @@ static int command(struct conn *c, const char *line, size_t n) {
     return 0;
 }
 
-/* Handle every complete line in the input buffer. */
+/* The BDAT chunk is complete: answer it. */
+static void chunk_done(struct conn *c) {
+    if (c->bdat_last) {
+        messages++;
+        bdat_messages++;
+        char buf[80];
+        snprintf(buf, sizeof buf, "250 2.0.0 Ok: queued as %lu\r\n", messages);
+        reply(c, buf);
+        event("M %lu\nB %lu\n", messages, bdat_messages);
+    } else {
+        reply(c, "250 2.0.0 Ok: chunk received\r\n");
+    }
+}
+
+/* Handle every complete line (and BDAT octets) in the input buffer. */
 static int process(struct conn *c) {
     size_t start = 0;
     for (;;) {
+        if (c->bdat_left) {
+            size_t take = c->inlen - start < c->bdat_left ? c->inlen - start : c->bdat_left;
+            start += take;
+            c->bdat_left -= take;
+            if (c->bdat_left) break;
+            chunk_done(c);
+            continue;
+        }
         char *nl = memchr(c->in + start, '\n', c->inlen - start);
         if (!nl) break;
         size_t end = (size_t)(nl - c->in);
@@ -172,6 +213,10 @@ static int process(struct conn *c) {
         int r = command(c, c->in + start, n);
         start = end + 1;
         if (r < 0) return -1;
+        if (r == 2) {  /* BDAT: its octets follow (BDAT 0 is done at once) */
+            if (!c->bdat_left) chunk_done(c);
+            continue;
+        }
         if (r == 1) {  /* STARTTLS: anything pipelined after it is discarded */
             c->inlen = 0;
             if (flush(c) < 0) return -1;
@@ -258,10 +303,11 @@ static int readable(struct conn *c) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s PORT KEY_AND_CHAIN.pem\n", argv[0]);
+    if (argc != 3 && !(argc == 4 && strcmp(argv[3], "chunking") == 0)) {
+        fprintf(stderr, "usage: %s PORT KEY_AND_CHAIN.pem [chunking]\n", argv[0]);
         return 2;
     }
+    chunking = argc == 4;
     signal(SIGPIPE, SIG_IGN);
     ctx = SSL_CTX_new(TLS_server_method());
     if (!ctx || SSL_CTX_use_certificate_chain_file(ctx, argv[2]) != 1 ||
