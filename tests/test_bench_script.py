@@ -113,6 +113,16 @@ class PureTests(unittest.SynchronousTestCase):
                          ["a", "b", "c", "b", "c", "a", "c", "a", "b"])
         self.assertTrue(all(c is cell for _, c in todo))
 
+    def test_plan_pairs_cells(self) -> None:
+        """With a paired key, the cells that differ only in it share each round, alternating which goes first; other cells keep their own rounds."""
+        cells = [{"size": z, "bdat": b} for z in (1, 2) for b in (False, True)]
+        todo = core.plan(cells, 2, ["s"], "bdat")
+        self.assertEqual([(c["size"], c["bdat"]) for _, c in todo],
+                         [(1, False), (1, True), (1, True), (1, False),
+                          (2, False), (2, True), (2, True), (2, False)])
+        self.assertEqual([(c["size"], c["bdat"]) for _, c in core.plan(cells[:2], 2, ["s"])],
+                         [(1, False), (1, False), (1, True), (1, True)])
+
     def test_percentile(self) -> None:
         """Nearest rank: p50 and p99 of 1..100 are 50 and 99; one value is every percentile."""
         values = list(range(100, 0, -1))

@@ -520,6 +520,7 @@ class Mode:
     metric = "msg_per_s"  # the figure compared, higher is better
     lower_is_better = False
     also = ("msg_per_s",)  # more figures whose medians the summary keeps
+    paired: str | None = None  # a cell key whose values run in the same round (plan)
 
     def cells(self, quick: bool, args: Any) -> list[dict[str, Any]]:
         raise NotImplementedError
@@ -581,18 +582,26 @@ def run_once(mode: Mode, name: str, cell: dict[str, Any], workdir: str) -> dict[
 # -- rounds, summary, table ----------------------------------------------------
 
 
-def plan(cells: list[dict[str, Any]], repeats: int, servers: list[str]
-         ) -> list[tuple[str, dict[str, Any]]]:
+def plan(cells: list[dict[str, Any]], repeats: int, servers: list[str],
+         paired: str | None = None) -> list[tuple[str, dict[str, Any]]]:
     """
     Every run in order: cell by cell, round by round, the servers' order
-    rotating so that each goes first as often as the others.
+    rotating so that each goes first as often as the others.  With
+    C{paired} (a cell key), the cells that differ only in that key are
+    compared like servers: they run in the same round, their order
+    rotating too, so drift in the machine's load hits them alike.
     """
-    out, turn = [], 0
+    groups: dict[tuple, list[dict[str, Any]]] = {}
     for cell in cells:
-        for _ in range(repeats):
-            k = turn % len(servers)
-            out.extend((name, cell) for name in servers[k:] + servers[:k])
-            turn += 1
+        key = tuple((k, v) for k, v in cell.items() if k != paired) if paired else (id(cell),)
+        groups.setdefault(key, []).append(cell)
+    out, turn = [], 0
+    for group in groups.values():
+        for r in range(repeats):
+            for cell in group[r % len(group):] + group[:r % len(group)]:
+                k = turn % len(servers)
+                out.extend((name, cell) for name in servers[k:] + servers[:k])
+                turn += 1
     return out
 
 
@@ -734,7 +743,7 @@ def run_rounds(mode: Mode, cells: list[dict[str, Any]], repeats: int, servers: l
                workdir: str, quiet_wait: float, json_path: str | None,
                docs: str | None = None) -> int:
     """The whole comparison: every run of the plan, then the table and the JSON."""
-    todo = plan(cells, repeats, servers)
+    todo = plan(cells, repeats, servers, mode.paired)
     info = machine()
     log(f"{mode.name}: {len(todo)} runs at {info['commit'][:12]}"
         f"{' (dirty)' if info['dirty'] else ''}, load {info['load_before']}")

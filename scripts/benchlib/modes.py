@@ -307,6 +307,7 @@ class Chunking(Outbound):
 
     name = "chunking"
     servers = "workers=auto"
+    paired = "bdat"  # DATA and BDAT of one size in the same round, alternating first
 
     def cells(self, quick: bool, a: Any) -> list[dict[str, Any]]:
         return [{"bdat": bdat, "size": z, "messages": a.messages or (300 if quick else 10_000)}

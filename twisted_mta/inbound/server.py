@@ -1006,12 +1006,13 @@ class InboundESMTP(smtp.ESMTP):
             return reply.NEED_MAIL
         if not self.recipients:
             return reply.NO_VALID_RECIPIENTS
-        if (self._bdat_declared if self._bdat else 0) + size > self.limits.message_size:
+        total = (self._bdat_declared if self._bdat else 0) + size
+        if total > self.limits.message_size:
             # Refused on its declared size before reading (RFC 1870 and
             # 3030): nothing of it or of the rest of the message is stored.
             log.info("message from {peer} refused: BDAT chunks of {size} octets exceed the "
                      "limit", event="inbound.data-refused", peer=self.peer_ip,
-                     size=self._bdat_declared + size, reply="message too big")
+                     size=total, reply="message too big")
             self._reset_transaction()
             self._bdat_failed = True
             return reply.MESSAGE_TOO_BIG.with_text(
