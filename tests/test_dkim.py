@@ -779,3 +779,45 @@ class BenchTests(SynchronousTestCase):
                          [(k, s, e) for k, _ in bench.ALGORITHMS for s, e in bench.CELLS])
         self.assertTrue(all(r["sign_cpu_ms"] > 0 for r in rows))
         self.assertEqual(len(bench.table(rows).splitlines()), 2 + len(rows))
+
+
+class RedactedDSNTests(SynchronousTestCase):
+    def test_without_signatures(self) -> None:
+        from twisted_mta.dkim import without_signatures
+        message = (b"DKIM-Signature: v=1; a=rsa-sha256;\r\n\tb=abc\r\nReceived: x\r\n"
+                   b"dkim-signature: v=1;\r\n b=def\r\nFrom: a@example.test\r\n\r\n"
+                   b"DKIM-Signature: in the body stays\r\n")
+        self.assertEqual(without_signatures(message),
+                         b"Received: x\r\nFrom: a@example.test\r\n\r\n"
+                         b"DKIM-Signature: in the body stays\r\n")
+        self.assertEqual(without_signatures(MESSAGE), MESSAGE)
+
+    def test_redacted_copy_signed_anew(self) -> None:
+        """
+        A signed REQUIRETLS report redacted on its way back carries one
+        signature, of the redacted copy, which verifies.
+        """
+        from tests.queue.test_manager import ManagerTestBase
+        from tests.queue.test_requiretls_dsn import BODY, RequireTLSOutbound
+
+        class Case(ManagerTestBase):
+            def runTest(self) -> None:
+                pass
+        case = Case()
+        case.setUp()
+        self.addCleanup(case.tearDown)
+        case.outbound = RequireTLSOutbound()
+        m = case.manager()
+        signer = signer_for(self, {"example.test": "ed25519-sha256"}, subdomains=True)
+        m.notices.signer = signer
+        env = case.queue(["x@elsewhere.test"], sender="s@remote.test", body=BODY,
+                         requiretls=True)
+        m.enqueue(env)
+        for _ in range(6):
+            case.clock.advance(0)
+        copies = {q: case.successResultOf(m.envelope(q)) for q in m.entries}
+        [copy_id] = [q for q, e in copies.items() if "redacted_from" in e.client]
+        data = case.spool.read_message(copy_id)
+        self.assertIn(b"(RFC 8689 section 5)", data)  # the redacted copy
+        self.assertEqual(data.count(b"DKIM-Signature:"), 1)
+        self.assertTrue(dkim.verify(data, dnsfunc=dnsfunc_for(signer)))

@@ -209,6 +209,24 @@ def header_fields(head: bytes) -> list[tuple[str, bytes]]:
     return fields
 
 
+def without_signatures(message: bytes) -> bytes:
+    """
+    C{message} without its DKIM-Signature header fields: for a message of
+    ours changed after it was signed (a DSN redacted), to be signed again.
+    """
+    head = header_block(message)
+    kept, dropping = [], False
+    for line in head.split(b"\r\n")[:-1]:
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                kept.append(line)
+            continue
+        dropping = line.split(b":", 1)[0].strip().lower() == b"dkim-signature"
+        if not dropping:
+            kept.append(line)
+    return b"".join(line + b"\r\n" for line in kept) + message[len(head):]
+
+
 def from_domain(head: bytes) -> tuple[str | None, str]:
     """
     The domain of the From header field (lower case, in ASCII form), or

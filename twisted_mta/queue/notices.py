@@ -15,7 +15,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twisted_mta.config import Config
-from twisted_mta.dkim import Signer
+from twisted_mta.dkim import Signer, without_signatures
 from twisted_mta.dsn.report import (
     FailedRecipient, delay_report, failure_report, redact, success_report,
 )
@@ -194,6 +194,10 @@ class Notices:
             log.warn("{queue_id}: a REQUIRETLS report could not be redacted; not sent",
                      event="dsn.suppressed", queue_id=qid)
             return True
+        if self.signer is not None and self.signer.signs("dsn"):
+            # The report's signature does not cover the redacted copy: sign it anew.
+            redacted = yield self.run_blocking(self.signer.sign_local,
+                                               without_signatures(redacted), "dsn", qid)
         try:
             now = self.clock.seconds()
             copy = yield self.spool.queue_local(
