@@ -220,3 +220,27 @@ class RefusedTests(SynchronousTestCase):
                       "Content-Type: multipart/signed; boundary=s", "", "--s", "", "a",
                       "--s", "", "sig", "--s--", "--b--", "")
         self.assertIn(b"--s\r\n\r\na\r\n--s", downgrade(message))
+
+
+class QuotedPrintablePropertyTests(SynchronousTestCase):
+    def test_random_lines(self):
+        """
+        Random 8-bit text lines (spaces, tabs, "=", dots, bare CR and LF,
+        UTF-8 and not): the output is ASCII, every line at most 76
+        characters without a bare CR or LF, and it decodes to the input
+        octet for octet (seeded, so a failure repeats).
+        """
+        import random
+        rnd = random.Random(15)
+        alphabet = b"ab =\t.\xc3\xa4\xff\r\n"
+        for _ in range(400):
+            lines = [bytes(rnd.choice(alphabet) for _ in range(rnd.randint(0, 300)))
+                     .replace(b"\r\n", b"\r") for _ in range(rnd.randint(1, 8))]
+            text = b"\r\n".join(lines) + b"\x80\r\n"
+            out = downgrade(b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + text)
+            self.assertTrue(out.isascii())
+            for line in out.split(b"\r\n"):
+                self.assertLessEqual(len(line), 76, line)
+                self.assertNotIn(b"\r", line)
+                self.assertNotIn(b"\n", line)
+            self.assertEqual(parse(out).get_payload(decode=True), text)
