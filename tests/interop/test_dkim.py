@@ -123,15 +123,15 @@ class OpenDKIMVerifier:
         return lines[0] if lines else f"(exit {done.returncode}) {done.stdout}{done.stderr}"
 
 
-class SignOutboundTests(SynchronousTestCase):
+class SignOutboundBase(SynchronousTestCase):
     """
-    Mail submitted to our MTA by an authenticated client arrives signed
-    (here in a local Maildir, the queue file as signed on receipt), and
-    dkimpy and OpenDKIM verify it with the key served by the private nsd:
-    RSA-2048 for example.test, Ed25519 for ed.test.  Internet mail, and
-    mail whose From domain has no key, arrive unsigned.
+    Our MTA under twistd (C{workers}: L{start_mta}'s; None, one receiving
+    worker per core), a submission listener with STARTTLS and AUTH, keys
+    for example.test (RSA-2048) and ed.test (Ed25519) whose records the
+    private nsd serves, and OpenDKIM to verify.
     """
 
+    workers: int | None = None
     HEADERS = ["from", "to", "subject", "date", "message-id", "mime-version", "x-absent"]
 
     def setUp(self) -> None:
@@ -172,7 +172,8 @@ class SignOutboundTests(SynchronousTestCase):
             '\n[relay]\ntrusted_networks = ["192.0.2.0/24"]\n'
             '\n[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = "1s"\n'
             f"\n[dkim]\nheaders = [{headers}]\n" + table)
-        self.mta = start_mta(self, tmp, extra, users=("alice", "bob", "postmaster"))
+        self.mta = start_mta(self, tmp, extra, users=("alice", "bob", "postmaster"),
+                             workers=self.workers)
 
     def dnsfunc(self, name: bytes, timeout: float = 5) -> bytes | None:
         host, port = self.nsd.address.split(":")
@@ -229,11 +230,7 @@ class SignOutboundTests(SynchronousTestCase):
         self.assertIn(f"d={domain}", verdict)
         self.assertTrue(verdict.endswith("succeeded"), verdict)
 
-    def test_rsa_and_ed25519(self) -> None:
-        """
-        Both verify with dkimpy and OpenDKIM; h= is exactly the configured
-        headers the message has; OpenDKIM fails a changed body.
-        """
+    def check_rsa_and_ed25519(self) -> None:
         for domain, algorithm in (("example.test", "rsa-sha256"),
                                   ("ed.test", "ed25519-sha256")):
             token = f"signed-{domain}"
@@ -245,6 +242,23 @@ class SignOutboundTests(SynchronousTestCase):
             with open(self.path, "wb") as f:
                 f.write(message.replace(f"token: {token}".encode(), b"token: changed"))
             self.assertIn("failed", self.opendkim.verify(self.path))
+
+
+class SignOutboundTests(SignOutboundBase):
+    """
+    Mail submitted to our MTA by an authenticated client arrives signed
+    (here in a local Maildir, the queue file as signed on receipt), and
+    dkimpy and OpenDKIM verify it with the key served by the private nsd:
+    RSA-2048 for example.test, Ed25519 for ed.test.  Internet mail, and
+    mail whose From domain has no key, arrive unsigned.
+    """
+
+    def test_rsa_and_ed25519(self) -> None:
+        """
+        Both verify with dkimpy and OpenDKIM; h= is exactly the configured
+        headers the message has; OpenDKIM fails a changed body.
+        """
+        self.check_rsa_and_ed25519()
 
     def test_eight_bit(self) -> None:
         """
@@ -271,3 +285,15 @@ class SignOutboundTests(SynchronousTestCase):
             self.assertNotIn("succeeded", self.opendkim.verify(self.path))
         log = self.mta.output()
         self.assertIn("not DKIM-signed: no key for nokey.test", log)
+
+
+class SignOutboundOneProcessTests(SignOutboundBase):
+    """
+    The same with [server] workers = 0: the main process receives (its
+    signer is the one tap.prepare built, not a worker's).
+    """
+
+    workers = 0
+
+    def test_rsa_and_ed25519(self) -> None:
+        self.check_rsa_and_ed25519()
