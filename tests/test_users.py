@@ -67,3 +67,26 @@ class UsersFileTests(SynchronousTestCase):
         self.assertEqual(run_cli("user", "delete", path, "dave")[0], 0)
         code, out, err = run_cli("user", "delete", path, "dave")
         self.assertEqual((code, err), (1, f"twisted-mta: {path}: no user 'dave'\n"))
+
+
+class UTF8UserTests(SynchronousTestCase):
+    """UTF-8 user names (RFC 6531 local parts) in the users file."""
+
+    def test_utf8_names(self):
+        """A UTF-8 name is stored lower-cased in NFC, found in any case and form, removed likewise."""
+        path = self.mktemp()
+        write_user(path, "Jörg", "pw")
+        write_user(path, "用户@例子.test", "pw2")
+        self.assertEqual(sorted(read_users_file(path)), ["jörg", "用户@例子.test"])
+        db = UserDatabase.load(path)
+        self.assertEqual(db.check("JÖRG", "pw"), "jörg")
+        self.assertEqual(db.check("jo\u0308rg", "pw"), "jörg")  # decomposed
+        self.assertEqual(db.check("用户@例子.test", "pw2"), "用户@例子.test")
+        write_user(path, "JO\u0308RG", None)
+        self.assertEqual(sorted(read_users_file(path)), ["用户@例子.test"])
+
+    def test_bad_names(self):
+        """Spaces, ':' and control characters stay refused."""
+        for bad in ("jö rg", "jö:rg", "a\u0085b", ""):
+            with self.assertRaises(UsersFileError, msg=bad):
+                write_user(self.mktemp(), bad, "pw")

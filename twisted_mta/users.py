@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import os
 import re
+import unicodedata
 
 import attrs
 
@@ -25,7 +26,18 @@ SCRYPT_LOG_N = 15
 SCRYPT_R = 8
 SCRYPT_P = 1
 _HASH = re.compile(r"^\$scrypt\$ln=(\d+),r=(\d+),p=(\d+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)$")
-_NAME = re.compile(r"^[A-Za-z0-9._%+-]+(@[A-Za-z0-9.-]+)?$")
+# A local part, or a whole address; UTF-8 (RFC 6531) allowed, but never
+# ":" (the separator), spaces or control characters.
+_NAME = re.compile(r"^[A-Za-z0-9._%+\u00a0-\U0010ffff-]+(@[A-Za-z0-9.\u00a0-\U0010ffff-]+)?$")
+
+
+def canonical_name(name: str) -> str:
+    """
+    A user name (or an address to compare with one) as the users file is
+    keyed: lower case and, for UTF-8, Unicode NFC.
+    """
+    key = name.lower()
+    return key if key.isascii() else unicodedata.normalize("NFC", key)
 
 
 class UsersFileError(Exception):
@@ -74,9 +86,9 @@ class UserDatabase:
         The user's canonical name if C{password} is right, else C{None}.
         Blocking (scrypt).
         """
-        encoded = self.users.get(name.lower())
+        encoded = self.users.get(canonical_name(name))
         ok = verify_password(password, encoded or _DUMMY)
-        return name.lower() if ok and encoded is not None else None
+        return canonical_name(name) if ok and encoded is not None else None
 
 
 def read_users_file(path: str) -> dict[str, str]:
@@ -98,7 +110,7 @@ def read_users_file(path: str) -> dict[str, str]:
         if not _HASH.match(encoded):
             raise UsersFileError(f"{path}:{number}: the password of {name!r} is not an scrypt "
                                  "hash (write it with 'twisted-mta user add')")
-        users[name.lower()] = encoded
+        users[canonical_name(name)] = encoded
     return users
 
 
@@ -114,8 +126,8 @@ def write_user(path: str, name: str, password: str | None) -> None:
             lines = f.read().splitlines()
     except FileNotFoundError:
         lines = []
-    key = name.lower()
-    kept = [line for line in lines if line.partition(":")[0].strip().lower() != key]
+    key = canonical_name(name)
+    kept = [line for line in lines if canonical_name(line.partition(":")[0].strip()) != key]
     if password is not None:
         kept.append(f"{key}:{hash_password(password)}")
     elif len(kept) == len(lines):

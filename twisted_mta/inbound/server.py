@@ -62,7 +62,7 @@ from twisted_mta.inbound.milter import MilterChain, MilterStage
 from twisted_mta.local import AliasLoop, LocalDirectory, UnknownRecipient
 from twisted_mta.model import Envelope, Recipient, tls_required_no
 from twisted_mta.queue.spool import RunBlocking, Spool, run_inline
-from twisted_mta.users import UserDatabase
+from twisted_mta.users import UserDatabase, canonical_name
 from twisted_mta.reply import Reply
 
 log = Logger()
@@ -811,8 +811,8 @@ class InboundESMTP(smtp.ESMTP):
         if address is None:
             return False
         if "@" in self.user:
-            return str(address).lower() == self.user
-        return (address.local.lower() == self.user
+            return canonical_name(str(address)) == self.user
+        return (canonical_name(address.local) == self.user
                 and self.factory.directory.is_local_domain(address.domain))
 
     def _check_mail_params(self, params: dict[str, str | None]) -> Reply | None:
