@@ -821,3 +821,31 @@ class RedactedDSNTests(SynchronousTestCase):
         self.assertIn(b"(RFC 8689 section 5)", data)  # the redacted copy
         self.assertEqual(data.count(b"DKIM-Signature:"), 1)
         self.assertTrue(dkim.verify(data, dnsfunc=dnsfunc_for(signer)))
+
+
+class SigningBugTests(SynchronousTestCase):
+    def test_converter_bug(self) -> None:
+        """
+        A converter that crashes costs the conversion, not the signature.
+        """
+        from twisted_mta import downgrade
+
+        def broken(message: bytes) -> bytes:
+            raise RuntimeError("oops")
+        self.patch(downgrade, "downgrade", broken)
+        signer = signer_for(self, {"example.test": "rsa-sha256"})
+        signed = signer.sign_outbound(EIGHT_BIT)
+        self.assertIn("the conversion failed (RuntimeError: oops)", signed.eight_bit)
+        self.assertTrue(dkim.verify(signed.apply(EIGHT_BIT), dnsfunc=dnsfunc_for(signer)))
+
+    def test_bug_is_unsigned_and_logged(self) -> None:
+        import twisted_mta.dkim as module
+
+        def broken(head: bytes):
+            raise RuntimeError("oops")
+        self.patch(module, "from_domain", broken)
+        signer = signer_for(self, {"example.test": "rsa-sha256"})
+        signed = signer.sign_outbound(MESSAGE)
+        self.assertEqual((signed.field, signed.reason),
+                         (b"", "internal error (traceback in the log)"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

@@ -165,6 +165,8 @@ def seven_bit(message: bytes) -> tuple[bytes | None, str]:
         return downgrade(message), "converted"
     except DowngradeRefused as e:
         return None, f"not converted: {e.words}"
+    except Exception as e:  # a bug in the converter must not cost the signature
+        return None, f"not converted: the conversion failed ({type(e).__name__}: {e})"[:300]
 
 
 def sign_source(authenticated: bool, trusted: bool) -> str | None:
@@ -346,6 +348,13 @@ class Signer:
         unsigned, and L{Signed.reason} says why).  Blocking: call it in the
         I/O threads.
         """
+        try:
+            return self._sign_outbound(message)
+        except Exception:  # a bug: the message still goes, unsigned
+            log.failure("DKIM signing failed; the message goes unsigned", event="dkim.error")
+            return Signed(reason="internal error (traceback in the log)")
+
+    def _sign_outbound(self, message: bytes) -> Signed:
         domain, why = from_domain(header_block(message))
         if domain is None:
             return Signed(reason=why)
@@ -376,6 +385,9 @@ class Signer:
 
 
 def log_signed(signed: Signed, source: str, queue_id: str) -> None:
+    """
+    One line per message of ours: C{dkim.signed}, or C{dkim.unsigned} and why.
+    """
     if signed.field:
         log.info("{queue_id}: DKIM-signed for {domain} (s={selector}, {algorithm}), mail from "
                  "{source}{note}", event="dkim.signed", queue_id=queue_id, domain=signed.domain,
