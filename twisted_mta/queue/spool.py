@@ -484,7 +484,20 @@ class MessageWriter:
         # recovery compares it with the file's.
         d.addCallback(lambda _: attrs.evolve(envelope, file_size=self.size))
         d.addErrback(self._failed)
-        return d
+        # A Deferred of its own, not the writer's chain: the caller may be
+        # running inside that chain (a milter stage's callback after
+        # flush/adopt), and a chain that returns itself stalls.
+        out: defer.Deferred = defer.Deferred()
+
+        def forward(result):
+            if isinstance(result, Failure):
+                out.errback(result)
+                return None
+            out.callback(result)
+            return result
+
+        d.addBoth(forward)
+        return out
 
     def _failed(self, failure):
         d = self.spool.run_blocking(self._discard)
