@@ -237,13 +237,25 @@ class SubmissionTests(unittest.TestCase):
         self.assertEqual(caught.exception.status, EX_USAGE)
         self.assertIn("bad recipient address 'a b@c'", str(caught.exception))
 
-    def test_only_ascii_addresses(self) -> None:
-        # The pickup takes ASCII addresses only: refused here, not after exit 0.
-        for sender, rcpt in (("", "jöran@example.test"), ("jöran@example.test", "bob")):
-            with self.subTest(sender=sender, rcpt=rcpt):
-                with self.assertRaises(Failed) as caught:
-                    self.sub.make(b"hi\r\n", sender, [rcpt], False, None)
-                self.assertIn(caught.exception.status, (EX_USAGE, EX_DATAERR))
+    def test_smtputf8_detected(self) -> None:
+        # UTF-8 in an address or the header makes the drop SMTPUTF8 (RFC
+        # 6531/6532), as Postfix's sendmail autodetects it; ASCII does not.
+        table = [
+            ("", ["jöran@example.test"], b"hi\r\n", True),
+            ("jöran@example.test", ["bob"], b"hi\r\n", True),
+            ("", ["bob"], "Subject: Grüße\r\n\r\nhi\r\n".encode(), True),
+            ("", ["bob"], b"Subject: \xe9t\xe9\r\n\r\nhi\r\n", False),  # Latin-1
+            ("", ["bob"], "Subject: s\r\n\r\nGrüße\r\n".encode(), False),  # body only
+            ("a@x.test", ["bob"], b"hi\r\n", False),
+        ]
+        for sender, rcpts, message, utf8 in table:
+            with self.subTest(sender=sender, rcpts=rcpts, message=message):
+                drop = self.sub.make(message, sender, rcpts, False, None)
+                self.assertIs(drop.smtputf8, utf8)
+                self.assertEqual(maildrop.decode(maildrop.encode(drop), 10 ** 6, 1000), drop)
+        with self.assertRaises(Failed) as caught:
+            self.sub.make(b"hi\r\n", "", ["jö ran@example.test"], False, None)
+        self.assertEqual(caught.exception.status, EX_USAGE)
 
     def test_full_name_flag_wins_over_gecos(self) -> None:
         drop = self.sub.make(b"hi\r\n", "", ["bob"], False, "Cron Daemon")
@@ -284,6 +296,10 @@ class DropFileTests(unittest.TestCase):
         self.assertEqual(maildrop.decode(maildrop.encode(drop), 1000, 100), drop)
         null = Drop("", ("b@y.test",), b"x\r\n")
         self.assertEqual(maildrop.decode(maildrop.encode(null), 1000, 100), null)
+        utf8 = Drop("jöran@x.test", ("zoë@y.test",), b"x\r\n", smtputf8=True)
+        data = maildrop.encode(utf8)
+        self.assertTrue(data.isascii())
+        self.assertEqual(maildrop.decode(data, 1000, 100), utf8)
 
     def test_garbage(self) -> None:
         message = b"Subject: s\r\n\r\nhi\r\n"
@@ -293,8 +309,11 @@ class DropFileTests(unittest.TestCase):
             (maildrop.MAGIC + b"{" + b" " * (maildrop.MAX_META + 10), "envelope line is missing"),
             (maildrop.MAGIC + b"not json\n" + message, "not JSON"),
             (maildrop.MAGIC + b'{"sender": NaN}\n', "not JSON"),
-            (maildrop.MAGIC + b"[]\n", "exactly sender, recipients and size"),
-            (self.good(extra=1), "exactly sender, recipients and size"),
+            (maildrop.MAGIC + b"[]\n", "must hold sender, recipients and size"),
+            (self.good(extra=1), "must hold sender, recipients and size (and smtputf8)"),
+            (self.good(smtputf8=1), "smtputf8 must be true or false"),
+            (self.good(recipients=["zoë@y.test"]), "the recipient is not an ASCII string"),
+            (self.good(smtputf8=True, recipients=["zo ë@y.test"]), "the recipient"),
             (self.good(sender="a b@c"), "the sender 'a b@c'"),
             (self.good(sender=5), "the sender is not an ASCII string"),
             (self.good(sender="ä@x.test"), "the sender is not an ASCII string"),
@@ -391,7 +410,7 @@ class LocalSMTPTests(unittest.TestCase):
                              b"DATA\r\n", b"Subject: s\r\n", b"\r\n", b"..dot\r\n", b"hi\n",
                              b".\r\n", b"QUIT\r\n", b"NOOP\r\n"])
         codes = [line[:4] for line in out.split(b"\r\n") if line]
-        self.assertEqual(codes, [b"220 ", b"250-", b"250-", b"250-", b"250-", b"250 ",
+        self.assertEqual(codes, [b"220 ", b"250-", b"250-", b"250-", b"250-", b"250-", b"250 ",
                                  b"250 ", b"250 ", b"250 ", b"354 ", b"250 ", b"221 "])
         self.assertIn(b"250-SIZE 26214400", out)
         [drop] = self.drops()
@@ -402,13 +421,17 @@ class LocalSMTPTests(unittest.TestCase):
         self.assertIn(b"Message-ID: <", drop.message)
         self.assertIn(f"Ok: dropped as {os.listdir(self.maildrop)[0]}".encode(), out)
 
-    def test_utf8_sender_refused_before_250(self) -> None:
-        out = self.dialogue([b"EHLO c\r\n", "MAIL FROM:<jöran@example.test> SMTPUTF8\r\n".encode(),
-                             b"RCPT TO:<bob@example.test>\r\n", b"DATA\r\n", b"hi\r\n",
-                             b".\r\n"])
-        last = [line for line in out.split(b"\r\n") if line][-1]
-        self.assertFalse(last.startswith(b"250"), out)
-        self.assertEqual(self.drops(), [])
+    def test_smtputf8(self) -> None:
+        out = self.dialogue([b"EHLO c\r\n", "MAIL FROM:<jöran@example.test>\r\n".encode(),
+                             "MAIL FROM:<jöran@example.test> SMTPUTF8\r\n".encode(),
+                             "RCPT TO:<zoë@example.test>\r\n".encode(), b"DATA\r\n",
+                             b"hi\r\n", b".\r\n"])
+        self.assertIn(b"250-SMTPUTF8\r\n", out)
+        codes = [line[:3] for line in out.split(b"\r\n")[7:] if line]
+        self.assertEqual(codes, [b"501", b"250", b"250", b"354", b"250"])
+        [drop] = self.drops()
+        self.assertEqual((drop.sender, drop.recipients, drop.smtputf8),
+                         ("jöran@example.test", ("zoë@example.test",), True))
 
     def test_sequence_errors(self) -> None:
         out = self.dialogue([b"RCPT TO:<a@b.test>\r\n", b"DATA\r\n", b"MAIL FROM:<a b>\r\n",

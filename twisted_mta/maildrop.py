@@ -8,6 +8,9 @@ A drop is one file in C{<spool>/maildrop/}::
     {"recipients": [...], "sender": "...", "size": N} LF
     N octets of message, CRLF line ends
 
+(with C{"smtputf8": true} in the JSON when an address or the header is
+UTF-8, RFC 6531/6532; the addresses are then checked as UTF-8 ones).
+
 The writer is not trusted: anyone may put anything into the directory, so
 L{decode} checks every part against bounds (the first two lines, the
 number and syntax of the addresses, the message's size, line length, line
@@ -56,6 +59,7 @@ class Drop:
     sender: str
     recipients: tuple[str, ...]
     message: bytes
+    smtputf8: bool = False  # UTF-8 in an address or the header (RFC 6531)
 
 
 def drop_name(now: float) -> str:
@@ -74,8 +78,11 @@ def maildrop_path(spool: str) -> str:
 
 
 def encode(drop: Drop) -> bytes:
-    meta = json.dumps({"sender": drop.sender, "recipients": list(drop.recipients),
-                       "size": len(drop.message)}, sort_keys=True, ensure_ascii=True)
+    fields: dict[str, object] = {"sender": drop.sender, "recipients": list(drop.recipients),
+                                 "size": len(drop.message)}
+    if drop.smtputf8:
+        fields["smtputf8"] = True
+    meta = json.dumps(fields, sort_keys=True, ensure_ascii=True)
     return MAGIC + meta.encode("ascii") + b"\n" + drop.message
 
 
@@ -105,11 +112,15 @@ def check_message(message: bytes, max_size: int, max_line: int) -> None:
         start = end + 2
 
 
-def check_address(address: object, what: str) -> str:
-    if not isinstance(address, str) or not address.isascii():
+def check_address(address: object, what: str, utf8: bool = False) -> str:
+    """
+    C{address} if it is one mailbox (in UTF-8 only with C{utf8}), else
+    L{DropError}.
+    """
+    if not isinstance(address, str) or not (utf8 or address.isascii()):
         raise DropError(f"{what} is not an ASCII string")
     try:
-        parse_mailbox(address)
+        parse_mailbox(address, utf8=utf8)
     except AddressError as e:
         raise DropError(f"{what} {address[:80]!r}: {e}")
     return address
@@ -130,21 +141,27 @@ def decode(data: bytes, max_size: int, max_line: int) -> Drop:
                           parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as e:
         raise DropError(f"the envelope line is not JSON: {str(e)[:80]}")
-    if not isinstance(meta, dict) or set(meta) != {"sender", "recipients", "size"}:
-        raise DropError("the envelope line must hold exactly sender, recipients and size")
+    if not isinstance(meta, dict) or not {"sender", "recipients", "size"} <= set(meta) or \
+            not set(meta) <= {"sender", "recipients", "size", "smtputf8"}:
+        raise DropError("the envelope line must hold sender, recipients and size "
+                        "(and smtputf8), nothing else")
     sender, recipients, size = meta["sender"], meta["recipients"], meta["size"]
+    utf8 = meta.get("smtputf8", False)
+    if not isinstance(utf8, bool):
+        raise DropError("smtputf8 must be true or false")
     if sender != "":
-        check_address(sender, "the sender")
+        check_address(sender, "the sender", utf8)
     if not isinstance(recipients, list) or not 1 <= len(recipients) <= MAX_RECIPIENTS:
         raise DropError(f"recipients must be a list of 1 to {MAX_RECIPIENTS} addresses")
     for rcpt in recipients:
-        check_address(rcpt, "the recipient")
+        check_address(rcpt, "the recipient", utf8)
     message = data[end + 1:]
     if not isinstance(size, int) or isinstance(size, bool) or size != len(message):
         raise DropError(f"the file holds {len(message)} octets of message, "
                         f"its envelope line says {size!r}")
     check_message(message, max_size, max_line)
-    return Drop(sender=sender, recipients=tuple(dict.fromkeys(recipients)), message=message)
+    return Drop(sender=sender, recipients=tuple(dict.fromkeys(recipients)), message=message,
+                smtputf8=utf8)
 
 
 def _no_constant(name: str) -> None:

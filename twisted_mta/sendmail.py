@@ -224,6 +224,20 @@ def header_recipients(header: Header) -> list[str]:
     return [addr for _, addr in email.utils.getaddresses(values) if addr]
 
 
+def utf8_header(header: Header) -> bool:
+    """
+    Whether the header section is UTF-8 beyond ASCII (RFC 6532).
+    """
+    raw = b"".join(header.fields)
+    if raw.isascii():
+        return False
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def complete(header: Header, from_address: str, full_name: str, hostname: str,
              now: float) -> Header:
     """
@@ -279,7 +293,7 @@ def qualify(address: str, domain: str) -> str:
 def check_recipient(address: str, domain: str, status: int) -> str:
     final = qualify(address, domain)
     try:
-        parse_mailbox(final)
+        parse_mailbox(final, utf8=True)
     except AddressError as e:
         raise Failed(status, f"bad recipient address {address[:80]!r}: {e}")
     return final
@@ -297,7 +311,7 @@ def envelope_sender(options: Options, own: str) -> str:
         return ""
     sender = qualify(given, own.rpartition("@")[2])
     try:
-        parse_mailbox(sender)
+        parse_mailbox(sender, utf8=True)
     except AddressError as e:
         raise Failed(EX_USAGE, f"bad sender address {given[:80]!r} (-f): {e}")
     return sender
@@ -394,11 +408,14 @@ class Submission:
             raise Failed(EX_USAGE, "no recipients: name them on the command line, or use -t "
                          "to read them from the message")
         rcpts = list(dict.fromkeys(rcpts))
-        try:  # what the pickup will accept (ASCII addresses: no SMTPUTF8 here yet)
+        # SMTPUTF8 when an address or the header is UTF-8 (as Postfix's
+        # smtputf8_autodetect_classes does for sendmail).
+        utf8 = not all(a.isascii() for a in [sender, *rcpts]) or utf8_header(header)
+        try:  # what the pickup will accept
             for rcpt in rcpts:
-                check_address(rcpt, "the recipient")
+                check_address(rcpt, "the recipient", utf8)
             if sender:
-                check_address(sender, "the sender")
+                check_address(sender, "the sender", utf8)
         except DropError as e:
             raise Failed(EX_DATAERR, str(e))
         if len(rcpts) > MAX_RECIPIENTS:
@@ -412,7 +429,7 @@ class Submission:
             check_message(text, limits.message_size, limits.data_line_length)
         except DropError as e:
             raise Failed(EX_DATAERR, str(e))
-        return Drop(sender=sender, recipients=tuple(rcpts), message=text)
+        return Drop(sender=sender, recipients=tuple(rcpts), message=text, smtputf8=utf8)
 
     def drop(self, drop: Drop) -> str:
         maildrop = maildrop_path(self.config.spool)
@@ -441,6 +458,7 @@ class LocalSMTP:
 
     def _reset(self) -> None:
         self.sender: str | None = None
+        self.utf8 = False  # MAIL FROM had SMTPUTF8
         self.recipients: list[str] = []
         self._data: list[bytes] | None = None
         self._size = 0
@@ -477,7 +495,7 @@ class LocalSMTP:
     def smtp_EHLO(self, arg: str) -> bytes:
         self._reset()
         return (f"250-{self.hostname}\r\n250-PIPELINING\r\n250-SIZE {self.limits.message_size}"
-                "\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n").encode()
+                "\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 ENHANCEDSTATUSCODES\r\n").encode()
 
     def smtp_MAIL(self, arg: str) -> bytes:
         if self.sender is not None:
@@ -490,13 +508,14 @@ class LocalSMTP:
         if size and size.isdigit() and int(size) > self.limits.message_size:
             return self._reply(552, "5.3.4 Message size exceeds fixed limit")
         self.sender = str(parsed.address) if parsed.address is not None else ""
+        self.utf8 = "SMTPUTF8" in parsed.params
         return self._reply(250, "2.1.0 Ok")
 
     def smtp_RCPT(self, arg: str) -> bytes:
         if self.sender is None:
             return self._reply(503, "5.5.1 Error: need MAIL command")
         try:
-            parsed = parse_rcpt_to(arg)
+            parsed = parse_rcpt_to(arg, utf8=self.utf8)
         except AddressError as e:
             return self._reply(501, f"5.1.3 Bad recipient address syntax: {e}")
         if len(self.recipients) >= MAX_RECIPIENTS:
@@ -584,7 +603,7 @@ def verify(config: Config, domain: str, addresses: tuple[str, ...]) -> tuple[int
     for given in addresses:
         address = qualify(given, domain)
         try:
-            parse_mailbox(address)
+            parse_mailbox(address, utf8=True)
         except AddressError as e:
             lines.append(f"{given}: undeliverable: {e}")
             status = EX_NOUSER

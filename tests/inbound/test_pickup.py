@@ -195,6 +195,14 @@ class PickupTests(unittest.TestCase):
         self.start()
         self.assertEqual([r.address for r in self.queued[0].recipients], ["nobody@example.test"])
 
+    def test_smtputf8(self) -> None:
+        self.drop(Drop("jöran@x.test", ("zoë@remote.test",), MESSAGE, smtputf8=True))
+        self.start()
+        [envelope] = self.queued
+        self.assertTrue(envelope.smtputf8)
+        self.assertEqual((envelope.sender, envelope.recipients[0].address),
+                         ("jöran@x.test", "zoë@remote.test"))
+
     def test_tls_required_no(self) -> None:
         self.drop(Drop("a@x.test", ("x@remote.test",), b"TLS-Required: No\r\n\r\nhi\r\n"))
         self.start()

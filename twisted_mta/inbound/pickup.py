@@ -340,7 +340,8 @@ class PickupService(service.Service):
             size=len(drop.message), next_attempt=now,
             client={"protocol": "sendmail", "listener": "pickup", "uid": str(picked.uid),
                     "user": picked.user},
-            tls_required_no=tls_required_no(tls_required_values(drop.message)))
+            tls_required_no=tls_required_no(tls_required_values(drop.message)),
+            smtputf8=drop.smtputf8)
         writer.write(envelope.to_header())
         writer.write(received_header(self.config.hostname, picked.uid, picked.user,
                                      writer.queue_id, now))
