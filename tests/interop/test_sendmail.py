@@ -276,8 +276,10 @@ class SendmailTests(unittest.TestCase):
         result = self.sendmail(["-bs"], dialogue)
         self.assertEqual(result.returncode, 0, result.stderr)
         codes = [line[:3] for line in result.stdout.split(b"\r\n") if line]
-        self.assertEqual(codes, [b"220"] + [b"250"] * 5 + [b"250", b"250", b"354", b"250",
+        # 220, the EHLO reply (six lines), MAIL, RCPT, DATA, the message, QUIT
+        self.assertEqual(codes, [b"220"] + [b"250"] * 6 + [b"250", b"250", b"354", b"250",
                                                            b"221"])
+        self.assertIn(b"250-SMTPUTF8\r\n", result.stdout)
         [message] = self.delivered("bob", b"TOKEN-SMTP")
         self.assertEqual(message.get_payload(), ".TOKEN-SMTP\n")
         self.assertEqual(message["Return-Path"], "<cron@example.test>")
