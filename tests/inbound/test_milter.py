@@ -377,3 +377,102 @@ class ModificationTests(SynchronousTestCase):
         self.assertTrue(out[-1].startswith("250 2.0.0 Ok: queued"))
         self.assertNotIn("eom", s.factories[0].stages())
         self.assertIn("eom", s.factories[1].stages())
+
+
+class DeferredIOTests(SynchronousTestCase):
+    """
+    The spool's and the milter stage's blocking calls finishing later (as
+    in the I/O threads), not inline: the commit after the milters' edits
+    runs from inside the writer's own chain of disk operations.
+    """
+
+    def later(self, clock):
+        def run(f, *args):
+            d = defer.Deferred()
+
+            def go():
+                try:
+                    d.callback(f(*args))
+                except Exception:
+                    d.errback()
+            clock.callLater(0, go)
+            return d
+        return run
+
+    def test_edited_message_committed(self):
+        """With deferred I/O, an edited message is committed with its edits and 250 follows."""
+        from twisted_mta.queue.spool import _GroupSync
+        s = Session(self, [{"eom": [mod("addheader", b"X-Later", b"yes"),
+                                    mod("replbody", b"replaced\r\n"), "continue"]}])
+        run = self.later(s.h.clock)
+        s.h.spool.run_blocking = run
+        s.h.spool.group_sync = _GroupSync(run, (os.path.join(s.h.spool.path, "new"),))
+        s.h.protocol.milters.run_blocking = run
+        out = s.transaction()
+        for _ in range(200):
+            s.h.clock.advance(0)
+            s.milters.flush()
+            out += s.h.read()
+        self.assertTrue(out[-1].startswith("250 2.0.0 Ok: queued as"), out)
+        [raw] = s.queued()
+        self.assertIn(b"X-Later: yes\r\n", raw)
+        self.assertTrue(raw.endswith(b"\r\n\r\nreplaced\r\n"), raw)
+        self.assertEqual(s.tmp_files(), [])
+
+
+class EndpointTests(SynchronousTestCase):
+    def test_unix_and_inet(self):
+        """unix: connects to the socket path, inet: to host and port, with the connect timeout."""
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted_mta import milter_protocol as mp
+        from twisted_mta.inbound.milter import connect_endpoint
+        reactor = MemoryReactorClock()
+        connect = connect_endpoint(reactor)
+        connect(mp.parse_milter_address("unix:/run/m.sock"), 7, reactor)
+        self.assertEqual(reactor.unixClients[0][0], "/run/m.sock")
+        self.assertEqual(reactor.unixClients[0][2], 7)
+        connect(mp.parse_milter_address("inet:127.0.0.1:8891"), 5, reactor)
+        self.assertEqual(reactor.tcpClients[0][:2], ("127.0.0.1", 8891))
+
+
+class BdatTests(SynchronousTestCase):
+    def test_bdat_message_goes_past_the_milters(self):
+        """A message sent in BDAT chunks gets the same milter stage: the edit is queued, a refusal answers the LAST chunk."""
+        body = b"Subject: chunks\r\n\r\nin two\r\nchunks\r\n"
+        s = Session(self, [{"eom": [mod("addheader", b"X-Chunked", b"seen"), "continue"]}])
+        s.say("EHLO c\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.test>\r\n")
+        s.say(b"BDAT %d\r\n" % 20 + body[:20])
+        out = s.say(b"BDAT %d LAST\r\n" % (len(body) - 20) + body[20:])
+        self.assertTrue(out[-1].startswith("250 2.0.0 Ok: queued as"), out)
+        [raw] = s.queued()
+        self.assertIn(b"X-Chunked: seen\r\n", raw)
+        self.assertTrue(raw.endswith(b"\r\n\r\nin two\r\nchunks\r\n"))
+        bodies = [args for stage, args, _ in s.factories[0].log if stage == "body"]
+        self.assertEqual(b"".join(bodies), b"in two\r\nchunks\r\n")
+
+        s2 = Session(self, [{"eom": ["550 5.7.1 no chunks today"]}])
+        s2.say("EHLO c\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.test>\r\n")
+        out = s2.say(b"BDAT %d LAST\r\n" % len(body) + body)
+        self.assertEqual(out[-1], "550 5.7.1 no chunks today")
+        self.assertEqual(s2.h.queued, [])
+
+
+class SigningAfterMiltersTests(SynchronousTestCase):
+    def test_native_signature_covers_the_milters_edits(self):
+        """[dkim] signs after the milters: a Subject a milter changed is what the signature covers (dkimpy verifies)."""
+        import dkim
+
+        from tests.test_dkim import dnsfunc_for, signer_for
+        signer = signer_for(self, {"example.test": "ed25519-sha256"})
+        s = Session(self, [{"eom": [mod("chgheader", 1, b"Subject", b"changed by milter"),
+                                    "continue"]}],
+                    relay={"trusted_networks": ["192.0.2.0/24"]})
+        s.h.factory.signer = signer
+        message = (b"From: <alice@example.test>\r\nTo: <bob@example.test>\r\n"
+                   b"Subject: original\r\n\r\nbody\r\n.\r\n")
+        out = s.transaction(message=message)
+        self.assertTrue(out[-1].startswith("250 2.0.0 Ok: queued as"), out)
+        [raw] = s.queued()
+        self.assertIn(b"Subject: changed by milter\r\n", raw)
+        self.assertTrue(raw.startswith(b"DKIM-Signature:"), raw[:200])
+        self.assertTrue(dkim.verify(raw, dnsfunc=dnsfunc_for(signer)))

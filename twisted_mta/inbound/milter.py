@@ -449,10 +449,13 @@ class MilterChain:
             if new_envelope != envelope:
                 envelope = new_envelope
                 changed_head = True
-            if edits:
+            if edits or replaced is not None:
+                kinds = {type(e).__name__ for e in edits}
+                if replaced is not None:
+                    kinds.add("ReplaceBody")
                 log.info("milter {milter} changed {queue_id}: {edits}",
                          event="milter.modified", milter=m.name, queue_id=self.macros.get("i"),
-                         edits=", ".join(sorted({type(e).__name__ for e in edits})))
+                         edits=", ".join(sorted(kinds)))
         if self._discard:
             return MessageOutcome(envelope, discard=True)
         if not envelope.recipients:
