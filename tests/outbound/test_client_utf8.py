@@ -210,3 +210,25 @@ class ConversionWaitTests(SynchronousTestCase):
         f, args = calls[0]
         pending.callback(f(*args))
         self.assertNotIn(b"MAIL", b"".join(s.sent()))
+
+
+class ConversionBugTests(SynchronousTestCase):
+    def test_bug_in_conversion(self):
+        """
+        An unexpected error while converting is logged with its traceback
+        and defers the recipients (4.3.0); nothing is sent.
+        """
+        from twisted_mta.outbound import message as outgoing
+
+        def broken(_):
+            raise RuntimeError("boom")
+
+        self.patch(outgoing, "seven_bit", broken)
+        s = Session(self)
+        s.establish(SEVEN_BIT_EHLO)
+        results = send(s, Transaction("a@x.test", ("b@peer.test",), message(self, ASCII_HEADER)))
+        r = results[0]["b@peer.test"]
+        self.assertEqual((r.code, r.enhanced), (451, "4.3.0"))
+        self.assertIn("could not convert the message to 7 bits: boom", r.text)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(s.sent(), [])

@@ -43,7 +43,7 @@ from twisted_mta.tls.dane import DaneVerdict
 from twisted_mta.tls.handshake import PolicyCreator, evaluate
 from twisted_mta.tls.failure import TLSFailure, classify_handshake_error
 from twisted_mta.tls.policy import TLSRequirements
-from twisted_mta.model import Outcome
+from twisted_mta.model import EnvelopeError, Outcome
 
 log = Logger()
 
@@ -403,8 +403,8 @@ class OutboundClient(smtp.ESMTPClient):
             state.stage = "the 7-bit conversion"
             run = self.run_blocking or (lambda f, *a: defer.maybeDeferred(f, *a))
             d = run(outgoing.seven_bit, txn.message)
-            d.addCallbacks(lambda m: self._begin(state, attrs.evolve(txn, message=m), utf8),
-                           lambda f: self._conversion_failed(state, f))
+            d.addCallback(lambda m: self._begin(state, attrs.evolve(txn, message=m), utf8))
+            d.addErrback(lambda f: self._conversion_failed(state, f))
             return state.done
         self._begin(state, txn, utf8)
         return state.done
@@ -443,8 +443,14 @@ class OutboundClient(smtp.ESMTPClient):
                      peer=self.peer, reason=e.reason, why=e.words)
             outcome = failures.outcome(kind, remote_mta=self._remote(), peer=self.peer,
                                        why=e.words)
-        else:
+        elif failure.check(OSError, EnvelopeError):
             outcome = failures.outcome("message-unreadable", why=failure.getErrorMessage())
+        else:  # a bug: its traceback, and the message waits for a fix
+            log.failure("{queue_id}: converting to 7 bits for {peer} failed", failure,
+                        event="outbound.error", queue_id=state.txn.queue_id, peer=self.peer,
+                        destination=self.peer)
+            outcome = failures.outcome("internal", why="could not convert the message to 7 "
+                                                       f"bits: {failure.getErrorMessage()}")
         state.abort(outcome)
 
     def _begin(self, state: "_TransactionState", txn: Transaction, utf8: bool) -> None:
