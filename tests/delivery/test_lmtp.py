@@ -449,6 +449,13 @@ class RouterTests(SynchronousTestCase):
         router = make_local_target(config.local, "mx", Clock(), sync)
         self.assertIsInstance(router, LocalRouter)
         self.assertIsInstance(router.target_for("a@example.test"), MaildirDelivery)
+        idn = make_local_target(make_config(base, local={
+            "domains": ["example.test", "xn--fsqu00a.test"],
+            "lmtp": {"address": "tcp:127.0.0.1:24"},
+            "routes": {"xn--fsqu00a.test": {"delivery": "lmtp"}}}).local, "mx", Clock(), sync)
+        # SMTPUTF8: a recipient in the U-label form takes its A-label's route.
+        self.assertIsInstance(idn.target_for("用户@例子.test"), LMTPDelivery)
+        self.assertIsInstance(idn.target_for("a@example.test"), MaildirDelivery)
         lmtp = router.target_for("a@EXAMPLE.org")
         self.assertIsInstance(lmtp, LMTPDelivery)
         self.assertEqual((lmtp.address, lmtp.recipient, lmtp.remote_mta),

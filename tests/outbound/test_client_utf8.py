@@ -184,6 +184,14 @@ class RoutingTests(SynchronousTestCase):
                          {"xn--fsqu00a.test": ("a@例子.test", "b@XN--FSQU00A.test"),
                           "xn--bcher-kva.test": ("c@bücher.test",)})
 
+    def test_domain_of_is_a_label(self):
+        """The domain the TLS decisions and reports name is the A-label too."""
+        from twisted_mta.outbound.attempt import domain_of
+        from twisted_mta.outbound.router import next_hops
+        [(hop, addrs)] = next_hops(["a@例子.test"]).items()
+        txn = Transaction("s@x.test", addrs, None)
+        self.assertEqual(domain_of(txn, hop), "xn--fsqu00a.test")
+
 
 class ConversionWaitTests(SynchronousTestCase):
     def test_unexpected_reply_while_converting(self):

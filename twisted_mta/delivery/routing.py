@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_mta import failures
+from twisted_mta.address import AddressError, a_label
 from twisted_mta.config import LocalSettings
 from twisted_mta.delivery.lmtp import LMTPDelivery
 from twisted_mta.delivery.local import MaildirDelivery
@@ -52,7 +53,13 @@ class LocalRouter:
         return list(seen.values())
 
     def target_for(self, address: str):
-        return self.by_domain.get(address.rpartition("@")[2].lower(), self.default)
+        domain = address.rpartition("@")[2].lower()
+        if not domain.isascii():  # SMTPUTF8: the routes name the A-label
+            try:
+                domain = a_label(domain)
+            except AddressError:
+                pass
+        return self.by_domain.get(domain, self.default)
 
     @defer.inlineCallbacks
     def deliver(self, request: DeliveryRequest):

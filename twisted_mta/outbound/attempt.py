@@ -26,7 +26,7 @@ from twisted_mta.metrics import notify
 from twisted_mta.model import Outcome
 from twisted_mta.outbound import mx
 from twisted_mta.outbound.client import OutboundClient, SessionFailed, Timeouts, Transaction
-from twisted_mta.outbound.router import NextHop
+from twisted_mta.outbound.router import NextHop, ascii_domain
 from twisted_mta.tls import fallback as fb
 from twisted_mta.config import is_ip
 from twisted_mta.tls import dnssec as dnssec_status, published as pub
@@ -774,8 +774,8 @@ def domain_of(txn: Transaction, hop: NextHop) -> str:
     The recipient domain of a transaction: a smarthost destination carries
     the mail of every domain whose TLS policy there is the same.
     """
-    if txn.recipients:
-        return txn.recipients[0].rpartition("@")[2].lower()
+    if txn.recipients:  # a UTF-8 domain (SMTPUTF8) as its A-label, as policies name it
+        return ascii_domain(txn.recipients[0].rpartition("@")[2])
     return hop.domain
 
 

@@ -51,14 +51,14 @@ def next_hops(addresses, outbound: OutboundSettings = OutboundSettings(),
     hops: dict[NextHop, list[str]] = {}
     no = tls_required_no and not requiretls and outbound.tls.honor_tls_required_no
     for address in addresses:
-        domain = _ascii_domain(address.rpartition("@")[2])
+        domain = ascii_domain(address.rpartition("@")[2])
         hop = NextHop(domain=domain, smarthost=outbound.smarthost_for(domain),
                       requiretls=requiretls, tls_required_no=no)
         hops.setdefault(hop, []).append(address)
     return {hop: tuple(addrs) for hop, addrs in hops.items()}
 
 
-def _ascii_domain(domain: str) -> str:
+def ascii_domain(domain: str) -> str:
     """
     The domain as DNS, smarthost and TLS policy entries know it: a UTF-8
     domain (SMTPUTF8, RFC 6531 3.2) as its A-label.  One that is not
