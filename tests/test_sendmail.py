@@ -51,9 +51,10 @@ class ParseArgsTests(unittest.TestCase):
         (["-C", "/etc/mta.toml", "x"], "sendmail", dict(config="/etc/mta.toml",
                                                        recipients=("x",))),
         (["--config=/x.toml", "x"], "sendmail", dict(config="/x.toml", recipients=("x",))),
-        (["-odi", "-oem", "-v", "-oQ/var/q", "-N", "never", "-U", "x"], "sendmail",
-         dict(verbose=True, recipients=("x",),
-              ignored=("-odi", "-oem", "-oQ/var/q", "-Nnever", "-U"))),
+        (["-odi", "-oem", "-v", "-oQ/var/q", "-U", "x"], "sendmail",
+         dict(verbose=True, recipients=("x",), ignored=("-odi", "-oem", "-oQ/var/q", "-U"))),
+        (["-N", "success,delay", "-Rhdrs", "-V", "job-17", "x"], "sendmail",
+         dict(notify="success,delay", ret="hdrs", envid="job-17", recipients=("x",))),
         (["-em", "-B", "8BITMIME", "-h", "3", "-m", "-n", "x"], "sendmail",
          dict(recipients=("x",), ignored=("-em", "-B8BITMIME", "-h3", "-m", "-n"))),
         # Options end at the first recipient, as in sendmail and Postfix.
@@ -273,6 +274,27 @@ class SubmissionTests(unittest.TestCase):
             sub.make(b"x" * 900 + b"\r\n", "", ["bob"], False, None)
         self.assertIn("more than the limit of 1024", str(caught.exception))
 
+    def test_dsn_requests(self) -> None:
+        table = [
+            (Options(), {}),
+            (Options(notify="never"), {"notify": ()}),
+            (Options(notify="failure,success"), {"notify": ("SUCCESS", "FAILURE")}),
+            (Options(ret="full", envid="cron job 7"), {"ret": "FULL", "envid": "cron job 7"}),
+        ]
+        for options, expected in table:
+            with self.subTest(options=options):
+                self.assertEqual(sendmail.dsn_requests(options), expected)
+        for options, words in ((Options(notify="sometimes"), "-N sometimes: NOTIFY value"),
+                               (Options(notify="never,success"), "cannot be combined"),
+                               (Options(ret="body"), "-R body: must be full or hdrs"),
+                               (Options(envid="x" * 101), "1 to 100 printable"),
+                               (Options(envid="a\nb"), "1 to 100 printable")):
+            with self.subTest(options=options):
+                with self.assertRaises(Failed) as caught:
+                    sendmail.dsn_requests(options)
+                self.assertEqual(caught.exception.status, EX_USAGE)
+                self.assertIn(words, str(caught.exception))
+
     def test_sender(self) -> None:
         own = "alice@mx.example.test"
         for given, expected in ((None, own), ("", ""), ("<>", ""), ("bounce", "bounce@mx.example.test"),
@@ -296,6 +318,8 @@ class DropFileTests(unittest.TestCase):
         self.assertEqual(maildrop.decode(maildrop.encode(drop), 1000, 100), drop)
         null = Drop("", ("b@y.test",), b"x\r\n")
         self.assertEqual(maildrop.decode(maildrop.encode(null), 1000, 100), null)
+        dsn = Drop("a@x.test", ("b@y.test",), b"x\r\n", notify=(), ret="HDRS", envid="e 1")
+        self.assertEqual(maildrop.decode(maildrop.encode(dsn), 1000, 100), dsn)
         utf8 = Drop("jöran@x.test", ("zoë@y.test",), b"x\r\n", smtputf8=True)
         data = maildrop.encode(utf8)
         self.assertTrue(data.isascii())
@@ -310,7 +334,12 @@ class DropFileTests(unittest.TestCase):
             (maildrop.MAGIC + b"not json\n" + message, "not JSON"),
             (maildrop.MAGIC + b'{"sender": NaN}\n', "not JSON"),
             (maildrop.MAGIC + b"[]\n", "must hold sender, recipients and size"),
-            (self.good(extra=1), "must hold sender, recipients and size (and smtputf8)"),
+            (self.good(extra=1), "must hold sender, recipients and size (and smtputf8"),
+            (self.good(notify=["NEVER"]), "notify must list some of"),
+            (self.good(notify="SUCCESS"), "notify must list some of"),
+            (self.good(ret="BODY"), "ret must be FULL or HDRS"),
+            (self.good(envid="a\nb"), "envid must be 1 to 100"),
+            (self.good(envid=""), "envid must be 1 to 100"),
             (self.good(smtputf8=1), "smtputf8 must be true or false"),
             (self.good(recipients=["zoë@y.test"]), "the recipient is not an ASCII string"),
             (self.good(smtputf8=True, recipients=["zo ë@y.test"]), "the recipient"),
@@ -532,7 +561,8 @@ class MainTests(unittest.TestCase):
         path = self.config()
         drops = os.path.join(os.path.dirname(path), "spool", "maildrop")
         os.makedirs(drops)
-        status, err, _ = self.run_main(["sendmail", "-C", path, "-oi", "-odi", "-v", "alice"],
+        status, err, _ = self.run_main(["sendmail", "-C", path, "-oi", "-odi", "-v",
+                                        "-N", "success", "-R", "hdrs", "alice"],
                                        stdin=b"Subject: s\n\nhi\n.\nthere\n")
         self.assertEqual(status, 0, err)
         [name] = os.listdir(drops)
@@ -540,6 +570,7 @@ class MainTests(unittest.TestCase):
         with open(os.path.join(drops, name), "rb") as f:
             drop = maildrop.decode(f.read(), 10 ** 6, 1000)
         self.assertEqual(drop.recipients, ("alice@mx.example.test",))
+        self.assertEqual((drop.notify, drop.ret, drop.envid), (("SUCCESS",), "HDRS", None))
         self.assertTrue(drop.message.endswith(b"\r\n\r\nhi\r\n.\r\nthere\r\n"))
 
     def test_usage(self) -> None:

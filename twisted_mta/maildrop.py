@@ -9,7 +9,8 @@ A drop is one file in C{<spool>/maildrop/}::
     N octets of message, CRLF line ends
 
 (with C{"smtputf8": true} in the JSON when an address or the header is
-UTF-8, RFC 6531/6532; the addresses are then checked as UTF-8 ones).
+UTF-8, RFC 6531/6532, the addresses then checked as UTF-8 ones; and the
+DSN requests of -N, -R and -V as C{"notify"}, C{"ret"}, C{"envid"}).
 
 The writer is not trusted: anyone may put anything into the directory, so
 L{decode} checks every part against bounds (the first two lines, the
@@ -29,6 +30,7 @@ import secrets
 import attrs
 
 from twisted_mta.address import AddressError, parse_mailbox
+from twisted_mta.dsn.params import ENVID_MAX, NOTIFY_VALUES
 
 MAGIC = b"TWISTED-MTA-MAILDROP 1\n"
 DIRECTORY = "maildrop"
@@ -60,6 +62,10 @@ class Drop:
     recipients: tuple[str, ...]
     message: bytes
     smtputf8: bool = False  # UTF-8 in an address or the header (RFC 6531)
+    # DSN (RFC 3461), for every recipient: NOTIFY (() is NEVER), RET, ENVID
+    notify: tuple[str, ...] | None = None
+    ret: str | None = None
+    envid: str | None = None
 
 
 def drop_name(now: float) -> str:
@@ -82,6 +88,10 @@ def encode(drop: Drop) -> bytes:
                                  "size": len(drop.message)}
     if drop.smtputf8:
         fields["smtputf8"] = True
+    for key in ("notify", "ret", "envid"):
+        value = getattr(drop, key)
+        if value is not None:
+            fields[key] = list(value) if key == "notify" else value
     meta = json.dumps(fields, sort_keys=True, ensure_ascii=True)
     return MAGIC + meta.encode("ascii") + b"\n" + drop.message
 
@@ -142,9 +152,10 @@ def decode(data: bytes, max_size: int, max_line: int) -> Drop:
     except (ValueError, UnicodeDecodeError) as e:
         raise DropError(f"the envelope line is not JSON: {str(e)[:80]}")
     if not isinstance(meta, dict) or not {"sender", "recipients", "size"} <= set(meta) or \
-            not set(meta) <= {"sender", "recipients", "size", "smtputf8"}:
+            not set(meta) <= {"sender", "recipients", "size", "smtputf8", "notify", "ret",
+                              "envid"}:
         raise DropError("the envelope line must hold sender, recipients and size "
-                        "(and smtputf8), nothing else")
+                        "(and smtputf8, notify, ret, envid), nothing else")
     sender, recipients, size = meta["sender"], meta["recipients"], meta["size"]
     utf8 = meta.get("smtputf8", False)
     if not isinstance(utf8, bool):
@@ -161,7 +172,32 @@ def decode(data: bytes, max_size: int, max_line: int) -> Drop:
                         f"its envelope line says {size!r}")
     check_message(message, max_size, max_line)
     return Drop(sender=sender, recipients=tuple(dict.fromkeys(recipients)), message=message,
-                smtputf8=utf8)
+                smtputf8=utf8, **_dsn(meta))
+
+
+def _dsn(meta: dict) -> dict:
+    """
+    The DSN requests of a drop's envelope line, checked.
+    """
+    out: dict = {}
+    notify = meta.get("notify")
+    if notify is not None:
+        if not isinstance(notify, list) or not all(v in NOTIFY_VALUES for v in notify):
+            raise DropError(f"notify must list some of {', '.join(NOTIFY_VALUES)} "
+                            "(none: NEVER)")
+        out["notify"] = tuple(v for v in NOTIFY_VALUES if v in notify)
+    ret = meta.get("ret")
+    if ret is not None:
+        if ret not in ("FULL", "HDRS"):
+            raise DropError("ret must be FULL or HDRS")
+        out["ret"] = ret
+    envid = meta.get("envid")
+    if envid is not None:
+        if not isinstance(envid, str) or not 0 < len(envid) <= ENVID_MAX or \
+                not all(" " <= c <= "~" for c in envid):
+            raise DropError(f"envid must be 1 to {ENVID_MAX} printable ASCII characters")
+        out["envid"] = envid
+    return out
 
 
 def _no_constant(name: str) -> None:

@@ -33,6 +33,7 @@ import attrs
 
 from twisted_mta.address import AddressError, parse_mail_from, parse_mailbox, parse_rcpt_to
 from twisted_mta.config import Config, ConfigError, load_config
+from twisted_mta.dsn.params import ENVID_MAX, DSNParamError, parse_notify
 from twisted_mta.local import AliasLoop, LocalDirectory, UnknownRecipient
 from twisted_mta.maildrop import (
     MAX_RECIPIENTS, Drop, DropError, check_address, check_message, drop_name, encode,
@@ -72,6 +73,9 @@ class Options:
     full_name: str | None = None  # -F
     config: str | None = None  # -C, --config
     verbose: bool = False  # -v
+    notify: str | None = None  # -N: DSN NOTIFY (never, or success,delay,failure)
+    ret: str | None = None  # -R: DSN RET (full or hdrs)
+    envid: str | None = None  # -V: DSN ENVID
     recipients: tuple[str, ...] = ()
     ignored: tuple[str, ...] = ()  # flags accepted without effect
 
@@ -115,7 +119,9 @@ def parse_args(argv: list[str], prog: str = "sendmail") -> Options:
             fields["ignore_dots"] = True
         elif flag == "-v":
             fields["verbose"] = True
-        else:  # -o..., -e..., -h, -N, -R, -V, -B, -U, -m, -n, ...: no effect here
+        elif flag in ("-N", "-R", "-V"):
+            fields[{"-N": "notify", "-R": "ret", "-V": "envid"}[flag]] = value
+        else:  # -o..., -e..., -h, -B, -U, -m, -n, ...: no effect here
             ignored.append(flag + value)
     return Options(**fields, recipients=tuple(rest), ignored=tuple(ignored))  # type: ignore
 
@@ -297,6 +303,31 @@ def check_recipient(address: str, domain: str, status: int) -> str:
     except AddressError as e:
         raise Failed(status, f"bad recipient address {address[:80]!r}: {e}")
     return final
+
+
+def dsn_requests(options: Options) -> dict[str, object]:
+    """
+    The DSN requests of -N, -R and -V (RFC 3461) for every recipient, as
+    L{Drop} fields; L{Failed} (EX_USAGE) for a bad value.
+    """
+    out: dict[str, object] = {}
+    if options.notify is not None:
+        try:
+            out["notify"] = parse_notify(options.notify)
+        except DSNParamError as e:
+            raise Failed(EX_USAGE, f"-N {options.notify}: {e}")
+    if options.ret is not None:
+        ret = options.ret.upper()
+        if ret not in ("FULL", "HDRS"):
+            raise Failed(EX_USAGE, f"-R {options.ret}: must be full or hdrs")
+        out["ret"] = ret
+    if options.envid is not None:
+        envid = options.envid
+        if not 0 < len(envid) <= ENVID_MAX or not all(" " <= c <= "~" for c in envid):
+            raise Failed(EX_USAGE, f"-V: the envelope id must be 1 to {ENVID_MAX} printable "
+                         "ASCII characters")
+        out["envid"] = envid
+    return out
 
 
 def envelope_sender(options: Options, own: str) -> str:
@@ -668,13 +699,14 @@ def run(options: Options, stdin: BinaryIO, stdout: BinaryIO, environ: dict[str, 
     if options.mode == "smtp":
         return run_smtp(LocalSMTP(submission), stdin, stdout)
     sender = envelope_sender(options, submission.own_address)
+    dsn = dsn_requests(options)
     if not options.recipients and not options.extract:
         raise Failed(EX_USAGE, "no recipients: name them on the command line, or use -t to "
                      "read them from the message")
     message = read_message(stdin, options.ignore_dots, config.limits.message_size,
                            config.limits.data_line_length)
-    drop = submission.make(message, sender, list(options.recipients), options.extract,
-                           options.full_name)
+    drop = attrs.evolve(submission.make(message, sender, list(options.recipients),
+                                        options.extract, options.full_name), **dsn)
     name = submission.drop(drop)
     if options.verbose:
         sys.stderr.write(f"sendmail: dropped as {name} for {len(drop.recipients)} "

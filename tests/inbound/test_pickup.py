@@ -203,6 +203,14 @@ class PickupTests(unittest.TestCase):
         self.assertEqual((envelope.sender, envelope.recipients[0].address),
                          ("jöran@x.test", "zoë@remote.test"))
 
+    def test_dsn_requests(self) -> None:
+        self.drop(Drop("a@x.test", ("info@example.test",), MESSAGE, notify=("SUCCESS",),
+                       ret="HDRS", envid="job 7"))
+        self.start()
+        [envelope] = self.queued
+        self.assertEqual((envelope.ret, envelope.envid), ("HDRS", "job 7"))
+        self.assertEqual([r.notify for r in envelope.recipients], [("SUCCESS",)] * 2)
+
     def test_tls_required_no(self) -> None:
         self.drop(Drop("a@x.test", ("x@remote.test",), b"TLS-Required: No\r\n\r\nhi\r\n"))
         self.start()

@@ -285,6 +285,19 @@ class SendmailTests(unittest.TestCase):
         self.assertEqual(message["Return-Path"], "<cron@example.test>")
         self.assertIn("from userid 65534 (nobody)", message["Received"])
 
+    def test_dsn_flags(self) -> None:
+        # -f and -N success: the sender gets a success DSN (RFC 3461) with -V's id
+        result = self.sendmail(["-f", "alice@example.test", "-N", "success", "-R", "hdrs",
+                                "-V", "nightly-42", "bob"], b"Subject: report\n\nTOKEN-D1\n")
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.delivered("bob", b"TOKEN-D1")
+        [dsn] = self.delivered("alice", b"nightly-42")
+        self.assertEqual(dsn.get_content_type(), "multipart/report")
+        report = str(dsn)
+        self.assertIn("Action: delivered", report)
+        self.assertIn("Original-Envelope-Id: nightly-42", report)
+        self.assertNotIn("TOKEN-D1", report)  # RET=HDRS: the headers only
+
     def test_other_users_cannot_touch_a_drop(self) -> None:
         self.mta.stop()
         result = self.sendmail(["-v", "alice"], b"Subject: private\n\nTOKEN-P1\n")

@@ -153,7 +153,8 @@ def user_name(uid: int) -> str:
         return f"uid {uid}"
 
 
-def expand(directory: LocalDirectory, recipients: tuple[str, ...]) -> tuple[Recipient, ...]:
+def expand(directory: LocalDirectory, recipients: tuple[str, ...],
+           notify: tuple[str, ...] | None = None) -> tuple[Recipient, ...]:
     """
     The envelope recipients of a drop: local addresses through aliases,
     as RCPT TO does; an unknown local address is kept (local delivery
@@ -172,7 +173,7 @@ def expand(directory: LocalDirectory, recipients: tuple[str, ...]) -> tuple[Reci
                 log.error("alias loop expanding {rcpt}", event="inbound.alias-loop", rcpt=given)
         for final in finals:
             if final not in out:
-                out[final] = Recipient(address=final,
+                out[final] = Recipient(address=final, notify=notify,
                                        original=given if final != given else None)
     return tuple(out.values())
 
@@ -336,7 +337,8 @@ class PickupService(service.Service):
         writer = self.spool.new_message()
         envelope = Envelope(
             queue_id=writer.queue_id, sender=drop.sender,
-            recipients=expand(self.directory, drop.recipients), arrival=now,
+            recipients=expand(self.directory, drop.recipients, drop.notify), arrival=now,
+            ret=drop.ret, envid=drop.envid,
             size=len(drop.message), next_attempt=now,
             client={"protocol": "sendmail", "listener": "pickup", "uid": str(picked.uid),
                     "user": picked.user},
