@@ -35,6 +35,7 @@ from twisted_mta.config import ConfigError, load_config
 from twisted_mta.queue import control
 from twisted_mta.model import Envelope
 from twisted_mta.queue.spool import Spool, SpoolError
+from twisted_mta.outbound.router import ascii_domain
 from twisted_mta.users import UsersFileError, read_users_file, write_user
 
 
@@ -507,7 +508,8 @@ def cmd_tls_explain(args: argparse.Namespace) -> int:
         message = {"age": time.time() - env.arrival, "attempts": env.attempts,
                    "tls_failures": env.tls_failures, "requiretls": env.requiretls,
                    "tls_required_no": env.tls_required_no}
-        domains = sorted({r.address.rpartition("@")[2].lower() for r in env.pending()})
+        # A UTF-8 domain (SMTPUTF8) is explained as its A-label, as delivery looks it up.
+        domains = sorted({ascii_domain(r.address.rpartition("@")[2]) for r in env.pending()})
     if args.domain:
         domains.append(args.domain)
     if not domains:
