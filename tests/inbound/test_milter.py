@@ -476,3 +476,22 @@ class SigningAfterMiltersTests(SynchronousTestCase):
         self.assertIn(b"Subject: changed by milter\r\n", raw)
         self.assertTrue(raw.startswith(b"DKIM-Signature:"), raw[:200])
         self.assertTrue(dkim.verify(raw, dnsfunc=dnsfunc_for(signer)))
+
+
+class SessionEndTests(SynchronousTestCase):
+    def test_client_gone_while_a_milter_thinks(self):
+        """The client disconnects while the milter has not answered MAIL: the milter connection is closed, nothing is logged as a milter failure, nothing is queued."""
+        from twisted.logger import globalLogPublisher
+        events: list = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        s = Session(self, [{"hang": "mail"}])
+        s.say("EHLO c\r\n")
+        self.assertEqual(s.say("MAIL FROM:<s@remote.test>\r\n"), [])
+        s.h.protocol.connectionLost(None)
+        s.milters.flush()
+        self.assertTrue(s.milters.pumps[0].clientIO.disconnected)
+        self.assertEqual([e for e in events if e.get("event") == "milter.failed"], [])
+        self.assertEqual(s.h.queued, [])
+        s.h.clock.advance(100)  # no timer left to fire
+        self.assertEqual(s.h.clock.getDelayedCalls(), [])

@@ -284,14 +284,15 @@ class Rspamd:
     """
     Debian's rspamd with only the proxy worker, in milter mode and
     scanning itself (self_scan: no normal worker, no controller, no
-    redis), on a loopback port; DNS to a closed loopback port; its rules
+    redis), on a Unix socket (the unix: milter address; OpenDKIM's test
+    uses inet:); DNS to a closed loopback port; its rules
     from /etc/rspamd, its run, data and log files and local.d in C{workdir}.
     """
 
     def __init__(self, workdir: str) -> None:
         os.makedirs(os.path.join(workdir, "local.d"), exist_ok=True)
         self.workdir = workdir
-        self.port = free_port()
+        self.socket = os.path.join(workdir, "milter.sock")  # our unix: address
         self.conf = os.path.join(workdir, "rspamd.conf")
         with open(self.conf, "w") as f:
             f.write(
@@ -303,7 +304,7 @@ class Rspamd:
                 "}\n"
                 'logging { type = "file"; filename = "$LOGDIR/rspamd.log"; level = "info"; }\n'
                 'worker "rspamd_proxy" {\n'
-                f'    bind_socket = "127.0.0.1:{self.port}";\n'
+                f'    bind_socket = "{self.socket} mode=0600";\n'
                 "    milter = yes;\n"
                 "    timeout = 60s;\n"
                 "    count = 1;\n"
@@ -331,10 +332,13 @@ class Rspamd:
         def listening() -> bool:
             if self.process.poll() is not None:
                 raise AssertionError(f"rspamd exited: {self.describe()}")
+            probe = socket.socket(socket.AF_UNIX)
             try:
-                socket.create_connection((LOOPBACK, self.port), timeout=1).close()
+                probe.connect(self.socket)
             except OSError:
                 return False
+            finally:
+                probe.close()
             return True
         wait_for(listening, RSPAMD_START, self.describe, interval=0.2)
         return time.monotonic() - started
@@ -356,7 +360,7 @@ class Rspamd:
                     parts.append(f.read()[-3000:])
             except FileNotFoundError:
                 pass
-        return f"rspamd ({self.conf}) on port {self.port}: {' '.join(parts) or '(no output)'}"
+        return f"rspamd ({self.conf}) on {self.socket}: {' '.join(parts) or '(no output)'}"
 
 
 class RspamdMilterTests(SynchronousTestCase):
@@ -380,7 +384,7 @@ class RspamdMilterTests(SynchronousTestCase):
                  f'endpoint = "tcp:{mx_port}:interface={LOOPBACK}"\n'
                  'milters = ["rspamd"]\n'
                  "\n[milters.rspamd]\n"
-                 f'address = "inet:127.0.0.1:{rspamd.port}"\n'
+                 f'address = "unix:{rspamd.socket}"\n'
                  'content_timeout = "60s"\n'
                  '\n[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = "1s"\n')
         mta = start_mta(self, tmp, extra)

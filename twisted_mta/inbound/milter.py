@@ -150,11 +150,15 @@ class MilterConnection(Protocol):
         self._fail("the milter closed the connection")
 
     def close(self, quit: bool = True) -> None:
-        if self.lost is None:
-            if quit:
-                self.send(mp.encode(mp.QUIT))
-            self.lost = "closed"
-            self.transport.loseConnection()
+        if self.lost is not None:
+            return
+        if self._waiting is not None:
+            self._fail("closed")  # the request still waiting fails: the chain goes on
+            return
+        if quit:
+            self.send(mp.encode(mp.QUIT))
+        self.lost = "closed"
+        self.transport.loseConnection()
 
 
 def connect_endpoint(reactor: Any) -> Callable[[mp.MilterAddress, float, Any], defer.Deferred]:
@@ -221,6 +225,7 @@ class MilterChain:
         self.peer = ""
         self._lock = defer.DeferredLock()
         self._sticky: Reply | None = None  # a refusal of the whole session
+        self._closed = False
 
     # -- SMTP events; each fires with None (go on) or the reply to send ---------
 
@@ -262,6 +267,7 @@ class MilterChain:
 
     def close(self) -> None:
         """The SMTP session ended: QUIT to every milter still connected."""
+        self._closed = True
         for m in self.milters:
             if m.conn is not None:
                 m.conn.close()
@@ -271,6 +277,8 @@ class MilterChain:
     def _log_failure(self, m: _Milter, why: str) -> Reply | None:
         m.failed = True
         action = m.settings.default_action
+        if self._closed:  # the SMTP session ended under a request: nothing failed
+            return None
         log.warn("milter {milter} failed ({why}); default action {action}",
                  event="milter.failed", milter=m.name, why=why, action=action, peer=self.peer)
         if m.conn is not None:
