@@ -101,6 +101,7 @@ class ResponseTests(SynchronousTestCase):
             (b"b", b"new body", mp.ReplaceBody(b"new body")),
             (b"q", b"looks bad\x00", mp.Quarantine("looks bad")),
             (b"e", b"<x@y.example>\x00", mp.ChangeFrom("x@y.example")),
+            (b"e", b"<>\x00", mp.ChangeFrom("")),
             (b"+", b"<r@y.example>\x00", mp.AddRecipient("r@y.example")),
             (b"2", b"<r@y.example>\x00NOTIFY=NEVER\x00", mp.AddRecipient("r@y.example")),
             (b"-", b"<r@y.example>\x00", mp.DeleteRecipient("r@y.example")),
@@ -119,6 +120,8 @@ class ResponseTests(SynchronousTestCase):
             (b"h", b"X-A\x00"),  # one string only
             (b"m", b"\x00\x00"),
             (b"e", b"<a b@c>\x00"),
+            (b"+", b"<>\x00"),  # no recipient to add
+            (b"-", b"\x00"),
             (b"Z", b""),
         ]
         for command, data in bad:

@@ -406,7 +406,9 @@ def decode_response(command: bytes, data: bytes, actions: int = OUR_ACTIONS
         return Quarantine(_strings(data, 1, "QUARANTINE")[0].decode("utf-8", "replace")[:200])
     address = _address(_strings(data, 1, "envelope change")[0])
     if command == R_CHGFROM:
-        return ChangeFrom(address)
+        return ChangeFrom(address)  # "" is the null sender
+    if not address:
+        raise MilterProtocolError("empty recipient address")
     if command in (R_ADDRCPT, R_ADDRCPT_PAR):
         return AddRecipient(address)
     return DeleteRecipient(address)
