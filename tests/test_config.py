@@ -93,6 +93,29 @@ class ConfigTests(SynchronousTestCase):
         e = self.error(self.MINIMAL.replace('role = "mx"', 'role = "relay"'))
         self.assertEqual(e.message, "must be one of mx, submission, submissions, not 'relay'")
 
+    def test_milters(self):
+        """[milters.NAME] and listeners[].milters: each mistake is one line naming the key."""
+        ok = self.MINIMAL + 'milters = ["OpenDKIM"]\n[milters.opendkim]\naddress = "inet:127.0.0.1:8891"\n'
+        config = load_config(self.write(ok + '[dns]\nnameservers = ["127.0.0.1:9"]\n'))
+        self.assertEqual(config.milter("opendkim").default_action, "tempfail")
+        self.assertEqual(config.milter("opendkim").content_timeout, 300)
+        table = [
+            (self.MINIMAL + 'milters = ["nope"]\n', "listeners[0].milters",
+             "names 'nope', but there is no [milters.nope] table"),
+            (ok.replace("inet:127.0.0.1:8891", "tcp:1.2.3.4:5"), "milters.opendkim.address",
+             "is not a milter address ('tcp:1.2.3.4:5'): unknown kind 'tcp': must be "
+             "inet:HOST:PORT or unix:PATH"),
+            (ok + 'default_action = "quarantine"\n', "milters.opendkim.default_action",
+             "must be one of accept, tempfail, reject, not 'quarantine'"),
+            (ok + 'timeout = "5s"\n', "milters.opendkim.timeout", "unknown key"),
+            (self.MINIMAL + '[milters."two words"]\naddress = "unix:/x"\n',
+             "milters.two words", "a milter's name must be one word of letters, digits, "
+             "'_', '.' or '-'"),
+        ]
+        for text, key, message in table:
+            e = self.error(text)
+            self.assertEqual((e.key, e.message), (key, message), text)
+
     def test_bad_endpoint(self):
         """A malformed endpoint string is refused at parse time."""
         e = self.error(self.MINIMAL.replace('"tcp:2525"', '"tcp:notaport"'))

@@ -68,3 +68,16 @@ class DomainLabelCardinalityTests(SynchronousTestCase):
             m("tls.shadow", {"kind": "k", "shadow": "strict", "domain": f"d{i}.example"})
         self.assertEqual(len(self.values(m, "twisted_mta_tls_shadow_failures_total")),
                          MAX_DOMAIN_LABELS + 1)
+
+
+class MilterMetricTests(SynchronousTestCase):
+    def test_results_by_milter(self):
+        """milter.result events count in twisted_mta_milter_results_total by milter and result."""
+        m = Metrics()
+        for result in ("accept", "accept", "reject"):
+            m("milter.result", {"milter": "opendkim", "result": result})
+        get = m.registry.get_sample_value
+        self.assertEqual(get("twisted_mta_milter_results_total",
+                             {"milter": "opendkim", "result": "accept"}), 2.0)
+        self.assertEqual(get("twisted_mta_milter_results_total",
+                             {"milter": "opendkim", "result": "reject"}), 1.0)

@@ -102,6 +102,17 @@ class WorkerPoolTests(SynchronousTestCase):
         proto.childDataReceived(1, b"queued C3\n")  # not the report pipe
         self.assertEqual(self.manager.queued, ["A1", "B2"])
 
+    def test_milter_results_reach_the_observers(self) -> None:
+        """A worker's "milter RESULT NAME" line goes to the pool's observers (the metrics); an unknown result is dropped."""
+        seen = []
+        self.pool.observers.append(lambda name, event: seen.append((name, event)))
+        proto = self.reactor.spawned[0][0]
+        proto.childDataReceived(3, b"milter reject opendkim\nmilter bogus opendkim\n"
+                                   b"milter failed rspamd\n")
+        self.assertEqual(seen, [("milter.result", {"milter": "opendkim", "result": "reject"}),
+                                ("milter.result", {"milter": "rspamd", "result": "failed"})])
+        self.assertEqual(self.manager.queued, [])
+
     def test_report_with_envelope_needs_no_spool_read(self) -> None:
         """
         A report carrying the envelope's JSON is queued as sent; one whose

@@ -1114,6 +1114,10 @@ def _check(config: Config) -> None:
     for key, value in files:
         if value is not None and not os.path.isfile(value):
             raise error(key, f"no such file: {value}")
+    for name, _ in config.milters:
+        if not re.match(r"^[a-z0-9_.-]+$", name):
+            raise error(f"milters.{name}", "a milter's name must be one word of letters, "
+                        "digits, '_', '.' or '-'")
     for i, listener in enumerate(config.listeners):
         for name in listener.milters:
             if name.lower() not in dict(config.milters):

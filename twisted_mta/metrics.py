@@ -118,6 +118,12 @@ class Metrics:
             "twisted_mta_tlsrpt_reports", "TLS reports (RFC 8460) by delivery method (mailto, "
             "https) and result: sent (queued as mail, or POSTed with 2xx), failed (not "
             "mailed, or the POST given up).", ["method", "result"], registry=r)
+        self.milter_results = Counter(
+            "twisted_mta_milter_results", "What each milter ([milters.NAME]) made of the "
+            "messages and commands it saw: accept (the message passed, maybe edited), "
+            "modified (it edited the message), reject, tempfail, discard, quarantine, "
+            "failed (unreachable, timed out, broke the protocol: its default action "
+            "applied).", ["milter", "result"], registry=r)
         self.tlsrpt_domains = Counter(
             "twisted_mta_tlsrpt_domains", "Policy domains a TLS report was made for (one per "
             "domain and day, and one per early report of tls report send --now).",
@@ -153,6 +159,8 @@ class Metrics:
             self.requiretls_refused.labels(e["kind"], self.domain(e["domain"])).inc()
         elif name in ("tlsrpt.sent", "tlsrpt.failed"):
             self.tlsrpt_reports.labels(e["method"], name.removeprefix("tlsrpt.")).inc()
+        elif name == "milter.result":
+            self.milter_results.labels(e["milter"], e["result"]).inc()
         elif name == "tlsrpt.report":
             self.tlsrpt_domains.inc()
 

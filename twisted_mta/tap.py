@@ -477,8 +477,11 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
                                      on_queued=manager.enqueue, tls_context=ctx,
                                      users=users, run_blocking=run_blocking,
                                      signer=prepared.dkim,
-                                     milters=milter_stage(config, listener, reactor,
-                                                          run_blocking))
+                                     milters=milter_stage(
+                                         config, listener, reactor, run_blocking,
+                                         lambda name, result: metrics(
+                                             "milter.result",
+                                             {"milter": name, "result": result})))
             endpoint = endpoints.serverFromString(reactor, with_backlog(listener.endpoint))
             if listener.role == "submissions":
                 endpoint = endpoints.wrapServerTLS(ctx, endpoint)
@@ -495,7 +498,7 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
         svc.setServiceParent(top)
     if workers:
         WorkerPool(config, reactor, workers, shared, spool, manager,
-                   run_blocking).setServiceParent(top)
+                   run_blocking, observers=[metrics]).setServiceParent(top)
     top.metrics = metrics
     return top
 

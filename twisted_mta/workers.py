@@ -41,6 +41,10 @@ from twisted_mta.model import Envelope, EnvelopeError
 
 log = Logger()
 
+# What a worker may report of a milter (inbound.milter); anything else is dropped.
+MILTER_RESULTS = frozenset({"accept", "modified", "reject", "tempfail", "discard",
+                            "quarantine", "failed"})
+
 RESTART_DELAY = 0.5  # seconds before a dead worker is started again
 RESTART_MAX_DELAY = 30.0  # ... doubling while it keeps dying young
 YOUNG = 10.0  # a worker that dies younger than this counts as crashing
@@ -130,6 +134,9 @@ class _Worker(protocol.ProcessProtocol):
             if len(words) >= 2 and words[0] == b"queued":
                 self.pool.queued(words[1].decode("ascii", "replace"),
                                  words[2] if len(words) == 3 else None)
+            elif len(words) == 3 and words[0] == b"milter":
+                self.pool.milter_result(words[2].decode("ascii", "replace"),
+                                        words[1].decode("ascii", "replace"))
 
     def processEnded(self, reason) -> None:
         self.pool.ended(self, reason.value)
@@ -147,7 +154,8 @@ class WorkerPool(service.Service):
     name = "workers"
 
     def __init__(self, config, reactor, count: int, listeners: list[SharedListener],
-                 spool, manager, run_blocking) -> None:
+                 spool, manager, run_blocking, observers: list | None = None) -> None:
+        self.observers = observers or []  # the metrics, for what the workers report
         self.config = config
         self.reactor = reactor
         self.count = count
@@ -184,6 +192,12 @@ class WorkerPool(service.Service):
         self.workers[index] = (transport, worker)
         log.info("workers: worker {index} started (pid {pid})", index=index,
                  pid=transport.pid, event="workers.started")
+
+    def milter_result(self, name: str, result: str) -> None:
+        """A worker's milter result, for the metrics (one of a known few)."""
+        if result in MILTER_RESULTS:
+            for observer in self.observers:
+                observer("milter.result", {"milter": name, "result": result})
 
     def queued(self, queue_id: str, data: bytes | None = None) -> None:
         """

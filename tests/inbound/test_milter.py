@@ -495,3 +495,23 @@ class SessionEndTests(SynchronousTestCase):
         self.assertEqual(s.h.queued, [])
         s.h.clock.advance(100)  # no timer left to fire
         self.assertEqual(s.h.clock.getDelayedCalls(), [])
+
+
+class ObserveTests(SynchronousTestCase):
+    def test_results_counted_per_milter(self):
+        """Each milter's results go to the stage's observer: accept and modified at end of message, reject, failed."""
+        seen = []
+        s = Session(self, [{"eom": [mod("addheader", b"X-A", b"1"), "continue"]},
+                           {"rcpt": "reject"}, {}],
+                    overrides={"m3": {"address": "inet:127.0.0.1:99",
+                                      "default_action": "accept"}})
+        s.h.protocol.milters._observe = lambda name, result: seen.append((name, result))
+        s.say("EHLO c\r\n")  # m3 failed at connect, before the observer was set
+        s.say("MAIL FROM:<s@remote.test>\r\n")
+        self.assertEqual(s.say("RCPT TO:<alice@example.test>\r\n"),
+                         ["550 5.7.1 Refused by a mail filter"])
+        self.assertEqual(seen, [("m2", "reject")])
+        s2 = Session(self, [{"eom": [mod("addheader", b"X-A", b"1"), "continue"]}, {}])
+        s2.h.protocol.milters._observe = lambda name, result: seen.append((name, result))
+        s2.transaction()
+        self.assertEqual(seen[1:], [("m1", "accept"), ("m1", "modified"), ("m2", "accept")])

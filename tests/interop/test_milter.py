@@ -172,7 +172,11 @@ class OpenDKIMMilterTests(SynchronousTestCase):
         self.addCleanup(self.opendkim.stop)
         self.submission_port = free_port()
         self.mx_port = free_port()
+        self.metrics_port = free_port()
         extra = (
+            "[metrics]\n"
+            f'endpoint = "tcp:{self.metrics_port}:interface={LOOPBACK}"\n\n'
+
             "[[listeners]]\n"
             'role = "submission"\n'
             f'endpoint = "tcp:{self.submission_port}:interface={LOOPBACK}"\n'
@@ -239,6 +243,18 @@ class OpenDKIMMilterTests(SynchronousTestCase):
         self.assertIn(b"s=sel", signature)
         self.assertTrue(dkim.verify(message, dnsfunc=self.dnsfunc), message[:1500])
         self.assertIn("milter opendkim changed", self.mta.output())
+        # Counted in the worker that took the message, by the main process.
+        self.assertGreaterEqual(self.milter_metric("modified"), 1, self.mta.describe())
+        self.assertGreaterEqual(self.milter_metric("accept"), 1)
+
+    def milter_metric(self, result: str) -> float:
+        import urllib.request
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{self.metrics_port}/",
+                                    timeout=10) as r:
+            text = r.read().decode()
+        line = f'twisted_mta_milter_results_total{{milter="opendkim",result="{result}"}} '
+        values = [float(l[len(line):]) for l in text.splitlines() if l.startswith(line)]
+        return values[0] if values else 0.0
 
     def test_verifies_internet_mail(self) -> None:
         """OpenDKIM verifies dkimpy-signed Internet mail and adds Authentication-Results: dkim=pass; a changed body fails."""
@@ -269,6 +285,7 @@ class OpenDKIMMilterTests(SynchronousTestCase):
         self.assertEqual(code, 451, text)
         self.assertTrue(text.startswith(b"4.7.1"), text)
         self.assertIn("milter opendkim failed", self.mta.output())
+        wait_for(lambda: self.milter_metric("failed") >= 1, 10, "no failed milter counted")
 
 
 # -- Rspamd's proxy worker in milter mode -----------------------------------------

@@ -216,8 +216,10 @@ class MilterChain:
 
     def __init__(self, milters: list[tuple[str, MilterSettings]], clock: Any,
                  connect: Callable[[mp.MilterAddress, float, Any], defer.Deferred],
-                 run_blocking: Callable[..., defer.Deferred], queue_id: str = "") -> None:
+                 run_blocking: Callable[..., defer.Deferred],
+                 observe: Callable[[str, str], None] | None = None) -> None:
         self.milters = [_Milter(name, s) for name, s in milters]
+        self._observe = observe  # (milter, result): the metric (MilterStage)
         self.clock = clock
         self._connect = connect
         self.run_blocking = run_blocking
@@ -274,11 +276,19 @@ class MilterChain:
 
     # -- the work -------------------------------------------------------------
 
+    def _count(self, m: _Milter, result: str) -> None:
+        if self._observe is not None:
+            try:
+                self._observe(m.name, result)
+            except Exception:
+                log.failure("milter metric failed", event="milter.error")
+
     def _log_failure(self, m: _Milter, why: str) -> Reply | None:
         m.failed = True
         action = m.settings.default_action
         if self._closed:  # the SMTP session ended under a request: nothing failed
             return None
+        self._count(m, "failed")
         log.warn("milter {milter} failed ({why}); default action {action}",
                  event="milter.failed", milter=m.name, why=why, action=action, peer=self.peer)
         if m.conn is not None:
@@ -361,7 +371,9 @@ class MilterChain:
         if kind in ("continue", "skip"):
             return None
         if kind == "discard":
+            self._count(m, "discard")
             return _DISCARD
+        self._count(m, kind)
         r = verdict.reply or (MILTER_TEMPFAIL if kind == "tempfail" else MILTER_REJECT)
         log.info("milter {milter} {kind}s {stage} from {peer}: {reply}",
                  event=f"milter.{kind}", milter=m.name, kind=kind, stage=stage,
@@ -447,8 +459,10 @@ class MilterChain:
                 changed_head = True
             if replaced is not None:
                 body, separator, changed_body = (replaced, 0), True, True
+            self._count(m, "accept")
             for e in edits:
                 if isinstance(e, mp.Quarantine):
+                    self._count(m, "quarantine")
                     quarantine = e.reason or "quarantined"
                     log.info("milter {milter} quarantines {queue_id}: {reason}",
                              event="milter.quarantine", milter=m.name, reason=quarantine,
@@ -458,6 +472,7 @@ class MilterChain:
                 envelope = new_envelope
                 changed_head = True
             if edits or replaced is not None:
+                self._count(m, "modified")
                 kinds = {type(e).__name__ for e in edits}
                 if replaced is not None:
                     kinds.add("ReplaceBody")
@@ -694,20 +709,28 @@ class MilterStage:
 
     def __init__(self, milters: list[tuple[str, MilterSettings]], clock: Any,
                  connect: Callable[[mp.MilterAddress, float, Any], defer.Deferred],
-                 run_blocking: Callable[..., defer.Deferred]) -> None:
+                 run_blocking: Callable[..., defer.Deferred],
+                 observe: Callable[[str, str], None] | None = None) -> None:
         self.milters = milters
         self.clock = clock
         self.connect = connect
         self.run_blocking = run_blocking
+        self.observe = observe  # (milter, result), for twisted_mta_milter_results
 
     def session(self) -> MilterChain:
-        return MilterChain(self.milters, self.clock, self.connect, self.run_blocking)
+        return MilterChain(self.milters, self.clock, self.connect, self.run_blocking,
+                           self.observe)
 
 
 def stage_for(config: Any, listener: Any, reactor: Any,
-              run_blocking: Callable[..., defer.Deferred]) -> MilterStage | None:
-    """The milter stage of one configured listener, or None without milters."""
+              run_blocking: Callable[..., defer.Deferred],
+              observe: Callable[[str, str], None] | None = None) -> MilterStage | None:
+    """
+    The milter stage of one configured listener, or None without milters;
+    C{observe(milter, result)} counts each result (the metrics, directly or
+    through a worker's pipe).
+    """
     if not listener.milters:
         return None
-    return MilterStage([(name, config.milter(name)) for name in listener.milters], reactor,
-                       connect_endpoint(reactor), run_blocking)
+    return MilterStage([(name.lower(), config.milter(name)) for name in listener.milters],
+                       reactor, connect_endpoint(reactor), run_blocking, observe)
