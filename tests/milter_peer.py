@@ -99,6 +99,8 @@ class ScriptedMilter(Protocol):
         if stage == "optneg":
             version, actions, offered = struct.unpack(">LLL", data[:12])
             self.log.append(("optneg", (version, actions, offered), {}))
+            if self.script.get("hang") == "optneg":
+                return
             want_actions, want_protocol = self.script.get("optneg", (ALL_ACTIONS, 0))
             self.protocol = want_protocol
             extra = self.script.get("symlist", b"")

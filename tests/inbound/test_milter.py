@@ -515,3 +515,17 @@ class ObserveTests(SynchronousTestCase):
         s2.h.protocol.milters._observe = lambda name, result: seen.append((name, result))
         s2.transaction()
         self.assertEqual(seen[1:], [("m1", "accept"), ("m1", "modified"), ("m2", "accept")])
+
+
+class NegotiationTimeoutTests(SynchronousTestCase):
+    def test_silent_milter_times_out_at_connect(self):
+        """A milter that accepts the connection but never answers OPTNEG: after connect_timeout its default action (tempfail) answers MAIL; the greeting was not held up."""
+        s = Session(self, [{"hang": "optneg"}], overrides={"m1": {"connect_timeout": "5s"}})
+        self.assertEqual(s.greeting, ["220 mx.example.test ESMTP"])
+        s.say("EHLO c\r\n")
+        self.assertEqual(s.say("MAIL FROM:<s@remote.test>\r\n"), [])  # waits for the chain
+        s.h.clock.advance(5)
+        s.milters.flush()
+        self.assertEqual(s.h.read(), ["451 4.7.1 A mail filter is unavailable or defers this; "
+                                      "try again later"])
+        self.assertEqual(s.factories[0].stages(), ["optneg"])
