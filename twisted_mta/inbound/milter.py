@@ -26,7 +26,7 @@ import os
 from typing import Any, Callable
 
 import attrs
-from twisted.internet import defer, endpoints, error as ierror
+from twisted.internet import defer, endpoints
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -321,7 +321,7 @@ class MilterChain:
                 m.conn = yield self._connect(m.address, s.connect_timeout, self.clock)
                 m.negotiated = yield m.conn.request(mp.optneg_packet(), "optneg",
                                                     s.connect_timeout)
-            except (MilterFailed, ierror.ConnectError, ierror.TimeoutError, OSError) as e:
+            except Exception as e:  # refused, timed out, no such name or socket, ...
                 refusal = self._log_failure(m, str(e) or type(e).__name__)
                 self._sticky = self._sticky or refusal
                 continue
