@@ -529,3 +529,31 @@ class NegotiationTimeoutTests(SynchronousTestCase):
         self.assertEqual(s.h.read(), ["451 4.7.1 A mail filter is unavailable or defers this; "
                                       "try again later"])
         self.assertEqual(s.factories[0].stages(), ["optneg"])
+
+
+class MacroTests(SynchronousTestCase):
+    def test_auth_and_tls_macros_at_mail(self):
+        """After STARTTLS and AUTH LOGIN, MAIL carries {auth_authen}, {auth_type} LOGIN, {tls_version}, {cipher}, {daemon_name} submission."""
+        import base64
+
+        from tests.support import FakeTLSTransport
+        from twisted_mta.users import UserDatabase, hash_password
+        users = UserDatabase(path="test", users={"alice": hash_password("s3cret", log_n=4)})
+        s = Session(self, [{}], role="submission", tls_context=object(),
+                    transport_factory=FakeTLSTransport, users=users)
+        s.say("EHLO c\r\n")
+        s.say("STARTTLS\r\n")
+        s.h.protocol.handshakeCompleted()
+        s.say("EHLO c\r\n")
+        s.say("AUTH LOGIN\r\n")
+        s.say(base64.b64encode(b"alice") + b"\r\n")
+        self.assertEqual(s.say(base64.b64encode(b"s3cret") + b"\r\n"),
+                         ["235 2.7.0 Authentication successful"])
+        self.assertEqual(s.say("MAIL FROM:<alice@example.test>\r\n"), ["250 2.1.0 Sender ok"])
+        [macros] = [m for stage, _, m in s.factories[0].log if stage == "mail"]
+        self.assertEqual(macros["{auth_authen}"], "alice")
+        self.assertEqual(macros["{auth_type}"], "LOGIN")
+        self.assertEqual(macros["{daemon_name}"], "submission")
+        self.assertIn("{tls_version}", macros)
+        self.assertIn("{cipher}", macros)
+        self.assertEqual(macros["{mail_addr}"], "alice@example.test")

@@ -1201,7 +1201,7 @@ class InboundESMTP(smtp.ESMTP):
                   "client_addr": self.peer_ip}
         if self.user is not None:
             macros["auth_authen"] = self.user
-            macros["auth_type"] = "PLAIN"
+            macros["auth_type"] = getattr(self, "_auth_mechanism", "PLAIN")
         if self.tls_info:
             macros.update(tls_version=self.tls_info["version"], cipher=self.tls_info["cipher"],
                           cipher_bits=self.tls_info["bits"])
@@ -1313,6 +1313,7 @@ class InboundESMTP(smtp.ESMTP):
             return
         mechanism, _, initial = arg.partition(" ")
         mechanism = mechanism.upper()
+        self._auth_mechanism = mechanism  # the {auth_type} milters get
         initial = initial.strip()
         if mechanism == "PLAIN":
             if initial:
