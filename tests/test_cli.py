@@ -732,3 +732,25 @@ class ShadowReportTests(SynchronousTestCase):
         code, out, _ = run_cli("tls", "shadow-report", "-c", path, "--since", "1h")
         self.assertIn("    2  expired.test", out)
         self.assertIn("expired on 3 March 2026", out)
+
+
+class PublishLookupsTests(SynchronousTestCase):
+    def test_no_system_resolver(self) -> None:
+        """
+        Without [dns] nameservers and with no system resolver to read, each
+        look-up fails with one line naming why (it raised NameError before:
+        the except clause's name is gone once the clause ends).
+        """
+        import dns.resolver
+
+        from twisted_mta.tls import publish
+
+        def no_resolver(*args, **kwargs):
+            raise dns.resolver.NoResolverConfiguration("no nameservers")
+
+        self.patch(dns.resolver, "Resolver", no_resolver)
+        config = make_config(self.mktemp(), dns={"nameservers": []})
+        lookups = cli._publish_lookups(config, policy=None)
+        for lookup in (lookups.tlsa, lookups.txt):
+            e = self.assertRaises(publish.LookupFailed, lookup, "_25._tcp.mx.example.test")
+            self.assertIn("no resolver to ask: no nameservers", str(e))

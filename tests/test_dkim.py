@@ -292,6 +292,8 @@ class DecisionTests(SynchronousTestCase):
             (b"From: a@example.test\r\nFrom: b@example.test\r\n", None, "more than one From"),
             (b"From: undisclosed\r\n", None, "no address"),
             ("From: a@bücher.test\r\n".encode(), "xn--bcher-kva.test", ""),
+            # IDNA2008, as routing uses (IDNA2003 would map it to strasse.test)
+            ("From: a@straße.test\r\n".encode(), "xn--strae-oqa.test", ""),
         ]
         for head, domain, why in rows:
             got, reason = from_domain(head)
@@ -313,6 +315,7 @@ class DecisionTests(SynchronousTestCase):
         for signer, domain, expected in rows:
             key = signer.key_for(domain)
             self.assertEqual(key.domain if key else None, expected, (domain, signer.subdomains))
+
 
 
 class SignOutboundTests(SynchronousTestCase):

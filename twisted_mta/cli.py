@@ -768,8 +768,10 @@ def _publish_lookups(config, policy):
         try:
             system = dns.resolver.Resolver()
         except dns.exception.DNSException as e:
+            why = str(e)  # the name e is unbound once the except clause ends
+
             def failed(name: str) -> publish.Answer:
-                raise publish.LookupFailed(f"no resolver to ask: {e}")
+                raise publish.LookupFailed(f"no resolver to ask: {why}")
             return publish.Lookups(tlsa=failed, txt=failed, policy=policy)
         servers = tuple(f"[{s}]:{system.port}" if ":" in s else f"{s}:{system.port}"
                         for s in system.nameservers)

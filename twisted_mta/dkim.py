@@ -25,6 +25,7 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from twisted_mta.address import AddressError, a_label
 from twisted_mta.config import DKIM_SOURCES, Config, DKIMKey, DKIMSettings
 from twisted_mta.model import Envelope
 
@@ -250,8 +251,8 @@ def from_domain(head: bytes) -> tuple[str | None, str]:
         return None, "From addresses in more than one domain"
     domain = domains.pop()
     try:
-        domain = domain.encode("idna").decode("ascii")
-    except UnicodeError:
+        domain = a_label(domain)  # IDNA2008, as routing and the key table use
+    except AddressError:
         return None, f"From domain {domain!r} is not a valid domain name"
     return domain, ""
 
