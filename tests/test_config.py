@@ -55,6 +55,8 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(config.limits.recipients, 100)
         self.assertEqual(config.inbound.bare_newline, "normalize")
         self.assertEqual(config.queue.lifetime, 5 * 86400)
+        self.assertEqual((config.inbound.chunking, config.outbound.chunking,
+                          config.outbound.chunk_size), (True, True, 1024 * 1024))
 
     def test_missing_file(self):
         """A missing file is an error naming the file."""
@@ -257,6 +259,13 @@ class MessageTests(SynchronousTestCase):
         (M + '[inbound]\nbare_newline = "keep"\n', "inbound.bare_newline",
          "must be one of normalize, reject, not 'keep'"),
         (M + '[inbound]\nbanner = "a\\nb"\n', "inbound.banner", "must be one line"),
+        (M + '[inbound]\nchunking = "yes"\n', "inbound.chunking",
+         "must be true or false, not 'yes'"),
+        (M + '[outbound]\nchunking = 1\n', "outbound.chunking", "must be true or false, not 1"),
+        (M + '[outbound]\nchunk_size = 1000\n', "outbound.chunk_size",
+         "must be between 4096 and 67108864 octets, not 1000"),
+        (M + '[outbound]\nchunk_size = "1M"\n', "outbound.chunk_size",
+         "must be an integer, not '1M'"),
         (M + '[queue]\nretry_schedule = []\n', "queue.retry_schedule",
          "must list at least one interval"),
         (M + '[queue]\nretry_schedule = ["5m", "x"]\n', "queue.retry_schedule", DURATION + "'x'"),
