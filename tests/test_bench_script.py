@@ -186,6 +186,13 @@ class PureTests(unittest.SynchronousTestCase):
         self.assertEqual(mode.notes(rows), "\nworkers=auto, 10 messages of 1 KiB: BDAT / DATA "
                                            "1.25; workers=auto, 10 messages of 100 KiB: BDAT / "
                                            "DATA 1.10.\n")
+        runs = [{"server": "workers=auto", "size": 1024, "messages": 10, "bdat": b,
+                 "msg_per_s": rate, "server_cpu": cpu}
+                for b, rate, cpu in ((False, 400, 2.0), (True, 500, 1.5),
+                                     (True, 300, 1.0), (False, 300, 2.0))]
+        self.assertEqual(mode.run_notes(runs), "\nworkers=auto, 10 messages of 1 KiB, BDAT / "
+                         "DATA per round: msg/s 1.25, 1.00; CPU per message 0.75, 0.50.\n")
+        self.assertEqual(modes.MODES["outbound"].run_notes(runs), "")
         for flag in (True, False):
             mta = core.make_mta(tempdir(self), None, core.smarthost(
                 2525, f"chunking = {'true' if flag else 'false'}\n") + 'tls_policy = "none"\n')

@@ -540,6 +540,10 @@ class Mode:
     def notes(self, rows: list[dict[str, Any]]) -> str:
         return ""
 
+    def run_notes(self, runs: list[dict[str, Any]]) -> str:
+        """More lines under the table, from every run (the per-round figures)."""
+        return ""
+
 
 def run_once(mode: Mode, name: str, cell: dict[str, Any], workdir: str) -> dict[str, Any]:
     """
@@ -762,6 +766,6 @@ def run_rounds(mode: Mode, cells: list[dict[str, Any]], repeats: int, servers: l
     others = statistics.median(r["other_cpu"] / r["seconds"] for r in runs)
     report(mode.name, f"`scripts/bench {mode.name}`: " + describe_machine(info, others)
            + f" Medians of {repeats}; ratios to Postfix with the min-max of the per-round "
-           "ratios.\n\n" + table(mode, rows), docs)
+           "ratios.\n\n" + table(mode, rows) + mode.run_notes(runs), docs)
     write_json(json_path, {"mode": mode.name, "machine": info, "summary": rows, "runs": runs})
     return 0

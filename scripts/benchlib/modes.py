@@ -346,6 +346,28 @@ class Chunking(Outbound):
                     out.append(f"{name}, {size}: BDAT / DATA {by[True] / by[False]:.2f}")
         return "\n" + "; ".join(out) + ".\n" if out else ""
 
+    def run_notes(self, runs: list[dict[str, Any]]) -> str:
+        """
+        BDAT / DATA per round (the two ran in the same round, L{plan}):
+        msg/s and the server's CPU per message, which a busy machine
+        disturbs less.
+        """
+        out = []
+        for name in dict.fromkeys(r["server"] for r in runs):
+            for size in dict.fromkeys(r["size"] for r in runs):
+                rs = [r for r in runs if r["server"] == name and r["size"] == size]
+                pairs = [{r["bdat"]: r for r in rs[i:i + 2]} for i in range(0, len(rs) - 1, 2)]
+                pairs = [p for p in pairs if len(p) == 2]
+                if not pairs:
+                    continue
+                cpu = lambda r: r["server_cpu"] / r["messages"]  # noqa: E731
+                rate = ", ".join(f"{p[True]['msg_per_s'] / p[False]['msg_per_s']:.2f}"
+                                 for p in pairs)
+                work = ", ".join(f"{cpu(p[True]) / cpu(p[False]):.2f}" for p in pairs)
+                out.append(f"{name}, {rs[0]['messages']} messages of {size // KIB} KiB, "
+                           f"BDAT / DATA per round: msg/s {rate}; CPU per message {work}")
+        return "\n" + ".\n".join(out) + ".\n" if out else ""
+
 
 class Latency(Local):
     """
