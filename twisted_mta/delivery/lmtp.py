@@ -315,7 +315,7 @@ class LMTPClient(LineOnlyReceiver):
             if data is not None:
                 self.transport.write(data)
             else:
-                pacer = _Pacer(self.transport)
+                pacer = outgoing.Pacer(self.transport)
                 chunks = message.chunks()
                 try:
                     while not self.finished:
@@ -392,43 +392,6 @@ def _wire_address(address: str) -> str | None:
         return f"{local}@{a_label(domain)}"
     except AddressError:
         return None
-
-
-class _Pacer:
-    """
-    Wait while the transport's buffer is full (a streaming producer that
-    only records pause and resume).
-    """
-
-    def __init__(self, transport) -> None:
-        self.transport = transport
-        self.paused = False
-        self._waiting: defer.Deferred | None = None
-        transport.registerProducer(self, True)
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        if self._waiting is not None:
-            d, self._waiting = self._waiting, None
-            d.callback(None)
-
-    def stopProducing(self) -> None:
-        self.resumeProducing()
-
-    def wait(self) -> defer.Deferred:
-        if not self.paused:
-            return defer.succeed(None)
-        self._waiting = defer.Deferred()
-        return self._waiting
-
-    def stop(self) -> None:
-        try:
-            self.transport.unregisterProducer()
-        except Exception:
-            pass
 
 
 class _OneProtocol(ClientFactory):

@@ -708,7 +708,7 @@ class _TransactionState:
         total = len(trace) + message.size
         body = message.body  # else read from the queue file
         step = c.chunk_size
-        pacer = _Pacer(c.transport) if self.pipelined else None
+        pacer = outgoing.Pacer(c.transport) if self.pipelined else None
         sent = 0
         try:
             while not self.finished:
@@ -760,7 +760,7 @@ class _TransactionState:
             if data is not None:
                 c.transport.write(data)
             else:
-                pacer = _Pacer(c.transport)
+                pacer = outgoing.Pacer(c.transport)
                 chunks = message.chunks()
                 try:
                     while True:
@@ -805,40 +805,3 @@ class _TransactionState:
 
     def abort(self, outcome: Outcome) -> None:
         self._finish(outcome, needs_rset=True)
-
-
-class _Pacer:
-    """
-    Wait while the transport's buffer is full (a streaming producer that
-    only records pause/resume).
-    """
-
-    def __init__(self, transport) -> None:
-        self.transport = transport
-        self.paused = False
-        self._waiting: defer.Deferred | None = None
-        transport.registerProducer(self, True)
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        if self._waiting is not None:
-            d, self._waiting = self._waiting, None
-            d.callback(None)
-
-    def stopProducing(self) -> None:
-        self.resumeProducing()
-
-    def wait(self) -> defer.Deferred:
-        if not self.paused:
-            return defer.succeed(None)
-        self._waiting = defer.Deferred()
-        return self._waiting
-
-    def stop(self) -> None:
-        try:
-            self.transport.unregisterProducer()
-        except Exception:
-            pass

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 import attrs
+from twisted.internet import defer
 
 from twisted_mta.downgrade import downgrade
 from twisted_mta.model import Envelope, EnvelopeError, header_end
@@ -170,3 +171,41 @@ def seven_bit(message: OutgoingMessage) -> OutgoingMessage:
     return attrs.evolve(message, size=len(converted), eight_bit=False, data=None,
                         body=converted,
                         header_eight_bit=not _header_section(converted).isascii())
+
+
+class Pacer:
+    """
+    Wait while the transport's buffer is full (a streaming producer that
+    only records pause and resume): the SMTP and LMTP clients write a
+    large message a chunk at a time, the next once the last has drained.
+    """
+
+    def __init__(self, transport) -> None:
+        self.transport = transport
+        self.paused = False
+        self._waiting: defer.Deferred | None = None
+        transport.registerProducer(self, True)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self._waiting is not None:
+            d, self._waiting = self._waiting, None
+            d.callback(None)
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
+
+    def wait(self) -> defer.Deferred:
+        if not self.paused:
+            return defer.succeed(None)
+        self._waiting = defer.Deferred()
+        return self._waiting
+
+    def stop(self) -> None:
+        try:
+            self.transport.unregisterProducer()
+        except Exception:
+            pass
