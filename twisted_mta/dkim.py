@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import importlib
 from typing import Any
 
 import attrs
@@ -279,6 +280,12 @@ class Signer:
 
     @classmethod
     def from_settings(cls, settings: DKIMSettings, path: str = "") -> Signer:
+        if settings.domains:
+            # Now, at start-up: after twistd's --uid switch the MTA's user
+            # may not be allowed to read the interpreter's site-packages
+            # (a virtualenv under /root), and the first signature would
+            # fail with "No module named 'dkim'".
+            importlib.import_module("dkim")
         keys = {}
         for domain, key in settings.domains:
             try:
