@@ -298,9 +298,18 @@ class FullExampleTests(SynchronousTestCase):
         from twisted_mta.config import load_config
         from twisted_mta.dkim import Signer
         from tests.support import make_config
-        config = load_config(self.relocation.target("/etc/twisted-mta/mta.toml"))
-        [own] = Signer.from_config(config).keys.values()
-        self.assertEqual(own.dns_name, f"2026m._domainkey.{DOMAIN}")
+        # Section 5: the 2026m record is what twisted-mta dkim record prints.
+        config_path = self.relocation.target("/etc/twisted-mta/mta.toml")
+        printed = subprocess.run(
+            [sys.executable, "-m", "twisted_mta.cli", "dkim", "record", "-c", config_path],
+            capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60)
+        self.assertEqual(printed.returncode, 0, printed.stderr)
+        [line] = printed.stdout.splitlines()
+        name, rest = line.split(" IN TXT ")
+        self.assertEqual(name, f"2026m._domainkey.{DOMAIN}.")
+        own_record = "".join(re.findall(r'"([^"]*)"', rest))
+        [own] = Signer.from_config(load_config(config_path)).keys.values()
+        self.assertEqual(own_record, own.dns_record())
         self.remote_key = os.path.join(self.root, "sender.test.pem")
         write_key(self.remote_key, "rsa-sha256")
         self.foreign = Signer.from_config(make_config(self.root, dkim={"domains": {
@@ -308,7 +317,7 @@ class FullExampleTests(SynchronousTestCase):
         [foreign] = self.foreign.keys.values()
         zones = {
             DOMAIN: zone(DOMAIN, [("2026a._domainkey", "TXT", txt(self.opendkim_record)),
-                                  ("2026m._domainkey", "TXT", txt(own.dns_record()))]),
+                                  ("2026m._domainkey", "TXT", txt(own_record))]),
             "sender.test": zone("sender.test", [(f"{foreign.dns_name}.", "TXT",
                                                  txt(foreign.dns_record()))]),
         }
@@ -325,7 +334,8 @@ class FullExampleTests(SynchronousTestCase):
         self.dovecot.start()
         socket_path = self.relocation.target("/run/dovecot/lmtp")
         self.assertEqual(socket_path, self.dovecot.lmtp_socket)
-        self.assertEqual(os.stat(socket_path).st_uid, 1)  # user = twisted-mta (daemon here)
+        st = os.stat(socket_path)  # srw------- twisted-mta twisted-mta (daemon here)
+        self.assertEqual((st.st_uid, st.st_gid, st.st_mode & 0o777), (1, 1, 0o600))
 
     def start_opendkim(self) -> None:
         """opendkim -f -x on the docs' file, plus the test's resolver and log settings."""
@@ -488,6 +498,8 @@ class FullExampleTests(SynchronousTestCase):
         field = self.signature(out)
         self.assertIn(f"d={DOMAIN}".encode(), field)
         self.assertIn(b"s=2026m", field)
+        self.assertIn(f"DKIM-signed for {DOMAIN} (s=2026m, rsa-sha256), mail from sendmail",
+                      self.mta.output())
         self.assertIn(f"<nobody@{DOMAIN}>".encode(), out.split(b"\r\n\r\n")[0])
         self.assertTrue(dkim.verify(out, dnsfunc=self.dnsfunc), out[:2000])
 
@@ -521,9 +533,49 @@ class FullExampleTests(SynchronousTestCase):
         stored = self.in_mailbox("alice", token)
         self.assertIn(b"from userid 65534 (nobody)", stored)
         self.assertIn(f"Return-Path: <nobody@{DOMAIN}>".encode(), stored)
+        lmtp = self.relocation.target("/run/dovecot/lmtp")
+        self.assertRegex(self.mta.output(), re.escape(
+            f"delivered to <alice@{DOMAIN}>: 250 2.0.0 LMTP server unix:{lmtp} said: "
+            f"250 2.0.0 <alice@{DOMAIN}> ") + r"\S+ Saved")
         token = uuid.uuid4().hex
         self.sendmail(["root"], f"Subject: to root {token}\n\ntoken {token}\n".encode())
         self.in_mailbox("alice", token)
+
+
+class PackagedDovecotTests(SynchronousTestCase):
+    """
+    The docs' local.conf on top of Debian's own /etc/dovecot (a copy, read
+    by doveconf; no Dovecot is started from it): it parses, and what it
+    sets wins over conf.d, as FullExampleTests' preamble assumes.
+    """
+
+    def test_local_conf_over_debian_defaults(self) -> None:
+        """doveconf -n of a copy of the packaged /etc/dovecot plus the docs' local.conf: maildir, %Ln, the users file after Debian's passwd userdb, the socket's owner and mode."""
+        if dovecot_unavailable():
+            self.skipTest(dovecot_unavailable())
+        packaged = "/etc/dovecot/dovecot.conf"
+        doveconf = shutil.which("doveconf") or "/usr/bin/doveconf"
+        with open(packaged, encoding="utf-8") as f:
+            if "!include_try local.conf" not in f.read():
+                self.fail(f"{packaged} does not read local.conf: not Debian's file")
+        root = make_tempdir(self, "dovecot-packaged", 0o755)
+        copy = os.path.join(root, "dovecot")
+        shutil.copytree("/etc/dovecot", copy, ignore=shutil.ignore_patterns("private"))
+        relocation = Relocation(root, os.path.join(root, "run"), {})
+        text = relocation.apply("local.conf", marked_blocks(section())["/etc/dovecot/local.conf"])
+        write(os.path.join(copy, "local.conf"), text)
+        result = subprocess.run([doveconf, "-c", os.path.join(copy, "dovecot.conf"), "-n"],
+                                capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        effective = result.stdout
+        self.assertIn("mail_location = maildir:~/Maildir\n", effective)
+        self.assertIn("auth_username_format = %Ln\n", effective)
+        self.assertIn("quota_full_tempfail = yes\n", effective)
+        users = relocation.target("/etc/dovecot/users")
+        self.assertRegex(effective, r"userdb \{\n  driver = passwd\n\}\nuserdb \{\n  args = "
+                         + re.escape(users) + r"\n  driver = passwd-file\n\}")
+        self.assertRegex(effective, r"service lmtp \{\n  unix_listener lmtp \{\n"
+                         r"    group = daemon\n    mode = 0600\n    user = daemon\n")
 
 
 class RelocationTableTests(SynchronousTestCase):
