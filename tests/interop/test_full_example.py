@@ -17,7 +17,9 @@ drift from what runs here), and then:
     internalhosts, its resolver pointed at a private nsd serving the
     published keys;
   - twisted-mta runs the docs' mta.toml under twistd with the arguments
-    of the docs' systemd unit (its C{ExecStartPre} config check first),
+    of the docs' systemd unit (its C{ExecStartPre} config check first; as
+    daemon for the unit's twisted-mta user, under Debian's python3.X with
+    the packages linked where daemon may read them, L{readable_python}),
     plus a route for C{remote.test} to a loopback sink and loopback
     C{[dns]}.
 
@@ -34,6 +36,7 @@ C{sendmail -t} run by nobody to alice lands in her Dovecot Maildir.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shlex
@@ -43,6 +46,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import uuid
 
@@ -59,9 +63,57 @@ from tests.interop.support import (
     wait_for, write_server_cert,
 )
 from tests.interop.test_milter import GENKEY, OPENDKIM, require_opendkim
-from tests.interop.test_sendmail import AS_NOBODY, installed_command
+from tests.interop import support
+from tests.interop.requires import missing
+from tests.interop.test_sendmail import AS_NOBODY, installed_command, link_tree, system_python
 from tests.interop.test_tlsrpt_send import txt
 from tests.test_dkim import write_key
+
+_READABLE: list[tuple[str, str]] = []
+# Imported by the probe besides every twisted_mta module: what the MTA
+# imports only when it needs it.
+LAZY_IMPORTS = ("dkim", "dns.resolver", "dns.dnssec", "dns.rdtypes.ANY.TXT", "OpenSSL.SSL",
+                "service_identity", "idna", "twisted.internet.ssl", "twisted.protocols.tls",
+                "twisted.internet.epollreactor", "twisted.scripts.twistd",
+                "twisted.plugins.twisted_mta_plugin")
+
+
+def readable_python(testcase) -> tuple[str, str]:
+    """
+    (python, site): Debian's python3.X and a directory, anyone may read,
+    of the test's installed packages (hard links), so that the MTA run as
+    daemon after twistd's --uid switch imports from files it may read, as
+    it does from /usr/local/lib after the docs' pip install (the test's
+    own Python is a pyenv under /root).  Made once per process.
+    """
+    if _READABLE:
+        return _READABLE[0]
+    python = system_python()
+    if python is None:
+        missing("no python3.X outside /root that the MTA's user may run (Debian's python3)")
+    base = tempfile.mkdtemp(prefix="twisted-mta-readable-python-")
+    atexit.register(shutil.rmtree, base, True)
+    os.chmod(base, 0o755)
+    site = os.path.join(base, "site")
+    os.mkdir(site)
+    probe = (
+        "import importlib, os, pkgutil, sys, twisted_mta\n"
+        "for m in pkgutil.walk_packages(twisted_mta.__path__, 'twisted_mta.'):\n"
+        "    importlib.import_module(m.name)\n"
+        f"for name in {LAZY_IMPORTS!r}:\n"
+        "    importlib.import_module(name)\n"
+        "for m in list(sys.modules.values()):\n"
+        "    f = getattr(m, '__file__', None) or ''\n"
+        "    for p in sys.path:\n"
+        "        if p.endswith('-packages') and f.startswith(p + os.sep):\n"
+        "            print(os.path.join(p, os.path.relpath(f, p).split(os.sep)[0]))\n")
+    found = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, check=True,
+                           capture_output=True, text=True, timeout=120).stdout.split()
+    for path in sorted(set(found)):
+        link_tree(path, os.path.join(site, os.path.basename(path)))
+    _READABLE.append((python, site))
+    return python, site
+
 
 DOC = os.path.join(PROJECT_ROOT, "docs", "operations.md")
 SECTION = "## A complete mail system: twisted-mta, Dovecot and OpenDKIM"
@@ -406,10 +458,6 @@ class FullExampleTests(SynchronousTestCase):
         with open(self.config_path, encoding="utf-8") as f:
             docs_config = f.read()
         self.assertNotIn("[dns]", docs_config)
-        self.assertNotIn("workers", docs_config)
-        # Receiving workers run this test's Python, a pyenv under /root that
-        # the MTA's user (daemon) may not execute: receive in the main process.
-        docs_config = docs_config.replace("[server]\n", "[server]\nworkers = 0\n", 1)
         write(self.config_path, docs_config + (
             '\n[outbound.routes."remote.test"]\n'
             f'host = "[127.0.0.1]:{self.sink.port}"\n'
@@ -425,6 +473,15 @@ class FullExampleTests(SynchronousTestCase):
         self.assertEqual(argv[-3:], ["mta", "--config", self.config_path], start)
         twistd_args = argv[len(TWISTD) + 2:-3]
         self.assertIn("--uid", twistd_args)
+        # twistd and its workers under a Python whose files daemon may read.
+        python, site = readable_python(self)
+        self.patch(support, "TWISTD", [python] + TWISTD[1:])
+
+        def readable_env() -> dict[str, str]:
+            env = subprocess_env()
+            env["PYTHONPATH"] = os.pathsep.join([PROJECT_ROOT, site])
+            return env
+        self.patch(support, "subprocess_env", readable_env)
         self.mta = MTAProcess(self.root, port=self.ports[25], hostname=HOSTNAME,
                               config_name="etc/twisted-mta/mta.toml.generated",
                               twistd_args=twistd_args)
@@ -462,6 +519,12 @@ class FullExampleTests(SynchronousTestCase):
         result = self.command.run(AS_NOBODY, args, stdin, config=self.config_path)
         self.assertEqual(result.returncode, 0, result.stderr)
 
+    def assert_clean_log(self) -> None:
+        """Nothing went wrong on the way (an import the MTA's user could not read, say)."""
+        output = self.mta.output()
+        for bad in ("Traceback", "No module named", "not DKIM-signed"):
+            self.assertNotIn(bad, output)
+
     @staticmethod
     def signature(message: bytes) -> bytes:
         head = message.split(b"\r\n\r\n")[0].replace(b"\r\n\t", b" ").replace(b"\r\n ", b" ")
@@ -471,7 +534,7 @@ class FullExampleTests(SynchronousTestCase):
     # -- the checks -------------------------------------------------------------------
 
     def test_submitted_mail_signed_by_opendkim(self) -> None:
-        """(a) alice authenticated after STARTTLS on port 587, from a host OpenDKIM does not trust: the copy at remote.test carries OpenDKIM's s=2026a signature and dkimpy verifies it; the sendmail command's mail out is signed s=2026m by twisted-mta and verifies."""
+        """(a) alice authenticated after STARTTLS on port 587, from a host OpenDKIM does not trust: the copy at remote.test carries OpenDKIM's s=2026a signature and dkimpy verifies it; the sendmail command's mail out, and a DSN, are signed s=2026m by twisted-mta and verify."""
         token = uuid.uuid4().hex
         context = ssl.create_default_context()
         self.ca.configure_trust(context)
@@ -502,6 +565,19 @@ class FullExampleTests(SynchronousTestCase):
                       self.mta.output())
         self.assertIn(f"<nobody@{DOMAIN}>".encode(), out.split(b"\r\n\r\n")[0])
         self.assertTrue(dkim.verify(out, dnsfunc=self.dnsfunc), out[:2000])
+        # Our DSNs: From MAILER-DAEMON@mx.example.org, signed as example.org
+        # (subdomains = true).  ghost is no user of ours.
+        token = uuid.uuid4().hex
+        self.sendmail(["-f", "carol@remote.test", f"ghost@{DOMAIN}"],
+                      f"Subject: bounce {token}\n\ntoken {token}\n".encode())
+        dsn = self.at_sink(token)
+        head = dsn.split(b"\r\n\r\n")[0]
+        self.assertIn(f"MAILER-DAEMON@{HOSTNAME}".encode(), head)
+        field = self.signature(dsn)
+        self.assertIn(f"d={DOMAIN}".encode(), field)
+        self.assertIn(b"s=2026m", field)
+        self.assertTrue(dkim.verify(dsn, dnsfunc=self.dnsfunc), dsn[:2000])
+        self.assert_clean_log()
 
     def test_internet_mail_verified_into_dovecot(self) -> None:
         """(b) A message from the Internet signed by sender.test lands in alice's Dovecot Maildir with Authentication-Results: mx.example.org; dkim=pass, and is not signed by us."""
@@ -524,6 +600,7 @@ class FullExampleTests(SynchronousTestCase):
         self.assertIn(f"Delivered-To: alice@{DOMAIN}".encode(), stored)
         self.assertNotIn(f"d={DOMAIN}".encode(), stored)
         self.assertEqual(os.stat(self.relocation.target("/srv/mail/alice")).st_uid, MAIL_UID)
+        self.assert_clean_log()
 
     def test_local_mail_into_dovecot(self) -> None:
         """(c) sendmail -t run by nobody to alice, and to root (an alias of alice): both land in her Dovecot Maildir."""
@@ -540,6 +617,7 @@ class FullExampleTests(SynchronousTestCase):
         token = uuid.uuid4().hex
         self.sendmail(["root"], f"Subject: to root {token}\n\ntoken {token}\n".encode())
         self.in_mailbox("alice", token)
+        self.assert_clean_log()
 
 
 class PackagedDovecotTests(SynchronousTestCase):
