@@ -183,7 +183,7 @@ class ConfigCommandTests(SynchronousTestCase):
         keys = [line.split(" = ")[0] for line in out.splitlines()]
         self.assertEqual(keys, ["server.hostname", "server.spool", "listeners[0].role",
                                 "listeners[0].endpoint", "local.domains", "local.users",
-                                "local.mailbox", "local.aliases"])
+                                "local.mailbox", "local.aliases", "sendmail.domain"])
 
     def test_show_non_default_json(self):
         """config show -n --json: one flat object, key to value."""
