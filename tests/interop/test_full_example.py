@@ -300,7 +300,7 @@ class FullExampleTests(SynchronousTestCase):
         require_nsd()
         require_opendkim()
         if shutil.which("openssl") is None:
-            self.skipTest("openssl is not installed")
+            missing("openssl is not installed (run scripts/install-test-deps)")
         self.command = installed_command()  # the sendmail command, runnable by nobody
         self.root = make_tempdir(self, "full-example", 0o755)
         dovecot_base = os.path.join(self.root, "dovecot")
