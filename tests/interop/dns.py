@@ -230,6 +230,20 @@ class NSDServer(PrivateDaemon):
                     raise
         raise AssertionError("unreachable")
 
+    def txt(self, name: bytes, timeout: float = 5) -> bytes | None:
+        """
+        The TXT record C{name} as this nsd serves it, strings joined, or
+        None: dkimpy's C{dnsfunc} for signatures whose keys it serves.
+        """
+        host, port = self.address.split(":")
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers, resolver.port, resolver.lifetime = [host], int(port), timeout
+        try:
+            answer = resolver.resolve(name.decode(), "TXT")
+        except dns.exception.DNSException:
+            return None
+        return b"".join(answer[0].strings)
+
     def _wait_ready(self, timeout: float) -> None:
         resolver = dns.resolver.Resolver(configure=False)
         resolver.nameservers = [LOOPBACK]

@@ -38,7 +38,6 @@ import subprocess
 import sys
 
 import dkim
-import dns.resolver
 import trustme
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -207,19 +206,6 @@ class SendReportTests(SynchronousTestCase):
             raise AssertionError(f"the collector did not start: {line}"
                                  f"{self.collector.stdout.read()}")
 
-    def dns_txt(self, name: bytes, timeout: float = 5) -> bytes | None:
-        """
-        dkimpy's dnsfunc, asking the private nsd.
-        """
-        resolver = dns.resolver.Resolver(configure=False)
-        host, port = self.nsd.address.split(":")
-        resolver.nameservers, resolver.port, resolver.lifetime = [host], int(port), timeout
-        try:
-            answer = resolver.resolve(name.decode(), "TXT")
-        except dns.exception.DNSException:
-            return None
-        return b"".join(answer[0].strings)
-
     def test_report_sent_by_mail_and_https(self) -> None:
         tokens = [send(self.mta, f"user{i}@dest.{ZONE}", f"message {i}") for i in range(3)]
         wait_for(lambda: len(self.peers["dest"].messages) == 3, TIMEOUT,
@@ -257,7 +243,7 @@ class SendReportTests(SynchronousTestCase):
             data = f.read().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         self.assertFalse([f for f in message_files(self.report_maildir)
                           if held.encode() in open(f, "rb").read()])
-        self.assertTrue(dkim.verify(data, dnsfunc=self.dns_txt, tlsrpt="strict"),
+        self.assertTrue(dkim.verify(data, dnsfunc=self.nsd.txt, tlsrpt="strict"),
                         data[:2000].decode(errors="replace"))
         msg = email.message_from_bytes(data, policy=email.policy.default)
         self.assertEqual(msg["Delivered-To"], f"tlsrpt@reports.{ZONE}")
