@@ -109,3 +109,20 @@ class UTF8AddressTests(SynchronousTestCase):
                      ("BÜCHER.example", "xn--bcher-kva.example"),
                      ("Example.TEST", "example.test")):
             self.assertEqual(a_label(u), a, u)
+
+
+class ASCIIAddressTests(SynchronousTestCase):
+    def test_table(self) -> None:
+        """
+        What may go to a server without SMTPUTF8: ASCII unchanged, a UTF-8
+        domain as its A-label (IDNA2008), never a UTF-8 local part.
+        """
+        from twisted_mta.address import ascii_address
+        rows = [("bob@example.test", "bob@example.test"),
+                ("Bob@Example.Test", "Bob@Example.Test"),  # unchanged, case too
+                ("bob@bücher.test", "bob@xn--bcher-kva.test"),
+                ("bob@straße.test", "bob@xn--strae-oqa.test"),
+                ("jörg@example.test", None), ("jörg@bücher.test", None),
+                ("postmaster", "postmaster"), ("bob@exa mple.tëst", None)]
+        for address, expected in rows:
+            self.assertEqual(ascii_address(address), expected, address)

@@ -73,6 +73,21 @@ def a_label(domain: str) -> str:
         raise AddressError(f"bad internationalised domain name ({e})")
 
 
+def ascii_address(address: str) -> str | None:
+    """
+    C{address} as it may go to a server without SMTPUTF8 (SMTP or LMTP):
+    ASCII as it is, a UTF-8 domain as its A-label; None when the local part
+    is UTF-8 (or the domain is not valid IDNA).
+    """
+    if address.isascii():
+        return address
+    local, at, domain = address.rpartition("@")
+    if not at or not local.isascii():
+        return None
+    try:
+        return f"{local}@{a_label(domain)}"
+    except AddressError:
+        return None
 
 
 @attrs.frozen

@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_mta import failures
-from twisted_mta.address import AddressError, a_label
+from twisted_mta.address import ascii_address
 from twisted_mta.config import LMTPSettings, is_ip, parse_lmtp_address
 from twisted_mta.interfaces import IDeliveryTarget
 from twisted_mta.local import LocalDirectory, UnknownRecipient
@@ -224,7 +224,7 @@ class LMTPClient(LineOnlyReceiver):
         (UTF-8 header fields go as they are: the server stores the message,
         it sends it nowhere.)
         """
-        sender = _wire_address(self.job.sender)
+        sender = ascii_address(self.job.sender)
         if sender is None:
             self._finish(self._utf8_refused(f"the sender <{self.job.sender}>"))
             self._quit()
@@ -232,7 +232,7 @@ class LMTPClient(LineOnlyReceiver):
         self._sender = sender
         keep = []
         for address, to in self.job.recipients:
-            wire = _wire_address(to)
+            wire = ascii_address(to)
             if wire is None:
                 self.results[address] = self._utf8_refused(f"the recipient <{to}>")
             else:
@@ -376,22 +376,6 @@ class LMTPClient(LineOnlyReceiver):
         for address, _ in self.job.recipients:
             self.results.setdefault(address, missing)
         self.done.callback(dict(self.results))
-
-
-def _wire_address(address: str) -> str | None:
-    """
-    C{address} as it may go to a server without SMTPUTF8: ASCII as it is,
-    a UTF-8 domain as its A-label; None when the local part is UTF-8.
-    """
-    if address.isascii():
-        return address
-    local, at, domain = address.rpartition("@")
-    if not at or not local.isascii():
-        return None
-    try:
-        return f"{local}@{a_label(domain)}"
-    except AddressError:
-        return None
 
 
 class _OneProtocol(ClientFactory):

@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_mta import failures
-from twisted_mta.address import AddressError, a_label
+from twisted_mta.address import ascii_address
 from twisted_mta.downgrade import DowngradeRefused
 from twisted_mta.dsn.params import utf8_addr_xtext, xtext_encode
 from twisted_mta.outbound import message as outgoing
@@ -417,14 +417,14 @@ class OutboundClient(smtp.ESMTPClient):
         A recipient that cannot go gets its outcome in C{state}; the
         returned outcome (for all) when nothing can.
         """
-        if _wire_address(txn.sender) is None:
+        if ascii_address(txn.sender) is None:
             return failures.outcome("smtputf8-address", remote_mta=self._remote(),
                                     peer=self.peer, address=f"the sender <{txn.sender}>")
         if txn.message.header_eight_bit:
             return failures.outcome("smtputf8-header", remote_mta=self._remote(),
                                     peer=self.peer)
         for rcpt in txn.recipients:
-            if _wire_address(rcpt) is None:
+            if ascii_address(rcpt) is None:
                 state.results[rcpt] = failures.outcome(
                     "smtputf8-address", remote_mta=self._remote(), peer=self.peer,
                     address=f"the recipient <{rcpt}>")
@@ -482,7 +482,7 @@ class OutboundClient(smtp.ESMTPClient):
         if txn.requiretls:
             params.append("REQUIRETLS")
         state.dsn_passed = dsn
-        sender = txn.sender if utf8 else _wire_address(txn.sender)
+        sender = txn.sender if utf8 else ascii_address(txn.sender)
         mail = ("MAIL FROM:<%s>" % sender + "".join(" " + p for p in params)).encode()
         commands: list[tuple[str, bytes, str | None]] = []
         if self._needs_rset:
@@ -493,7 +493,7 @@ class OutboundClient(smtp.ESMTPClient):
         for rcpt in txn.recipients:
             if rcpt in state.results:  # refused already (a UTF-8 address, no SMTPUTF8)
                 continue
-            line = f"RCPT TO:<{rcpt if utf8 else _wire_address(rcpt)}>"
+            line = f"RCPT TO:<{rcpt if utf8 else ascii_address(rcpt)}>"
             notify, orcpt = requests.get(rcpt, (None, None))
             if dsn and notify is not None:
                 line += " NOTIFY=" + (",".join(notify) or "NEVER")
@@ -539,23 +539,6 @@ class OutboundClient(smtp.ESMTPClient):
         self._txn = None
         self._needs_rset = needs_rset
         self.setTimeout(None)
-
-
-def _wire_address(address: str) -> str | None:
-    """
-    C{address} as it may go to a server without SMTPUTF8: ASCII as it is,
-    a UTF-8 domain as its A-label; None when the local part is UTF-8 (or
-    the domain is not valid IDNA).
-    """
-    if address.isascii():
-        return address
-    local, at, domain = address.rpartition("@")
-    if not at or not local.isascii():
-        return None
-    try:
-        return f"{local}@{a_label(domain)}"
-    except AddressError:
-        return None
 
 
 class _TransactionState:
