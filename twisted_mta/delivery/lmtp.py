@@ -311,23 +311,9 @@ class LMTPClient(LineOnlyReceiver):
         message = self.job.message
         self._arm(self.timeouts.data)
         try:
-            data = message.stuffed()  # in memory (small messages), stuffed now
-            if data is not None:
-                self.transport.write(data)
-            else:
-                pacer = outgoing.Pacer(self.transport)
-                chunks = message.chunks()
-                try:
-                    while not self.finished:
-                        chunk = yield self.run_blocking(next, chunks, None)
-                        if chunk is None or self.finished:
-                            break
-                        self._arm(self.timeouts.data)
-                        self.transport.write(chunk)
-                        yield pacer.wait()
-                finally:
-                    pacer.stop()
-                    chunks.close()
+            yield outgoing.send_stuffed(message, self.transport, self.run_blocking,
+                                        stopped=lambda: self.finished,
+                                        progress=lambda: self._arm(self.timeouts.data))
         except Exception as e:
             if not self.finished:
                 self._finish(failures.outcome("message-unreadable", why=e))

@@ -739,23 +739,8 @@ class _TransactionState:
         try:
             if c.trace:
                 c.transport.write(c.trace.encode("utf-8", "replace") + b"\r\n")
-            data = message.stuffed()
-            if data is not None:
-                c.transport.write(data)
-            else:
-                pacer = outgoing.Pacer(c.transport)
-                chunks = message.chunks()
-                try:
-                    while True:
-                        chunk = yield c.run_blocking(next, chunks, None)
-                        if chunk is None or self.finished:
-                            break
-                        c.resetTimeout()
-                        c.transport.write(chunk)
-                        yield pacer.wait()
-                finally:
-                    pacer.stop()
-                    chunks.close()
+            yield outgoing.send_stuffed(message, c.transport, c.run_blocking,
+                                        stopped=lambda: self.finished, progress=c.resetTimeout)
         except Exception as e:
             self.abort(failures.outcome("message-unreadable", why=e))
             c._fail(SessionFailed(failures.outcome("internal", why=e)), close=True)

@@ -15,6 +15,7 @@ keeps a small message as stored and stuffs it only when DATA is used.
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import attrs
 from twisted.internet import defer
@@ -171,6 +172,35 @@ def seven_bit(message: OutgoingMessage) -> OutgoingMessage:
     return attrs.evolve(message, size=len(converted), eight_bit=False, data=None,
                         body=converted,
                         header_eight_bit=not _header_section(converted).isascii())
+
+
+@defer.inlineCallbacks
+def send_stuffed(message: OutgoingMessage, transport, run_blocking,
+                 stopped: Callable[[], bool], progress: Callable[[], None]):
+    """
+    Write C{message}, dot-stuffed, to C{transport}: at once when it is in
+    memory, else a chunk at a time read through C{run_blocking}, the next
+    once the last has drained; C{progress} before each chunk (a timeout
+    reset), and an early end when C{stopped} says the session is over.
+    Errors reading the queue file fail the Deferred.
+    """
+    data = message.stuffed()
+    if data is not None:
+        transport.write(data)
+        return
+    pacer = Pacer(transport)
+    chunks = message.chunks()
+    try:
+        while not stopped():
+            chunk = yield run_blocking(next, chunks, None)
+            if chunk is None or stopped():
+                break
+            progress()
+            transport.write(chunk)
+            yield pacer.wait()
+    finally:
+        pacer.stop()
+        chunks.close()
 
 
 class Pacer:
