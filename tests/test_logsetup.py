@@ -11,10 +11,13 @@ from twisted.logger import (
     FileLogObserver, LogLevel, LogPublisher, formatEventAsClassicLogText, formatTime,
     jsonFileLogObserver, textFileLogObserver,
 )
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import threadable
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_mta.logsetup import classic_text_formatter, speed_up_text_log
+from twisted_mta import logsetup
+from twisted_mta.logsetup import TurnBufferedStream, classic_text_formatter, speed_up_text_log
 
 
 class Thing:
@@ -121,8 +124,128 @@ class SpeedUpTests(SynchronousTestCase):
         publisher.addObserver(text)
         publisher.addObserver(jsonFileLogObserver(json_out))
         publisher.addObserver(other)
-        self.assertEqual(speed_up_text_log(publisher), 1)
+        self.assertEqual(speed_up_text_log(publisher, MemoryReactorClock()), 1)
         publisher(dict(BASE, log_format="hello {x}", x=1))
         self.assertEqual(text_out.getvalue(), twisted_line(dict(BASE, log_format="hello {x}", x=1)))
         self.assertEqual(other_out.getvalue(), "custom\n")
         self.assertIn('"hello {x}"', json_out.getvalue())
+
+
+class Recorder:
+    """A stream that records each write and flush as the system calls would."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list = []
+        self.fail = fail
+
+    def write(self, text) -> None:
+        if self.fail:
+            raise OSError(28, "No space left on device")
+        self.calls.append(("write", text))
+
+    def flush(self) -> None:
+        self.calls.append(("flush",))
+
+
+class TurnBufferedStreamTests(SynchronousTestCase):
+    """
+    The reactor thread's lines reach the file once per turn, in order;
+    anything else is written at once.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.reactor.running = True
+        self.in_reactor = True
+        self.patch(threadable, "isInIOThread", lambda: self.in_reactor)
+        self.out = Recorder()
+        self.stream = TurnBufferedStream(self.out, self.reactor)
+
+    def test_one_write_per_turn(self) -> None:
+        for line in ("a\n", "b\n", "c\n"):
+            self.stream.write(line)
+            self.stream.flush()
+        self.assertEqual(self.out.calls, [])
+        self.reactor.advance(0)
+        self.assertEqual(self.out.calls, [("write", "a\nb\nc\n"), ("flush",)])
+        self.stream.write("d\n")
+        self.reactor.advance(0)
+        self.assertEqual(self.out.calls[2:], [("write", "d\n"), ("flush",)])
+        self.reactor.advance(0)  # nothing pending: nothing written
+        self.assertEqual(len(self.out.calls), 4)
+
+    def test_not_running_writes_at_once(self) -> None:
+        self.reactor.running = False
+        self.stream.write("early\n")
+        self.assertEqual(self.out.calls, [("write", "early\n"), ("flush",)])
+
+    def test_other_thread_writes_after_pending(self) -> None:
+        self.stream.write("first\n")
+        self.in_reactor = False
+        self.stream.write("from a thread\n")
+        self.assertEqual(self.out.calls, [("write", "first\nfrom a thread\n"), ("flush",)])
+        self.in_reactor = True
+        self.reactor.advance(0)
+        self.assertEqual(len(self.out.calls), 2)
+
+    def test_limit_writes_at_once(self) -> None:
+        self.patch(logsetup, "TURN_BUFFER_LIMIT", 10)
+        self.stream.write("12345\n")
+        self.assertEqual(self.out.calls, [])
+        self.stream.write("67890\n")
+        self.assertEqual(self.out.calls, [("write", "12345\n67890\n"), ("flush",)])
+
+    def test_shutdown_flushes(self) -> None:
+        self.stream.write("last words\n")
+        for trigger, args, kwargs in self.reactor.triggers["after"]["shutdown"]:
+            trigger(*args, **kwargs)
+        self.assertEqual(self.out.calls, [("write", "last words\n"), ("flush",)])
+
+    def test_bytes_stream(self) -> None:
+        self.stream.write(b"a\n")
+        self.stream.write(b"b\n")
+        self.reactor.advance(0)
+        self.assertEqual(self.out.calls[0], ("write", b"a\nb\n"))
+
+    def test_failing_write_says_so_once(self) -> None:
+        err = io.StringIO()
+        self.patch(logsetup.sys, "__stderr__", err)
+        self.out.fail = True
+        self.stream.write("lost\n")
+        self.reactor.advance(0)
+        self.stream.write("lost too\n")
+        self.reactor.advance(0)
+        self.assertEqual(err.getvalue(), "twisted-mta: cannot write the log: [Errno 28] No "
+                                         "space left on device; lines are dropped\n")
+        self.out.fail = False
+        self.stream.write("back\n")
+        self.reactor.advance(0)
+        self.assertEqual(self.out.calls, [("write", "back\n"), ("flush",)])
+
+    def test_observers_write_the_same_lines(self) -> None:
+        """Through twistd's text observer and the JSON one: the same text as unbuffered."""
+        events = [dict(BASE, log_format="{queue_id}: delivered to <{rcpt}>", queue_id=f"Q{i}",
+                       rcpt="a@b.test") for i in range(3)]
+        for make in (textFileLogObserver, jsonFileLogObserver):
+            plain, buffered = io.StringIO(), io.StringIO()
+            direct, through = make(plain), make(TurnBufferedStream(buffered, self.reactor))
+            for event in events:
+                direct(dict(event))
+                through(dict(event))
+            self.assertEqual(buffered.getvalue(), "")
+            self.reactor.advance(0)
+            self.assertEqual(buffered.getvalue(), plain.getvalue())
+
+    def test_speed_up_wraps_twistds_file_once(self) -> None:
+        publisher = LogPublisher()
+        out = io.StringIO()
+        observer = textFileLogObserver(out)
+        publisher.addObserver(observer)
+        speed_up_text_log(publisher, self.reactor)
+        speed_up_text_log(publisher, self.reactor)
+        self.assertIsInstance(observer._outFile, TurnBufferedStream)
+        self.assertIs(observer._outFile.stream, out)
+        publisher(dict(BASE, log_format="hello"))
+        self.assertEqual(out.getvalue(), "")
+        self.reactor.advance(0)
+        self.assertEqual(out.getvalue(), twisted_line(dict(BASE, log_format="hello")))

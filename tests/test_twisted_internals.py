@@ -384,6 +384,10 @@ class LogObserverTests(SynchronousTestCase):
         self.assertEqual(getattr(observer.formatEvent, "__qualname__", None),
                          TWISTED_TEXT_FORMATTER,
                          changed("textFileLogObserver's formatter", "twisted_mta/logsetup.py", how))
+        out = io.StringIO()
+        self.assertIs(getattr(textFileLogObserver(out), "_outFile", None), out,
+                      gone("FileLogObserver._outFile", "twisted_mta/logsetup.py",
+                           "wraps twistd's log file in a TurnBufferedStream"))
         for runner in (app.AppLogger, _twistd_unix.UnixAppLogger):
             self.assertIn("textFileLogObserver(", inspect.getsource(runner._getLogObserver),
                           changed(f"{runner.__name__}._getLogObserver", "twisted_mta/logsetup.py",

@@ -7,7 +7,9 @@ object per line to C{[logging] file}, with its structured fields (C{event},
 C{queue_id}, C{peer}, ...), for log shippers.
 
 The text log's lines are formatted by L{classic_text_formatter}: the same
-text as Twisted's, more cheaply.
+text as Twisted's, more cheaply.  Both logs are written through a
+L{TurnBufferedStream}: one write per reactor turn instead of a write and a
+flush per event.
 """
 
 from __future__ import annotations
@@ -15,17 +17,100 @@ from __future__ import annotations
 import io
 import math
 import string
+import sys
+import threading
 from typing import Callable
 
 from twisted.logger import (
     FileLogObserver, formatEventAsClassicLogText, formatTime, globalLogPublisher,
     jsonFileLogObserver, timeFormatRFC3339,
 )
+from twisted.python import threadable
+
+# A turn's lines are written at once beyond this many characters.
+TURN_BUFFER_LIMIT = 64 * 1024
 
 
-def install_json_log(path: str):
-    stream = io.open(path, "a", encoding="utf-8", buffering=1)
-    observer = jsonFileLogObserver(stream, recordSeparator="")
+class TurnBufferedStream:
+    """
+    A log stream that writes what the reactor thread logs once per reactor
+    turn: a C{FileLogObserver} writes and flushes every event, two system
+    calls per line, and with a few lines per delivered message that was
+    most of what logging cost the main process (docs/benchmarks.md).
+
+    Lines stay in order and reach the file by the end of the turn they
+    were logged in (or at C{TURN_BUFFER_LIMIT} characters); so a process
+    killed outright loses at most that turn's lines, never a message.
+    Lines from other threads, and any line while the reactor is not
+    running (start-up, after shutdown), are written at once, after what
+    is pending.  A write that fails drops the pending lines with one line
+    on stderr, so a full disk cannot make logging raise in a loop.
+    """
+
+    def __init__(self, stream, reactor=None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.stream = stream
+        self._reactor = reactor
+        self._pending: list = []
+        self._size = 0
+        self._scheduled = False
+        self._lock = threading.Lock()
+        self._complained = False
+        reactor.addSystemEventTrigger("after", "shutdown", self.flush_now)
+
+    def write(self, text) -> None:
+        if not (self._reactor.running and threadable.isInIOThread()):
+            with self._lock:
+                self._pending.append(text)
+                self._write_pending()
+            return
+        with self._lock:
+            self._pending.append(text)
+            self._size += len(text)
+            if self._size >= TURN_BUFFER_LIMIT:
+                self._write_pending()
+                return
+        if not self._scheduled:
+            self._scheduled = True
+            self._reactor.callLater(0, self._turn_ended)
+
+    def flush(self) -> None:
+        """
+        The observer's flush after each event: the turn's end flushes.
+        """
+
+    def _turn_ended(self) -> None:
+        self._scheduled = False
+        self.flush_now()
+
+    def flush_now(self) -> None:
+        with self._lock:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        if not self._pending:
+            return
+        first = self._pending[0]
+        text = ("" if isinstance(first, str) else b"").join(self._pending)
+        self._pending.clear()
+        self._size = 0
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except Exception as e:
+            if not self._complained:
+                self._complained = True
+                try:
+                    print(f"twisted-mta: cannot write the log: {e}; lines are dropped",
+                          file=sys.__stderr__)
+                except Exception:
+                    pass
+
+
+def install_json_log(path: str, reactor=None):
+    stream = io.open(path, "a", encoding="utf-8")
+    observer = jsonFileLogObserver(TurnBufferedStream(stream, reactor), recordSeparator="")
     globalLogPublisher.addObserver(observer)
     return observer
 
@@ -102,13 +187,14 @@ def _has_spec(fmt: str) -> bool:
 TWISTED_TEXT_FORMATTER = "textFileLogObserver.<locals>.formatEvent"
 
 
-def speed_up_text_log(publisher=globalLogPublisher) -> int:
+def speed_up_text_log(publisher=globalLogPublisher, reactor=None) -> int:
     """
     Give twistd's text log observer (made by L{textFileLogObserver} with
-    its default time format) the formatter of L{classic_text_formatter};
-    return how many observers were changed.  It reaches into the
-    publisher's private observer list: tests/test_twisted_internals.py
-    fails by name when that changes.  Any other observer (syslog, a
+    its default time format) the formatter of L{classic_text_formatter}
+    and a L{TurnBufferedStream} over its file; return how many observers
+    were changed.  It reaches into the publisher's private observer list
+    and the observer's private C{_outFile}: tests/test_twisted_internals.py
+    fails by name when either changes.  Any other observer (syslog, a
     custom C{--logger}) is left alone.
     """
     changed = 0
@@ -116,5 +202,8 @@ def speed_up_text_log(publisher=globalLogPublisher) -> int:
         if isinstance(observer, FileLogObserver) and \
                 getattr(observer.formatEvent, "__qualname__", "") == TWISTED_TEXT_FORMATTER:
             observer.formatEvent = classic_text_formatter(timeFormatRFC3339)
+            if hasattr(observer, "_outFile") and \
+                    not isinstance(observer._outFile, TurnBufferedStream):
+                observer._outFile = TurnBufferedStream(observer._outFile, reactor)
             changed += 1
     return changed

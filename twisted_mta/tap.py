@@ -406,7 +406,7 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
     SpoolLockService(spool).setServiceParent(top)
     if config.logging.format == "json":
         try:
-            install_json_log(config.logging.file)
+            install_json_log(config.logging.file, reactor)
         except OSError as e:
             raise PrepareError(f"{config.logging.file}: cannot be opened: {e.strerror}")
 

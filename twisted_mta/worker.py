@@ -105,12 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     from twisted_mta.config import ConfigError, load_config
     from twisted_mta.inbound.milter import stage_for as milter_stage
     from twisted_mta.inbound.server import InboundFactory
-    from twisted_mta.logsetup import classic_text_formatter, install_json_log
+    from twisted_mta.logsetup import TurnBufferedStream, classic_text_formatter, install_json_log
     from twisted_mta.queue.spool import Spool
     from twisted_mta.tlsserver import server_context
     from twisted_mta.users import UserDatabase
 
-    globalLogBeginner.beginLoggingTo([FileLogObserver(sys.stdout, classic_text_formatter())],
+    globalLogBeginner.beginLoggingTo([FileLogObserver(TurnBufferedStream(sys.stdout, reactor),
+                                                      classic_text_formatter())],
                                      redirectStandardIO=False)
     try:
         config = load_config(args.config)
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             from twisted_mta.dkim import Signer
             signer = Signer.from_config(config)
         if config.logging.format == "json":
-            install_json_log(config.logging.file)
+            install_json_log(config.logging.file, reactor)
     except (ConfigError, OSError, Exception) as e:  # one line, as the main process says
         print(f"twisted-mta worker {args.index}: cannot start: {e}", file=sys.stderr)
         return 1
