@@ -866,6 +866,37 @@ class IdleEntryTests(ManagerTestBase):
         self.assertEqual(len(self.outbound.sent), 3)
         self.assertEqual(self.spool.load(env.queue_id).attempts, 3)
 
+    def test_reads_and_removals_go_to_the_reading_pool(self):
+        """Reading an idle entry and removing a finished one go through C{run_reading} (tap gives it a small pool of its own); the attempt's results are written through C{run_blocking}."""
+        from twisted_mta.queue import manager
+        self.patch(manager, "IDLE_AFTER", 30)
+        reading, blocking = [], []
+
+        def run_reading(f, *args):
+            reading.append(f.__name__)
+            return self.run_blocking(f, *args)
+
+        def run_blocking(f, *args):
+            blocking.append(f.__name__)
+            return self.run_blocking(f, *args)
+
+        m = QueueManager(self.config, self.spool, self.clock, run_blocking, self.targets(),
+                         run_reading=run_reading)
+        m.startService()
+        self.addCleanup(m.stopService)
+        env = self.queue(["x@elsewhere.test"])
+        m.enqueue(env)
+        self.clock.advance(0)
+        self.assertIsNone(m.entries[env.queue_id])  # idle: read back when due
+        self.assertIn("update_and_move", blocking)
+        self.outbound.outcomes["x@elsewhere.test"] = Outcome(250, "2.0.0", "ok")
+        self.clock.advance(60)
+        self.assertIsNone(self.spool.message_path(env.queue_id))
+        self.assertIn("load", reading)
+        self.assertIn("run_all", reading)  # the batch of removals
+        self.assertNotIn("load", blocking)
+        self.assertNotIn("run_all", blocking)
+
     def test_idle_entry_gone_from_disk_is_forgotten(self):
         """An idle entry whose queue file vanished is forgotten, logged, when it comes due."""
         from twisted_mta.queue import manager

@@ -98,12 +98,16 @@ class QueueManager(service.Service):
     def __init__(self, config: Config, spool: Spool, clock, run_blocking: RunBlocking,
                  targets: Targets, rand: Callable[[], float] = random.random,
                  observers: list | None = None, tls_history=None, sts_cache=None,
-                 after_load: Callable[[], object] | None = None, signer=None) -> None:
+                 after_load: Callable[[], object] | None = None, signer=None,
+                 run_reading: RunBlocking | None = None) -> None:
         self.config = config
         self.after_load = after_load  # called once start-up has read the spool
         self.spool = spool
         self.clock = clock
         self.run_blocking = run_blocking
+        # Reading entries and removing finished ones: short work, given a
+        # small pool of its own by the caller (tap.make_service).
+        self.run_reading = run_reading or run_blocking
         self.rand = rand
         self.targets = targets
         self.tls_history = tls_history  # a TLSHistory: the operator's "tls history --forget"
@@ -134,7 +138,7 @@ class QueueManager(service.Service):
         self._control: task.LoopingCall | None = None
         self.loaded: defer.Deferred | None = None  # fires when start-up has read the spool
         self.operator = OperatorRequests(self)
-        self._remove = Batched(run_blocking, lambda qid: self.spool.remove(qid))  # finished entries, a batch per hop
+        self._remove = Batched(self.run_reading, lambda qid: self.spool.remove(qid))  # finished entries, a batch per hop
         self.notices = Notices(config, spool, clock, run_blocking, self.directory,
                                self.enqueue, self._notify, signer=signer)
 
@@ -223,7 +227,7 @@ class QueueManager(service.Service):
         envelope = self.entries.get(qid)
         if envelope is not None:
             return defer.succeed(envelope)
-        return self.run_blocking(self.spool.load, qid)
+        return self.run_reading(self.spool.load, qid)
 
     def unschedule(self, qid: str) -> None:
         self._due_at.pop(qid, None)  # its heap item is stale now
@@ -389,7 +393,7 @@ class QueueManager(service.Service):
         envelope = self.entries[qid]
         if envelope is None:  # idle until now: read it
             try:
-                envelope = yield self.run_blocking(self.spool.load, qid)
+                envelope = yield self.run_reading(self.spool.load, qid)
             except FileNotFoundError:
                 self._vanished(qid)
                 return
