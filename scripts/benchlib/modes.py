@@ -163,6 +163,9 @@ class Outbound(EndToEnd):
     """
 
     name = "outbound"
+    # Only the modes that read the MTA's events turn its JSON log on: the
+    # rest run the default logging, as a user would compare them.
+    json_log = False
 
     def cells(self, quick: bool, a: Any) -> list[dict[str, Any]]:
         return [{"size": z, "messages": a.messages or (300 if quick else 10_000)}
@@ -176,7 +179,8 @@ class Outbound(EndToEnd):
         c = run.cell
         due = time.time() + 86400
         server = run.start_server(
-            mta_extra=smarthost(port, outbound) + mta + "\n" + JSON_LOG, relay_port=port,
+            mta_extra=smarthost(port, outbound) + mta + "\n" + (JSON_LOG if self.json_log else ""),
+            relay_port=port,
             postfix_main={"smtpd_end_of_data_restrictions": "check_client_access static:HOLD",
                           **(main or {})},
             fill=lambda s: fill_spool(s.mta.spool, (remote_rcpt(0),) * c["messages"],
@@ -202,11 +206,14 @@ class Outbound(EndToEnd):
         else:
             from twisted_mta.queue import control
             from twisted_mta.queue.spool import Spool
-            control.request(Spool(server.mta.spool), "flush")
+            flush = control.request(Spool(server.mta.spool), "flush")
         progress = [0, time.monotonic()]
+        taken: list[float] = []
 
         def check() -> None:
             run.check()
+            if server.mta and not taken and not os.path.exists(flush):
+                taken.append(time.time())  # the MTA removes a request once carried out
             if run.peer.messages > progress[0]:
                 progress[:] = [run.peer.messages, time.monotonic()]
             elif time.monotonic() - progress[1] > 30:
@@ -218,10 +225,9 @@ class Outbound(EndToEnd):
         result = {"messages": n, "seconds": t1 - t0}
         if server.mta:
             # It looks for requests every second: up to 1 s of the time is that wait.
-            taken = [e["log_time"] for e in events(run) if e.get("event") == "queue.operator"]
-            if not taken:
-                raise BenchError("no queue.operator event for the flush")
-            result["taken_after_s"] = taken[0] - t0
+            if not taken and os.path.exists(flush):
+                raise BenchError("the MTA never carried out the flush request")
+            result["taken_after_s"] = (taken[0] if taken else t1) - t0
         return result
 
 
@@ -236,6 +242,7 @@ class TLS(Outbound):
 
     name = "tls"
     PEER_NAME = "peer.bench.test"
+    json_log = True  # the check reads outbound.connected
 
     def cells(self, quick: bool, a: Any) -> list[dict[str, Any]]:
         return [{"tls": tls, "size": z, "messages": a.messages or (300 if quick else 10_000)}
