@@ -47,8 +47,13 @@ from .modes import JSON_LOG, ints
 
 
 def cli(config: str, *args: str) -> list[str]:
-    return [sys.executable, "-c", "import sys; from twisted_mta.cli import main; "
-            "sys.exit(main())", *args, "--config", config]
+    """
+    The command line tool of the checkout that holds this script, as the
+    MTA under test is (not whatever twisted_mta is installed).
+    """
+    from tests.interop.support import PROJECT_ROOT
+    return [sys.executable, "-c", f"import sys; sys.path.insert(0, {PROJECT_ROOT!r}); "
+            "from twisted_mta.cli import main; sys.exit(main())", *args, "--config", config]
 
 
 def timed_command(cmd: list[str], cwd: str) -> dict[str, float]:
@@ -58,8 +63,9 @@ def timed_command(cmd: list[str], cwd: str) -> dict[str, float]:
     script's own memory, which the child had before its exec).
     """
     t = time.monotonic()
+    errors = tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+                            stderr=errors, stdin=subprocess.DEVNULL)
     peak = 0
     while proc.poll() is None:
         try:
@@ -70,7 +76,11 @@ def timed_command(cmd: list[str], cwd: str) -> dict[str, float]:
             pass
         time.sleep(0.01)
     if proc.returncode:
-        raise BenchError(f"{' '.join(cmd[-4:])} exited {proc.returncode}")
+        errors.seek(0)
+        said = errors.read().decode(errors="replace").strip().splitlines()
+        raise BenchError(f"{' '.join(cmd[-4:])} exited {proc.returncode}"
+                         + (f": {said[-1]}" if said else ""))
+    errors.close()
     return {"seconds": round(time.monotonic() - t, 2), "peak_rss_mb": round(peak / 1024, 1)}
 
 
