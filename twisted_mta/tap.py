@@ -27,7 +27,7 @@ from twisted_mta.inbound.milter import stage_for as milter_stage
 from twisted_mta.inbound.server import InboundFactory
 from twisted_mta.logsetup import install_json_log, speed_up_text_log
 from twisted_mta.queue.manager import QueueManager
-from twisted_mta.queue.spool import Spool, SpoolError
+from twisted_mta.queue.spool import InlineReads, Spool, SpoolError
 from twisted_mta.tlsserver import TLSSetupError, server_context
 from twisted_mta.users import UserDatabase, UsersFileError
 
@@ -395,19 +395,21 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
     pool = threadpool.ThreadPool(minthreads=2, maxthreads=16, name="mta-io")
     ThreadPoolService(pool).setServiceParent(top)
     # Reading queue entries and messages, and removing finished entries:
-    # short work on the page cache, in a pool of its own so that at full
-    # outbound load it runs in a few threads, not in all sixteen that
-    # fsyncs and DNS look-ups need (each thread's Python competes for the
-    # GIL: 16 threads cost a quarter more CPU per message,
+    # short work on the page cache, run on the reactor thread
+    # (InlineReads); only while the disk is slow does it go to a pool of
+    # its own, a few threads, not the sixteen that fsyncs and DNS look-ups
+    # need (each thread's Python competes with the reactor for the GIL,
     # docs/benchmarks.md).
-    reads = threadpool.ThreadPool(minthreads=1, maxthreads=READ_THREADS, name="mta-read")
+    reads = threadpool.ThreadPool(minthreads=0, maxthreads=READ_THREADS, name="mta-read")
     ThreadPoolService(reads).setServiceParent(top)
 
     def run_blocking(f, *args):
         return deferToThreadPool(reactor, pool, f, *args)
 
-    def run_reading(f, *args):
+    def read_in_thread(f, *args):
         return deferToThreadPool(reactor, reads, f, *args)
+
+    run_reading = InlineReads(read_in_thread)
 
     spool = Spool(config.spool, run_blocking=run_blocking)
     spool.lock()

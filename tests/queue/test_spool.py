@@ -504,3 +504,71 @@ class BatchedTests(SynchronousTestCase):
         batched = Batched(lambda fn: defer.fail(RuntimeError("pool stopped")), str)
         self.failureResultOf(batched("x"), RuntimeError)
         self.failureResultOf(batched("y"), RuntimeError)  # the next call starts a new hop
+
+
+class InlineReadsTests(SynchronousTestCase):
+    """
+    L{InlineReads} runs a read on the calling thread while reads are fast;
+    after a slow one it sends reads to the thread pool for the cool-off,
+    with one log line.
+    """
+
+    def setUp(self):
+        from twisted.internet import defer
+        from twisted.logger import globalLogPublisher
+        from twisted_mta.queue.spool import InlineReads
+        self.now = [100.0]
+        self.in_thread = []
+
+        def in_thread(f, *args):
+            self.in_thread.append((f, args))
+            return defer.succeed(("thread", f(*args)))
+
+        self.reads = InlineReads(in_thread, slow=0.01, cool_off=60.0,
+                                 monotonic=lambda: self.now[0])
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def read(self, value, takes=0.0):
+        def f(v):
+            self.now[0] += takes
+            if isinstance(v, Exception):
+                raise v
+            return v
+        return self.reads(f, value)
+
+    def slow_reads(self):
+        return [e for e in self.events if e.get("event") == "queue.slow_read"]
+
+    def test_fast_reads_run_inline(self):
+        self.assertEqual(self.successResultOf(self.read("a", takes=0.002)), "a")
+        self.assertEqual(self.successResultOf(self.read("b", takes=0.009)), "b")
+        self.assertEqual(self.in_thread, [])
+        self.assertTrue(self.reads.inline)
+        self.assertEqual(self.slow_reads(), [])
+
+    def test_a_failing_read_fails_its_deferred(self):
+        f = self.failureResultOf(self.read(OSError(5, "EIO")), OSError)
+        self.assertEqual(f.value.errno, 5)
+        self.assertTrue(self.reads.inline)
+
+    def test_a_slow_read_sends_reads_to_threads_for_the_cool_off(self):
+        self.assertEqual(self.successResultOf(self.read("slow", takes=0.25)), "slow")
+        self.assertFalse(self.reads.inline)
+        [event] = self.slow_reads()
+        self.assertEqual(round(event["ms"]), 250)
+        self.now[0] += 59.0
+        self.assertEqual(self.successResultOf(self.read("x")), ("thread", "x"))
+        self.assertEqual(len(self.in_thread), 1)
+        self.now[0] += 1.5  # the cool-off runs from the end of the slow read
+        self.assertEqual(self.successResultOf(self.read("y")), "y")
+        self.assertEqual(len(self.in_thread), 1)
+        self.assertEqual(len(self.slow_reads()), 1)
+
+    def test_slow_again_after_the_cool_off(self):
+        self.read("slow", takes=0.5)
+        self.now[0] += 61.0
+        self.read("slow again", takes=0.02)
+        self.assertFalse(self.reads.inline)
+        self.assertEqual(len(self.slow_reads()), 2)

@@ -238,6 +238,55 @@ class _GroupSync:
         self._run(sync_all).addBoth(finished)
 
 
+class InlineReads:
+    """
+    Run the queue's short reads (an entry's envelope, a message before it
+    is sent, the removal of finished entries) on the calling thread, the
+    reactor's: from the page cache they take microseconds, less than a hop
+    to a thread pool, and every pool thread's Python competes with the
+    reactor for the GIL (docs/benchmarks.md: at full outbound load the hops
+    cost about as much CPU as the sending).  A disk that does not keep up
+    must not stall the reactor: after one call slower than C{slow} seconds
+    every call goes to C{in_thread} for C{cool_off} seconds, then inline
+    again.
+    """
+
+    SLOW = 0.01
+    COOL_OFF = 60.0
+
+    def __init__(self, in_thread: RunBlocking, *, slow: float = SLOW,
+                 cool_off: float = COOL_OFF,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._in_thread = in_thread
+        self._slow = slow
+        self._cool_off = cool_off
+        self._monotonic = monotonic
+        self._threads_until: float | None = None
+
+    @property
+    def inline(self) -> bool:
+        """Whether the next call runs on the calling thread."""
+        until = self._threads_until
+        return until is None or self._monotonic() >= until
+
+    def __call__(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+        if not self.inline:
+            return self._in_thread(f, *args)
+        self._threads_until = None
+        start = self._monotonic()
+        try:
+            result = defer.succeed(f(*args))
+        except Exception:
+            result = defer.fail()
+        took = self._monotonic() - start
+        if took > self._slow:
+            self._threads_until = start + took + self._cool_off
+            log.info("a queue read took {ms:.0f} ms: the queue is read in threads for the "
+                     "next {cool_off:.0f} s", ms=took * 1000, cool_off=self._cool_off,
+                     event="queue.slow_read")
+        return result
+
+
 class Batched:
     """
     Run C{fn} for many items in one hop to the I/O pool: items that arrive
