@@ -566,9 +566,33 @@ class InlineReadsTests(SynchronousTestCase):
         self.assertEqual(len(self.in_thread), 1)
         self.assertEqual(len(self.slow_reads()), 1)
 
+    def test_one_slow_read_alone_stays_inline(self):
+        self.assertEqual(self.successResultOf(self.read("a", takes=0.05)), "a")
+        self.assertTrue(self.reads.inline)
+        self.assertEqual(self.slow_reads(), [])
+
+    def test_slow_reads_within_a_window_send_reads_to_threads(self):
+        self.read("a", takes=0.02)
+        self.now[0] += 0.3
+        self.read("b", takes=0.02)
+        self.assertTrue(self.reads.inline)
+        self.now[0] += 0.3
+        self.read("c", takes=0.03)
+        self.assertFalse(self.reads.inline)
+        [event] = self.slow_reads()
+        self.assertEqual((event["count"], round(event["ms"])), (3, 30))
+
+    def test_slow_reads_spread_out_stay_inline(self):
+        for value in "abcde":
+            self.read(value, takes=0.02)
+            self.now[0] += 0.6  # two at most within any one second
+        self.assertTrue(self.reads.inline)
+        self.assertEqual(self.in_thread, [])
+
     def test_slow_again_after_the_cool_off(self):
         self.read("slow", takes=0.5)
         self.now[0] += 61.0
-        self.read("slow again", takes=0.02)
+        for value in "abc":
+            self.read(value, takes=0.02)
         self.assertFalse(self.reads.inline)
         self.assertEqual(len(self.slow_reads()), 2)

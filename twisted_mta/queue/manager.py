@@ -222,7 +222,8 @@ class QueueManager(service.Service):
     def envelope(self, qid: str) -> defer.Deferred:
         """
         The current envelope of a known entry: the one in memory, or for
-        an idle entry the one on disk (read in the I/O threads).
+        an idle entry the one on disk (read by C{run_reading}: inline, or in
+        the read threads while the disk is slow).
         """
         envelope = self.entries.get(qid)
         if envelope is not None:

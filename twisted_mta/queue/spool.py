@@ -245,23 +245,35 @@ class InlineReads:
     reactor's: from the page cache they take microseconds, less than a hop
     to a thread pool, and every pool thread's Python competes with the
     reactor for the GIL (docs/benchmarks.md: at full outbound load the hops
-    cost about as much CPU as the sending).  A disk that does not keep up
-    must not stall the reactor: after one call slower than C{slow} seconds
-    every call goes to C{in_thread} for C{cool_off} seconds, then inline
-    again.
+    cost about as much CPU as the sending).
+
+    A disk that does not keep up must not stall the reactor read after
+    read: after C{slow_reads} reads slower than C{slow} seconds within one
+    C{window}, or one slower than C{very_slow}, every call goes to
+    C{in_thread} for C{cool_off} seconds, then inline again.  One slow read
+    alone (a journal commit, writeback after a burst) stalls the reactor
+    only as long as it takes.
     """
 
     SLOW = 0.01
+    SLOW_READS = 3
+    WINDOW = 1.0
+    VERY_SLOW = 0.1
     COOL_OFF = 60.0
 
     def __init__(self, in_thread: RunBlocking, *, slow: float = SLOW,
-                 cool_off: float = COOL_OFF,
+                 slow_reads: int = SLOW_READS, window: float = WINDOW,
+                 very_slow: float = VERY_SLOW, cool_off: float = COOL_OFF,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self._in_thread = in_thread
         self._slow = slow
+        self._slow_reads = slow_reads
+        self._window = window
+        self._very_slow = very_slow
         self._cool_off = cool_off
         self._monotonic = monotonic
         self._threads_until: float | None = None
+        self._recent: list[float] = []  # when the recent slow reads ended
 
     @property
     def inline(self) -> bool:
@@ -278,13 +290,23 @@ class InlineReads:
             result = defer.succeed(f(*args))
         except Exception:
             result = defer.fail()
-        took = self._monotonic() - start
+        end = self._monotonic()
+        took = end - start
         if took > self._slow:
-            self._threads_until = start + took + self._cool_off
-            log.info("a queue read took {ms:.0f} ms: the queue is read in threads for the "
-                     "next {cool_off:.0f} s", ms=took * 1000, cool_off=self._cool_off,
-                     event="queue.slow_read")
+            self._slow_read(end, took)
         return result
+
+    def _slow_read(self, end: float, took: float) -> None:
+        recent = [t for t in self._recent if t > end - self._window] + [end]
+        if took <= self._very_slow and len(recent) < self._slow_reads:
+            self._recent = recent
+            return
+        self._recent = []
+        self._threads_until = end + self._cool_off
+        log.info("{count} queue read(s) took over {slow_ms:.0f} ms, the last {ms:.0f} ms: the "
+                 "queue is read in threads for the next {cool_off:.0f} s", count=len(recent),
+                 slow_ms=self._slow * 1000, ms=took * 1000, cool_off=self._cool_off,
+                 event="queue.slow_read")
 
 
 class Batched:
