@@ -154,10 +154,10 @@ class Outbound(EndToEnd):
     N messages already queued, never attempted, then released to
     C{smtp-sink}; the clock runs from the release until the sink has the
     last one.  twisted-mta: entries due in a day written into its spool
-    before it starts, then C{queue flush}, timed from the request (the
-    MTA looks for requests every second: up to 1 s of the time is that
-    wait, C{taken_after_s} in the JSON, when it logged it had done the
-    flush).  Postfix:
+    before it starts and read (its C{queue.recovered} line), then C{queue
+    flush}, timed from the request (the MTA looks for requests every
+    second: up to 1 s of the time is that wait; C{taken_after_s} in the
+    JSON is when it removed the request, having made every entry due).  Postfix:
     C{smtp-source} into the hold queue, then C{postsuper -H ALL} and
     C{postqueue -f}, timed from just before C{postsuper}.
     """
@@ -190,6 +190,13 @@ class Outbound(EndToEnd):
                                       remote_rcpt(0)))
             wait_until(lambda: server.held() >= c["messages"], 60,
                        lambda: f"{server.held()} of {c['messages']} on hold", run.check, 0.1)
+        else:
+            # Postfix's clock starts with its queue in hand: twisted-mta's
+            # too, once it has read its spool (queue.recovered), which
+            # it finishes in the background after the banner.
+            loaded = f"queue: {c['messages']} entries in "
+            wait_until(lambda: loaded in server.mta.output(), 120,
+                       lambda: "the MTA has not finished reading its spool", run.check, 0.1)
 
     def setup(self, run: Run) -> None:
         self.start(run, run.start_peer().port)
