@@ -467,7 +467,9 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
     targets = Targets(
         local=make_local_target(config.local, config.hostname, reactor, run_blocking),
         remote=RemoteDelivery(outbound, config.outbound, run_reading))
+    from twisted_mta.queue import control
     manager = QueueManager(config, spool, reactor, run_blocking, targets, run_reading=run_reading,
+                           watch_control=lambda path, then: control.watch(reactor, path, then),
                            observers=[metrics], tls_history=history,
                            sts_cache=published.sts_cache if published is not None else None,
                            after_load=freeze_gc, signer=prepared.dkim)

@@ -167,3 +167,41 @@ class UnreadableEntryTests(SynchronousTestCase):
         code, out, err = run_cli("queue", "show", self.bad_state, "-c", self.conf)
         self.assertEqual((code, err), (0, ""))
         self.assertIn("Note: state attribute: recipients[0].outcome: expected an object", out)
+
+
+class WatchTests(SynchronousTestCase):
+    """
+    L{control.watch}: inotify on spool/control/ calls back when a request
+    is renamed in; where it cannot watch, it says so and returns None.
+    """
+
+    def test_a_request_renamed_in_calls_back(self) -> None:
+        import tempfile
+        from twisted.internet.testing import MemoryReactor
+        from twisted_mta.queue import control
+        directory = tempfile.mkdtemp()
+        self.addCleanup(__import__("shutil").rmtree, directory)
+        calls = []
+        stop = control.watch(MemoryReactor(), directory, lambda: calls.append(1))
+        self.assertIsNotNone(stop)
+        notifier = stop.__self__
+        with open(os.path.join(directory, "x.tmp"), "w"):
+            pass  # a file being written is not yet a request
+        notifier.doRead()
+        self.assertEqual(calls, [])
+        os.rename(os.path.join(directory, "x.tmp"), os.path.join(directory, "x"))
+        notifier.doRead()
+        self.assertEqual(calls, [1])
+        stop()
+        self.assertRaises(OSError, os.fstat, notifier._fd)
+
+    def test_no_directory_no_watch(self) -> None:
+        from twisted.internet.testing import MemoryReactor
+        from twisted.logger import globalLogPublisher
+        from twisted_mta.queue import control
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.assertIsNone(control.watch(MemoryReactor(), "/nonexistent/control", lambda: None))
+        self.assertEqual([e["event"] for e in events if e.get("event")],
+                         ["queue.control_unwatched"])

@@ -496,6 +496,59 @@ class ControlTests(ManagerTestBase):
         self.assertEqual(self.spool.load(qid).attempts, 2)
         self.assertEqual(os.listdir(os.path.join(self.spool.path, "control")), [])
 
+    def test_a_watched_request_is_carried_out_at_once(self):
+        """
+        With C{watch_control} (tap: inotify on spool/control/), a request is
+        carried out when it lands, not at the next look a second later; the
+        watch ends with the manager.
+        """
+        from twisted_mta.queue import control
+        watched, stopped = [], []
+
+        def watch(path, on_request):
+            watched.append((path, on_request))
+            return lambda: stopped.append(path)
+
+        m = QueueManager(self.config, self.spool, self.clock, self.run_blocking,
+                         self.targets(), watch_control=watch)
+        m.startService()
+        env = self.queue(["x@elsewhere.test"])
+        m.enqueue(env)
+        self.clock.advance(0)
+        [(path, on_request)] = watched
+        self.assertEqual(path, control.control_dir(self.spool))
+        control.request(self.spool, "hold", env.queue_id)
+        on_request()  # no clock advance: the watch, not the look every second
+        self.assertEqual(self.spool.state_of(env.queue_id), "hold")
+        self.assertEqual(os.listdir(path), [])
+        self.successResultOf(m.stopService())
+        self.assertEqual(stopped, [path])
+        on_request()  # a late notification after the stop starts nothing
+
+    def test_a_request_landing_during_a_poll_is_read_after_it(self):
+        """A notification while a look is running is not lost: one more look follows it."""
+        from twisted.internet import defer
+        from twisted_mta.queue import control
+        held = []
+        m = self.manager()
+        env = self.queue(["x@elsewhere.test"])
+        m.enqueue(env)
+        self.clock.advance(0)
+        real = m.run_blocking
+
+        def slow_first_look(f, *args):
+            if f is control.read_requests and not held:
+                held.append(defer.Deferred())
+                return held[0].addCallback(lambda _: f(*args))
+            return real(f, *args)
+
+        m.run_blocking = slow_first_look
+        m.operator.poll()  # finds nothing: no request yet
+        control.request(self.spool, "hold", env.queue_id)
+        m.operator.poll()  # lands while the first look runs
+        held[0].callback(None)
+        self.assertEqual(self.spool.state_of(env.queue_id), "hold")
+
     def test_release_of_entry_committed_to_hold(self):
         """An entry committed straight to hold/ (a milter's quarantine, never enqueued) is released and delivered."""
         m = self.manager()

@@ -13,9 +13,14 @@ from __future__ import annotations
 import os
 import re
 import time
+from typing import Callable
+
+from twisted.logger import Logger
 
 from twisted_mta.model import is_queue_id
 from twisted_mta.queue.spool import QueueIdError, Spool, check_queue_id as _check_id
+
+log = Logger()
 
 ACTIONS = ("flush", "hold", "release", "delete", "tlsforget", "stsreload", "tlsrptsend")
 DOMAIN_ACTIONS = ("tlsforget", "stsreload", "tlsrptsend")  # name a domain, not a queue id
@@ -148,3 +153,27 @@ def apply_offline(spool: Spool, action: str, queue_id: str) -> str:
         spool.remove(queue_id)
         return f"{queue_id} deleted"
     return f"{queue_id} will be attempted when the MTA starts"
+
+
+def watch(reactor, directory: str, on_request: Callable[[], None]) -> Callable[[], object] | None:
+    """
+    Call C{on_request} as soon as a request is renamed into C{directory}
+    (Linux inotify), so that C{queue flush} and the other commands are
+    carried out at once, as Postfix's C{postqueue -f} is, instead of at the
+    manager's next look (up to a second later).  Returns the function that
+    stops watching, or None where inotify cannot be used: the once-a-second
+    look still finds every request.
+    """
+    try:
+        from twisted.internet import inotify
+        from twisted.python.filepath import FilePath
+        notifier = inotify.INotify(reactor)
+        notifier.startReading()
+        notifier.watch(FilePath(directory), mask=inotify.IN_MOVED_TO,
+                       callbacks=[lambda _ignored, _path, _mask: on_request()])
+    except Exception as e:
+        log.info("operator requests in {directory} are not watched ({error}): they are "
+                 "found by the look every second", directory=directory, error=e,
+                 event="queue.control_unwatched")
+        return None
+    return notifier.loseConnection

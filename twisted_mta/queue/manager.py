@@ -38,6 +38,7 @@ from twisted_mta.metrics import notify
 from twisted_mta.model import (
     DELIVERED, FAILED, DeliveryRequest, Envelope, MessageGone, Outcome, Recipient,
 )
+from twisted_mta.queue import control
 from twisted_mta.queue.notices import Notices
 from twisted_mta.queue.operator import OperatorRequests
 from twisted_mta.queue.spool import Batched, RunBlocking, Spool
@@ -46,6 +47,8 @@ from twisted_mta.tls.failure import TLS_KINDS
 log = Logger()
 
 CONTROL_INTERVAL = 1.0  # seconds between looks into spool/control/
+# (directory, on_request) -> a function that stops watching, or None
+WatchControl = Callable[[str, Callable[[], None]], "Callable[[], object] | None"]
 # Bounds on the work of one reactor turn, so that a queue of 100,000 never
 # stalls the other clients: attempts started, entries made due by a flush,
 # entries read per trip to the I/O threads at start-up.
@@ -99,8 +102,13 @@ class QueueManager(service.Service):
                  targets: Targets, rand: Callable[[], float] = random.random,
                  observers: list | None = None, tls_history=None, sts_cache=None,
                  after_load: Callable[[], object] | None = None, signer=None,
-                 run_reading: RunBlocking | None = None) -> None:
+                 run_reading: RunBlocking | None = None,
+                 watch_control: WatchControl | None = None) -> None:
         self.config = config
+        # Calls back when a request lands in spool/control/ (tap: inotify),
+        # so that an operator's command does not wait for the next poll.
+        self.watch_control = watch_control
+        self._unwatch: Callable[[], object] | None = None
         self.after_load = after_load  # called once start-up has read the spool
         self.spool = spool
         self.clock = clock
@@ -194,6 +202,13 @@ class QueueManager(service.Service):
         self._control = task.LoopingCall(self.operator.poll)
         self._control.clock = self.clock
         self._control.start(CONTROL_INTERVAL, now=False)
+        if self.watch_control is not None:
+            self._unwatch = self.watch_control(control.control_dir(self.spool),
+                                               self._control_request)
+
+    def _control_request(self) -> None:
+        if not self._stopping:
+            self.operator.poll()
 
     def stopService(self) -> defer.Deferred:
         """
@@ -206,6 +221,9 @@ class QueueManager(service.Service):
         self._stopping = True
         if self._control is not None and self._control.running:
             self._control.stop()
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
         if self._wake is not None and self._wake.active():
             self._wake.cancel()
         self._wake = None

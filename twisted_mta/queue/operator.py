@@ -1,8 +1,9 @@
 """
 Operator requests (C{twisted-mta queue flush|hold|release|delete},
 C{tls history --forget}, C{tls report send --now}, one-shot TLS
-overrides): read from the spool's control/ directory every second and
-carried out between attempts.
+overrides): read from the spool's control/ directory when a request lands
+there (inotify, where the caller watches it) and every second, and carried
+out between attempts.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ class OperatorRequests:
     def __init__(self, manager) -> None:
         self.manager = manager  # the QueueManager whose entries the requests are about
         self._polling = False
+        self._again = False  # a request landed while a poll ran
 
     def poll(self) -> defer.Deferred | None:
         if self._polling:
+            self._again = True
             return None
         self._polling = True
         d = self.manager.run_blocking(control.read_requests, self.manager.spool)
@@ -33,6 +36,9 @@ class OperatorRequests:
 
         def finished(_):
             self._polling = False
+            if self._again and not self.manager._stopping:
+                self._again = False
+                self.poll()
         d.addBoth(finished)
         return None
 
