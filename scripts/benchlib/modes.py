@@ -155,9 +155,9 @@ class Outbound(EndToEnd):
     C{smtp-sink}; the clock runs from the release until the sink has the
     last one.  twisted-mta: entries due in a day written into its spool
     before it starts and read (its C{queue.recovered} line), then C{queue
-    flush}, timed from the request (the MTA looks for requests every
-    second: up to 1 s of the time is that wait; C{taken_after_s} in the
-    JSON is when it removed the request, having made every entry due).  Postfix:
+    flush}, timed from the request (the MTA sees it at once, with
+    inotify, or within a second without; C{taken_after_s} in the JSON is
+    when it removed the request, having made every entry due).  Postfix:
     C{smtp-source} into the hold queue, then C{postsuper -H ALL} and
     C{postqueue -f}, timed from just before C{postsuper}.
     """
@@ -231,7 +231,7 @@ class Outbound(EndToEnd):
         t1 = time.time()
         result = {"messages": n, "seconds": t1 - t0}
         if server.mta:
-            # It looks for requests every second: up to 1 s of the time is that wait.
+            # Seen at once (inotify), or within a second without it.
             if not taken and os.path.exists(flush):
                 raise BenchError("the MTA never carried out the flush request")
             result["taken_after_s"] = (taken[0] if taken else t1) - t0
