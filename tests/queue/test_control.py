@@ -202,6 +202,8 @@ class WatchTests(SynchronousTestCase):
         events = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        self.assertIsNone(control.watch(MemoryReactor(), "/nonexistent/control", lambda: None))
+        reactor = MemoryReactor()
+        self.assertIsNone(control.watch(reactor, "/nonexistent/control", lambda: None))
+        self.assertEqual(reactor.getReaders(), [])  # the inotify descriptor let go
         self.assertEqual([e["event"] for e in events if e.get("event")],
                          ["queue.control_unwatched"])

@@ -164,6 +164,7 @@ def watch(reactor, directory: str, on_request: Callable[[], None]) -> Callable[[
     stops watching, or None where inotify cannot be used: the once-a-second
     look still finds every request.
     """
+    notifier = None
     try:
         from twisted.internet import inotify
         from twisted.python.filepath import FilePath
@@ -172,6 +173,8 @@ def watch(reactor, directory: str, on_request: Callable[[], None]) -> Callable[[
         notifier.watch(FilePath(directory), mask=inotify.IN_MOVED_TO,
                        callbacks=[lambda _ignored, _path, _mask: on_request()])
     except Exception as e:
+        if notifier is not None:
+            notifier.loseConnection()  # its descriptor, not left open and polled
         log.info("operator requests in {directory} are not watched ({error}): they are "
                  "found by the look every second", directory=directory, error=e,
                  event="queue.control_unwatched")
