@@ -12,6 +12,7 @@ that passes the check starts.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -469,7 +470,7 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
         remote=RemoteDelivery(outbound, config.outbound, run_reading))
     from twisted_mta.queue import control
     manager = QueueManager(config, spool, reactor, run_blocking, targets, run_reading=run_reading,
-                           watch_control=lambda path, then: control.watch(reactor, path, then),
+                           watch_control=functools.partial(control.watch, reactor),
                            observers=[metrics], tls_history=history,
                            sts_cache=published.sts_cache if published is not None else None,
                            after_load=freeze_gc, signer=prepared.dkim)

@@ -176,11 +176,12 @@ class WatchTests(SynchronousTestCase):
     """
 
     def test_a_request_renamed_in_calls_back(self) -> None:
+        import shutil
         import tempfile
         from twisted.internet.testing import MemoryReactor
         from twisted_mta.queue import control
         directory = tempfile.mkdtemp()
-        self.addCleanup(__import__("shutil").rmtree, directory)
+        self.addCleanup(shutil.rmtree, directory)
         calls = []
         stop = control.watch(MemoryReactor(), directory, lambda: calls.append(1))
         self.assertIsNotNone(stop)

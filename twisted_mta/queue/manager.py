@@ -204,11 +204,7 @@ class QueueManager(service.Service):
         self._control.start(CONTROL_INTERVAL, now=False)
         if self.watch_control is not None:
             self._unwatch = self.watch_control(control.control_dir(self.spool),
-                                               self._control_request)
-
-    def _control_request(self) -> None:
-        if not self._stopping:
-            self.operator.poll()
+                                               self.operator.poll)
 
     def stopService(self) -> defer.Deferred:
         """

@@ -25,6 +25,8 @@ class OperatorRequests:
         self._again = False  # a request landed while a poll ran
 
     def poll(self) -> defer.Deferred | None:
+        if self.manager._stopping:
+            return None  # a late notification, or a look owed to one
         if self._polling:
             self._again = True
             return None
@@ -36,7 +38,7 @@ class OperatorRequests:
 
         def finished(_):
             self._polling = False
-            if self._again and not self.manager._stopping:
+            if self._again:
                 self._again = False
                 self.poll()
         d.addBoth(finished)

@@ -284,7 +284,6 @@ class InlineReads:
     def __call__(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
         if not self.inline:
             return self._in_thread(f, *args)
-        self._threads_until = None
         start = self._monotonic()
         try:
             result = defer.succeed(f(*args))
