@@ -1,6 +1,6 @@
 """
-The text log's formatter writes exactly what Twisted's would, for every
-kind of event, and replaces only twistd's own text observer.
+The text and JSON logs' formatters write exactly what Twisted's would, for
+every kind of event, and replace only twistd's own text observer.
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_mta import logsetup
-from twisted_mta.logsetup import TurnBufferedStream, classic_text_formatter, speed_up_text_log
+from twisted_mta.logsetup import (
+    TurnBufferedStream, classic_text_formatter, install_json_log, json_event_formatter,
+    speed_up_text_log,
+)
 
 
 class Thing:
@@ -62,6 +65,22 @@ EVENTS = [
     {"log_format": "a later second", "log_time": 1_800_000_001.0},
     {"log_format": "back again", "log_time": 1_800_000_000.1},
     {"log_format": "unicode {x}", "x": "h\u00e9\u2603"},
+]
+
+# What else the JSON log meets: values JSON cannot hold, repeated fields,
+# keys that are not text, events flattened before.
+JSON_EVENTS = EVENTS + [
+    {"log_format": "{a} {a} {a!r} {a:>3} {a}", "a": "x"},
+    {"log_format": "{peer}", "peer": ("127.0.0.1", 25), "octets": b"\xff\x00raw",
+     "log_logger": object(), "log_source": Thing()},
+    {"log_format": "{n}", "n": float("nan"), "big": 10**30, "nested": {"k": [1, None, True]}},
+    {"log_format": "{level}", "level": LogLevel.warn, 7: "a key that is not text",
+     ("t",): "skipped"},
+    {"log_format": "already {a}", "a": 1, "log_flattened": {"a!s:": "kept", "a!:": "kept"}},
+    {"log_format": "{0} positional", 0: "zero"},
+    {"log_format": "{a-b} not an identifier", "a-b": "dash"},
+    {"log_format": "{unbalanced", "x": 1},
+    {"log_format": None, "x": 1},
 ]
 
 
@@ -113,6 +132,72 @@ class FormatterTests(SynchronousTestCase):
         fmt(dict(BASE, log_format="{a} and {b}", a=1, b=2))
         fmt(dict(BASE, log_format="{t.name()}", t=Thing()))
         self.assertEqual(len(calls), 1)
+
+
+class JSONFormatterTests(SynchronousTestCase):
+    def outcome(self, fmt, event: dict):
+        """What C{fmt} returns (or raises) for a copy of C{event}, and the copy after."""
+        copy = dict(event)
+        try:
+            return ("ok", fmt(copy)), copy
+        except Exception as e:
+            return ("raised", type(e)), copy
+
+    def test_same_json_as_twisted(self) -> None:
+        """
+        Every event of the table, twice (the second time from the cached
+        plan), gives Twisted's eventAsJSON text, or its error; both leave
+        the event flattened the same way for the observers after them.
+        """
+        from twisted.logger import eventAsJSON
+        fmt = json_event_formatter()
+        for _ in range(2):
+            for extra in JSON_EVENTS:
+                event = {**BASE, **extra}
+                if event.get("log_level", 0) is None:
+                    del event["log_level"]
+                ours, after_ours = self.outcome(fmt, event)
+                theirs, after_theirs = self.outcome(eventAsJSON, event)
+                self.assertEqual(ours, theirs, extra)
+                self.assertEqual(after_ours.get("log_flattened"),
+                                 after_theirs.get("log_flattened"), extra)
+
+    def test_fast_path_taken(self) -> None:
+        """A plain event is not encoded by Twisted (else nothing is gained); a failure is."""
+        import twisted_mta.logsetup as ls
+        real, calls = ls.eventAsJSON, []
+        self.patch(ls, "eventAsJSON", lambda event: calls.append(event) or real(event))
+        fmt = ls.json_event_formatter()
+        fmt(dict(BASE, log_format="{a} and {b!r}", a=1, b="x"))
+        fmt(dict(BASE, log_format="{a} and {b!r}", a=2, b="y"))
+        self.assertEqual(calls, [])
+        fmt(dict(BASE, log_format="failed", log_failure=failure()))
+        self.assertEqual(len(calls), 1)
+
+    def test_json_log_file(self) -> None:
+        """
+        install_json_log writes one line per event that Twisted's reader
+        gives back with its text.
+        """
+        from twisted.logger import eventsFromJSONLogFile, formatEvent
+        path = self.mktemp()
+        publisher = LogPublisher()
+        self.patch(logsetup, "globalLogPublisher", publisher)
+        reactor = MemoryReactorClock()
+        observer = install_json_log(path, reactor)
+        publisher(dict(BASE, log_format="{queue_id}: delivered to <{rcpt}>", queue_id="Q1",
+                       rcpt="a@b.test", event="delivery.delivered"))
+        publisher(dict(BASE, log_format="failed: {why}", why="boom", log_failure=failure()))
+        observer._outFile.flush_now()
+        with open(path, encoding="utf-8") as f:
+            self.assertEqual(f.read().count("\n"), 2)
+        with open(path, encoding="utf-8") as f:
+            events = list(eventsFromJSONLogFile(f))
+        self.assertEqual([formatEvent(e) for e in events],
+                         ["Q1: delivered to <a@b.test>", "failed: boom"])
+        self.assertEqual(events[0]["event"], "delivery.delivered")
+        self.assertIs(events[0]["log_level"], LogLevel.info)
+        self.assertEqual(events[1]["log_failure"].type.__name__, "ZeroDivisionError")
 
 
 class SpeedUpTests(SynchronousTestCase):
