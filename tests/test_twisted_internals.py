@@ -4,8 +4,7 @@ The private (or undocumented) parts of Twisted that our subclasses rely on.
 OutboundClient (twisted_mta/outbound/client.py) steers ESMTPClient's reply
 state machine through its private attributes; InboundESMTP
 (twisted_mta/inbound/server.py) owns the input loop of ESMTP and skips the
-stock one; tap.py makes listen failures raise at start-up; inbound/transport.py sends
-a reply at once from the transport's private write buffer.  Each test here
+stock one; tap.py makes listen failures raise at start-up.  Each test here
 checks one such thing on a real Twisted object, made the way our code makes
 it, so that a Twisted upgrade that removes or changes it fails here, by
 name, instead of breaking delivery quietly.  The table in
@@ -393,48 +392,3 @@ class LogObserverTests(SynchronousTestCase):
             self.assertIn("textFileLogObserver(", inspect.getsource(runner._getLogObserver),
                           changed(f"{runner.__name__}._getLogObserver", "twisted_mta/logsetup.py",
                                   how))
-
-
-class WriteThroughTests(SynchronousTestCase):
-    """
-    L{twisted_mta.inbound.transport.WriteThroughServer} reads the TCP
-    transport's private write buffer, relies on Twisted's TLS routing in
-    C{write}, and swaps the class a port builds its connections from.
-    """
-
-    USER = "twisted_mta/inbound/transport.py"
-
-    def test_port_builds_from_its_transport(self):
-        from twisted.internet import tcp
-        self.assertIs(getattr(tcp.Port, "transport", None), tcp.Server,
-                      gone("tcp.Port.transport", self.USER, "swaps for its write-through class"))
-        self.assertIn("self.transport(", inspect.getsource(tcp.Port.doRead),
-                      changed("tcp.Port.doRead", self.USER,
-                              "relies on it building connections from self.transport"))
-
-    def test_write_buffer(self):
-        import socket
-
-        from twisted.internet import protocol, tcp
-        from twisted.internet.testing import MemoryReactor
-        a, b = socket.socketpair()
-        self.addCleanup(a.close)
-        self.addCleanup(b.close)
-        conn = tcp.Server(a, protocol.Protocol(), ("127.0.0.1", 1), None, 1, MemoryReactor())
-        how = "reads to tell whether anything is queued before a write"
-        for name, value in (("dataBuffer", b""), ("offset", 0), ("_tempDataLen", 0),
-                            ("_writeDisconnected", False), ("producer", None), ("TLS", False)):
-            self.assertEqual(getattr(conn, name, "missing"), value,
-                             gone(f"tcp.Server.{name} (as {value!r} when idle)", self.USER, how))
-        conn.write(b"x")
-        self.assertEqual(conn._tempDataLen, 1,
-                         changed("FileDescriptor.write's buffering", self.USER, how))
-
-    def test_tls_routing_in_write(self):
-        from twisted.internet import _newtls, tcp
-        self.assertIs(tcp.Server.write, _newtls.ConnectionMixin.write,
-                      changed("tcp.Server.write", self.USER,
-                              "calls (for TLS sessions) after its own check of self.TLS"))
-        self.assertIn("self.TLS", inspect.getsource(_newtls.ConnectionMixin.write),
-                      changed("_newtls.ConnectionMixin.write", self.USER,
-                              "relies on to hand TLS sessions' writes to the TLS layer"))

@@ -20,15 +20,12 @@ from typing import TYPE_CHECKING
 import attrs
 from twisted.application import service
 from twisted.internet import defer, endpoints
-from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import threadpool, usage
-from zope.interface import implementer
 
 from twisted_mta.config import Config, ConfigError, OutboundTLSSettings, load_config
 from twisted_mta.inbound.milter import stage_for as milter_stage
 from twisted_mta.inbound.server import InboundFactory
-from twisted_mta.inbound.transport import write_through
 from twisted_mta.logsetup import install_json_log, speed_up_text_log
 from twisted_mta.queue.manager import QueueManager
 from twisted_mta.queue.spool import InlineReads, Spool, SpoolError
@@ -508,7 +505,7 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
             endpoint = endpoints.serverFromString(reactor, with_backlog(listener.endpoint))
             if listener.role == "submissions":
                 endpoint = endpoints.wrapServerTLS(ctx, endpoint)
-            svc = _endpoint_service(WriteThroughEndpoint(endpoint), factory)
+            svc = _endpoint_service(endpoint, factory)
         svc.setName(f"listener-{listener.role}-{listener.endpoint}")
         svc.setServiceParent(top)
     if config.metrics.endpoint:
@@ -593,24 +590,6 @@ def with_backlog(description: str) -> str:
     if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in description:
         return description + f":backlog={DEFAULT_BACKLOG}"
     return description
-
-
-@implementer(IStreamServerEndpoint)
-class WriteThroughEndpoint:
-    """
-    C{endpoint}, whose TCP port sends each reply at once
-    (L{twisted_mta.inbound.transport.write_through}), as the workers' do.
-    """
-
-    def __init__(self, endpoint) -> None:
-        self._endpoint = endpoint
-
-    def listen(self, factory):
-        def adopted(port):
-            write_through(port)
-            return port
-
-        return self._endpoint.listen(factory).addCallback(adopted)
 
 
 def _endpoint_service(endpoint, factory):

@@ -105,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     from twisted_mta.config import ConfigError, load_config
     from twisted_mta.inbound.milter import stage_for as milter_stage
     from twisted_mta.inbound.server import InboundFactory
-    from twisted_mta.inbound.transport import write_through
     from twisted_mta.logsetup import TurnBufferedStream, classic_text_formatter, install_json_log
     from twisted_mta.queue.spool import Spool
     from twisted_mta.tlsserver import server_context
@@ -147,9 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       notify_milter))
         if role == "submissions":
             factory = TLSMemoryBIOFactory(ctx, False, factory)
-        port = reactor.adoptStreamPort(int(fd), FAMILIES[family], factory)
-        write_through(port)  # a reply goes out at once (inbound/transport.py)
-        ports.append(port)
+        ports.append(reactor.adoptStreamPort(int(fd), FAMILIES[family], factory))
         os.close(int(fd))
     reactor.addReader(_ParentPipe(reactor))
 
