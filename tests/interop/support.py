@@ -187,6 +187,24 @@ def run_twistd(config_path: str, cwd: str, timeout: float = 30) -> subprocess.Co
         text=True, errors="replace")
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is C{pid} that run a worker."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", encoding="ascii") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and b"twisted_mta.worker" in cmdline:
+            out.append(int(name))
+    return sorted(out)
+
+
 def pid_alive(pid: int) -> bool:
     """
     Whether C{pid} is a live process (a zombie counts as dead).

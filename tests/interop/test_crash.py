@@ -14,8 +14,8 @@ import uuid
 from twisted.trial import unittest
 
 from tests.interop.support import (
-    LOCAL_DOMAIN, MTAProcess, RawSMTP, files_containing, make_message,
-    start_mta, wait_for,
+    LOCAL_DOMAIN, MTAProcess, RawSMTP, children, files_containing, make_message,
+    pid_alive, start_mta, wait_for,
 )
 
 SENDER = "sender@client.example.test"
@@ -97,6 +97,16 @@ class CrashDuringDataTests(unittest.TestCase):
 
             wait_for(partial_on_disk, 10, lambda: f"no partial message in spool tmp/: "
                                                   f"{mta.spool_contents()}; {mta.describe()}")
+            # The whole MTA crashes: the workers too, at once. Killing the
+            # main process alone leaves the worker that holds the partial
+            # message a moment between its parent's pipe closing (it then
+            # stops cleanly, removing the partial file) and the kernel's
+            # SIGKILL for it (PR_SET_PDEATHSIG), and this test raced it.
+            workers = children(mta.pid)
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: not any(pid_alive(p) for p in workers), 10,
+                     lambda: f"workers {workers} still alive after SIGKILL")
             mta.kill()
         finally:
             client.close()

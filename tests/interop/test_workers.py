@@ -18,7 +18,7 @@ import uuid
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.interop.support import (
-    LOCAL_DOMAIN, LOOPBACK, MTAProcess, files_containing, free_port, make_message,
+    LOCAL_DOMAIN, LOOPBACK, MTAProcess, children, files_containing, free_port, make_message,
     make_tempdir, pid_alive, wait_for,
 )
 from twisted_mta.model import Envelope, Recipient
@@ -26,24 +26,6 @@ from twisted_mta.queue.spool import Spool
 
 TIMEOUT = 20.0
 ALICE = f"alice@{LOCAL_DOMAIN}"
-
-
-def children(pid: int) -> list[int]:
-    """The processes whose parent is C{pid} that run a worker."""
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", encoding="ascii") as f:
-                ppid = int(f.read().rpartition(")")[2].split()[1])
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid and b"twisted_mta.worker" in cmdline:
-            out.append(int(name))
-    return sorted(out)
 
 
 def send(port: int, count: int = 1) -> list[str]:
