@@ -158,9 +158,7 @@ def json_event_formatter() -> Callable[[dict], str]:
             level = _LEVELS.get(value)  # type: ignore[call-overload]
         except TypeError:  # unhashable
             level = None
-        if level is not None and getattr(LogLevel, level["name"], None) is value:
-            return dict(level)
-        return {"unpersistable": True}
+        return dict(level) if level is not None else {"unpersistable": True}
 
     encoder = json.JSONEncoder(skipkeys=True, default=default)
 
