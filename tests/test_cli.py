@@ -538,14 +538,22 @@ class QueueCommandTests(SynchronousTestCase):
         self.assertEqual((entry["queue_id"], entry["state"], entry["attempts"]), (self.qid, "cur", 3))
         self.assertGreater(entry["age_seconds"], 7000)
 
-    def test_list_json_streams_the_same_array(self):
-        """--json is written item by item, and reads exactly as json.dumps(list, indent=2) would print it, for none, one and several entries."""
-        items = [{"queue_id": "A", "n": [1, {"x": ""}]}, {"queue_id": "B"}, {}]
+    def test_list_json_streams_one_item_a_line(self):
+        """--json is written item by item, one item a line between the brackets, keys sorted, and reads back as the list, for none, one and several entries."""
+        items = [{"queue_id": "A", "n": [1, {"y": "", "x": "\u00e9\n"}]}, {"queue_id": "B"}, {}]
         for count in range(4):
             out = io.StringIO()
             with redirect_stdout(out):
                 cli._print_json_array(iter(items[:count]))
-            self.assertEqual(out.getvalue(), json.dumps(items[:count], indent=2) + "\n")
+            text = out.getvalue()
+            self.assertEqual(json.loads(text), items[:count])
+            lines = text.splitlines()
+            if count == 0:
+                self.assertEqual(text, "[]\n")
+                continue
+            self.assertEqual((lines[0], lines[-1], len(lines)), ("[", "]", count + 2))
+            for line, item in zip(lines[1:-1], items):
+                self.assertEqual(line.rstrip(","), json.dumps(item, sort_keys=True))
 
     def test_list_many_keeps_columns_of_the_first_rows(self):
         """Past WIDTH_ROWS entries, rows are printed as read with the first rows' column widths, and all are counted."""

@@ -224,6 +224,13 @@ class Envelope:
                               allow_nan=False).encode("utf-8")
         return json.dumps(_dump(self), sort_keys=True, indent=1, allow_nan=False).encode("utf-8")
 
+    def to_dict(self) -> dict[str, Any]:
+        """
+        What L{to_json} encodes, as a new dict of JSON types (what
+        C{json.loads(to_json())} gives, without the round trip).
+        """
+        return _dump(self)
+
     def to_header(self) -> bytes:
         """
         The envelope as a folded header field, to start the queue file:

@@ -2,8 +2,10 @@
 Tests for the Maildir-backed spool: durable commit, recovery, lock.
 """
 
+import json
 import os
 
+import attrs
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from twisted_mta.model import Envelope, EnvelopeError, Recipient
@@ -280,6 +282,26 @@ class EnvelopeTests(SynchronousTestCase):
                                                       done_at=5.0)})
         self.assertEqual(Envelope.from_json(env.to_json()), env)
 
+    def test_to_dict_is_what_to_json_decodes_to(self):
+        """to_dict gives what json.loads(to_json()) gives, every optional field set or not."""
+        from twisted_mta.model import Outcome
+        plain = envelope("Q3", ("a@x.test",))
+        failed = Outcome(550, "5.7.1", "no", remote_mta="mx.x.test", dsn_passed=True,
+                         kind="tls", policy="dane", final_text="550 5.7.1 no")
+        rich = attrs.evolve(
+            plain, client={"ip": "192.0.2.1", "helo": "c\u00e9.test"}, attempts=2,
+            last_outcome=failed, warned=True, ret="HDRS", envid="e\u00e9", tls_failures=1,
+            tls_override="relaxed", requiretls=True, tls_required_no=True, smtputf8=True,
+            file_size=99,
+            recipients=(Recipient(address="a@x.test", original="al@x.test", state="failed",
+                                  outcome=failed, done_at=5.5, notify=("SUCCESS",),
+                                  orcpt="rfc822;al@x.test", dsn_pending=True),
+                        Recipient(address="b@y.test", notify=())))
+        for env in (plain, rich):
+            self.assertEqual(env.to_dict(), json.loads(env.to_json()))
+            self.assertEqual(json.dumps(env.to_dict(), sort_keys=True, separators=(",", ":")),
+                             env.to_json(compact=True).decode("utf-8"))
+
     def test_header_round_trip(self):
         """The envelope header decodes to the same envelope and gives the message offset."""
         from twisted_mta.model import from_header, header_end
@@ -365,7 +387,6 @@ class RecoveryRegressionTests(SynchronousTestCase):
     def test_wrong_types_never_escape(self):
         """F2: a recipient outcome "junk" in the xattr restarts the entry from its header; "client": [...] in the header quarantines it; both logged, nothing raised."""
         import base64
-        import json
         from twisted_mta.model import HEADER_NAME
         from twisted_mta.queue.spool import XATTR
         a = self.commit()
