@@ -123,6 +123,36 @@ class PureTests(unittest.SynchronousTestCase):
         self.assertEqual([(c["size"], c["bdat"]) for _, c in core.plan(cells[:2], 2, ["s"])],
                          [(1, False), (1, False), (1, True), (1, True)])
 
+    def test_run_directories_removed_after_the_last_run(self) -> None:
+        """Every run's directory stays until the last run has ended (no run follows a removal), then all are removed, also when a run fails."""
+        for fail_at in (None, 3):
+            workdir = tempdir(self)
+            seen: list[list[bool]] = []
+
+            def fake_run_once(mode, name, cell, wd, leftovers=None):
+                seen.append([os.path.isdir(p) for p in leftovers])
+                path = tempfile.mkdtemp(dir=wd)
+                with open(os.path.join(path, "message"), "w") as f:
+                    f.write("x")
+                leftovers.append(path)
+                if len(seen) == fail_at:
+                    raise core.BenchError("this run failed")
+                return run(name, (cell["sessions"], cell["size"]), 100.0)
+            self.patch(core, "run_once", fake_run_once)
+            self.patch(core, "machine", lambda: {"commit": "0" * 40, "dirty": False,
+                                                 "load_before": (0.0, 0.0, 0.0)})
+            self.patch(core, "describe_machine", lambda info, others=None: "")
+            self.patch(core, "report", lambda *a: None)
+            cells = [{"sessions": 20, "size": 1024, "messages": 100}]
+            if fail_at:
+                self.assertRaises(core.BenchError, core.run_rounds, modes.Local(), cells, 2,
+                                  ["postfix", "workers=auto"], workdir, 0, None)
+            else:
+                core.run_rounds(modes.Local(), cells, 2, ["postfix", "workers=auto"], workdir,
+                                0, None)
+            self.assertEqual(seen, [[True] * n for n in range(fail_at or 4)])
+            self.assertEqual(os.listdir(workdir), [])
+
     def test_percentile(self) -> None:
         """Nearest rank: p50 and p99 of 1..100 are 50 and 99; one value is every percentile."""
         values = list(range(100, 0, -1))

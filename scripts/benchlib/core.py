@@ -545,11 +545,14 @@ class Mode:
         return ""
 
 
-def run_once(mode: Mode, name: str, cell: dict[str, Any], workdir: str) -> dict[str, Any]:
+def run_once(mode: Mode, name: str, cell: dict[str, Any], workdir: str,
+             leftovers: list[str] | None = None) -> dict[str, Any]:
     """
     One server, one cell: the mode's timed part, and what the server, its
     peer, the client (this script and what it ran) and the machine spent
-    meanwhile; the server's memory peaks.
+    meanwhile; the server's memory peaks.  The run's directory is removed
+    at the end, or, with C{leftovers}, added to it for the caller to
+    remove later (L{remove_later}).
     """
     base = tempfile.mkdtemp(prefix=f"bench-{mode.name}-{name}-", dir=workdir)
     os.chmod(base, 0o755)
@@ -580,7 +583,10 @@ def run_once(mode: Mode, name: str, cell: dict[str, Any], workdir: str) -> dict[
         raise BenchError(f"{name} {mode.label(cell)}: {e}\n{run.describe()[-4000:]}") from e
     finally:
         run.stop()
-        shutil.rmtree(base, True)
+        if leftovers is None:
+            shutil.rmtree(base, True)
+        else:
+            leftovers.append(base)
 
 
 # -- rounds, summary, table ----------------------------------------------------
@@ -752,15 +758,19 @@ def run_rounds(mode: Mode, cells: list[dict[str, Any]], repeats: int, servers: l
     log(f"{mode.name}: {len(todo)} runs at {info['commit'][:12]}"
         f"{' (dirty)' if info['dirty'] else ''}, load {info['load_before']}")
     runs = []
-    for i, (name, cell) in enumerate(todo, 1):
-        waited = wait_quiet(quiet_wait) if quiet_wait else 0.0
-        r = run_once(mode, name, cell, workdir) | {"waited_for_quiet": waited}
-        runs.append(r)
-        extra = f", p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms" if "p99_ms" in r else ""
-        log(f"[{i}/{len(todo)}] {name:12} {mode.label(cell)}: {r['messages']} in "
-            f"{r['seconds']:.2f} s ({r['msg_per_s']:.0f}/s{extra}), "
-            f"peak RSS {r['peak_rss'] / 2**20:.0f} MB PSS {r['peak_pss'] / 2**20:.0f} MB, "
-            f"CPU {r['server_cpu']:.1f} s, others {r['other_cpu'] / r['seconds']:.2f} cores")
+    leftovers: list[str] = []
+    try:
+        for i, (name, cell) in enumerate(todo, 1):
+            waited = wait_quiet(quiet_wait) if quiet_wait else 0.0
+            r = run_once(mode, name, cell, workdir, leftovers) | {"waited_for_quiet": waited}
+            runs.append(r)
+            extra = f", p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms" if "p99_ms" in r else ""
+            log(f"[{i}/{len(todo)}] {name:12} {mode.label(cell)}: {r['messages']} in "
+                f"{r['seconds']:.2f} s ({r['msg_per_s']:.0f}/s{extra}), "
+                f"peak RSS {r['peak_rss'] / 2**20:.0f} MB PSS {r['peak_pss'] / 2**20:.0f} MB, "
+                f"CPU {r['server_cpu']:.1f} s, others {r['other_cpu'] / r['seconds']:.2f} cores")
+    finally:
+        remove_later(leftovers)
     info["load_after"] = os.getloadavg()
     rows = summary(mode, runs)
     others = statistics.median(r["other_cpu"] / r["seconds"] for r in runs)
@@ -769,3 +779,18 @@ def run_rounds(mode: Mode, cells: list[dict[str, Any]], repeats: int, servers: l
            "ratios.\n\n" + table(mode, rows) + mode.run_notes(runs), docs)
     write_json(json_path, {"mode": mode.name, "machine": info, "summary": rows, "runs": runs})
     return 0
+
+
+def remove_later(paths: list[str]) -> None:
+    """
+    Remove the runs' directories, all at once after the last run, not each
+    after its run: on ext4 without a journal the inode allocator skips
+    every inode freed in the last seconds (minutes while its inode table
+    block is dirty) at the cost of a buffer look-up each, so a run that
+    followed the removal of the previous run's Maildir paid that for every
+    file it created (docs/benchmarks.md, "Removing files slows the next
+    run").
+    """
+    for path in paths:
+        shutil.rmtree(path, True)
+    os.sync()
