@@ -788,7 +788,7 @@ def remove_later(paths: list[str]) -> None:
     every inode freed in the last seconds (minutes while its inode table
     block is dirty) at the cost of a buffer look-up each, so a run that
     followed the removal of the previous run's Maildir paid that for every
-    file it created (docs/benchmarks.md, "Removing files slows the next
+    file it created (docs/benchmarks.md, "Removing files slowed the next
     run").
     """
     for path in paths:
