@@ -139,8 +139,8 @@ class PureTests(unittest.SynchronousTestCase):
                     raise core.BenchError("this run failed")
                 return run(name, (cell["sessions"], cell["size"]), 100.0)
             self.patch(core, "run_once", fake_run_once)
-            self.patch(core, "machine", lambda: {"commit": "0" * 40, "dirty": False,
-                                                 "load_before": (0.0, 0.0, 0.0)})
+            self.patch(core, "machine", lambda workdir=None: {"commit": "0" * 40, "dirty": False,
+                                                                 "load_before": (0.0, 0.0, 0.0)})
             self.patch(core, "describe_machine", lambda info, others=None: "")
             self.patch(core, "report", lambda *a: None)
             cells = [{"sessions": 20, "size": 1024, "messages": 100}]
@@ -152,6 +152,40 @@ class PureTests(unittest.SynchronousTestCase):
                                 0, None)
             self.assertEqual(seen, [[True] * n for n in range(fail_at or 4)])
             self.assertEqual(os.listdir(workdir), [])
+
+    def test_file_system_of_a_path(self) -> None:
+        """The mount a path is on (the longest mount point that contains it), its type, device and options, and whether it has a journal: ext4 when /proc/fs/jbd2 names its device, XFS always, tmpfs unknown."""
+        mountinfo = "\n".join([
+            "22 1 254:0 / / rw,relatime - ext4 /dev/vda rw,discard",
+            "30 22 7:0 / /mnt/j rw,relatime shared:5 - ext4 /dev/loop0 rw,data=ordered",
+            "33 30 7:1 / /mnt/j/inner rw - ext4 /dev/loop1 rw",
+            "31 22 0:40 / /tmp/ram rw,nosuid - tmpfs tmpfs rw,size=10m",
+            "32 22 8:16 / /srv/x\\040y rw - xfs /dev/sdb rw,attr2",
+            "garbage without the separator",
+        ])
+        names = {"254:0": "vda", "7:0": "loop0", "7:1": "loop1"}.get
+        table = [
+            ("/", ("ext4", "/dev/vda", "/", "rw,relatime,discard", "no")),
+            ("/mnt/jj/x", ("ext4", "/dev/vda", "/", "rw,relatime,discard", "no")),
+            ("/mnt/j/a/b", ("ext4", "/dev/loop0", "/mnt/j", "rw,relatime,data=ordered", "yes")),
+            ("/mnt/j", ("ext4", "/dev/loop0", "/mnt/j", "rw,relatime,data=ordered", "yes")),
+            ("/mnt/j/inner/x", ("ext4", "/dev/loop1", "/mnt/j/inner", "rw", "no")),
+            ("/tmp/ram/f", ("tmpfs", "tmpfs", "/tmp/ram", "rw,nosuid,size=10m", "")),
+            ("/srv/x y/z", ("xfs", "/dev/sdb", "/srv/x y", "rw,attr2", "yes")),
+        ]
+        for path, want in table:
+            fs = core.file_system(path, mountinfo, journals=["loop0-8", "dm-0-8"],
+                                  block_name=lambda dev: names(dev, dev))
+            got = tuple(fs[k] for k in ("type", "device", "mount", "options", "journal"))
+            self.assertEqual(got, want, path)
+        described = core.describe_machine(
+            {"commit": "a" * 40, "dirty": False, "date": "d", "cpu": "c", "cores": 2,
+             "memory_gib": 1, "kernel": "k", "python": "p", "twisted": "t", "postfix": "x",
+             "load_before": (0.0, 0.0, 0.0),
+             "file_system": core.file_system("/", mountinfo, journals=[],
+                                             block_name=lambda dev: "vda")})
+        self.assertIn("spools on ext4, without a journal (/dev/vda on /, rw,relatime,discard)",
+                      described)
 
     def test_percentile(self) -> None:
         """Nearest rank: p50 and p99 of 1..100 are 50 and 99; one value is every percentile."""

@@ -337,7 +337,7 @@ def table(runs: list[dict[str, Any]]) -> str:
 
 
 def main(a: Any) -> int:
-    info = machine()
+    info = machine(a.workdir)
     servers = (a.servers or "postfix,workers=auto").split(",")
     runs = []
     for n in ints(a.entries, "2000" if a.quick else "10000,100000"):

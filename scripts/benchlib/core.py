@@ -684,7 +684,61 @@ def command_output(args: list[str]) -> str:
         return ""
 
 
-def machine() -> dict[str, Any]:
+# File systems that always write a journal (a log) before their metadata.
+LOGGING_FILE_SYSTEMS = frozenset({"xfs", "btrfs", "jfs", "reiserfs", "f2fs", "zfs"})
+
+
+def _block_name(dev: str) -> str:
+    """The kernel's name of block device MAJOR:MINOR (vda, dm-0, loop0)."""
+    try:
+        return os.path.basename(os.path.realpath(f"/sys/dev/block/{dev}"))
+    except OSError:
+        return dev
+
+
+def file_system(path: str, mountinfo: str | None = None, journals: Iterable[str] | None = None,
+                block_name: Callable[[str], str] = _block_name) -> dict[str, Any]:
+    """
+    The file system C{path} is on, from /proc/self/mountinfo (or
+    C{mountinfo}): its type, device, mount point and options, and whether
+    it has a journal ("yes", "no", or "" when unknown): ext3 and ext4 have
+    one when /proc/fs/jbd2 (or C{journals}) names their device.  The
+    figures depend on it (docs/benchmarks.md, "Removing files slowed the
+    next run").
+    """
+    if mountinfo is None:
+        with open("/proc/self/mountinfo") as f:
+            mountinfo = f.read()
+    target = os.path.realpath(path)
+    best: dict[str, Any] = {"type": "", "device": "", "mount": "", "options": "", "journal": ""}
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if not sep or len(fields) < 6 or len(tail) < 3:
+            continue
+        mount = fields[4].replace("\\040", " ")
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best["mount"]):
+            best = {"type": tail[0], "device": tail[1], "mount": mount,
+                    "options": ",".join(dict.fromkeys(
+                        o for o in f"{fields[5]},{tail[2]}".split(",") if o)),
+                    "journal": "", "dev": fields[2]}
+    kind = best["type"]
+    if kind in LOGGING_FILE_SYSTEMS:
+        best["journal"] = "yes"
+    elif kind in ("ext3", "ext4"):
+        if journals is None:
+            try:
+                journals = os.listdir("/proc/fs/jbd2")
+            except OSError:
+                journals = []
+        name = block_name(best.get("dev", ""))
+        best["journal"] = "yes" if any(j.rsplit("-", 1)[0] == name for j in journals) else "no"
+    best.pop("dev", None)
+    return best
+
+
+def machine(workdir: str | None = None) -> dict[str, Any]:
     """What the figures were measured on, and what the load was."""
     import twisted
     with open("/proc/cpuinfo") as f:
@@ -700,6 +754,7 @@ def machine() -> dict[str, Any]:
         "kernel": platform.release(), "python": platform.python_version(),
         "twisted": twisted.__version__,
         "postfix": command_output(["postconf", "-d", "-h", "mail_version"]),
+        "file_system": file_system(workdir or tempfile.gettempdir()),
         "load_before": os.getloadavg(),
     }
 
@@ -708,11 +763,19 @@ def describe_machine(info: dict[str, Any], others: float | None = None) -> str:
     text = (f"Commit {info['commit'][:12]}{' (dirty)' if info['dirty'] else ''}, {info['date']}; "
             f"{info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, "
             f"Linux {info['kernel']}, Python {info['python']}, Twisted {info['twisted']}, "
-            f"Postfix {info['postfix']}; load average {info['load_before'][0]:.2f} before, "
+            f"Postfix {info['postfix']}; {_describe_fs(info.get('file_system'))}"
+            f"load average {info['load_before'][0]:.2f} before, "
             f"{info.get('load_after', info['load_before'])[0]:.2f} after")
     if others is not None:
         text += f"; others' work used {others:.2f} cores in the median run"
     return text + "."
+
+
+def _describe_fs(fs: dict[str, Any] | None) -> str:
+    if not fs or not fs.get("type"):
+        return ""
+    journal = {"yes": ", with a journal", "no": ", without a journal"}.get(fs["journal"], "")
+    return f"spools on {fs['type']}{journal} ({fs['device']} on {fs['mount']}, {fs['options']}); "
 
 
 def write_json(path: str | None, report: dict[str, Any]) -> None:
@@ -754,7 +817,7 @@ def run_rounds(mode: Mode, cells: list[dict[str, Any]], repeats: int, servers: l
                docs: str | None = None) -> int:
     """The whole comparison: every run of the plan, then the table and the JSON."""
     todo = plan(cells, repeats, servers, mode.paired)
-    info = machine()
+    info = machine(workdir)
     log(f"{mode.name}: {len(todo)} runs at {info['commit'][:12]}"
         f"{' (dirty)' if info['dirty'] else ''}, load {info['load_before']}")
     runs = []

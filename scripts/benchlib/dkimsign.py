@@ -148,7 +148,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(a) -> int:
     count = 5 if a.quick else (a.messages or 200)
-    info = machine()
+    info = machine(a.workdir)
     workdir = tempfile.mkdtemp(prefix="twisted-mta-bench-dkim-", dir=a.workdir)
     try:
         rows = run(workdir, count)

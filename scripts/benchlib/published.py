@@ -230,7 +230,7 @@ def table(summary: dict[str, Any], messages: int, domains: int) -> str:
 def main(a: Any) -> int:
     domains, per_domain, idle = (10, 5, 1.0) if a.quick else (a.domains, a.per_domain, 5.0)
     workdir = tempfile.mkdtemp(prefix="bench-published-", dir=a.workdir)
-    info = machine()
+    info = machine(workdir)
     world = World(workdir, domains)
     runs: list[dict[str, Any]] = []
     try:
