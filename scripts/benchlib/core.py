@@ -546,13 +546,13 @@ class Mode:
 
 
 def run_once(mode: Mode, name: str, cell: dict[str, Any], workdir: str,
-             leftovers: list[str] | None = None) -> dict[str, Any]:
+             leftovers: list[str]) -> dict[str, Any]:
     """
     One server, one cell: the mode's timed part, and what the server, its
     peer, the client (this script and what it ran) and the machine spent
-    meanwhile; the server's memory peaks.  The run's directory is removed
-    at the end, or, with C{leftovers}, added to it for the caller to
-    remove later (L{remove_later}).
+    meanwhile; the server's memory peaks.  The run's directory goes into
+    C{leftovers}, for the caller to remove after the last run
+    (L{remove_later}).
     """
     base = tempfile.mkdtemp(prefix=f"bench-{mode.name}-{name}-", dir=workdir)
     os.chmod(base, 0o755)
@@ -583,10 +583,7 @@ def run_once(mode: Mode, name: str, cell: dict[str, Any], workdir: str,
         raise BenchError(f"{name} {mode.label(cell)}: {e}\n{run.describe()[-4000:]}") from e
     finally:
         run.stop()
-        if leftovers is None:
-            shutil.rmtree(base, True)
-        else:
-            leftovers.append(base)
+        leftovers.append(base)
 
 
 # -- rounds, summary, table ----------------------------------------------------
@@ -690,10 +687,7 @@ LOGGING_FILE_SYSTEMS = frozenset({"xfs", "btrfs", "jfs", "reiserfs", "f2fs", "zf
 
 def _block_name(dev: str) -> str:
     """The kernel's name of block device MAJOR:MINOR (vda, dm-0, loop0)."""
-    try:
-        return os.path.basename(os.path.realpath(f"/sys/dev/block/{dev}"))
-    except OSError:
-        return dev
+    return os.path.basename(os.path.realpath(f"/sys/dev/block/{dev}"))
 
 
 def file_system(path: str, mountinfo: str | None = None, journals: Iterable[str] | None = None,
@@ -711,6 +705,7 @@ def file_system(path: str, mountinfo: str | None = None, journals: Iterable[str]
             mountinfo = f.read()
     target = os.path.realpath(path)
     best: dict[str, Any] = {"type": "", "device": "", "mount": "", "options": "", "journal": ""}
+    dev = ""
     for line in mountinfo.splitlines():
         left, sep, right = line.partition(" - ")
         fields, tail = left.split(), right.split()
@@ -722,7 +717,8 @@ def file_system(path: str, mountinfo: str | None = None, journals: Iterable[str]
             best = {"type": tail[0], "device": tail[1], "mount": mount,
                     "options": ",".join(dict.fromkeys(
                         o for o in f"{fields[5]},{tail[2]}".split(",") if o)),
-                    "journal": "", "dev": fields[2]}
+                    "journal": ""}
+            dev = fields[2]
     kind = best["type"]
     if kind in LOGGING_FILE_SYSTEMS:
         best["journal"] = "yes"
@@ -732,9 +728,8 @@ def file_system(path: str, mountinfo: str | None = None, journals: Iterable[str]
                 journals = os.listdir("/proc/fs/jbd2")
             except OSError:
                 journals = []
-        name = block_name(best.get("dev", ""))
+        name = block_name(dev)
         best["journal"] = "yes" if any(j.rsplit("-", 1)[0] == name for j in journals) else "no"
-    best.pop("dev", None)
     return best
 
 
@@ -856,4 +851,3 @@ def remove_later(paths: list[str]) -> None:
     """
     for path in paths:
         shutil.rmtree(path, True)
-    os.sync()
