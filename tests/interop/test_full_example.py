@@ -599,9 +599,13 @@ class FullExampleTests(SynchronousTestCase):
         self.assertIn(b"from userid 65534 (nobody)", stored)
         self.assertIn(f"Return-Path: <nobody@{DOMAIN}>".encode(), stored)
         lmtp = self.relocation.target("/run/dovecot/lmtp")
-        self.assertRegex(self.mta.output(), re.escape(
+        # Dovecot saves the file before it answers, and the MTA logs after
+        # the answer: the line may follow the file by a moment.
+        said = re.compile(re.escape(
             f"delivered to <alice@{DOMAIN}>: 250 2.0.0 LMTP server unix:{lmtp} said: "
             f"250 2.0.0 <alice@{DOMAIN}> ") + r"\S+ Saved")
+        wait_for(lambda: said.search(self.mta.output()), TIMEOUT,
+                 lambda: f"no LMTP delivery line; {self.describe()}")
         token = uuid.uuid4().hex
         self.sendmail(["root"], f"Subject: to root {token}\n\ntoken {token}\n".encode())
         self.in_mailbox("alice", token)
