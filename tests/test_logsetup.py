@@ -6,6 +6,8 @@ every kind of event, and replace only twistd's own text observer.
 from __future__ import annotations
 
 import io
+import os
+import signal
 
 from twisted.logger import (
     FileLogObserver, LogLevel, LogPublisher, formatEventAsClassicLogText, formatTime,
@@ -306,6 +308,59 @@ class TurnBufferedStreamTests(SynchronousTestCase):
         self.stream.write("back\n")
         self.reactor.advance(0)
         self.assertEqual(self.out.calls, [("write", "back\n"), ("flush",)])
+
+    def handler_logs_on(self, sig: int, line: str) -> None:
+        """
+        A real signal whose handler logs through the stream, as twistd's
+        SIGTERM handler does; if the stream ever waits for itself again,
+        SIGALRM interrupts the wait and fails the test instead of hanging.
+        """
+        self.from_thread: list = []
+        self.reactor.callFromThread = lambda f, *a: self.from_thread.append((f, a))
+
+        def waited(*args):
+            raise AssertionError("the log stream waited for a lock its own thread held")
+
+        for number, handler in ((sig, lambda *args: self.stream.write(line)),
+                                (signal.SIGALRM, waited)):
+            self.addCleanup(signal.signal, number, signal.signal(number, handler))
+        signal.setitimer(signal.ITIMER_REAL, 5)
+        self.addCleanup(signal.setitimer, signal.ITIMER_REAL, 0)
+
+    def test_signal_handler_logs_during_a_write(self) -> None:
+        """The handler runs while a turn's lines are being written: its line is kept for the flush it asks for."""
+        self.handler_logs_on(signal.SIGUSR1, "Received SIGUSR1\n")
+        write = self.out.write
+
+        def write_then_signal(text) -> None:
+            write(text)
+            if len(self.out.calls) == 1:
+                os.kill(os.getpid(), signal.SIGUSR1)  # delivered before kill returns
+
+        self.out.write = write_then_signal
+        self.stream.write("a\n")
+        self.reactor.advance(0)
+        self.assertEqual(self.out.calls, [("write", "a\n"), ("flush",)])
+        self.assertEqual(self.from_thread, [(self.stream.flush_now, ())])
+        for f, args in self.from_thread:
+            f(*args)
+        self.assertEqual(self.out.calls[2:], [("write", "Received SIGUSR1\n"), ("flush",)])
+
+    def test_signal_handler_logs_during_an_append(self) -> None:
+        """The handler runs while a line is being added: both lines are written, once each."""
+        self.handler_logs_on(signal.SIGUSR1, "Received SIGUSR1\n")
+
+        class Signals(str):
+            def __len__(self) -> int:
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return str.__len__(self)
+
+        self.stream.write(Signals("a\n"))
+        self.reactor.advance(0)
+        for f, args in self.from_thread:
+            f(*args)
+        self.assertEqual(self.out.calls, [("write", "a\nReceived SIGUSR1\n"), ("flush",)])
+        self.assertEqual(len(self.from_thread), 1)
 
     def test_observers_write_the_same_lines(self) -> None:
         """Through twistd's text observer and the JSON one: the same text as unbuffered."""

@@ -48,6 +48,12 @@ class TurnBufferedStream:
     running (start-up, after shutdown), are written at once, after what
     is pending.  A write that fails drops the pending lines with one line
     on stderr, so a full disk cannot make logging raise in a loop.
+
+    A signal handler may log while this thread is inside L{write} or
+    L{flush_now} (twistd's SIGTERM handler does): that line is only added
+    to what is pending, and the reactor is asked, the signal-safe way
+    (C{callFromThread}), to write it.  With a plain lock that call waited
+    for the lock its own thread held, and the process never stopped.
     """
 
     def __init__(self, stream, reactor=None) -> None:
@@ -58,25 +64,38 @@ class TurnBufferedStream:
         self._pending: list = []
         self._size = 0
         self._scheduled = False
-        self._lock = threading.Lock()
+        # Re-entrant: a signal handler runs in the thread that may hold it.
+        self._lock = threading.RLock()
+        self._depth = 0  # the lock owner's calls in progress: 2 means re-entered
         self._complained = False
         reactor.addSystemEventTrigger("after", "shutdown", self.flush_now)
 
     def write(self, text) -> None:
-        if not (self._reactor.running and threadable.isInIOThread()):
-            with self._lock:
-                self._pending.append(text)
-                self._write_pending()
-            return
         with self._lock:
-            self._pending.append(text)
-            self._size += len(text)
-            if self._size >= TURN_BUFFER_LIMIT:
-                self._write_pending()
-                return
-        if not self._scheduled:
-            self._scheduled = True
-            self._reactor.callLater(0, self._turn_ended)
+            self._depth += 1
+            try:
+                self._pending.append(text)
+                self._size += len(text)
+                reentered = self._depth > 1
+                if not reentered:
+                    if not (self._reactor.running and threadable.isInIOThread()):
+                        self._write_pending()
+                        return
+                    if self._size >= TURN_BUFFER_LIMIT:
+                        self._write_pending()
+                        return
+                    if self._scheduled:
+                        return
+                    self._scheduled = True
+            finally:
+                self._depth -= 1
+        if reentered:
+            # Neither the stream nor the reactor's timed calls may be in a
+            # consistent state here; the line waits for a flush.
+            if self._reactor.running:
+                self._reactor.callFromThread(self.flush_now)
+            return
+        self._reactor.callLater(0, self._turn_ended)
 
     def flush(self) -> None:
         """
@@ -89,15 +108,22 @@ class TurnBufferedStream:
 
     def flush_now(self) -> None:
         with self._lock:
-            self._write_pending()
+            self._depth += 1
+            try:
+                if self._depth == 1:
+                    self._write_pending()
+            finally:
+                self._depth -= 1
 
     def _write_pending(self) -> None:
-        if not self._pending:
+        # Taken before it is joined: a line added meanwhile (a signal
+        # handler's) is either in this write or left for the next.
+        pending = self._pending
+        if not pending:
             return
-        first = self._pending[0]
-        text = ("" if isinstance(first, str) else b"").join(self._pending)
-        self._pending.clear()
+        self._pending = []
         self._size = 0
+        text = ("" if isinstance(pending[0], str) else b"").join(pending)
         try:
             self.stream.write(text)
             self.stream.flush()
