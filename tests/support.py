@@ -15,6 +15,7 @@ from twisted.internet.testing import StringTransport
 from zope.interface import directlyProvides, implementer
 
 from twisted_mta.config import Config, parse_config
+from twisted_mta.delivery.local import OnReceipt
 from twisted_mta.inbound.milter import MilterStage
 from twisted_mta.inbound.server import InboundFactory
 from twisted_mta.queue.spool import Spool, run_inline
@@ -92,7 +93,7 @@ class ServerHarness:
 
     def __init__(self, testcase, role: str = "mx", peer: str = "192.0.2.10",
                  tls_context: Any = None, transport_factory=StringTransport,
-                 users: Any = None, milter_connect: Any = None,
+                 users: Any = None, milter_connect: Any = None, on_receipt: bool = False,
                  **sections: dict[str, Any]) -> None:
         base = testcase.mktemp()
         self.config = make_config(base, **sections)
@@ -107,9 +108,14 @@ class ServerHarness:
             milters = MilterStage([(n, self.config.milter(n))
                                    for n in self.config.listeners[0].milters],
                                   self.clock, milter_connect, run_inline)
+        self.delivered: list = []  # (envelope, when): delivered on receipt
+        receipt = OnReceipt.from_settings(self.config.local, self.config.hostname) \
+            if on_receipt else None
         self.factory = InboundFactory(self.config, role, self.spool, self.clock,
                                       on_queued=self.queued.append, tls_context=tls_context,
-                                      users=users, milters=milters)
+                                      users=users, milters=milters, on_receipt=receipt,
+                                      on_delivered=lambda env, now: self.delivered.append(
+                                          (env, now)))
         self.transport_factory = transport_factory
         self.peer = peer
         self.protocol, self.transport = self.connect()

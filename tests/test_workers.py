@@ -54,6 +54,10 @@ class FakeManager:
         self.queued.append(envelope)
 
 
+    def delivered_on_receipt(self, listener: str, count: int, latency: float) -> None:
+        self.queued.append(("delivered", listener, count, latency))
+
+
 class FakeSpool:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -112,6 +116,27 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertEqual(seen, [("milter.result", {"milter": "opendkim", "result": "reject"}),
                                 ("milter.result", {"milter": "rspamd", "result": "failed"})])
         self.assertEqual(self.manager.queued, [])
+
+    def test_delivered_on_receipt_reaches_the_manager(self) -> None:
+        """
+        The worker's "delivered COUNT LATENCY LISTENER" line (written by
+        worker.notify_delivered) reaches the manager's count; a line it
+        cannot read is logged and dropped.
+        """
+        from twisted_mta import worker
+        from twisted_mta.model import Envelope, Recipient
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        self.patch(worker, "NOTIFY_FD", w)
+        env = Envelope(queue_id="D1", sender="a@b.test", arrival=1_800_000_000.0,
+                       recipients=(Recipient("c@d.test"), Recipient("e@d.test")),
+                       client={"listener": "mx"})
+        worker.notify_delivered(env, 1_800_000_000.25)
+        proto = self.reactor.spawned[0][0]
+        proto.childDataReceived(3, os.read(r, 4096) + b"delivered two 0.1 mx\n")
+        self.assertEqual(self.manager.queued, [("delivered", "mx", 2, 0.25)])
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
 
     def test_report_with_envelope_needs_no_spool_read(self) -> None:
         """

@@ -415,6 +415,9 @@ class LocalSettings:
     delivery: str = attrs.field(default="maildir", validator=_one_of(*LOCAL_DELIVERIES))
     lmtp: LMTPSettings = LMTPSettings()
     routes: tuple[tuple[str, LocalRoute], ...] = ()
+    # Mail whose every recipient is in a Maildir of ours is copied there by
+    # the receiving process before its 250, not queued first.
+    deliver_on_receipt: bool = True
 
     def __attrs_post_init__(self) -> None:
         if self.domains and not self.users and not self.aliases:

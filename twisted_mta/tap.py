@@ -462,6 +462,7 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
         connect=tcp_connector(reactor, config.outbound.connect_timeout),
         observers=observers, history=history,
         tls=prepared.tls, published=published)
+    from twisted_mta.delivery.local import OnReceipt
     from twisted_mta.delivery.remote import RemoteDelivery
     from twisted_mta.delivery.routing import make_local_target
     from twisted_mta.queue.manager import Targets
@@ -494,7 +495,13 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
             shared.append(svc)
         else:
             factory = InboundFactory(config, listener.role, spool, reactor,
-                                     on_queued=manager.enqueue, tls_context=ctx,
+                                     on_queued=manager.enqueue,
+                                     on_receipt=OnReceipt.from_settings(config.local,
+                                                                        config.hostname),
+                                     on_delivered=lambda env, now: manager.delivered_on_receipt(
+                                         env.client.get("listener", ""), len(env.recipients),
+                                         now - env.arrival),
+                                     tls_context=ctx,
                                      users=users, run_blocking=run_blocking,
                                      signer=prepared.dkim,
                                      milters=milter_stage(

@@ -81,6 +81,17 @@ def notify(envelope) -> None:
     os.write(NOTIFY_FD, line + b"\n")
 
 
+def notify_delivered(envelope, now: float) -> None:
+    """
+    Tell the main process, for its metrics, that a message was delivered
+    on receipt: C{delivered COUNT LATENCY LISTENER} (listener names are
+    one word, config.py).
+    """
+    os.write(NOTIFY_FD, (f"delivered {len(envelope.recipients)} "
+                         f"{max(now - envelope.arrival, 0.0):.6f} "
+                         f"{envelope.client.get('listener', '')}\n").encode("ascii", "replace"))
+
+
 def notify_milter(name: str, result: str) -> None:
     """
     Tell the main process a milter's result, for its metrics: C{milter
@@ -103,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
     from twisted_mta.config import ConfigError, load_config
+    from twisted_mta.delivery.local import OnReceipt
     from twisted_mta.inbound.milter import stage_for as milter_stage
     from twisted_mta.inbound.server import InboundFactory
     from twisted_mta.logsetup import TurnBufferedStream, classic_text_formatter, install_json_log
@@ -134,12 +146,14 @@ def main(argv: list[str] | None = None) -> int:
         return deferToThreadPool(reactor, pool, f, *a)
 
     spool = Spool(config.spool, run_blocking=run_blocking)
+    on_receipt = OnReceipt.from_settings(config.local, config.hostname)
     ports = []
     for spec in args.listener:
         n, fd, family = spec.split(":")
         listener = config.listeners[int(n)]
         role = listener.role
         factory = InboundFactory(config, role, spool, reactor, on_queued=notify,
+                                 on_receipt=on_receipt, on_delivered=notify_delivered,
                                  tls_context=ctx, users=users, run_blocking=run_blocking,
                                  signer=signer,
                                  milters=milter_stage(config, listener, reactor, run_blocking,

@@ -134,6 +134,8 @@ class _Worker(protocol.ProcessProtocol):
             if len(words) >= 2 and words[0] == b"queued":
                 self.pool.queued(words[1].decode("ascii", "replace"),
                                  words[2] if len(words) == 3 else None)
+            elif words[0] == b"delivered":
+                self.pool.delivered(line)
             elif len(words) == 3 and words[0] == b"milter":
                 self.pool.milter_result(words[2].decode("ascii", "replace"),
                                         words[1].decode("ascii", "replace"))
@@ -198,6 +200,18 @@ class WorkerPool(service.Service):
         if result in MILTER_RESULTS:
             for observer in self.observers:
                 observer("milter.result", {"milter": name, "result": result})
+
+    def delivered(self, line: bytes) -> None:
+        """
+        A worker delivered a message on receipt (C{delivered COUNT LATENCY
+        LISTENER}): counted by the queue manager's observers.
+        """
+        try:
+            _, count, latency, listener = line.decode("ascii").split(" ", 3)
+            self.manager.delivered_on_receipt(listener, int(count), float(latency))
+        except ValueError:
+            log.warn("workers: a worker sent a notice not understood: {line!r}", line=line,
+                     event="workers.error")
 
     def queued(self, queue_id: str, data: bytes | None = None) -> None:
         """

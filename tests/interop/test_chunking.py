@@ -148,13 +148,14 @@ class InboundTests(unittest.TestCase):
     def check_delivered(self, mta: MTAProcess, token: str, describe) -> dict:
         maildir = mta.maildir("alice")
         wait_for(lambda: files_containing(maildir, token.encode()), 20, describe)
-        wait_for(lambda: events(mta, "inbound.queued"), 10, describe)
+        # alice is ours: delivered on receipt ([local] deliver_on_receipt)
+        wait_for(lambda: events(mta, "inbound.delivered"), 10, describe)
         [path] = files_containing(maildir, token.encode())
         with open(path, "rb") as f:
             stored = f.read()
         expected = ("\n".join((f"token: {token}",) + BODY) + "\n").encode()
         self.assertEqual(stored.split(b"\n\n", 1)[1], expected)
-        [queued] = events(mta, "inbound.queued")
+        [queued] = events(mta, "inbound.delivered")
         return queued
 
     def via_dovecot(self, extra: str = "") -> dict:

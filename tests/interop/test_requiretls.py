@@ -342,7 +342,8 @@ class RequireTLSTests(SynchronousTestCase):
         self.assertTrue(back["verified"])
         self.assertEqual(back["source"], "mta-sts")
         self.assertIn("requiretls", back["note"])
-        report = self.event(self.a, "inbound.queued", sender="", requiretls=True)
+        # to alice, a user of A: delivered on receipt
+        report = self.event(self.a, "inbound.delivered", sender="", requiretls=True)
         self.assertEqual(report["recipients"], [ALICE_A])
         dsn = self.dsn(token)  # in alice's Maildir at A; never the content
         code, words = self.status(dsn)
@@ -371,7 +372,7 @@ class RequireTLSTests(SynchronousTestCase):
                          (f"mx-a.{ZONE}", f"a-none.{ZONE}"))
         redacted = self.event(self.b, "dsn.redacted", sender=ALICE_NONE)
         self.assertEqual(redacted["kind"], "requiretls-mx-unvalidated")
-        report = self.event(self.a, "inbound.queued", sender="")
+        report = self.event(self.a, "inbound.delivered", sender="")
         self.assertEqual(report["recipients"], [ALICE_NONE])
         self.assertFalse(report["requiretls"])
 

@@ -39,7 +39,7 @@ import errno
 import ipaddress
 import weakref
 from collections import Counter, OrderedDict, deque
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
 from twisted.internet import defer
@@ -60,10 +60,13 @@ from twisted_mta.dsn import params as dsn_params
 from twisted_mta.inbound.data import DataReader
 from twisted_mta.inbound.milter import MilterChain, MilterStage
 from twisted_mta.local import AliasLoop, LocalDirectory, UnknownRecipient
-from twisted_mta.model import Envelope, Recipient, tls_required_no
+from twisted_mta.model import DELIVERED, Envelope, Recipient, tls_required_no
 from twisted_mta.queue.spool import RunBlocking, Spool, run_inline
 from twisted_mta.users import UserDatabase, canonical_name
 from twisted_mta.reply import Reply
+
+if TYPE_CHECKING:
+    from twisted_mta.delivery.local import OnReceipt
 
 log = Logger()
 
@@ -203,8 +206,13 @@ class InboundFactory(smtp.SMTPFactory):
                  on_queued: Callable[[Envelope], None], tls_context: Any = None,
                  users: UserDatabase | None = None, run_blocking: RunBlocking = run_inline,
                  signer: Signer | None = None,
-                 milters: MilterStage | None = None) -> None:
+                 milters: MilterStage | None = None,
+                 on_receipt: OnReceipt | None = None,
+                 on_delivered: Callable[[Envelope, float], None] = lambda e, now: None
+                 ) -> None:
         smtp.SMTPFactory.__init__(self)
+        self.on_receipt = on_receipt  # [local] deliver_on_receipt, when on
+        self.on_delivered = on_delivered  # (envelope, when): one delivered on receipt
         self.milters = milters  # the listener's milters (inbound.milter), if any
         self.users = users
         self.signer = signer  # [dkim]: signs the mail that is ours before its commit
@@ -1150,10 +1158,66 @@ class InboundESMTP(smtp.ESMTP):
         """
         d = sign_queued(self.factory.signer, writer, envelope, sign_source(
             self.user is not None, self.factory.is_trusted(self.peer_ip)))
+        receipt = self.factory.on_receipt
+        if held is None and receipt is not None:
+            d.addCallback(self._deliver_or_commit, writer, receipt)
+            return d
         d.addCallback(lambda env: writer.commit(env, hold=True) if held is not None
                       else writer.commit(env))
         d.addCallbacks(lambda env: self._queued(env, held=held), self._queue_failed)
         return d
+
+    def _deliver_or_commit(self, envelope: Envelope, writer, receipt) -> defer.Deferred:
+        """
+        Delivery on receipt (delivery.local.OnReceipt): copied into the
+        Maildirs before the 250 when every recipient is ours, else (and
+        for what a failed copy leaves) queued.
+        """
+        targets = receipt.targets(envelope)
+        if targets is None:
+            return writer.commit(envelope).addCallbacks(self._queued, self._queue_failed)
+        d = writer.deliver_or_commit(
+            envelope, lambda path, env: receipt.deliver(path, env, targets))
+        d.addCallbacks(self._delivered, self._queue_failed, callbackArgs=(targets,))
+        return d
+
+    def _delivered(self, result, targets) -> None:
+        results, envelope = result
+        now = self.factory.clock.seconds()
+        changed = {}
+        for target in targets:
+            outcome = results[target.address]
+            if outcome.code >= 400:
+                continue
+            changed[target.address] = attrs.evolve(
+                envelope.recipients[target.index], state=DELIVERED, outcome=outcome,
+                done_at=now)
+            log.info("{queue_id}: delivered to <{rcpt}> in {maildir} on receipt",
+                     event="delivery.delivered", queue_id=envelope.queue_id,
+                     rcpt=target.address, maildir=target.maildir, reply=str(outcome),
+                     sender=envelope.sender, on_receipt=True)
+        envelope = envelope.with_results(changed)
+        if not envelope.finished:  # the queue delivers the rest
+            self._queued(envelope)
+            return
+        self._writer = None
+        log.info("received {queue_id} from <{sender}> for {count} recipient(s), {size} octets, "
+                 "delivered on receipt", event="inbound.delivered",
+                 queue_id=envelope.queue_id, sender=envelope.sender,
+                 count=len(envelope.recipients),
+                 recipients=[r.address for r in envelope.recipients],
+                 size=envelope.size, peer=self.peer_ip, requiretls=envelope.requiretls,
+                 command="BDAT" if self._bdat_chunks else "DATA", chunks=self._bdat_chunks,
+                 smtputf8=envelope.smtputf8, tls_required_no=envelope.tls_required_no)
+        self.factory.storage.stored(now)
+        self._reset_transaction()
+        # "queued as": the words clients look for to learn the id.
+        self.send(reply.OK.with_text(f"Ok: queued as {envelope.queue_id}"))
+        try:
+            self.factory.on_delivered(envelope, now)
+        except Exception:
+            log.failure("could not count {queue_id}, delivered on receipt",
+                        queue_id=envelope.queue_id, event="inbound.error")
 
     def _queued(self, envelope: Envelope, held: str | None = None) -> None:
         self._writer = None

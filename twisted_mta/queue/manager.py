@@ -252,6 +252,17 @@ class QueueManager(service.Service):
     def _notify(self, name: str, event: dict) -> None:
         notify(self.observers, name, event, log, "queue.error")
 
+    def delivered_on_receipt(self, listener: str, count: int, latency: float) -> None:
+        """
+        A message the receiving process copied into Maildirs itself
+        (C{[local] deliver_on_receipt}): counted as one received and
+        C{count} recipients delivered locally, as if it had been queued.
+        """
+        self._notify("inbound.queued", {"listener": listener})
+        for _ in range(count):
+            self._notify("delivery.result", {"route": "local", "result": "delivered",
+                                             "latency": latency})
+
     def enqueue(self, envelope: Envelope) -> None:
         """
         A new entry was committed to new/; attempt it at once.

@@ -50,7 +50,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_mta.model import (
-    Envelope, EnvelopeError, from_header, header_end, is_queue_id, tls_required_no,
+    Envelope, EnvelopeError, Outcome, from_header, header_end, is_queue_id, tls_required_no,
     tls_required_values,
 )
 
@@ -567,6 +567,63 @@ class MessageWriter:
             return result
 
         d.addBoth(forward)
+        return out
+
+    def deliver_or_commit(self, envelope: Envelope,
+                          deliver: Callable[[str, Envelope], dict[str, Outcome]]
+                          ) -> defer.Deferred:
+        """
+        Delivery on receipt: C{deliver(path, envelope)} copies the message
+        from C{tmp/} (in the I/O threads) and says how each recipient
+        fared.  When every copy is made, the file is removed and nothing is
+        queued; else the entry is made durable as L{commit} makes it, for
+        the queue to deliver what is left.  Fires with C{(outcomes,
+        envelope)}, the envelope with its L{Envelope.file_size}.
+
+        The file needs no fsync to be copied: the copies are made durable
+        by C{deliver}, and a crash before that leaves debris in C{tmp/}
+        and no 250.
+        """
+        self.closed = True
+        spool = self.spool
+        qid = self.queue_id
+        rest = self._take()
+
+        def run() -> tuple[dict[str, Outcome], bool]:
+            try:
+                self._append(rest)
+            except BaseException:
+                self._close_fd()
+                raise
+            results = deliver(self.path, attrs.evolve(envelope, file_size=self.size))
+            if results and all(o.code < 400 for o in results.values()):
+                self._close_fd()
+                try:
+                    os.unlink(self.path)
+                except OSError:  # delivered all the same: debris for the next start
+                    pass
+                return results, False
+            try:
+                os.fsync(self._fd)
+            finally:
+                self._close_fd()
+            os.rename(self.path, os.path.join(spool.path, "new", qid))
+            self._renamed = True
+            return results, True
+
+        def synced(result):
+            results, queued = result
+            done = (results, attrs.evolve(envelope, file_size=self.size))
+            if not queued:
+                return done
+            return spool.group_sync.sync().addCallback(lambda _: done)
+
+        d = self._then(run)
+        d.addCallback(synced)
+        d.addErrback(self._failed)
+        out: defer.Deferred = defer.Deferred()
+        d.addBoth(lambda result: out.errback(result) if isinstance(result, Failure)
+                  else out.callback(result))
         return out
 
     def _failed(self, failure):
