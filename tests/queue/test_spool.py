@@ -9,7 +9,7 @@ import attrs
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from twisted_mta.model import Envelope, EnvelopeError, Recipient
-from twisted_mta.queue.spool import Spool, SpoolError
+from twisted_mta.queue.spool import Spool, SpoolError, message_offset, read_head
 
 
 def envelope(qid, rcpts=("alice@example.test",)):
@@ -51,6 +51,18 @@ class SpoolTests(SynchronousTestCase):
             self.assertTrue(f.read().startswith(b"X-Twisted-MTA-Envelope: "))
         self.assertEqual(self.spool.read_message(qid), b"Subject: x\r\n\r\nbody\r\n")
         self.assertEqual(self.spool.load(qid), envelope(qid))
+
+    def test_message_offset_is_read_heads(self):
+        """message_offset finds where the message starts without parsing the header: read_head's offset; a file cut inside its header is an error."""
+        qid = self.commit()
+        path = os.path.join(self.spool.path, "new", qid)
+        self.assertEqual(message_offset(path), read_head(path)[1])
+        with open(path, "rb") as f:
+            head = f.read(40)
+        cut = os.path.join(self.spool.path, "tmp", "cut")
+        with open(cut, "wb") as f:
+            f.write(head)
+        self.assertRaises(EnvelopeError, message_offset, cut)
 
     def test_iter_scan_reads_one_entry_at_a_time(self):
         """iter_scan reads an entry only when asked for it (a queue of any size lists in constant memory), in scan's order; find reads one entry without listing."""

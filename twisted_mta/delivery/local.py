@@ -16,7 +16,7 @@ from twisted_mta.delivery import maildir
 from twisted_mta.interfaces import IDeliveryTarget
 from twisted_mta.local import LocalDirectory, UnknownRecipient
 from twisted_mta.model import DeliveryRequest, Envelope, MessageGone, Outcome
-from twisted_mta.queue.spool import RunBlocking
+from twisted_mta.queue.spool import RunBlocking, message_offset
 
 
 @implementer(IDeliveryTarget)
@@ -116,7 +116,8 @@ class OnReceipt:
         delivered, so the message is queued.
         """
         try:
-            return maildir.deliver(path, envelope, targets, self.hostname)
+            return maildir.deliver(path, envelope, targets, self.hostname,
+                                   offset=message_offset(path))
         except Exception as e:
             outcome = failures.outcome("local-error", why=e)
             return {t.address: outcome for t in targets}

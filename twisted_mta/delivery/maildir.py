@@ -219,16 +219,20 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def deliver(message_path: str, envelope: Envelope, targets: Iterable[LocalTarget],
-            hostname: str, recovering: bool = False) -> dict[str, Outcome]:
+            hostname: str, recovering: bool = False,
+            offset: int | None = None) -> dict[str, Outcome]:
     """
     Deliver to every target; return an outcome per address.
 
     @param recovering: the entry was loaded at start-up, so a copy may
         already have been delivered and read (moved to cur/) by the user.
+    @param offset: where the message starts, for a file just written
+        (delivery on receipt); else read from the queue file and checked.
     """
-    # The queue file's length must be the one recorded (a damaged file is
-    # not delivered cut short; recovery moves it aside at the next start).
-    offset = read_head(message_path, expect=envelope)[1]
+    if offset is None:
+        # The queue file's length must be the one recorded (a damaged file is
+        # not delivered cut short; recovery moves it aside at the next start).
+        offset = read_head(message_path, expect=envelope)[1]
     sender = envelope.sender
     results: dict[str, Outcome] = {}
     for target in targets:

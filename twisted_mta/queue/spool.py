@@ -178,6 +178,24 @@ def read_head(path: str, expect: Envelope | None = None) -> tuple[Envelope, int]
         return env, offset
 
 
+def message_offset(path: str) -> int:
+    """
+    Where the message starts in the queue file at C{path}: past its
+    envelope header, which is found and not parsed (the caller holds the
+    envelope it was written from).
+    """
+    with open(path, "rb", buffering=0) as f:
+        data = b""
+        while True:
+            more = f.read(65536)
+            data += more
+            end = header_end(data)
+            if end >= 0:
+                return end
+            if not more:
+                raise EnvelopeError("the envelope header is incomplete")
+
+
 def length_problem(size: int, offset: int, envelope: Envelope) -> str | None:
     """
     Why a queue file of C{size} octets whose message starts at C{offset}
