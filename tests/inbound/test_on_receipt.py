@@ -131,6 +131,21 @@ class SessionTests(SynchronousTestCase):
         # the entry on disk is the message as received, header first
         self.assertIn(b"body line", self.h.spool.read_message(env.queue_id))
 
+    def test_disk_full_before_the_copy(self) -> None:
+        """The spool cannot take the message's last octets: 451, no copy, nothing left in tmp/."""
+        from twisted_mta.queue.spool import MessageWriter
+
+        def full(writer, data):
+            raise OSError(28, "No space left on device")
+
+        self.patch(MessageWriter, "_append", full)
+        self.h.start_transaction()
+        [line] = self.h.send(MESSAGE)
+        self.assertTrue(line.startswith("451 "), line)
+        self.assertEqual((self.h.delivered, self.h.queued), ([], []))
+        self.assertEqual(self.files("alice"), [])
+        self.assertEqual(self.h.spool_entries(), [])
+
     def test_off_queues_local_mail(self) -> None:
         h = ServerHarness(self, on_receipt=True, local={"deliver_on_receipt": False})
         h.start_transaction()

@@ -608,11 +608,7 @@ class MessageWriter:
         rest = self._take()
 
         def run() -> tuple[dict[str, Outcome], bool]:
-            try:
-                self._append(rest)
-            except BaseException:
-                self._close_fd()
-                raise
+            self._append(rest)  # a failure: _failed closes and removes the file
             results = deliver(self.path, attrs.evolve(envelope, file_size=self.size))
             if results and all(o.code < 400 for o in results.values()):
                 self._close_fd()
