@@ -189,12 +189,19 @@ class QueueAfterwardsTests(SynchronousTestCase):
         return len(os.listdir(os.path.join(path, "new")))
 
     def test_handed_over(self) -> None:
+        """The queue delivers bob's copy only; the metrics count one message received and both recipients delivered, alice's copy when the entry is handed over."""
         m = self.manager()
+        seen: list = []
+        m.observers.append(lambda name, event: seen.append((name, event)))
         m.enqueue(self.env)
         self.h.clock.advance(0)
         self.assertEqual((self.copies("alice"), self.copies("bob")), (1, 1))
         self.assertEqual(m.entries, {})
         self.assertIsNone(self.h.spool.message_path(self.env.queue_id))
+        self.assertEqual([name for name, _ in seen],
+                         ["inbound.queued", "delivery.result", "delivery.result"])
+        self.assertEqual({(e["route"], e["result"]) for name, e in seen[1:]},
+                         {("local", "delivered")})
 
     def test_recovered_after_a_crash(self) -> None:
         m = self.manager()  # loads the entry from new/, as after a restart

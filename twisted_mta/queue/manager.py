@@ -269,6 +269,11 @@ class QueueManager(service.Service):
         """
         if envelope.client.get("protocol") != "local":
             self._notify("inbound.queued", {"listener": envelope.client.get("listener", "")})
+        for rcpt in envelope.recipients:
+            if rcpt.state == DELIVERED:  # copied on receipt before a copy failed
+                self._notify("delivery.result", {
+                    "route": "local", "result": "delivered",
+                    "latency": (rcpt.done_at or envelope.arrival) - envelope.arrival})
         self.entries[envelope.queue_id] = envelope
         self.states[envelope.queue_id] = "new"
         self._peak = max(self._peak, len(self.entries))
