@@ -108,14 +108,14 @@ class ServerHarness:
             milters = MilterStage([(n, self.config.milter(n))
                                    for n in self.config.listeners[0].milters],
                                   self.clock, milter_connect, run_inline)
-        self.delivered: list = []  # (envelope, when): delivered on receipt
+        self.delivered: list = []  # (listener, recipients, latency): delivered on receipt
         receipt = OnReceipt.from_settings(self.config.local, self.config.hostname) \
             if on_receipt else None
         self.factory = InboundFactory(self.config, role, self.spool, self.clock,
                                       on_queued=self.queued.append, tls_context=tls_context,
                                       users=users, milters=milters, on_receipt=receipt,
-                                      on_delivered=lambda env, now: self.delivered.append(
-                                          (env, now)))
+                                      on_delivered=lambda *counted: self.delivered.append(
+                                          counted))
         self.transport_factory = transport_factory
         self.peer = peer
         self.protocol, self.transport = self.connect()

@@ -124,15 +124,11 @@ class WorkerPoolTests(SynchronousTestCase):
         cannot read is logged and dropped.
         """
         from twisted_mta import worker
-        from twisted_mta.model import Envelope, Recipient
         r, w = os.pipe()
         self.addCleanup(os.close, r)
         self.addCleanup(os.close, w)
         self.patch(worker, "NOTIFY_FD", w)
-        env = Envelope(queue_id="D1", sender="a@b.test", arrival=1_800_000_000.0,
-                       recipients=(Recipient("c@d.test"), Recipient("e@d.test")),
-                       client={"listener": "mx"})
-        worker.notify_delivered(env, 1_800_000_000.25)
+        worker.notify_delivered("mx", 2, 0.25)
         proto = self.reactor.spawned[0][0]
         proto.childDataReceived(3, os.read(r, 4096) + b"delivered two 0.1 mx\n")
         self.assertEqual(self.manager.queued, [("delivered", "mx", 2, 0.25)])

@@ -488,6 +488,7 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
     ctx, users = prepared.server_tls, prepared.users
     from twisted_mta.workers import SharedListener, WorkerPool, worker_count
     workers = worker_count(config)
+    on_receipt = OnReceipt.from_settings(config.local, config.hostname)
     shared = []
     for listener in config.listeners:
         if workers:  # the workers receive: here the socket is only opened
@@ -495,12 +496,8 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
             shared.append(svc)
         else:
             factory = InboundFactory(config, listener.role, spool, reactor,
-                                     on_queued=manager.enqueue,
-                                     on_receipt=OnReceipt.from_settings(config.local,
-                                                                        config.hostname),
-                                     on_delivered=lambda env, now: manager.delivered_on_receipt(
-                                         env.client.get("listener", ""), len(env.recipients),
-                                         now - env.arrival),
+                                     on_queued=manager.enqueue, on_receipt=on_receipt,
+                                     on_delivered=manager.delivered_on_receipt,
                                      tls_context=ctx,
                                      users=users, run_blocking=run_blocking,
                                      signer=prepared.dkim,

@@ -81,15 +81,14 @@ def notify(envelope) -> None:
     os.write(NOTIFY_FD, line + b"\n")
 
 
-def notify_delivered(envelope, now: float) -> None:
+def notify_delivered(listener: str, count: int, latency: float) -> None:
     """
     Tell the main process, for its metrics, that a message was delivered
     on receipt: C{delivered COUNT LATENCY LISTENER} (listener names are
     one word, config.py).
     """
-    os.write(NOTIFY_FD, (f"delivered {len(envelope.recipients)} "
-                         f"{max(now - envelope.arrival, 0.0):.6f} "
-                         f"{envelope.client.get('listener', '')}\n").encode("ascii", "replace"))
+    os.write(NOTIFY_FD, f"delivered {count} {max(latency, 0.0):.6f} {listener}\n".encode(
+        "ascii", "replace"))
 
 
 def notify_milter(name: str, result: str) -> None:

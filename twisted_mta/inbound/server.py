@@ -208,11 +208,12 @@ class InboundFactory(smtp.SMTPFactory):
                  signer: Signer | None = None,
                  milters: MilterStage | None = None,
                  on_receipt: OnReceipt | None = None,
-                 on_delivered: Callable[[Envelope, float], None] = lambda e, now: None
+                 on_delivered: Callable[[str, int, float], None] = lambda *a: None
                  ) -> None:
         smtp.SMTPFactory.__init__(self)
         self.on_receipt = on_receipt  # [local] deliver_on_receipt, when on
-        self.on_delivered = on_delivered  # (envelope, when): one delivered on receipt
+        # (listener, recipients, latency): a message delivered on receipt
+        self.on_delivered = on_delivered
         self.milters = milters  # the listener's milters (inbound.milter), if any
         self.users = users
         self.signer = signer  # [dkim]: signs the mail that is ours before its commit
@@ -1203,18 +1204,14 @@ class InboundESMTP(smtp.ESMTP):
         self._writer = None
         log.info("received {queue_id} from <{sender}> for {count} recipient(s), {size} octets, "
                  "delivered on receipt", event="inbound.delivered",
-                 queue_id=envelope.queue_id, sender=envelope.sender,
-                 count=len(envelope.recipients),
-                 recipients=[r.address for r in envelope.recipients],
-                 size=envelope.size, peer=self.peer_ip, requiretls=envelope.requiretls,
-                 command="BDAT" if self._bdat_chunks else "DATA", chunks=self._bdat_chunks,
-                 smtputf8=envelope.smtputf8, tls_required_no=envelope.tls_required_no)
+                 **self._accepted_fields(envelope))
         self.factory.storage.stored(now)
         self._reset_transaction()
         # "queued as": the words clients look for to learn the id.
         self.send(reply.OK.with_text(f"Ok: queued as {envelope.queue_id}"))
         try:
-            self.factory.on_delivered(envelope, now)
+            self.factory.on_delivered(self.factory.role, len(envelope.recipients),
+                                      now - envelope.arrival)
         except Exception:
             log.failure("could not count {queue_id}, delivered on receipt",
                         queue_id=envelope.queue_id, event="inbound.error")
@@ -1222,13 +1219,7 @@ class InboundESMTP(smtp.ESMTP):
     def _queued(self, envelope: Envelope, held: str | None = None) -> None:
         self._writer = None
         log.info("queued {queue_id} from <{sender}> for {count} recipient(s), {size} octets",
-                 event="inbound.queued", queue_id=envelope.queue_id, sender=envelope.sender,
-                 count=len(envelope.recipients),
-                 recipients=[r.address for r in envelope.recipients],
-                 size=envelope.size, peer=self.peer_ip, requiretls=envelope.requiretls,
-                 command="BDAT" if self._bdat_chunks else "DATA", chunks=self._bdat_chunks,
-                 smtputf8=envelope.smtputf8,
-                 tls_required_no=envelope.tls_required_no, held=held)
+                 event="inbound.queued", held=held, **self._accepted_fields(envelope))
         self.factory.storage.stored(self.factory.clock.seconds())
         self._reset_transaction()
         self.send(reply.OK.with_text(f"Ok: queued as {envelope.queue_id}"))
@@ -1239,6 +1230,16 @@ class InboundESMTP(smtp.ESMTP):
         except Exception:
             log.failure("queue manager did not take {queue_id}", queue_id=envelope.queue_id,
                         event="queue.error")
+
+    def _accepted_fields(self, envelope: Envelope) -> dict:
+        """The fields of the log line of a message accepted (queued or delivered)."""
+        return dict(queue_id=envelope.queue_id, sender=envelope.sender,
+                    count=len(envelope.recipients),
+                    recipients=[r.address for r in envelope.recipients],
+                    size=envelope.size, peer=self.peer_ip, requiretls=envelope.requiretls,
+                    command="BDAT" if self._bdat_chunks else "DATA",
+                    chunks=self._bdat_chunks, smtputf8=envelope.smtputf8,
+                    tls_required_no=envelope.tls_required_no)
 
     def _queue_failed(self, failure: Failure) -> None:
         self._writer = None

@@ -260,8 +260,11 @@ class QueueManager(service.Service):
         """
         self._notify("inbound.queued", {"listener": listener})
         for _ in range(count):
-            self._notify("delivery.result", {"route": "local", "result": "delivered",
-                                             "latency": latency})
+            self._delivered_locally(latency)
+
+    def _delivered_locally(self, latency: float) -> None:
+        self._notify("delivery.result", {"route": "local", "result": "delivered",
+                                         "latency": latency})
 
     def enqueue(self, envelope: Envelope) -> None:
         """
@@ -271,9 +274,7 @@ class QueueManager(service.Service):
             self._notify("inbound.queued", {"listener": envelope.client.get("listener", "")})
         for rcpt in envelope.recipients:
             if rcpt.state == DELIVERED:  # copied on receipt before a copy failed
-                self._notify("delivery.result", {
-                    "route": "local", "result": "delivered",
-                    "latency": (rcpt.done_at or envelope.arrival) - envelope.arrival})
+                self._delivered_locally((rcpt.done_at or envelope.arrival) - envelope.arrival)
         self.entries[envelope.queue_id] = envelope
         self.states[envelope.queue_id] = "new"
         self._peak = max(self._peak, len(self.entries))

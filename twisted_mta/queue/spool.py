@@ -549,42 +549,45 @@ class MessageWriter:
         entry goes to hold/ (a milter quarantined it), not new/.
         """
         self.closed = True
-        spool = self.spool
-        qid = self.queue_id
         rest = self._take()
         state = "hold" if hold else "new"
 
         def durable() -> None:
-            try:
-                self._append(rest)
-                os.fsync(self._fd)
-            finally:
-                self._close_fd()
-            os.rename(self.path, os.path.join(spool.path, state, qid))
-            self._renamed = True
-            if hold:  # rare: its own directory fsync, not the shared one of new/
-                fsync_dir(os.path.join(spool.path, state))
+            self._append(rest)
+            self._make_durable(state)
 
         d = self._then(durable)
         if not hold:
-            d.addCallback(lambda _: spool.group_sync.sync())
+            d.addCallback(lambda _: self.spool.group_sync.sync())
         # Its length goes with the state (recorded after the first attempt):
         # recovery compares it with the file's.
         d.addCallback(lambda _: attrs.evolve(envelope, file_size=self.size))
-        d.addErrback(self._failed)
-        # A Deferred of its own, not the writer's chain: the caller may be
-        # running inside that chain (a milter stage's callback after
-        # flush/adopt), and a chain that returns itself stalls.
+        return self._own(d.addErrback(self._failed))
+
+    def _make_durable(self, state: str) -> None:
+        """
+        fsync the file and rename it into C{state}/ (blocking); the shared
+        fsync of new/ is the caller's, hold/ gets its own.
+        """
+        try:
+            os.fsync(self._fd)
+        finally:
+            self._close_fd()
+        os.rename(self.path, os.path.join(self.spool.path, state, self.queue_id))
+        self._renamed = True
+        if state != "new":  # rare: its own directory fsync, not the shared one of new/
+            fsync_dir(os.path.join(self.spool.path, state))
+
+    @staticmethod
+    def _own(d: defer.Deferred) -> defer.Deferred:
+        """
+        A Deferred of its own with C{d}'s result, not the writer's chain: the
+        caller may be running inside that chain (a milter stage's callback
+        after flush/adopt), and a chain that returns itself stalls.
+        """
         out: defer.Deferred = defer.Deferred()
-
-        def forward(result):
-            if isinstance(result, Failure):
-                out.errback(result)
-                return None
-            out.callback(result)
-            return result
-
-        d.addBoth(forward)
+        d.addBoth(lambda result: out.errback(result) if isinstance(result, Failure)
+                  else out.callback(result))
         return out
 
     def deliver_or_commit(self, envelope: Envelope,
@@ -603,8 +606,6 @@ class MessageWriter:
         and no 250.
         """
         self.closed = True
-        spool = self.spool
-        qid = self.queue_id
         rest = self._take()
 
         def run() -> tuple[dict[str, Outcome], bool]:
@@ -617,12 +618,7 @@ class MessageWriter:
                 except OSError:  # delivered all the same: debris for the next start
                     pass
                 return results, False
-            try:
-                os.fsync(self._fd)
-            finally:
-                self._close_fd()
-            os.rename(self.path, os.path.join(spool.path, "new", qid))
-            self._renamed = True
+            self._make_durable("new")
             return results, True
 
         def synced(result):
@@ -630,15 +626,11 @@ class MessageWriter:
             done = (results, attrs.evolve(envelope, file_size=self.size))
             if not queued:
                 return done
-            return spool.group_sync.sync().addCallback(lambda _: done)
+            return self.spool.group_sync.sync().addCallback(lambda _: done)
 
         d = self._then(run)
         d.addCallback(synced)
-        d.addErrback(self._failed)
-        out: defer.Deferred = defer.Deferred()
-        d.addBoth(lambda result: out.errback(result) if isinstance(result, Failure)
-                  else out.callback(result))
-        return out
+        return self._own(d.addErrback(self._failed))
 
     def _failed(self, failure):
         d = self.spool.run_blocking(self._discard)
