@@ -110,6 +110,22 @@ class MaildirTests(SynchronousTestCase):
         self.assertEqual(data, b"Return-Path: <s@remote.test>\nDelivered-To: alice@example.test\n"
                                b"Subject: big\n\n" + body.replace(b"\r\n", b"\n"))
 
+    def test_copy_from_memory_is_the_copy_from_the_file(self):
+        """Delivery on receipt of a message held in memory writes, byte for byte and name for name, what the file gives."""
+        with open(self.msg, "rb") as f:
+            content = f.read()
+        offset = content.index(b"Received:")
+        deliver(self.msg, self.env, [self.target(0, "alice")], "h")
+        deliver(content, self.env, [self.target(1, "bob")], "h", offset=offset)
+        copies = {}
+        for index, user in enumerate(("alice", "bob")):
+            [name] = self.files(user)
+            self.assertEqual(name, maildir_name(self.env, index, "h"))
+            with open(os.path.join(self.base, user, "Maildir", "new", name), "rb") as f:
+                copies[user] = f.read().replace(b"Delivered-To: " + user.encode(), b"")
+        self.assertEqual(copies["alice"], copies["bob"])
+        self.assertIn(b"\nbody\n", copies["bob"])
+
     def test_permission_error_is_temporary(self):
         """EACCES is a temporary 451 4.3.0, not a bounce."""
         outcome = maildir.classify_os_error(OSError(errno.EACCES, "Permission denied"))

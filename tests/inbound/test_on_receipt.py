@@ -130,13 +130,40 @@ class SessionTests(SynchronousTestCase):
         # the entry on disk is the message as received, header first
         self.assertIn(b"body line", self.h.spool.read_message(env.queue_id))
 
-    def test_disk_full_before_the_copy(self) -> None:
-        """The spool cannot take the message's last octets: 451, no copy, nothing left in tmp/."""
+    def test_small_message_never_touches_the_spool(self) -> None:
+        """A message held in memory is copied from there: a full spool does not stop it, and no spool file is made."""
         from twisted_mta.queue.spool import MessageWriter
 
         def full(writer, data):
             raise OSError(28, "No space left on device")
 
+        self.patch(MessageWriter, "_append", full)
+        self.h.start_transaction()
+        [line] = self.h.send(MESSAGE)
+        self.assertTrue(line.startswith("250 2.0.0 Ok: queued as"), line)
+        self.assertEqual(len(self.h.delivered), 1)
+        self.assertEqual(self.h.queued, [])
+        [name] = self.files("alice")
+        with open(os.path.join(self.maildir("alice"), "new", name), "rb") as f:
+            copy = f.read()
+        self.assertIn(b"\nbody line\n", copy)
+        self.assertNotIn(b"\r\n", copy)
+        self.assertEqual(self.h.spool_entries(), [])
+
+    def test_disk_full_before_the_copy(self) -> None:
+        """A message spilled to the spool, which cannot take its last octets: 451, no copy, nothing left in tmp/."""
+        from twisted_mta.queue.spool import MessageWriter
+
+        writes = []
+        append = MessageWriter._append
+
+        def full(writer, data):  # the first spill is written, the rest is not
+            writes.append(len(data))
+            if len(writes) > 1:
+                raise OSError(28, "No space left on device")
+            append(writer, data)
+
+        self.patch(MessageWriter, "SPILL", 10)
         self.patch(MessageWriter, "_append", full)
         self.h.start_transaction()
         [line] = self.h.send(MESSAGE)

@@ -22,7 +22,7 @@ import os
 import stat
 import threading
 import time
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import attrs
 
@@ -182,31 +182,38 @@ classify_os_error = failures.os_error  # one classifier (twisted_mta.failures)
 CHUNK = 1024 * 1024
 
 
-def _copy(message_path: str, offset: int, head: bytes, tmp_path: str) -> None:
+class _FileSource:
+    """The message in a queue file from C{offset}, read in chunks each time it is iterated."""
+
+    def __init__(self, path: str, offset: int) -> None:
+        self.path, self.offset = path, offset
+
+    def __iter__(self) -> Iterator[bytes]:
+        with open(self.path, "rb") as src:
+            src.seek(self.offset)
+            while chunk := src.read(CHUNK):
+                yield chunk
+
+
+def _copy(source: Iterable[bytes], head: bytes, tmp_path: str) -> None:
     """
-    Write C{head} and the message from C{offset}, with LF line ends, to a
-    new file, in chunks (memory stays flat for large messages); fsync it.
+    Write C{head} and the message's chunks from C{source}, with LF line
+    ends, to a new file (memory stays flat for large messages); fsync it.
     """
     fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with open(message_path, "rb") as src:
-            src.seek(offset)
-            pending = head
-            carry = b""
-            while True:
-                chunk = src.read(CHUNK)
-                if not chunk:
-                    pending += carry
-                    break
-                chunk = carry + chunk
-                # A CR at the end may be the first half of a CRLF.
-                carry = b"\r" if chunk.endswith(b"\r") else b""
-                if carry:
-                    chunk = chunk[:-1]
-                pending += chunk.replace(b"\r\n", b"\n")
-                _write_all(fd, pending)
-                pending = b""
+        pending = head
+        carry = b""
+        for chunk in source:
+            chunk = carry + chunk
+            # A CR at the end may be the first half of a CRLF.
+            carry = b"\r" if chunk.endswith(b"\r") else b""
+            if carry:
+                chunk = chunk[:-1]
+            pending += chunk.replace(b"\r\n", b"\n")
             _write_all(fd, pending)
+            pending = b""
+        _write_all(fd, pending + carry)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -218,21 +225,25 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def deliver(message_path: str, envelope: Envelope, targets: Iterable[LocalTarget],
+def deliver(message: str | bytes, envelope: Envelope, targets: Iterable[LocalTarget],
             hostname: str, recovering: bool = False,
             offset: int | None = None) -> dict[str, Outcome]:
     """
     Deliver to every target; return an outcome per address.
 
+    @param message: the queue file's path, or (delivery on receipt of a
+        message held in memory) what the file would hold.
     @param recovering: the entry was loaded at start-up, so a copy may
         already have been delivered and read (moved to cur/) by the user.
-    @param offset: where the message starts, for a file just written
+    @param offset: where the message starts, for a message just received
         (delivery on receipt); else read from the queue file and checked.
     """
     if offset is None:
         # The queue file's length must be the one recorded (a damaged file is
         # not delivered cut short; recovery moves it aside at the next start).
-        offset = read_head(message_path, expect=envelope)[1]
+        offset = read_head(message, expect=envelope)[1]
+    source: Iterable[bytes] = ((message[offset:],) if isinstance(message, bytes)
+                               else _FileSource(message, offset))
     sender = envelope.sender
     results: dict[str, Outcome] = {}
     for target in targets:
@@ -247,14 +258,14 @@ def deliver(message_path: str, envelope: Envelope, targets: Iterable[LocalTarget
             head = f"Return-Path: <{sender}>\nDelivered-To: {target.address}\n".encode("utf-8")
             tmp_path = os.path.join(target.maildir, "tmp", name)
             try:
-                _copy(message_path, offset, head, tmp_path)
+                _copy(source, head, tmp_path)
             except FileExistsError:  # a copy a crash left behind
                 os.unlink(tmp_path)
-                _copy(message_path, offset, head, tmp_path)
+                _copy(source, head, tmp_path)
             except FileNotFoundError:  # the Maildir was removed since we made it
                 _known.discard(target.maildir)
                 ensure_maildir_once(target.maildir)
-                _copy(message_path, offset, head, tmp_path)
+                _copy(source, head, tmp_path)
             try:
                 os.link(tmp_path, new_path)
             except FileExistsError:

@@ -591,26 +591,36 @@ class MessageWriter:
         return out
 
     def deliver_or_commit(self, envelope: Envelope,
-                          deliver: Callable[[str, Envelope], dict[str, Outcome]]
+                          deliver: Callable[[str | bytes, Envelope], dict[str, Outcome]]
                           ) -> defer.Deferred:
         """
-        Delivery on receipt: C{deliver(path, envelope)} copies the message
-        from C{tmp/} (in the I/O threads) and says how each recipient
-        fared.  When every copy is made, the file is removed and nothing is
-        queued; else the entry is made durable as L{commit} makes it, for
-        the queue to deliver what is left.  Fires with C{(outcomes,
-        envelope)}, the envelope with its L{Envelope.file_size}.
+        Delivery on receipt: C{deliver(message, envelope)} copies the
+        message (in the I/O threads) and says how each recipient fared.
+        C{message} is what the queue file holds, in memory when none was
+        written yet (a message under L{SPILL} octets, not rewritten),
+        else the file's path in C{tmp/}.  When every copy is made, no
+        file is left and nothing is queued; else the entry is written and
+        made durable as L{commit} makes it, for the queue to deliver what
+        is left.  Fires with C{(outcomes, envelope)}, the envelope with its
+        L{Envelope.file_size}.
 
-        The file needs no fsync to be copied: the copies are made durable
-        by C{deliver}, and a crash before that leaves debris in C{tmp/}
-        and no 250.
+        No fsync of the message is needed to copy it: the copies are made
+        durable by C{deliver}, and a crash before that leaves no 250.
         """
         self.closed = True
         rest = self._take()
 
         def run() -> tuple[dict[str, Outcome], bool]:
+            sized = attrs.evolve(envelope, file_size=self.size)
+            if self._fd is None:  # all in memory: the queue file is written only if needed
+                results = deliver(rest, sized)
+                if results and all(o.code < 400 for o in results.values()):
+                    return results, False
+                self._append(rest)
+                self._make_durable("new")
+                return results, True
             self._append(rest)  # a failure: _failed closes and removes the file
-            results = deliver(self.path, attrs.evolve(envelope, file_size=self.size))
+            results = deliver(self.path, sized)
             if results and all(o.code < 400 for o in results.values()):
                 self._close_fd()
                 try:
