@@ -742,6 +742,9 @@ class FailingWriter:
         self.error = error
         self.queue_id = real.queue_id
 
+    def begin(self, envelope) -> None:
+        self.real.begin(envelope)
+
     def write(self, data: bytes) -> None:
         self.real.write(data)
 
@@ -940,3 +943,15 @@ class StartTLSTests(SynchronousTestCase):
         t.clear()
         proto.dataReceived(b"STARTTLS\r\n")
         self.assertEqual(t.value(), b"503 5.5.1 TLS already active\r\n")
+
+
+class ReceivedDateTests(SynchronousTestCase):
+    """The Received field's date is made once a second and is formatdate's."""
+
+    def test_table(self) -> None:
+        import email.utils
+
+        from twisted_mta.inbound.server import received_date
+        for now in (1_800_000_000.0, 1_800_000_000.9, 1_800_000_001.2, 1_800_000_000.5):
+            self.assertEqual(received_date(now),
+                             email.utils.formatdate(int(now), localtime=True), now)

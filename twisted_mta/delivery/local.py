@@ -15,8 +15,7 @@ from twisted_mta.config import LocalSettings
 from twisted_mta.delivery import maildir
 from twisted_mta.interfaces import IDeliveryTarget
 from twisted_mta.local import LocalDirectory, UnknownRecipient
-from twisted_mta.model import (DeliveryRequest, Envelope, EnvelopeError, MessageGone, Outcome,
-                               header_end)
+from twisted_mta.model import DeliveryRequest, Envelope, MessageGone, Outcome
 from twisted_mta.queue.spool import RunBlocking, message_offset
 
 
@@ -111,17 +110,14 @@ class OnReceipt:
     def deliver(self, message: str | bytes, envelope: Envelope,
                 targets: list[maildir.LocalTarget]) -> dict[str, Outcome]:
         """
-        Copy the message (its envelope header first, as queued: the file
-        at path C{message}, or its content) to every target; blocking.
+        Copy the message (the queue file at path C{message}, envelope
+        header first, or the message itself) to every target; blocking.
         Where a copy fails for a reason other than the file system's (a
         bug), every target counts as not delivered, so the message is
         queued.
         """
         try:
-            offset = (header_end(message) if isinstance(message, bytes)
-                      else message_offset(message))
-            if offset < 0:
-                raise EnvelopeError("the envelope header is incomplete")
+            offset = 0 if isinstance(message, bytes) else message_offset(message)
             return maildir.deliver(message, envelope, targets, self.hostname, offset=offset)
         except Exception as e:
             outcome = failures.outcome("local-error", why=e)

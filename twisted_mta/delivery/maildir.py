@@ -232,7 +232,7 @@ def deliver(message: str | bytes, envelope: Envelope, targets: Iterable[LocalTar
     Deliver to every target; return an outcome per address.
 
     @param message: the queue file's path, or (delivery on receipt of a
-        message held in memory) what the file would hold.
+        message held in memory) the message, with C{offset} 0.
     @param recovering: the entry was loaded at start-up, so a copy may
         already have been delivered and read (moved to cur/) by the user.
     @param offset: where the message starts, for a message just received

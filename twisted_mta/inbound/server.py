@@ -85,6 +85,21 @@ _FORBIDDEN_COMMAND_BYTES = bytes(b for b in range(256) if b < 32 and b != 9 or b
 _UTF8_VERBS = frozenset({"MAIL", "RCPT"})
 
 
+_last_date: tuple[int, str] = (-1, "")
+
+
+def received_date(now: float) -> str:
+    """
+    The date of a Received field (RFC 5322 3.6.7, local time), made once
+    a second: C{formatdate} costs as much as the rest of the field.
+    """
+    global _last_date
+    second = int(now)
+    if _last_date[0] != second:
+        _last_date = (second, email.utils.formatdate(second, localtime=True))
+    return _last_date[1]
+
+
 def _params(params: dict[str, str | None]) -> list[str]:
     """ESMTP parameters as the milter protocol passes them (KEY=VALUE)."""
     return [k if v is None else f"{k}={v}" for k, v in params.items()]
@@ -956,7 +971,7 @@ class InboundESMTP(smtp.ESMTP):
         self._writer = self.factory.spool.new_message()
         self._bdat_chunks = 0
         self._envelope = self._make_envelope(self._writer.queue_id)
-        self._writer.write(self._envelope.to_header())
+        self._writer.begin(self._envelope)
         self._writer.write(self._received_header(self._writer.queue_id))
         self._reader = DataReader(
             self._writer.write,
@@ -1121,7 +1136,7 @@ class InboundESMTP(smtp.ESMTP):
         if len(self.recipients) == 1:
             parts.append(f"\tfor <{self.recipients[0].address}>")
         parts[-1] += ";"
-        parts.append("\t" + email.utils.formatdate(self.factory.clock.seconds(), localtime=True))
+        parts.append("\t" + received_date(self.factory.clock.seconds()))
         return ("\r\n".join(parts) + "\r\n").encode("utf-8", "replace")
 
     def _end_of_data(self) -> None:

@@ -389,6 +389,11 @@ class QueueIdGenerator:
         return f"{int(now):x}{int((now % 1) * 1e6):05x}{self._pid:x}{next(self._counter):x}".upper()
 
 
+def delivered(results: dict[str, Outcome]) -> bool:
+    """Every copy made (delivery on receipt): nothing left for the queue."""
+    return bool(results) and all(o.code < 400 for o in results.values())
+
+
 class MessageWriter:
     """
     A message being received; L{commit} makes it a queue entry.
@@ -410,10 +415,19 @@ class MessageWriter:
         self.closed = False
         self._chunks: list[bytes] = []
         self._waiting = 0
+        self._header: Envelope | None = None  # begin()'s, until it is written
         self._fd: int | None = None
         self._renamed = False  # in new/: a failure after this must take it out again
         # Every disk operation of this message runs after the previous one.
         self._tail: defer.Deferred = defer.succeed(None)
+
+    def begin(self, envelope: Envelope) -> None:
+        """
+        Start the file with C{envelope}'s header (L{Envelope.to_header}),
+        made when the file is first written: never, for a message
+        delivered on receipt from memory (L{deliver_or_commit}).
+        """
+        self._header = envelope
 
     def write(self, data: bytes) -> None:
         self._chunks.append(data)
@@ -423,6 +437,14 @@ class MessageWriter:
             self._then(self._append, self._take())
 
     def _take(self) -> bytes:
+        if self._header is not None:
+            head = self._header.to_header()
+            self._header = None
+            self.size += len(head)
+            self._chunks.insert(0, head)
+        return self._take_message()
+
+    def _take_message(self) -> bytes:
         data = b"".join(self._chunks)
         self._chunks = []
         self._waiting = 0
@@ -596,46 +618,48 @@ class MessageWriter:
         """
         Delivery on receipt: C{deliver(message, envelope)} copies the
         message (in the I/O threads) and says how each recipient fared.
-        C{message} is what the queue file holds, in memory when none was
-        written yet (a message under L{SPILL} octets, not rewritten),
-        else the file's path in C{tmp/}.  When every copy is made, no
-        file is left and nothing is queued; else the entry is written and
-        made durable as L{commit} makes it, for the queue to deliver what
-        is left.  Fires with C{(outcomes, envelope)}, the envelope with its
+        C{message} is the message itself when nothing was written yet (a
+        message under L{SPILL} octets, not rewritten, started with
+        L{begin}), else the path of the file in C{tmp/}, envelope header
+        first.  When every copy is made, no file is left and nothing is
+        queued; else the entry is written and made durable as L{commit}
+        makes it, for the queue to deliver what is left.  Fires with
+        C{(outcomes, envelope)}, the envelope with its
         L{Envelope.file_size}.
 
         No fsync of the message is needed to copy it: the copies are made
         durable by C{deliver}, and a crash before that leaves no 250.
         """
         self.closed = True
-        rest = self._take()
+        header, self._header = self._header, None
+        message = self._take_message()
 
-        def run() -> tuple[dict[str, Outcome], bool]:
-            sized = attrs.evolve(envelope, file_size=self.size)
-            if self._fd is None:  # all in memory: the queue file is written only if needed
-                results = deliver(rest, sized)
-                if results and all(o.code < 400 for o in results.values()):
-                    return results, False
-                self._append(rest)
-                self._make_durable("new")
-                return results, True
-            self._append(rest)  # a failure: _failed closes and removes the file
-            results = deliver(self.path, sized)
-            if results and all(o.code < 400 for o in results.values()):
-                self._close_fd()
-                try:
-                    os.unlink(self.path)
-                except OSError:  # delivered all the same: debris for the next start
-                    pass
-                return results, False
+        def run() -> tuple[dict[str, Outcome], int | None]:
+            """The outcomes, and the queue file's length unless every copy was made."""
+            if header is not None:  # all in memory: the queue file is written only if needed
+                results = deliver(message, envelope)
+                if not delivered(results):
+                    self._append(header.to_header() + message)
+            else:
+                self._append(message)  # a failure: _failed closes and removes the file
+                results = deliver(self.path, envelope)
+                if delivered(results):
+                    self._close_fd()
+                    try:
+                        os.unlink(self.path)
+                    except OSError:  # delivered all the same: debris for the next start
+                        pass
+            if delivered(results):
+                return results, None
+            size = os.fstat(self._fd).st_size
             self._make_durable("new")
-            return results, True
+            return results, size
 
         def synced(result):
-            results, queued = result
-            done = (results, attrs.evolve(envelope, file_size=self.size))
-            if not queued:
-                return done
+            results, size = result
+            if size is None:
+                return results, envelope
+            done = (results, attrs.evolve(envelope, file_size=size))
             return self.spool.group_sync.sync().addCallback(lambda _: done)
 
         d = self._then(run)
