@@ -32,3 +32,12 @@ class ReplyTableTests(SynchronousTestCase):
         """Multi-line replies use code-text on every line but the last, code SP text on the last."""
         self.assertEqual(Reply(250, None, "a\nb\nc").lines(), [b"250-a", b"250-b", b"250 c"])
         self.assertEqual(Reply(550, "5.1.1", "x").lines(), [b"550 5.1.1 x"])
+
+    def test_wire_is_the_lines_with_crlf(self):
+        """wire() sends what lines() says, each line ending in CRLF, for one line and several, with and without an enhanced code."""
+        import twisted_mta.reply as module
+        replies = [r for r in vars(module).values() if isinstance(r, Reply)]
+        replies += [Reply(250, None, "a\nb\nc"), Reply(451, "4.3.0", "x\ny"), Reply(220, None, ""),
+                    Reply(250, "2.0.0", "caf\u00e9")]
+        for r in replies:
+            self.assertEqual(r.wire(), b"".join(line + b"\r\n" for line in r.lines()), r)

@@ -28,6 +28,13 @@ class Reply:
             out.append(f"{self.code}{sep}{prefix}{text}".encode("utf-8", "replace"))
         return out
 
+    def wire(self) -> bytes:
+        """The reply as sent: L{lines}, each ending in CRLF."""
+        if "\n" not in self.text:  # one line, the common case: made at once
+            prefix = f"{self.enhanced} " if self.enhanced else ""
+            return f"{self.code} {prefix}{self.text}\r\n".encode("utf-8", "replace")
+        return b"".join(line + b"\r\n" for line in self.lines())
+
     def with_text(self, text: str) -> "Reply":
         return attrs.evolve(self, text=text)
 

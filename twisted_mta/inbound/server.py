@@ -535,7 +535,7 @@ class InboundESMTP(smtp.ESMTP):
         Write C{r}; a 4xx/5xx reply counts towards [limits] errors unless
         C{error} is false (or it is a 421: the session ends anyway).
         """
-        self.transport.write(b"".join(line + b"\r\n" for line in r.lines()))
+        self.transport.write(r.wire())
         if error and r.code >= 400 and r.code != 421 and not self._closing:
             self._count_error()
 
@@ -549,8 +549,7 @@ class InboundESMTP(smtp.ESMTP):
         if self._errors >= limit:
             log.info("too many errors from {peer}; disconnecting", event="inbound.error-limit",
                      peer=self.peer_ip, stress=self.factory.stressed)
-            self.transport.write(b"".join(
-                line + b"\r\n" for line in reply.TOO_MANY_ERRORS.lines()))
+            self.transport.write(reply.TOO_MANY_ERRORS.wire())
             self._close()
 
     def _junk_command(self, r: Reply) -> None:
@@ -1172,8 +1171,10 @@ class InboundESMTP(smtp.ESMTP):
         [dkim]; after the milters), then the commit: to hold/ when C{held}
         (a milter's quarantine reason).
         """
-        d = sign_queued(self.factory.signer, writer, envelope, sign_source(
-            self.user is not None, self.factory.is_trusted(self.peer_ip)))
+        signer = self.factory.signer
+        source = (None if signer is None
+                  else sign_source(self.user is not None, self.factory.is_trusted(self.peer_ip)))
+        d = sign_queued(signer, writer, envelope, source)
         receipt = self.factory.on_receipt
         if held is None and receipt is not None:
             d.addCallback(self._deliver_or_commit, writer, receipt)
