@@ -389,7 +389,7 @@ class QueueIdGenerator:
         return f"{int(now):x}{int((now % 1) * 1e6):05x}{self._pid:x}{next(self._counter):x}".upper()
 
 
-def delivered(results: dict[str, Outcome]) -> bool:
+def all_delivered(results: dict[str, Outcome]) -> bool:
     """Every copy made (delivery on receipt): nothing left for the queue."""
     return bool(results) and all(o.code < 400 for o in results.values())
 
@@ -638,18 +638,18 @@ class MessageWriter:
             """The outcomes, and the queue file's length unless every copy was made."""
             if header is not None:  # all in memory: the queue file is written only if needed
                 results = deliver(message, envelope)
-                if not delivered(results):
+                if not all_delivered(results):
                     self._append(header.to_header() + message)
             else:
                 self._append(message)  # a failure: _failed closes and removes the file
                 results = deliver(self.path, envelope)
-                if delivered(results):
+                if all_delivered(results):
                     self._close_fd()
                     try:
                         os.unlink(self.path)
                     except OSError:  # delivered all the same: debris for the next start
                         pass
-            if delivered(results):
+            if all_delivered(results):
                 return results, None
             size = os.fstat(self._fd).st_size
             self._make_durable("new")
