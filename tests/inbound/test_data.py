@@ -123,6 +123,18 @@ class DataReaderTests(SynchronousTestCase):
         bad = b"Subject: a\r\n\r\n" + b"y" * 999 + b"\r\n.\r\n"
         self.assertEqual(read(bad, [])[2].error.code, 554)
 
+    def test_line_at_limit_among_short_lines(self):
+        """Inside a run of body lines the fast path takes, a line of max_line octets with CRLF passes and one more octet does not."""
+        for length, refused in ((998, False), (999, True), (2000, True)):
+            body = b"ok\r\n" * 20 + b"y" * length + b"\r\n" + b"ok\r\n" * 20
+            stored, rest, reader, done = read(b"Subject: a\r\n\r\n" + body + b".\r\n", [])
+            self.assertTrue(done, length)
+            if refused:
+                self.assertEqual(reader.error.code, 554, length)
+            else:
+                self.assertIsNone(reader.error, length)
+                self.assertTrue(stored.endswith(body), length)
+
     def test_size_limit_in_fast_path(self):
         """The size limit holds for bodies taken by the fast path."""
         stream = b"Subject: a\r\n\r\n" + b"x" * 60 + b"\r\n" * 1 + (b"y" * 60 + b"\r\n") * 100 + b".\r\n"
