@@ -130,6 +130,29 @@ class SessionTests(SynchronousTestCase):
         # the entry on disk is the message as received, header first
         self.assertIn(b"body line", self.h.spool.read_message(env.queue_id))
 
+    def test_failed_copy_and_full_spool(self) -> None:
+        """
+        bob's copy fails and the spool cannot take the entry either: 451,
+        nothing queued or left in the spool; alice's copy stays, so the
+        client's retry gives her a second one (two failures at once: the
+        documented limit of delivery on receipt).
+        """
+        from twisted_mta.queue.spool import MessageWriter
+
+        def full(writer, data):
+            raise OSError(28, "No space left on device")
+
+        os.makedirs(os.path.dirname(self.maildir("bob")))
+        with open(self.maildir("bob"), "w"):
+            pass
+        self.patch(MessageWriter, "_append", full)
+        self.h.start_transaction(rcpts=("alice@example.test", "bob@example.test"))
+        [line] = self.h.send(MESSAGE)
+        self.assertTrue(line.startswith("451 "), line)
+        self.assertEqual((self.h.delivered, self.h.queued), ([], []))
+        self.assertEqual(len(self.files("alice")), 1)
+        self.assertEqual(self.h.spool_entries(), [])
+
     def test_small_message_never_touches_the_spool(self) -> None:
         """A message held in memory is copied from there: a full spool does not stop it, and no spool file is made."""
         from twisted_mta.queue.spool import MessageWriter
