@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted_mta.delivery.local import MaildirDelivery, OnReceipt
 from twisted_mta.delivery.maildir import maildir_name
 from twisted_mta.local import LocalDirectory
-from twisted_mta.model import DELIVERED, PENDING, Envelope, Recipient
+from twisted_mta.model import DELIVERED, HEADER_NAME, PENDING, Envelope, Recipient
 from twisted_mta.queue.manager import QueueManager, Targets
 from tests.support import ServerHarness, make_config
 
@@ -171,6 +171,10 @@ class SessionTests(SynchronousTestCase):
             copy = f.read()
         self.assertIn(b"\nbody line\n", copy)
         self.assertNotIn(b"\r\n", copy)
+        # our fields on top, the envelope header (never made) nowhere
+        self.assertTrue(copy.startswith(b"Return-Path: <"), copy[:40])
+        self.assertIn(b"\nReceived: from ", copy)
+        self.assertNotIn(HEADER_NAME, copy)
         self.assertEqual(self.h.spool_entries(), [])
 
     def test_disk_full_before_the_copy(self) -> None:
