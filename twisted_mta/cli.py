@@ -759,6 +759,7 @@ def _publish_lookups(config, policy):
     L{publish.Lookups} through the configured resolver (C{[dns]
     nameservers}, or the system's when unset), DNSSEC-aware.
     """
+    from twisted_mta import nodoh  # noqa: F401  (before any dns module)
     import dns.exception
     import dns.resolver
 

@@ -104,6 +104,7 @@ def prepare(config: Config) -> Prepared:
     L{PrepareError}.  C{twistd mta} (before it forks or binds) and
     C{twisted-mta config check} both call this, so they agree.
     """
+    from twisted_mta import nodoh  # noqa: F401  (before any dns module)
     import dns.exception
 
     from twisted_mta.outbound.attempt import DNSResolver
@@ -345,6 +346,7 @@ def make_published(config: Config, reactor, run_blocking, resolver):
 
 def system_nameservers() -> list[str]:
     """The name servers of /etc/resolv.conf; empty when it cannot be read."""
+    from twisted_mta import nodoh  # noqa: F401  (before any dns module)
     import dns.resolver
     try:
         return list(dns.resolver.Resolver().nameservers)

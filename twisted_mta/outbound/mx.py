@@ -17,6 +17,9 @@ import random
 from typing import Callable
 
 import attrs
+
+from twisted_mta import nodoh  # noqa: F401  (before any dns module)
+
 import dns.exception
 import dns.name
 import dns.rdatatype

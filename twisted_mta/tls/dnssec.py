@@ -50,6 +50,9 @@ import time
 from typing import Iterable, Sequence
 
 import attrs
+
+from twisted_mta import nodoh  # noqa: F401  (before any dns module)
+
 import dns.exception
 import dns.flags
 import dns.message

@@ -439,6 +439,7 @@ def txt_strings(resolver, name: str, error: type[Exception]) -> list[bytes]:
     strings joined without spaces; empty for NXDOMAIN or no TXT; any other
     DNS failure raises C{error} with one line of words.  Blocking.
     """
+    from twisted_mta import nodoh  # noqa: F401  (before any dns module)
     import dns.exception
     import dns.resolver
 
