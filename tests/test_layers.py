@@ -33,6 +33,8 @@ STAGES = [
     (1, "twisted_mta.maildrop"),
     # The milter codec: pure functions over bytes (its client is inbound.milter).
     (1, "twisted_mta.milter_protocol"),
+    # dnspython's settings, loaded before any dns module (no DNS over HTTPS).
+    (1, "twisted_mta.nodoh"),
     (2, "twisted_mta.tls"), (2, "twisted_mta.dsn"), (2, "twisted_mta.failures"),
     # DKIM signing: TLS reports now, all outbound mail later (the queue's
     # notices and the outbound leg both sign).
