@@ -126,6 +126,9 @@ class SessionTests(SynchronousTestCase):
                          [("alice@example.test", DELIVERED), ("bob@example.test", PENDING)])
         self.assertEqual(len(self.files("alice")), 1)
         self.assertEqual(os.listdir(os.path.join(self.h.spool.path, "new")), [env.queue_id])
+        # the length recovery compares with the file's
+        self.assertEqual(env.file_size,
+                         os.path.getsize(os.path.join(self.h.spool.path, "new", env.queue_id)))
         self.assertEqual(os.listdir(os.path.join(self.h.spool.path, "tmp")), [])
         # the entry on disk is the message as received, header first
         self.assertIn(b"body line", self.h.spool.read_message(env.queue_id))

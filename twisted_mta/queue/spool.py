@@ -146,18 +146,27 @@ def write_file_durably(path: str, data: bytes) -> None:
 HEADER_SCAN = 65536  # octets of a message read for its TLS-Required field
 
 
-def _head(f) -> tuple[Envelope, int]:
+def _read_header(f) -> tuple[bytes, int]:
     """
-    Read the envelope header from the start of the open queue file C{f}.
+    The start of the open queue file C{f}, read until it holds the whole
+    envelope header, and where that header ends.
     """
     data = b""
     while True:
         more = f.read(65536)
         data += more
-        if header_end(data) >= 0:
-            return from_header(data)
+        end = header_end(data)
+        if end >= 0:
+            return data, end
         if not more:
             raise EnvelopeError("the envelope header is incomplete")
+
+
+def _head(f) -> tuple[Envelope, int]:
+    """
+    Read the envelope header from the start of the open queue file C{f}.
+    """
+    return from_header(_read_header(f)[0])
 
 
 def read_head(path: str, expect: Envelope | None = None) -> tuple[Envelope, int]:
@@ -185,15 +194,7 @@ def message_offset(path: str) -> int:
     envelope it was written from).
     """
     with open(path, "rb", buffering=0) as f:
-        data = b""
-        while True:
-            more = f.read(65536)
-            data += more
-            end = header_end(data)
-            if end >= 0:
-                return end
-            if not more:
-                raise EnvelopeError("the envelope header is incomplete")
+        return _read_header(f)[1]
 
 
 def length_problem(size: int, offset: int, envelope: Envelope) -> str | None:
@@ -437,12 +438,19 @@ class MessageWriter:
             self._then(self._append, self._take())
 
     def _take(self) -> bytes:
-        if self._header is not None:
-            head = self._header.to_header()
-            self._header = None
-            self.size += len(head)
+        head = self._take_header()
+        if head:
             self._chunks.insert(0, head)
         return self._take_message()
+
+    def _take_header(self) -> bytes:
+        """L{begin}'s envelope header, made now and counted in L{size}; empty once made."""
+        header, self._header = self._header, None
+        if header is None:
+            return b""
+        head = header.to_header()
+        self.size += len(head)
+        return head
 
     def _take_message(self) -> bytes:
         data = b"".join(self._chunks)
@@ -631,35 +639,35 @@ class MessageWriter:
         durable by C{deliver}, and a crash before that leaves no 250.
         """
         self.closed = True
-        header, self._header = self._header, None
+        in_memory = self._header is not None  # nothing written: the header is not made yet
         message = self._take_message()
 
-        def run() -> tuple[dict[str, Outcome], int | None]:
-            """The outcomes, and the queue file's length unless every copy was made."""
-            if header is not None:  # all in memory: the queue file is written only if needed
+        def run() -> tuple[dict[str, Outcome], bool]:
+            """The outcomes, and whether the entry was queued (a copy failed)."""
+            if in_memory:  # the queue file is written only if needed
                 results = deliver(message, envelope)
-                if not all_delivered(results):
-                    self._append(header.to_header() + message)
+                done = all_delivered(results)
+                if not done:
+                    self._append(self._take_header() + message)
             else:
                 self._append(message)  # a failure: _failed closes and removes the file
                 results = deliver(self.path, envelope)
-                if all_delivered(results):
+                done = all_delivered(results)
+                if done:
                     self._close_fd()
                     try:
                         os.unlink(self.path)
                     except OSError:  # delivered all the same: debris for the next start
                         pass
-            if all_delivered(results):
-                return results, None
-            size = os.fstat(self._fd).st_size
-            self._make_durable("new")
-            return results, size
+            if not done:
+                self._make_durable("new")
+            return results, not done
 
         def synced(result):
-            results, size = result
-            if size is None:
+            results, queued = result
+            if not queued:
                 return results, envelope
-            done = (results, attrs.evolve(envelope, file_size=size))
+            done = (results, attrs.evolve(envelope, file_size=self.size))
             return self.spool.group_sync.sync().addCallback(lambda _: done)
 
         d = self._then(run)
