@@ -295,13 +295,21 @@ class PluginTests(SynchronousTestCase):
         self.assertEqual(err.getvalue(), "twistd: /nonexistent.toml: no such file\n")
 
     def test_service_tree(self):
-        """make_service builds the thread pool, spool lock, queue manager, the maildrop's pickup and one service per listener; with workers, the listeners only open their sockets and the worker pool comes last (it stops first); the pickup stays in the main process, so one process takes each drop."""
+        """make_service builds the thread pool, spool lock, queue manager, the maildrop's pickup and one service per listener, each accepting with an inbound factory; with workers the listeners' sockets are shared with them and the worker pool comes last (it stops first); the pickup stays in the main process, so one process takes each drop."""
+        from twisted_mta.inbound.server import InboundFactory
         from twisted_mta.workers import SharedListener, WorkerPool
         for workers in (0, 2):
             config = make_config(self.mktemp(), server={"workers": workers}, listeners=[
                 {"role": "mx", "endpoint": "tcp:2525"},
                 {"role": "submission", "endpoint": "tcp:2587"}])
-            svc = tap.make_service(config, MemoryReactorClock())
+            reactor = MemoryReactorClock()
+            svc = tap.make_service(config, reactor)
+            svc.privilegedStartService()
+            self.addCleanup(svc.stopService)
+            accepting = {port: factory for port, factory, _, _ in reactor.tcpServers}
+            self.assertEqual(sorted(accepting), [2525, 2587])
+            self.assertEqual({f.role for f in accepting.values()
+                              if isinstance(f, InboundFactory)}, {"mx", "submission"})
             lock = [s for s in svc if isinstance(s, tap.SpoolLockService)][0]
             lock.spool.unlock()
             names = sorted(s.name for s in svc if s.name)

@@ -76,6 +76,20 @@ def inline(f, *args):
     return defer.maybeDeferred(f, *args)
 
 
+class WorkerCountTests(SynchronousTestCase):
+    """
+    C{[server] workers} when set; otherwise one receiving process per core,
+    and since the main process receives too, one worker fewer than cores.
+    """
+
+    def test_table(self) -> None:
+        for setting, cores, expected in [(None, 1, 0), (None, 2, 1), (None, 8, 7),
+                                         (0, 8, 0), (3, 2, 3)]:
+            self.patch(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+            config = attrs.make_class("Settings", {"workers": attrs.field()})(setting)
+            self.assertEqual(workers.worker_count(config), expected, (setting, cores))
+
+
 class WorkerPoolTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = FakeReactor()

@@ -752,9 +752,9 @@ class Config:
     hostname: HostName
     spool: FilePath
     listeners: tuple[Listener, ...]
-    # Processes that receive mail beside the one that runs the queue and
-    # delivers (docs/architecture.md, "Processes"); None: one per CPU
-    # core; 0: everything in one process.
+    # Processes that receive mail beside the main process, which runs the
+    # queue, delivers and receives too (docs/architecture.md, "Processes");
+    # None: one fewer than the CPU cores; 0: everything in one process.
     workers: int | None = attrs.field(default=None, validator=attrs.validators.optional(
         _at_least(0)))
     tls: TLSServerSettings = TLSServerSettings()

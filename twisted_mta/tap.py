@@ -493,25 +493,26 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
     on_receipt = OnReceipt.from_settings(config.local, config.hostname)
     shared = []
     for listener in config.listeners:
-        if workers:  # the workers receive: here the socket is only opened
-            svc = SharedListener(reactor, with_backlog(listener.endpoint))
+        factory = InboundFactory(config, listener.role, spool, reactor,
+                                 on_queued=manager.enqueue, on_receipt=on_receipt,
+                                 on_delivered=manager.delivered_on_receipt,
+                                 tls_context=ctx,
+                                 users=users, run_blocking=run_blocking,
+                                 signer=prepared.dkim,
+                                 milters=milter_stage(
+                                     config, listener, reactor, run_blocking,
+                                     lambda name, result: metrics(
+                                         "milter.result",
+                                         {"milter": name, "result": result})))
+        if listener.role == "submissions":  # TLS from the first octet
+            from twisted.protocols.tls import TLSMemoryBIOFactory
+            factory = TLSMemoryBIOFactory(ctx, False, factory)
+        if workers:  # the socket is shared: the workers adopt it, we accept on it too
+            svc = SharedListener(reactor, with_backlog(listener.endpoint), factory)
             shared.append(svc)
         else:
-            factory = InboundFactory(config, listener.role, spool, reactor,
-                                     on_queued=manager.enqueue, on_receipt=on_receipt,
-                                     on_delivered=manager.delivered_on_receipt,
-                                     tls_context=ctx,
-                                     users=users, run_blocking=run_blocking,
-                                     signer=prepared.dkim,
-                                     milters=milter_stage(
-                                         config, listener, reactor, run_blocking,
-                                         lambda name, result: metrics(
-                                             "milter.result",
-                                             {"milter": name, "result": result})))
-            endpoint = endpoints.serverFromString(reactor, with_backlog(listener.endpoint))
-            if listener.role == "submissions":
-                endpoint = endpoints.wrapServerTLS(ctx, endpoint)
-            svc = _endpoint_service(endpoint, factory)
+            svc = _endpoint_service(
+                endpoints.serverFromString(reactor, with_backlog(listener.endpoint)), factory)
         svc.setName(f"listener-{listener.role}-{listener.endpoint}")
         svc.setServiceParent(top)
     if config.metrics.endpoint:

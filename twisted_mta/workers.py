@@ -1,16 +1,19 @@
 """
 Processes (docs/architecture.md, "Processes"): the main process owns the
-spool, runs the queue and delivers; C{[server] workers} child processes
-receive mail.  One Python process uses one core (one GIL), so receiving
-in children and delivering in the parent puts a 2-core machine's second
-core to work on the mail users compare: received and delivered.
+spool, runs the queue and delivers, and receives mail like every other
+receiving process; C{[server] workers} child processes receive beside it.
+One Python process uses one core (one GIL), so receiving in two processes
+puts a 2-core machine's second core to work on the mail users compare:
+received and delivered.
 
  - The main process opens every listener's socket (as root, before twistd
-   drops privileges) and never accepts on it; each worker adopts the same
+   drops privileges) and accepts on it; each worker adopts the same
    sockets (C{adoptStreamPort}) and the kernel hands each new connection
-   to one of them.
+   to whichever process accepts first, so a process busy delivering takes
+   fewer.  The default is one worker fewer than cores: on 2 cores, the
+   main process and one worker, two processes' memory instead of three.
  - A worker writes each message into the shared spool exactly as the main
-   process would (C{new/}, fsync'd before the 250), then tells the main
+   process does (C{new/}, fsync'd before the 250), then tells the main
    process its queue id on a pipe; the main process reads the entry and
    queues it.  Only the main process touches a queued entry after that,
    so queue ownership, the control directory (queue and tls commands),
@@ -55,32 +58,29 @@ SHAREABLE = ("tcp", "tcp6", "unix")  # endpoint kinds whose socket a worker can 
 
 
 def worker_count(config) -> int:
-    """C{[server] workers}, or one per CPU core when not set."""
+    """
+    C{[server] workers}, or when not set one fewer than the CPU cores this
+    process may use: the main process receives too, so that is one
+    receiving process per core.
+    """
     if config.workers is not None:
         return config.workers
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
         os.cpu_count() or 1)
-
-
-class SharedSocket(protocol.Factory):
-    """The main process listens but never accepts: nothing is built."""
-
-    noisy = False
-
-    def buildProtocol(self, addr):  # pragma: no cover - never reading
-        return None
+    return max(cores - 1, 0)
 
 
 class SharedListener(service.Service):
     """
     One listener's socket, opened by the main process (in
-    C{privilegedStartService}, like any listener) and handed to the workers;
-    the main process never accepts on it.
+    C{privilegedStartService}, like any listener) and handed to the
+    workers; the main process accepts on it too, with C{factory}.
     """
 
-    def __init__(self, reactor, description: str) -> None:
+    def __init__(self, reactor, description: str, factory: protocol.Factory) -> None:
         self.reactor = reactor
         self.description = description
+        self.factory = factory
         self.port = None
 
     def privilegedStartService(self) -> None:
@@ -96,11 +96,10 @@ class SharedListener(service.Service):
         ports: list = []
         failures: list = []
         endpoint = endpoints.serverFromString(self.reactor, self.description)
-        endpoint.listen(SharedSocket()).addCallbacks(ports.append, failures.append)
+        endpoint.listen(self.factory).addCallbacks(ports.append, failures.append)
         if failures:
             failures[0].raiseException()
         self.port = ports[0]
-        self.port.stopReading()  # the workers accept
 
     @property
     def fileno(self) -> int:

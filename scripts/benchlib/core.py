@@ -48,7 +48,7 @@ HELO = "client.example.net"
 # uid with no account keeps the files away from any real user.
 MAILDIR_UID = 2525
 # The servers a mode may compare: Postfix, and twisted-mta by its
-# [server] workers setting (None: not set, one per core).
+# [server] workers setting (None: not set, one fewer than the cores).
 SERVERS: dict[str, int | None] = {"postfix": -1, "workers=0": 0, "workers=1": 1,
                                    "workers=auto": None}
 TICK = os.sysconf("SC_CLK_TCK")

@@ -1,6 +1,8 @@
 """
 Receiving workers (L{twisted_mta.workers}), as twistd runs them: the main
-process opens the listener and delivers, the workers receive; a worker
+process opens the listener, receives and delivers, the workers receive
+beside it (with every worker stopped, the main process alone answers, on
+the mx listener and on the implicit-TLS submissions listener); a worker
 killed at any moment is started again and loses nothing (what it queued
 but could not report is found in new/); killing the main process takes
 the workers with it, so a restart binds the port again at once.
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
+import ssl
 import time
 import urllib.request
 import uuid
@@ -18,8 +21,8 @@ import uuid
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.interop.support import (
-    LOCAL_DOMAIN, LOOPBACK, MTAProcess, children, files_containing, free_port, make_message,
-    make_tempdir, pid_alive, wait_for,
+    LOCAL_DOMAIN, LOOPBACK, MTA_HOSTNAME, MTAProcess, children, files_containing, free_port,
+    make_message, make_tempdir, pid_alive, wait_for, write_server_cert,
 )
 from twisted_mta.model import Envelope, Recipient
 from twisted_mta.queue.spool import Spool
@@ -105,3 +108,40 @@ class WorkerTests(SynchronousTestCase):
         self.assertIn("Server Shut Down.", self.mta.output())
         wait_for(lambda: not any(pid_alive(p) for p in self.workers), 5.0,
                  lambda: f"workers {self.workers} still alive after a clean stop")
+
+
+class MainProcessReceivesTests(SynchronousTestCase):
+    """
+    The main process accepts on the shared sockets too: with its one worker
+    stopped (SIGSTOP), mail on the mx listener is still received and
+    delivered, and the submissions listener still answers in TLS.
+    """
+
+    def test_the_main_process_receives_while_the_worker_is_stopped(self) -> None:
+        tmp = make_tempdir(self, "main-receives")
+        ca = write_server_cert(tmp)
+        smtps = free_port()
+        mta = MTAProcess(tmp, workers=1, extra_config=(
+            '[tls]\ncertificate = "cert.pem"\nkey = "key.pem"\n\n'
+            f'[[listeners]]\nrole = "submissions"\n'
+            f'endpoint = "tcp:{smtps}:interface={LOOPBACK}"\n'))
+        self.addCleanup(mta.cleanup)
+        mta.start()
+        [worker] = wait_for(lambda: len(children(mta.pid)) == 1 and children(mta.pid),
+                            TIMEOUT, lambda: f"one worker; {mta.describe()}")
+        os.kill(worker, signal.SIGSTOP)
+        self.addCleanup(lambda: pid_alive(worker) and os.kill(worker, signal.SIGCONT))
+        tokens = []
+        for _ in range(4):  # four connections, all for the main process
+            tokens += send(mta.port)
+        maildir = mta.maildir("alice")
+        wait_for(lambda: all(files_containing(maildir, t.encode()) for t in tokens), TIMEOUT,
+                 lambda: f"delivered with the worker stopped; {mta.describe()}")
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        with smtplib.SMTP_SSL(LOOPBACK, smtps, local_hostname="client.example.test",
+                              timeout=10, context=context) as client:
+            code, banner = client.ehlo()
+            self.assertEqual(code, 250, banner)
+            self.assertTrue(banner.startswith(MTA_HOSTNAME.encode()), banner)
+            self.assertIn(client.sock.version(), ("TLSv1.2", "TLSv1.3"))
