@@ -111,19 +111,6 @@ class ManagerTests(ManagerTestBase):
         self.assertFalse(os.path.exists(self.spool.envelope_path(env.queue_id)))
         self.assertEqual(m.entries, {})
 
-    def test_an_entry_queued_twice_is_taken_once(self):
-        """A second report of an entry already queued (a dead worker's orphans adopted while the main process reports its own commit) changes nothing: one envelope, one queued event, one copy."""
-        events = []
-        m = self.manager()
-        m.observers.append(lambda name, event: events.append(name))
-        env = self.queue(["alice@example.test"], client={"protocol": "ESMTP", "listener": "mx"})
-        m.enqueue(env)
-        m.enqueue(self.spool.load(env.queue_id))
-        self.assertIs(m.entries[env.queue_id], env)
-        self.assertEqual(events.count("inbound.queued"), 1)
-        self.clock.advance(0)
-        self.assertEqual(len(self.maildir_files("alice")), 1)
-
     def test_remote_recipient_deferred_local_delivered(self):
         """Local recipients are delivered while a remote one stays pending with the reason and a next attempt."""
         m = self.manager()

@@ -268,13 +268,8 @@ class QueueManager(service.Service):
 
     def enqueue(self, envelope: Envelope) -> None:
         """
-        A new entry was committed to new/; attempt it at once.  An entry
-        already known is left alone: a worker's end has the main process
-        adopt what it finds in new/, and that can be an entry the main
-        process itself committed a moment before and is about to report.
+        A new entry was committed to new/; attempt it at once.
         """
-        if envelope.queue_id in self.entries:
-            return
         if envelope.client.get("protocol") != "local":
             self._notify("inbound.queued", {"listener": envelope.client.get("listener", "")})
         for rcpt in envelope.recipients:
