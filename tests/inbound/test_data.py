@@ -7,7 +7,7 @@ import random
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_mta.inbound.data import DataReader
+from twisted_mta.inbound.data import DataReader, has_long_line
 
 
 def read(stream: bytes, chunks, **kw):
@@ -134,6 +134,19 @@ class DataReaderTests(SynchronousTestCase):
             else:
                 self.assertIsNone(reader.error, length)
                 self.assertTrue(stored.endswith(body), length)
+
+    def test_has_long_line_against_split(self):
+        """The fast path's jumping check agrees with splitting the run into lines, for runs of random line lengths around the limit (first, middle and last line too long among them)."""
+        rnd = random.Random(99)
+        limit = 1000
+        lengths = [0, 1, 2, 400, 997, 998, 999, 1000, 1500, 2500]  # octets before CRLF
+        cases = [[998], [999], [998] * 3, [0, 999], [999, 0], [5] * 300 + [999] + [5] * 300]
+        cases += [[rnd.choice(lengths) for _ in range(rnd.randint(1, 12))] for _ in range(500)]
+        for case in cases:
+            seg = b"".join(b"y" * n + b"\r\n" for n in case)
+            expected = max(map(len, seg.split(b"\r\n"))) + 2 > limit
+            self.assertEqual(has_long_line(seg, limit), expected, case)
+            self.assertEqual(expected, any(n + 2 > limit for n in case), case)
 
     def test_size_limit_in_fast_path(self):
         """The size limit holds for bodies taken by the fast path."""

@@ -31,6 +31,25 @@ _TLS_REQUIRED = b"tls-required:"
 _HEADER = re.compile(rb"[!-9;-~]+:")
 
 
+def has_long_line(seg: bytes, max_line: int) -> bool:
+    """
+    Whether C{seg}, whole lines each ending in CRLF with no bare CR or LF,
+    has a line longer than C{max_line} octets with its CRLF.  From a line's
+    start, the last LF within the next C{max_line} octets ends a line that
+    fits (and every line before it); none there means this line is too long.
+    So the scan jumps about C{max_line} octets a step instead of splitting
+    the run into its lines: a 100 KiB run of short lines takes about 100
+    C{rfind}s instead of a list of 1,500 lines.
+    """
+    rfind, end, pos = seg.rfind, len(seg), 0
+    while pos < end:
+        last = rfind(b"\n", pos, pos + max_line)
+        if last < 0:
+            return True
+        pos = last + 1
+    return False
+
+
 class DataReader:
     """
     Feed it bytes with L{feed}; it writes the unstuffed, CRLF-normalised
@@ -128,8 +147,7 @@ class DataReader:
         seg = buf[pos:end]
         crlf = seg.count(b"\r\n")
         if (seg.count(b"\r") != crlf or seg.count(b"\n") != crlf or b"\x00" in seg
-                or (len(seg) > self._max_line
-                    and max(map(len, seg.split(b"\r\n"))) + 2 > self._max_line)
+                or (len(seg) > self._max_line and has_long_line(seg, self._max_line))
                 or self.size + len(seg) > self._max_size):
             self._fast_until = end
             return pos
