@@ -24,6 +24,7 @@ from tests.interop.support import (
     LOCAL_DOMAIN, LOOPBACK, MTA_HOSTNAME, MTAProcess, children, files_containing, free_port,
     make_message, make_tempdir, pid_alive, wait_for, write_server_cert,
 )
+from tests.support import LOOPBACK_DNS
 from twisted_mta.model import Envelope, Recipient
 from twisted_mta.queue.spool import Spool
 
@@ -46,7 +47,8 @@ class WorkerTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.metrics_port = free_port()
         self.mta = MTAProcess(make_tempdir(self, "workers"), workers=2, extra_config=(
-            f'[metrics]\nendpoint = "tcp:{self.metrics_port}:interface=127.0.0.1"\n'))
+            f'[metrics]\nendpoint = "tcp:{self.metrics_port}:interface=127.0.0.1"\n'
+            + LOOPBACK_DNS))  # never the system resolver
         self.addCleanup(self.mta.cleanup)
         self.mta.start()
         self.workers = wait_for(lambda: len(children(self.mta.pid)) == 2 and
@@ -124,7 +126,7 @@ class MainProcessReceivesTests(SynchronousTestCase):
         mta = MTAProcess(tmp, workers=1, extra_config=(
             '[tls]\ncertificate = "cert.pem"\nkey = "key.pem"\n\n'
             f'[[listeners]]\nrole = "submissions"\n'
-            f'endpoint = "tcp:{smtps}:interface={LOOPBACK}"\n'))
+            f'endpoint = "tcp:{smtps}:interface={LOOPBACK}"\n' + LOOPBACK_DNS))
         self.addCleanup(mta.cleanup)
         mta.start()
         [worker] = wait_for(lambda: len(children(mta.pid)) == 1 and children(mta.pid),
