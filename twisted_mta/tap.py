@@ -24,8 +24,7 @@ from twisted.logger import Logger
 from twisted.python import threadpool, usage
 
 from twisted_mta.config import Config, ConfigError, OutboundTLSSettings, load_config
-from twisted_mta.inbound.milter import stage_for as milter_stage
-from twisted_mta.inbound.server import InboundFactory
+from twisted_mta.inbound.server import listener_factory
 from twisted_mta.logsetup import install_json_log, speed_up_text_log
 from twisted_mta.queue.manager import QueueManager
 from twisted_mta.queue.spool import InlineReads, Spool, SpoolError
@@ -493,20 +492,13 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
     on_receipt = OnReceipt.from_settings(config.local, config.hostname)
     shared = []
     for listener in config.listeners:
-        factory = InboundFactory(config, listener.role, spool, reactor,
-                                 on_queued=manager.enqueue, on_receipt=on_receipt,
-                                 on_delivered=manager.delivered_on_receipt,
-                                 tls_context=ctx,
-                                 users=users, run_blocking=run_blocking,
-                                 signer=prepared.dkim,
-                                 milters=milter_stage(
-                                     config, listener, reactor, run_blocking,
-                                     lambda name, result: metrics(
-                                         "milter.result",
-                                         {"milter": name, "result": result})))
-        if listener.role == "submissions":  # TLS from the first octet
-            from twisted.protocols.tls import TLSMemoryBIOFactory
-            factory = TLSMemoryBIOFactory(ctx, False, factory)
+        factory = listener_factory(
+            config, listener, spool, reactor, on_queued=manager.enqueue,
+            on_delivered=manager.delivered_on_receipt,
+            milter_result=lambda name, result: metrics(
+                "milter.result", {"milter": name, "result": result}),
+            on_receipt=on_receipt, tls_context=ctx, users=users, run_blocking=run_blocking,
+            signer=prepared.dkim)
         if workers:  # the socket is shared: the workers adopt it, we accept on it too
             svc = SharedListener(reactor, with_backlog(listener.endpoint), factory)
             shared.append(svc)

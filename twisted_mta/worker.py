@@ -110,12 +110,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from twisted.internet import reactor
     from twisted.internet.threads import deferToThreadPool
-    from twisted.protocols.tls import TLSMemoryBIOFactory
 
     from twisted_mta.config import ConfigError, load_config
     from twisted_mta.delivery.local import OnReceipt
-    from twisted_mta.inbound.milter import stage_for as milter_stage
-    from twisted_mta.inbound.server import InboundFactory
+    from twisted_mta.inbound.server import listener_factory
     from twisted_mta.logsetup import TurnBufferedStream, classic_text_formatter, install_json_log
     from twisted_mta.queue.spool import Spool
     from twisted_mta.tlsserver import server_context
@@ -150,15 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.listener:
         n, fd, family = spec.split(":")
         listener = config.listeners[int(n)]
-        role = listener.role
-        factory = InboundFactory(config, role, spool, reactor, on_queued=notify,
-                                 on_receipt=on_receipt, on_delivered=notify_delivered,
-                                 tls_context=ctx, users=users, run_blocking=run_blocking,
-                                 signer=signer,
-                                 milters=milter_stage(config, listener, reactor, run_blocking,
-                                                      notify_milter))
-        if role == "submissions":
-            factory = TLSMemoryBIOFactory(ctx, False, factory)
+        factory = listener_factory(config, listener, spool, reactor, on_queued=notify,
+                                   on_delivered=notify_delivered, milter_result=notify_milter,
+                                   on_receipt=on_receipt, tls_context=ctx, users=users,
+                                   run_blocking=run_blocking, signer=signer)
         ports.append(reactor.adoptStreamPort(int(fd), FAMILIES[family], factory))
         os.close(int(fd))
     reactor.addReader(_ParentPipe(reactor))

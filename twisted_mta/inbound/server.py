@@ -54,11 +54,11 @@ from twisted_mta import reply
 from twisted_mta.address import (
     Address, AddressError, NonASCIIAddress, parse_mail_from, parse_rcpt_to,
 )
-from twisted_mta.config import Config
+from twisted_mta.config import Config, Listener
 from twisted_mta.dkim import Signer, sign_queued, sign_source
 from twisted_mta.dsn import params as dsn_params
 from twisted_mta.inbound.data import DataReader
-from twisted_mta.inbound.milter import MilterChain, MilterStage
+from twisted_mta.inbound.milter import MilterChain, MilterStage, stage_for
 from twisted_mta.local import AliasLoop, LocalDirectory, UnknownRecipient
 from twisted_mta.model import DELIVERED, Envelope, Recipient, tls_required_no
 from twisted_mta.queue.spool import RunBlocking, Spool, run_inline
@@ -317,6 +317,31 @@ class InboundFactory(smtp.SMTPFactory):
         if address.version == 6 and address.ipv4_mapped:
             address = address.ipv4_mapped
         return any(address in net for net in self.trusted)
+
+
+def listener_factory(config: Config, listener: Listener, spool: Spool, reactor: Any, *,
+                     on_queued: Callable[[Envelope], None],
+                     on_delivered: Callable[[str, int, float], None],
+                     milter_result: Callable[[str, str], None],
+                     on_receipt: OnReceipt | None, tls_context: Any,
+                     users: UserDatabase | None, run_blocking: RunBlocking,
+                     signer: Signer | None) -> Any:
+    """
+    What one listener accepts with, in the main process and in a worker
+    alike: an L{InboundFactory} with the listener's milters, wrapped in TLS
+    from the first octet on a C{submissions} listener.  Only the callbacks
+    differ: a worker reports to the main process through its pipe.
+    """
+    factory = InboundFactory(config, listener.role, spool, reactor, on_queued=on_queued,
+                             tls_context=tls_context, users=users, run_blocking=run_blocking,
+                             signer=signer,
+                             milters=stage_for(config, listener, reactor, run_blocking,
+                                               milter_result),
+                             on_receipt=on_receipt, on_delivered=on_delivered)
+    if listener.role == "submissions":
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+        return TLSMemoryBIOFactory(tls_context, False, factory)
+    return factory
 
 
 @implementer(IHandshakeListener)
