@@ -17,12 +17,18 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_mta import workers
+from twisted_mta.config import OutboundSettings
 
 
 class FakeTransport:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.signals: list[str] = []
+        self.written: list[bytes] = []
+
+    def writeToChild(self, fd: int, data: bytes) -> None:
+        assert fd == 0
+        self.written.append(data)
 
     def signalProcess(self, name: str) -> None:
         self.signals.append(name)
@@ -217,3 +223,165 @@ class WorkerPoolTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(len(self.reactor.spawned), 2)  # no restart while stopping
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
+class RecordingPool:
+    """The main process's own pool, as WorkerSending falls back to it."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+        self.revived = 0
+        self.stopped = False
+
+    def deliver(self, hop, txn):
+        self.calls.append((hop, txn))
+        return defer.succeed({r: "sent by the main process" for r in txn.recipients})
+
+    def revive(self) -> None:
+        self.revived += 1
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+class WorkerSendingTests(SynchronousTestCase):
+    """
+    With the workers sending (L{workers.WorkerSending}): each next hop's
+    transactions go down one worker's pipe, always the same worker's, and
+    its answers fire them; while that worker is not running the main
+    process sends; a worker that ends leaves what it had not answered to
+    be tried again; events and TLS history come back to one writer.
+    """
+
+    def setUp(self) -> None:
+        from twisted_mta.tls.history import TLSHistory
+        self.reactor = FakeReactor()
+        self.local = RecordingPool()
+        self.history = TLSHistory(os.path.join(self.mktemp(), "history.json"), self.reactor,
+                                  inline)
+        self.events: list = []
+        self.sending = workers.WorkerSending(self.local, self.history,
+                                             [lambda n, e: self.events.append((n, e))])
+        spool = self.mktemp()
+        os.makedirs(os.path.join(spool, "new"))
+        self.pool = workers.WorkerPool(Config(), self.reactor, 2, [FakeListener()],
+                                       FakeSpool(spool), FakeManager(), inline,
+                                       sending=self.sending)
+        self.pool.startService()
+
+    def txn(self, domain: str):
+        from twisted_mta.outbound.client import Transaction
+        from twisted_mta.outbound.message import OutgoingMessage
+        from twisted_mta.outbound.router import next_hops
+        (hop, addrs), = next_hops([f"a@{domain}", f"b@{domain}"]).items()
+        message = OutgoingMessage(path="/spool/cur/Q", offset=0, size=1, eight_bit=False,
+                                  data=None)
+        return hop, Transaction("s@src.test", addrs, message, queue_id="Q")
+
+    def sends(self, index: int) -> list[bytes]:
+        return [w for w in self.reactor.spawned[index][3].written if w.startswith(b"send ")]
+
+    def worker_of(self, domain: str) -> int:
+        return workers.zlib.crc32(domain.encode()) % 2
+
+    def answer(self, index: int, line: bytes) -> None:
+        self.reactor.spawned[index][0].childDataReceived(3, line)
+
+    def test_the_workers_are_told_to_send(self) -> None:
+        args = self.reactor.spawned[0][1]
+        self.assertEqual(args[args.index("--senders") + 1], "2")
+        # and each starts with the TLS history the main process has
+        self.assertEqual(self.reactor.spawned[1][3].written, [b"history {}\n"])
+
+    def test_one_worker_per_next_hop_and_its_answer(self) -> None:
+        from twisted_mta.outbound import wire
+        from twisted_mta.model import Outcome
+        domains = [f"d{i}.test" for i in range(8)]
+        results = {}
+        for domain in domains * 2:
+            hop, txn = self.txn(domain)
+            self.sending.deliver(hop, txn).addCallback(
+                lambda outcomes, domain=domain: results.setdefault(domain, outcomes))
+        for index in (0, 1):
+            mine = [d for d in domains if self.worker_of(d) == index]
+            self.assertTrue(mine)  # both are used
+            seen = [wire.decode_send(line.split(b" ", 2)[2].rstrip(), OutboundSettings())
+                    for line in self.sends(index)]
+            self.assertEqual([r.hop.domain for r in seen], mine * 2)
+        self.assertEqual(self.local.calls, [])
+        ok = Outcome(250, "2.0.0", "ok")
+        first = self.sends(self.worker_of("d0.test"))[0]
+        n = int(first.split(b" ")[1])
+        other = 1 - self.worker_of("d0.test")
+        line = b"sent %d " % n + wire.encode_outcomes({"a@d0.test": ok, "b@d0.test": ok})
+        self.answer(other, line + b"\n")  # not the worker it went to: ignored
+        self.assertNotIn("d0.test", results)
+        self.answer(self.worker_of("d0.test"), line + b"\n")
+        self.assertEqual(results["d0.test"], {"a@d0.test": ok, "b@d0.test": ok})
+        self.flushLoggedErrors()
+
+    def test_gone(self) -> None:
+        from twisted_mta.model import MessageGone
+        hop, txn = self.txn("d0.test")
+        d = self.sending.deliver(hop, txn)
+        index = self.worker_of("d0.test")
+        n = int(self.sends(index)[0].split(b" ")[1])
+        self.answer(index, b"gone %d\n" % n)
+        self.failureResultOf(d, MessageGone)
+
+    def test_the_main_process_sends_while_the_worker_is_down(self) -> None:
+        index = self.worker_of("d0.test")
+        self.reactor.spawned[index][0].processEnded(Failure(error.ProcessTerminated(signal=9)))
+        hop, txn = self.txn("d0.test")
+        self.assertEqual(self.successResultOf(self.sending.deliver(hop, txn)),
+                         {"a@d0.test": "sent by the main process",
+                          "b@d0.test": "sent by the main process"})
+        self.reactor.advance(workers.RESTART_DELAY)  # started again: it sends again
+        self.assertNoResult(self.sending.deliver(hop, txn))
+        self.assertEqual(len(self.local.calls), 1)
+
+    def test_a_worker_that_ends_leaves_its_transactions_to_be_tried_again(self) -> None:
+        hop, txn = self.txn("d0.test")
+        index = self.worker_of("d0.test")
+        pending = [self.sending.deliver(hop, txn) for _ in range(2)]
+        hop2, txn2 = self.txn("d1.test" if self.worker_of("d1.test") != index else "d2.test")
+        elsewhere = self.sending.deliver(hop2, txn2)
+        self.reactor.spawned[index][0].processEnded(Failure(error.ProcessTerminated(signal=9)))
+        for d in pending:
+            outcomes = self.successResultOf(d)
+            self.assertEqual(sorted(outcomes), ["a@d0.test", "b@d0.test"])
+            self.assertEqual({(o.code, o.kind) for o in outcomes.values()},
+                             {(451, "sender-ended")})
+            self.assertIn("signal SIGKILL", outcomes["a@d0.test"].text)
+        self.assertNoResult(elsewhere)
+
+    def test_events_and_history_reach_one_writer(self) -> None:
+        from twisted_mta.outbound import wire
+        from twisted_mta.tls.history import HistoryEntry
+        entry = HistoryEntry(best="verified", best_at=5.0)
+        self.answer(0, b"event " + wire.encode_event("tls.shadow", {"domain": "d.test"})
+                    + b"\nhistory " + wire.encode_history("d.test", entry) + b"\n"
+                    + b"event nonsense\n")
+        self.assertEqual(self.events, [("tls.shadow", {"domain": "d.test"})])
+        self.assertEqual(self.history.entries, {"d.test": entry})
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1)  # saved as any change is
+
+    def test_operator_requests_reach_every_worker(self) -> None:
+        self.sending.revive()
+        self.sending.history_forgotten(None)
+        self.sending.history_forgotten("d.test")
+        self.sending.sts_reloaded("d.test")
+        for index in (0, 1):
+            self.assertEqual(self.reactor.spawned[index][3].written[1:],
+                             [b"revive\n", b"history-forget *\n",
+                              b"history-forget d.test\n", b"sts-reload d.test\n"])
+        self.assertEqual(self.local.revived, 1)
+
+    def test_stopping(self) -> None:
+        """While the workers stop (first), and after, the main process's pool is used."""
+        self.pool.stopService()
+        hop, txn = self.txn("d0.test")
+        self.successResultOf(self.sending.deliver(hop, txn))
+        self.sending.stop()
+        self.assertTrue(self.local.stopped)
+        self.assertEqual(len(self.local.calls), 1)

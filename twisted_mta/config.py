@@ -641,6 +641,9 @@ class OutboundSettings:
     routes: tuple[tuple[str, Smarthost], ...] = attrs.field(  # (domain or .parent, smarthost)
         default=(), validator=_domain_keys)
     tls: OutboundTLSSettings = OutboundTLSSettings()
+    # With [server] workers: send from the workers, each next hop in one
+    # (docs/architecture.md, "Processes"); false: the main process sends.
+    send_in_workers: bool = True
 
     def smarthost_for(self, domain: str) -> Smarthost | None:
         """

@@ -104,6 +104,10 @@ CAUSES: dict[str, Cause] = {
     "internal": Cause(451, "4.3.0", "{why}"),
     "not-configured": Cause(451, "4.3.5", "remote delivery is not configured"),
     "shutting-down": Cause(451, "4.3.2", "shutting down"),
+    # A worker process sending the message ended before it said how it
+    # went (docs/architecture.md, "Processes"): tried again, perhaps twice.
+    "sender-ended": Cause(451, "4.3.0", "the sending was interrupted ({why}); the message "
+                                        "will be tried again"),
     "expired": Cause(554, "5.4.7", "Delivery time expired{last}"),
 }
 

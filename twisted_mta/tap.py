@@ -467,9 +467,15 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
     from twisted_mta.delivery.remote import RemoteDelivery
     from twisted_mta.delivery.routing import make_local_target
     from twisted_mta.queue.manager import Targets
+    from twisted_mta.workers import SharedListener, WorkerPool, WorkerSending, worker_count
+    workers = worker_count(config)
+    # With workers, they send too (each next hop in one); the main
+    # process's own pool sends only while that worker is not running.
+    sending = WorkerSending(outbound, history, outbound.observers) if (
+        workers and config.outbound.send_in_workers) else None
     targets = Targets(
         local=make_local_target(config.local, config.hostname, reactor, run_blocking),
-        remote=RemoteDelivery(outbound, config.outbound, run_reading))
+        remote=RemoteDelivery(sending or outbound, config.outbound, run_reading))
     from twisted_mta.queue import control
     manager = QueueManager(config, spool, reactor, run_blocking, targets, run_reading=run_reading,
                            watch_control=functools.partial(control.watch, reactor),
@@ -487,8 +493,6 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
         make_report_schedule(config, reactor, run_blocking, spool, manager, prepared,
                              [metrics], outbound.observers).setServiceParent(top)
     ctx, users = prepared.server_tls, prepared.users
-    from twisted_mta.workers import SharedListener, WorkerPool, worker_count
-    workers = worker_count(config)
     on_receipt = OnReceipt.from_settings(config.local, config.hostname)
     shared = []
     for listener in config.listeners:
@@ -517,7 +521,7 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
         svc.setServiceParent(top)
     if workers:
         WorkerPool(config, reactor, workers, shared, spool, manager,
-                   run_blocking, observers=[metrics]).setServiceParent(top)
+                   run_blocking, observers=[metrics], sending=sending).setServiceParent(top)
     top.metrics = metrics
     return top
 

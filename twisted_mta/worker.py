@@ -1,11 +1,14 @@
 """
-One receiving worker (L{twisted_mta.workers}): started by the main
-process as C{python -m twisted_mta.worker --config FILE --listener
-N:FD:FAMILY ...}, it serves SMTP on the listening sockets it inherited
-(the configuration's listener N on file descriptor FD), writes each
-message into the shared spool, and reports its queue id on file
-descriptor 3.  It stops when its standard input (a pipe from the main
-process) closes, on SIGTERM, and, on Linux, when the main process dies.
+One worker (L{twisted_mta.workers}): started by the main process as
+C{python -m twisted_mta.worker --config FILE --listener N:FD:FAMILY ...
+[--senders N]}, it serves SMTP on the listening sockets it inherited (the
+configuration's listener N on file descriptor FD), writes each message
+into the shared spool, and reports its queue id on file descriptor 3.
+With C{--senders}, it also sends what the main process hands it on its
+standard input (L{twisted_mta.outbound.sender}) and answers on file
+descriptor 3.  It stops when its standard input closes, on SIGTERM
+(letting transactions under way finish first), and, on Linux, when the
+main process dies.
 """
 
 from __future__ import annotations
@@ -39,10 +42,15 @@ def die_with_parent() -> None:
 
 
 class _ParentPipe:
-    """Standard input from the main process: its end closing means stop."""
+    """
+    Standard input from the main process: lines for the sending side
+    (L{twisted_mta.outbound.sender}); its end closing means stop.
+    """
 
-    def __init__(self, reactor) -> None:
+    def __init__(self, reactor, on_line=None) -> None:
         self.reactor = reactor
+        self.on_line = on_line
+        self.buffer = b""
         os.set_blocking(0, False)
 
     def fileno(self) -> int:
@@ -54,10 +62,16 @@ class _ParentPipe:
     def doRead(self):
         from twisted.internet import main
         try:
-            data = os.read(0, 4096)
+            data = os.read(0, 65536)
         except BlockingIOError:
             return None
-        return None if data else main.CONNECTION_DONE
+        if not data:
+            return main.CONNECTION_DONE
+        if self.on_line is not None:
+            *lines, self.buffer = (self.buffer + data).split(b"\n")
+            for line in lines:
+                self.on_line(line)
+        return None
 
     def connectionLost(self, reason) -> None:
         self.reactor.removeReader(self)
@@ -66,6 +80,16 @@ class _ParentPipe:
 
 
 NOTICE_MAX = 4096  # PIPE_BUF: a write this short reaches the pipe whole
+
+
+def write_up(data: bytes) -> None:
+    """
+    Write C{data} whole on the pipe to the main process (blocking; only
+    the reactor thread writes there, so lines never interleave).
+    """
+    view = memoryview(data)
+    while view:
+        view = view[os.write(NOTIFY_FD, view):]
 
 
 def notify(envelope) -> None:
@@ -99,12 +123,42 @@ def notify_milter(name: str, result: str) -> None:
     os.write(NOTIFY_FD, f"milter {result} {name}\n".encode("ascii", "replace"))
 
 
+def build_pool(config, reactor, run_blocking, observers: list, history: TLSHistory,
+               senders: int):
+    """
+    The worker's L{OutboundPool} for C{config}, as the main process builds
+    its own (tap.make_service); the limit on connections in total is
+    shared among the C{senders} workers.
+    """
+    import attrs
+
+    from twisted_mta.outbound.attempt import DNSResolver, tcp_connector
+    from twisted_mta.outbound.pool import OutboundPool
+    from twisted_mta.tap import make_published, prepare_tls
+    engine, _ = prepare_tls(config)
+    resolver = DNSResolver(config.dns)
+    published = make_published(config, reactor, run_blocking, resolver)
+    if published is not None:
+        published.start()
+        if published.sts_cache is not None:
+            published.sts_cache.observers.extend(observers)  # failed policy fetches
+    settings = config.outbound
+    if senders > 1:
+        settings = attrs.evolve(settings, connections=max(1, settings.connections // senders))
+    return OutboundPool(settings=settings, hostname=config.hostname, clock=reactor,
+                        run_blocking=run_blocking, resolver=resolver,
+                        connect=tcp_connector(reactor, settings.connect_timeout),
+                        observers=observers, history=history, tls=engine, published=published)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twisted_mta.worker")
     parser.add_argument("--config", required=True)
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--listener", action="append", default=[],
                         help="N:FD:FAMILY: the configuration's listener N on FD")
+    parser.add_argument("--senders", type=int, default=0,
+                        help="send mail too, as one of this many workers that send")
     args = parser.parse_args(argv)
     die_with_parent()
 
@@ -154,11 +208,18 @@ def main(argv: list[str] | None = None) -> int:
                                    run_blocking=run_blocking, signer=signer)
         ports.append(reactor.adoptStreamPort(int(fd), FAMILIES[family], factory))
         os.close(int(fd))
-    reactor.addReader(_ParentPipe(reactor))
+    sender = None
+    if args.senders:
+        from twisted_mta.outbound.sender import Sender
+        sender = Sender(reactor, write_up, lambda observers, history: build_pool(
+            config, reactor, run_blocking, observers, history, args.senders), config.outbound)
+    reactor.addReader(_ParentPipe(reactor, sender.line if sender is not None else None))
 
     @defer.inlineCallbacks
     def close_ports():
         yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in ports])
+        if sender is not None:
+            yield sender.stop()
     reactor.addSystemEventTrigger("before", "shutdown", close_ports)
     log.info("worker {index}: receiving on {count} listener(s)", index=args.index,
              count=len(ports), event="workers.ready")

@@ -34,13 +34,17 @@ import os
 import signal
 import socket
 import sys
+import zlib
 from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, endpoints, protocol
 from twisted.logger import Logger
 
-from twisted_mta.model import Envelope, EnvelopeError
+from twisted_mta import failures
+from twisted_mta.metrics import notify
+from twisted_mta.model import Envelope, EnvelopeError, MessageGone
+from twisted_mta.outbound import wire
 
 log = Logger()
 
@@ -55,6 +59,7 @@ STOP_TIMEOUT = 8.0  # SIGTERM, then SIGKILL after this long
 LISTENER_FD_BASE = 10  # the child's fd of the first listener
 FAMILIES = {socket.AF_INET: "inet", socket.AF_INET6: "inet6", socket.AF_UNIX: "unix"}
 SHAREABLE = ("tcp", "tcp6", "unix")  # endpoint kinds whose socket a worker can adopt
+SENDING_VERBS = frozenset({b"sent", b"gone", b"event", b"history"})
 
 
 def worker_count(config) -> int:
@@ -128,9 +133,12 @@ class _Worker(protocol.ProcessProtocol):
             return
         self.buffer += data
         *lines, self.buffer = self.buffer.split(b"\n")
+        sending = self.pool.sending
         for line in lines:
             words = line.split(b" ", 2)
-            if len(words) >= 2 and words[0] == b"queued":
+            if sending is not None and words[0] in SENDING_VERBS:
+                sending.line(self.index, line)
+            elif len(words) >= 2 and words[0] == b"queued":
                 self.pool.queued(words[1].decode("ascii", "replace"),
                                  words[2] if len(words) == 3 else None)
             elif words[0] == b"delivered":
@@ -155,8 +163,12 @@ class WorkerPool(service.Service):
     name = "workers"
 
     def __init__(self, config, reactor, count: int, listeners: list[SharedListener],
-                 spool, manager, run_blocking, observers: list | None = None) -> None:
+                 spool, manager, run_blocking, observers: list | None = None,
+                 sending: "WorkerSending | None" = None) -> None:
         self.observers = observers or []  # the metrics, for what the workers report
+        self.sending = sending  # when the workers send too
+        if sending is not None:
+            sending.workers = self
         self.config = config
         self.reactor = reactor
         self.count = count
@@ -187,10 +199,14 @@ class WorkerPool(service.Service):
         for n, listener in enumerate(self.listeners):
             fds[LISTENER_FD_BASE + n] = listener.fileno
             args += ["--listener", f"{n}:{LISTENER_FD_BASE + n}:{listener.family}"]
+        if self.sending is not None:
+            args += ["--senders", str(self.count)]
         worker = _Worker(self, index, self.reactor.seconds())
         transport = self.reactor.spawnProcess(worker, sys.executable, args, env=env,
                                               childFDs=fds)
         self.workers[index] = (transport, worker)
+        if self.sending is not None:
+            self.sending.started(index)
         log.info("workers: worker {index} started (pid {pid})", index=index,
                  pid=transport.pid, event="workers.started")
 
@@ -238,9 +254,22 @@ class WorkerPool(service.Service):
         if queue_id not in self.manager.entries and not self.stopping:
             self.manager.enqueue(envelope)
 
+    def write(self, index: int, line: bytes) -> bool:
+        """Write C{line} to worker C{index}'s pipe; False when it is not running."""
+        found = self.workers.get(index)
+        if found is None:
+            return False
+        found[0].writeToChild(0, line)
+        return True
+
+    def is_up(self, index: int) -> bool:
+        return index in self.workers and not self.stopping
+
     def ended(self, worker: _Worker, reason: Exception) -> None:
         if self.workers.get(worker.index, (None, None))[1] is worker:
             del self.workers[worker.index]
+        if self.sending is not None:
+            self.sending.ended(worker.index, _why(reason))
         if self.stopping:
             return
         young = self.reactor.seconds() - worker.started < YOUNG
@@ -276,6 +305,113 @@ class WorkerPool(service.Service):
             kill = self.reactor.callLater(STOP_TIMEOUT, _signal, transport, "KILL")
             worker.ended.addBoth(lambda result, call=kill: call.active() and call.cancel())
         return defer.DeferredList(waiting)
+
+
+class WorkerSending:
+    """
+    The outbound pool as the remote delivery target sees it (C{deliver},
+    C{revive}, C{stop}), sending in the workers: each next hop's
+    transactions go to one worker (by a hash of the hop's key, so
+    connection reuse and the per-destination limits stay in one process),
+    and to the main process's own pool (C{local}) while that worker is
+    not running.  What a worker learns and reports comes back through
+    L{line}: outcomes, observers' events, TLS history.
+    """
+
+    def __init__(self, local, history=None, observers: list | None = None) -> None:
+        self.local = local  # an OutboundPool (or a double with deliver, revive, stop)
+        self.history = history  # the main process's TLSHistory: the one that saves
+        self.observers = observers if observers is not None else []
+        self.workers: WorkerPool | None = None
+        self.pending: dict[int, tuple[int, defer.Deferred, Any]] = {}
+        self._next = 0
+        self._stopping = False
+
+    @property
+    def tls(self):
+        return self.local.tls  # the same engine the workers build from the same file
+
+    def sender_for(self, key: str) -> int | None:
+        if self.workers is None or self._stopping or not self.workers.count:
+            return None
+        index = zlib.crc32(key.encode("utf-8", "replace")) % self.workers.count
+        return index if self.workers.is_up(index) else None
+
+    def deliver(self, hop, txn) -> defer.Deferred:
+        index = self.sender_for(hop.key)
+        if index is None:
+            return self.local.deliver(hop, txn)
+        self._next += 1
+        n = self._next
+        d = defer.Deferred()
+        self.pending[n] = (index, d, txn)
+        self.workers.write(index, b"send %d " % n + wire.encode_send(hop, txn) + b"\n")
+        return d
+
+    def line(self, index: int, line: bytes) -> None:
+        """A line from worker C{index} about sending."""
+        verb, _, rest = line.partition(b" ")
+        try:
+            if verb in (b"sent", b"gone"):
+                n_text, _, data = rest.partition(b" ")
+                n = int(n_text)
+                found = self.pending.get(n)
+                if found is None or found[0] != index:
+                    raise wire.WireError(f"an answer to no request ({n})")
+                del self.pending[n]
+                if verb == b"gone":
+                    found[1].errback(MessageGone(found[2].message.path))
+                else:
+                    found[1].callback(wire.decode_outcomes(data))
+            elif verb == b"event":
+                name, event = wire.decode_event(rest)
+                notify(self.observers, name, event, log, "workers.error")
+            elif verb == b"history" and self.history is not None:
+                self.history.put(*wire.decode_history(rest))
+        except (wire.WireError, ValueError) as e:
+            log.warn("workers: worker {index} sent a line not understood: {why}",
+                     index=index, why=str(e), event="workers.error")
+
+    def started(self, index: int) -> None:
+        """Worker C{index} was started: it begins with our TLS history."""
+        if self.history is not None:
+            self.workers.write(index, b"history " + wire.encode_json(self.history.to_json())
+                               + b"\n")
+
+    def ended(self, index: int, why: str) -> None:
+        """
+        Worker C{index} ended: what it had not answered is tried again
+        later (it may have gone; at least once, as after a crash).
+        """
+        lost = [n for n, (i, _, _) in self.pending.items() if i == index]
+        if lost:
+            log.warn("workers: worker {index} ended with {count} transaction(s) under way; "
+                     "their messages will be tried again", index=index, count=len(lost),
+                     event="workers.sending_lost")
+        outcome = failures.outcome("sender-ended", why=why)
+        for n in lost:
+            _, d, txn = self.pending.pop(n)
+            d.callback({r: outcome for r in txn.recipients})
+
+    def tell(self, line: bytes) -> None:
+        """Every running worker gets C{line} (an operator's request)."""
+        if self.workers is not None:
+            for index in list(self.workers.workers):
+                self.workers.write(index, line)
+
+    def revive(self) -> None:
+        self.local.revive()
+        self.tell(b"revive\n")
+
+    def history_forgotten(self, domain: str | None) -> None:
+        self.tell(b"history-forget " + (domain or "*").encode("ascii", "replace") + b"\n")
+
+    def sts_reloaded(self, domain: str) -> None:
+        self.tell(b"sts-reload " + domain.encode("ascii", "replace") + b"\n")
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.local.stop()
 
 
 def _signal(transport, name: str) -> None:

@@ -14,6 +14,8 @@ import os
 import signal
 import smtplib
 import ssl
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -22,8 +24,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.interop.support import (
     LOCAL_DOMAIN, LOOPBACK, MTA_HOSTNAME, MTAProcess, children, files_containing, free_port,
-    make_message, make_tempdir, pid_alive, wait_for, write_server_cert,
+    make_message, make_tempdir, pid_alive, subprocess_env, wait_for, write_server_cert,
 )
+from tests.interop.tls_peers import ScriptedPeer
 from tests.support import LOOPBACK_DNS
 from twisted_mta.model import Envelope, Recipient
 from twisted_mta.queue.spool import Spool
@@ -147,3 +150,79 @@ class MainProcessReceivesTests(SynchronousTestCase):
             self.assertEqual(code, 250, banner)
             self.assertTrue(banner.startswith(MTA_HOSTNAME.encode()), banner)
             self.assertIn(client.sock.version(), ("TLSv1.2", "TLSv1.3"))
+
+
+class WorkersSendTests(SynchronousTestCase):
+    """
+    With workers, the worker sends (C{[outbound] send_in_workers}, on by
+    default): with it stopped (SIGSTOP) remote mail waits, and goes as
+    soon as it runs again; killed with a transaction under way, the
+    message is tried again (by the main process while the worker is
+    down, or by the worker started again) and arrives; with
+    C{send_in_workers = false} the main process sends while the worker is
+    stopped.
+    """
+
+    def start(self, outbound: str = "") -> tuple[MTAProcess, int, ScriptedPeer]:
+        peer = ScriptedPeer(LOOPBACK, free_port(), "sink.example.test", mode="no-starttls")
+        self.addCleanup(peer.server.shutdown)
+        self.addCleanup(peer.server.server_close)
+        mta = MTAProcess(make_tempdir(self, "workers-send"), workers=1, extra_config=(
+            f"[outbound]\n{outbound}\n[outbound.smarthost]\n"
+            f'host = "{LOOPBACK}"\nport = {peer.server.server_address[1]}\n' + LOOPBACK_DNS))
+        self.addCleanup(mta.cleanup)
+        mta.start()
+        [worker] = wait_for(lambda: len(children(mta.pid)) == 1 and children(mta.pid),
+                            TIMEOUT, lambda: f"one worker; {mta.describe()}")
+        return mta, worker, peer
+
+    def send_remote(self, mta: MTAProcess) -> str:
+        token = uuid.uuid4().hex
+        with smtplib.SMTP(LOOPBACK, mta.port, local_hostname="client.example.test",
+                          timeout=30) as client:
+            client.sendmail(ALICE, ["rcpt@remote.test"], make_message(token))
+        return token
+
+    def arrived(self, peer: ScriptedPeer, token: str) -> int:
+        with peer.lock:
+            return sum(token.encode() in m.data for m in peer.messages)
+
+    def stop_worker(self, worker: int) -> None:
+        os.kill(worker, signal.SIGSTOP)
+        self.addCleanup(lambda: pid_alive(worker) and os.kill(worker, signal.SIGCONT))
+
+    def test_the_worker_sends(self) -> None:
+        mta, worker, peer = self.start()
+        first = self.send_remote(mta)
+        wait_for(lambda: self.arrived(peer, first), TIMEOUT, lambda: mta.describe())
+        self.stop_worker(worker)
+        token = self.send_remote(mta)  # the main process accepts it
+        time.sleep(3.0)
+        self.assertEqual(self.arrived(peer, token), 0, "sent while its worker was stopped")
+        os.kill(worker, signal.SIGCONT)
+        wait_for(lambda: self.arrived(peer, token), TIMEOUT, lambda: mta.describe())
+        self.assertEqual(self.arrived(peer, token), 1)
+
+    def test_a_worker_killed_while_sending_loses_nothing(self) -> None:
+        mta, worker, peer = self.start()
+        self.stop_worker(worker)
+        token = self.send_remote(mta)
+        time.sleep(1.0)  # handed to the stopped worker
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: "workers.sending_lost" in mta.output() or
+                 "their messages will be tried again" in mta.output(), TIMEOUT,
+                 lambda: f"the lost transaction logged; {mta.describe()}")
+        wait_for(lambda: len(children(mta.pid)) == 1, TIMEOUT, "the worker started again")
+        flushed = subprocess.run(
+            [sys.executable, "-m", "twisted_mta.cli", "queue", "flush", "-c", mta.config_path],
+            env=subprocess_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            timeout=30)
+        self.assertEqual(flushed.returncode, 0, flushed.stdout + flushed.stderr)
+        wait_for(lambda: self.arrived(peer, token), TIMEOUT, lambda: mta.describe())
+        self.assertEqual(self.arrived(peer, token), 1)
+
+    def test_off_the_main_process_sends(self) -> None:
+        mta, worker, peer = self.start("send_in_workers = false\n")
+        self.stop_worker(worker)
+        token = self.send_remote(mta)
+        wait_for(lambda: self.arrived(peer, token), TIMEOUT, lambda: mta.describe())

@@ -73,12 +73,7 @@ class TLSHistory:
         Read the file (blocking: call at start-up).  A damaged file is
         history lost, not an error.
         """
-        self.entries = {}
-        for domain, raw in read(self.path).items():
-            try:
-                self.entries[domain] = HistoryEntry(**raw)
-            except TypeError:
-                continue
+        self.replace(read(self.path))
         self._expire()
 
     def get(self, domain: str) -> HistoryEntry | None:
@@ -142,6 +137,32 @@ class TLSHistory:
         self._changed()
         return found
 
+    # -- sharing with worker processes (twisted_mta.workers) -------------------------
+
+    def put(self, domain: str, entry: HistoryEntry | None) -> None:
+        """
+        Take C{entry} as C{domain}'s, as a worker process that sent to it
+        recorded it (None: forgotten); saved as any change is.
+        """
+        domain = domain.lower()
+        if entry is None:
+            self.entries.pop(domain, None)
+        else:
+            self.entries[domain] = entry
+        self._changed()
+
+    def to_json(self) -> dict[str, Any]:
+        return {d: attrs.asdict(e) for d, e in sorted(self.entries.items())}
+
+    def replace(self, data: dict[str, Any]) -> None:
+        """Every entry from L{to_json}'s form (the main process's copy)."""
+        self.entries = {}
+        for domain, raw in data.items():
+            try:
+                self.entries[domain] = HistoryEntry(**raw)
+            except TypeError:
+                continue
+
     # -- saving ---------------------------------------------------------------------
 
     def save_now(self) -> None:
@@ -150,7 +171,7 @@ class TLSHistory:
         never run).
         """
         self._expire()
-        write(self.path, {d: attrs.asdict(e) for d, e in sorted(self.entries.items())})
+        write(self.path, self.to_json())
 
     def current(self) -> dict[str, HistoryEntry]:
         """
@@ -174,8 +195,7 @@ class TLSHistory:
     def _save(self) -> None:
         self._save_pending = False
         self._expire()
-        data = {d: attrs.asdict(e) for d, e in sorted(self.entries.items())}
-        d = self.run_blocking(write, self.path, data)
+        d = self.run_blocking(write, self.path, self.to_json())
         d.addErrback(lambda f: log.failure("outbound: could not save the TLS history to "
                                            "{path}", f, path=self.path, event="outbound.error"))
 
