@@ -232,9 +232,12 @@ class RecordingPool:
         self.calls: list = []
         self.revived = 0
         self.stopped = False
+        self.hold = False  # True: its deliveries stay under way
 
     def deliver(self, hop, txn):
         self.calls.append((hop, txn))
+        if self.hold:
+            return defer.Deferred()
         return defer.succeed({r: "sent by the main process" for r in txn.recipients})
 
     def revive(self) -> None:
@@ -246,11 +249,12 @@ class RecordingPool:
 
 class WorkerSendingTests(SynchronousTestCase):
     """
-    With the workers sending (L{workers.WorkerSending}): each next hop's
-    transactions go down one worker's pipe, always the same worker's, and
-    its answers fire them; while that worker is not running the main
-    process sends; a worker that ends leaves what it had not answered to
-    be tried again; events and TLS history come back to one writer.
+    With the workers sending (L{workers.WorkerSending}): each transaction
+    goes to the process with the fewest under way (a worker's pipe, or
+    the main process's own pool), a worker on a tie, and a worker's
+    answer fires it; while the workers are not running the main process
+    sends; a worker that ends leaves what it had not answered to be tried
+    again; events and TLS history come back to one writer.
     """
 
     def setUp(self) -> None:
@@ -281,8 +285,13 @@ class WorkerSendingTests(SynchronousTestCase):
     def sends(self, index: int) -> list[bytes]:
         return [w for w in self.reactor.spawned[index][3].written if w.startswith(b"send ")]
 
-    def worker_of(self, domain: str) -> int:
-        return workers.zlib.crc32(domain.encode()) % 2
+    def sent_to(self, index: int) -> list[str]:
+        from twisted_mta.outbound import wire
+        return [wire.decode_send(line.split(b" ", 2)[2].rstrip(), OutboundSettings()).hop.domain
+                for line in self.sends(index)]
+
+    def number(self, index: int, k: int = 0) -> int:
+        return int(self.sends(index)[k].split(b" ")[1])
 
     def answer(self, index: int, line: bytes) -> None:
         self.reactor.spawned[index][0].childDataReceived(3, line)
@@ -293,67 +302,82 @@ class WorkerSendingTests(SynchronousTestCase):
         # and each starts with the TLS history the main process has
         self.assertEqual(self.reactor.spawned[1][3].written, [b"history {}\n"])
 
-    def test_one_worker_per_next_hop_and_its_answer(self) -> None:
+    def test_the_least_busy_process_sends(self) -> None:
+        """
+        Fewest transactions under way wins, a worker on a tie; an answer
+        makes its worker less busy.
+        """
         from twisted_mta.outbound import wire
         from twisted_mta.model import Outcome
-        domains = [f"d{i}.test" for i in range(8)]
+        self.local.hold = True
         results = {}
-        for domain in domains * 2:
-            hop, txn = self.txn(domain)
+        for i in range(6):
+            hop, txn = self.txn(f"d{i}.test")
             self.sending.deliver(hop, txn).addCallback(
-                lambda outcomes, domain=domain: results.setdefault(domain, outcomes))
-        for index in (0, 1):
-            mine = [d for d in domains if self.worker_of(d) == index]
-            self.assertTrue(mine)  # both are used
-            seen = [wire.decode_send(line.split(b" ", 2)[2].rstrip(), OutboundSettings())
-                    for line in self.sends(index)]
-            self.assertEqual([r.hop.domain for r in seen], mine * 2)
-        self.assertEqual(self.local.calls, [])
+                lambda outcomes, i=i: results.setdefault(i, outcomes))
+        self.assertEqual(self.sent_to(0), ["d0.test", "d3.test"])
+        self.assertEqual(self.sent_to(1), ["d1.test", "d4.test"])
+        self.assertEqual([hop.domain for hop, _ in self.local.calls], ["d2.test", "d5.test"])
         ok = Outcome(250, "2.0.0", "ok")
-        first = self.sends(self.worker_of("d0.test"))[0]
-        n = int(first.split(b" ")[1])
-        other = 1 - self.worker_of("d0.test")
-        line = b"sent %d " % n + wire.encode_outcomes({"a@d0.test": ok, "b@d0.test": ok})
-        self.answer(other, line + b"\n")  # not the worker it went to: ignored
-        self.assertNotIn("d0.test", results)
-        self.answer(self.worker_of("d0.test"), line + b"\n")
-        self.assertEqual(results["d0.test"], {"a@d0.test": ok, "b@d0.test": ok})
-        self.flushLoggedErrors()
+        line = b"sent %d " % self.number(1) + wire.encode_outcomes(
+            {"a@d1.test": ok, "b@d1.test": ok}) + b"\n"
+        self.answer(0, line)  # not the worker it went to: ignored
+        self.assertEqual(results, {})
+        self.answer(1, line)
+        self.assertEqual(results, {1: {"a@d1.test": ok, "b@d1.test": ok}})
+        self.sending.deliver(*self.txn("d6.test"))
+        self.assertEqual(self.sent_to(1)[-1], "d6.test")  # the one with one under way
+
+    def test_limits_too_small_to_share_leave_the_main_process_out(self) -> None:
+        self.sending.main_sends = False
+        for i in range(5):
+            self.sending.deliver(*self.txn(f"d{i}.test"))
+        self.assertEqual(len(self.sent_to(0)) + len(self.sent_to(1)), 5)
+        self.assertEqual(self.local.calls, [])
+
+    def test_sending_shares(self) -> None:
+        for per_dest, total, count, expected in [
+                (20, 100, 1, (10, 50, True)),
+                (20, 100, 3, (5, 25, True)),
+                (3, 100, 2, (1, 33, True)),
+                (1, 100, 1, (1, 100, False)),
+                (2, 100, 2, (1, 50, False)),
+                (20, 1, 1, (20, 1, False))]:
+            settings, main_sends = workers.sending_shares(OutboundSettings(
+                connections=total, connections_per_destination=per_dest), count)
+            self.assertEqual((settings.connections_per_destination, settings.connections,
+                              main_sends), expected, (per_dest, total, count))
 
     def test_gone(self) -> None:
         from twisted_mta.model import MessageGone
-        hop, txn = self.txn("d0.test")
-        d = self.sending.deliver(hop, txn)
-        index = self.worker_of("d0.test")
-        n = int(self.sends(index)[0].split(b" ")[1])
-        self.answer(index, b"gone %d\n" % n)
+        d = self.sending.deliver(*self.txn("d0.test"))
+        self.answer(0, b"gone %d\n" % self.number(0))
         self.failureResultOf(d, MessageGone)
 
-    def test_the_main_process_sends_while_the_worker_is_down(self) -> None:
-        index = self.worker_of("d0.test")
-        self.reactor.spawned[index][0].processEnded(Failure(error.ProcessTerminated(signal=9)))
+    def test_the_main_process_sends_while_the_workers_are_down(self) -> None:
+        for index in (0, 1):
+            self.reactor.spawned[index][0].processEnded(
+                Failure(error.ProcessTerminated(signal=9)))
         hop, txn = self.txn("d0.test")
         self.assertEqual(self.successResultOf(self.sending.deliver(hop, txn)),
                          {"a@d0.test": "sent by the main process",
                           "b@d0.test": "sent by the main process"})
-        self.reactor.advance(workers.RESTART_DELAY)  # started again: it sends again
+        self.reactor.advance(workers.RESTART_DELAY)  # started again: they send again
         self.assertNoResult(self.sending.deliver(hop, txn))
         self.assertEqual(len(self.local.calls), 1)
 
     def test_a_worker_that_ends_leaves_its_transactions_to_be_tried_again(self) -> None:
         hop, txn = self.txn("d0.test")
-        index = self.worker_of("d0.test")
-        pending = [self.sending.deliver(hop, txn) for _ in range(2)]
-        hop2, txn2 = self.txn("d1.test" if self.worker_of("d1.test") != index else "d2.test")
-        elsewhere = self.sending.deliver(hop2, txn2)
-        self.reactor.spawned[index][0].processEnded(Failure(error.ProcessTerminated(signal=9)))
-        for d in pending:
-            outcomes = self.successResultOf(d)
-            self.assertEqual(sorted(outcomes), ["a@d0.test", "b@d0.test"])
-            self.assertEqual({(o.code, o.kind) for o in outcomes.values()},
-                             {(451, "sender-ended")})
-            self.assertIn("signal SIGKILL", outcomes["a@d0.test"].text)
+        pending = self.sending.deliver(hop, txn)
+        elsewhere = self.sending.deliver(*self.txn("d1.test"))
+        self.assertEqual((self.sent_to(0), self.sent_to(1)), (["d0.test"], ["d1.test"]))
+        self.reactor.spawned[0][0].processEnded(Failure(error.ProcessTerminated(signal=9)))
+        outcomes = self.successResultOf(pending)
+        self.assertEqual(sorted(outcomes), ["a@d0.test", "b@d0.test"])
+        self.assertEqual({(o.code, o.kind) for o in outcomes.values()}, {(451, "sender-ended")})
+        self.assertIn("signal SIGKILL", outcomes["a@d0.test"].text)
         self.assertNoResult(elsewhere)
+        self.assertEqual(self.sending.busy, {0: 0, 1: 1})
 
     def test_events_and_history_reach_one_writer(self) -> None:
         from twisted_mta.outbound import wire

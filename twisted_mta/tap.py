@@ -457,8 +457,16 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
         observers.append(aggregate)
         if published is not None and published.sts_cache is not None:
             published.sts_cache.observers.append(aggregate)  # failed policy fetches
+    from twisted_mta.workers import (SharedListener, WorkerPool, WorkerSending, sending_shares,
+                                     worker_count)
+    workers = worker_count(config)
+    sends_in_workers = bool(workers and config.outbound.send_in_workers)
+    # With workers, they send too, and so does this process; each pool has
+    # its share of the connection limits.
+    settings, main_sends = sending_shares(config.outbound, workers) if sends_in_workers else (
+        config.outbound, True)
     outbound = OutboundPool(
-        settings=config.outbound, hostname=config.hostname, clock=reactor,
+        settings=settings, hostname=config.hostname, clock=reactor,
         run_blocking=run_blocking, resolver=prepared.resolver,
         connect=tcp_connector(reactor, config.outbound.connect_timeout),
         observers=observers, history=history,
@@ -467,12 +475,8 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
     from twisted_mta.delivery.remote import RemoteDelivery
     from twisted_mta.delivery.routing import make_local_target
     from twisted_mta.queue.manager import Targets
-    from twisted_mta.workers import SharedListener, WorkerPool, WorkerSending, worker_count
-    workers = worker_count(config)
-    # With workers, they send too (each next hop in one); the main
-    # process's own pool sends only while that worker is not running.
-    sending = WorkerSending(outbound, history, outbound.observers) if (
-        workers and config.outbound.send_in_workers) else None
+    sending = WorkerSending(outbound, history, outbound.observers, main_sends) if \
+        sends_in_workers else None
     targets = Targets(
         local=make_local_target(config.local, config.hostname, reactor, run_blocking),
         remote=RemoteDelivery(sending or outbound, config.outbound, run_reading))

@@ -127,11 +127,9 @@ def build_pool(config, reactor, run_blocking, observers: list, history: TLSHisto
                senders: int):
     """
     The worker's L{OutboundPool} for C{config}, as the main process builds
-    its own (tap.make_service); the limit on connections in total is
-    shared among the C{senders} workers.
+    its own (tap.make_service), with its share of the connection limits
+    (L{twisted_mta.workers.sending_shares}; C{senders}: the workers).
     """
-    import attrs
-
     from twisted_mta.outbound.attempt import DNSResolver, tcp_connector
     from twisted_mta.outbound.pool import OutboundPool
     from twisted_mta.tap import make_published, prepare_tls
@@ -142,9 +140,8 @@ def build_pool(config, reactor, run_blocking, observers: list, history: TLSHisto
         published.start()
         if published.sts_cache is not None:
             published.sts_cache.observers.extend(observers)  # failed policy fetches
-    settings = config.outbound
-    if senders > 1:
-        settings = attrs.evolve(settings, connections=max(1, settings.connections // senders))
+    from twisted_mta.workers import sending_shares
+    settings, _ = sending_shares(config.outbound, senders)
     return OutboundPool(settings=settings, hostname=config.hostname, clock=reactor,
                         run_blocking=run_blocking, resolver=resolver,
                         connect=tcp_connector(reactor, settings.connect_timeout),
@@ -158,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listener", action="append", default=[],
                         help="N:FD:FAMILY: the configuration's listener N on FD")
     parser.add_argument("--senders", type=int, default=0,
-                        help="send mail too, as one of this many workers that send")
+                        help="send mail too, as one of this many workers")
     args = parser.parse_args(argv)
     die_with_parent()
 

@@ -1,7 +1,9 @@
 """
 Processes (docs/architecture.md, "Processes"): the main process owns the
 spool, runs the queue and delivers, and receives mail like every other
-receiving process; C{[server] workers} child processes receive beside it.
+receiving process; C{[server] workers} child processes receive beside it
+and, with C{[outbound] send_in_workers}, send remote mail for it
+(L{WorkerSending}).
 One Python process uses one core (one GIL), so receiving in two processes
 puts a 2-core machine's second core to work on the mail users compare:
 received and delivered.
@@ -18,9 +20,13 @@ received and delivered.
    queues it.  Only the main process touches a queued entry after that,
    so queue ownership, the control directory (queue and tls commands),
    TLS history and shadow records stay with one process as before.
+ - Sending: the main process keeps the queue and its decisions and
+   hands each next hop's transactions to one worker, which answers with
+   the outcomes; TLS history changes and observers' events come back to
+   the main process, their one writer.
  - A worker that dies is started again; entries it queued whose notice
    never arrived are found in C{new/} then, so nothing acknowledged is
-   lost.  A worker whose parent dies stops at once (its end of the pipe
+   lost; what it was sending is deferred and tried again.  A worker whose parent dies stops at once (its end of the pipe
    to the parent closes, and Linux sends it SIGKILL).
  - Limits (connections per address, in total, stress) and the AUTH
    failure limiter count per receiving process.
@@ -34,7 +40,6 @@ import os
 import signal
 import socket
 import sys
-import zlib
 from typing import Any
 
 from twisted.application import service
@@ -318,12 +323,18 @@ class WorkerSending:
     L{line}: outcomes, observers' events, TLS history.
     """
 
-    def __init__(self, local, history=None, observers: list | None = None) -> None:
+    def __init__(self, local, history=None, observers: list | None = None,
+                 main_sends: bool = True) -> None:
         self.local = local  # an OutboundPool (or a double with deliver, revive, stop)
+        # False: the main process's pool only while no worker is up (the
+        # limits are too small to share with it, see sending_shares).
+        self.main_sends = main_sends
         self.history = history  # the main process's TLSHistory: the one that saves
         self.observers = observers if observers is not None else []
         self.workers: WorkerPool | None = None
         self.pending: dict[int, tuple[int, defer.Deferred, Any]] = {}
+        self.busy: dict[int, int] = {}  # worker index -> transactions under way
+        self.local_busy = 0  # the same, in the main process's own pool
         self._next = 0
         self._stopping = False
 
@@ -332,21 +343,44 @@ class WorkerSending:
         return self.local.tls  # the same engine the workers build from the same file
 
     def sender_for(self, key: str) -> int | None:
-        if self.workers is None or self._stopping or not self.workers.count:
+        """
+        The worker to send with, or None for the main process's own pool:
+        whichever has the fewest transactions under way, a worker on a
+        tie (the main process also runs the queue).  A process short of
+        CPU finishes its transactions later and so gets fewer new ones.
+        """
+        if self.workers is None or self._stopping:
             return None
-        index = zlib.crc32(key.encode("utf-8", "replace")) % self.workers.count
-        return index if self.workers.is_up(index) else None
+        best, fewest = None, self.local_busy if self.main_sends else float("inf")
+        for index in range(self.workers.count):
+            busy = self.busy.get(index, 0)
+            if busy <= fewest and (best is None or busy < fewest) and self.workers.is_up(index):
+                best, fewest = index, busy
+        return best
 
     def deliver(self, hop, txn) -> defer.Deferred:
         index = self.sender_for(hop.key)
         if index is None:
-            return self.local.deliver(hop, txn)
+            self.local_busy += 1
+            d = self.local.deliver(hop, txn)
+            d.addBoth(self._local_done)
+            return d
         self._next += 1
         n = self._next
         d = defer.Deferred()
         self.pending[n] = (index, d, txn)
+        self.busy[index] = self.busy.get(index, 0) + 1
         self.workers.write(index, b"send %d " % n + wire.encode_send(hop, txn) + b"\n")
         return d
+
+    def _local_done(self, result):
+        self.local_busy -= 1
+        return result
+
+    def _answered(self, n: int):
+        index, d, txn = self.pending.pop(n)
+        self.busy[index] -= 1
+        return d, txn
 
     def line(self, index: int, line: bytes) -> None:
         """A line from worker C{index} about sending."""
@@ -358,11 +392,13 @@ class WorkerSending:
                 found = self.pending.get(n)
                 if found is None or found[0] != index:
                     raise wire.WireError(f"an answer to no request ({n})")
-                del self.pending[n]
                 if verb == b"gone":
-                    found[1].errback(MessageGone(found[2].message.path))
+                    d, txn = self._answered(n)
+                    d.errback(MessageGone(txn.message.path))
                 else:
-                    found[1].callback(wire.decode_outcomes(data))
+                    outcomes = wire.decode_outcomes(data)
+                    d, txn = self._answered(n)
+                    d.callback(outcomes)
             elif verb == b"event":
                 name, event = wire.decode_event(rest)
                 notify(self.observers, name, event, log, "workers.error")
@@ -390,7 +426,7 @@ class WorkerSending:
                      event="workers.sending_lost")
         outcome = failures.outcome("sender-ended", why=why)
         for n in lost:
-            _, d, txn = self.pending.pop(n)
+            d, txn = self._answered(n)
             d.callback({r: outcome for r in txn.recipients})
 
     def tell(self, line: bytes) -> None:
@@ -412,6 +448,26 @@ class WorkerSending:
     def stop(self) -> None:
         self._stopping = True
         self.local.stop()
+
+
+def sending_shares(settings, workers: int):
+    """
+    The outbound settings of each sending process, and whether the main
+    process sends beside the C{workers}: the limits on connections (per
+    destination and in total) are divided among the processes that send,
+    so that together they keep them.  Limits too small to give each
+    process one leave the sending to the workers.
+    """
+    import attrs
+    processes = workers + 1
+    if min(settings.connections_per_destination, settings.connections) < processes:
+        processes, main_sends = workers, False
+    else:
+        main_sends = True
+    return attrs.evolve(
+        settings, connections=max(1, settings.connections // processes),
+        connections_per_destination=max(1, settings.connections_per_destination // processes)
+    ), main_sends
 
 
 def _signal(transport, name: str) -> None:
