@@ -21,8 +21,8 @@ received and delivered.
    so queue ownership, the control directory (queue and tls commands),
    TLS history and shadow records stay with one process as before.
  - Sending: the main process keeps the queue and its decisions and
-   hands each next hop's transactions to one worker, which answers with
-   the outcomes; TLS history changes and observers' events come back to
+   gives each transaction to the least busy sending process (a worker,
+   which answers with the outcomes, or itself); TLS history changes and observers' events come back to
    the main process, their one writer.
  - A worker that dies is started again; entries it queued whose notice
    never arrived are found in C{new/} then, so nothing acknowledged is
@@ -315,11 +315,11 @@ class WorkerPool(service.Service):
 class WorkerSending:
     """
     The outbound pool as the remote delivery target sees it (C{deliver},
-    C{revive}, C{stop}), sending in the workers: each next hop's
-    transactions go to one worker (by a hash of the hop's key, so
-    connection reuse and the per-destination limits stay in one process),
-    and to the main process's own pool (C{local}) while that worker is
-    not running.  What a worker learns and reports comes back through
+    C{revive}, C{stop}), sending in the workers and in the main process's
+    own pool (C{local}): each transaction goes to the one with the fewest
+    under way, a worker on a tie (L{sender_for}).  The connection limits
+    are divided among them (L{sending_shares}), so that together they
+    keep them.  What a worker learns and reports comes back through
     L{line}: outcomes, observers' events, TLS history.
     """
 

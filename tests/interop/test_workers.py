@@ -155,12 +155,11 @@ class MainProcessReceivesTests(SynchronousTestCase):
 class WorkersSendTests(SynchronousTestCase):
     """
     With workers, the worker sends (C{[outbound] send_in_workers}, on by
-    default): with it stopped (SIGSTOP) remote mail waits, and goes as
-    soon as it runs again; killed with a transaction under way, the
-    message is tried again (by the main process while the worker is
-    down, or by the worker started again) and arrives; with
-    C{send_in_workers = false} the main process sends while the worker is
-    stopped.
+    default; an idle worker gets a transaction before the main process
+    does): with it stopped (SIGSTOP) the message handed to it waits, and
+    goes as soon as it runs again; killed with a transaction under way,
+    the message is tried again and arrives; with C{send_in_workers =
+    false} the main process sends while the worker is stopped.
     """
 
     def start(self, outbound: str = "") -> tuple[MTAProcess, int, ScriptedPeer]:
