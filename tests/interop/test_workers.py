@@ -46,6 +46,22 @@ def send(port: int, count: int = 1) -> list[str]:
     return tokens
 
 
+def one_worker(testcase, tmpdir: str, extra_config: str) -> tuple[MTAProcess, int]:
+    """An MTA with one worker, started; its pid."""
+    mta = MTAProcess(tmpdir, workers=1, extra_config=extra_config)
+    testcase.addCleanup(mta.cleanup)
+    mta.start()
+    [worker] = wait_for(lambda: len(children(mta.pid)) == 1 and children(mta.pid),
+                        TIMEOUT, lambda: f"one worker; {mta.describe()}")
+    return mta, worker
+
+
+def stop_process(testcase, pid: int) -> None:
+    """SIGSTOP C{pid}, and let it run again at the end of the test."""
+    os.kill(pid, signal.SIGSTOP)
+    testcase.addCleanup(lambda: pid_alive(pid) and os.kill(pid, signal.SIGCONT))
+
+
 class WorkerTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.metrics_port = free_port()
@@ -126,16 +142,11 @@ class MainProcessReceivesTests(SynchronousTestCase):
         tmp = make_tempdir(self, "main-receives")
         ca = write_server_cert(tmp)
         smtps = free_port()
-        mta = MTAProcess(tmp, workers=1, extra_config=(
+        mta, worker = one_worker(self, tmp, (
             '[tls]\ncertificate = "cert.pem"\nkey = "key.pem"\n\n'
             f'[[listeners]]\nrole = "submissions"\n'
             f'endpoint = "tcp:{smtps}:interface={LOOPBACK}"\n' + LOOPBACK_DNS))
-        self.addCleanup(mta.cleanup)
-        mta.start()
-        [worker] = wait_for(lambda: len(children(mta.pid)) == 1 and children(mta.pid),
-                            TIMEOUT, lambda: f"one worker; {mta.describe()}")
-        os.kill(worker, signal.SIGSTOP)
-        self.addCleanup(lambda: pid_alive(worker) and os.kill(worker, signal.SIGCONT))
+        stop_process(self, worker)
         tokens = []
         for _ in range(4):  # four connections, all for the main process
             tokens += send(mta.port)
@@ -167,13 +178,9 @@ class WorkersSendTests(SynchronousTestCase):
         peer = ScriptedPeer(LOOPBACK, free_port(), "sink.example.test", mode="no-starttls")
         self.addCleanup(peer.server.shutdown)
         self.addCleanup(peer.server.server_close)
-        mta = MTAProcess(make_tempdir(self, "workers-send"), workers=1, extra_config=(
+        mta, worker = one_worker(self, make_tempdir(self, "workers-send"), (
             f"[outbound]\n{outbound}\n[outbound.smarthost]\n"
             f'host = "{LOOPBACK}"\nport = {peer.server.server_address[1]}\n' + LOOPBACK_DNS))
-        self.addCleanup(mta.cleanup)
-        mta.start()
-        [worker] = wait_for(lambda: len(children(mta.pid)) == 1 and children(mta.pid),
-                            TIMEOUT, lambda: f"one worker; {mta.describe()}")
         return mta, worker, peer
 
     def send_remote(self, mta: MTAProcess) -> str:
@@ -187,10 +194,6 @@ class WorkersSendTests(SynchronousTestCase):
         with peer.lock:
             return sum(token.encode() in m.data for m in peer.messages)
 
-    def stop_worker(self, worker: int) -> None:
-        os.kill(worker, signal.SIGSTOP)
-        self.addCleanup(lambda: pid_alive(worker) and os.kill(worker, signal.SIGCONT))
-
     def send_many(self, mta: MTAProcess, count: int = 12) -> list[str]:
         return [self.send_remote(mta) for _ in range(count)]
 
@@ -198,7 +201,7 @@ class WorkersSendTests(SynchronousTestCase):
         mta, worker, peer = self.start()
         first = self.send_remote(mta)
         wait_for(lambda: self.arrived(peer, first), TIMEOUT, lambda: mta.describe())
-        self.stop_worker(worker)
+        stop_process(self, worker)
         tokens = self.send_many(mta)  # the main process accepts them all
         time.sleep(3.0)
         waiting = [t for t in tokens if not self.arrived(peer, t)]
@@ -211,7 +214,7 @@ class WorkersSendTests(SynchronousTestCase):
 
     def test_a_worker_killed_while_sending_loses_nothing(self) -> None:
         mta, worker, peer = self.start()
-        self.stop_worker(worker)
+        stop_process(self, worker)
         tokens = self.send_many(mta)
         time.sleep(1.0)  # some handed to the stopped worker
         os.kill(worker, signal.SIGKILL)
@@ -229,7 +232,7 @@ class WorkersSendTests(SynchronousTestCase):
 
     def test_off_the_main_process_sends(self) -> None:
         mta, worker, peer = self.start("send_in_workers = false\n")
-        self.stop_worker(worker)
+        stop_process(self, worker)
         tokens = self.send_many(mta)
         wait_for(lambda: all(self.arrived(peer, t) for t in tokens), TIMEOUT,
                  lambda: mta.describe())
