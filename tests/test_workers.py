@@ -348,6 +348,16 @@ class WorkerSendingTests(SynchronousTestCase):
             self.assertEqual((settings.connections_per_destination, settings.connections,
                               main_sends), expected, (per_dest, total, count))
 
+    def test_a_worker_that_cannot_send_gets_nothing_more(self) -> None:
+        self.answer(0, b"cannot-send\n")
+        for i in range(3):
+            self.sending.deliver(*self.txn(f"d{i}.test"))
+        self.assertEqual((self.sent_to(0), self.sent_to(1)), ([], ["d0.test"]))
+        self.reactor.spawned[0][0].processEnded(Failure(error.ProcessTerminated(exitCode=1)))
+        self.reactor.advance(workers.RESTART_DELAY)  # started again: it may send again
+        self.sending.deliver(*self.txn("d3.test"))
+        self.assertEqual(self.sent_to(2), ["d3.test"])
+
     def test_gone(self) -> None:
         from twisted_mta.model import MessageGone
         d = self.sending.deliver(*self.txn("d0.test"))

@@ -64,7 +64,7 @@ STOP_TIMEOUT = 8.0  # SIGTERM, then SIGKILL after this long
 LISTENER_FD_BASE = 10  # the child's fd of the first listener
 FAMILIES = {socket.AF_INET: "inet", socket.AF_INET6: "inet6", socket.AF_UNIX: "unix"}
 SHAREABLE = ("tcp", "tcp6", "unix")  # endpoint kinds whose socket a worker can adopt
-SENDING_VERBS = frozenset({b"sent", b"gone", b"event", b"history"})
+SENDING_VERBS = frozenset({b"sent", b"gone", b"event", b"history", b"cannot-send"})
 
 
 def worker_count(config) -> int:
@@ -334,6 +334,7 @@ class WorkerSending:
         self.workers: WorkerPool | None = None
         self.pending: dict[int, tuple[int, defer.Deferred, Any]] = {}
         self.busy: dict[int, int] = {}  # worker index -> transactions under way
+        self.unable: set[int] = set()  # workers that cannot send (until started again)
         self.local_busy = 0  # the same, in the main process's own pool
         self._next = 0
         self._stopping = False
@@ -354,7 +355,8 @@ class WorkerSending:
         best, fewest = None, self.local_busy if self.main_sends else float("inf")
         for index in range(self.workers.count):
             busy = self.busy.get(index, 0)
-            if busy <= fewest and (best is None or busy < fewest) and self.workers.is_up(index):
+            if busy <= fewest and (best is None or busy < fewest) and \
+                    index not in self.unable and self.workers.is_up(index):
                 best, fewest = index, busy
         return best
 
@@ -402,6 +404,8 @@ class WorkerSending:
             elif verb == b"event":
                 name, event = wire.decode_event(rest)
                 notify(self.observers, name, event, log, "workers.error")
+            elif verb == b"cannot-send":
+                self.unable.add(index)
             elif verb == b"history" and self.history is not None:
                 self.history.put(*wire.decode_history(rest))
         except (wire.WireError, ValueError) as e:
@@ -410,6 +414,7 @@ class WorkerSending:
 
     def started(self, index: int) -> None:
         """Worker C{index} was started: it begins with our TLS history."""
+        self.unable.discard(index)
         if self.history is not None:
             self.workers.write(index, b"history " + wire.encode_json(self.history.to_json())
                                + b"\n")

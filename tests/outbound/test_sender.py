@@ -74,9 +74,10 @@ class SenderTests(SynchronousTestCase):
     def answers(self) -> list[tuple[bytes, int, dict | None]]:
         out = []
         for line in self.lines:
-            verb, n, *rest = line.rstrip(b"\n").split(b" ", 2)
-            if verb in (b"sent", b"gone"):
-                out.append((verb, int(n), wire.decode_outcomes(rest[0]) if rest else None))
+            words = line.rstrip(b"\n").split(b" ", 2)
+            if words[0] in (b"sent", b"gone"):
+                out.append((words[0], int(words[1]),
+                            wire.decode_outcomes(words[2]) if len(words) == 3 else None))
         return out
 
     def test_sends_and_answers(self) -> None:
@@ -117,6 +118,8 @@ class SenderTests(SynchronousTestCase):
         answers = self.answers()
         self.assertEqual([(v, n) for v, n, _ in answers], [(b"sent", 5), (b"sent", 6)])
         self.assertIn("no plugin x", answers[0][2]["a@dest.test"].text)
+        # the main process is told once to hand this worker nothing more
+        self.assertEqual(self.lines.count(b"cannot-send\n"), 1)
 
     def test_events_and_history_go_up(self) -> None:
         self.sender.line(self.request(1))

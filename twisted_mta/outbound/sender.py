@@ -158,6 +158,7 @@ class Sender:
                 self.broken = str(e)
                 log.error("worker: remote delivery cannot start: {why}", why=self.broken,
                           event="workers.error")
+                self.write(b"cannot-send\n")  # hand this worker nothing more
         return self.pool
 
     def _sts_cache(self):
