@@ -249,10 +249,10 @@ class RecordingPool:
 
 class WorkerSendingTests(SynchronousTestCase):
     """
-    With the workers sending (L{workers.WorkerSending}): the main process
-    hands over the share of its transactions it has no CPU for
-    (L{workers.HandOff}), each to the worker with the fewest under way,
-    and a worker's answer fires it; while the workers are not running the main process
+    With the workers sending (L{workers.WorkerSending}): each transaction
+    goes to the process with the fewest under way (a worker's pipe, or
+    the main process's own pool), a worker on a tie, and a worker's
+    answer fires it; while the workers are not running the main process
     sends; a worker that ends leaves what it had not answered to be tried
     again; events and TLS history come back to one writer.
     """
@@ -264,11 +264,8 @@ class WorkerSendingTests(SynchronousTestCase):
         self.history = TLSHistory(os.path.join(self.mktemp(), "history.json"), self.reactor,
                                   inline)
         self.events: list = []
-        self.cpu_used = 0.0
         self.sending = workers.WorkerSending(self.local, self.history,
-                                             [lambda n, e: self.events.append((n, e))],
-                                             cpu=lambda: self.cpu_used)
-        self.sending.hand_off.share = 1.0  # as if measured busy: every transaction handed over
+                                             [lambda n, e: self.events.append((n, e))])
         spool = self.mktemp()
         os.makedirs(os.path.join(spool, "new"))
         self.pool = workers.WorkerPool(Config(), self.reactor, 2, [FakeListener()],
@@ -305,21 +302,22 @@ class WorkerSendingTests(SynchronousTestCase):
         # and each starts with the TLS history the main process has
         self.assertEqual(self.reactor.spawned[1][3].written, [b"history {}\n"])
 
-    def test_the_least_busy_worker_sends(self) -> None:
+    def test_the_least_busy_process_sends(self) -> None:
         """
-        What is handed over goes to the worker with the fewest
-        transactions under way; an answer makes its worker less busy.
+        Fewest transactions under way wins, a worker on a tie; an answer
+        makes its worker less busy.
         """
         from twisted_mta.outbound import wire
         from twisted_mta.model import Outcome
+        self.local.hold = True
         results = {}
-        for i in range(4):
+        for i in range(6):
             hop, txn = self.txn(f"d{i}.test")
             self.sending.deliver(hop, txn).addCallback(
                 lambda outcomes, i=i: results.setdefault(i, outcomes))
-        self.assertEqual(self.sent_to(0), ["d0.test", "d2.test"])
-        self.assertEqual(self.sent_to(1), ["d1.test", "d3.test"])
-        self.assertEqual(self.local.calls, [])
+        self.assertEqual(self.sent_to(0), ["d0.test", "d3.test"])
+        self.assertEqual(self.sent_to(1), ["d1.test", "d4.test"])
+        self.assertEqual([hop.domain for hop, _ in self.local.calls], ["d2.test", "d5.test"])
         ok = Outcome(250, "2.0.0", "ok")
         line = b"sent %d " % self.number(1) + wire.encode_outcomes(
             {"a@d1.test": ok, "b@d1.test": ok}) + b"\n"
@@ -327,43 +325,11 @@ class WorkerSendingTests(SynchronousTestCase):
         self.assertEqual(results, {})
         self.answer(1, line)
         self.assertEqual(results, {1: {"a@d1.test": ok, "b@d1.test": ok}})
-        self.sending.deliver(*self.txn("d4.test"))
-        self.assertEqual(self.sent_to(1)[-1], "d4.test")  # the one with one under way
-
-    def test_the_main_process_keeps_what_it_has_time_for(self) -> None:
-        """
-        Measured idle, the main process hands over only the floor's share
-        (one in ten); measured busy, more again, a step each time.
-        """
-        for _ in range(10):  # idle: 0 CPU seconds per second
-            self.reactor.advance(workers.HandOff.INTERVAL)
-        self.assertAlmostEqual(self.sending.hand_off.share, workers.HandOff.FLOOR)
-        for i in range(20):
-            self.sending.deliver(*self.txn(f"d{i}.test"))
-        self.assertEqual(len(self.sent_to(0)) + len(self.sent_to(1)), 2)
-        self.assertEqual(len(self.local.calls), 18)
-        for _ in range(3):  # busy: a whole core
-            self.cpu_used += workers.HandOff.INTERVAL
-            self.reactor.advance(workers.HandOff.INTERVAL)
-        self.assertAlmostEqual(self.sending.hand_off.share, workers.HandOff.FLOOR + 0.3)
-        self.sending.stop()
-        self.assertEqual(self.reactor.getDelayedCalls(), [])
-
-    def test_hand_off_table(self) -> None:
-        """HandOff.adjust: up above HIGH, down below LOW, within FLOOR and 1; next() spreads."""
-        for share, load, expected in [(1.0, 0.95, 1.0), (0.5, 0.95, 0.6), (0.5, 0.85, 0.5),
-                                      (0.5, 0.5, 0.4), (0.1, 0.0, 0.1), (0.15, 0.0, 0.1)]:
-            hand_off = workers.HandOff(share=share)
-            hand_off.adjust(load)
-            self.assertAlmostEqual(hand_off.share, expected, msg=(share, load))
-        for share, count in [(0.1, 1), (0.25, 2), (0.5, 5), (1.0, 10), (0.3, 3)]:
-            hand_off = workers.HandOff(share=share)
-            self.assertEqual(sum(hand_off.next() for _ in range(10)), count, share)
-        self.assertEqual(workers.HandOff().share, workers.HandOff.FLOOR)  # until measured
+        self.sending.deliver(*self.txn("d6.test"))
+        self.assertEqual(self.sent_to(1)[-1], "d6.test")  # the one with one under way
 
     def test_limits_too_small_to_share_leave_the_main_process_out(self) -> None:
         self.sending.main_sends = False
-        self.sending.hand_off.share = workers.HandOff.FLOOR
         for i in range(5):
             self.sending.deliver(*self.txn(f"d{i}.test"))
         self.assertEqual(len(self.sent_to(0)) + len(self.sent_to(1)), 5)
@@ -386,10 +352,8 @@ class WorkerSendingTests(SynchronousTestCase):
         self.answer(0, b"cannot-send\n")
         for i in range(3):
             self.sending.deliver(*self.txn(f"d{i}.test"))
-        self.assertEqual((self.sent_to(0), self.sent_to(1)),
-                         ([], ["d0.test", "d1.test", "d2.test"]))
+        self.assertEqual((self.sent_to(0), self.sent_to(1)), ([], ["d0.test"]))
         self.reactor.spawned[0][0].processEnded(Failure(error.ProcessTerminated(exitCode=1)))
-        self.cpu_used += workers.RESTART_DELAY  # a busy main process, measured meanwhile
         self.reactor.advance(workers.RESTART_DELAY)  # started again: it may send again
         self.sending.deliver(*self.txn("d3.test"))
         self.assertEqual(self.sent_to(2), ["d3.test"])
@@ -408,7 +372,6 @@ class WorkerSendingTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(self.sending.deliver(hop, txn)),
                          {"a@d0.test": "sent by the main process",
                           "b@d0.test": "sent by the main process"})
-        self.cpu_used += workers.RESTART_DELAY  # a busy main process, measured meanwhile
         self.reactor.advance(workers.RESTART_DELAY)  # started again: they send again
         self.assertNoResult(self.sending.deliver(hop, txn))
         self.assertEqual(len(self.local.calls), 1)
@@ -430,7 +393,6 @@ class WorkerSendingTests(SynchronousTestCase):
         from twisted_mta.outbound import wire
         from twisted_mta.tls.history import HistoryEntry
         entry = HistoryEntry(best="verified", best_at=5.0)
-        self.sending.stop()  # no measuring: the save is the one delayed call
         self.answer(0, b"event " + wire.encode_event("tls.shadow", {"domain": "d.test"})
                     + b"\nhistory " + wire.encode_history("d.test", entry) + b"\n"
                     + b"event nonsense\n")

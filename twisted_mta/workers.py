@@ -40,13 +40,10 @@ import os
 import signal
 import socket
 import sys
-import time
 from typing import Any
 
-import attrs
-
 from twisted.application import service
-from twisted.internet import defer, endpoints, protocol, task
+from twisted.internet import defer, endpoints, protocol
 from twisted.logger import Logger
 
 from twisted_mta import failures
@@ -192,8 +189,6 @@ class WorkerPool(service.Service):
         service.Service.startService(self)
         for index in range(self.count):
             self.spawn(index)
-        if self.sending is not None:
-            self.sending.start(self.reactor)
 
     def spawn(self, index: int) -> None:
         if self.stopping:
@@ -317,41 +312,6 @@ class WorkerPool(service.Service):
         return defer.DeferredList(waiting)
 
 
-@attrs.define
-class HandOff:
-    """
-    Which share of its transactions the main process hands to the
-    workers: what its own CPU cannot take.  Handing over costs CPU on
-    both sides (end to end a fifth more per message, docs/benchmarks.md),
-    so the main process sends what it has time for: the share rises by
-    L{STEP} while its load (CPU seconds per second over the last
-    L{INTERVAL}) is above L{HIGH} and falls while it is below L{LOW},
-    never under L{FLOOR} (so the workers' side stays in use).
-    """
-
-    INTERVAL = 0.5
-    LOW, HIGH = 0.8, 0.92
-    STEP = 0.1
-    FLOOR = 0.1
-
-    share: float = FLOOR  # of transactions for the workers
-    credit: float = 0.0
-
-    def adjust(self, load: float) -> None:
-        if load > self.HIGH:
-            self.share = min(1.0, self.share + self.STEP)
-        elif load < self.LOW:
-            self.share = max(self.FLOOR, self.share - self.STEP)
-
-    def next(self) -> bool:
-        """Whether the next transaction goes to a worker (spread evenly)."""
-        self.credit += self.share
-        if self.credit >= 1.0 - 1e-9:
-            self.credit -= 1.0
-            return True
-        return False
-
-
 class WorkerSending:
     """
     The outbound pool as the remote delivery target sees it (C{deliver},
@@ -364,7 +324,7 @@ class WorkerSending:
     """
 
     def __init__(self, local, history=None, observers: list | None = None,
-                 main_sends: bool = True, cpu=time.process_time) -> None:
+                 main_sends: bool = True) -> None:
         self.local = local  # an OutboundPool (or a double with deliver, revive, stop)
         # False: the main process's pool only while no worker is up (the
         # limits are too small to share with it, see sending_shares).
@@ -378,9 +338,6 @@ class WorkerSending:
         self.local_busy = 0  # the same, in the main process's own pool
         self._next = 0
         self._stopping = False
-        self.hand_off = HandOff()
-        self.cpu = cpu  # this process's CPU seconds so far (all its threads)
-        self._measuring = None
 
     @property
     def tls(self):
@@ -389,34 +346,19 @@ class WorkerSending:
     def sender_for(self, key: str) -> int | None:
         """
         The worker to send with, or None for the main process's own pool:
-        the share L{HandOff} gives the workers (the part the main process
-        has no CPU for), each to the worker with the fewest transactions
-        under way; the rest stays here.
+        whichever has the fewest transactions under way, a worker on a
+        tie (the main process also runs the queue).  A process short of
+        CPU finishes its transactions later and so gets fewer new ones.
         """
         if self.workers is None or self._stopping:
             return None
-        if self.main_sends and not self.hand_off.next():
-            return None
-        best, fewest = None, float("inf")
+        best, fewest = None, self.local_busy if self.main_sends else float("inf")
         for index in range(self.workers.count):
             busy = self.busy.get(index, 0)
-            if busy < fewest and index not in self.unable and self.workers.is_up(index):
+            if busy <= fewest and (best is None or busy < fewest) and \
+                    index not in self.unable and self.workers.is_up(index):
                 best, fewest = index, busy
         return best
-
-    def start(self, clock) -> None:
-        """Measure the main process's load every L{HandOff.INTERVAL} seconds."""
-        self._last = (clock.seconds(), self.cpu())
-        self._measuring = task.LoopingCall(self._measure, clock)
-        self._measuring.clock = clock
-        self._measuring.start(HandOff.INTERVAL, now=False)
-
-    def _measure(self, clock) -> None:
-        now, cpu = clock.seconds(), self.cpu()
-        then, cpu_then = self._last
-        self._last = (now, cpu)
-        if now > then:
-            self.hand_off.adjust((cpu - cpu_then) / (now - then))
 
     def deliver(self, hop, txn) -> defer.Deferred:
         index = self.sender_for(hop.key)
@@ -510,8 +452,6 @@ class WorkerSending:
 
     def stop(self) -> None:
         self._stopping = True
-        if self._measuring is not None and self._measuring.running:
-            self._measuring.stop()
         self.local.stop()
 
 
