@@ -401,10 +401,13 @@ class WorkerSendingTests(SynchronousTestCase):
         self.assertEqual(len(self.reactor.getDelayedCalls()), 1)  # saved as any change is
 
     def test_operator_requests_reach_every_worker(self) -> None:
+        from twisted_mta.tls.sts_cache import PolicyCache
+        cache = PolicyCache(self.mktemp(), lambda d: defer.Deferred(), self.reactor, inline)
+        cache.reloaded.append(self.sending.sts_reloaded)  # as tap.make_service wires it
         self.sending.revive()
-        self.sending.history_forgotten(None)
-        self.sending.history_forgotten("d.test")
-        self.sending.sts_reloaded("d.test")
+        self.history.forget(None)  # the operator's tls history --forget, in this process
+        self.history.forget("d.test")
+        cache.reload("D.test")  # the operator's tls sts refresh
         for index in (0, 1):
             self.assertEqual(self.reactor.spawned[index][3].written[1:],
                              [b"revive\n", b"history-forget *\n",

@@ -477,6 +477,8 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
     from twisted_mta.queue.manager import Targets
     sending = WorkerSending(outbound, history, outbound.observers, main_sends) if \
         sends_in_workers else None
+    if sending is not None and published is not None and published.sts_cache is not None:
+        published.sts_cache.reloaded.append(sending.sts_reloaded)
     targets = Targets(
         local=make_local_target(config.local, config.hostname, reactor, run_blocking),
         remote=RemoteDelivery(sending or outbound, config.outbound, run_reading))

@@ -330,6 +330,8 @@ class WorkerSending:
         # limits are too small to share with it, see sending_shares).
         self.main_sends = main_sends
         self.history = history  # the main process's TLSHistory: the one that saves
+        if history is not None:
+            history.forgotten.append(self.history_forgotten)
         self.observers = observers if observers is not None else []
         self.workers: WorkerPool | None = None
         self.pending: dict[int, tuple[int, defer.Deferred, Any]] = {}

@@ -63,18 +63,6 @@ class RemoteDelivery:
             results.update(part)
         return results
 
-    def history_forgotten(self, domain: str | None) -> None:
-        """The operator's C{tls history --forget}: for pools in other processes."""
-        tell = getattr(self.pool, "history_forgotten", None)
-        if tell is not None:
-            tell(domain)
-
-    def sts_reloaded(self, domain: str) -> None:
-        """The operator's C{tls sts refresh}: for pools in other processes."""
-        tell = getattr(self.pool, "sts_reloaded", None)
-        if tell is not None:
-            tell(domain)
-
     def flush(self) -> None:
         if self.pool is not None:
             self.pool.revive()

@@ -79,7 +79,6 @@ class OperatorRequests:
             if cache is None:
                 return "MTA-STS is off"
             found = yield cache.reload(qid)
-            _tell(self.manager.targets.remote, "sts_reloaded", qid)
             return "MTA-STS policy reloaded" if found else "no MTA-STS policy cached for it"
         if action == "tlsrptsend":
             if self.manager.tlsrpt is None:
@@ -89,8 +88,6 @@ class OperatorRequests:
             if self.manager.tls_history is None:
                 return "no TLS history"
             found = self.manager.tls_history.forget(None if qid == control.ALL else qid)
-            _tell(self.manager.targets.remote, "history_forgotten",
-                  None if qid == control.ALL else qid)
             return "TLS history forgotten" if found else "no TLS history for it"
         state = self.manager.states.get(qid)
         if state is None and is_queue_id(qid):
@@ -129,12 +126,3 @@ class OperatorRequests:
             return "deleted"
         return "unknown action"
 
-
-def _tell(target, what: str, *args) -> None:
-    """
-    Pass an operator's TLS request on to a target that has other copies
-    (the workers' pools, when they send); test doubles need not.
-    """
-    method = getattr(target, what, None)
-    if method is not None:
-        method(*args)

@@ -65,6 +65,9 @@ class TLSHistory:
         self.broken_time = broken_time
         self.entries: dict[str, HistoryEntry] = {}
         self._save_pending = False
+        # Told the domain (None: all) an operator's forget dropped: the
+        # copies in sending workers (twisted_mta.workers.WorkerSending).
+        self.forgotten: list = []
 
     # -- reading ------------------------------------------------------------------
 
@@ -135,6 +138,8 @@ class TLSHistory:
         else:
             found = self.entries.pop(domain.lower(), None) is not None
         self._changed()
+        for tell in self.forgotten:
+            tell(domain)
         return found
 
     # -- sharing with worker processes (twisted_mta.workers) -------------------------

@@ -239,6 +239,9 @@ class PolicyCache:
                  min_lifetime: float = 60.0, observers: list | None = None) -> None:
         self.directory = directory
         self.observers = observers if observers is not None else []
+        # Told each domain whose file is re-read (tls sts refresh): the
+        # caches of sending workers (twisted_mta.workers.WorkerSending).
+        self.reloaded: list = []
         self.fetch = fetch
         self.clock = clock
         self.run_blocking = run_blocking
@@ -375,6 +378,8 @@ class PolicyCache:
         key = _key(domain)
         if key is None:
             return defer.succeed(False)
+        for tell in self.reloaded:
+            tell(key)
 
         def read() -> CacheEntry | None:
             try:
