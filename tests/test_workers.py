@@ -232,12 +232,14 @@ class RecordingPool:
         self.calls: list = []
         self.revived = 0
         self.stopped = False
-        self.hold = False  # True: its deliveries stay under way
+        self.hold = False  # True: its deliveries stay under way (in waiting)
+        self.waiting: list[defer.Deferred] = []
 
     def deliver(self, hop, txn):
         self.calls.append((hop, txn))
         if self.hold:
-            return defer.Deferred()
+            self.waiting.append(defer.Deferred())
+            return self.waiting[-1]
         return defer.succeed({r: "sent by the main process" for r in txn.recipients})
 
     def revive(self) -> None:
@@ -327,6 +329,27 @@ class WorkerSendingTests(SynchronousTestCase):
         self.assertEqual(results, {1: {"a@d1.test": ok, "b@d1.test": ok}})
         self.sending.deliver(*self.txn("d6.test"))
         self.assertEqual(self.sent_to(1)[-1], "d6.test")  # the one with one under way
+
+    def test_the_main_process_keeps_what_it_has_room_for(self) -> None:
+        """
+        Below C{keep} transactions under way the main process sends them
+        itself (mail flowing through); beyond, the least busy process; as
+        its own finish, it keeps new ones again.
+        """
+        from twisted_mta.model import Outcome
+        self.sending.keep = 3
+        self.local.hold = True
+        for i in range(7):
+            self.sending.deliver(*self.txn(f"d{i}.test"))
+        self.assertEqual([hop.domain for hop, _ in self.local.calls],
+                         ["d0.test", "d1.test", "d2.test"])
+        self.assertEqual(self.sent_to(0), ["d3.test", "d5.test"])
+        self.assertEqual(self.sent_to(1), ["d4.test", "d6.test"])
+        ok = Outcome(250, "2.0.0", "ok")
+        for d in self.local.waiting[:2]:
+            d.callback({"a@x": ok})
+        self.sending.deliver(*self.txn("d7.test"))
+        self.assertEqual(self.local.calls[-1][0].domain, "d7.test")
 
     def test_limits_too_small_to_share_leave_the_main_process_out(self) -> None:
         self.sending.main_sends = False

@@ -324,11 +324,14 @@ class WorkerSending:
     """
 
     def __init__(self, local, history=None, observers: list | None = None,
-                 main_sends: bool = True) -> None:
+                 main_sends: bool = True, keep: int = 0) -> None:
         self.local = local  # an OutboundPool (or a double with deliver, revive, stop)
         # False: the main process's pool only while no worker is up (the
         # limits are too small to share with it, see sending_shares).
         self.main_sends = main_sends
+        # Transactions the main process keeps before it hands any over:
+        # its share of [outbound] connections (sending_shares).
+        self.keep = keep
         self.history = history  # the main process's TLSHistory: the one that saves
         if history is not None:
             history.forgotten.append(self.history_forgotten)
@@ -347,12 +350,18 @@ class WorkerSending:
 
     def sender_for(self, key: str) -> int | None:
         """
-        The worker to send with, or None for the main process's own pool:
-        whichever has the fewest transactions under way, a worker on a
-        tie (the main process also runs the queue).  A process short of
-        CPU finishes its transactions later and so gets fewer new ones.
+        The worker to send with, or None for the main process's own pool.
+        The main process keeps a transaction while it has fewer than
+        C{keep} under way: handing one over costs about as much CPU as
+        sending it (docs/benchmarks.md), so mail that flows through is
+        sent where it is queued.  Beyond that (a backlog: a flush, a
+        queue draining), whichever has the fewest under way, a worker on
+        a tie; a process short of CPU finishes its transactions later and
+        so gets fewer new ones.
         """
         if self.workers is None or self._stopping:
+            return None
+        if self.main_sends and self.local_busy < self.keep:
             return None
         best, fewest = None, self.local_busy if self.main_sends else float("inf")
         for index in range(self.workers.count):

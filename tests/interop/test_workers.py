@@ -166,22 +166,40 @@ class MainProcessReceivesTests(SynchronousTestCase):
 class WorkersSendTests(SynchronousTestCase):
     """
     With workers, the worker sends too (C{[outbound] send_in_workers}, on
-    by default; each transaction goes to the process with the fewest
-    under way, the worker on a tie): with it stopped (SIGSTOP), of twelve
-    messages some wait for it, the main process sends the others, and
-    the waiting ones go as soon as it runs again; killed with transactions under way, their
+    by default).  The main process keeps what it has room for (its share
+    of C{connections}, here one transaction) and hands the rest of a
+    backlog to the process with the fewest under way.  Twelve messages
+    are deferred (their smarthost is down), the smarthost comes up, the
+    worker is stopped (SIGSTOP) and the queue flushed: some wait for the
+    worker, the main process sends the others, and the waiting ones go as
+    soon as it runs again; killed with transactions under way, their
     messages are tried again and arrive once; with C{send_in_workers =
     false} the main process sends everything while the worker is stopped.
     """
 
-    def start(self, outbound: str = "") -> tuple[MTAProcess, int, ScriptedPeer]:
-        peer = ScriptedPeer(LOOPBACK, free_port(), "sink.example.test", mode="no-starttls")
+    def backlog(self, outbound: str = "", count: int = 12
+                ) -> tuple[MTAProcess, int, ScriptedPeer, list[str]]:
+        port = free_port()
+        mta, worker = one_worker(self, make_tempdir(self, "workers-send"), (
+            f"[outbound]\nconnections = 2\n{outbound}\n[outbound.smarthost]\n"
+            f'host = "{LOOPBACK}"\nport = {port}\n' + LOOPBACK_DNS))
+        tokens = [self.send_remote(mta) for _ in range(count)]
+        wait_for(lambda: mta.output().count("delivery.deferred") >= count or
+                 mta.output().count(" deferred: ") >= count, TIMEOUT,
+                 lambda: f"{count} deferred; {mta.describe()}")
+        peer = ScriptedPeer(LOOPBACK, port, "sink.example.test", mode="no-starttls")
         self.addCleanup(peer.server.shutdown)
         self.addCleanup(peer.server.server_close)
-        mta, worker = one_worker(self, make_tempdir(self, "workers-send"), (
-            f"[outbound]\n{outbound}\n[outbound.smarthost]\n"
-            f'host = "{LOOPBACK}"\nport = {peer.server.server_address[1]}\n' + LOOPBACK_DNS))
-        return mta, worker, peer
+        stop_process(self, worker)
+        self.flush(mta)
+        return mta, worker, peer, tokens
+
+    def flush(self, mta: MTAProcess) -> None:
+        flushed = subprocess.run(
+            [sys.executable, "-m", "twisted_mta.cli", "queue", "flush", "-c", mta.config_path],
+            env=subprocess_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            timeout=30)
+        self.assertEqual(flushed.returncode, 0, flushed.stdout + flushed.stderr)
 
     def send_remote(self, mta: MTAProcess) -> str:
         token = uuid.uuid4().hex
@@ -194,15 +212,8 @@ class WorkersSendTests(SynchronousTestCase):
         with peer.lock:
             return sum(token.encode() in m.data for m in peer.messages)
 
-    def send_many(self, mta: MTAProcess, count: int = 12) -> list[str]:
-        return [self.send_remote(mta) for _ in range(count)]
-
     def test_the_worker_sends(self) -> None:
-        mta, worker, peer = self.start()
-        first = self.send_remote(mta)
-        wait_for(lambda: self.arrived(peer, first), TIMEOUT, lambda: mta.describe())
-        stop_process(self, worker)
-        tokens = self.send_many(mta)  # the main process accepts them all
+        mta, worker, peer, tokens = self.backlog()
         time.sleep(3.0)
         waiting = [t for t in tokens if not self.arrived(peer, t)]
         self.assertTrue(waiting, "nothing handed to the stopped worker")
@@ -213,26 +224,19 @@ class WorkersSendTests(SynchronousTestCase):
         self.assertEqual([self.arrived(peer, t) for t in tokens], [1] * len(tokens))
 
     def test_a_worker_killed_while_sending_loses_nothing(self) -> None:
-        mta, worker, peer = self.start()
-        stop_process(self, worker)
-        tokens = self.send_many(mta)
+        mta, worker, peer, tokens = self.backlog()
         time.sleep(1.0)  # some handed to the stopped worker
         os.kill(worker, signal.SIGKILL)
         wait_for(lambda: "their messages will be tried again" in mta.output(), TIMEOUT,
                  lambda: f"the lost transaction logged; {mta.describe()}")
         wait_for(lambda: len(children(mta.pid)) == 1, TIMEOUT, "the worker started again")
-        flushed = subprocess.run(
-            [sys.executable, "-m", "twisted_mta.cli", "queue", "flush", "-c", mta.config_path],
-            env=subprocess_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
-            timeout=30)
-        self.assertEqual(flushed.returncode, 0, flushed.stdout + flushed.stderr)
+        self.flush(mta)
         wait_for(lambda: all(self.arrived(peer, t) for t in tokens), TIMEOUT,
                  lambda: mta.describe())
         self.assertEqual([self.arrived(peer, t) for t in tokens], [1] * len(tokens))
 
     def test_off_the_main_process_sends(self) -> None:
-        mta, worker, peer = self.start("send_in_workers = false\n")
-        stop_process(self, worker)
-        tokens = self.send_many(mta)
+        mta, worker, peer, tokens = self.backlog("send_in_workers = false\n")
         wait_for(lambda: all(self.arrived(peer, t) for t in tokens), TIMEOUT,
                  lambda: mta.describe())
+        self.assertEqual([self.arrived(peer, t) for t in tokens], [1] * len(tokens))
