@@ -266,8 +266,11 @@ class WorkerSendingTests(SynchronousTestCase):
         self.history = TLSHistory(os.path.join(self.mktemp(), "history.json"), self.reactor,
                                   inline)
         self.events: list = []
+        from twisted_mta.tls.sts_cache import PolicyCache
+        self.cache = PolicyCache(self.mktemp(), lambda d: defer.Deferred(), self.reactor, inline)
         self.sending = workers.WorkerSending(self.local, self.history,
-                                             [lambda n, e: self.events.append((n, e))])
+                                             [lambda n, e: self.events.append((n, e))],
+                                             sts_cache=self.cache)
         spool = self.mktemp()
         os.makedirs(os.path.join(spool, "new"))
         self.pool = workers.WorkerPool(Config(), self.reactor, 2, [FakeListener()],
@@ -424,13 +427,10 @@ class WorkerSendingTests(SynchronousTestCase):
         self.assertEqual(len(self.reactor.getDelayedCalls()), 1)  # saved as any change is
 
     def test_operator_requests_reach_every_worker(self) -> None:
-        from twisted_mta.tls.sts_cache import PolicyCache
-        cache = PolicyCache(self.mktemp(), lambda d: defer.Deferred(), self.reactor, inline)
-        cache.reloaded.append(self.sending.sts_reloaded)  # as tap.make_service wires it
         self.sending.revive()
         self.history.forget(None)  # the operator's tls history --forget, in this process
         self.history.forget("d.test")
-        cache.reload("D.test")  # the operator's tls sts refresh
+        self.cache.reload("D.test")  # the operator's tls sts refresh
         for index in (0, 1):
             self.assertEqual(self.reactor.spawned[index][3].written[1:],
                              [b"revive\n", b"history-forget *\n",

@@ -475,10 +475,10 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
     from twisted_mta.delivery.remote import RemoteDelivery
     from twisted_mta.delivery.routing import make_local_target
     from twisted_mta.queue.manager import Targets
-    sending = WorkerSending(outbound, history, outbound.observers, main_sends,
-                            keep=settings.connections) if sends_in_workers else None
-    if sending is not None and published is not None and published.sts_cache is not None:
-        published.sts_cache.reloaded.append(sending.sts_reloaded)
+    sending = WorkerSending(
+        outbound, history, outbound.observers, main_sends, keep=settings.connections,
+        sts_cache=published.sts_cache if published is not None else None
+    ) if sends_in_workers else None
     targets = Targets(
         local=make_local_target(config.local, config.hostname, reactor, run_blocking),
         remote=RemoteDelivery(sending or outbound, config.outbound, run_reading))

@@ -21,9 +21,10 @@ received and delivered.
    so queue ownership, the control directory (queue and tls commands),
    TLS history and shadow records stay with one process as before.
  - Sending: the main process keeps the queue and its decisions and
-   gives each transaction to the least busy sending process (a worker,
-   which answers with the outcomes, or itself); TLS history changes and observers' events come back to
-   the main process, their one writer.
+   sends what flows through itself; a backlog beyond its share of the
+   connections goes to the least busy sending process (a worker, which
+   answers with the outcomes, or itself).  TLS history changes and
+   observers' events come back to the main process, their one writer.
  - A worker that dies is started again; entries it queued whose notice
    never arrived are found in C{new/} then, so nothing acknowledged is
    lost; what it was sending is deferred and tried again.  A worker whose parent dies stops at once (its end of the pipe
@@ -315,16 +316,16 @@ class WorkerPool(service.Service):
 class WorkerSending:
     """
     The outbound pool as the remote delivery target sees it (C{deliver},
-    C{revive}, C{stop}), sending in the workers and in the main process's
-    own pool (C{local}): each transaction goes to the one with the fewest
-    under way, a worker on a tie (L{sender_for}).  The connection limits
+    C{revive}, C{stop}), sending in the main process's own pool (C{local})
+    and in the workers: the main process keeps what it has room for, a
+    backlog goes to the least busy (L{sender_for}).  The connection limits
     are divided among them (L{sending_shares}), so that together they
     keep them.  What a worker learns and reports comes back through
     L{line}: outcomes, observers' events, TLS history.
     """
 
     def __init__(self, local, history=None, observers: list | None = None,
-                 main_sends: bool = True, keep: int = 0) -> None:
+                 main_sends: bool = True, keep: int = 0, sts_cache=None) -> None:
         self.local = local  # an OutboundPool (or a double with deliver, revive, stop)
         # False: the main process's pool only while no worker is up (the
         # limits are too small to share with it, see sending_shares).
@@ -333,8 +334,12 @@ class WorkerSending:
         # its share of [outbound] connections (sending_shares).
         self.keep = keep
         self.history = history  # the main process's TLSHistory: the one that saves
+        # The operator's tls history --forget and tls sts refresh act on
+        # this process's history and cache; the workers' copies follow.
         if history is not None:
             history.forgotten.append(self.history_forgotten)
+        if sts_cache is not None:
+            sts_cache.reloaded.append(self.sts_reloaded)
         self.observers = observers if observers is not None else []
         self.workers: WorkerPool | None = None
         self.pending: dict[int, tuple[int, defer.Deferred, Any]] = {}
@@ -348,7 +353,7 @@ class WorkerSending:
     def tls(self):
         return self.local.tls  # the same engine the workers build from the same file
 
-    def sender_for(self, key: str) -> int | None:
+    def sender_for(self) -> int | None:
         """
         The worker to send with, or None for the main process's own pool.
         The main process keeps a transaction while it has fewer than
@@ -372,7 +377,7 @@ class WorkerSending:
         return best
 
     def deliver(self, hop, txn) -> defer.Deferred:
-        index = self.sender_for(hop.key)
+        index = self.sender_for()
         if index is None:
             self.local_busy += 1
             d = self.local.deliver(hop, txn)
