@@ -348,6 +348,40 @@ class TimeoutTests(SynchronousTestCase):
         p.setTimeout(None)
 
 
+class EagerWriteTests(SynchronousTestCase):
+    """
+    tcp.Connection's write buffer (C{dataBuffer} up to C{offset}, then
+    C{_tempDataBuffer}), C{_writeDisconnected}, C{TLS} and
+    C{writeSomeData}: twisted_mta/transport.py's C{write_now} sends a reply
+    straight away only when they say nothing is waiting.
+    """
+
+    USER = "twisted_mta/transport.py (write_now)"
+
+    def test_buffer_attributes(self):
+        """A new connection has an empty buffer as write_now reads it; write() buffers in _tempDataBuffer."""
+        import socket
+        from twisted.internet import protocol, tcp
+        from twisted.internet.testing import MemoryReactor
+        ours, peer = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(peer.close)
+        ours.setblocking(False)
+        t = tcp.Server(ours, protocol.Protocol(), ("127.0.0.1", 1), None, 1, MemoryReactor())
+        for name in ("dataBuffer", "offset", "_tempDataBuffer", "_writeDisconnected", "TLS",
+                     "producer", "disconnecting"):
+            self.assertTrue(hasattr(t, name), gone(f"tcp.Server.{name}", self.USER,
+                                                   "reads to see whether anything waits"))
+        self.assertEqual((len(t.dataBuffer), t.offset, t._tempDataBuffer, t.TLS), (0, 0, [], False),
+                         changed("an idle tcp.Server's write buffer", self.USER,
+                                 "reads as empty"))
+        t.write(b"x")
+        self.assertEqual(t._tempDataBuffer, [b"x"], changed(
+            "where tcp.Server.write buffers", self.USER, "expects in _tempDataBuffer"))
+        self.assertEqual(t.writeSomeData(b"abc"), 3, changed(
+            "tcp.Connection.writeSomeData's result", self.USER, "reads as octets sent"))
+
+
 class LogObserverTests(SynchronousTestCase):
     """
     L{twisted_mta.logsetup.speed_up_text_log} finds twistd's text log

@@ -63,6 +63,7 @@ from twisted_mta.local import AliasLoop, LocalDirectory, UnknownRecipient
 from twisted_mta.model import DELIVERED, Envelope, Recipient, tls_required_no
 from twisted_mta.queue.spool import RunBlocking, Spool, run_inline
 from twisted_mta.users import UserDatabase, canonical_name
+from twisted_mta.transport import write_now
 from twisted_mta.reply import Reply
 
 if TYPE_CHECKING:
@@ -560,7 +561,14 @@ class InboundESMTP(smtp.ESMTP):
         Write C{r}; a 4xx/5xx reply counts towards [limits] errors unless
         C{error} is false (or it is a 421: the session ends anyway).
         """
-        self.transport.write(r.wire())
+        if self._inbuf:
+            # Pipelined commands are waiting: their replies go out together
+            # in one segment at the end of the turn, as Twisted buffers them
+            # (sent one by one, Nagle would hold back all but the first
+            # until the client's delayed ACK).
+            self.transport.write(r.wire())
+        else:
+            write_now(self.transport, r.wire())
         if error and r.code >= 400 and r.code != 421 and not self._closing:
             self._count_error()
 
@@ -574,7 +582,7 @@ class InboundESMTP(smtp.ESMTP):
         if self._errors >= limit:
             log.info("too many errors from {peer}; disconnecting", event="inbound.error-limit",
                      peer=self.peer_ip, stress=self.factory.stressed)
-            self.transport.write(reply.TOO_MANY_ERRORS.wire())
+            write_now(self.transport, reply.TOO_MANY_ERRORS.wire())
             self._close()
 
     def _junk_command(self, r: Reply) -> None:

@@ -44,6 +44,7 @@ from twisted_mta.tls.handshake import PolicyCreator, evaluate
 from twisted_mta.tls.failure import TLSFailure, classify_handshake_error
 from twisted_mta.tls.policy import TLSRequirements
 from twisted_mta.model import EnvelopeError, Outcome
+from twisted_mta.transport import write_now
 
 log = Logger()
 
@@ -572,7 +573,11 @@ class _TransactionState:
             if body:
                 commands = commands[:-1]
             self.awaiting.extend(commands)
-            c.transport.write(b"".join(line + b"\r\n" for _, line, _ in commands))
+            lines = b"".join(line + b"\r\n" for _, line, _ in commands)
+            if body:  # the first chunk follows in this turn: one segment for both
+                c.transport.write(lines)
+            else:  # then nothing until the replies: at once (twisted_mta/transport.py)
+                write_now(c.transport, lines)
             if body:  # RFC 3030 4.2: the chunks may follow at once
                 self._send_chunks()
         else:
