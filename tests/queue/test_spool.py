@@ -539,6 +539,142 @@ class BatchedTests(SynchronousTestCase):
         self.failureResultOf(batched("y"), RuntimeError)  # the next call starts a new hop
 
 
+class GroupCommitTests(SynchronousTestCase):
+    """
+    New entries are made durable together: the jobs handed to the group
+    commit while a batch runs go in one next hop, followed by one fsync of
+    new/ that the batch shares; each caller gets its own job's result or
+    failure, and none is answered before the fsync after its job.
+    """
+
+    def setUp(self):
+        from twisted.internet import defer
+        from twisted_mta.queue import spool as spool_module
+        from twisted_mta.queue.spool import _GroupSync
+        self.hops = []
+        self.events = []
+        self.fsync_fails = False
+
+        def run(fn):
+            d = defer.Deferred()
+            self.hops.append((fn, d))
+            return d
+
+        def fsync_dir(path):
+            self.events.append(("fsync", path))
+            if self.fsync_fails:
+                raise OSError(5, "Input/output error")
+
+        self.patch(spool_module, "fsync_dir", fsync_dir)
+        self.group = _GroupSync(run, ("/spool/new",))
+
+    def job(self, name, fails=False):
+        def job():
+            self.events.append(("job", name))
+            if fails:
+                raise OSError(28, "No space left on device")
+            return name
+        return job
+
+    def hop(self):
+        """The I/O pool runs the oldest hop."""
+        fn, d = self.hops.pop(0)
+        try:
+            result = fn()
+        except Exception as e:
+            d.errback(e)
+        else:
+            d.callback(result)
+
+    def test_jobs_that_wait_share_one_hop_and_one_fsync(self):
+        first = self.group.commit(self.job("a"))
+        rest = [self.group.commit(self.job("b")), self.group.commit(self.job("c")),
+                self.group.sync()]
+        self.assertEqual(len(self.hops), 1)
+        self.assertNoResult(first)
+        self.hop()
+        self.assertEqual(self.successResultOf(first), "a")
+        self.assertEqual(len(self.hops), 1)  # the three that waited: one hop
+        for d in rest:
+            self.assertNoResult(d)
+        self.hop()
+        self.assertEqual([self.successResultOf(d) for d in rest], ["b", "c", None])
+        self.assertEqual(self.events, [("job", "a"), ("fsync", "/spool/new"),
+                                       ("job", "b"), ("job", "c"), ("fsync", "/spool/new")])
+        self.assertEqual(self.hops, [])
+
+    def test_a_failed_job_fails_only_its_caller(self):
+        self.group.commit(self.job("first"))
+        bad = self.group.commit(self.job("bad", fails=True))
+        good = self.group.commit(self.job("good"))
+        self.hop()
+        self.hop()
+        self.assertEqual(self.failureResultOf(bad, OSError).value.errno, 28)
+        self.assertEqual(self.successResultOf(good), "good")
+        self.assertEqual(self.events[-1], ("fsync", "/spool/new"))  # the others still synced
+
+    def test_a_failed_fsync_fails_the_whole_batch(self):
+        first = self.group.commit(self.job("first"))
+        batch = [self.group.commit(self.job("a")), self.group.sync()]
+        self.hop()
+        self.assertEqual(self.successResultOf(first), "first")
+        self.fsync_fails = True
+        self.hop()
+        for d in batch:
+            self.assertEqual(self.failureResultOf(d, OSError).value.errno, 5)
+        self.fsync_fails = False
+        later = self.group.commit(self.job("b"))  # a new hop, not stuck
+        self.hop()
+        self.assertEqual(self.successResultOf(later), "b")
+
+
+class WriterCommitTests(SynchronousTestCase):
+    """
+    A message's commit: a small one is written, fsync'd and renamed in the
+    shared group commit (one hop with the others, then new/'s fsync); a
+    large one fsyncs on its own first, so the small ones committed meanwhile
+    do not wait for it, and only then waits for new/'s fsync.
+    """
+
+    def setUp(self):
+        from twisted.internet import defer
+        self.hops = []
+
+        def run(fn, *args):
+            self.hops.append(fn)
+            return defer.succeed(fn(*args))
+
+        self.spool = Spool(self.mktemp(), run_blocking=run)
+        self.spool.lock()
+        self.addCleanup(self.spool.unlock)
+        self.synced = []
+        real = self.spool.group_sync.commit
+        self.patch(self.spool.group_sync, "commit",
+                   lambda job: (self.synced.append(job), real(job))[1])
+
+    def commit(self, body):
+        w = self.spool.new_message()
+        env = envelope(w.queue_id)
+        w.begin(env)
+        w.write(body)
+        self.hops.clear()
+        self.successResultOf(w.commit(env))
+        self.assertTrue(os.path.exists(os.path.join(self.spool.path, "new", w.queue_id)))
+        return w
+
+    def test_a_small_message_is_one_job_of_the_group_commit(self):
+        self.commit(b"Subject: x\r\n\r\nbody\r\n")
+        self.assertEqual(len(self.hops), 1)  # the group's batch: job and fsync of new/
+        self.assertEqual(len(self.synced), 1)
+        self.assertIsNotNone(self.synced[0])
+
+    def test_a_large_message_fsyncs_on_its_own_then_waits_for_the_directory(self):
+        from twisted_mta.queue.spool import MessageWriter
+        self.commit(b"Subject: x\r\n\r\n" + b"y" * (MessageWriter.SPILL + 10))
+        self.assertEqual(len(self.hops), 2)  # its own write and fsync, then the group's
+        self.assertEqual(self.synced, [None])  # the group only syncs new/ for it
+
+
 class InlineReadsTests(SynchronousTestCase):
     """
     L{InlineReads} runs a read on the calling thread while reads are fast;
