@@ -542,9 +542,10 @@ class BatchedTests(SynchronousTestCase):
 class GroupCommitTests(SynchronousTestCase):
     """
     New entries are made durable together: the jobs handed to the group
-    commit while a batch runs go in one next hop, followed by one fsync of
-    new/ that the batch shares; each caller gets its own job's result or
-    failure, and none is answered before the fsync after its job.
+    commit while every lane is busy go in one next hop, followed by one
+    fsync of new/ that the batch shares; each caller gets its own job's
+    result or failure, and none is answered before the fsync after its
+    job.  Most tests use one lane, where the batching shows plainly.
     """
 
     def setUp(self):
@@ -566,7 +567,8 @@ class GroupCommitTests(SynchronousTestCase):
                 raise OSError(5, "Input/output error")
 
         self.patch(spool_module, "fsync_dir", fsync_dir)
-        self.group = _GroupSync(run, ("/spool/new",))
+        self.group = _GroupSync(run, ("/spool/new",), lanes=1)
+        self.make = lambda lanes: _GroupSync(run, ("/spool/new",), lanes=lanes)
 
     def job(self, name, fails=False):
         def job():
@@ -602,6 +604,24 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertEqual(self.events, [("job", "a"), ("fsync", "/spool/new"),
                                        ("job", "b"), ("job", "c"), ("fsync", "/spool/new")])
         self.assertEqual(self.hops, [])
+
+    def test_batches_run_in_parallel_lanes(self):
+        """Up to `lanes` batches run at once, so a commit waits for a free lane, not for every fsync before it; what arrives while all lanes are busy goes in one batch."""
+        group = self.make(2)
+        first = group.commit(self.job("a"))
+        second = group.commit(self.job("b"))
+        self.assertEqual(len(self.hops), 2)  # a lane each
+        rest = [group.commit(self.job("c")), group.commit(self.job("d"))]
+        self.assertEqual(len(self.hops), 2)  # both lanes busy: c and d wait
+        self.hop()  # a's lane frees: c and d go together in it
+        self.assertEqual(self.successResultOf(first), "a")
+        self.assertNoResult(second)
+        self.assertEqual(len(self.hops), 2)
+        self.hop()
+        self.hop()
+        self.assertEqual(self.successResultOf(second), "b")
+        self.assertEqual([self.successResultOf(d) for d in rest], ["c", "d"])
+        self.assertEqual([e for e in self.events if e[0] == "fsync"], [("fsync", "/spool/new")] * 3)
 
     def test_a_failed_job_fails_only_its_caller(self):
         self.group.commit(self.job("first"))

@@ -224,18 +224,26 @@ class _GroupSync:
     """
     Group commit for new/: the jobs that make entries durable (write,
     fsync, rename into new/) run together in one trip to the I/O threads,
-    followed by one fsync of the directory that all of them share.  Jobs
-    that arrive while a batch runs go together in the next one, so a busy
-    server makes one trip per batch, not two per message (a trip costs the
-    reactor thread tens of microseconds: the hand-over, the GIL going back
-    and forth, the answer).  With no job (L{sync}) a caller that renamed
-    already waits for a directory fsync that starts after its call.
+    followed by one fsync of the directory that all of them share.  Up to
+    C{lanes} such batches run at once; jobs that arrive while every lane
+    is busy go together in the next batch.  A busy server thus makes one
+    trip per batch, not two per message (a trip costs the reactor thread
+    tens of microseconds: the hand-over, the GIL going back and forth, the
+    answer), and a message waits for a free lane, not for every fsync
+    before it: with one lane, a commit waited three times as long
+    (docs/benchmarks.md, "Fewer system calls per message").  With no job
+    (L{sync}) a caller that renamed already waits for a directory fsync
+    that starts after its call.
     """
 
-    def __init__(self, run_blocking: RunBlocking, dirs: tuple[str, ...]) -> None:
+    LANES = 4
+
+    def __init__(self, run_blocking: RunBlocking, dirs: tuple[str, ...],
+                 lanes: int = LANES) -> None:
         self._run = run_blocking
         self._dirs = dirs
-        self._running = False
+        self._lanes = lanes
+        self._running = 0
         self._waiting: list[tuple[Callable[[], Any] | None, defer.Deferred]] = []
 
     def sync(self) -> defer.Deferred:
@@ -249,13 +257,13 @@ class _GroupSync:
         """
         d: defer.Deferred = defer.Deferred()
         self._waiting.append((job, d))
-        if not self._running:
+        if self._running < self._lanes:
             self._start()
         return d
 
     def _start(self) -> None:
         batch, self._waiting = self._waiting, []
-        self._running = True
+        self._running += 1
 
         def run_all() -> list:
             out: list = []
@@ -269,11 +277,11 @@ class _GroupSync:
             return out
 
         def finished(results: object) -> None:
-            self._running = False
+            self._running -= 1
             for i, (_, d) in enumerate(batch):
                 r = results if isinstance(results, Failure) else results[i]
                 d.errback(r) if isinstance(r, Failure) else d.callback(r)
-            if self._waiting:
+            if self._waiting and self._running < self._lanes:
                 self._start()
 
         self._run(run_all).addBoth(finished)
