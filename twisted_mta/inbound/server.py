@@ -582,7 +582,7 @@ class InboundESMTP(smtp.ESMTP):
         if self._errors >= limit:
             log.info("too many errors from {peer}; disconnecting", event="inbound.error-limit",
                      peer=self.peer_ip, stress=self.factory.stressed)
-            write_now(self.transport, reply.TOO_MANY_ERRORS.wire())
+            self.transport.write(reply.TOO_MANY_ERRORS.wire())
             self._close()
 
     def _junk_command(self, r: Reply) -> None:

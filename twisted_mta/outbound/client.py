@@ -574,12 +574,11 @@ class _TransactionState:
                 commands = commands[:-1]
             self.awaiting.extend(commands)
             lines = b"".join(line + b"\r\n" for _, line, _ in commands)
-            if body:  # the first chunk follows in this turn: one segment for both
+            if body:  # RFC 3030 4.2: the chunks may follow at once, in one segment
                 c.transport.write(lines)
-            else:  # then nothing until the replies: at once (twisted_mta/transport.py)
-                write_now(c.transport, lines)
-            if body:  # RFC 3030 4.2: the chunks may follow at once
                 self._send_chunks()
+            else:  # nothing more until the replies: at once (twisted_mta/transport.py)
+                write_now(c.transport, lines)
         else:
             self.unsent.extend(commands)
             self._send_next()

@@ -158,18 +158,12 @@ def _read_upto(fd: int, limit: int, expected: int) -> bytes:
     C{expected}: one read, more only if a read came back short of it.
     """
     data = os.read(fd, limit)
-    want = min(limit, expected)
-    if len(data) >= want:
-        return data
-    parts = [data]
-    got = len(data)
-    while got < want:
-        more = os.read(fd, limit - got)
+    while len(data) < min(limit, expected):
+        more = os.read(fd, limit - len(data))
         if not more:
             break
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
+        data += more
+    return data
 
 
 def _header_section(message: bytes) -> bytes:

@@ -281,7 +281,7 @@ class _GroupSync:
             for i, (_, d) in enumerate(batch):
                 r = results if isinstance(results, Failure) else results[i]
                 d.errback(r) if isinstance(r, Failure) else d.callback(r)
-            if self._waiting and self._running < self._lanes:
+            if self._waiting:  # a lane is free: this one
                 self._start()
 
         self._run(run_all).addBoth(finished)
