@@ -348,6 +348,19 @@ class SmokeTests(unittest.TestCase):
             self.assertGreater(r["seconds"], 0)
         self.assertIn("| 5 x 1 KiB | workers=auto |", stdout)
 
+    def test_clock_starts_with_the_workers_ready(self) -> None:
+        """
+        A server with a worker is started once the worker adopted the
+        listener, not at the main process's banner (a second or more
+        earlier, during which the main process received alone).
+        """
+        server = core.Server("workers=1", tempdir(self), mta_extra=core.smarthost(core.CLOSED_PORT))
+        self.addCleanup(server.stop)
+        server.start()
+        with open(server.mta.log_path) as f:
+            self.assertRegex(f.read(), r"worker 0: receiving on 1 listener")
+        self.assertEqual(len(core.tree(server.pid)), 2)
+
     def test_chunking(self) -> None:
         """BDAT against DATA to tlssink offering CHUNKING: every message arrives, all of them with BDAT in the BDAT cell and none in the DATA cell."""
         if shutil.which("cc") is None:

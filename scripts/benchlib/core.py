@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any, Callable, Iterable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,6 +37,7 @@ if ROOT not in sys.path:
 from tests.interop.support import (  # noqa: E402
     LOCAL_DOMAIN, LOOPBACK, MTAProcess, PostfixInstance, free_port, pid_alive)
 from tests.support import LOOPBACK_DNS  # noqa: E402
+from twisted_mta.workers import worker_count  # noqa: E402
 
 KIB = 1024
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
@@ -156,7 +158,38 @@ class Server:
             self.postfix.start()
         else:
             self.mta.start(timeout=120)
+            self.wait_for_workers()
         return self.pid
+
+    def wait_for_workers(self) -> None:
+        """
+        The banner comes from the main process; the workers import and
+        adopt the listeners a second or two later (longer on a slow
+        machine).  Until each has said so in the log, the main process
+        receives alone: the clock starts after that, at the steady state
+        a running MTA is in.
+        """
+        expected = worker_count(SimpleNamespace(workers=SERVERS[self.name]))
+        logs = [self.mta.log_path, os.path.join(self.base, "events.jsonl")]
+
+        def ready() -> int:
+            n = 0  # the most either log says (JSON logs go to events.jsonl)
+            for path in logs:
+                try:
+                    with open(path, "rb") as f:
+                        text = f.read()
+                except FileNotFoundError:
+                    continue
+                n = max(n, text.count(b'"workers.ready"') if path.endswith(".jsonl") else
+                        len(re.findall(rb"worker \d+: receiving on", text)))
+            return n
+
+        wait_until(lambda: ready() >= expected, 60,
+                   lambda: f"{ready()} of {expected} workers ready", self._check_alive)
+
+    def _check_alive(self) -> None:
+        if not self.alive():
+            raise BenchError(f"{self.name} died while its workers started")
 
     def stop(self) -> None:
         if self.postfix:
