@@ -514,7 +514,119 @@ def _load_recipient(raw: Any, where: str) -> Recipient:
     )
 
 
+# -- the fast path: a well-formed envelope, checked in straight-line code --------
+#
+# Every envelope the queue reads (a worker's notice, an entry coming due,
+# each entry at start-up) goes through _load, and _Fields' method per
+# field made that the costliest step of taking a worker's message into
+# the queue (about 90 of 160 us per envelope on the EPYC).  The fast path
+# accepts only values _Fields accepts and makes the same objects from
+# them; on anything else (an int where a float is written, a null, an
+# unknown field...) it gives up with None and _Fields decides, and words
+# the error.  FastPathTests (tests/queue/test_corruption.py) compares the two.
+
+_STR = str
+_INT = int
+_FLOAT = float
+_BOOL = bool
+
+
+def _opt_str(raw: dict[str, Any], name: str) -> Any:
+    """The string or None; _ABSENT for anything else."""
+    value = raw.get(name)
+    return value if value is None or type(value) is _STR else _ABSENT
+
+
+def _fast_outcome(raw: Any) -> Any:
+    if raw is None:
+        return None
+    if type(raw) is not dict or not raw.keys() <= OUTCOME_FIELDS:
+        return _ABSENT
+    code, enhanced, text = raw.get("code"), raw.get("enhanced"), raw.get("text")
+    dsn_passed = raw.get("dsn_passed", False)
+    remote_mta, kind = _opt_str(raw, "remote_mta"), _opt_str(raw, "kind")
+    policy, final_text = _opt_str(raw, "policy"), _opt_str(raw, "final_text")
+    if type(code) is not _INT or not 100 <= code <= 999 or type(enhanced) is not _STR \
+            or type(text) is not _STR or type(dsn_passed) is not _BOOL \
+            or _ABSENT in (remote_mta, kind, policy, final_text):
+        return _ABSENT
+    return Outcome(code=code, enhanced=enhanced, text=text, remote_mta=remote_mta,
+                   dsn_passed=dsn_passed, kind=kind, policy=policy, final_text=final_text)
+
+
+def _fast_recipient(raw: Any) -> Any:
+    if type(raw) is not dict or not raw.keys() <= RECIPIENT_FIELDS:
+        return _ABSENT
+    address, state = raw.get("address"), raw.get("state")
+    original, orcpt = _opt_str(raw, "original"), _opt_str(raw, "orcpt")
+    done_at, notify = raw.get("done_at"), raw.get("notify")
+    dsn_pending = raw.get("dsn_pending", False)
+    outcome = _fast_outcome(raw.get("outcome"))
+    if type(address) is not _STR or not address or state not in STATES \
+            or type(state) is not _STR or _ABSENT in (original, orcpt, outcome) \
+            or type(dsn_pending) is not _BOOL \
+            or not (done_at is None or (type(done_at) is _FLOAT and math.isfinite(done_at))):
+        return _ABSENT
+    if notify is not None:
+        if type(notify) is not list or not all(
+                type(v) is _STR and v in NOTIFY_CONDITIONS for v in notify):
+            return _ABSENT
+        notify = tuple(notify)
+    return Recipient(address=address, original=original, state=state, outcome=outcome,
+                     done_at=done_at, notify=notify, orcpt=orcpt, dsn_pending=dsn_pending)
+
+
+def _fast_int(raw: dict[str, Any], name: str) -> Any:
+    value = raw.get(name, 0)
+    return value if type(value) is _INT and 0 <= value <= _MAX_INT else _ABSENT
+
+
+def _fast_load(raw: Any) -> Envelope | None:
+    """L{_load} of a well-formed envelope; None where L{_Fields} must look."""
+    if type(raw) is not dict or not raw.keys() <= ENVELOPE_FIELDS:
+        return None
+    get = raw.get
+    queue_id, sender, arrival = get("queue_id"), get("sender"), get("arrival")
+    next_attempt, client, rcpts = get("next_attempt", 0.0), get("client", {}), get("recipients")
+    size, attempts = _fast_int(raw, "size"), _fast_int(raw, "attempts")
+    tls_failures, file_size = _fast_int(raw, "tls_failures"), _fast_int(raw, "file_size")
+    warned, requiretls = get("warned", False), get("requiretls", False)
+    tls_required_no, smtputf8 = get("tls_required_no", False), get("smtputf8", False)
+    ret, envid, tls_override = _opt_str(raw, "ret"), _opt_str(raw, "envid"), \
+        _opt_str(raw, "tls_override")
+    if type(queue_id) is not _STR or QUEUE_ID.fullmatch(queue_id) is None \
+            or type(sender) is not _STR \
+            or type(arrival) is not _FLOAT or not math.isfinite(arrival) \
+            or type(next_attempt) is not _FLOAT or not math.isfinite(next_attempt) \
+            or _ABSENT in (size, attempts, tls_failures, file_size, envid) \
+            or type(warned) is not _BOOL or type(requiretls) is not _BOOL \
+            or type(tls_required_no) is not _BOOL or type(smtputf8) is not _BOOL \
+            or (requiretls and tls_required_no) \
+            or not (ret is None or ret in RET_VALUES) \
+            or not (tls_override is None or tls_override in TLS_OVERRIDES) \
+            or type(client) is not dict \
+            or not all(type(v) is _STR for v in client.values()) \
+            or type(rcpts) is not list or not rcpts:
+        return None
+    recipients = tuple(_fast_recipient(r) for r in rcpts)
+    last_outcome = _fast_outcome(get("last_outcome"))
+    if _ABSENT in recipients or last_outcome is _ABSENT:
+        return None
+    return Envelope(
+        queue_id=queue_id, sender=sender, recipients=recipients, arrival=arrival, size=size,
+        client=dict(client), attempts=attempts, next_attempt=next_attempt,
+        last_outcome=last_outcome, warned=warned, ret=ret, envid=envid,
+        tls_failures=tls_failures, tls_override=tls_override, requiretls=requiretls,
+        tls_required_no=tls_required_no, smtputf8=smtputf8, file_size=file_size)
+
+
 def _load(raw: dict[str, Any]) -> Envelope:
+    fast = _fast_load(raw)
+    return fast if fast is not None else _load_fields(raw)
+
+
+def _load_fields(raw: dict[str, Any]) -> Envelope:
+    """L{_load} field by field, each mistake an L{EnvelopeError} naming it."""
     f = _Fields(raw, "envelope", ENVELOPE_FIELDS)
     queue_id = f.string("queue_id")
     if not is_queue_id(queue_id):

@@ -625,6 +625,69 @@ class DecoderPropertyTests(SynchronousTestCase):
         self.assertEqual(json.loads(env.to_json()), BASE)
 
 
+def agree(testcase, raw) -> None:
+    """
+    The fast path of the decoder (L{model._fast_load}) gives up (None)
+    wherever the field-by-field one refuses C{raw}, and where it accepts
+    it makes the same envelope: equal, the same JSON, the same file size.
+    """
+    from twisted_mta import model
+    try:
+        slow = model._load_fields(copy.deepcopy(raw))
+    except EnvelopeError:
+        slow = None
+    fast = model._fast_load(copy.deepcopy(raw))
+    if slow is None:
+        testcase.assertIsNone(fast, raw)
+    elif fast is not None:
+        testcase.assertEqual(fast, slow)
+        testcase.assertEqual(fast.to_json(), slow.to_json())
+        testcase.assertEqual(fast.file_size, slow.file_size)
+
+
+class FastPathTests(SynchronousTestCase):
+    """
+    Envelopes decode through a fast path that hands anything unusual to the
+    field-by-field checks; the two must agree on every envelope.
+    """
+
+    def test_valid_envelopes_take_the_fast_path(self) -> None:
+        """A full envelope and a fresh one are decoded by the fast path, to what the checks make."""
+        from twisted_mta import model
+        fresh = json.loads(Envelope("6B0A87D251AE92AA52", "", (Recipient("a@b.test"),),
+                                    arrival=T0).to_json())
+        for raw in (BASE, fresh, dict(BASE, file_size=1234)):
+            fast = model._fast_load(copy.deepcopy(raw))
+            self.assertIsNotNone(fast)
+            self.assertEqual(fast.to_json(), model._load_fields(copy.deepcopy(raw)).to_json())
+
+    def test_every_mutation(self) -> None:
+        """Every wrong value, missing and unknown field of the corruption table: both refuse."""
+        count = 0
+        for label, change in mutations():
+            raw = copy.deepcopy(BASE)
+            change(raw)
+            raw = json.loads(to_text(raw), parse_constant=float)
+            agree(self, raw)
+            count += 1
+        self.assertGreater(count, 150)
+
+    def test_types_the_checks_convert(self) -> None:
+        """An integer time (the checks make it a float) and nulls where a default stands: the same envelope or the same refusal."""
+        for change in ({"arrival": 1_800_000_000}, {"next_attempt": 5}, {"size": None},
+                       {"client": None}, {"warned": None}, {"ret": None}, {"envid": None},
+                       {"last_outcome": None}, {"requiretls": True, "tls_required_no": True}):
+            agree(self, dict(BASE, **change))
+        recipient = dict(BASE["recipients"][0], done_at=1_800_000_000, notify=None)
+        agree(self, dict(BASE, recipients=[recipient]))
+
+    @FAST
+    @given(wrong_envelopes())
+    def test_random_changes(self, data: bytes) -> None:
+        """The hypothesis envelopes of DecoderPropertyTests: both agree."""
+        agree(self, json.loads(data, parse_constant=float))
+
+
 class RecoveryPropertyTests(SynchronousTestCase):
     """
     Recovery with random bytes, or a wrong envelope, as the state xattr:
