@@ -187,6 +187,28 @@ class PureTests(unittest.SynchronousTestCase):
         self.assertIn("spools on ext4, without a journal (/dev/vda on /, rw,relatime,discard)",
                       described)
 
+    def test_an_entry_moving_is_counted_once(self) -> None:
+        """
+        An entry that moves from new/ to cur/ while the queue is counted
+        (walked in that order) counts once: the queue mode once saw 2001
+        messages of 2000 on the EPYC.
+        """
+        spool = tempdir(self)
+        for d in ("new", "cur"):
+            os.makedirs(os.path.join(spool, d))
+        for name in ("A1", "B2"):
+            open(os.path.join(spool, "new", name), "w").close()
+        open(os.path.join(spool, "cur", ".hidden"), "w").close()
+        walk = os.walk
+
+        def moving(top, *args, **kw):
+            for item in walk(top, *args, **kw):
+                yield item
+                if top.endswith("new"):  # A1 moves once new/ was read
+                    os.rename(os.path.join(spool, "new", "A1"), os.path.join(spool, "cur", "A1"))
+        self.patch(core.os, "walk", moving)
+        self.assertEqual(core.count_files(spool, ("new", "cur")), 2)
+
     def test_percentile(self) -> None:
         """Nearest rank: p50 and p99 of 1..100 are 50 and 99; one value is every percentile."""
         values = list(range(100, 0, -1))

@@ -119,12 +119,18 @@ def make_postfix(base: str, relay_port: int | None = None,
 
 
 def count_files(root: str, subdirs: Iterable[str]) -> int:
-    """Files (not dot files) under C{root}'s C{subdirs}, recursively."""
-    n = 0
+    """
+    Distinct file names (not dot files) under C{root}'s C{subdirs},
+    recursively.  A queue entry keeps its name when it moves (twisted-mta
+    new/ -> cur/, Postfix incoming -> active -> deferred), and the
+    subdirectories are walked in that order: one moved between two walks
+    is seen twice, and counted once.
+    """
+    seen: set[str] = set()
     for d in subdirs:
         for _, _, names in os.walk(os.path.join(root, d)):
-            n += sum(1 for name in names if not name.startswith("."))
-    return n
+            seen.update(name for name in names if not name.startswith("."))
+    return len(seen)
 
 
 class Server:
