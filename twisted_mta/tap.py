@@ -396,8 +396,8 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
     top = MTAService()
     pool = threadpool.ThreadPool(minthreads=2, maxthreads=16, name="mta-io")
     ThreadPoolService(pool).setServiceParent(top)
-    # Reading queue entries and messages, and removing finished entries:
-    # short work on the page cache, run on the reactor thread
+    # Reading queue entries and messages: short work on the page cache,
+    # run on the reactor thread
     # (InlineReads); only while the disk is slow does it go to a pool of
     # its own, a few threads, not the sixteen that fsyncs and DNS look-ups
     # need (each thread's Python competes with the reactor for the GIL,
@@ -483,7 +483,9 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
         local=make_local_target(config.local, config.hostname, reactor, run_blocking),
         remote=RemoteDelivery(sending or outbound, config.outbound, run_reading))
     from twisted_mta.queue import control
+    from twisted_mta.queue.manager import REMOVE_GATHER
     manager = QueueManager(config, spool, reactor, run_blocking, targets, run_reading=run_reading,
+                           remove_gather=REMOVE_GATHER,
                            watch_control=functools.partial(control.watch, reactor),
                            observers=[metrics], tls_history=history,
                            sts_cache=published.sts_cache if published is not None else None,

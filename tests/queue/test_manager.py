@@ -919,8 +919,8 @@ class IdleEntryTests(ManagerTestBase):
         self.assertEqual(len(self.outbound.sent), 3)
         self.assertEqual(self.spool.load(env.queue_id).attempts, 3)
 
-    def test_reads_and_removals_go_to_the_reading_pool(self):
-        """Reading an idle entry and removing a finished one go through C{run_reading} (tap gives it a small pool of its own); the attempt's results are written through C{run_blocking}."""
+    def test_reads_go_to_the_reading_pool_removals_to_the_io_pool(self):
+        """Reading an idle entry goes through C{run_reading} (inline, or a small pool while the disk is slow); the attempt's results are written, and a finished entry removed, through C{run_blocking}."""
         from twisted_mta.queue import manager
         self.patch(manager, "IDLE_AFTER", 30)
         reading, blocking = [], []
@@ -945,10 +945,59 @@ class IdleEntryTests(ManagerTestBase):
         self.outbound.outcomes["x@elsewhere.test"] = Outcome(250, "2.0.0", "ok")
         self.clock.advance(60)
         self.assertIsNone(self.spool.message_path(env.queue_id))
-        self.assertIn("load", reading)
-        self.assertIn("run_all", reading)  # the batch of removals
+        self.assertEqual(reading, ["load"])
         self.assertNotIn("load", blocking)
-        self.assertNotIn("run_all", blocking)
+        self.assertIn("run_all", blocking)  # the batch of removals
+
+    def test_removals_gathered_into_one_hop(self):
+        """
+        With C{remove_gather}, the entries that finish within that time are
+        removed in one trip to the I/O threads, which starts when the time
+        is up; until then each entry is still on disk and its attempt still
+        under way.
+        """
+        ok = Outcome(250, "2.0.0", "ok")
+        hops = []
+
+        def run_blocking(f, *args):
+            if f.__name__ == "run_all":
+                hops.append(f)
+            return self.run_blocking(f, *args)
+
+        m = QueueManager(self.config, self.spool, self.clock, run_blocking,
+                         Targets(local=RecordingTarget("local", ok),
+                                 remote=RecordingTarget("remote", ok)), remove_gather=0.02)
+        m.startService()
+        self.addCleanup(m.stopService)
+        envs = [self.queue([f"u{i}@elsewhere.test"]) for i in range(3)]
+        for env in envs:
+            m.enqueue(env)
+        self.clock.advance(0)
+        self.assertEqual(hops, [])
+        self.assertEqual(len(m.active), 3)
+        for env in envs:
+            self.assertIsNotNone(self.spool.message_path(env.queue_id))
+        self.clock.advance(0.02)
+        self.assertEqual(len(hops), 1)
+        for env in envs:
+            self.assertIsNone(self.spool.message_path(env.queue_id))
+        self.assertEqual(m.entries, {})
+        self.assertEqual(len(m.active), 0)
+
+    def test_stopping_removes_what_waits(self):
+        """A stop does not wait out the gathering time: the waiting removals start at once, and the stop ends when they are done."""
+        ok = Outcome(250, "2.0.0", "ok")
+        m = QueueManager(self.config, self.spool, self.clock, self.run_blocking,
+                         Targets(local=RecordingTarget("local", ok),
+                                 remote=RecordingTarget("remote", ok)), remove_gather=60)
+        m.startService()
+        env = self.queue(["x@elsewhere.test"])
+        m.enqueue(env)
+        self.clock.advance(0)
+        self.assertIsNotNone(self.spool.message_path(env.queue_id))
+        stopped = m.stopService()
+        self.successResultOf(stopped)
+        self.assertIsNone(self.spool.message_path(env.queue_id))
 
     def test_idle_entry_gone_from_disk_is_forgotten(self):
         """An idle entry whose queue file vanished is forgotten, logged, when it comes due."""

@@ -539,6 +539,53 @@ class BatchedTests(SynchronousTestCase):
         self.failureResultOf(batched("y"), RuntimeError)  # the next call starts a new hop
 
 
+class GatheredBatchTests(SynchronousTestCase):
+    """
+    With a clock, L{Batched} gathers items for C{gather} seconds, or until
+    C{most} wait, before one hop; L{Batched.flush} starts them at once.
+    """
+
+    def setUp(self):
+        from twisted.internet import defer, task
+        from twisted_mta.queue.spool import Batched
+        self.clock = task.Clock()
+        self.hops = []
+
+        def run(fn):
+            self.hops.append(fn)
+            return defer.succeed(fn())
+
+        self.batched = Batched(run, str.upper, clock=self.clock, gather=0.02, most=3)
+
+    def test_gathers_for_the_time(self):
+        a, b = self.batched("a"), self.batched("b")
+        self.clock.advance(0.019)
+        self.assertEqual(self.hops, [])
+        self.assertNoResult(a)
+        self.clock.advance(0.001)
+        self.assertEqual(len(self.hops), 1)
+        self.assertEqual([self.successResultOf(d) for d in (a, b)], ["A", "B"])
+        c = self.batched("c")  # a new gathering
+        self.assertNoResult(c)
+        self.clock.advance(0.02)
+        self.assertEqual(self.successResultOf(c), "C")
+        self.assertEqual(len(self.hops), 2)
+
+    def test_starts_when_most_wait(self):
+        ds = [self.batched(x) for x in "abc"]
+        self.assertEqual(len(self.hops), 1)
+        self.assertEqual([self.successResultOf(d) for d in ds], ["A", "B", "C"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_flush(self):
+        d = self.batched("a")
+        self.batched.flush()
+        self.assertEqual(self.successResultOf(d), "A")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.batched.flush()  # nothing waits: no hop
+        self.assertEqual(len(self.hops), 1)
+
+
 class GroupCommitTests(SynchronousTestCase):
     """
     New entries are made durable together: the jobs handed to the group

@@ -59,6 +59,12 @@ LOAD_BATCH = 500
 # QueueManager.entries): it is read from the spool when it is attempted.
 IDLE_AFTER = 300.0
 SHRINK_FROM = 4096  # below this many entries at the peak, tables are left alone
+# Finished entries wait this long for others before one trip to the I/O
+# threads removes them all: a wake-up of a pool thread per removal cost
+# more CPU than the unlink, and an unlink on the reactor thread waited for
+# the disk.  A crash in this window delivers those messages again (remote
+# mail is at least once; local copies are found at start-up).
+REMOVE_GATHER = 0.02
 def retry_delay(schedule: tuple[int, ...], attempts: int, jitter: float,
                 rand: Callable[[], float] = random.random) -> float:
     """
@@ -103,7 +109,8 @@ class QueueManager(service.Service):
                  observers: list | None = None, tls_history=None, sts_cache=None,
                  after_load: Callable[[], object] | None = None, signer=None,
                  run_reading: RunBlocking | None = None,
-                 watch_control: WatchControl | None = None) -> None:
+                 watch_control: WatchControl | None = None,
+                 remove_gather: float = 0.0) -> None:
         self.config = config
         # Calls back when a request lands in spool/control/ (tap: inotify),
         # so that an operator's command does not wait for the next poll.
@@ -113,8 +120,8 @@ class QueueManager(service.Service):
         self.spool = spool
         self.clock = clock
         self.run_blocking = run_blocking
-        # Reading entries and removing finished ones: short work, given a
-        # small pool of its own by the caller (tap.make_service).
+        # Reading entries: short work, on the reactor thread, or while the
+        # disk is slow in a small pool of its own (tap.make_service).
         self.run_reading = run_reading or run_blocking
         self.rand = rand
         self.targets = targets
@@ -146,7 +153,10 @@ class QueueManager(service.Service):
         self._control: task.LoopingCall | None = None
         self.loaded: defer.Deferred | None = None  # fires when start-up has read the spool
         self.operator = OperatorRequests(self)
-        self._remove = Batched(self.run_reading, lambda qid: self.spool.remove(qid))  # finished entries, a batch per hop
+        # Finished entries are removed in the I/O threads, gathered for up
+        # to remove_gather seconds (tap: REMOVE_GATHER) into one hop.
+        self._remove = Batched(run_blocking, lambda qid: self.spool.remove(qid), clock=clock,
+                               gather=remove_gather)
         self.notices = Notices(config, spool, clock, run_blocking, self.directory,
                                self.enqueue, self._notify, signer=signer)
 
@@ -228,6 +238,7 @@ class QueueManager(service.Service):
         self._flushing = None
         for target in self.targets:
             target.stop()
+        self._remove.flush()  # the attempts ending now wait for their removals
         return defer.DeferredList(list(self.active.values()))
 
     def _idle(self, envelope: Envelope) -> bool:
