@@ -525,16 +525,10 @@ def _load_recipient(raw: Any, where: str) -> Recipient:
 # unknown field...) it gives up with None and _Fields decides, and words
 # the error.  FastPathTests (tests/queue/test_corruption.py) compares the two.
 
-_STR = str
-_INT = int
-_FLOAT = float
-_BOOL = bool
-
-
 def _opt_str(raw: dict[str, Any], name: str) -> Any:
     """The string or None; _ABSENT for anything else."""
     value = raw.get(name)
-    return value if value is None or type(value) is _STR else _ABSENT
+    return value if value is None or type(value) is str else _ABSENT
 
 
 def _fast_outcome(raw: Any) -> Any:
@@ -546,8 +540,8 @@ def _fast_outcome(raw: Any) -> Any:
     dsn_passed = raw.get("dsn_passed", False)
     remote_mta, kind = _opt_str(raw, "remote_mta"), _opt_str(raw, "kind")
     policy, final_text = _opt_str(raw, "policy"), _opt_str(raw, "final_text")
-    if type(code) is not _INT or not 100 <= code <= 999 or type(enhanced) is not _STR \
-            or type(text) is not _STR or type(dsn_passed) is not _BOOL \
+    if type(code) is not int or not 100 <= code <= 999 or type(enhanced) is not str \
+            or type(text) is not str or type(dsn_passed) is not bool \
             or _ABSENT in (remote_mta, kind, policy, final_text):
         return _ABSENT
     return Outcome(code=code, enhanced=enhanced, text=text, remote_mta=remote_mta,
@@ -562,14 +556,14 @@ def _fast_recipient(raw: Any) -> Any:
     done_at, notify = raw.get("done_at"), raw.get("notify")
     dsn_pending = raw.get("dsn_pending", False)
     outcome = _fast_outcome(raw.get("outcome"))
-    if type(address) is not _STR or not address or state not in STATES \
-            or type(state) is not _STR or _ABSENT in (original, orcpt, outcome) \
-            or type(dsn_pending) is not _BOOL \
-            or not (done_at is None or (type(done_at) is _FLOAT and math.isfinite(done_at))):
+    if type(address) is not str or not address or state not in STATES \
+            or type(state) is not str or _ABSENT in (original, orcpt, outcome) \
+            or type(dsn_pending) is not bool \
+            or not (done_at is None or (type(done_at) is float and math.isfinite(done_at))):
         return _ABSENT
     if notify is not None:
         if type(notify) is not list or not all(
-                type(v) is _STR and v in NOTIFY_CONDITIONS for v in notify):
+                type(v) is str and v in NOTIFY_CONDITIONS for v in notify):
             return _ABSENT
         notify = tuple(notify)
     return Recipient(address=address, original=original, state=state, outcome=outcome,
@@ -578,7 +572,7 @@ def _fast_recipient(raw: Any) -> Any:
 
 def _fast_int(raw: dict[str, Any], name: str) -> Any:
     value = raw.get(name, 0)
-    return value if type(value) is _INT and 0 <= value <= _MAX_INT else _ABSENT
+    return value if type(value) is int and 0 <= value <= _MAX_INT else _ABSENT
 
 
 def _fast_load(raw: Any) -> Envelope | None:
@@ -594,18 +588,18 @@ def _fast_load(raw: Any) -> Envelope | None:
     tls_required_no, smtputf8 = get("tls_required_no", False), get("smtputf8", False)
     ret, envid, tls_override = _opt_str(raw, "ret"), _opt_str(raw, "envid"), \
         _opt_str(raw, "tls_override")
-    if type(queue_id) is not _STR or QUEUE_ID.fullmatch(queue_id) is None \
-            or type(sender) is not _STR \
-            or type(arrival) is not _FLOAT or not math.isfinite(arrival) \
-            or type(next_attempt) is not _FLOAT or not math.isfinite(next_attempt) \
+    if type(queue_id) is not str or QUEUE_ID.fullmatch(queue_id) is None \
+            or type(sender) is not str \
+            or type(arrival) is not float or not math.isfinite(arrival) \
+            or type(next_attempt) is not float or not math.isfinite(next_attempt) \
             or _ABSENT in (size, attempts, tls_failures, file_size, envid) \
-            or type(warned) is not _BOOL or type(requiretls) is not _BOOL \
-            or type(tls_required_no) is not _BOOL or type(smtputf8) is not _BOOL \
+            or type(warned) is not bool or type(requiretls) is not bool \
+            or type(tls_required_no) is not bool or type(smtputf8) is not bool \
             or (requiretls and tls_required_no) \
             or not (ret is None or ret in RET_VALUES) \
             or not (tls_override is None or tls_override in TLS_OVERRIDES) \
             or type(client) is not dict \
-            or not all(type(v) is _STR for v in client.values()) \
+            or not all(type(v) is str for v in client.values()) \
             or type(rcpts) is not list or not rcpts:
         return None
     recipients = tuple(_fast_recipient(r) for r in rcpts)

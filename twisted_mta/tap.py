@@ -26,7 +26,7 @@ from twisted.python import threadpool, usage
 from twisted_mta.config import Config, ConfigError, OutboundTLSSettings, load_config
 from twisted_mta.inbound.server import listener_factory
 from twisted_mta.logsetup import install_json_log, speed_up_text_log
-from twisted_mta.queue.manager import QueueManager
+from twisted_mta.queue.manager import REMOVE_GATHER, QueueManager
 from twisted_mta.queue.spool import InlineReads, Spool, SpoolError
 from twisted_mta.tlsserver import TLSSetupError, server_context
 from twisted_mta.users import UserDatabase, UsersFileError
@@ -397,11 +397,10 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
     pool = threadpool.ThreadPool(minthreads=2, maxthreads=16, name="mta-io")
     ThreadPoolService(pool).setServiceParent(top)
     # Reading queue entries and messages: short work on the page cache,
-    # run on the reactor thread
-    # (InlineReads); only while the disk is slow does it go to a pool of
-    # its own, a few threads, not the sixteen that fsyncs and DNS look-ups
-    # need (each thread's Python competes with the reactor for the GIL,
-    # docs/benchmarks.md).
+    # run on the reactor thread (InlineReads); only while the disk is slow
+    # does it go to a pool of its own, a few threads, not the sixteen that
+    # fsyncs and DNS look-ups need (each thread's Python competes with the
+    # reactor for the GIL, docs/benchmarks.md).
     reads = threadpool.ThreadPool(minthreads=0, maxthreads=READ_THREADS, name="mta-read")
     ThreadPoolService(reads).setServiceParent(top)
 
@@ -483,7 +482,6 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
         local=make_local_target(config.local, config.hostname, reactor, run_blocking),
         remote=RemoteDelivery(sending or outbound, config.outbound, run_reading))
     from twisted_mta.queue import control
-    from twisted_mta.queue.manager import REMOVE_GATHER
     manager = QueueManager(config, spool, reactor, run_blocking, targets, run_reading=run_reading,
                            remove_gather=REMOVE_GATHER,
                            watch_control=functools.partial(control.watch, reactor),

@@ -364,12 +364,9 @@ class Batched:
     item's result or failure.
 
     With a C{clock}, a batch also gathers for up to C{gather} seconds (or
-    until C{most} items wait) before it starts: the queue's removals.  A
-    hop costs the reactor a thread's wake-up, more than an unlink on most
-    disks, so one hop per removal would cost more than it saves; but an
-    unlink can wait on the disk (on an ext4 mounted with C{discard},
-    about 0.3 ms of the 0.35 ms it took on the EPYC, the rest CPU), and
-    on the reactor thread that wait held up everything else.  L{flush}
+    until C{most} items wait) before it starts, so that work too cheap
+    for a hop of its own still leaves the reactor thread: the queue's
+    removals (why: L{twisted_mta.queue.manager.REMOVE_GATHER}).  L{flush}
     starts what waits at once.
     """
 
