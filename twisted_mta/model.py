@@ -57,12 +57,14 @@ def header_end(data: bytes) -> int:
         pos = idx + 2
 
 
-def from_header(data: bytes) -> tuple["Envelope", int]:
+def from_header(data: bytes, end: int | None = None) -> tuple["Envelope", int]:
     """
     Parse the envelope header at the start of C{data} (which must hold all
-    of it); return the envelope and the offset where the message starts.
+    of it); return the envelope and the offset where the message starts
+    (C{end}, when the caller found it already with L{header_end}).
     """
-    end = header_end(data)
+    if end is None:
+        end = header_end(data)
     if end < 0:
         raise EnvelopeError("the envelope header is incomplete")
     value = data[len(HEADER_NAME) + 2:end]
@@ -95,8 +97,15 @@ def tls_required_values(headers: bytes) -> list[bytes]:
     """
     values: list[bytes] = []
     current: list[bytes] | None = None
-    for line in headers.split(b"\n"):
-        line = line.rstrip(b"\r")
+    # Line by line up to the empty one, not split(): the caller's buffer
+    # may hold 64 KiB of body after a header section of a few lines.
+    pos, length = 0, len(headers)
+    while pos < length:
+        nl = headers.find(b"\n", pos)
+        if nl < 0:
+            nl = length
+        line = headers[pos:nl].rstrip(b"\r")
+        pos = nl + 1
         if not line:
             break
         if line[:1] in (b" ", b"\t"):
@@ -253,7 +262,7 @@ class Envelope:
         if not isinstance(data, (bytes, bytearray, str)):
             raise EnvelopeError(f"not JSON text: {type(data).__name__}")
         try:
-            raw = json.loads(data, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
+            raw = _decode_json(data)
         except EnvelopeError:
             raise
         except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
@@ -371,6 +380,20 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         dup = next(k for k, _ in pairs if k in seen or seen.add(k))
         raise EnvelopeError(f"field {dup[:40]!r} appears twice")
     return out
+
+
+# json.loads builds a decoder on every call when given hooks: a tenth of
+# decoding an envelope.  This one is built once; _decode_json takes bytes
+# as json.loads does.
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
+
+
+def _decode_json(data: bytes | bytearray | str) -> Any:
+    if isinstance(data, str):
+        if data.startswith("\ufeff"):
+            raise EnvelopeError("not JSON: it starts with a byte order mark")
+        return _DECODER.decode(data)
+    return _DECODER.decode(data.decode(json.detect_encoding(data), "surrogatepass"))
 
 
 _ABSENT = object()

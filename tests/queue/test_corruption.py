@@ -681,6 +681,27 @@ class FastPathTests(SynchronousTestCase):
         recipient = dict(BASE["recipients"][0], done_at=1_800_000_000, notify=None)
         agree(self, dict(BASE, recipients=[recipient]))
 
+    def test_text_decoded_as_json_loads_decodes_it(self) -> None:
+        """from_json's one decoder reads the text json.loads with the same hooks reads (UTF-8 with or without a byte order mark, UTF-16, str) and refuses, with EnvelopeError, what it refuses (a str with a byte order mark, bytes that are not text)."""
+        from twisted_mta import model
+        text = to_text(BASE).decode("utf-8")
+        cases = [text, text.encode("utf-8"), b"\xef\xbb\xbf" + text.encode("utf-8"),
+                 text.encode("utf-16"), "\ufeff" + text, b"\xff\xfe\xfd" + text.encode(),
+                 text.encode("utf-8")[:-1] + b"\xc3"]
+        outcomes = []
+        for data in cases:
+            try:
+                json.loads(data, parse_constant=model._no_constant,
+                           object_pairs_hook=model._no_duplicates)
+            except ValueError:
+                self.assertRaises(EnvelopeError, Envelope.from_json, data)
+                outcomes.append("refused")
+            else:
+                self.assertEqual(Envelope.from_json(data).to_json(), Envelope.from_json(
+                    text).to_json())
+                outcomes.append("read")
+        self.assertEqual(outcomes, ["read"] * 4 + ["refused"] * 3)
+
     @FAST
     @given(wrong_envelopes())
     def test_random_changes(self, data: bytes) -> None:

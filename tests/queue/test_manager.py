@@ -920,13 +920,13 @@ class IdleEntryTests(ManagerTestBase):
         self.assertEqual(self.spool.load(env.queue_id).attempts, 3)
 
     def test_reads_go_to_the_reading_pool_removals_to_the_io_pool(self):
-        """Reading an idle entry goes through C{run_reading} (inline, or a small pool while the disk is slow); the attempt's results are written, and a finished entry removed, through C{run_blocking}."""
+        """Reading an idle entry goes through C{run_reading} (inline, or a small pool while the disk is slow), told the directory the entry is in; the attempt's results are written, and a finished entry removed, through C{run_blocking}."""
         from twisted_mta.queue import manager
         self.patch(manager, "IDLE_AFTER", 30)
         reading, blocking = [], []
 
         def run_reading(f, *args):
-            reading.append(f.__name__)
+            reading.append((f.__name__, *args))
             return self.run_blocking(f, *args)
 
         def run_blocking(f, *args):
@@ -945,7 +945,8 @@ class IdleEntryTests(ManagerTestBase):
         self.outbound.outcomes["x@elsewhere.test"] = Outcome(250, "2.0.0", "ok")
         self.clock.advance(60)
         self.assertIsNone(self.spool.message_path(env.queue_id))
-        self.assertEqual(reading, ["load"])
+        # With the directory it was moved to: the read looks there first.
+        self.assertEqual(reading, [("load", env.queue_id, "cur")])
         self.assertNotIn("load", blocking)
         self.assertIn("run_all", blocking)  # the batch of removals
 

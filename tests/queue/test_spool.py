@@ -64,6 +64,42 @@ class SpoolTests(SynchronousTestCase):
             f.write(head)
         self.assertRaises(EnvelopeError, message_offset, cut)
 
+    def test_load_looks_where_it_is_told_first(self):
+        """load with the state the caller knows reads that directory and stats no other; a stale one (the entry moved) still finds it; no entry is FileNotFoundError; a name that is not a state is refused."""
+        qid = self.commit()
+        looked = []
+        real_exists = os.path.exists
+        self.patch(os.path, "exists", lambda p: (looked.append(p), real_exists(p))[1])
+        self.assertEqual(self.spool.load(qid, "new"), envelope(qid))
+        self.assertEqual([os.path.basename(os.path.dirname(p)) for p in looked], ["envelopes"])
+        self.spool.move(qid, "new", "cur")
+        self.assertEqual(self.spool.load(qid, "new"), envelope(qid))
+        self.assertEqual(self.spool.load(qid, "hold"), envelope(qid))
+        self.spool.remove(qid)
+        self.assertRaises(FileNotFoundError, self.spool.load, qid, "cur")
+        self.assertRaises(ValueError, self.spool.load, qid, "../cur")
+
+    def test_tls_required_no_past_the_first_read(self):
+        """An entry read from its header alone finds "TLS-Required: No" in its header section wherever the first read of the file ended: in a small message, after 64 KiB of other fields, and in a 200 KiB message; one in the body does not count."""
+        # Past the first read of the file (64 KiB, the envelope header
+        # first) and inside the 64 KiB of message scanned.
+        filler = b"".join(b"X-Filler-%05d: %s\r\n" % (i, b"f" * 60) for i in range(839))
+        filler += b"X-Pad: " + b"p" * 49 + b"\r\n"
+        self.assertEqual(len(filler), 65500)
+        cases = [
+            (b"TLS-Required: No\r\n\r\nbody\r\n", True),
+            (filler + b"TLS-Required: No\r\n\r\nbody\r\n", True),
+            (b"Subject: x\r\nTLS-Required: No\r\n\r\n" + b"b" * 200_000 + b"\r\n", True),
+            (filler + b"\r\nTLS-Required: No\r\n", False),
+        ]
+        for body, no in cases:
+            qid = self.commit(body)
+            if body.startswith(filler) and no:
+                path = os.path.join(self.spool.path, "new", qid)
+                self.assertGreater(message_offset(path) + len(filler), 65536)
+            self.assertIs(self.spool.load(qid).tls_required_no, no, body[-40:])
+            self.assertIs(self.spool.load(qid, "new").tls_required_no, no, body[-40:])
+
     def test_iter_scan_reads_one_entry_at_a_time(self):
         """iter_scan reads an entry only when asked for it (a queue of any size lists in constant memory), in scan's order; find reads one entry without listing."""
         qids = sorted(self.commit() for _ in range(3))

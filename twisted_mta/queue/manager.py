@@ -257,7 +257,7 @@ class QueueManager(service.Service):
         envelope = self.entries.get(qid)
         if envelope is not None:
             return defer.succeed(envelope)
-        return self.run_reading(self.spool.load, qid)
+        return self.run_reading(self.spool.load, qid, self.states.get(qid))
 
     def unschedule(self, qid: str) -> None:
         self._due_at.pop(qid, None)  # its heap item is stale now
@@ -440,7 +440,7 @@ class QueueManager(service.Service):
         envelope = self.entries[qid]
         if envelope is None:  # idle until now: read it
             try:
-                envelope = yield self.run_reading(self.spool.load, qid)
+                envelope = yield self.run_reading(self.spool.load, qid, self.states.get(qid))
             except FileNotFoundError:
                 self._vanished(qid)
                 return

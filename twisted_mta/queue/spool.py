@@ -1053,15 +1053,29 @@ class Spool:
         state = self.state_of(queue_id)
         return None if state is None else os.path.join(self.path, state, queue_id)
 
-    def load(self, queue_id: str) -> Envelope:
+    def load(self, queue_id: str, state: str | None = None) -> Envelope:
         """
         The entry's current envelope (see L{read}); raises
         L{EnvelopeError} for a damaged entry.
+
+        @param state: the directory the caller last knew the entry in,
+            looked in first (a look in each directory saved); when it is
+            not there, it is looked for in all.
         """
-        state = self.state_of(queue_id)
-        if state is None:
-            raise FileNotFoundError(f"no queue entry {queue_id}")
-        entry = self.read(queue_id, state, os.path.exists(self.envelope_path(queue_id)))
+        has_state_file = os.path.exists(self.envelope_path(queue_id))
+        entry = None
+        if state is not None:
+            if state not in STATE_DIRS:
+                raise ValueError(f"{state!r} is not a queue state")
+            try:
+                entry = self.read(queue_id, state, has_state_file)
+            except FileNotFoundError:
+                pass  # moved meanwhile, or gone
+        if entry is None:
+            state = self.state_of(queue_id)
+            if state is None:
+                raise FileNotFoundError(f"no queue entry {queue_id}")
+            entry = self.read(queue_id, state, has_state_file)
         if entry.envelope is None:
             raise EnvelopeError(entry.damage)
         return entry.envelope
@@ -1137,10 +1151,19 @@ class Spool:
             return damaged("its file name is not a queue id")
         if not stat.S_ISREG(os.lstat(path).st_mode):
             return damaged("it is not a regular file")
+        # One open for what is read from the queue file: its head (the
+        # envelope header, and the start of the message for the scan
+        # below), its length, its state attribute.
         try:
             with open(path, "rb") as f:
-                header, offset = _head(f)
+                data, offset = _read_header(f)
                 size = os.fstat(f.fileno()).st_size
+                try:
+                    raw: bytes | None = os.getxattr(f.fileno(), XATTR)
+                    xattr_error = None
+                except OSError as e:
+                    raw, xattr_error = None, e
+            header = from_header(data, offset)[0]
         except FileNotFoundError:
             raise
         except (EnvelopeError, OSError) as e:
@@ -1152,12 +1175,9 @@ class Spool:
         states: list[Envelope] = []
         dropped: list[str] = []
         bad_xattr = bad_file = False
-        try:
-            raw: bytes | None = os.getxattr(path, XATTR)
-        except OSError as e:
-            raw = None
-            if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
-                dropped.append(f"state attribute: {_why(e)}")
+        if xattr_error is not None and xattr_error.errno not in (
+                errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            dropped.append(f"state attribute: {_why(xattr_error)}")
         if raw is not None:
             env, why = _judge_state(raw, header, now)
             if why:
@@ -1168,14 +1188,14 @@ class Spool:
         if has_state_file:
             try:
                 with open(self.envelope_path(queue_id), "rb") as f:
-                    data = f.read()
+                    state_data: bytes | None = f.read()
             except FileNotFoundError:
-                data = None  # replaced by an xattr meanwhile
+                state_data = None  # replaced by an xattr meanwhile
             except OSError as e:
                 dropped.append(f"state file: {_why(e)}")
-                data = None
-            if data is not None:
-                env, why = _judge_state(data, header, now)
+                state_data = None
+            if state_data is not None:
+                env, why = _judge_state(state_data, header, now)
                 if why:
                     dropped.append(f"state file: {why}")
                     bad_file = True
@@ -1186,16 +1206,20 @@ class Spool:
             # "TLS-Required: No" is read at the end of DATA, after the
             # envelope header was written, and kept in the recorded state:
             # an entry recovered from its header alone reads it again (RFC
-            # 8689 4.1).
-            try:
-                with open(path, "rb") as f:
-                    f.seek(offset)
-                    if tls_required_no(tls_required_values(f.read(HEADER_SCAN))):
-                        current = header = attrs.evolve(header, tls_required_no=True)
-            except FileNotFoundError:
-                raise
-            except OSError as e:
-                return damaged(_why(e))
+            # 8689 4.1), in what was read already unless the message is
+            # longer than that and its start was not all in it.
+            head = data[offset:offset + HEADER_SCAN]
+            if len(head) < HEADER_SCAN and len(data) < size:
+                try:
+                    with open(path, "rb") as f:
+                        f.seek(offset)
+                        head = f.read(HEADER_SCAN)
+                except FileNotFoundError:
+                    raise
+                except OSError as e:
+                    return damaged(_why(e))
+            if tls_required_no(tls_required_values(head)):
+                current = header = attrs.evolve(header, tls_required_no=True)
 
         problem = length_problem(size, offset, current)
         if problem:
