@@ -902,6 +902,46 @@ class LargeQueueTests(ManagerTestBase):
         self.assertEqual(len(calls), 1)
 
 
+class GoneInSendingTests(ManagerTestBase):
+    """
+    The outbound pool finds the queue file gone (a worker's "gone" answer):
+    the entry is forgotten as vanished and no crash is logged.  The
+    gathering of results used to wrap MessageGone in FirstError, which
+    the manager took for a crash.
+    """
+
+    def attempt(self, rcpts):
+        from twisted.logger import globalLogPublisher
+        from twisted_mta.model import MessageGone
+        sent = []
+
+        def deliver(hop, txn):
+            sent.append(hop)
+            return defer.fail(MessageGone("gone"))
+
+        self.outbound.deliver = deliver
+        m = self.manager()
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        env = self.queue(rcpts)
+        m.enqueue(env)
+        self.clock.advance(0)
+        self.assertEqual(len(sent), len(rcpts))
+        self.assertNotIn(env.queue_id, m.entries)
+        said = [e.get("log_format", "") for e in events if e.get("queue_id") == env.queue_id]
+        self.assertTrue(any("vanished" in f for f in said), said)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_one_next_hop(self):
+        """One next hop: vanished, not crashed."""
+        self.attempt(["x@elsewhere.test"])
+
+    def test_two_next_hops(self):
+        """Two next hops, both gone: vanished, not crashed."""
+        self.attempt(["x@elsewhere.test", "y@other.test"])
+
+
 class IdleEntryTests(ManagerTestBase):
     def test_idle_entry_holds_no_envelope_and_is_read_when_due(self):
         """An entry deferred for longer than IDLE_AFTER keeps no envelope in memory; when due it is read from the spool and attempted with its recorded state; one due sooner keeps its envelope."""

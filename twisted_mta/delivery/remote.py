@@ -11,6 +11,7 @@ from zope.interface import implementer
 
 from twisted_mta import failures
 from twisted_mta.config import OutboundSettings
+from twisted_mta.deferreds import gather
 from twisted_mta.interfaces import IDeliveryTarget
 from twisted_mta.model import DeliveryRequest, MessageGone, Outcome
 from twisted_mta.outbound import message as outgoing
@@ -59,7 +60,7 @@ class RemoteDelivery:
                               requiretls=envelope.requiretls, smtputf8=envelope.smtputf8)
             sent.append(self.pool.deliver(hop, txn))
         results: dict[str, Outcome] = {}
-        for part in (yield defer.gatherResults(sent, consumeErrors=True)):
+        for part in (yield gather(sent)):
             results.update(part)
         return results
 

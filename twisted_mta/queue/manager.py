@@ -32,6 +32,7 @@ from twisted.logger import Logger
 
 from twisted_mta import failures
 from twisted_mta.config import Config
+from twisted_mta.deferreds import gather
 from twisted_mta.interfaces import IDeliveryTarget
 from twisted_mta.local import LocalDirectory
 from twisted_mta.metrics import notify
@@ -496,7 +497,7 @@ class QueueManager(service.Service):
         results: dict[str, Outcome] = {}
         routes: dict[str, str] = {}
         gone = False
-        for name, part in (yield defer.gatherResults(calls, consumeErrors=True)):
+        for name, part in (yield gather(calls)):
             if part is None:
                 gone = True
                 continue
