@@ -17,8 +17,8 @@ def gather(ds: Sequence[defer.Deferred]) -> defer.Deferred:
     than a C{FirstError} around it, so that a caller can tell what it
     was (a L{twisted_mta.model.MessageGone}).  A single Deferred, the
     usual case of an attempt (one target, one next hop), is not wrapped
-    in a C{DeferredList}: about a tenth of the main process's Deferred
-    work in a queue drain.
+    in a C{DeferredList}, whose own work was about 3% of the main
+    process in a queue drain (py-spy; docs/benchmarks.md).
     """
     if len(ds) == 1:
         return ds[0].addCallback(lambda result: [result])
