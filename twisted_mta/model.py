@@ -384,16 +384,15 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 # json.loads builds a decoder on every call when given hooks: a tenth of
 # decoding an envelope.  This one is built once; _decode_json takes bytes
-# as json.loads does.
+# as json.loads does (a str that starts with a byte order mark is not
+# JSON to the decoder either).
 _DECODER = json.JSONDecoder(parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
 
 
 def _decode_json(data: bytes | bytearray | str) -> Any:
-    if isinstance(data, str):
-        if data.startswith("\ufeff"):
-            raise EnvelopeError("not JSON: it starts with a byte order mark")
-        return _DECODER.decode(data)
-    return _DECODER.decode(data.decode(json.detect_encoding(data), "surrogatepass"))
+    if not isinstance(data, str):
+        data = data.decode(json.detect_encoding(data), "surrogatepass")
+    return _DECODER.decode(data)
 
 
 _ABSENT = object()

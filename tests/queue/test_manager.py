@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twisted.internet import defer
 
-from twisted_mta.model import Envelope, EnvelopeError, Outcome, Recipient
+from twisted_mta.model import Envelope, EnvelopeError, MessageGone, Outcome, Recipient
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -912,7 +912,6 @@ class GoneInSendingTests(ManagerTestBase):
 
     def attempt(self, rcpts):
         from twisted.logger import globalLogPublisher
-        from twisted_mta.model import MessageGone
         sent = []
 
         def deliver(hop, txn):

@@ -166,7 +166,7 @@ def _head(f) -> tuple[Envelope, int]:
     """
     Read the envelope header from the start of the open queue file C{f}.
     """
-    return from_header(_read_header(f)[0])
+    return from_header(*_read_header(f))
 
 
 def read_head(path: str, expect: Envelope | None = None) -> tuple[Envelope, int]:
