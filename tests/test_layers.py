@@ -39,6 +39,8 @@ STAGES = [
     (1, "twisted_mta.transport"),
     # Deferred helpers (the queue and the delivery targets gather results).
     (1, "twisted_mta.deferreds"),
+    # A child process dies with its parent (the workers, the commit helper).
+    (1, "twisted_mta.lifetime"),
     (2, "twisted_mta.tls"), (2, "twisted_mta.dsn"), (2, "twisted_mta.failures"),
     # DKIM signing: TLS reports now, all outbound mail later (the queue's
     # notices and the outbound leg both sign).

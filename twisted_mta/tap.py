@@ -26,6 +26,7 @@ from twisted.python import threadpool, usage
 from twisted_mta.config import Config, ConfigError, OutboundTLSSettings, load_config
 from twisted_mta.inbound.server import listener_factory
 from twisted_mta.logsetup import install_json_log, speed_up_text_log
+from twisted_mta.queue.committer import start_committer
 from twisted_mta.queue.manager import REMOVE_GATHER, QueueManager
 from twisted_mta.queue.spool import InlineReads, Spool, SpoolError
 from twisted_mta.tlsserver import TLSSetupError, server_context
@@ -414,6 +415,7 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
 
     spool = Spool(config.spool, run_blocking=run_blocking)
     spool.lock()
+    spool.committer = start_committer(spool.path, reactor, run_blocking)
     from twisted_mta.inbound.pickup import prepare_maildrop
     try:
         prepare_maildrop(config.spool, owner)

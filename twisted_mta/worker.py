@@ -14,7 +14,6 @@ main process dies.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import socket
 import sys
@@ -23,22 +22,12 @@ from twisted.internet import defer
 from twisted.logger import FileLogObserver, Logger, globalLogBeginner
 from twisted.python import threadpool
 
+from twisted_mta.lifetime import die_with_parent
+
 log = Logger(namespace="twisted_mta.worker")
 
 FAMILIES = {"inet": socket.AF_INET, "inet6": socket.AF_INET6, "unix": socket.AF_UNIX}
 NOTIFY_FD = 3
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """On Linux, SIGKILL when the main process dies, however it dies."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() == 1:  # it died before we asked
-        os._exit(1)
 
 
 class _ParentPipe:
@@ -166,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     from twisted_mta.delivery.local import OnReceipt
     from twisted_mta.inbound.server import listener_factory
     from twisted_mta.logsetup import TurnBufferedStream, classic_text_formatter, install_json_log
+    from twisted_mta.queue.committer import start_committer
     from twisted_mta.queue.spool import Spool
     from twisted_mta.tlsserver import server_context
     from twisted_mta.users import UserDatabase
@@ -194,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         return deferToThreadPool(reactor, pool, f, *a)
 
     spool = Spool(config.spool, run_blocking=run_blocking)
+    spool.committer = start_committer(spool.path, reactor, run_blocking)
     on_receipt = OnReceipt.from_settings(config.local, config.hostname)
     ports = []
     for spec in args.listener:

@@ -28,6 +28,7 @@ from twisted_mta.delivery.remote import RemoteDelivery
 from twisted_mta.inbound.server import InboundFactory
 from twisted_mta.local import LocalDirectory
 from twisted_mta.model import Envelope, Outcome, Recipient
+from twisted_mta.queue import committer as committer_module
 from twisted_mta.queue import spool as spool_module
 from twisted_mta.queue.manager import QueueManager, Targets
 from twisted_mta.queue.spool import QueueIdGenerator, Spool, run_inline
@@ -51,7 +52,7 @@ class MessageWriterFaultTests(SynchronousTestCase):
         self.spool.lock()
         self.addCleanup(self.spool.unlock)
         self.fs = FaultyFS(base, self.clock)
-        self.fs.install(self, spool_module, maildir_module)
+        self.fs.install(self, spool_module, maildir_module, committer_module)
 
     def commit(self):
         w = self.spool.new_message()
@@ -79,6 +80,47 @@ class MessageWriterFaultTests(SynchronousTestCase):
                                      f"{label} ({errno.errorcode[err]}): {d}/")
 
 
+class InProcessHelper:
+    """
+    The commit helper's transport, running its batch here at once (through
+    the faulty file system) and answering the committer.
+    """
+
+    def __init__(self, helper, spool: str) -> None:
+        self.helper = helper
+        self.spool = spool
+
+    batches = 0
+
+    def write(self, data: bytes) -> None:
+        InProcessHelper.batches += 1
+        batch, rest = committer_module.parse_requests(data)
+        assert rest == b""
+        self.helper.outReceived(b"".join(committer_module.run_batch(self.spool, batch)))
+
+    def closeStdin(self) -> None:
+        pass
+
+
+class HelperCommitFaultTests(MessageWriterFaultTests):
+    """
+    The same, with the commit helper doing the commit (its batch run in
+    this process, through the faulty file system): the same writes, and
+    any of them failing leaves the spool as clean.
+    """
+
+    def setUp(self):
+        MessageWriterFaultTests.setUp(self)
+        path = self.spool.path
+        self.spool.committer = committer_module.Committer(
+            path, lambda helper, args: InProcessHelper(helper, path), run_inline, self.clock)
+        InProcessHelper.batches = 0
+
+    def test_every_commit_write_point(self):
+        MessageWriterFaultTests.test_every_commit_write_point(self)
+        self.assertEqual(InProcessHelper.batches, 1 + 2 * 5)  # each commit went to the helper
+
+
 class FaultTestBase(ManagerTestBase):
     """
     The manager over the real spool and targets, with L{FaultyFS} in front
@@ -93,7 +135,7 @@ class FaultTestBase(ManagerTestBase):
     def setUp(self):
         ManagerTestBase.setUp(self)
         self.fs = FaultyFS(self.base, self.clock)
-        self.fs.install(self, spool_module, maildir_module)
+        self.fs.install(self, spool_module, maildir_module, committer_module)
         self.events = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
@@ -389,7 +431,7 @@ class QueuePathFaultTests(SynchronousTestCase):
         os.makedirs(self.top)
         self.clock = Clock()
         self.fs = FaultyFS(self.top, self.clock)
-        self.fs.install(self, spool_module, maildir_module)
+        self.fs.install(self, spool_module, maildir_module, committer_module)
         self.fs.sync = False  # hundreds of runs; what matters is that each fsync may fail
         self.runs = 0
 

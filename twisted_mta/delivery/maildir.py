@@ -28,7 +28,7 @@ import attrs
 
 from twisted_mta import failures
 from twisted_mta.model import Envelope, Outcome
-from twisted_mta.queue.spool import fsync_dir, read_head
+from twisted_mta.queue.spool import fsync_dir, read_head, write_all
 
 DELIVERED = Outcome(250, "2.0.0", "Delivered to Maildir")
 
@@ -211,18 +211,12 @@ def _copy(source: Iterable[bytes], head: bytes, tmp_path: str) -> None:
             if carry:
                 chunk = chunk[:-1]
             pending += chunk.replace(b"\r\n", b"\n")
-            _write_all(fd, pending)
+            write_all(fd, pending)
             pending = b""
-        _write_all(fd, pending + carry)
+        write_all(fd, pending + carry)
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def deliver(message: str | bytes, envelope: Envelope, targets: Iterable[LocalTarget],

@@ -53,6 +53,9 @@ from twisted_mta.model import (
     Envelope, EnvelopeError, Outcome, from_header, header_end, is_queue_id, tls_required_no,
     tls_required_values,
 )
+from twisted_mta.queue.committer import (
+    CommitError, Committer, write_all, fsync_dir, write_file_durably,
+)
 
 log = Logger()
 
@@ -99,14 +102,6 @@ def run_inline(f: Callable, *args: object) -> defer.Deferred:
     return defer.maybeDeferred(f, *args)
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def replace_file_durably(path: str, data: bytes, mode: int = 0o600) -> None:
     """
     Replace C{path} with C{data} so that a crash at any instant leaves
@@ -117,30 +112,12 @@ def replace_file_durably(path: str, data: bytes, mode: int = 0o600) -> None:
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        _write_all(fd, data)
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(directory)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def write_file_durably(path: str, data: bytes) -> None:
-    """
-    Create C{path} (which must not exist), write C{data} and fsync it.
-    """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 HEADER_SCAN = 65536  # octets of a message read for its TLS-Required field
@@ -646,6 +623,10 @@ class MessageWriter:
 
         if hold:
             d = self._then(durable)
+        elif self._fd is None and self.spool.committer is not None:
+            # Nothing written yet (a message under SPILL, not rewritten):
+            # the commit helper writes, fsyncs and renames it.
+            d = self._then(self._commit_by_helper, rest, run=run_inline)
         elif self.size > self.SPILL:
             # A large file's fsync takes long: not in the shared batch,
             # where the small messages committed with it would wait for it.
@@ -657,6 +638,17 @@ class MessageWriter:
         # recovery compares it with the file's.
         d.addCallback(lambda _: attrs.evolve(envelope, file_size=self.size))
         return self._own(d.addErrback(self._failed))
+
+    def _commit_by_helper(self, data: bytes) -> defer.Deferred:
+        def renamed(_: object) -> None:
+            self._renamed = True
+
+        def failed(failure: Failure) -> Failure:
+            if isinstance(failure.value, CommitError) and failure.value.renamed:
+                self._renamed = True  # _discard takes it out of new/ again
+            return failure
+
+        return self.spool.committer.commit(self.queue_id, data).addCallbacks(renamed, failed)
 
     def _make_durable(self, state: str) -> None:
         """
@@ -869,9 +861,13 @@ class Spool:
 
     def __init__(self, path: str, run_blocking: RunBlocking = run_inline,
                  new_queue_id: Callable[[], str] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 committer: Committer | None = None) -> None:
         self.path = os.path.abspath(path)
         self.run_blocking = run_blocking
+        # Commits of small messages by a helper process (committer.py);
+        # None: by the I/O threads, in the shared batch of _GroupSync.
+        self.committer = committer
         self.new_queue_id = new_queue_id or QueueIdGenerator()
         self.clock = clock  # wall time, to judge recorded next attempts
         self.group_sync = _GroupSync(run_blocking, (self._dir("new"),))
