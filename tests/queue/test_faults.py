@@ -28,7 +28,8 @@ from twisted_mta.delivery.remote import RemoteDelivery
 from twisted_mta.inbound.server import InboundFactory
 from twisted_mta.local import LocalDirectory
 from twisted_mta.model import Envelope, Outcome, Recipient
-from twisted_mta.queue import committer as committer_module
+from twisted_mta.queue import commit_helper as helper_module
+from twisted_mta.queue.committer import Committer
 from twisted_mta.queue import spool as spool_module
 from twisted_mta.queue.manager import QueueManager, Targets
 from twisted_mta.queue.spool import QueueIdGenerator, Spool, run_inline
@@ -52,7 +53,7 @@ class MessageWriterFaultTests(SynchronousTestCase):
         self.spool.lock()
         self.addCleanup(self.spool.unlock)
         self.fs = FaultyFS(base, self.clock)
-        self.fs.install(self, spool_module, maildir_module, committer_module)
+        self.fs.install(self, spool_module, maildir_module, helper_module)
 
     def commit(self):
         w = self.spool.new_message()
@@ -94,9 +95,9 @@ class InProcessHelper:
 
     def write(self, data: bytes) -> None:
         InProcessHelper.batches += 1
-        batch, rest = committer_module.parse_requests(data)
+        batch, rest = helper_module.parse_requests(data)
         assert rest == b""
-        self.helper.outReceived(b"".join(committer_module.run_batch(self.spool, batch)))
+        self.helper.outReceived(b"".join(helper_module.run_batch(self.spool, batch)))
 
     def closeStdin(self) -> None:
         pass
@@ -112,7 +113,7 @@ class HelperCommitFaultTests(MessageWriterFaultTests):
     def setUp(self):
         MessageWriterFaultTests.setUp(self)
         path = self.spool.path
-        self.spool.committer = committer_module.Committer(
+        self.spool.committer = Committer(
             path, lambda helper, args: InProcessHelper(helper, path), run_inline, self.clock)
         InProcessHelper.batches = 0
 
@@ -135,7 +136,7 @@ class FaultTestBase(ManagerTestBase):
     def setUp(self):
         ManagerTestBase.setUp(self)
         self.fs = FaultyFS(self.base, self.clock)
-        self.fs.install(self, spool_module, maildir_module, committer_module)
+        self.fs.install(self, spool_module, maildir_module, helper_module)
         self.events = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
@@ -431,7 +432,7 @@ class QueuePathFaultTests(SynchronousTestCase):
         os.makedirs(self.top)
         self.clock = Clock()
         self.fs = FaultyFS(self.top, self.clock)
-        self.fs.install(self, spool_module, maildir_module, committer_module)
+        self.fs.install(self, spool_module, maildir_module, helper_module)
         self.fs.sync = False  # hundreds of runs; what matters is that each fsync may fail
         self.runs = 0
 

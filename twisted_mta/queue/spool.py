@@ -53,9 +53,10 @@ from twisted_mta.model import (
     Envelope, EnvelopeError, Outcome, from_header, header_end, is_queue_id, tls_required_no,
     tls_required_values,
 )
-from twisted_mta.queue.committer import (
-    CommitError, Committer, write_all, fsync_dir, write_file_durably,
+from twisted_mta.queue.commit_helper import (
+    CommitError, fsync_dir, write_all, write_file_durably,
 )
+from twisted_mta.queue.committer import Committer
 
 log = Logger()
 
