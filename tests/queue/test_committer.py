@@ -343,6 +343,13 @@ class WriterTests(SynchronousTestCase):
         self.assertEqual(result.file_size, len(data))
         self.assertEqual(self.spool.load(w.queue_id).sender, env.sender)
 
+    def test_a_message_over_the_helper_s_limit_is_committed_by_the_threads(self):
+        from twisted_mta.queue.spool import MessageWriter
+        w, env = self.writer(b"Subject: x\r\n\r\n" + b"y" * MessageWriter.HELPER_LIMIT)
+        self.successResultOf(w.commit(env))
+        self.assertEqual(self.sent, [])
+        self.assertTrue(os.path.exists(os.path.join(self.spool.path, "new", w.queue_id)))
+
     def test_a_spilled_message_is_committed_by_the_threads(self):
         from twisted_mta.queue.spool import MessageWriter
         w, env = self.writer(b"Subject: x\r\n\r\n" + b"y" * (MessageWriter.SPILL + 10))

@@ -37,7 +37,7 @@ def _paths(spool: str, queue_id: str) -> tuple[str, str]:
     return os.path.join(spool, "tmp", queue_id), os.path.join(spool, "new", queue_id)
 
 
-def write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
@@ -84,7 +84,7 @@ def commit_in_thread(spool: str, queue_id: str, data: bytes) -> None:
         raise CommitError(e.errno or errno.EIO, True)
 
 
-def run_batch(spool: str, batch: list[tuple[str, bytes]]) -> list[bytes]:
+def run_batch(spool: str, batch: list[tuple[str, bytes | memoryview]]) -> list[bytes]:
     """
     Commit C{batch}, (queue id, file content) in order, and give each its
     answer line: all files written first, then each fsync'd (on ext4 the
@@ -134,23 +134,26 @@ def run_batch(spool: str, batch: list[tuple[str, bytes]]) -> list[bytes]:
             for q, c, r in finished]
 
 
-def parse_requests(buffer: bytes) -> tuple[list[tuple[str, bytes]], bytes]:
+def parse_requests(buffer: bytes) -> tuple[list[tuple[str, memoryview]], bytes]:
     """
     The complete requests at the start of C{buffer} (C{QUEUE-ID LENGTH\\n}
-    and as many octets), and what is left of it.
+    and as many octets; each content a view into C{buffer}, not a copy),
+    and what is left of it.
     """
     batch = []
+    view = memoryview(buffer)
+    start = 0
     while True:
-        end = buffer.find(b"\n")
+        end = buffer.find(b"\n", start)
         if end < 0:
             break
-        queue_id, _, length = buffer[:end].partition(b" ")
+        queue_id, _, length = buffer[start:end].partition(b" ")
         size = int(length)
         if len(buffer) < end + 1 + size:
             break
-        batch.append((queue_id.decode("ascii"), buffer[end + 1:end + 1 + size]))
-        buffer = buffer[end + 1 + size:]
-    return batch, buffer
+        batch.append((queue_id.decode("ascii"), view[end + 1:end + 1 + size]))
+        start = end + 1 + size
+    return batch, buffer[start:] if start else buffer
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -438,6 +438,12 @@ class MessageWriter:
     """
 
     SPILL = 128 * 1024
+    # The largest message the commit helper takes (committer.py): beyond
+    # it, copying the message through the pipe costs more than the trip to
+    # a thread it saves (by hand on the EPYC, 20 sessions: 32 KiB 4.92-5.62
+    # against 5.61-6.08 ms of CPU per message with the threads, 100 KiB
+    # 6.11-6.78 against 5.80-6.70; docs/benchmarks.md).
+    HELPER_LIMIT = 64 * 1024
 
     def __init__(self, spool: "Spool", queue_id: str) -> None:
         self.spool = spool
@@ -624,9 +630,10 @@ class MessageWriter:
 
         if hold:
             d = self._then(durable)
-        elif self._fd is None and self.spool.committer is not None:
-            # Nothing written yet (a message under SPILL, not rewritten):
-            # the commit helper writes, fsyncs and renames it.
+        elif self._fd is None and self.spool.committer is not None and \
+                len(rest) <= self.HELPER_LIMIT:
+            # Nothing written yet (not rewritten, not spilled): the commit
+            # helper writes, fsyncs and renames it.
             d = self._then(self._commit_by_helper, rest, run=run_inline)
         elif self.size > self.SPILL:
             # A large file's fsync takes long: not in the shared batch,
