@@ -382,6 +382,26 @@ class EagerWriteTests(SynchronousTestCase):
             "tcp.Connection.writeSomeData's result", self.USER, "reads as octets sent"))
 
 
+class ProcessPipeTests(SynchronousTestCase):
+    """
+    C{start_committer} makes the pipe to the commit helper 1 MiB through
+    the process transport's C{pipes}, undocumented: a large message goes in
+    one write.  Best effort (a missing attribute only costs speed), but a
+    change should be seen.
+    """
+
+    USER = "twisted_mta/queue/committer.py (start_committer)"
+
+    def test_pipes_by_child_fd(self):
+        from twisted.internet import process
+        source = inspect.getsource(process.Process)
+        self.assertIn("self.pipes[childFD] = writer", source, gone(
+            "Process.pipes keyed by the child's descriptor", self.USER,
+            "reads for the helper's standard input"))
+        self.assertTrue(callable(getattr(process.ProcessWriter, "fileno", None)), gone(
+            "ProcessWriter.fileno", self.USER, "calls to size the pipe"))
+
+
 class LogObserverTests(SynchronousTestCase):
     """
     L{twisted_mta.logsetup.speed_up_text_log} finds twistd's text log

@@ -264,6 +264,13 @@ class CommitterTests(SynchronousTestCase):
         self.successResultOf(self.committer.commit("B2", b"two"))
         self.assertEqual(len(self.started), 1)
 
+    def test_after_stop_the_threads_commit_even_before_the_helper_ends(self):
+        self.committer.commit("A1", b"one")
+        self.committer.stop()
+        self.successResultOf(self.committer.commit("B2", b"two"))
+        self.assertEqual(self.in_thread, ["B2"])
+        self.assertEqual(self.started[0][2].written, request("A1", b"one"))
+
 
 class StartTests(SynchronousTestCase):
     def test_no_committer_without_processes(self):

@@ -83,7 +83,7 @@ class Committer:
         self._stopped = False
 
     def commit(self, queue_id: str, data: bytes) -> defer.Deferred:
-        if self._helper is None and not self._start():
+        if self._stopped or (self._helper is None and not self._start()):
             return self._run_blocking(commit_in_thread, self.spool, queue_id, data)
         d: defer.Deferred = defer.Deferred()
         self._waiting[queue_id] = (data, d)
