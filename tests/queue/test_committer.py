@@ -74,6 +74,16 @@ class BatchTests(SynchronousTestCase):
         answers = run_batch(self.spool, [("A1", b"one"), ("B2", b"two")])
         self.assertEqual(answers, [b"A1 err %d 1\n" % errno.EIO, b"B2 err %d 1\n" % errno.EIO])
 
+    def test_a_failed_directory_fsync_leaves_an_earlier_failure_as_it_was(self):
+        with open(os.path.join(self.spool, "tmp", "A1"), "wb") as f:
+            f.write(b"someone else's")
+
+        def broken(path):
+            raise OSError(errno.EIO, "Input/output error")
+        self.patch(helper_module, "fsync_dir", broken)
+        answers = run_batch(self.spool, [("A1", b"one"), ("B2", b"two")])
+        self.assertEqual(answers, [b"A1 err %d 0\n" % errno.EEXIST, b"B2 err %d 1\n" % errno.EIO])
+
     def test_nothing_renamed_no_directory_fsync(self):
         os.rmdir(os.path.join(self.spool, "tmp"))
         answers = run_batch(self.spool, [("A1", b"one")])

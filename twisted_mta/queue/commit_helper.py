@@ -91,47 +91,43 @@ def run_batch(spool: str, batch: list[tuple[str, bytes | memoryview]]) -> list[b
     first fsync's journal commit takes the others' data with it), renamed,
     and C{new/} fsync'd once for all.
     """
-    opened: list[tuple[str, int | None, int, bool]] = []  # id, fd, errno, renamed
+    fds: list[int | None] = []
+    codes: list[int] = []  # errno per message, 0 while it goes well
     for queue_id, data in batch:
-        tmp, _ = _paths(spool, queue_id)
         fd = None
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(_paths(spool, queue_id)[0], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             write_all(fd, data)
-            opened.append((queue_id, fd, 0, False))
+            codes.append(0)
         except OSError as e:
             if fd is not None:
                 os.close(fd)
-            opened.append((queue_id, None, e.errno or errno.EIO, False))
-    done: list[tuple[str, int | None, int, bool]] = []
-    for queue_id, fd, code, _ in opened:
+                fd = None
+            codes.append(e.errno or errno.EIO)
+        fds.append(fd)
+    for i, fd in enumerate(fds):
         if fd is not None:
             try:
                 os.fsync(fd)
             except OSError as e:
-                code = e.errno or errno.EIO
+                codes[i] = e.errno or errno.EIO
             finally:
                 os.close(fd)
-        done.append((queue_id, None, code, False))
-    finished = []
-    for queue_id, _, code, _ in done:
-        renamed = False
-        if not code:
-            tmp, new = _paths(spool, queue_id)
+    renamed = [False] * len(batch)
+    for i, (queue_id, _) in enumerate(batch):
+        if not codes[i]:
             try:
-                os.rename(tmp, new)
-                renamed = True
+                os.rename(*_paths(spool, queue_id))
+                renamed[i] = True
             except OSError as e:
-                code = e.errno or errno.EIO
-        finished.append((queue_id, code, renamed))
-    if any(renamed for _, _, renamed in finished):
+                codes[i] = e.errno or errno.EIO
+    if any(renamed):
         try:
             fsync_dir(os.path.join(spool, "new"))
         except OSError as e:
-            finished = [(q, c or e.errno or errno.EIO, r) if r else (q, c, r)
-                        for q, c, r in finished]
+            codes = [(e.errno or errno.EIO) if r else c for c, r in zip(codes, renamed)]
     return [b"%s ok\n" % q.encode() if not c else b"%s err %d %d\n" % (q.encode(), c, r)
-            for q, c, r in finished]
+            for (q, _), c, r in zip(batch, codes, renamed)]
 
 
 def parse_requests(buffer: bytes) -> tuple[list[tuple[str, memoryview]], bytes]:

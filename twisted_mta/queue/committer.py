@@ -122,8 +122,8 @@ class Committer:
         try:
             _, code, renamed = rest.split(" ")
             d.errback(CommitError(int(code), renamed == "1"))
-        except ValueError:
-            d.errback(CommitError(errno.EIO, False))
+        except ValueError:  # an answer not understood: take the entry out, if it is in
+            d.errback(CommitError(errno.EIO, True))
 
     def _ended(self, helper: _HelperProtocol, reason: Failure) -> None:
         if helper is not self._helper:
