@@ -31,6 +31,16 @@ def make_spool(case: SynchronousTestCase) -> str:
     return path
 
 
+def failing_fsync_dir(path: str) -> None:
+    raise OSError(errno.EIO, "Input/output error")
+
+
+def occupy_tmp(spool: str, queue_id: str, data: bytes = b"someone else's") -> None:
+    """A file of that name in tmp/ already (the helper's O_EXCL refuses it)."""
+    with open(os.path.join(spool, "tmp", queue_id), "wb") as f:
+        f.write(data)
+
+
 def request(queue_id: str, data: bytes) -> bytes:
     return b"%s %d\n" % (queue_id.encode(), len(data)) + data
 
@@ -59,28 +69,20 @@ class BatchTests(SynchronousTestCase):
         self.assertEqual(os.stat(os.path.join(self.spool, "new", "A1")).st_mode & 0o777, 0o600)
 
     def test_one_failure_is_that_message_s_alone(self):
-        # A file of that name in tmp/ already: O_EXCL refuses it.
-        with open(os.path.join(self.spool, "tmp", "A1"), "wb") as f:
-            f.write(b"someone else's")
+        occupy_tmp(self.spool, "A1")
         answers = run_batch(self.spool, [("A1", b"one"), ("B2", b"two")])
         self.assertEqual(answers, [b"A1 err %d 0\n" % errno.EEXIST, b"B2 ok\n"])
         self.assertFalse(os.path.exists(os.path.join(self.spool, "new", "A1")))
         self.assertEqual(self.content("new", "B2"), b"two")
 
     def test_a_failed_directory_fsync_fails_every_renamed_message(self):
-        def broken(path):
-            raise OSError(errno.EIO, "Input/output error")
-        self.patch(helper_module, "fsync_dir", broken)
+        self.patch(helper_module, "fsync_dir", failing_fsync_dir)
         answers = run_batch(self.spool, [("A1", b"one"), ("B2", b"two")])
         self.assertEqual(answers, [b"A1 err %d 1\n" % errno.EIO, b"B2 err %d 1\n" % errno.EIO])
 
     def test_a_failed_directory_fsync_leaves_an_earlier_failure_as_it_was(self):
-        with open(os.path.join(self.spool, "tmp", "A1"), "wb") as f:
-            f.write(b"someone else's")
-
-        def broken(path):
-            raise OSError(errno.EIO, "Input/output error")
-        self.patch(helper_module, "fsync_dir", broken)
+        occupy_tmp(self.spool, "A1")
+        self.patch(helper_module, "fsync_dir", failing_fsync_dir)
         answers = run_batch(self.spool, [("A1", b"one"), ("B2", b"two")])
         self.assertEqual(answers, [b"A1 err %d 0\n" % errno.EEXIST, b"B2 err %d 1\n" % errno.EIO])
 
@@ -105,8 +107,7 @@ class ThreadFallbackTests(SynchronousTestCase):
         self.spool = make_spool(self)
 
     def test_a_partial_file_is_written_again(self):
-        with open(os.path.join(self.spool, "tmp", "A1"), "wb") as f:
-            f.write(b"on")
+        occupy_tmp(self.spool, "A1", b"on")
         commit_in_thread(self.spool, "A1", b"one")
         with open(os.path.join(self.spool, "new", "A1"), "rb") as f:
             self.assertEqual(f.read(), b"one")
@@ -123,9 +124,7 @@ class ThreadFallbackTests(SynchronousTestCase):
         self.assertEqual(synced, [os.path.join(self.spool, "new")])
 
     def test_a_failed_directory_fsync_says_the_file_was_renamed(self):
-        def broken(path):
-            raise OSError(errno.EIO, "Input/output error")
-        self.patch(helper_module, "fsync_dir", broken)
+        self.patch(helper_module, "fsync_dir", failing_fsync_dir)
         e = self.assertRaises(CommitError, commit_in_thread, self.spool, "A1", b"one")
         self.assertTrue(e.renamed)
         self.assertEqual(e.errno, errno.EIO)

@@ -43,11 +43,16 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
+def _create(path: str) -> int:
+    """A new file for writing, readable by us only; it must not exist."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+
 def write_file_durably(path: str, data: bytes) -> None:
     """
     Create C{path} (which must not exist), write C{data} and fsync it.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = _create(path)
     try:
         write_all(fd, data)
         os.fsync(fd)
@@ -96,7 +101,7 @@ def run_batch(spool: str, batch: list[tuple[str, bytes | memoryview]]) -> list[b
     for queue_id, data in batch:
         fd = None
         try:
-            fd = os.open(_paths(spool, queue_id)[0], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = _create(_paths(spool, queue_id)[0])
             write_all(fd, data)
             codes.append(0)
         except OSError as e:
@@ -169,10 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         buffer += chunk
         batch, buffer = parse_requests(buffer)
         if batch:
-            answer = b"".join(run_batch(spool, batch))
-            view = memoryview(answer)
-            while view:
-                view = view[os.write(1, view):]
+            write_all(1, b"".join(run_batch(spool, batch)))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ import os
 import shutil
 import stat
 import time
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import attrs
 from twisted.internet import defer
@@ -56,7 +56,9 @@ from twisted_mta.model import (
 from twisted_mta.queue.commit_helper import (
     CommitError, fsync_dir, write_all, write_file_durably,
 )
-from twisted_mta.queue.committer import Committer
+
+if TYPE_CHECKING:
+    from twisted_mta.queue.committer import Committer
 
 log = Logger()
 
@@ -869,13 +871,13 @@ class Spool:
 
     def __init__(self, path: str, run_blocking: RunBlocking = run_inline,
                  new_queue_id: Callable[[], str] | None = None,
-                 clock: Callable[[], float] = time.time,
-                 committer: Committer | None = None) -> None:
+                 clock: Callable[[], float] = time.time) -> None:
         self.path = os.path.abspath(path)
         self.run_blocking = run_blocking
-        # Commits of small messages by a helper process (committer.py);
-        # None: by the I/O threads, in the shared batch of _GroupSync.
-        self.committer = committer
+        # Commits of small messages by a helper process (committer.py,
+        # set by the running process: start_committer); None: by the I/O
+        # threads, in the shared batch of _GroupSync.
+        self.committer: Committer | None = None
         self.new_queue_id = new_queue_id or QueueIdGenerator()
         self.clock = clock  # wall time, to judge recorded next attempts
         self.group_sync = _GroupSync(run_blocking, (self._dir("new"),))
