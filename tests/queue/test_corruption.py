@@ -481,6 +481,7 @@ class CorruptionTableTests(SynchronousTestCase):
             f.write(data)  # the same name in new/ and hold/
         os.mkdir(os.path.join(path, "new", "ADIRECTORY"))
         os.symlink("/etc/passwd", os.path.join(path, "new", "ALINK"))
+        os.mkfifo(os.path.join(path, "new", "AFIFO"))  # opened without blocking, then refused
         os.mkdir(os.path.join(path, "tmp", "leftover"))
         with open(os.path.join(path, "tmp", "leftover", "x"), "wb") as f:
             f.write(b"x")
@@ -497,7 +498,7 @@ class CorruptionTableTests(SynchronousTestCase):
         self.assertEqual(sorted(e.queue_id for e, _ in report.entries), sorted([good, copy_id]))
         corrupt = sorted(os.listdir(os.path.join(path, "corrupt")))
         self.assertEqual(corrupt, sorted(["ID.json", good + ":2,S", "a b", copy_id,
-                                          "ADIRECTORY", "ADIRECTORY.1", "ALINK"]))
+                                          "ADIRECTORY", "ADIRECTORY.1", "ALINK", "AFIFO"]))
         with open(os.path.join(path, "corrupt", "ADIRECTORY"), "rb") as f:
             self.assertEqual(f.read(), b"quarantined before")
         self.assertTrue(os.path.isdir(os.path.join(path, "corrupt", "ADIRECTORY.1")))
@@ -506,8 +507,10 @@ class CorruptionTableTests(SynchronousTestCase):
         self.assertEqual(os.listdir(os.path.join(path, "tmp")), [])
         self.assertEqual(os.listdir(os.path.join(path, "envelopes")), [])
         self.assertEqual(report.removed_orphans, 2)
-        for name in ("ID.json", good + ":2,S", "a b", copy_id, "ADIRECTORY", "ALINK"):
+        for name in ("ID.json", good + ":2,S", "a b", copy_id, "ADIRECTORY", "ALINK", "AFIFO"):
             self.assertTrue(self.log.about(name, "queue.quarantined"), name)
+        for name in ("ADIRECTORY", "ALINK", "AFIFO"):
+            self.assertIn("not a regular file", str(self.log.about(name, "queue.quarantined")))
         for name in ("notes.txt", "ABC123.json"):
             self.assertTrue(self.log.about(name, "queue.orphan-removed"), name)
 

@@ -64,6 +64,7 @@ log = Logger()
 
 STATE_DIRS = ("new", "cur", "hold")
 XATTR = "user.twisted_mta.state"
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 XATTR_MAX = 3500  # fits the inode's or one block's xattr space on ext4
 # No retry interval is this long: a recorded next attempt further ahead
 # (of now and of arrival) was not written by us.
@@ -126,14 +127,15 @@ def replace_file_durably(path: str, data: bytes, mode: int = 0o600) -> None:
 HEADER_SCAN = 65536  # octets of a message read for its TLS-Required field
 
 
-def _read_header(f) -> tuple[bytes, int]:
+def _read_header(read: Callable[[int], bytes]) -> tuple[bytes, int]:
     """
-    The start of the open queue file C{f}, read until it holds the whole
-    envelope header, and where that header ends.
+    The start of a queue file, read with C{read} (a file's C{read}, or
+    C{os.read} on a descriptor) until it holds the whole envelope header,
+    and where that header ends.
     """
     data = b""
     while True:
-        more = f.read(65536)
+        more = read(65536)
         data += more
         end = header_end(data)
         if end >= 0:
@@ -146,7 +148,7 @@ def _head(f) -> tuple[Envelope, int]:
     """
     Read the envelope header from the start of the open queue file C{f}.
     """
-    return from_header(*_read_header(f))
+    return from_header(*_read_header(f.read))
 
 
 def read_head(path: str, expect: Envelope | None = None) -> tuple[Envelope, int]:
@@ -174,7 +176,7 @@ def message_offset(path: str) -> int:
     envelope it was written from).
     """
     with open(path, "rb", buffering=0) as f:
-        return _read_header(f)[1]
+        return _read_header(f.read)[1]
 
 
 def length_problem(size: int, offset: int, envelope: Envelope) -> str | None:
@@ -1155,20 +1157,38 @@ class Spool:
         if not is_queue_id(queue_id):
             os.lstat(path)  # still there?
             return damaged("its file name is not a queue id")
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            return damaged("it is not a regular file")
-        # One open for what is read from the queue file: its head (the
-        # envelope header, and the start of the message for the scan
-        # below), its length, its state attribute.
+        # One descriptor for what is read from the queue file: its type and
+        # length (fstat), its head (the envelope header, and the start of
+        # the message for the scan below), its state attribute.  Opened
+        # without following a symbolic link; anything else that is not a
+        # regular file is found by the fstat (a FIFO opens at once,
+        # non-blocking).
         try:
-            with open(path, "rb") as f:
-                data, offset = _read_header(f)
-                size = os.fstat(f.fileno()).st_size
-                try:
-                    raw: bytes | None = os.getxattr(f.fileno(), XATTR)
-                    xattr_error = None
-                except OSError as e:
-                    raw, xattr_error = None, e
+            fd = os.open(path, _READ_FLAGS)
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            if e.errno == errno.ELOOP or not stat.S_ISREG(os.lstat(path).st_mode):
+                return damaged("it is not a regular file")
+            return damaged(_why(e))
+        try:
+            return self._read_open(queue_id, state, has_state_file, path, fd, damaged)
+        finally:
+            os.close(fd)
+
+    def _read_open(self, queue_id: str, state: str, has_state_file: bool, path: str, fd: int,
+                   damaged: Callable[[str], EntryRead]) -> EntryRead:
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return damaged("it is not a regular file")
+            size = st.st_size
+            data, offset = _read_header(lambda n: os.read(fd, n))
+            try:
+                raw: bytes | None = os.getxattr(fd, XATTR)
+                xattr_error = None
+            except OSError as e:
+                raw, xattr_error = None, e
             header = from_header(data, offset)[0]
         except FileNotFoundError:
             raise
@@ -1217,11 +1237,7 @@ class Spool:
             head = data[offset:offset + HEADER_SCAN]
             if len(head) < HEADER_SCAN and len(data) < size:
                 try:
-                    with open(path, "rb") as f:
-                        f.seek(offset)
-                        head = f.read(HEADER_SCAN)
-                except FileNotFoundError:
-                    raise
+                    head = os.pread(fd, HEADER_SCAN, offset)
                 except OSError as e:
                     return damaged(_why(e))
             if tls_required_no(tls_required_values(head)):
