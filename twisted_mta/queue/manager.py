@@ -509,7 +509,6 @@ class QueueManager(service.Service):
         self._recovering.discard(qid)
         return self._apply(envelope, results, routes, self.clock.seconds())
 
-    @defer.inlineCallbacks
     def _send_notices(self, before: Envelope, updated: Envelope, now: float):
         """
         Queue the DSNs owed after an attempt, before its results are
@@ -517,19 +516,28 @@ class QueueManager(service.Service):
         a failure report for the recipients that failed for good, a success
         report where asked, one delay warning.  Recipients whose DSN could
         not be queued are flagged C{dsn_pending}, and those flagged by an
-        earlier attempt are reported now; fires with the envelope to store.
+        earlier attempt are reported now.  Gives the envelope to store, or
+        a Deferred of it while a DSN is being queued (most attempts owe
+        none: no generator and no Deferred for them).
         """
         new = {i for i, (b, r) in enumerate(zip(before.recipients, updated.recipients))
                if b.pending and not r.pending}
         failed = [r for i, r in enumerate(updated.recipients)
                   if r.state == FAILED and (r.dsn_pending or i in new)]
-        if failed:
-            done = yield self.notices.send(updated, failed)
-            updated = _owing(updated, failed, not done)
         delivered = [r for i, r in enumerate(updated.recipients)
                      if r.state == DELIVERED and (r.dsn_pending or (
                          i in new and updated.sender and r.wants("SUCCESS")
                          and not (r.outcome and r.outcome.dsn_passed)))]
+        if failed or delivered or self.notices.due_for_warning(updated, now):
+            return self._queue_notices(updated, failed, delivered, now)
+        return self._owed(updated, now)
+
+    @defer.inlineCallbacks
+    def _queue_notices(self, updated: Envelope, failed: list[Recipient],
+                       delivered: list[Recipient], now: float):
+        if failed:
+            done = yield self.notices.send(updated, failed)
+            updated = _owing(updated, failed, not done)
         if delivered:
             done = yield self.notices.send(updated, delivered, success=True)
             updated = _owing(updated, delivered, not done)
@@ -541,6 +549,13 @@ class QueueManager(service.Service):
                                                until=updated.arrival + self.config.queue.lifetime)
             if done:  # else the next attempt tries again
                 updated = attrs.evolve(updated, warned=True)
+        return self._owed(updated, now)
+
+    def _owed(self, updated: Envelope, now: float) -> Envelope:
+        """
+        An entry whose DSNs are not all queued stays, and is tried again
+        soon even when nothing else is left to do.
+        """
         owed = [r.address for r in updated.recipients if r.dsn_pending]
         if owed and updated.finished:
             q = self.config.queue
