@@ -402,6 +402,58 @@ class WorkerSendingTests(SynchronousTestCase):
         self.assertNoResult(self.sending.deliver(hop, txn))
         self.assertEqual(len(self.local.calls), 1)
 
+    def test_an_unread_message_is_read_only_where_it_is_sent(self) -> None:
+        """
+        A message handed over unread (L{QueuedMessage}): a worker gets its
+        path and lengths and reads it itself; the main process reads it
+        (through C{read}) only for what it sends itself, and a queue file
+        gone, or one whose length is not what its envelope says, ends that
+        transaction as reading it in RemoteDelivery did: L{MessageGone},
+        or "message-unreadable" for each recipient.
+        """
+        from twisted_mta.model import Envelope, MessageGone, Recipient
+        from twisted_mta.outbound.client import Transaction
+        from twisted_mta.outbound.message import QueuedMessage
+        from twisted_mta.outbound.router import next_hops
+        self.assertTrue(self.sending.reads_queued)
+        reads = []
+
+        def read(f, *args):
+            reads.append(args[0].message.path)
+            return defer.maybeDeferred(f, *args)
+        self.sending.read = read
+        body = b"Subject: x\r\n\r\nhi\r\n"
+        header = Envelope(queue_id="Q", sender="s@src.test", arrival=1.0, size=len(body),
+                          recipients=(Recipient("a@d0.test"),)).to_header()
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(header + body)
+
+        def txn(domain: str, queued: QueuedMessage):
+            (hop, addrs), = next_hops([f"a@{domain}", f"b@{domain}"]).items()
+            return hop, Transaction("s@src.test", addrs, queued, queue_id="Q")
+
+        good = QueuedMessage(path, len(header) + len(body), len(body))
+        self.sending.deliver(*txn("d0.test", good))  # to a worker: not read here
+        self.assertEqual(reads, [])
+        request = self.sends(0)[0].split(b" ", 2)[2].rstrip()
+        from twisted_mta.outbound import wire
+        self.assertEqual(wire.decode_send(request, OutboundSettings()).expect, good)
+        self.sending.keep = 10  # room in the main process: it sends, and reads
+        self.assertEqual(self.successResultOf(self.sending.deliver(*txn("d1.test", good))),
+                         {"a@d1.test": "sent by the main process",
+                          "b@d1.test": "sent by the main process"})
+        (_, sent), = self.local.calls
+        self.assertEqual((reads, sent.message.body), ([path], body))
+        truncated = QueuedMessage(path, len(header) + len(body) + 5, len(body) + 5)
+        outcomes = self.successResultOf(self.sending.deliver(*txn("d2.test", truncated)))
+        self.assertEqual({o.kind for o in outcomes.values()}, {"message-unreadable"})
+        self.assertEqual(sorted(outcomes), ["a@d2.test", "b@d2.test"])
+        self.failureResultOf(self.sending.deliver(
+            *txn("d3.test", QueuedMessage(path + ".gone", 1, 1))), MessageGone)
+        self.assertEqual(len(self.local.calls), 1)  # neither was sent
+        self.assertEqual(self.sending.local_busy, 0)
+
     def test_a_worker_that_ends_leaves_its_transactions_to_be_tried_again(self) -> None:
         hop, txn = self.txn("d0.test")
         pending = self.sending.deliver(hop, txn)

@@ -478,7 +478,7 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
     from twisted_mta.queue.manager import Targets
     sending = WorkerSending(
         outbound, history, outbound.observers, main_sends, keep=settings.connections,
-        sts_cache=published.sts_cache if published is not None else None
+        sts_cache=published.sts_cache if published is not None else None, read=run_reading
     ) if sends_in_workers else None
     targets = Targets(
         local=make_local_target(config.local, config.hostname, reactor, run_blocking),

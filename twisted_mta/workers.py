@@ -48,9 +48,13 @@ from twisted.internet import defer, endpoints, protocol
 from twisted.logger import Logger
 
 from twisted_mta import failures
+from twisted_mta.delivery.remote import read_queued
 from twisted_mta.metrics import notify
 from twisted_mta.model import Envelope, EnvelopeError, MessageGone
 from twisted_mta.outbound import wire
+from twisted_mta.outbound.client import Transaction
+from twisted_mta.outbound.message import QueuedMessage
+from twisted_mta.queue.spool import RunBlocking, run_inline
 
 log = Logger()
 
@@ -321,11 +325,16 @@ class WorkerSending:
     backlog goes to the least busy (L{sender_for}).  The connection limits
     are divided among them (L{sending_shares}), so that together they
     keep them.  What a worker learns and reports comes back through
-    L{line}: outcomes, observers' events, TLS history.
+    L{line}: outcomes, observers' events, TLS history.  It takes a
+    message unread (C{reads_queued}): a worker reads it from its path, and
+    the main process reads only what it sends itself.
     """
 
+    reads_queued = True
+
     def __init__(self, local, history=None, observers: list | None = None,
-                 main_sends: bool = True, keep: int = 0, sts_cache=None) -> None:
+                 main_sends: bool = True, keep: int = 0, sts_cache=None,
+                 read: RunBlocking = run_inline) -> None:
         self.local = local  # an OutboundPool (or a double with deliver, revive, stop)
         # False: the main process's pool only while no worker is up (the
         # limits are too small to share with it, see sending_shares).
@@ -333,6 +342,9 @@ class WorkerSending:
         # Transactions the main process keeps before it hands any over:
         # its share of [outbound] connections (sending_shares).
         self.keep = keep
+        # Reads a message this process sends itself (RemoteDelivery hands
+        # it over unread, since a worker reads it where it is sent).
+        self.read = read
         self.history = history  # the main process's TLSHistory: the one that saves
         # The operator's tls history --forget and tls sts refresh act on
         # this process's history and cache; the workers' copies follow.
@@ -380,7 +392,12 @@ class WorkerSending:
         index = self.sender_for()
         if index is None:
             self.local_busy += 1
-            d = self.local.deliver(hop, txn)
+            if isinstance(txn.message, QueuedMessage):
+                d = self.read(read_queued, txn)
+                d.addCallback(lambda read: self.local.deliver(hop, read)
+                              if isinstance(read, Transaction) else read)
+            else:
+                d = self.local.deliver(hop, txn)
             d.addBoth(self._local_done)
             return d
         self._next += 1

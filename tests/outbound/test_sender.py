@@ -9,18 +9,22 @@ at SIGTERM what is under way may finish, and is never cut short.
 
 from __future__ import annotations
 
+import os
+
 from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_mta.config import OutboundSettings
 from twisted_mta.outbound import sender as sender_module, wire
 from twisted_mta.outbound.client import Transaction
-from twisted_mta.outbound.message import OutgoingMessage
+from twisted_mta.outbound import message as outgoing
+from twisted_mta.outbound.message import OutgoingMessage, QueuedMessage
 from twisted_mta.outbound.router import next_hops
-from twisted_mta.model import Outcome
+from twisted_mta.model import Envelope, Outcome, Recipient
 from twisted_mta.tls.history import HistoryEntry
 
 OK = Outcome(250, "2.0.0", "ok", "mx.dest.test", kind="reply")
+LOAD = outgoing.load  # before SenderTests patches it
 
 
 class RecordingPool:
@@ -99,6 +103,38 @@ class SenderTests(SynchronousTestCase):
         self.sender.line(self.request(3, path="/spool/cur/missing"))
         self.assertEqual(self.answers(), [(b"gone", 3, None)])
         self.assertEqual(self.pools[0].calls, [])
+
+    def test_an_unread_message_is_checked_as_it_is_read(self) -> None:
+        """
+        A message the main process handed over unread comes with the
+        lengths its envelope records: the worker reads it and sends it
+        when they agree, and answers "message-unreadable" for every
+        recipient when the file was truncated since it was accepted.
+        """
+        self.patch(sender_module.outgoing, "load", LOAD)
+        path = self.mktemp()
+        body = b"Subject: x\r\n\r\nhello\r\n"
+        header = Envelope(queue_id="Q1", sender="s@src.test", arrival=1.0, size=len(body),
+                          recipients=(Recipient("a@dest.test"),)).to_header()
+        with open(path, "wb") as f:
+            f.write(header + body)
+        (hop, addrs), = next_hops(["a@dest.test"]).items()
+
+        def send(n: int, queued: QueuedMessage) -> None:
+            self.sender.line(b"send %d " % n + wire.encode_send(
+                hop, Transaction("s@src.test", addrs, queued, queue_id="Q1")))
+
+        send(1, QueuedMessage(path, len(header) + len(body), len(body)))
+        (_, txn, d), = self.pools[0].calls
+        self.assertEqual(txn.message.body, body)
+        d.callback({"a@dest.test": OK})
+        send(2, QueuedMessage(path, len(header) + len(body) + 10, len(body) + 10))
+        self.assertEqual(len(self.pools[0].calls), 1)  # not sent
+        (_, _, first), (verb, n, outcomes) = self.answers()
+        self.assertEqual(first, {"a@dest.test": OK})
+        self.assertEqual((verb, n, outcomes["a@dest.test"].kind),
+                         (b"sent", 2, "message-unreadable"))
+        self.assertIn("octets long", outcomes["a@dest.test"].text)
 
     def test_a_pool_that_fails_answers_for_every_recipient(self) -> None:
         self.sender.line(self.request(4))

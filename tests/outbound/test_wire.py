@@ -7,6 +7,8 @@ a line that does not decode raises L{WireError}, never something else.
 
 from __future__ import annotations
 
+import json
+
 import attrs
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -15,7 +17,7 @@ from twisted_mta.config import OutboundSettings, OutboundTLSSettings, Smarthost
 from twisted_mta.model import Outcome
 from twisted_mta.outbound import wire
 from twisted_mta.outbound.client import Transaction
-from twisted_mta.outbound.message import OutgoingMessage
+from twisted_mta.outbound.message import OutgoingMessage, QueuedMessage
 from twisted_mta.outbound.router import next_hops
 from twisted_mta.tlsrpt.counts import from_event
 from twisted_mta.tls.history import HistoryEntry
@@ -60,8 +62,29 @@ class SendTests(SynchronousTestCase):
         self.assertIsNone(wire.decode_send(line, OutboundSettings()).hop.smarthost)
         self.assertEqual(wire.decode_send(line, SETTINGS).hop.smarthost, RELAY)
 
+    def test_an_unread_message_travels_with_its_lengths(self) -> None:
+        """
+        A message the main process left unread (L{QueuedMessage}) reaches
+        the worker with the lengths its envelope records, which the
+        worker checks as it reads it; one the main process read (and
+        checked) comes without.
+        """
+        (hop, addrs), = next_hops(["a@dest.test"], SETTINGS).items()
+        queued = QueuedMessage("/var/spool/mta/cur/ABC", 1234, 1000)
+        request = wire.decode_send(wire.encode_send(hop, Transaction("s@src.test", addrs, queued)),
+                                   SETTINGS)
+        self.assertEqual((request.path, request.expect), (queued.path, queued))
+        request = wire.decode_send(wire.encode_send(hop, Transaction("s@src.test", addrs,
+                                                                    MESSAGE)), SETTINGS)
+        self.assertIsNone(request.expect)
+
     def test_bad_send_lines(self) -> None:
-        for line in [b"", b"{", b"[]", b'{"hop": 1}', b'{"hop": ["d", false, false]}']:
+        (hop, addrs), = next_hops(["a@dest.test"], SETTINGS).items()
+        good = json.loads(wire.encode_send(hop, Transaction("s@src.test", addrs, MESSAGE)))
+        bad_lengths = [json.dumps(dict(good, lengths=value)).encode()
+                       for value in ([], [1], "ab", [None, 1], 5)]
+        for line in [b"", b"{", b"[]", b'{"hop": 1}', b'{"hop": ["d", false, false]}',
+                     *bad_lengths]:
             self.assertRaises(wire.WireError, wire.decode_send, line, SETTINGS)
 
 

@@ -6,6 +6,7 @@ pool, one transaction per next hop.
 
 from __future__ import annotations
 
+import attrs
 from twisted.internet import defer
 from zope.interface import implementer
 
@@ -15,6 +16,7 @@ from twisted_mta.deferreds import gather
 from twisted_mta.interfaces import IDeliveryTarget
 from twisted_mta.model import DeliveryRequest, MessageGone, Outcome
 from twisted_mta.outbound import message as outgoing
+from twisted_mta.outbound.message import OutgoingMessage, QueuedMessage
 from twisted_mta.outbound.client import Transaction
 from twisted_mta.outbound.router import next_hops
 from twisted_mta.queue.spool import RunBlocking
@@ -28,6 +30,9 @@ class RemoteDelivery:
         """
         @param pool: an L{twisted_mta.outbound.pool.OutboundPool} (or a test
             double with its C{deliver(hop, txn)}, C{revive()}, C{stop()}).
+            A pool whose C{reads_queued} is true (L{WorkerSending}) takes
+            the message unread (a L{QueuedMessage}) and reads it where it
+            is sent (L{read_queued}): a worker reads it anyway.
         """
         self.pool = pool
         self.settings = settings
@@ -40,13 +45,15 @@ class RemoteDelivery:
         if self.pool is None:
             outcome = failures.outcome("not-configured")
             return {a: outcome for a in addresses}
-        try:
-            message = yield self.run_blocking(outgoing.load, request.path, envelope)
-        except FileNotFoundError as e:
-            raise MessageGone(str(e))
-        except Exception as e:
-            outcome = failures.outcome("message-unreadable", why=e)
-            return {a: outcome for a in addresses}
+        message: OutgoingMessage | QueuedMessage = QueuedMessage.of(request.path, envelope)
+        if not getattr(self.pool, "reads_queued", False):
+            try:
+                message = yield self.run_blocking(outgoing.load, request.path, envelope)
+            except FileNotFoundError as e:
+                raise MessageGone(str(e))
+            except Exception as e:
+                outcome = failures.outcome("message-unreadable", why=e)
+                return {a: outcome for a in addresses}
         by_address = {r.address: r for r in request.recipients}
         sent = []
         for hop, addrs in next_hops(addresses, self.settings, envelope.requiretls,
@@ -71,3 +78,21 @@ class RemoteDelivery:
     def stop(self) -> None:
         if self.pool is not None:
             self.pool.stop()
+
+
+def read_queued(txn: Transaction) -> Transaction | dict[str, Outcome]:
+    """
+    The transaction with its queued message read (blocking), or, when it
+    cannot be read, an outcome for each recipient; raises L{MessageGone}
+    when the queue file is gone.  For a pool that sends a transaction
+    whose message was left unread (L{QueuedMessage}) itself.
+    """
+    queued = txn.message
+    try:
+        message = outgoing.load(queued.path, queued)
+    except FileNotFoundError as e:
+        raise MessageGone(str(e))
+    except Exception as e:
+        outcome = failures.outcome("message-unreadable", why=e)
+        return {a: outcome for a in txn.recipients}
+    return attrs.evolve(txn, message=message)

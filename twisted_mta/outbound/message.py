@@ -22,7 +22,7 @@ from twisted.internet import defer
 
 from twisted_mta.downgrade import downgrade
 from twisted_mta.model import Envelope, EnvelopeError, header_end
-from twisted_mta.queue.spool import length_problem
+from twisted_mta.queue.spool import Lengths, length_problem
 
 WHOLE_LIMIT = 1024 * 1024  # messages up to this size are sent from memory
 CHUNK = 1024 * 1024
@@ -111,7 +111,25 @@ class OutgoingMessage:
         yield stuffer.end()
 
 
-def load(path: str, expect: Envelope | None = None) -> OutgoingMessage:
+@attrs.frozen
+class QueuedMessage:
+    """
+    A queue file's message not read yet: where it is, and the lengths its
+    envelope records (L{length_problem} checks them when it is read).  A
+    transaction handed to a worker carries only this: the worker reads
+    the message, so the main process does not read it too.
+    """
+
+    path: str
+    file_size: int
+    size: int
+
+    @classmethod
+    def of(cls, path: str, envelope: Envelope) -> "QueuedMessage":
+        return cls(path, envelope.file_size, envelope.size)
+
+
+def load(path: str, expect: Lengths | None = None) -> OutgoingMessage:
     """
     Read (blocking) what is needed to send the queue file at C{path}.
 

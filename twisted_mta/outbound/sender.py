@@ -120,7 +120,7 @@ class Sender:
             return self._answer(n, _all(request, failures.outcome(
                 "internal", why=f"remote delivery cannot start: {self.broken}")))
         try:
-            message = outgoing.load(request.path)
+            message = outgoing.load(request.path, request.expect)
         except FileNotFoundError:
             return self.write(b"gone %d\n" % n)
         except Exception as e:

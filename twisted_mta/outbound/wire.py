@@ -19,6 +19,7 @@ import attrs
 from twisted_mta.config import OutboundSettings
 from twisted_mta.model import Outcome
 from twisted_mta.outbound.client import Transaction
+from twisted_mta.outbound.message import QueuedMessage
 from twisted_mta.outbound.router import NextHop
 
 # Transaction fields that travel as they are (the message does not).
@@ -38,6 +39,9 @@ class SendRequest:
     hop: NextHop
     path: str  # the queue file
     fields: dict = attrs.field(eq=False)  # the Transaction's other fields
+    # The lengths the message's envelope records, checked as it is read
+    # (None: the main process read and checked it).
+    expect: QueuedMessage | None = None
 
     def transaction(self, message) -> Transaction:
         return Transaction(message=message, **self.fields)
@@ -47,6 +51,10 @@ def encode_send(hop: NextHop, txn: Transaction) -> bytes:
     data: dict[str, Any] = {name: getattr(txn, name) for name in _PLAIN}
     data["dsn"] = [[list(n) if n is not None else None, o] for n, o in txn.dsn]
     data["path"] = txn.message.path
+    # The lengths the envelope records, for the worker's check as it reads
+    # the message (a message the main process read was checked already).
+    data["lengths"] = ([txn.message.file_size, txn.message.size]
+                       if isinstance(txn.message, QueuedMessage) else None)
     data["hop"] = [hop.domain, hop.requiretls, hop.tls_required_no]
     return _dumps(data)
 
@@ -56,14 +64,17 @@ def decode_send(line: bytes, settings: OutboundSettings) -> SendRequest:
         data = json.loads(line)
         domain, requiretls, tls_required_no = data.pop("hop")
         path = data.pop("path")
+        lengths = data.pop("lengths", None)
+        expect = None if lengths is None else QueuedMessage(path, int(lengths[0]),
+                                                            int(lengths[1]))
         fields = {name: data[name] for name in _PLAIN}
         fields["recipients"] = tuple(fields["recipients"])
         fields["dsn"] = tuple((tuple(n) if n is not None else None, o) for n, o in data["dsn"])
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, IndexError) as e:
         raise WireError(f"a send request that does not decode: {e}")
     hop = NextHop(domain=domain, smarthost=settings.smarthost_for(domain),
                   requiretls=bool(requiretls), tls_required_no=bool(tls_required_no))
-    return SendRequest(hop, path, fields)
+    return SendRequest(hop, path, fields, expect)
 
 
 def encode_outcomes(outcomes: dict[str, Outcome]) -> bytes:

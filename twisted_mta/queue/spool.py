@@ -42,7 +42,7 @@ import os
 import shutil
 import stat
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 import attrs
 from twisted.internet import defer
@@ -179,7 +179,17 @@ def message_offset(path: str) -> int:
         return _read_header(f.read)[1]
 
 
-def length_problem(size: int, offset: int, envelope: Envelope) -> str | None:
+class Lengths(Protocol):
+    """What L{length_problem} needs of an envelope: the lengths it records."""
+
+    @property
+    def file_size(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+
+def length_problem(size: int, offset: int, envelope: Lengths) -> str | None:
     """
     Why a queue file of C{size} octets whose message starts at C{offset}
     does not hold what C{envelope} says (truncated or grown since it was
