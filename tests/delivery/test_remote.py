@@ -38,9 +38,9 @@ class WhereReadTests(SynchronousTestCase):
             f.write(header + BODY)
         self.file_size = len(header) + len(BODY)
 
-    def read(self, f, *args) -> defer.Deferred:
-        self.reads.append(args[0])
-        return defer.maybeDeferred(f, *args)
+    def read(self, f, queued) -> defer.Deferred:
+        self.reads.append(queued.path)
+        return defer.maybeDeferred(f, queued)
 
     def deliver(self, pool: Pool, path: str | None = None) -> defer.Deferred:
         target = RemoteDelivery(pool, OutboundSettings(), self.read)
@@ -70,3 +70,8 @@ class WhereReadTests(SynchronousTestCase):
             self.assertEqual(txn.message.body, BODY)
         self.failureResultOf(self.deliver(Pool(reads_queued=False), self.path + ".gone"),
                              MessageGone)
+        with open(self.path, "r+b") as f:  # shorter than its envelope says
+            f.truncate(self.file_size - 3)
+        outcomes = self.successResultOf(self.deliver(Pool(reads_queued=False)))
+        self.assertEqual({o.kind for o in outcomes.values()}, {"message-unreadable"})
+        self.assertEqual(sorted(outcomes), ["a@dest.test", "b@other.test"])

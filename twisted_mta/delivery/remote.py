@@ -47,13 +47,10 @@ class RemoteDelivery:
             return {a: outcome for a in addresses}
         message: OutgoingMessage | QueuedMessage = QueuedMessage.of(request.path, envelope)
         if not getattr(self.pool, "reads_queued", False):
-            try:
-                message = yield self.run_blocking(outgoing.load, request.path, envelope)
-            except FileNotFoundError as e:
-                raise MessageGone(str(e))
-            except Exception as e:
-                outcome = failures.outcome("message-unreadable", why=e)
-                return {a: outcome for a in addresses}
+            read = yield self.run_blocking(read_message, message)
+            if isinstance(read, Outcome):
+                return {a: read for a in addresses}
+            message = read
         by_address = {r.address: r for r in request.recipients}
         sent = []
         for hop, addrs in next_hops(addresses, self.settings, envelope.requiretls,
@@ -80,19 +77,27 @@ class RemoteDelivery:
             self.pool.stop()
 
 
-def read_queued(txn: Transaction) -> Transaction | dict[str, Outcome]:
+def read_message(queued: QueuedMessage) -> OutgoingMessage | Outcome:
     """
-    The transaction with its queued message read (blocking), or, when it
-    cannot be read, an outcome for each recipient; raises L{MessageGone}
-    when the queue file is gone.  For a pool that sends a transaction
-    whose message was left unread (L{QueuedMessage}) itself.
+    The queued message read (blocking), checked against the lengths its
+    envelope records; when it cannot be read, the outcome for each of its
+    recipients.  Raises L{MessageGone} when the queue file is gone.
     """
-    queued = txn.message
     try:
-        message = outgoing.load(queued.path, queued)
+        return outgoing.load(queued.path, queued)
     except FileNotFoundError as e:
         raise MessageGone(str(e))
     except Exception as e:
-        outcome = failures.outcome("message-unreadable", why=e)
-        return {a: outcome for a in txn.recipients}
-    return attrs.evolve(txn, message=message)
+        return failures.outcome("message-unreadable", why=e)
+
+
+def read_queued(txn: Transaction) -> Transaction | dict[str, Outcome]:
+    """
+    L{read_message} for a pool that sends a transaction whose message was
+    left unread (L{QueuedMessage}) itself: the transaction with its
+    message, or an outcome for each recipient.
+    """
+    read = read_message(txn.message)
+    if isinstance(read, Outcome):
+        return {a: read for a in txn.recipients}
+    return attrs.evolve(txn, message=read)

@@ -91,7 +91,7 @@ class Committer:
         return d
 
     def _start(self) -> bool:
-        if self._stopped or self._clock.seconds() < self._down_until:
+        if self._clock.seconds() < self._down_until:
             return False
         helper = _HelperProtocol(self)
         try:

@@ -64,8 +64,10 @@ log = Logger()
 
 STATE_DIRS = ("new", "cur", "hold")
 XATTR = "user.twisted_mta.state"
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 XATTR_MAX = 3500  # fits the inode's or one block's xattr space on ext4
+# A queue file is opened for reading without following a link, and without
+# blocking on a FIFO (Spool.read then finds either is not a regular file).
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 # No retry interval is this long: a recorded next attempt further ahead
 # (of now and of arrival) was not written by us.
 MAX_DELAY = 60 * 86400
@@ -1182,12 +1184,13 @@ class Spool:
                 return damaged("it is not a regular file")
             return damaged(_why(e))
         try:
-            return self._read_open(queue_id, state, has_state_file, path, fd, damaged)
+            return self._read_open(queue_id, state, has_state_file, fd, damaged)
         finally:
             os.close(fd)
 
-    def _read_open(self, queue_id: str, state: str, has_state_file: bool, path: str, fd: int,
+    def _read_open(self, queue_id: str, state: str, has_state_file: bool, fd: int,
                    damaged: Callable[[str], EntryRead]) -> EntryRead:
+        """L{read} of the queue file opened as C{fd}."""
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -1200,9 +1203,7 @@ class Spool:
             except OSError as e:
                 raw, xattr_error = None, e
             header = from_header(data, offset)[0]
-        except FileNotFoundError:
-            raise
-        except (EnvelopeError, OSError) as e:
+        except (EnvelopeError, OSError) as e:  # on the descriptor: the file is there
             return damaged(_why(e))
         if header.queue_id != queue_id:
             return damaged(f"its envelope names queue entry {header.queue_id}")
