@@ -1199,9 +1199,15 @@ class Spool:
             data, offset = _read_header(lambda n: os.read(fd, n))
             try:
                 raw: bytes | None = os.getxattr(fd, XATTR)
-                xattr_error = None
+                xattr_problem = None
             except OSError as e:
-                raw, xattr_error = None, e
+                # Its words, not the exception: kept in this frame, the
+                # exception's traceback would hold the frame, and with it
+                # every caller's (the batch of a start-up load), until
+                # the cyclic collector came by.
+                raw = None
+                xattr_problem = None if e.errno in (
+                    errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP) else _why(e)
             header = from_header(data, offset)[0]
         except (EnvelopeError, OSError) as e:  # on the descriptor: the file is there
             return damaged(_why(e))
@@ -1212,9 +1218,8 @@ class Spool:
         states: list[Envelope] = []
         dropped: list[str] = []
         bad_xattr = bad_file = False
-        if xattr_error is not None and xattr_error.errno not in (
-                errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
-            dropped.append(f"state attribute: {_why(xattr_error)}")
+        if xattr_problem is not None:
+            dropped.append(f"state attribute: {xattr_problem}")
         if raw is not None:
             env, why = _judge_state(raw, header, now)
             if why:
