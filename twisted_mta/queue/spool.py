@@ -65,6 +65,7 @@ log = Logger()
 STATE_DIRS = ("new", "cur", "hold")
 XATTR = "user.twisted_mta.state"
 XATTR_MAX = 3500  # fits the inode's or one block's xattr space on ext4
+_NO_XATTRS = (errno.ENOTSUP, errno.EOPNOTSUPP)  # the file system has no user xattrs
 # A queue file is opened for reading without following a link, and without
 # blocking on a FIFO (Spool.read then finds either is not a regular file).
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -1003,9 +1004,9 @@ class Spool:
             try:
                 os.setxattr(path, XATTR, data)
             except OSError as e:
-                if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSPC, errno.E2BIG):
+                if e.errno not in (*_NO_XATTRS, errno.ENOSPC, errno.E2BIG):
                     raise
-                if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                if e.errno in _NO_XATTRS:
                     self._xattrs = False
             else:
                 try:
@@ -1206,8 +1207,7 @@ class Spool:
                 # every caller's (the batch of a start-up load), until
                 # the cyclic collector came by.
                 raw = None
-                xattr_problem = None if e.errno in (
-                    errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP) else _why(e)
+                xattr_problem = None if e.errno in (errno.ENODATA, *_NO_XATTRS) else _why(e)
             header = from_header(data, offset)[0]
         except (EnvelopeError, OSError) as e:  # on the descriptor: the file is there
             return damaged(_why(e))
