@@ -497,3 +497,69 @@ class WorkerSendingTests(SynchronousTestCase):
         self.sending.stop()
         self.assertTrue(self.local.stopped)
         self.assertEqual(len(self.local.calls), 1)
+
+
+class WorkerAttemptHandOverTests(SynchronousTestCase):
+    """
+    Whole attempts of idle entries (L{workers.WorkerSending.attempt}):
+    handed to the least busy worker when the main process has at least
+    as many under way (no room kept for it: a handed-over attempt costs
+    it a line each way), answered with C{done}; a worker that ends
+    leaves them LOST, for the main process to look where they got to.
+    """
+
+    txn = WorkerSendingTests.txn
+    answer = WorkerSendingTests.answer
+
+    def setUp(self) -> None:
+        WorkerSendingTests.setUp(self)
+        self.sending.delegates = True
+        self.sending.keep = 10
+
+    def attempts(self, index: int) -> list[bytes]:
+        return [w for w in self.reactor.spawned[index][3].written if w.startswith(b"attempt ")]
+
+    def test_handed_to_the_least_busy_and_answered(self) -> None:
+        from twisted_mta.queue import delegated
+        first = self.sending.attempt("Q1", "cur")
+        second = self.sending.attempt("Q2", "new")
+        self.assertEqual((self.attempts(0), self.attempts(1)),
+                         ([b"attempt 1 Q1 cur\n"], [b"attempt 2 Q2 new\n"]))
+        self.assertEqual(self.sending.busy, {0: 1, 1: 1})
+        answer = delegated.Answer(delegated.STORED, state="cur", next_attempt=5.0,
+                                  results=(("deferred", 2.0),))
+        self.answer(1, b"done 1 " + answer.encode() + b"\n")  # not its worker: ignored
+        self.assertNoResult(first)
+        self.answer(0, b"done 1 " + answer.encode() + b"\n")
+        self.assertEqual(self.successResultOf(first), answer)
+        self.assertEqual(self.sending.busy, {0: 0, 1: 1})
+        # an answer of the wrong kind for its request is not taken
+        self.answer(1, b"sent 2 {}\n")
+        self.assertNoResult(second)
+
+    def test_kept_when_the_main_process_has_fewer_under_way(self) -> None:
+        self.local.hold = True
+        self.sending.attempt("Q1", "cur")
+        self.sending.attempt("Q2", "cur")
+        self.assertIsNone(self.sending.attempt("Q3", "cur"))  # 0 here, 1 in each worker
+        self.sending.deliver(*self.txn("d0.test"))  # kept: below keep
+        self.assertIsNotNone(self.sending.attempt("Q4", "cur"))
+
+    def test_off(self) -> None:
+        self.sending.delegates = False
+        self.assertIsNone(self.sending.attempt("Q1", "cur"))
+        self.assertEqual(self.attempts(0) + self.attempts(1), [])
+
+    def test_an_answer_that_does_not_decode(self) -> None:
+        from twisted_mta.queue import delegated
+        d = self.sending.attempt("Q1", "cur")
+        self.answer(0, b"done 1 {\"k\":\"eaten\"}\n")
+        self.assertEqual(self.successResultOf(d), delegated.Answer(delegated.LOST))
+
+    def test_a_worker_that_ends_leaves_them_lost(self) -> None:
+        from twisted_mta.queue import delegated
+        d = self.sending.attempt("Q1", "cur")
+        hop, txn = self.txn("d0.test")
+        self.sending.deliver(hop, txn)
+        self.reactor.spawned[0][0].processEnded(Failure(error.ProcessTerminated(signal=9)))
+        self.assertEqual(self.successResultOf(d), delegated.Answer(delegated.LOST))

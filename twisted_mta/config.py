@@ -641,9 +641,12 @@ class OutboundSettings:
     routes: tuple[tuple[str, Smarthost], ...] = attrs.field(  # (domain or .parent, smarthost)
         default=(), validator=_domain_keys)
     tls: OutboundTLSSettings = OutboundTLSSettings()
-    # With [server] workers: send from the workers, each next hop in one
-    # (docs/architecture.md, "Processes"); false: the main process sends.
+    # With [server] workers: the workers send too (docs/architecture.md,
+    # "Processes"); false: the main process sends.
     send_in_workers: bool = True
+    # With send_in_workers: a worker with room runs a whole attempt of an
+    # idle entry (reads, sends, records, removes); false: only transactions.
+    attempts_in_workers: bool = True
 
     def smarthost_for(self, domain: str) -> Smarthost | None:
         """

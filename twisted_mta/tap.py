@@ -478,7 +478,8 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
     from twisted_mta.queue.manager import Targets
     sending = WorkerSending(
         outbound, history, outbound.observers, main_sends, keep=settings.connections,
-        sts_cache=published.sts_cache if published is not None else None, read=run_reading
+        sts_cache=published.sts_cache if published is not None else None, read=run_reading,
+        delegates=config.outbound.attempts_in_workers
     ) if sends_in_workers else None
     targets = Targets(
         local=make_local_target(config.local, config.hostname, reactor, run_blocking),
@@ -489,7 +490,7 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
                            watch_control=functools.partial(control.watch, reactor),
                            observers=[metrics], tls_history=history,
                            sts_cache=published.sts_cache if published is not None else None,
-                           after_load=freeze_gc, signer=prepared.dkim)
+                           after_load=freeze_gc, signer=prepared.dkim, delegate=sending)
     metrics.watch_queue(lambda: manager.states)
     manager.setServiceParent(top)
     # The sendmail command's drops: picked up here, in the process that

@@ -5,8 +5,9 @@ C{python -m twisted_mta.worker --config FILE --listener N:FD:FAMILY ...
 configuration's listener N on file descriptor FD), writes each message
 into the shared spool, and reports its queue id on file descriptor 3.
 With C{--senders}, it also sends what the main process hands it on its
-standard input (L{twisted_mta.outbound.sender}) and answers on file
-descriptor 3.  It stops when its standard input closes, on SIGTERM
+standard input (L{twisted_mta.outbound.sender}): transactions, and whole
+attempts of idle entries (L{twisted_mta.queue.delegated}), and answers on
+file descriptor 3.  It stops when its standard input closes, on SIGTERM
 (letting transactions under way finish first), and, on Linux, when the
 main process dies.
 """
@@ -198,9 +199,17 @@ def main(argv: list[str] | None = None) -> int:
         os.close(int(fd))
     sender = None
     if args.senders:
+        from twisted_mta.delivery.remote import RemoteDelivery
         from twisted_mta.outbound.sender import Sender
+        from twisted_mta.queue.delegated import WorkerAttempts
+        from twisted_mta.queue.spool import REMOVE_GATHER, InlineReads
+        reads = InlineReads(run_blocking)
+        attempts = WorkerAttempts(
+            config, spool, reactor, run_blocking, read=reads, remove_gather=REMOVE_GATHER,
+            index=args.index, target_for=lambda pool: RemoteDelivery(pool, config.outbound, reads))
         sender = Sender(reactor, write_up, lambda observers, history: build_pool(
-            config, reactor, run_blocking, observers, history, args.senders), config.outbound)
+            config, reactor, run_blocking, observers, history, args.senders), config.outbound,
+            attempts=attempts)
     reactor.addReader(_ParentPipe(reactor, sender.line if sender is not None else None))
 
     @defer.inlineCallbacks

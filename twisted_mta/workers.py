@@ -17,17 +17,23 @@ received and delivered.
  - A worker writes each message into the shared spool exactly as the main
    process does (C{new/}, fsync'd before the 250), then tells the main
    process its queue id on a pipe; the main process reads the entry and
-   queues it.  Only the main process touches a queued entry after that,
-   so queue ownership, the control directory (queue and tls commands),
-   TLS history and shadow records stay with one process as before.
+   queues it.  The main process owns every entry after that: it
+   schedules it, and the control directory (queue and tls commands), TLS
+   history and shadow records stay with one process as before.
  - Sending: the main process keeps the queue and its decisions and
    sends what flows through itself; a backlog beyond its share of the
    connections goes to the least busy sending process (a worker, which
-   answers with the outcomes, or itself).  TLS history changes and
+   answers with the outcomes, or itself).  An idle entry (on disk only)
+   that comes due goes whole to a worker when the main process has at
+   least as many under way (L{WorkerSending.attempt}): the worker reads
+   it, sends, records the results and removes it, with the main
+   process's own decisions (L{twisted_mta.queue.delegated}), while the
+   main process holds it as under way.  TLS history changes and
    observers' events come back to the main process, their one writer.
  - A worker that dies is started again; entries it queued whose notice
    never arrived are found in C{new/} then, so nothing acknowledged is
-   lost; what it was sending is deferred and tried again.  A worker whose parent dies stops at once (its end of the pipe
+   lost; what it was sending is deferred and tried again, and an entry
+   it was attempting is looked for where it got to and tried again.  A worker whose parent dies stops at once (its end of the pipe
    to the parent closes, and Linux sends it SIGKILL).
  - Limits (connections per address, in total, stress) and the AUTH
    failure limiter count per receiving process.
@@ -54,6 +60,7 @@ from twisted_mta.model import Envelope, EnvelopeError, MessageGone
 from twisted_mta.outbound import wire
 from twisted_mta.outbound.client import Transaction
 from twisted_mta.outbound.message import QueuedMessage
+from twisted_mta.queue import delegated
 from twisted_mta.queue.spool import RunBlocking, run_inline
 
 log = Logger()
@@ -69,7 +76,7 @@ STOP_TIMEOUT = 8.0  # SIGTERM, then SIGKILL after this long
 LISTENER_FD_BASE = 10  # the child's fd of the first listener
 FAMILIES = {socket.AF_INET: "inet", socket.AF_INET6: "inet6", socket.AF_UNIX: "unix"}
 SHAREABLE = ("tcp", "tcp6", "unix")  # endpoint kinds whose socket a worker can adopt
-SENDING_VERBS = frozenset({b"sent", b"gone", b"event", b"history", b"cannot-send"})
+SENDING_VERBS = frozenset({b"sent", b"gone", b"done", b"event", b"history", b"cannot-send"})
 
 
 def worker_count(config) -> int:
@@ -334,7 +341,7 @@ class WorkerSending:
 
     def __init__(self, local, history=None, observers: list | None = None,
                  main_sends: bool = True, keep: int = 0, sts_cache=None,
-                 read: RunBlocking = run_inline) -> None:
+                 read: RunBlocking = run_inline, delegates: bool = False) -> None:
         self.local = local  # an OutboundPool (or a double with deliver, revive, stop)
         # False: the main process's pool only while no worker is up (the
         # limits are too small to share with it, see sending_shares).
@@ -345,6 +352,8 @@ class WorkerSending:
         # Reads a message this process sends itself (RemoteDelivery hands
         # it over unread, since a worker reads it where it is sent).
         self.read = read
+        # Whole attempts of idle entries go to the workers too (attempt).
+        self.delegates = delegates
         self.history = history  # the main process's TLSHistory: the one that saves
         # The operator's tls history --forget and tls sts refresh act on
         # this process's history and cache; the workers' copies follow.
@@ -365,7 +374,7 @@ class WorkerSending:
     def tls(self):
         return self.local.tls  # the same engine the workers build from the same file
 
-    def sender_for(self) -> int | None:
+    def sender_for(self, keep: int | None = None) -> int | None:
         """
         The worker to send with, or None for the main process's own pool.
         The main process keeps a transaction while it has fewer than
@@ -378,7 +387,7 @@ class WorkerSending:
         """
         if self.workers is None or self._stopping:
             return None
-        if self.main_sends and self.local_busy < self.keep:
+        if self.main_sends and self.local_busy < (self.keep if keep is None else keep):
             return None
         best, fewest = None, self.local_busy if self.main_sends else float("inf")
         for index in range(self.workers.count):
@@ -408,6 +417,28 @@ class WorkerSending:
         self.workers.write(index, b"send %d " % n + wire.encode_send(hop, txn) + b"\n")
         return d
 
+    def attempt(self, qid: str, state: str) -> defer.Deferred | None:
+        """
+        Hand a whole attempt of an idle entry to a worker (it reads the
+        entry, sends, records the results, removes it:
+        L{twisted_mta.queue.delegated}), when L{sender_for} would give a
+        transaction to one; fires with the worker's L{delegated.Answer}.
+        None: the main process attempts it itself.
+        """
+        if not self.delegates:
+            return None
+        index = self.sender_for(keep=0)
+        if index is None:
+            return None
+        self._next += 1
+        n = self._next
+        d = defer.Deferred()
+        self.pending[n] = (index, d, None)  # None: an attempt, not a transaction
+        self.busy[index] = self.busy.get(index, 0) + 1
+        self.workers.write(index, b"attempt %d %s %s\n" % (n, qid.encode("ascii"),
+                                                           state.encode("ascii")))
+        return d
+
     def _local_done(self, result):
         self.local_busy -= 1
         return result
@@ -421,13 +452,22 @@ class WorkerSending:
         """A line from worker C{index} about sending."""
         verb, _, rest = line.partition(b" ")
         try:
-            if verb in (b"sent", b"gone"):
+            if verb in (b"sent", b"gone", b"done"):
                 n_text, _, data = rest.partition(b" ")
                 n = int(n_text)
                 found = self.pending.get(n)
-                if found is None or found[0] != index:
+                if found is None or found[0] != index or (found[2] is None) != (verb == b"done"):
                     raise wire.WireError(f"an answer to no request ({n})")
-                if verb == b"gone":
+                if verb == b"done":
+                    d, _ = self._answered(n)
+                    try:
+                        answer = delegated.Answer.decode(data)
+                    except delegated.AnswerError:
+                        # Not to be taken in: look where the entry got to.
+                        d.callback(delegated.Answer(delegated.LOST))
+                        raise
+                    d.callback(answer)
+                elif verb == b"gone":
                     d, txn = self._answered(n)
                     d.errback(MessageGone(txn.message.path))
                 else:
@@ -441,7 +481,7 @@ class WorkerSending:
                 self.unable.add(index)
             elif verb == b"history" and self.history is not None:
                 self.history.put(*wire.decode_history(rest))
-        except (wire.WireError, ValueError) as e:
+        except (wire.WireError, ValueError) as e:  # delegated.AnswerError too
             log.warn("workers: worker {index} sent a line not understood: {why}",
                      index=index, why=str(e), event="workers.error")
 
@@ -465,7 +505,8 @@ class WorkerSending:
         outcome = failures.outcome("sender-ended", why=why)
         for n in lost:
             d, txn = self._answered(n)
-            d.callback({r: outcome for r in txn.recipients})
+            d.callback(delegated.Answer(delegated.LOST) if txn is None else
+                       {r: outcome for r in txn.recipients})
 
     def tell(self, line: bytes) -> None:
         """Every running worker gets C{line} (an operator's request)."""

@@ -177,11 +177,11 @@ class WorkersSendTests(SynchronousTestCase):
     false} the main process sends everything while the worker is stopped.
     """
 
-    def backlog(self, outbound: str = "", count: int = 12
+    def backlog(self, outbound: str = "", count: int = 12, queue: str = ""
                 ) -> tuple[MTAProcess, int, ScriptedPeer, list[str]]:
         port = free_port()
         mta, worker = one_worker(self, make_tempdir(self, "workers-send"), (
-            f"[outbound]\nconnections = 2\n{outbound}\n[outbound.smarthost]\n"
+            f"{queue}[outbound]\nconnections = 2\n{outbound}\n[outbound.smarthost]\n"
             f'host = "{LOOPBACK}"\nport = {port}\n' + LOOPBACK_DNS))
         tokens = [self.send_remote(mta) for _ in range(count)]
         wait_for(lambda: mta.output().count("delivery.deferred") >= count or
@@ -213,7 +213,14 @@ class WorkersSendTests(SynchronousTestCase):
             return sum(token.encode() in m.data for m in peer.messages)
 
     def test_the_worker_sends(self) -> None:
-        mta, worker, peer, tokens = self.backlog()
+        self.held_by_the_stopped_worker()
+
+    def held_by_the_stopped_worker(self, queue: str = "") -> tuple[MTAProcess, list, list]:
+        """
+        Some of the backlog waits for the stopped worker while the main
+        process sends the others; each arrives once when it runs again.
+        """
+        mta, worker, peer, tokens = self.backlog(queue=queue)
         time.sleep(3.0)
         waiting = [t for t in tokens if not self.arrived(peer, t)]
         self.assertTrue(waiting, "nothing handed to the stopped worker")
@@ -222,9 +229,10 @@ class WorkersSendTests(SynchronousTestCase):
         wait_for(lambda: all(self.arrived(peer, t) for t in tokens), TIMEOUT,
                  lambda: mta.describe())
         self.assertEqual([self.arrived(peer, t) for t in tokens], [1] * len(tokens))
+        return mta, tokens, waiting
 
-    def test_a_worker_killed_while_sending_loses_nothing(self) -> None:
-        mta, worker, peer, tokens = self.backlog()
+    def test_a_worker_killed_while_sending_loses_nothing(self, queue: str = "") -> None:
+        mta, worker, peer, tokens = self.backlog(queue=queue)
         time.sleep(1.0)  # some handed to the stopped worker
         os.kill(worker, signal.SIGKILL)
         wait_for(lambda: "their messages will be tried again" in mta.output(), TIMEOUT,
@@ -234,6 +242,26 @@ class WorkersSendTests(SynchronousTestCase):
         wait_for(lambda: all(self.arrived(peer, t) for t in tokens), TIMEOUT,
                  lambda: mta.describe())
         self.assertEqual([self.arrived(peer, t) for t in tokens], [1] * len(tokens))
+
+    def test_idle_entries_are_attempted_in_the_worker(self) -> None:
+        """
+        Entries not due for a while are idle (on disk only); flushed, the
+        worker runs whole attempts of some (C{[outbound]
+        attempts_in_workers}, on by default): it reads the entry, sends,
+        and removes it.  The ones it holds while stopped go when it runs
+        again, each message once.
+        """
+        mta, tokens, waiting = self.held_by_the_stopped_worker(
+            queue='[queue]\nretry_schedule = ["30m"]\n')
+        wait_for(lambda: mta.output().count("removed from queue (1 delivered") == len(tokens),
+                 TIMEOUT, lambda: mta.describe())
+        by_worker = mta.output().count("removed from queue (1 delivered, 0 failed) by worker 0")
+        self.assertGreaterEqual(by_worker, len(waiting), mta.describe())
+
+    def test_a_worker_killed_during_whole_attempts_loses_nothing(self) -> None:
+        """The same with idle entries, whose whole attempts the worker held."""
+        self.test_a_worker_killed_while_sending_loses_nothing(
+            queue='[queue]\nretry_schedule = ["30m"]\n')
 
     def test_off_the_main_process_sends(self) -> None:
         mta, worker, peer, tokens = self.backlog("send_in_workers = false\n")

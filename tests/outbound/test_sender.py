@@ -209,3 +209,69 @@ class SenderTests(SynchronousTestCase):
         # the one still under way was not cut short (no answer made up for it)
         self.assertEqual(sorted(n for _, n, _ in self.answers()), [1, 3])
         self.assertFalse(self.pools[0].calls[1][2].called)
+
+
+class RecordingAttempts:
+    """L{twisted_mta.queue.delegated.WorkerAttempts} as the Sender sees it."""
+
+    def __init__(self) -> None:
+        self.runs: list = []
+
+    def declined(self) -> bytes:
+        return b'{"k":"declined","r":[]}'
+
+    def run(self, qid, state, pool) -> defer.Deferred:
+        d = defer.Deferred()
+        self.runs.append((qid, state, pool, d))
+        return d
+
+
+class Done:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def encode(self) -> bytes:
+        return self.data
+
+
+class SenderAttemptTests(SynchronousTestCase):
+    """
+    The main process's C{attempt N QID STATE} lines: run through the
+    worker's pool and answered C{done N ANSWER}; after SIGTERM, declined
+    at once, and what is under way may finish.
+    """
+
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.lines: list[bytes] = []
+        self.pools: list[RecordingPool] = []
+        self.attempts = RecordingAttempts()
+
+        def make_pool(observers, history):
+            self.pools.append(RecordingPool(observers, history))
+            return self.pools[-1]
+        self.sender = sender_module.Sender(self.clock, self.lines.append, make_pool,
+                                           OutboundSettings(), attempts=self.attempts)
+
+    def test_run_and_answered(self) -> None:
+        self.sender.line(b"attempt 4 Q1 cur")
+        (qid, state, pool, d), = self.attempts.runs
+        self.assertEqual((qid, state, pool), ("Q1", "cur", self.pools[0]))
+        self.assertEqual(self.lines, [])
+        d.callback(Done(b'{"k":"removed","r":[]}'))
+        self.assertEqual(self.lines, [b'done 4 {"k":"removed","r":[]}\n'])
+        self.assertEqual(self.sender.pending, {})
+
+    def test_declined_while_stopping(self) -> None:
+        self.sender.line(b"attempt 1 Q1 cur")
+        stopped = self.sender.stop()
+        self.sender.line(b"attempt 2 Q2 cur")
+        self.assertEqual(self.lines, [b'done 2 {"k":"declined","r":[]}\n'])
+        self.assertNoResult(stopped)
+        self.attempts.runs[0][3].callback(Done(b'{"k":"gone","r":[]}'))
+        self.successResultOf(stopped)
+        self.assertEqual(self.lines[-1], b'done 1 {"k":"gone","r":[]}\n')
+
+    def test_a_line_not_understood(self) -> None:
+        self.sender.line(b"attempt 1 Q1")
+        self.assertEqual((self.attempts.runs, self.lines), ([], []))

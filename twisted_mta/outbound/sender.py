@@ -71,8 +71,11 @@ class Sender:
     """
 
     def __init__(self, clock, write: Callable[[bytes], None], make_pool: Callable,
-                 settings) -> None:
+                 settings, attempts=None) -> None:
         self.clock = clock
+        # Runs whole attempts (twisted_mta.queue.delegated.WorkerAttempts):
+        # the main process's "attempt" lines.
+        self.attempts = attempts
         self.write = write
         self.make_pool = make_pool
         self.settings = settings  # OutboundSettings: where a next hop goes
@@ -93,6 +96,9 @@ class Sender:
             if verb == b"send":
                 n, _, data = rest.partition(b" ")
                 self.send(int(n), data)
+            elif verb == b"attempt":
+                n, qid, state = rest.split(b" ")
+                self.attempt(int(n), qid.decode("ascii"), state.decode("ascii"))
             elif verb == b"revive":
                 if self.pool is not None:
                     self.pool.revive()
@@ -131,6 +137,23 @@ class Sender:
         d.addCallback(lambda outcomes: self._answer(n, outcomes))
         d.addErrback(self._failed, n, request)
         d.addBoth(lambda _: self.pending.pop(n, None) and None)
+
+    def attempt(self, n: int, qid: str, state: str) -> None:
+        """
+        A whole attempt of entry C{qid} (L{twisted_mta.queue.delegated}),
+        through this process's pool; answered C{done N ANSWER}.
+        """
+        pool = None if self.stopping or self.attempts is None else self._pool()
+        if pool is None:
+            return self._done(n, self.attempts.declined() if self.attempts is not None else
+                              b'{"k":"declined","r":[]}')
+        d = self.attempts.run(qid, state, pool)  # never fails: a crash is an answer too
+        self.pending[n] = d
+        d.addCallback(lambda answer: self._done(n, answer.encode()))
+        d.addBoth(lambda _: self.pending.pop(n, None) and None)
+
+    def _done(self, n: int, answer: bytes) -> None:
+        self.write(b"done %d " % n + answer + b"\n")
 
     def _failed(self, f, n: int, request: wire.SendRequest) -> None:
         log.failure("worker: sending {queue_id} failed", f, queue_id=request.fields["queue_id"],

@@ -37,13 +37,16 @@ from twisted_mta.interfaces import IDeliveryTarget
 from twisted_mta.local import LocalDirectory
 from twisted_mta.metrics import notify
 from twisted_mta.model import (
-    DELIVERED, FAILED, DeliveryRequest, Envelope, MessageGone, Outcome, Recipient,
+    DELIVERED, DeliveryRequest, Envelope, MessageGone, Outcome, Recipient,
 )
 from twisted_mta.queue import control
 from twisted_mta.queue.notices import Notices
 from twisted_mta.queue.operator import OperatorRequests
-from twisted_mta.queue.spool import Batched, RunBlocking, Spool
-from twisted_mta.tls.failure import TLS_KINDS
+from twisted_mta.queue import delegated
+from twisted_mta.queue.results import (  # noqa: F401 (retry_delay, expired_outcome: theirs)
+    apply_results, dsns_owed, expired_outcome, log_removed, newly_done, retry_delay,
+)
+from twisted_mta.queue.spool import REMOVE_GATHER, Batched, RunBlocking, Spool  # noqa: F401
 
 log = Logger()
 
@@ -60,26 +63,6 @@ LOAD_BATCH = 500
 # QueueManager.entries): it is read from the spool when it is attempted.
 IDLE_AFTER = 300.0
 SHRINK_FROM = 4096  # below this many entries at the peak, tables are left alone
-# Finished entries wait this long for others before one trip to the I/O
-# threads removes them all: a wake-up of a pool thread per removal cost
-# more CPU than the unlink, and an unlink on the reactor thread waited for
-# the disk (0.17-0.34 ms on an ext4 mounted with discard, under 0.06 of it
-# CPU; docs/architecture.md, "Processes").  A crash in this window
-# delivers those messages again (remote mail is at least once; local
-# copies are found at start-up).
-REMOVE_GATHER = 0.02
-
-
-def retry_delay(schedule: tuple[int, ...], attempts: int, jitter: float,
-                rand: Callable[[], float] = random.random) -> float:
-    """
-    Seconds until the next attempt after C{attempts} attempts (>= 1).
-    """
-    base = schedule[min(attempts, len(schedule)) - 1]
-    return base * (1 + jitter * (2 * rand() - 1))
-
-
-expired_outcome = failures.expired  # the end of the queue lifetime
 
 
 # The outcome of recipients whose delivery attempt crashed (a bug: logged once).
@@ -115,8 +98,11 @@ class QueueManager(service.Service):
                  after_load: Callable[[], object] | None = None, signer=None,
                  run_reading: RunBlocking | None = None,
                  watch_control: WatchControl | None = None,
-                 remove_gather: float = 0.0) -> None:
+                 remove_gather: float = 0.0, delegate=None) -> None:
         self.config = config
+        # Runs a whole attempt of an idle entry in a worker with room
+        # (workers.WorkerSending.attempt; twisted_mta.queue.delegated).
+        self.delegate = delegate
         # Calls back when a request lands in spool/control/ (tap: inotify),
         # so that an operator's command does not wait for the next poll.
         self.watch_control = watch_control
@@ -439,6 +425,16 @@ class QueueManager(service.Service):
     @defer.inlineCallbacks
     def _attempt(self, qid: str):
         envelope = self.entries[qid]
+        handed = None
+        if envelope is None and self.delegate is not None:
+            handed = self.delegate.attempt(qid, self.states[qid])
+        if handed is not None:  # a worker reads, sends, records, removes
+            answer = yield handed
+            if (yield self._delegated(qid, answer)):
+                return
+            envelope = self.entries.get(qid, False)
+            if envelope is False:
+                return  # deleted meanwhile
         if envelope is None:  # idle until now: read it
             try:
                 envelope = yield self.run_reading(self.spool.load, qid, self.states.get(qid))
@@ -468,6 +464,55 @@ class QueueManager(service.Service):
             self._vanished(qid)
             return
         yield self._store(updated)
+
+    @defer.inlineCallbacks
+    def _delegated(self, qid: str, answer: delegated.Answer):
+        """
+        Take in what a worker did with an attempt (L{delegated.Answer});
+        fires with False when the worker declined it and this process
+        attempts it itself, else True.
+        """
+        for result, latency in answer.results:
+            self._notify("delivery.result", {"route": "remote", "result": result,
+                                             "latency": latency})
+        kind = answer.kind
+        if kind == delegated.DECLINED:
+            return False
+        if qid not in self.entries:
+            return True
+        if kind == delegated.GONE:
+            self._vanished(qid)
+        elif kind == delegated.REMOVED:
+            self.forget(qid)
+        elif kind == delegated.STORED:
+            self._recovering.discard(qid)
+            self.states[qid] = answer.state
+            self.schedule(qid, answer.next_attempt)
+        elif kind == delegated.BACK:  # DSNs owed, or the worker could not write
+            self._recovering.discard(qid)
+            self.states[qid] = answer.state
+            self.entries[qid] = answer.envelope
+            try:
+                updated = yield self._notices_after(answer.envelope, answer.new,
+                                                    self.clock.seconds())
+            except MessageGone:
+                self._vanished(qid)
+                return True
+            yield self._store(updated)
+        elif not self._stopping:  # LOST: the worker ended; where did it get to?
+            state = yield self.run_blocking(self.spool.state_of, qid)
+            if qid not in self.entries:
+                return True
+            if state is None:
+                log.info("{queue_id}: removed by a worker that ended before it said so",
+                         queue_id=qid, event="queue.removed")
+                self.forget(qid)
+                return True
+            self.states[qid] = state
+            q = self.config.queue
+            self.schedule(qid, self.clock.seconds() + retry_delay(
+                q.retry_schedule, 1, q.jitter, self.rand))
+        return True
 
     def _vanished(self, qid: str) -> None:
         log.error("queue: message file of {queue_id} vanished", queue_id=qid,
@@ -520,16 +565,13 @@ class QueueManager(service.Service):
         a Deferred of it while a DSN is being queued (most attempts owe
         none: no generator and no Deferred for them).
         """
-        new = {i for i, (b, r) in enumerate(zip(before.recipients, updated.recipients))
-               if b.pending and not r.pending}
-        failed = [r for i, r in enumerate(updated.recipients)
-                  if r.state == FAILED and (r.dsn_pending or i in new)]
-        delivered = [r for i, r in enumerate(updated.recipients)
-                     if r.state == DELIVERED and (r.dsn_pending or (
-                         i in new and updated.sender and r.wants("SUCCESS")
-                         and not (r.outcome and r.outcome.dsn_passed)))]
-        if failed or delivered or self.notices.due_for_warning(updated, now):
-            return self._queue_notices(updated, failed, delivered, now)
+        return self._notices_after(updated, newly_done(before, updated), now)
+
+    def _notices_after(self, updated: Envelope, new: frozenset[int], now: float):
+        """L{_send_notices}, given the recipients the attempt took out of pending."""
+        owed = dsns_owed(self.config, updated, new, now)
+        if owed:
+            return self._queue_notices(updated, owed.failed, owed.delivered, now)
         return self._owed(updated, now)
 
     @defer.inlineCallbacks
@@ -596,58 +638,8 @@ class QueueManager(service.Service):
 
     def _apply(self, envelope: Envelope, results: dict[str, Outcome], routes: dict[str, str],
                now: float) -> Envelope:
-        changed: dict[str, Recipient] = {}
-        last = None
-        for rcpt in envelope.pending():
-            outcome = results.get(rcpt.address)
-            if outcome is None:
-                continue
-            fields = dict(queue_id=envelope.queue_id, rcpt=rcpt.address,
-                          reply=str(outcome), sender=envelope.sender)
-            self._notify("delivery.result", {
-                "route": routes.get(rcpt.address, "remote"),
-                "result": ("delivered" if outcome.code < 400 else
-                           "failed" if outcome.is_permanent else "deferred"),
-                "latency": now - envelope.arrival})
-            if outcome.code < 400:
-                changed[rcpt.address] = attrs.evolve(
-                    rcpt, state=DELIVERED, outcome=attrs.evolve(outcome, where=None),
-                    done_at=now)
-                if outcome.where is not None:
-                    log.info("{queue_id}: delivered to <{rcpt}> in {maildir}",
-                             event="delivery.delivered", maildir=outcome.where, **fields)
-                else:
-                    log.info("{queue_id}: delivered to <{rcpt}>: {reply}",
-                             event="delivery.delivered", relay=outcome.remote_mta, **fields)
-            elif outcome.is_permanent:
-                changed[rcpt.address] = attrs.evolve(rcpt, state=FAILED, outcome=outcome,
-                                                     done_at=now)
-                log.warn("{queue_id}: delivery to <{rcpt}> failed: {reply}",
-                         event="delivery.failed", **fields)
-            else:
-                changed[rcpt.address] = attrs.evolve(rcpt, outcome=outcome)
-                last = outcome
-                log.info("{queue_id}: delivery to <{rcpt}> deferred: {reply}",
-                         event="delivery.deferred", **fields)
-        attempts = envelope.attempts + 1
-        tls_failed = any(o.kind in TLS_KINDS for o in results.values())
-        updated = attrs.evolve(envelope.with_results(changed), attempts=attempts,
-                               last_outcome=last or envelope.last_outcome,
-                               tls_failures=envelope.tls_failures + tls_failed,
-                               tls_override=None)  # one attempt only
-        if updated.finished:
-            return updated
-        q = self.config.queue
-        if now - envelope.arrival >= q.lifetime:
-            expired = {}
-            for rcpt in updated.pending():
-                expired[rcpt.address] = attrs.evolve(
-                    rcpt, state=FAILED, outcome=expired_outcome(rcpt.outcome), done_at=now)
-                log.warn("{queue_id}: delivery to <{rcpt}> expired", event="delivery.expired",
-                         queue_id=envelope.queue_id, rcpt=rcpt.address)
-            return updated.with_results(expired)
-        delay = retry_delay(q.retry_schedule, attempts, q.jitter, self.rand)
-        return attrs.evolve(updated, next_attempt=now + delay)
+        return apply_results(self.config, envelope, results, routes, now, self.rand,
+                             self._notify)
 
     @defer.inlineCallbacks
     def _store(self, envelope: Envelope):
@@ -662,10 +654,7 @@ class QueueManager(service.Service):
                 self._unsaved.add(qid)
                 raise
             self.forget(qid)
-            log.info("{queue_id}: removed from queue ({delivered} delivered, {failed} failed)",
-                     event="queue.removed", queue_id=qid,
-                     delivered=sum(r.state == DELIVERED for r in envelope.recipients),
-                     failed=sum(r.state == FAILED for r in envelope.recipients))
+            log_removed(envelope)
             return
         state = self.states.get(qid, "cur")
         target = "cur" if state == "new" else state

@@ -22,8 +22,8 @@ from twisted_mta.dsn.report import (
 from twisted_mta.failures import REQUIRETLS_KINDS
 from twisted_mta.local import LocalDirectory
 from twisted_mta.model import Envelope, MessageGone, Recipient
+from twisted_mta.queue.results import warning_due
 from twisted_mta.queue.spool import RunBlocking, Spool
-from twisted_mta.tls.failure import TLS_KINDS
 
 log = Logger()
 
@@ -62,16 +62,7 @@ class Notices:
             return None
 
     def due_for_warning(self, envelope: Envelope, now: float) -> bool:
-        if envelope.warned or envelope.finished or not envelope.sender:
-            return False
-        after = self.config.queue.delay_warning
-        if after is not None and now - envelope.arrival >= after:
-            return True
-        # A TLS failure under a policy the admin listed warns at once, so the
-        # sender can act (ask the recipient to fix their server) early.
-        early = self.config.outbound.tls.early_warning
-        return any(r.outcome is not None and r.outcome.kind in TLS_KINDS
-                   and r.outcome.policy in early for r in envelope.pending())
+        return warning_due(self.config, envelope, now)
 
     @defer.inlineCallbacks
     def send(self, envelope: Envelope, failed: list[Recipient], until: float | None = None,
