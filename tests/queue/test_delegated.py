@@ -235,5 +235,8 @@ class AnswerTests(DelegatedTestBase):
 
     def test_garbage(self):
         for line in [b"", b"[]", b'{"k":"eaten","r":[]}', b'{"k":"stored"}',
-                     b'{"k":"back","r":[],"e":"{}"}', b'{"k":"stored","r":[["x"]]}']:
+                     b'{"k":"back","r":[],"e":"{}"}', b'{"k":"stored","r":[["x"]]}',
+                     b'{"k":"stored","r":[],"t":1.0}', b'{"k":"stored","r":[],"s":"cur"}',
+                     b'{"k":"stored","r":[],"s":"../etc","t":1.0}',
+                     b'{"k":"removed","r":[],"s":"cur","t":1.0}']:
             self.assertRaises(AnswerError, Answer.decode, line)

@@ -31,7 +31,7 @@ from twisted_mta.config import Config
 from twisted_mta.local import LocalDirectory
 from twisted_mta.model import DeliveryRequest, Envelope, EnvelopeError, MessageGone
 from twisted_mta.queue.results import (apply_results, dsns_owed, log_removed, newly_done)
-from twisted_mta.queue.spool import Batched, RunBlocking, Spool, run_inline
+from twisted_mta.queue.spool import STATE_DIRS, Batched, RunBlocking, Spool, run_inline
 
 log = Logger()
 
@@ -88,12 +88,18 @@ class Answer:
                 raise ValueError(f"unknown kind {kind!r}")
             envelope = Envelope.from_json(data["e"]) if "e" in data else None
             next_attempt = data.get("t")
-            return cls(kind=kind, state=data.get("s"),
-                       next_attempt=None if next_attempt is None else float(next_attempt),
-                       envelope=envelope, new=frozenset(int(i) for i in data.get("n", ())),
-                       results=tuple((str(r), float(t)) for r, t in data["r"]))
+            answer = cls(kind=kind, state=data.get("s"),
+                         next_attempt=None if next_attempt is None else float(next_attempt),
+                         envelope=envelope, new=frozenset(int(i) for i in data.get("n", ())),
+                         results=tuple((str(r), float(t)) for r, t in data["r"]))
         except (ValueError, KeyError, TypeError, EnvelopeError) as e:
             raise AnswerError(f"an attempt's answer that does not decode: {e}")
+        needs_state = kind in (STORED, BACK)
+        if (answer.state is not None or needs_state) and answer.state not in STATE_DIRS or \
+                (kind == STORED) != (answer.next_attempt is not None) or \
+                (kind == BACK) != (answer.envelope is not None):
+            raise AnswerError(f"an attempt's answer that does not hold together: {kind}")
+        return answer
 
 
 class WorkerAttempts:

@@ -427,7 +427,8 @@ class QueueManager(service.Service):
         envelope = self.entries[qid]
         handed = None
         if envelope is None and self.delegate is not None:
-            handed = self.delegate.attempt(qid, self.states[qid])
+            state = self.states.get(qid)
+            handed = self.delegate.attempt(qid, state) if state is not None else None
         if handed is not None:  # a worker reads, sends, records, removes
             answer = yield handed
             if (yield self._delegated(qid, answer)):
