@@ -421,8 +421,10 @@ class WorkerSending:
         """
         Hand a whole attempt of an idle entry to a worker (it reads the
         entry, sends, records the results, removes it:
-        L{twisted_mta.queue.delegated}), when L{sender_for} would give a
-        transaction to one; fires with the worker's L{delegated.Answer}.
+        L{twisted_mta.queue.delegated}) when one has no more under way
+        than the main process (L{sender_for} without the room kept for the
+        main process: a whole attempt handed over costs it a line each
+        way, not the read); fires with the worker's L{delegated.Answer}.
         None: the main process attempts it itself.
         """
         if not self.delegates:

@@ -143,10 +143,11 @@ class Sender:
         A whole attempt of entry C{qid} (L{twisted_mta.queue.delegated}),
         through this process's pool; answered C{done N ANSWER}.
         """
-        pool = None if self.stopping or self.attempts is None else self._pool()
+        if self.attempts is None:  # a worker started without them: the main process does it
+            return self._done(n, b'{"k":"declined","r":[]}')
+        pool = None if self.stopping else self._pool()
         if pool is None:
-            return self._done(n, self.attempts.declined() if self.attempts is not None else
-                              b'{"k":"declined","r":[]}')
+            return self._done(n, self.attempts.declined())
         d = self.attempts.run(qid, state, pool)  # never fails: a crash is an answer too
         self.pending[n] = d
         d.addCallback(lambda answer: self._done(n, answer.encode()))

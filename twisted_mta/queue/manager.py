@@ -39,10 +39,9 @@ from twisted_mta.metrics import notify
 from twisted_mta.model import (
     DELIVERED, DeliveryRequest, Envelope, MessageGone, Outcome, Recipient,
 )
-from twisted_mta.queue import control
+from twisted_mta.queue import control, delegated
 from twisted_mta.queue.notices import Notices
 from twisted_mta.queue.operator import OperatorRequests
-from twisted_mta.queue import delegated
 from twisted_mta.queue.results import (  # noqa: F401 (retry_delay, expired_outcome: theirs)
     apply_results, dsns_owed, expired_outcome, log_removed, newly_done, retry_delay,
 )
