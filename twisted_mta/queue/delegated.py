@@ -26,11 +26,12 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from twisted_mta import failures
 from twisted_mta.config import Config
 from twisted_mta.local import LocalDirectory
-from twisted_mta.model import DeliveryRequest, Envelope, EnvelopeError, MessageGone
-from twisted_mta.queue.results import (apply_results, dsns_owed, log_removed, newly_done)
+from twisted_mta.model import DeliveryRequest, Envelope, EnvelopeError
+from twisted_mta.queue.results import (
+    apply_results, deliver_to, dsns_owed, log_removed, newly_done,
+)
 from twisted_mta.queue.spool import STATE_DIRS, Batched, RunBlocking, Spool, run_inline
 
 log = Logger()
@@ -44,9 +45,6 @@ GONE = "gone"  # the queue file was not there
 LOST = "lost"  # the worker ended before it answered
 KINDS = frozenset({REMOVED, STORED, BACK, DECLINED, GONE, LOST})
 
-# The outcome of recipients whose delivery crashed in the worker (a bug).
-CRASHED = failures.outcome("internal", why="an internal error interrupted delivery; it will "
-                                           "be retried")
 
 
 class AnswerError(ValueError):
@@ -169,16 +167,9 @@ class WorkerAttempts:
             envelope=envelope, path=self.spool.path_in(state, qid),
             indexes=tuple(i for i, r in enumerate(envelope.recipients) if r.pending),
             now=now, recovering=False)
-        addresses = [r.address for r in request.recipients]
-        try:
-            part = yield target.deliver(request)
-        except MessageGone:
+        results = yield deliver_to(target, request)
+        if results is None:
             return Answer(GONE)
-        except Exception:
-            log.failure("queue: remote delivery of {queue_id} crashed", queue_id=qid,
-                        event="queue.error")
-            part = {}
-        results = {a: part.get(a, CRASHED) for a in addresses}
         told: list[tuple[str, float]] = []
         now = self.clock.seconds()
         updated = apply_results(self.config, envelope, results, {}, now, self.rand,

@@ -30,7 +30,6 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from twisted_mta import failures
 from twisted_mta.config import Config
 from twisted_mta.deferreds import gather
 from twisted_mta.interfaces import IDeliveryTarget
@@ -42,8 +41,9 @@ from twisted_mta.model import (
 from twisted_mta.queue import control, delegated
 from twisted_mta.queue.notices import Notices
 from twisted_mta.queue.operator import OperatorRequests
-from twisted_mta.queue.results import (  # noqa: F401 (retry_delay, expired_outcome: theirs)
-    apply_results, dsns_owed, expired_outcome, log_removed, newly_done, retry_delay,
+from twisted_mta.queue.results import (  # noqa: F401 (expired_outcome: theirs)
+    apply_results, deliver_to, dsns_owed, expired_outcome, log_removed, newly_done,
+    retry_delay,
 )
 from twisted_mta.queue.spool import REMOVE_GATHER, Batched, RunBlocking, Spool  # noqa: F401
 
@@ -62,11 +62,6 @@ LOAD_BATCH = 500
 # QueueManager.entries): it is read from the spool when it is attempted.
 IDLE_AFTER = 300.0
 SHRINK_FROM = 4096  # below this many entries at the peak, tables are left alone
-
-
-# The outcome of recipients whose delivery attempt crashed (a bug: logged once).
-CRASHED = failures.outcome("internal", why="an internal error interrupted delivery; it will "
-                                           "be retried")
 
 
 @attrs.frozen
@@ -611,30 +606,8 @@ class QueueManager(service.Service):
         return updated
 
     def _deliver(self, target, request: DeliveryRequest) -> defer.Deferred:
-        """
-        One target's part of an attempt: fires with (target name, outcomes),
-        or (name, None) when the queue file vanished.  A target that raises
-        (a bug) defers its recipients, logged once; it never stops the
-        attempt or the others' results.
-        """
-        addresses = [r.address for r in request.recipients]
-
-        def gone(failure):
-            failure.trap(MessageGone)
-            return None
-
-        def crashed(failure):
-            log.failure("queue: {target} delivery of {queue_id} crashed", failure,
-                        target=target.name, queue_id=request.envelope.queue_id,
-                        event="queue.error")
-            return {a: CRASHED for a in addresses}
-
-        d = defer.maybeDeferred(target.deliver, request)
-        d.addErrback(gone)
-        d.addErrback(crashed)
-        d.addCallback(lambda part: (target.name, part if part is None else
-                                    {a: part.get(a, CRASHED) for a in addresses}))
-        return d
+        """L{deliver_to}, with the target's name: (name, outcomes or None)."""
+        return deliver_to(target, request).addCallback(lambda part: (target.name, part))
 
     def _apply(self, envelope: Envelope, results: dict[str, Outcome], routes: dict[str, str],
                now: float) -> Envelope:

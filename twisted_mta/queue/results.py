@@ -3,7 +3,9 @@ What an attempt's outcomes do to an entry, without doing any of it: the
 recipients' new states, the retry time or the expiry, and which DSNs
 are owed.  Pure functions of the envelope, the outcomes, the clock and
 the settings, so that the queue manager and a worker that runs an
-attempt for it (L{twisted_mta.queue.delegated}) decide the same.
+attempt for it (L{twisted_mta.queue.delegated}) decide the same; and
+the one guarded call of a delivery target that gives the outcomes
+(L{deliver_to}).
 """
 
 from __future__ import annotations
@@ -12,16 +14,50 @@ import random
 from typing import Callable
 
 import attrs
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from twisted_mta import failures
 from twisted_mta.config import Config
-from twisted_mta.model import DELIVERED, FAILED, Envelope, Outcome, Recipient
+from twisted_mta.model import (
+    DELIVERED, FAILED, DeliveryRequest, Envelope, MessageGone, Outcome, Recipient,
+)
 from twisted_mta.tls.failure import TLS_KINDS
 
 log = Logger(namespace="twisted_mta.queue.manager")
 
 expired_outcome = failures.expired  # the end of the queue lifetime
+
+# The outcome of recipients whose delivery attempt crashed (a bug: logged once).
+CRASHED = failures.outcome("internal", why="an internal error interrupted delivery; it will "
+                                           "be retried")
+
+
+def deliver_to(target, request: DeliveryRequest) -> defer.Deferred:
+    """
+    One target's part of an attempt: fires with an outcome for each of
+    the request's recipients, or None when the queue file vanished.  A
+    target that raises (a bug) defers its recipients, logged once; it
+    never stops the attempt or the other targets' results.
+    """
+    addresses = [r.address for r in request.recipients]
+
+    def gone(failure):
+        failure.trap(MessageGone)
+        return None
+
+    def crashed(failure):
+        log.failure("queue: {target} delivery of {queue_id} crashed", failure,
+                    target=target.name, queue_id=request.envelope.queue_id,
+                    event="queue.error")
+        return {a: CRASHED for a in addresses}
+
+    d = defer.maybeDeferred(target.deliver, request)
+    d.addErrback(gone)
+    d.addErrback(crashed)
+    d.addCallback(lambda part: part if part is None else
+                  {a: part.get(a, CRASHED) for a in addresses})
+    return d
 
 
 def retry_delay(schedule: tuple[int, ...], attempts: int, jitter: float,
