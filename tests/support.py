@@ -159,3 +159,8 @@ class ServerHarness:
         for d in ("new", "cur", "envelopes", "tmp"):
             names += os.listdir(os.path.join(self.spool.path, d))
         return names
+
+
+def queued(manager) -> list[str]:
+    """Every entry a queue manager knows of, idle or not (sorted queue ids)."""
+    return sorted([*manager.entries, *(entry.queue_id for entry in manager.idle)])

@@ -55,6 +55,9 @@ class FakeManager:
         self.entries: dict[str, object] = {}
         self.queued: list[str] = []
 
+    def knows(self, queue_id: str) -> bool:
+        return queue_id in self.entries
+
     def enqueue(self, envelope) -> None:
         self.entries[getattr(envelope, "queue_id", envelope)] = envelope
         self.queued.append(envelope)

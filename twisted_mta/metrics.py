@@ -50,16 +50,15 @@ class DomainLabels:
 
 
 class _QueueCollector:
-    def __init__(self, states: Callable[[], dict[str, str]]) -> None:
-        self.states = states
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self.counts = counts
 
     def collect(self):
         g = GaugeMetricFamily("twisted_mta_queue_entries",
                               "Queue entries by spool state (new, cur, hold).",
                               labels=["state"])
         counts = {"new": 0, "cur": 0, "hold": 0}
-        for state in self.states().values():
-            counts[state] = counts.get(state, 0) + 1
+        counts.update(self.counts())
         for state, n in sorted(counts.items()):
             g.add_metric([state], n)
         yield g
@@ -130,8 +129,9 @@ class Metrics:
             "domain and day, and one per early report of tls report send --now).",
             registry=r)
 
-    def watch_queue(self, states: Callable[[], dict[str, str]]) -> None:
-        self.registry.register(_QueueCollector(states))
+    def watch_queue(self, counts: Callable[[], dict[str, int]]) -> None:
+        """Report C{counts()}, the number of entries in each spool state."""
+        self.registry.register(_QueueCollector(counts))
 
     def _child(self, metric, *labels: str):
         """

@@ -491,7 +491,7 @@ def make_service(config, reactor, owner: tuple[int, int] | None = None,
                            observers=[metrics], tls_history=history,
                            sts_cache=published.sts_cache if published is not None else None,
                            after_load=freeze_gc, signer=prepared.dkim, delegate=sending)
-    metrics.watch_queue(lambda: manager.states)
+    metrics.watch_queue(manager.state_counts)
     manager.setServiceParent(top)
     # The sendmail command's drops: picked up here, in the process that
     # owns the spool (never in a worker), after the manager has started.

@@ -251,7 +251,7 @@ class WorkerPool(service.Service):
         sent (C{data}, as written into the entry), else as read from the
         spool.
         """
-        if queue_id in self.manager.entries:
+        if queue_id in self.manager.entries:  # (a new entry is never idle)
             return
         if data is not None:
             try:
@@ -306,7 +306,7 @@ class WorkerPool(service.Service):
 
         def found(names: list[str]) -> None:
             for name in names:
-                if name not in self.manager.entries:
+                if not self.manager.knows(name):  # (idle ones too: a scan)
                     self.queued(name)
         d.addCallback(found)
         d.addErrback(lambda f: log.failure("workers: cannot read new/", f,

@@ -17,7 +17,7 @@ from twisted_mta.delivery.maildir import maildir_name
 from twisted_mta.local import LocalDirectory
 from twisted_mta.model import DELIVERED, HEADER_NAME, PENDING, Envelope, Recipient
 from twisted_mta.queue.manager import QueueManager, Targets
-from tests.support import ServerHarness, make_config
+from tests.support import ServerHarness, make_config, queued
 
 MESSAGE = b"Subject: hello\r\n\r\nbody line\r\n.\r\n"
 
@@ -252,7 +252,7 @@ class QueueAfterwardsTests(SynchronousTestCase):
         m.enqueue(self.env)
         self.h.clock.advance(0)
         self.assertEqual((self.copies("alice"), self.copies("bob")), (1, 1))
-        self.assertEqual(m.entries, {})
+        self.assertEqual(queued(m), [])
         self.assertIsNone(self.h.spool.message_path(self.env.queue_id))
         self.assertEqual([name for name, _ in seen],
                          ["inbound.queued", "delivery.result", "delivery.result"])
@@ -263,7 +263,7 @@ class QueueAfterwardsTests(SynchronousTestCase):
         m = self.manager()  # loads the entry from new/, as after a restart
         self.h.clock.advance(0)
         self.assertEqual((self.copies("alice"), self.copies("bob")), (1, 1))
-        self.assertEqual(m.entries, {})
+        self.assertEqual(queued(m), [])
 
     def test_counted_as_received_and_delivered(self) -> None:
         """The manager's observers (the metrics) count a message delivered on receipt as one received and each recipient delivered locally."""

@@ -18,6 +18,7 @@ from twisted_mta.model import Outcome
 from twisted_mta.queue import delegated
 from twisted_mta.queue.delegated import Answer, AnswerError, WorkerAttempts
 from tests.queue.test_manager import T0, UNREACHABLE, ManagerTestBase
+from tests.support import queued
 
 OK = Outcome(250, "2.0.0", "mx said: 250 2.0.0 Ok", "mx.elsewhere.test")
 NO_USER = Outcome(550, "5.1.1", "mx said: 550 5.1.1 no such user", "mx.elsewhere.test")
@@ -73,7 +74,8 @@ class DelegatedTestBase(ManagerTestBase):
         env = attrs.evolve(self.queue(rcpts, **fields), next_attempt=T0 + LATER)
         self.spool.update(env, "new")
         m = self.manager()
-        self.assertIsNone(m.entries[env.queue_id])
+        self.assertNotIn(env.queue_id, m.entries)
+        self.assertEqual(m.idle.find(env.queue_id)[1:], ("new", T0 + LATER, True))
         return m, env
 
     def results(self) -> list[str]:
@@ -89,7 +91,7 @@ class DelegatedAttemptTests(DelegatedTestBase):
         self.patch(m, "run_reading", lambda f, *a: loads.append(a) or self.run_blocking(f, *a))
         self.clock.advance(LATER)
         self.assertEqual(self.delegate.calls, [(env.queue_id, "new")])
-        self.assertEqual(m.entries, {})
+        self.assertEqual(queued(m), [])
         self.assertEqual(m.states, {})
         self.assertIsNone(self.spool.state_of(env.queue_id))
         self.assertFalse(os.path.exists(self.spool.envelope_path(env.queue_id)))
@@ -126,7 +128,7 @@ class DelegatedAttemptTests(DelegatedTestBase):
         self.outbound.outcomes = {"x@elsewhere.test": OK}
         self.clock.advance(LATER)
         self.assertEqual(len(self.delegate.calls), 1)
-        self.assertEqual(m.entries, {})
+        self.assertEqual(queued(m), [])
         self.assertEqual(len(self.outbound.sent), 1)
 
     def test_a_local_recipient_is_declined_and_delivered_here(self):
@@ -137,7 +139,7 @@ class DelegatedAttemptTests(DelegatedTestBase):
         self.assertEqual(len(self.delegate.calls), 1)
         self.assertEqual(len(self.maildir_files("alice")), 1)
         self.assertEqual(len(self.outbound.sent), 1)  # once, by the main process
-        self.assertEqual(m.entries, {})
+        self.assertEqual(queued(m), [])
         self.assertEqual(sorted(self.results()), ["delivered", "delivered"])
 
     def test_a_bounce_owed_comes_back_and_the_main_process_queues_it(self):
@@ -174,7 +176,7 @@ class DelegatedAttemptTests(DelegatedTestBase):
             raise OSError(13, "Permission denied")
         self.patch(self.attempts, "_remove", lambda qid: defer.maybeDeferred(refused, qid))
         self.clock.advance(LATER)
-        self.assertEqual(m.entries, {})
+        self.assertEqual(queued(m), [])
         self.assertIsNone(self.spool.state_of(env.queue_id))
         self.assertEqual(len(self.outbound.sent), 1)
 
@@ -188,7 +190,7 @@ class DelegatedAttemptTests(DelegatedTestBase):
         self.delegate.answer = None
         self.outbound.outcomes = {"x@elsewhere.test": OK}
         self.clock.advance(60)
-        self.assertEqual(m.entries, {})
+        self.assertEqual(queued(m), [])
 
     def test_a_worker_that_ended_after_removing_leaves_nothing_behind(self):
         m, env = self.idle(["x@elsewhere.test"])
@@ -203,7 +205,7 @@ class DelegatedAttemptTests(DelegatedTestBase):
         self.spool.remove(env.queue_id)
         self.clock.advance(LATER)
         self.assertEqual(self.delegate.calls, [(env.queue_id, "new")])
-        self.assertEqual(m.entries, {})
+        self.assertEqual(queued(m), [])
         self.assertEqual(self.outbound.sent, [])
 
     def test_a_crash_in_delivery_defers(self):

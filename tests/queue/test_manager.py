@@ -5,6 +5,8 @@ expiry and restart.
 
 import os
 
+import attrs
+
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -20,7 +22,7 @@ from twisted_mta.delivery.remote import RemoteDelivery
 from twisted_mta.local import LocalDirectory
 from twisted_mta.queue.manager import QueueManager, Targets, retry_delay
 from twisted_mta.queue.spool import Spool
-from tests.support import make_config
+from tests.support import make_config, queued
 
 T0 = 1_800_000_000.0
 
@@ -109,7 +111,7 @@ class ManagerTests(ManagerTestBase):
         self.assertEqual(len(self.maildir_files("bob")), 1)
         self.assertIsNone(self.spool.message_path(env.queue_id))
         self.assertFalse(os.path.exists(self.spool.envelope_path(env.queue_id)))
-        self.assertEqual(m.entries, {})
+        self.assertEqual(queued(m), [])
 
     def test_remote_recipient_deferred_local_delivered(self):
         """Local recipients are delivered while a remote one stays pending with the reason and a next attempt."""
@@ -193,7 +195,7 @@ class ManagerTests(ManagerTestBase):
         for _ in range(10):
             self.clock.advance(600)
         self.assertIsNone(self.spool.message_path(env.queue_id))
-        [qid] = m.entries
+        [qid] = queued(m)
         dsn = self.successResultOf(m.envelope(qid))  # idle: read from the spool
         self.assertEqual((dsn.sender, [r.address for r in dsn.recipients]), ("", ["s@remote.test"]))
         report = self.parse(self.spool.read_message(dsn.queue_id))
@@ -232,7 +234,7 @@ class ManagerTests(ManagerTestBase):
                          ("rfc822; carol@example.test", "failed", "5.1.1"))
         self.assertEqual(len(blocks), 2)  # bob was delivered: not in the report
         self.assertIn("Subject: lunch?", headers.get_payload())
-        self.assertEqual(m.entries, {})
+        self.assertEqual(queued(m), [])
 
     def test_failed_bounce_goes_to_postmaster_once(self):
         """A bounce (from <>) that fails is reported to the postmaster, and a failing report to the postmaster is only logged."""
@@ -241,7 +243,7 @@ class ManagerTests(ManagerTestBase):
         m.enqueue(env)
         self.clock.advance(0)
         self.clock.advance(0)
-        self.assertEqual(m.entries, {})
+        self.assertEqual(queued(m), [])
         [path] = self.maildir_files("postmaster")
         with open(path, "rb") as f:
             data = f.read()
@@ -258,13 +260,13 @@ class ManagerTests(ManagerTestBase):
         m.enqueue(env)
         self.clock.advance(0)
         self.clock.advance(0)
-        [qid] = m.entries
+        [qid] = queued(m)
         report = self.successResultOf(m.envelope(qid))
         self.assertEqual([r.address for r in report.recipients], ["pm@remote.test"])
         self.assertEqual(report.client.get("double_bounce"), "yes")
         for _ in range(8):
             self.clock.advance(600)
-        self.assertEqual(m.entries, {})
+        self.assertEqual(queued(m), [])
         self.assertEqual(os.listdir(os.path.join(self.spool.path, "new")), [])
 
     def restart(self, m):
@@ -284,7 +286,8 @@ class ManagerTests(ManagerTestBase):
         self.clock.advance(60)
         m._stopping = True  # like a crash: no chance to write anything at stop
         m2 = self.restart(m)
-        self.assertIsNone(m2.entries[env.queue_id])  # not due for 600 s: not held in memory
+        self.assertNotIn(env.queue_id, m2.entries)  # not due for 600 s: idle
+        self.assertEqual(m2.idle.find(env.queue_id)[1:], ("cur", T0 + 660, True))
         entry = self.successResultOf(m2.envelope(env.queue_id))
         self.assertEqual((entry.attempts, entry.next_attempt), (2, T0 + 660))
         self.assertEqual(entry.last_outcome, UNREACHABLE)
@@ -374,7 +377,7 @@ class DSNRequestTests(ManagerTestBase):
         self.clock.advance(0)
         self.clock.advance(0)
         self.assertEqual(self.maildir_files("alice"), [])
-        self.assertEqual(m.entries, {})
+        self.assertEqual(queued(m), [])
 
     def test_notify_success_local_delivery(self):
         """NOTIFY=SUCCESS gets a positive DSN with Action: delivered for a local mailbox."""
@@ -496,6 +499,28 @@ class ControlTests(ManagerTestBase):
         self.assertEqual(self.spool.load(qid).attempts, 2)
         self.assertEqual(os.listdir(os.path.join(self.spool.path, "control")), [])
 
+    def test_operator_requests_on_an_idle_entry(self):
+        """An idle entry is found by the operator's requests: held it stays idle, in hold/; released it is due at once; flushed alone it is attempted; deleted it is gone."""
+        a, b = (self.queue([f"{u}@elsewhere.test"]) for u in "ab")
+        for env in (a, b):
+            self.spool.update_and_move(attrs.evolve(env, next_attempt=T0 + 3600), "new", "cur")
+        m = self.manager()
+        self.assertEqual((m.entries, len(m.idle)), ({}, 2))
+        self.ask("hold", a.queue_id)
+        self.assertEqual(self.spool.state_of(a.queue_id), "hold")
+        self.assertEqual(m.idle.find(a.queue_id).state, "hold")
+        self.assertEqual(m.state_counts()["hold"], 1)
+        self.assertNotIn(a.queue_id, m.entries)
+        self.ask("flush", b.queue_id)
+        self.assertEqual(self.spool.load(b.queue_id).attempts, 1)
+        self.ask("release", a.queue_id)
+        self.assertEqual(self.spool.load(a.queue_id).attempts, 1)
+        self.ask("hold", a.queue_id)
+        self.ask("delete", a.queue_id)
+        self.assertIsNone(self.spool.state_of(a.queue_id))
+        self.assertNotIn(a.queue_id, queued(m))
+        self.assertEqual(os.listdir(os.path.join(self.spool.path, "control")), [])
+
     def test_a_watched_request_is_carried_out_at_once(self):
         """
         With C{watch_control} (tap: inotify on spool/control/), a request is
@@ -584,7 +609,7 @@ class ControlTests(ManagerTestBase):
         m, qid = self.deferred_entry()
         self.ask("delete", qid)
         self.assertIsNone(self.spool.state_of(qid))
-        self.assertEqual(m.entries, {})
+        self.assertEqual(queued(m), [])
         self.clock.advance(3600)
 
     def test_unknown_entry_request_dropped(self):
@@ -847,6 +872,68 @@ class LargeQueueTests(ManagerTestBase):
         self.assertEqual(sorted([q for q, t in m._due_at.items() if t <= T0] + started),
                          sorted(qids[:6]))
 
+    def idle_manager(self, count, due, target=None):
+        """A manager started over C{count} entries due at C{due}: idle."""
+        qids = []
+        for i in range(count):
+            env = self.queue([f"u{i}@elsewhere.test"])
+            self.spool.update(attrs.evolve(env, next_attempt=due), "new")
+            qids.append(env.queue_id)
+        m = QueueManager(self.config, self.spool, self.clock, self.run_blocking,
+                         Targets(local=RecordingTarget("local", self.LATER),
+                                 remote=target or self.remote))
+        m.startService()
+        self.addCleanup(m.stopService)
+        return m, qids
+
+    def test_idle_entries_are_lines_until_their_minute_nears(self):
+        """Entries loaded not due for an hour are in the tables as nothing but lines of bytes; they come back a minute before their minute and are attempted at their time, not before."""
+        from twisted_mta.queue import idle
+        m, qids = self.idle_manager(6, T0 + 3600)
+        self.assertEqual((m.entries, m.states, m._due_at, m._heap), ({}, {}, {}, []))
+        self.assertEqual(sorted(e.queue_id for e in m.idle), sorted(qids))
+        self.assertEqual(m.state_counts(), {"new": 6, "cur": 0, "hold": 0})
+        self.clock.advance(3600 - idle.RIPEN - 1)
+        self.assertEqual((m.entries, len(m.idle)), ({}, 6))
+        self.clock.advance(1)
+        self.assertEqual((sorted(m.entries), len(m.idle)), (sorted(qids), 0))
+        self.assertEqual(m.state_counts(), {"new": 6, "cur": 0, "hold": 0})
+        self.clock.advance(idle.RIPEN - 1)
+        self.assertEqual(self.remote.requests, [])
+        self.clock.advance(1)
+        self.assertEqual(len(self.remote.requests), 3)  # delivery_concurrency
+        for request in self.remote.requests:
+            self.assertTrue(request.recovering)  # loaded at start: as after a crash
+
+    def test_a_flush_of_idle_entries_keeps_few_in_the_tables(self):
+        """A flush of idle entries brings them into the tables PULL_BATCH at a time as attempts make room, never all of them; each is attempted once."""
+        from twisted_mta.queue import manager
+        self.patch(manager, "PULL_BATCH", 4)
+        ok = RecordingTarget("remote", Outcome(250, "2.0.0", "ok"))
+        m, qids = self.idle_manager(40, T0 + 3600, target=ok)
+        sizes = []  # the tables at each attempt
+        deliver = ok.deliver
+        ok.deliver = lambda request: sizes.append(len(m.entries)) or deliver(request)
+        m.flush()
+        for _ in range(40):
+            self.clock.advance(0)
+        self.assertEqual(sorted(r.envelope.queue_id for r in ok.requests), sorted(qids))
+        self.assertEqual(queued(m), [])
+        self.assertEqual(len(sizes), 40)
+        self.assertLessEqual(max(sizes), 4 + 3)  # a batch, and the attempts under way
+
+    def test_an_attempt_that_defers_for_long_leaves_a_line(self):
+        """After an attempt whose next one is more than IDLE_AFTER away the entry is idle again: out of the tables, in cur/, due at its next attempt."""
+        m, qids = self.idle_manager(1, T0 + 3600)
+        m.flush()
+        self.clock.advance(0)
+        self.remote.finish(self.LATER)  # retried in 60 s: kept in the tables
+        self.assertEqual(list(m.states.items()), [(qids[0], "cur")])
+        self.clock.advance(60)
+        self.remote.finish(self.LATER)  # retried in 600 s: idle
+        self.assertEqual((m.entries, m.states), ({}, {}))
+        self.assertEqual(m.idle.find(qids[0])[1:], ("cur", T0 + 660, False))
+
     def test_stop_waits_only_for_attempts_in_flight(self):
         """SIGTERM with twelve entries due: stopping waits for the three in flight, starts none of the others, and leaves them in the spool."""
         m, qids = self.large_manager(12)
@@ -876,7 +963,7 @@ class LargeQueueTests(ManagerTestBase):
             d.callback(f(*args))
 
         m, qids = self.large_manager(5, later)
-        self.assertEqual(m.entries, {})
+        self.assertEqual(queued(m), [])
         self.assertNoResult(m.loaded)
         run_next()
         self.assertEqual(sorted(m.entries), qids[:2])
@@ -952,7 +1039,8 @@ class IdleEntryTests(ManagerTestBase):
         self.assertIsNotNone(m.entries[env.queue_id])  # retried in 60 s
         self.patch(manager, "IDLE_AFTER", 30)
         self.clock.advance(60)
-        self.assertIsNone(m.entries[env.queue_id])  # retried in 600 s
+        self.assertNotIn(env.queue_id, m.entries)  # retried in 600 s: idle
+        self.assertEqual(m.idle.find(env.queue_id)[1:], ("cur", T0 + 660, False))
         self.assertEqual(len(self.outbound.sent), 2)
         self.clock.advance(600)
         self.assertEqual(len(self.outbound.sent), 3)
@@ -979,7 +1067,9 @@ class IdleEntryTests(ManagerTestBase):
         env = self.queue(["x@elsewhere.test"])
         m.enqueue(env)
         self.clock.advance(0)
-        self.assertIsNone(m.entries[env.queue_id])  # idle: read back when due
+        # no envelope held (idle, or back in the tables: its minute is near)
+        self.assertIsNone(m.entries.get(env.queue_id))
+        self.assertEqual(queued(m), [env.queue_id])
         self.assertIn("update_and_move", blocking)
         self.outbound.outcomes["x@elsewhere.test"] = Outcome(250, "2.0.0", "ok")
         self.clock.advance(60)
@@ -1021,7 +1111,7 @@ class IdleEntryTests(ManagerTestBase):
         self.assertEqual(len(hops), 1)
         for env in envs:
             self.assertIsNone(self.spool.message_path(env.queue_id))
-        self.assertEqual(m.entries, {})
+        self.assertEqual(queued(m), [])
         self.assertEqual(len(m.active), 0)
 
     def test_stopping_removes_what_waits(self):
@@ -1047,10 +1137,11 @@ class IdleEntryTests(ManagerTestBase):
         env = self.queue(["x@elsewhere.test"])
         m.enqueue(env)
         self.clock.advance(0)
-        self.assertIsNone(m.entries[env.queue_id])
+        self.assertIsNone(m.entries.get(env.queue_id))
+        self.assertEqual(queued(m), [env.queue_id])
         self.spool.remove(env.queue_id)
         self.clock.advance(60)
-        self.assertNotIn(env.queue_id, m.entries)
+        self.assertEqual(queued(m), [])
         self.assertEqual(len(self.outbound.sent), 1)
 
     def test_tables_rebuilt_when_the_queue_drains(self):

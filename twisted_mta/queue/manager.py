@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import heapq
 import itertools
+import math
 import random
 from typing import Callable, Iterator
 
@@ -39,6 +40,7 @@ from twisted_mta.model import (
     DELIVERED, DeliveryRequest, Envelope, MessageGone, Outcome, Recipient,
 )
 from twisted_mta.queue import control, delegated
+from twisted_mta.queue.idle import IdleEntries
 from twisted_mta.queue.notices import Notices
 from twisted_mta.queue.operator import OperatorRequests
 from twisted_mta.queue.results import (  # noqa: F401 (expired_outcome: theirs)
@@ -58,9 +60,12 @@ WatchControl = Callable[[str, Callable[[], None]], "Callable[[], object] | None"
 ATTEMPTS_PER_TURN = 20
 FLUSH_BATCH = 2000
 LOAD_BATCH = 500
-# An entry not due for this long keeps no envelope in memory (None in
-# QueueManager.entries): it is read from the spool when it is attempted.
+# An entry not due for this long is idle: a line of bytes in
+# QueueManager.idle (twisted_mta.queue.idle), read from the spool when it is
+# attempted.  Idle entries come back into the tables below this many at a
+# time, as the attempts make room (after a flush) or their minute nears.
 IDLE_AFTER = 300.0
+PULL_BATCH = 200
 SHRINK_FROM = 4096  # below this many entries at the peak, tables are left alone
 
 
@@ -115,10 +120,13 @@ class QueueManager(service.Service):
         self.tlsrpt = None  # the TLS report schedule: "tls report send --now" (set by tap)
         self.observers = observers if observers is not None else []  # (name, event): metrics
         self.directory = LocalDirectory(config.local)
-        # Every entry; its envelope while it is due soon, being attempted or
-        # ahead of the disk, else None (idle: on disk only, see IDLE_AFTER).
+        # Every entry that is not idle: its envelope while it is due soon,
+        # being attempted or ahead of the disk, else None (on disk only, read
+        # when attempted); its spool state.  The idle ones (not due for
+        # IDLE_AFTER, or held) are in self.idle, with no object each.
         self.entries: dict[str, Envelope | None] = {}
         self.states: dict[str, str] = {}
+        self.idle = IdleEntries()
         # When each scheduled entry is due, and a heap of (due, queue id)
         # over it with one timer at its head: a float and a tuple per
         # entry, where a DelayedCall each cost ten times that.  A heap
@@ -179,12 +187,15 @@ class QueueManager(service.Service):
                 if qid in self.entries or self._stopping:
                     continue  # queued meanwhile (a worker's orphan)
                 count += 1
-                self.entries[qid] = envelope if state != "hold" and not self._idle(
-                    envelope) else None
+                if state == "hold" or self._idle(envelope):
+                    self.idle.add(qid, state, envelope.next_attempt,
+                                  recovering=state != "hold")
+                    continue
+                self.entries[qid] = envelope
                 self.states[qid] = state
-                if state != "hold":
-                    self._recovering.add(qid)
-                    self.schedule(qid, envelope.next_attempt)
+                self._recovering.add(qid)
+                self.schedule(qid, envelope.next_attempt)
+            self._arm_idle()
         self._peak = max(self._peak, len(self.entries))
         log.info("queue: {count} entries in {spool} ({debris} debris and {orphans} orphan "
                  "state files removed, {quarantined} quarantined)", event="queue.recovered",
@@ -229,6 +240,77 @@ class QueueManager(service.Service):
     def _idle(self, envelope: Envelope) -> bool:
         return envelope.next_attempt - self.clock.seconds() >= IDLE_AFTER
 
+    def knows(self, qid: str) -> bool:
+        """Whether C{qid} is queued here (idle or not: a scan of the idle)."""
+        return qid in self.entries or self.idle.find(qid) is not None
+
+    def state_counts(self) -> dict[str, int]:
+        """How many entries are in each spool state (the metrics)."""
+        counts = dict(self.idle.counts)
+        for state in self.states.values():
+            counts[state] = counts.get(state, 0) + 1
+        return counts
+
+    def wake(self, qid: str) -> str | None:
+        """
+        Bring an idle entry back into the tables (scheduled at its due
+        time, unless held) for an operator's request; the state of a known
+        entry, or None.
+        """
+        state = self.states.get(qid)
+        if state is not None:
+            return state
+        entry = self.idle.remove(qid)
+        if entry is None:
+            return None
+        self._unpark(entry)
+        return entry.state
+
+    def _unpark(self, entry) -> None:
+        qid = entry.queue_id
+        self.entries[qid] = None
+        self.states[qid] = entry.state
+        if entry.recovering:
+            self._recovering.add(qid)
+        if entry.state != "hold":
+            self._due_at[qid] = entry.due
+            heapq.heappush(self._heap, (entry.due, qid))
+
+    def park(self, qid: str, state: str, due: float) -> None:
+        """
+        C{qid} is idle from now on (not due for a while, or held): out of
+        the tables, a line in L{idle}.
+        """
+        self.entries.pop(qid, None)
+        self.states.pop(qid, None)
+        self._due_at.pop(qid, None)  # its heap item is stale now
+        recovering = qid in self._recovering
+        self._recovering.discard(qid)
+        self.idle.add(qid, state, due, recovering)
+        if state != "hold" and not self._stopping:
+            self._arm_idle()
+
+    def settle(self, qid: str) -> None:
+        """
+        An entry an operator's request woke (L{wake}) and left held, or
+        not due for a while, with nothing in memory: idle again.
+        """
+        state = self.states.get(qid)
+        if state is None or qid in self.active or qid in self._unsaved \
+                or self.entries.get(qid) is not None:
+            return
+        if state == "hold":
+            self.park(qid, state, math.inf)
+            return
+        due = self._due_at.get(qid)
+        if due is not None and due - self.clock.seconds() >= IDLE_AFTER:
+            self.park(qid, state, due)
+
+    def _arm_idle(self) -> None:
+        ripe = self.idle.ripe_at()
+        if ripe is not None and not self._stopping:
+            self._arm(ripe)
+
     def envelope(self, qid: str) -> defer.Deferred:
         """
         The current envelope of a known entry: the one in memory, or for
@@ -238,7 +320,11 @@ class QueueManager(service.Service):
         envelope = self.entries.get(qid)
         if envelope is not None:
             return defer.succeed(envelope)
-        return self.run_reading(self.spool.load, qid, self.states.get(qid))
+        state = self.states.get(qid)
+        if state is None:
+            found = self.idle.find(qid)
+            state = found.state if found is not None else None
+        return self.run_reading(self.spool.load, qid, state)
 
     def unschedule(self, qid: str) -> None:
         self._due_at.pop(qid, None)  # its heap item is stale now
@@ -281,8 +367,11 @@ class QueueManager(service.Service):
         Make every entry not held due now, L{FLUSH_BATCH} per reactor turn;
         the attempts then start as capacity allows (L{_pump}).
         """
+        now = self.clock.seconds()
+        self.idle.flush(now)
         self._flushing = iter(list(self.states))
-        self._flush_batch(self.clock.seconds())
+        self._flush_batch(now)
+        self._arm_idle()
 
     def _flush_batch(self, now: float) -> None:
         batch = self._flushing
@@ -354,10 +443,17 @@ class QueueManager(service.Service):
         self._pumping = True
         try:
             now = self.clock.seconds()
-            started = 0
+            started = pulled = 0
             while started < ATTEMPTS_PER_TURN and len(self.active) < self._concurrency:
                 when = self._head()
                 if when is None or when > now:
+                    if pulled < FLUSH_BATCH:
+                        taken = self.idle.take(now, PULL_BATCH)
+                        for entry in taken:
+                            self._unpark(entry)
+                        if taken:
+                            pulled += len(taken)
+                            continue
                     break
                 _, qid = heapq.heappop(self._heap)
                 del self._due_at[qid]
@@ -371,6 +467,9 @@ class QueueManager(service.Service):
             return
         self._compact()
         when = self._head()
+        ripe = self.idle.ripe_at()
+        if ripe is not None and (when is None or ripe < when):
+            when = ripe
         if when is not None and (when > now or len(self.active) < self._concurrency):
             self._arm(when)  # else the next attempt to end pumps
 
@@ -482,7 +581,10 @@ class QueueManager(service.Service):
         elif kind == delegated.STORED:
             self._recovering.discard(qid)
             self.states[qid] = answer.state
-            self.schedule(qid, answer.next_attempt)
+            if answer.next_attempt - self.clock.seconds() >= IDLE_AFTER:
+                self.park(qid, answer.state, answer.next_attempt)
+            else:
+                self.schedule(qid, answer.next_attempt)
         elif kind == delegated.BACK:  # DSNs owed, or the worker could not write
             self._recovering.discard(qid)
             self.states[qid] = answer.state
@@ -640,9 +742,10 @@ class QueueManager(service.Service):
             raise
         self._unsaved.discard(qid)
         self.states[qid] = target
-        self.schedule(qid, envelope.next_attempt)
         if self._idle(envelope):
-            self.entries[qid] = None  # on disk as it is: nothing held until it is due
+            self.park(qid, target, envelope.next_attempt)  # on disk as it is
+        else:
+            self.schedule(qid, envelope.next_attempt)
 
     def forget(self, qid: str) -> None:
         self._unsaved.discard(qid)

@@ -8,6 +8,8 @@ out between attempts.
 
 from __future__ import annotations
 
+import math
+
 import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -55,6 +57,8 @@ class OperatorRequests:
                 log.failure("queue: {action} {queue_id} failed", action=action, queue_id=qid,
                             event="queue.error")
                 outcome = "failed"
+            if qid != control.ALL:
+                self.manager.settle(qid)
             log.info("queue: operator {action} {queue_id}: {outcome}", event="queue.operator",
                      action=action, queue_id=qid, outcome=outcome)
             yield self.manager.run_blocking(control.done, self.manager.spool, name)
@@ -62,7 +66,7 @@ class OperatorRequests:
     @defer.inlineCallbacks
     def carry_out(self, action: str, qid: str):
         action, override = control.split_action(action)
-        if override is not None and qid in self.manager.entries:
+        if override is not None and self.manager.wake(qid) is not None:
             envelope = attrs.evolve((yield self.manager.envelope(qid)), tls_override=override)
             yield self.manager.run_blocking(self.manager.spool.update, envelope, self.manager.states[qid])
             self.manager.entries[qid] = envelope
@@ -89,7 +93,7 @@ class OperatorRequests:
                 return "no TLS history"
             found = self.manager.tls_history.forget(None if qid == control.ALL else qid)
             return "TLS history forgotten" if found else "no TLS history for it"
-        state = self.manager.states.get(qid)
+        state = self.manager.wake(qid) if is_queue_id(qid) else None
         if state is None and is_queue_id(qid):
             # A message a milter quarantined was committed straight to hold/
             # by the inbound server (maybe in a worker): adopt it now.
@@ -98,6 +102,7 @@ class OperatorRequests:
                 return "no such entry"
             self.manager.entries[qid] = None  # as a held entry loaded at start-up
             self.manager.states[qid] = state = "hold"
+            # (not idle until the request is carried out: held again, it is)
         if state is None:
             return "no such entry"
         if action == "flush":
@@ -110,7 +115,7 @@ class OperatorRequests:
                 return "already held"
             self.manager.unschedule(qid)
             yield self.manager.run_blocking(self.manager.spool.move, qid, state, "hold")
-            self.manager.states[qid] = "hold"
+            self.manager.park(qid, "hold", math.inf)
             return "held"
         if action == "release":
             if state != "hold":
