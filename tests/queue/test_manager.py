@@ -906,9 +906,12 @@ class LargeQueueTests(ManagerTestBase):
             self.assertTrue(request.recovering)  # loaded at start: as after a crash
 
     def test_a_flush_of_idle_entries_keeps_few_in_the_tables(self):
-        """A flush of idle entries brings them into the tables PULL_BATCH at a time as attempts make room, never all of them; each is attempted once."""
+        """A flush of idle entries brings them into the tables PULL_BATCH at a time as attempts make room, never all of them; each is attempted once; as the queue drains, freed memory is given back."""
         from twisted_mta.queue import manager
         self.patch(manager, "PULL_BATCH", 4)
+        self.patch(manager, "SHRINK_FROM", 8)
+        released = []
+        self.patch(manager, "release_memory", lambda: released.append(m.size()))
         ok = RecordingTarget("remote", Outcome(250, "2.0.0", "ok"))
         m, qids = self.idle_manager(40, T0 + 3600, target=ok)
         sizes = []  # the tables at each attempt
@@ -921,6 +924,7 @@ class LargeQueueTests(ManagerTestBase):
         self.assertEqual(queued(m), [])
         self.assertEqual(len(sizes), 40)
         self.assertLessEqual(max(sizes), 4 + 3)  # a batch, and the attempts under way
+        self.assertEqual(released, [9, 2])  # below a quarter of 40, then of 9
 
     def test_an_attempt_that_defers_for_long_leaves_a_line(self):
         """After an attempt whose next one is more than IDLE_AFTER away the entry is idle again: out of the tables, in cur/, due at its next attempt."""

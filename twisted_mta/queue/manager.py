@@ -139,7 +139,7 @@ class QueueManager(service.Service):
         self._flushing: Iterator[str] | None = None
         self._recovering: set[str] = set()
         self._unsaved: set[str] = set()  # results in memory the disk refused
-        self._peak = 0  # the most entries since the tables were last rebuilt
+        self._peak = 0  # the most entries (idle too) since memory was last released
         self.active: dict[str, defer.Deferred] = {}  # attempts in flight
         self._concurrency = config.queue.delivery_concurrency
         self._stopping = False
@@ -196,7 +196,7 @@ class QueueManager(service.Service):
                 self._recovering.add(qid)
                 self.schedule(qid, envelope.next_attempt)
             self._arm_idle()
-        self._peak = max(self._peak, len(self.entries))
+        self._peak = max(self._peak, self.size())
         log.info("queue: {count} entries in {spool} ({debris} debris and {orphans} orphan "
                  "state files removed, {quarantined} quarantined)", event="queue.recovered",
                  count=count, spool=self.spool.path, debris=plan.removed_debris,
@@ -239,6 +239,10 @@ class QueueManager(service.Service):
 
     def _idle(self, envelope: Envelope) -> bool:
         return envelope.next_attempt - self.clock.seconds() >= IDLE_AFTER
+
+    def size(self) -> int:
+        """How many entries are queued, idle or not."""
+        return len(self.entries) + len(self.idle)
 
     def knows(self, qid: str) -> bool:
         """Whether C{qid} is queued here (idle or not: a scan of the idle)."""
@@ -359,7 +363,7 @@ class QueueManager(service.Service):
                 self._delivered_locally((rcpt.done_at or envelope.arrival) - envelope.arrival)
         self.entries[envelope.queue_id] = envelope
         self.states[envelope.queue_id] = "new"
-        self._peak = max(self._peak, len(self.entries))
+        self._peak = max(self._peak, self.size())
         self.schedule(envelope.queue_id, self.clock.seconds())
 
     def flush(self) -> None:
@@ -752,7 +756,7 @@ class QueueManager(service.Service):
         self.entries.pop(qid, None)
         self.states.pop(qid, None)
         self._recovering.discard(qid)
-        if self._peak > SHRINK_FROM and len(self.entries) * 4 < self._peak:
+        if self._peak > SHRINK_FROM and self.size() * 4 < self._peak:
             self._shrink()
 
     def _shrink(self) -> None:
@@ -767,7 +771,7 @@ class QueueManager(service.Service):
         self._recovering = set(self._recovering)
         self._heap = [(when, qid) for qid, when in self._due_at.items()]
         heapq.heapify(self._heap)
-        self._peak = len(self.entries)
+        self._peak = self.size()
         release_memory()
 
 
