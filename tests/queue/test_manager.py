@@ -20,6 +20,7 @@ from twisted_mta.delivery.local import MaildirDelivery
 from twisted_mta.interfaces import IDeliveryTarget
 from twisted_mta.delivery.remote import RemoteDelivery
 from twisted_mta.local import LocalDirectory
+from twisted_mta.queue.idle import IdleEntry
 from twisted_mta.queue.manager import QueueManager, Targets, retry_delay
 from twisted_mta.queue.spool import Spool
 from tests.support import make_config, queued
@@ -952,7 +953,7 @@ class LargeQueueTests(ManagerTestBase):
         self.assertEqual(sorted(entry[0] for entry in self.spool.scan()), sorted(qids))
 
     def test_start_up_reads_the_spool_in_batches(self):
-        """At start the entries are read LOAD_BATCH at a time in the I/O threads, each batch scheduled as it comes; operator requests are read once all are in, and an entry queued meanwhile keeps its state."""
+        """At start the entries are read LOAD_BATCH at a time in the I/O threads, each batch scheduled as it comes; operator requests are read once all are in, and an entry queued meanwhile keeps its state, idle or not."""
         from twisted_mta.queue import manager
         self.patch(manager, "LOAD_BATCH", 2)
         calls = []
@@ -973,11 +974,14 @@ class LargeQueueTests(ManagerTestBase):
         self.assertEqual(sorted(m.entries), qids[:2])
         m.enqueue(self.spool.load(qids[3]))
         m.states[qids[3]] = "cur"  # as if attempted meanwhile
+        m.enqueue(self.spool.load(qids[4]))
+        m.park(qids[4], "cur", T0 + 3600)  # attempted meanwhile, deferred for an hour: idle
         self.assertIsNone(m._control)
         run_next()
         run_next()
         self.successResultOf(m.loaded)
-        self.assertEqual((sorted(m.entries), m.states[qids[3]]), (qids, "cur"))
+        self.assertEqual((sorted(m.entries), m.states[qids[3]]), (qids[:4], "cur"))
+        self.assertEqual(list(m.idle), [IdleEntry(qids[4], "cur", T0 + 3600, False)])
         self.assertTrue(m._control.running)
 
     def test_many_entries_due_in_the_past_arm_the_timer_once(self):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import deque
 from typing import Iterator, NamedTuple
 
 WIDTH = 60.0  # seconds of due time per buffer
@@ -58,7 +59,7 @@ class IdleEntries:
         self._buckets: dict[int, bytearray] = {}  # minute of due time -> lines
         self._minutes: list[int] = []  # a heap of the minutes (some maybe emptied)
         self._held = bytearray(b"\n")
-        self._flushed: list[tuple[bytearray, float]] = []  # (lines, due at) oldest first
+        self._flushed: deque[tuple[bytearray, float]] = deque()  # (lines, due at), oldest first
         self.counts: dict[str, int] = {state: 0 for state in _STATE_CODES}
 
     def __len__(self) -> int:
@@ -113,7 +114,7 @@ class IdleEntries:
         return None
 
     def _drop_empty(self) -> None:
-        self._flushed = [(lines, when) for lines, when in self._flushed if len(lines) > 1]
+        self._flushed = deque((lines, when) for lines, when in self._flushed if len(lines) > 1)
         for minute in [m for m, lines in self._buckets.items() if len(lines) == 1]:
             del self._buckets[minute]
 
@@ -138,13 +139,15 @@ class IdleEntries:
         Up to C{limit} entries out, from the oldest flush, else from the
         first minute once it is near (L{RIPEN}): the caller schedules them.
         """
+        minute = None
         if self._flushed:
             lines, due_now = self._flushed[0]
         else:
             ripe = self.ripe_at()
             if ripe is None or ripe > now:
                 return []
-            lines, due_now = self._buckets[self._minutes[0]], None
+            minute = self._minutes[0]
+            lines, due_now = self._buckets[minute], None
         end = 0
         for _ in range(limit):
             at = lines.find(b"\n", end + 1)
@@ -155,8 +158,11 @@ class IdleEntries:
         del lines[:end]  # the newline at end starts the buffer now: no copy
         for entry in taken:
             self.counts[entry.state] -= 1
-        if len(lines) == 1:
-            self._drop_empty()
+        if len(lines) == 1:  # emptied: dropped (its minute stays in the heap, stale)
+            if minute is None:
+                self._flushed.popleft()
+            else:
+                del self._buckets[minute]
         return taken
 
     def __iter__(self) -> Iterator[IdleEntry]:

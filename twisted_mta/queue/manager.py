@@ -138,6 +138,9 @@ class QueueManager(service.Service):
         self._pumping = False
         self._flushing: Iterator[str] | None = None
         self._recovering: set[str] = set()
+        # Entries queued while start-up reads the spool: not read over
+        # (idle ones are no longer in entries to tell).
+        self._queued_in_load: set[str] | None = None
         self._unsaved: set[str] = set()  # results in memory the disk refused
         self._peak = 0  # the most entries (idle too) since memory was last released
         self.active: dict[str, defer.Deferred] = {}  # attempts in flight
@@ -161,6 +164,8 @@ class QueueManager(service.Service):
         """
         service.Service.startService(self)
         self._stopping = False
+        self.idle = IdleEntries()  # read again from the spool below
+        self._queued_in_load = set()
         plan = self.spool.recover_start()
         self.loaded = self._load(plan)
 
@@ -184,7 +189,7 @@ class QueueManager(service.Service):
             quarantined += len(report.quarantined)
             for envelope, state in report.entries:
                 qid = envelope.queue_id
-                if qid in self.entries or self._stopping:
+                if self._stopping or qid in self.entries or qid in self._queued_in_load:
                     continue  # queued meanwhile (a worker's orphan)
                 count += 1
                 if state == "hold" or self._idle(envelope):
@@ -197,6 +202,7 @@ class QueueManager(service.Service):
                 self.schedule(qid, envelope.next_attempt)
             self._arm_idle()
         self._peak = max(self._peak, self.size())
+        self._queued_in_load = None
         log.info("queue: {count} entries in {spool} ({debris} debris and {orphans} orphan "
                  "state files removed, {quarantined} quarantined)", event="queue.recovered",
                  count=count, spool=self.spool.path, debris=plan.removed_debris,
@@ -221,6 +227,7 @@ class QueueManager(service.Service):
         """
         service.Service.stopService(self)
         self._stopping = True
+        self._queued_in_load = None
         if self._control is not None and self._control.running:
             self._control.stop()
         if self._unwatch is not None:
@@ -363,6 +370,8 @@ class QueueManager(service.Service):
                 self._delivered_locally((rcpt.done_at or envelope.arrival) - envelope.arrival)
         self.entries[envelope.queue_id] = envelope
         self.states[envelope.queue_id] = "new"
+        if self._queued_in_load is not None:
+            self._queued_in_load.add(envelope.queue_id)
         self._peak = max(self._peak, self.size())
         self.schedule(envelope.queue_id, self.clock.seconds())
 
