@@ -32,7 +32,9 @@ from twisted_mta.model import DeliveryRequest, Envelope, EnvelopeError
 from twisted_mta.queue.results import (
     apply_results, deliver_to, dsns_owed, log_removed, newly_done,
 )
-from twisted_mta.queue.spool import STATE_DIRS, Batched, RunBlocking, Spool, run_inline
+from twisted_mta.queue.spool import (
+    STATE_DIRS, Batched, RunBlocking, Spool, attempted_state, run_inline,
+)
 
 log = Logger()
 
@@ -44,7 +46,6 @@ DECLINED = "declined"  # not tried: the main process attempts it itself
 GONE = "gone"  # the queue file was not there
 LOST = "lost"  # the worker ended before it answered
 KINDS = frozenset({REMOVED, STORED, BACK, DECLINED, GONE, LOST})
-
 
 
 class AnswerError(ValueError):
@@ -188,7 +189,7 @@ class WorkerAttempts:
                 return back
             log_removed(updated, self.index)
             return Answer(REMOVED, results=tuple(told))
-        dst = "cur" if state == "new" else state
+        dst = attempted_state(state)
         try:
             yield self.run_blocking(self.spool.update_and_move, updated, state, dst)
         except Exception as e:

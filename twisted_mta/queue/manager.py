@@ -47,7 +47,9 @@ from twisted_mta.queue.results import (  # noqa: F401 (expired_outcome: theirs)
     apply_results, deliver_to, dsns_owed, expired_outcome, log_removed, newly_done,
     retry_delay,
 )
-from twisted_mta.queue.spool import REMOVE_GATHER, Batched, RunBlocking, Spool  # noqa: F401
+from twisted_mta.queue.spool import (  # noqa: F401 (REMOVE_GATHER: tap's)
+    REMOVE_GATHER, Batched, RunBlocking, Spool, attempted_state,
+)
 
 log = Logger()
 
@@ -192,7 +194,7 @@ class QueueManager(service.Service):
                 if self._stopping or qid in self.entries or qid in self._queued_in_load:
                     continue  # queued meanwhile (a worker's orphan)
                 count += 1
-                if state == "hold" or self._idle(envelope):
+                if state == "hold" or self._idle_at(envelope.next_attempt):
                     self.idle.add(qid, state, envelope.next_attempt,
                                   recovering=state != "hold")
                     continue
@@ -244,8 +246,17 @@ class QueueManager(service.Service):
         self._remove.flush()  # the attempts ending now wait for their removals
         return defer.DeferredList(list(self.active.values()))
 
-    def _idle(self, envelope: Envelope) -> bool:
-        return envelope.next_attempt - self.clock.seconds() >= IDLE_AFTER
+    def _idle_at(self, due: float) -> bool:
+        """Whether an entry due at C{due} is idle until then (L{IDLE_AFTER})."""
+        return due - self.clock.seconds() >= IDLE_AFTER
+
+    def _reschedule(self, qid: str, state: str, due: float) -> None:
+        """After an attempt: idle until C{due}, or scheduled when it is soon."""
+        if self._idle_at(due):
+            self.park(qid, state, due)
+        else:
+            self.states[qid] = state
+            self.schedule(qid, due)
 
     def size(self) -> int:
         """How many entries are queued, idle or not."""
@@ -314,7 +325,7 @@ class QueueManager(service.Service):
             self.park(qid, state, math.inf)
             return
         due = self._due_at.get(qid)
-        if due is not None and due - self.clock.seconds() >= IDLE_AFTER:
+        if due is not None and self._idle_at(due):
             self.park(qid, state, due)
 
     def _arm_idle(self) -> None:
@@ -593,11 +604,7 @@ class QueueManager(service.Service):
             self.forget(qid)
         elif kind == delegated.STORED:
             self._recovering.discard(qid)
-            self.states[qid] = answer.state
-            if answer.next_attempt - self.clock.seconds() >= IDLE_AFTER:
-                self.park(qid, answer.state, answer.next_attempt)
-            else:
-                self.schedule(qid, answer.next_attempt)
+            self._reschedule(qid, answer.state, answer.next_attempt)
         elif kind == delegated.BACK:  # DSNs owed, or the worker could not write
             self._recovering.discard(qid)
             self.states[qid] = answer.state
@@ -745,7 +752,7 @@ class QueueManager(service.Service):
             log_removed(envelope)
             return
         state = self.states.get(qid, "cur")
-        target = "cur" if state == "new" else state
+        target = attempted_state(state)
         try:
             yield self.run_blocking(self.spool.update_and_move, envelope, state, target)
         except Exception:
@@ -754,11 +761,7 @@ class QueueManager(service.Service):
                 self.states[qid] = (yield self.run_blocking(self.spool.state_of, qid)) or state
             raise
         self._unsaved.discard(qid)
-        self.states[qid] = target
-        if self._idle(envelope):
-            self.park(qid, target, envelope.next_attempt)  # on disk as it is
-        else:
-            self.schedule(qid, envelope.next_attempt)
+        self._reschedule(qid, target, envelope.next_attempt)  # idle: on disk as it is
 
     def forget(self, qid: str) -> None:
         self._unsaved.discard(qid)

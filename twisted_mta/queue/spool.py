@@ -362,6 +362,11 @@ class InlineReads:
 REMOVE_GATHER = 0.02
 
 
+def attempted_state(state: str) -> str:
+    """Where an entry's results are recorded after an attempt: out of new/."""
+    return "cur" if state == "new" else state
+
+
 class Batched:
     """
     Run C{fn} for many items in one hop to the I/O pool: items that arrive
